@@ -1,0 +1,32 @@
+"""gradsparse: sparse gradient communication for data-parallel training.
+
+Example::
+
+    >>> import gradsparse
+    >>> gradsparse.DGC(0.001)
+    DGC(ratio=0.001, momentum=0.9, nesterov=False, clip_norm=None, sample_ratio=0.01, warmup={'ratios': [0.25, 0.0625, 0.015625, 0.004], 'length': 1, 'unit': 'epoch'})
+
+The DDP hook lives in :mod:`gradsparse.ddp` (``gradsparse.ddp.register(model, DGC(0.001))``).
+"""
+
+from . import errors
+from .compressors import DGC, REGISTRY, Compressor, Threshold, TopK
+from .reducer import Segment, SparseReducer
+from .schedule import Warmup
+from .stats import BucketStats, StepStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DGC",
+    "REGISTRY",
+    "BucketStats",
+    "Compressor",
+    "Segment",
+    "SparseReducer",
+    "StepStats",
+    "Threshold",
+    "TopK",
+    "Warmup",
+    "errors",
+]

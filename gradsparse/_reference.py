@@ -1,0 +1,192 @@
+"""Slow, obviously correct pure-PyTorch versions of every kernel.
+
+This module is the fallback used by :mod:`gradsparse.ops` when the C++/CUDA
+extension is absent, and the oracle the extension's kernels are tested against.
+Every function is deterministic: ties in magnitude are broken towards the lower
+index, and results come back in ascending index order.
+
+Example::
+
+    >>> import torch
+    >>> from gradsparse import _reference as ref
+    >>> ref.topk_indices(torch.tensor([0.1, -3.0, 2.0, 3.0]), 2).tolist()
+    [1, 3]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import PayloadError
+from .payload import (
+    DTYPE_OF_CODE,
+    FLAG_NONFINITE,
+    HEADER_BYTES,
+    HEADER_INTS,
+    MAGIC,
+    VALUE_DTYPES,
+    PayloadLayout,
+)
+
+# Below this many elements a sampled estimate is not worth it: exact top-k is cheap.
+SAMPLED_MIN_NUMEL = 16384
+MIN_SAMPLE = 1024
+
+
+def _magnitude(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().abs() if x.dtype in (torch.float32, torch.float64) else x.detach().float().abs()
+
+
+def _topk_of_magnitude(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact top-k positions of a magnitude vector, ascending, ties to the lower index."""
+    n = mag.numel()
+    if k >= n:
+        return torch.arange(n, dtype=torch.int64, device=mag.device)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=mag.device)
+    kth = torch.topk(mag, k, sorted=False).values.min()
+    above = torch.nonzero(mag > kth).squeeze(1)
+    ties = torch.nonzero(mag == kth).squeeze(1)[: k - above.numel()]
+    return torch.cat([above, ties]).sort().values
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` largest ``|x|`` (int64, ascending; ties to the lower index)."""
+    return _topk_of_magnitude(_magnitude(x.reshape(-1)), k)
+
+
+def threshold_indices(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Positions of every ``|x| >= threshold`` (int64, ascending)."""
+    return torch.nonzero(_magnitude(x.reshape(-1)) >= threshold).squeeze(1)
+
+
+def sampled_topk_indices(
+    x: torch.Tensor, k: int, sample_ratio: float = 0.01, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Exact top-k found through a sampled threshold estimate (DGC's selection).
+
+    1. Sample ``|x|`` at a fixed stride from a random start and take the sample's
+       top ``ceil(k * s / n)`` minimum as the threshold estimate.
+    2. Select every ``|x| >= threshold`` in one pass.
+    3. If fewer than ``k`` were selected, lower the estimate (up to 10 times, then
+       fall back to an exact top-k); if more, take the exact top-k of the
+       candidates. Because the candidates then contain every element of the true
+       top-k, the result is exactly the top-k, the same set as :func:`topk_indices`.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if k >= n or n < SAMPLED_MIN_NUMEL:
+        return topk_indices(flat, k)
+    mag = _magnitude(flat)
+    sample_size = min(n, max(MIN_SAMPLE, math.ceil(n * sample_ratio)))
+    stride = max(1, n // sample_size)
+    start = int(torch.randint(stride, (1,), generator=generator)) if stride > 1 else 0
+    sample = mag[start::stride]
+    sample_k = min(sample.numel(), max(1, math.ceil(k * sample.numel() / n)))
+    for _ in range(10):
+        threshold = torch.topk(sample, sample_k, sorted=False).values.min()
+        candidates = torch.nonzero(mag >= threshold).squeeze(1)
+        if candidates.numel() >= k:
+            if candidates.numel() == k:
+                return candidates
+            chosen = _topk_of_magnitude(mag[candidates], k)
+            return candidates[chosen]
+        if sample_k == sample.numel():
+            break
+        sample_k = min(sample.numel(), sample_k * 2)
+    return _topk_of_magnitude(mag, k)
+
+
+def pack(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    dense: torch.Tensor,
+    numel: int,
+    value_dtype: torch.dtype,
+    flags: int = 0,
+) -> torch.Tensor:
+    """Pack (indices, values) and the dense section into one ``uint8`` payload."""
+    layout = PayloadLayout(indices.numel(), dense.numel(), value_dtype)
+    out = torch.zeros(layout.nbytes, dtype=torch.uint8, device=values.device)
+    header = torch.tensor(
+        [MAGIC, flags, layout.count, layout.n_dense, numel, VALUE_DTYPES[value_dtype], 0, 0],
+        dtype=torch.int32,
+    )
+    out[:HEADER_BYTES].view(torch.int32).copy_(header)
+    out[HEADER_BYTES : HEADER_BYTES + 4 * layout.count].view(torch.int32).copy_(indices)
+    out[layout.values_offset : layout.dense_offset].view(value_dtype).copy_(values)
+    end = layout.dense_offset + layout.value_size * layout.n_dense
+    out[layout.dense_offset : end].view(value_dtype).copy_(dense)
+    return out
+
+
+def parse(payload: torch.Tensor, numel: int, value_dtype: torch.dtype, n_dense: int):
+    """Validate one payload and return ``(flags, indices, values, dense)`` views of it.
+
+    Raises :class:`PayloadError` naming the first problem found.
+    """
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise PayloadError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
+    if payload.numel() < HEADER_BYTES:
+        raise PayloadError(f"payload of {payload.numel()} bytes is shorter than the {HEADER_BYTES}-byte header")
+    magic, flags, count, got_dense, got_numel, code, _, _ = payload[:HEADER_BYTES].view(torch.int32).tolist()
+    if magic != MAGIC:
+        raise PayloadError(f"bad magic 0x{magic & 0xFFFFFFFF:08x}: not a gradsparse payload")
+    if DTYPE_OF_CODE.get(code) != value_dtype:
+        raise PayloadError(f"value dtype code {code} does not match the expected {value_dtype}")
+    if got_numel != numel:
+        raise PayloadError(f"payload is for a bucket of {got_numel} elements, expected {numel}")
+    if got_dense != n_dense:
+        raise PayloadError(f"payload carries {got_dense} dense values, expected {n_dense}")
+    if count < 0 or count > numel:
+        raise PayloadError(f"payload count {count} is outside [0, {numel}]")
+    layout = PayloadLayout(count, n_dense, value_dtype)
+    if payload.numel() < layout.nbytes:
+        raise PayloadError(f"payload truncated: {payload.numel()} bytes, its header needs {layout.nbytes}")
+    indices = payload[HEADER_BYTES : HEADER_BYTES + 4 * count].view(torch.int32)
+    if count:
+        if int(indices[0]) < 0 or int(indices[-1]) >= numel:
+            raise PayloadError(f"index out of range [0, {numel}): first {int(indices[0])}, last {int(indices[-1])}")
+        if count > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            raise PayloadError("indices are not strictly ascending (duplicate or unordered index)")
+    values = payload[layout.values_offset : layout.dense_offset].view(value_dtype)
+    end = layout.dense_offset + layout.value_size * n_dense
+    dense = payload[layout.dense_offset : end].view(value_dtype)
+    return flags, indices, values, dense
+
+
+def unpack_add(
+    payloads: list[torch.Tensor],
+    out: torch.Tensor,
+    value_dtype: torch.dtype,
+    dense_index: torch.Tensor | None = None,
+) -> int:
+    """Validate every payload, then scatter-add them into ``out`` in rank order.
+
+    ``dense_index`` (int64) gives the positions in ``out`` of each payload's dense
+    section. Returns the OR of all payloads' flags. On any malformed payload a
+    :class:`PayloadError` is raised before ``out`` is touched.
+    """
+    n_dense = 0 if dense_index is None else dense_index.numel()
+    parsed = [parse(p, out.numel(), value_dtype, n_dense) for p in payloads]
+    flags = 0
+    for rank_flags, indices, values, dense in parsed:
+        flags |= rank_flags
+        out.index_add_(0, indices.long(), values.to(out.dtype))
+        if n_dense:
+            out.index_add_(0, dense_index, dense.to(out.dtype))
+    return flags
+
+
+__all__ = [
+    "FLAG_NONFINITE",
+    "HEADER_INTS",
+    "pack",
+    "parse",
+    "sampled_topk_indices",
+    "threshold_indices",
+    "topk_indices",
+    "unpack_add",
+]

@@ -1,0 +1,66 @@
+"""The Communicator protocol: how payloads move between ranks.
+
+The reducer needs three operations. Implementations exist for torch.distributed
+(:mod:`gradsparse.comm.torch_dist`); others (MPI, Horovod) follow the same shape.
+Every operation must be called in the same order on every rank.
+
+Example::
+
+    >>> from gradsparse.comm import LocalCommunicator
+    >>> comm = LocalCommunicator()
+    >>> comm.world_size, comm.exchange_sizes(12, "cpu")
+    (1, [12])
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+
+class Communicator(abc.ABC):
+    """Moves payloads between the ranks of one group."""
+
+    rank: int
+    world_size: int
+
+    @abc.abstractmethod
+    def exchange_sizes(self, nbytes: int, device: torch.device) -> list[int]:
+        """Blocking: every rank's payload size in bytes, in rank order."""
+
+    @abc.abstractmethod
+    def allgather(self, payload: torch.Tensor, sizes: list[int] | None = None) -> torch.futures.Future:
+        """Start gathering every rank's ``uint8`` payload; one collective.
+
+        ``sizes`` (from :meth:`exchange_sizes`) is given when sizes differ; when
+        None every rank's payload has ``payload.numel()`` bytes. The future's
+        value is a list of per-rank ``uint8`` tensors, each trimmed to its size.
+        """
+
+    @abc.abstractmethod
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.futures.Future:
+        """Start an in-place sum of ``tensor`` over all ranks; the future yields it."""
+
+
+def completed_future(value) -> torch.futures.Future:
+    """A future that is already done, for communicators with blocking collectives."""
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+class LocalCommunicator(Communicator):
+    """World size 1: nothing to exchange. Useful for tests and single-process runs."""
+
+    rank = 0
+    world_size = 1
+
+    def exchange_sizes(self, nbytes, device):
+        return [nbytes]
+
+    def allgather(self, payload, sizes=None):
+        return completed_future([payload])
+
+    def allreduce_sum(self, tensor):
+        return completed_future(tensor)

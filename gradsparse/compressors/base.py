@@ -1,0 +1,81 @@
+"""The protocol every compressor follows.
+
+A compressor decides *which* coordinates of a compensated gradient go out; the
+memory it creates decides *what* is compensated. Compressors are pure tensor
+code: no torch.distributed, Horovod or MPI.
+
+Example::
+
+    >>> import torch
+    >>> from gradsparse import TopK
+    >>> c = TopK(0.5)
+    >>> c.select(torch.tensor([0.1, 4.0, -3.0, 0.2]), step=10, epoch=0).tolist()
+    [1, 2]
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+
+from ..errors import InvalidConfigError
+from ..memory import Memory, ResidualMemory
+
+
+def check_ratio(ratio: float, what: str = "ratio") -> float:
+    """Return ``ratio`` as a float if it lies in (0, 1], else raise InvalidConfigError."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+        raise InvalidConfigError(f"{what} must be a number in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def count_for(ratio: float, numel: int) -> int:
+    """k = max(1, ceil(ratio * n)), never more than n."""
+    return min(numel, max(1, math.ceil(ratio * numel)))
+
+
+class Compressor(abc.ABC):
+    """Selects coordinates to send from a compensated fp32 gradient.
+
+    Attributes:
+        fixed_count: True when every rank sends the same number of pairs for a
+            given tensor size and step, so no count exchange is needed.
+        error_feedback: keep what was not sent and add it to the next gradient.
+    """
+
+    name: str = "base"
+    fixed_count: bool = True
+
+    def __init__(self, error_feedback: bool = True):
+        self.error_feedback = bool(error_feedback)
+
+    def make_memory(self) -> Memory:
+        """The compensation state this compressor needs."""
+        return ResidualMemory() if self.error_feedback else Memory()
+
+    def preprocess(self, grad: torch.Tensor, world_size: int) -> torch.Tensor:
+        """Transform a fresh local gradient before compensation (DGC clips here)."""
+        return grad
+
+    def ratio(self, step: int, epoch: int) -> float | None:
+        """Target density at this point of training; None when it is not fixed."""
+        return None
+
+    def count(self, numel: int, step: int, epoch: int) -> int | None:
+        """Pairs sent for a tensor of ``numel`` elements; None when data-dependent."""
+        ratio = self.ratio(step, epoch)
+        return None if ratio is None else count_for(ratio, numel)
+
+    @abc.abstractmethod
+    def select(self, v: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
+        """Positions to send (int64, ascending) of the flat fp32 tensor ``v``."""
+
+    def config(self) -> dict:
+        """Plain-data description, stored in checkpoints and compared on load."""
+        return {"name": self.name, "error_feedback": self.error_feedback}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,117 @@
+"""Deep Gradient Compression (Lin et al., 2017).
+
+Per parameter, every step:
+
+1. Local gradient clipping (optional): scale ``g`` so that
+   ``||g|| <= clip_norm / sqrt(world_size)``.
+2. Momentum correction and local accumulation: ``u = m*u + g; v = v + u``
+   (Nesterov: ``u = m*(u + g); v = v + u + g``).
+3. Select the top-k of ``|v|`` by sampled threshold estimation; the result is
+   corrected to exactly ``k`` and equals the exact top-k set.
+4. Momentum factor masking: zero ``u`` and ``v`` where sent.
+5. Sparsity warm-up: the density follows :class:`~gradsparse.schedule.Warmup`
+   (default 25 %, 6.25 %, 1.5625 %, 0.4 % for one epoch each, then ``ratio``).
+
+Tensors sent whole (small ones) get plain momentum on the averaged gradient, so
+the optimizer must not add momentum again (use SGD with ``momentum=0``).
+
+Example::
+
+    >>> from gradsparse import DGC
+    >>> DGC(0.001).ratio(step=0, epoch=0), DGC(0.001).ratio(step=0, epoch=9)
+    (0.25, 0.001)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+from ..errors import InvalidConfigError
+from ..memory import DGCMemory
+from ..schedule import Warmup
+from .base import Compressor, check_ratio
+
+_DEFAULT = object()
+
+
+class DGC(Compressor):
+    """Deep Gradient Compression.
+
+    Args:
+        ratio: final density (0.001 = 99.9 % sparsity), in (0, 1].
+        momentum: momentum ``m`` used for momentum correction, in [0, 1).
+        nesterov: Nesterov momentum correction.
+        clip_norm: local gradient clipping norm before accumulation (None: off);
+            the threshold used is ``clip_norm / sqrt(world_size)``.
+        sample_ratio: fraction of each tensor sampled to estimate the threshold.
+        warmup: a :class:`Warmup`, or None for no warm-up. Default: DGC's
+            exponential schedule over the first four epochs.
+        seed: seed of the sampling generator (the selected set does not depend on it).
+    """
+
+    name = "dgc"
+    fixed_count = True
+
+    def __init__(
+        self,
+        ratio: float = 0.001,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        clip_norm: float | None = None,
+        sample_ratio: float = 0.01,
+        warmup: Warmup | None = _DEFAULT,  # type: ignore[assignment]
+        seed: int = 0,
+    ):
+        super().__init__(error_feedback=True)
+        self.target_ratio = check_ratio(ratio)
+        if not 0.0 <= momentum < 1.0:
+            raise InvalidConfigError(f"momentum must be in [0, 1), got {momentum!r}")
+        if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
+            raise InvalidConfigError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self.sample_ratio = check_ratio(sample_ratio, "sample_ratio")
+        if warmup is _DEFAULT:
+            warmup = Warmup()
+        if warmup is not None and not isinstance(warmup, Warmup):
+            raise InvalidConfigError(f"warmup must be a gradsparse.Warmup or None, got {type(warmup).__name__}")
+        self.warmup = warmup
+        self._generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+
+    @property
+    def momentum_correction(self) -> bool:
+        return self.momentum > 0
+
+    def make_memory(self):
+        return DGCMemory(self.momentum, self.nesterov)
+
+    def preprocess(self, grad, world_size):
+        if self.clip_norm is None:
+            return grad
+        limit = self.clip_norm / math.sqrt(world_size)
+        norm = float(torch.linalg.vector_norm(grad, dtype=torch.float32))
+        if norm > limit:
+            return grad * (limit / (norm + 1e-6))
+        return grad
+
+    def ratio(self, step, epoch):
+        if self.warmup is None:
+            return self.target_ratio
+        return self.warmup.ratio(self.target_ratio, step, epoch)
+
+    def select(self, v, step, epoch):
+        k = self.count(v.numel(), step, epoch)
+        generator = self._generator if v.device.type == "cpu" else None
+        return ops.sampled_topk_indices(v, k, self.sample_ratio, generator)
+
+    def config(self):
+        warmup = None if self.warmup is None else {
+            "ratios": list(self.warmup.ratios), "length": self.warmup.length, "unit": self.warmup.unit}
+        return {"name": self.name, "ratio": self.target_ratio, "momentum": self.momentum,
+                "nesterov": self.nesterov, "clip_norm": self.clip_norm,
+                "sample_ratio": self.sample_ratio, "warmup": warmup}

@@ -1,0 +1,43 @@
+"""Threshold sparsification: send every coordinate with ``|v| >= threshold``.
+
+The count varies per rank and step, so the communicator exchanges sizes first.
+
+Example::
+
+    >>> import torch
+    >>> from gradsparse import Threshold
+    >>> Threshold(1.0).select(torch.tensor([0.5, -1.0, 3.0]), step=0, epoch=0).tolist()
+    [1, 2]
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import ops
+from ..errors import InvalidConfigError
+from .base import Compressor
+
+
+class Threshold(Compressor):
+    """Fixed-threshold sparsification with error feedback (on by default).
+
+    Args:
+        threshold: non-negative magnitude threshold ``tau``; 0 sends everything.
+        error_feedback: keep unsent values as a residual added to the next gradient.
+    """
+
+    name = "threshold"
+    fixed_count = False
+
+    def __init__(self, threshold: float, error_feedback: bool = True):
+        super().__init__(error_feedback)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
+            raise InvalidConfigError(f"threshold must be a finite number >= 0, got {threshold!r}")
+        self.threshold = float(threshold)
+
+    def select(self, v, step, epoch):
+        return ops.threshold_indices(v, self.threshold)
+
+    def config(self):
+        return {**super().config(), "threshold": self.threshold}

@@ -1,0 +1,39 @@
+"""Exact top-k by magnitude: send the ``k = max(1, ceil(ratio * n))`` largest ``|v|``.
+
+Example::
+
+    >>> import torch
+    >>> from gradsparse import TopK
+    >>> TopK(0.01).count(25_000, step=0, epoch=0)
+    250
+"""
+
+from __future__ import annotations
+
+from .. import ops
+from .base import Compressor, check_ratio
+
+
+class TopK(Compressor):
+    """Top-k ratio sparsification with error feedback (on by default).
+
+    Args:
+        ratio: fraction of coordinates sent, in (0, 1].
+        error_feedback: keep unsent values as a residual added to the next gradient.
+    """
+
+    name = "topk"
+    fixed_count = True
+
+    def __init__(self, ratio: float, error_feedback: bool = True):
+        super().__init__(error_feedback)
+        self.target_ratio = check_ratio(ratio)
+
+    def ratio(self, step, epoch):
+        return self.target_ratio
+
+    def select(self, v, step, epoch):
+        return ops.topk_indices(v, self.count(v.numel(), step, epoch))
+
+    def config(self):
+        return {**super().config(), "ratio": self.target_ratio}

@@ -1,0 +1,291 @@
+"""DDP communication hook for sparse gradient reduction.
+
+Use it like any PyTorch comm hook::
+
+    model = DDP(net)
+    state = GradSparseState(DGC(0.001), model=net)
+    model.register_comm_hook(state, sparse_hook)
+
+or in one line, which also checks the optimizer::
+
+    state = gradsparse.ddp.register(model, DGC(0.001), optimizer=opt)
+
+Algorithm, per bucket (see :class:`gradsparse.reducer.SparseReducer`):
+
+1. For the first ``start_iter`` iterations every coordinate is sent by dense
+   allreduce through the same pipeline (so DGC's momentum is already right and
+   DDP's bucket rebuild after iteration 0 meets no sparse state).
+2. Afterwards each parameter's gradient is compensated (residual or DGC
+   momentum), its top-k / threshold selection is packed and allgathered, and
+   every rank scatter-adds all payloads in rank order and divides by the world size.
+
+State is keyed by parameter name (``model`` given) so it survives bucket rebuilds
+and can be checkpointed with :meth:`GradSparseState.state_dict`.
+
+DGC's momentum correction replaces optimizer momentum: use
+``torch.optim.SGD(params, lr, momentum=0)``; :func:`register` refuses an
+optimizer with momentum when momentum correction is on.
+"""
+
+# No "from __future__ import annotations": DDP compares the hook's annotations
+# with dist.GradBucket and Future[Tensor] as objects, not strings.
+
+import logging
+import threading
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .comm.torch_dist import TorchDistCommunicator
+from .compressors.base import Compressor
+from .compressors.dgc import DGC
+from .errors import HookAlreadyRegisteredError, IncompatibleOptimizerError, InvalidConfigError, StateMismatchError
+from .reducer import Segment, SparseReducer
+from .stats import BucketStats, StepStats
+
+logger = logging.getLogger(__name__)
+
+
+class GradSparseState:
+    """State of the sparse DDP hook; picklable without its process group.
+
+    Args:
+        compressor: a ``TopK``, ``Threshold`` or ``DGC`` instance.
+        process_group: group to reduce over (None: the default group).
+        model: the module whose parameters are reduced (the DDP-wrapped module or
+            the DDP model); used to key state by parameter name. Without it,
+            parameters are named ``param{i}`` in the order the hook first sees them.
+        start_iter: iterations reduced densely before compression starts (>= 1).
+        granularity, min_compress_numel, value_dtype, nonfinite, op: see
+            :class:`~gradsparse.reducer.SparseReducer`.
+        steps_per_epoch: lets epoch-based warm-up advance by itself; otherwise
+            call :meth:`set_epoch` each epoch.
+        log_every: log the step statistics at INFO level every this many steps.
+
+    Example::
+
+        >>> state = GradSparseState(TopK(0.01), model=net)       # doctest: +SKIP
+        >>> ddp_model.register_comm_hook(state, sparse_hook)      # doctest: +SKIP
+        >>> loss.backward(); print(state.last_stats)              # doctest: +SKIP
+    """
+
+    __slots__ = [
+        # often tuned
+        "compressor",
+        "start_iter",
+        "steps_per_epoch",
+        # rarely tuned
+        "process_group",
+        "log_every",
+        # internal
+        "reducer",
+        "iter",
+        "epoch",
+        "_names",
+        "_segments",
+        "_lock",
+        "_pending",
+        "_current",
+        "_bound",
+        # stats
+        "last_stats",
+        "history",
+    ]
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        start_iter: int = 1,
+        granularity: str = "parameter",
+        min_compress_numel: int = 4096,
+        value_dtype: torch.dtype | None = None,
+        nonfinite: str = "skip",
+        op: str = "average",
+        steps_per_epoch: int | None = None,
+        log_every: int = 100,
+    ):
+        if int(start_iter) != start_iter or start_iter < 1:
+            raise InvalidConfigError(f"start_iter must be an integer >= 1 (iteration 0 is always dense), got {start_iter!r}")
+        if steps_per_epoch is not None and (int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1):
+            raise InvalidConfigError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
+        self.compressor = compressor
+        self.process_group = process_group
+        self.reducer = SparseReducer(compressor, TorchDistCommunicator(process_group), granularity=granularity,
+                                     min_compress_numel=min_compress_numel, value_dtype=value_dtype,
+                                     nonfinite=nonfinite, op=op)
+        self.start_iter = int(start_iter)
+        self.steps_per_epoch = steps_per_epoch
+        self.log_every = int(log_every)
+        self.iter = 0
+        self.epoch = 0
+        self._names: dict[int, str] = {}
+        self._bound = False
+        if model is not None:
+            self.bind(model)
+        self._segments: dict[tuple, list[Segment]] = {}
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._current = StepStats(step=0)
+        self.last_stats: StepStats | None = None
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def bind(self, model: torch.nn.Module) -> None:
+        """Key state by the parameter names of ``model`` (DDP or plain module)."""
+        module = model.module if isinstance(model, DistributedDataParallel) else model
+        self._names = {id(p): name for name, p in module.named_parameters()}
+        self._bound = True
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the hook the current epoch (for epoch-based warm-up)."""
+        self.epoch = int(epoch)
+
+    def current_epoch(self) -> int:
+        if self.steps_per_epoch:
+            return self.iter // self.steps_per_epoch
+        return self.epoch
+
+    def _key(self, param: torch.Tensor) -> str:
+        name = self._names.get(id(param))
+        if name is None:
+            if self._bound:
+                raise StateMismatchError("the DDP bucket holds a parameter that is not in the bound model")
+            name = f"param{len(self._names)}"
+            self._names[id(param)] = name
+        return name
+
+    def segments(self, bucket: dist.GradBucket) -> list[Segment]:
+        """The (name, offset, numel) of each parameter in a DDP bucket."""
+        buffer = bucket.buffer()
+        params = bucket.parameters()
+        signature = (bucket.index(), buffer.numel(), tuple(id(p) for p in params))
+        cached = self._segments.get(signature)
+        if cached is None:
+            base = buffer.data_ptr()
+            size = buffer.element_size()
+            cached = [Segment(self._key(p), (g.data_ptr() - base) // size, g.numel())
+                      for p, g in zip(params, bucket.gradients())]
+            self._segments[signature] = cached
+        return cached
+
+    # ------------------------------------------------------------------ stats
+    def _record(self, step: int, stats: BucketStats, last: bool) -> None:
+        with self._lock:
+            self._current.add(stats)
+            self._pending -= 1
+            if last:
+                self._current.buckets_final = True  # type: ignore[attr-defined]
+            if self._pending == 0 and getattr(self._current, "buckets_final", False):
+                done, self._current = self._current, StepStats(step=step + 1)
+                del done.buckets_final  # type: ignore[attr-defined]
+                self.last_stats = done
+                self.history.append(done.as_dict())
+                logger.debug("%s", done)
+                if self.log_every and done.step % self.log_every == 0:
+                    logger.info("gradsparse %s", done)
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        """Per-rank state: plain tensors and numbers (``torch.load(weights_only=True)`` loads it)."""
+        return {"iter": self.iter, "epoch": self.epoch, "world_size": self.reducer.communicator.world_size,
+                "rank": self.reducer.communicator.rank, **self.reducer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore :meth:`state_dict` output; the world size must match (residuals are per rank)."""
+        world = self.reducer.communicator.world_size
+        if state_dict["world_size"] != world:
+            raise StateMismatchError(f"checkpoint was written with world size {state_dict['world_size']}, "
+                                     f"this job has {world}; per-rank residuals cannot be redistributed")
+        if self._bound:
+            unknown = set(state_dict["memory"]["state"]) - set(self._names.values())
+            if unknown:
+                raise StateMismatchError(f"checkpoint holds state for parameters this model lacks: {sorted(unknown)[:5]}")
+        self.reducer.load_state_dict(state_dict)
+        self.iter = int(state_dict["iter"])
+        self.epoch = int(state_dict["epoch"])
+        self._current = StepStats(step=self.iter)
+
+    def __getstate__(self):
+        return {slot: getattr(self, slot) for slot in self.__slots__ if slot not in ("process_group", "_lock")}
+
+    def __setstate__(self, state):
+        for slot, value in state.items():
+            setattr(self, slot, value)
+        self.process_group = None
+        self._lock = threading.Lock()
+
+
+def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: sparse allgather of each bucket (dense for the first iterations).
+
+    Example::
+
+        >>> ddp_model.register_comm_hook(GradSparseState(TopK(0.01), model=net), sparse_hook)  # doctest: +SKIP
+    """
+    step = state.iter
+    last = bucket.is_last()
+    with state._lock:
+        state._pending += 1
+    fut = state.reducer.reduce(
+        bucket.buffer(), state.segments(bucket), step, state.current_epoch(),
+        force_dense=step < state.start_iter,
+        on_stats=lambda s: state._record(step, s, last),
+    )
+    if last:
+        state.iter += 1
+        if state.iter == state.start_iter:
+            logger.info("gradsparse: dense warm-up done, compressing from iteration %d", state.iter)
+    return fut
+
+
+def _has_comm_hook(model: DistributedDataParallel) -> bool:
+    return bool(getattr(model, "_comm_hooks", None))
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, compressor: Compressor) -> None:
+    """Refuse an optimizer that would add momentum on top of DGC's momentum correction."""
+    if not (isinstance(compressor, DGC) and compressor.momentum_correction):
+        return
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0):
+            raise IncompatibleOptimizerError(
+                f"DGC applies momentum {compressor.momentum} itself (momentum correction); the optimizer "
+                f"{type(optimizer).__name__} has momentum={group['momentum']} and would apply it twice. "
+                "Use torch.optim.SGD(params, lr, momentum=0) or DGC(momentum=0).")
+
+
+def register(
+    model: DistributedDataParallel,
+    compressor: Compressor,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    **state_kwargs,
+) -> GradSparseState:
+    """Register the sparse hook on a DDP model in one line; returns its state.
+
+    Example::
+
+        >>> state = gradsparse.ddp.register(ddp_model, DGC(0.001), optimizer=opt)  # doctest: +SKIP
+    """
+    if not isinstance(model, DistributedDataParallel):
+        raise InvalidConfigError(f"register() expects a DistributedDataParallel model, got {type(model).__name__}")
+    if _has_comm_hook(model):
+        raise HookAlreadyRegisteredError("this DDP model already has a communication hook; DDP allows only one")
+    if optimizer is not None:
+        check_optimizer(optimizer, compressor)
+    state = GradSparseState(compressor, process_group, model=model, **state_kwargs)
+    try:
+        model.register_comm_hook(state, sparse_hook)
+    except RuntimeError as err:
+        raise HookAlreadyRegisteredError(str(err)) from err
+    logger.info("gradsparse: registered %r on a DDP model of world size %d", compressor,
+                state.reducer.communicator.world_size)
+    return state
+
+
+__all__ = ["GradSparseState", "check_optimizer", "register", "sparse_hook"]

@@ -1,0 +1,126 @@
+"""Per-parameter compensation state: error-feedback residuals and DGC momentum.
+
+A memory turns a fresh gradient ``g`` into the tensor a compressor selects from
+(``compensate``) and, once the selection has been sent, removes what was sent
+(``update``). State is kept in fp32 whatever the gradient dtype, one flat tensor
+per parameter key, so DDP's bucket rebuilds cannot mix it up.
+
+Invariant: after ``update``, ``state + sent == compensated`` exactly, where
+``sent`` is the value actually put on the wire (its rounding error stays in the
+state).
+
+Example::
+
+    >>> import torch
+    >>> from gradsparse.memory import ResidualMemory
+    >>> m = ResidualMemory()
+    >>> v = m.compensate("w", torch.tensor([1.0, 2.0]))
+    >>> m.update("w", torch.tensor([1]), torch.tensor([2.0]))
+    >>> m.state["w"]["residual"].tolist()
+    [1.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import StateMismatchError
+
+
+class Memory:
+    """No compensation: select from the gradient itself (error feedback off)."""
+
+    kind = "none"
+
+    def __init__(self):
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _buffer(self, key: str, name: str, like: torch.Tensor) -> torch.Tensor:
+        slot = self.state.setdefault(key, {})
+        buf = slot.get(name)
+        if buf is None or buf.numel() != like.numel() or buf.device != like.device:
+            if buf is not None:
+                raise StateMismatchError(
+                    f"state {key!r}.{name} has {buf.numel()} elements on {buf.device}, "
+                    f"the gradient has {like.numel()} on {like.device}"
+                )
+            buf = torch.zeros(like.numel(), dtype=torch.float32, device=like.device)
+            slot[name] = buf
+        return buf
+
+    def compensate(self, key: str, grad: torch.Tensor) -> torch.Tensor:
+        """Return the fp32 tensor to select from for this parameter."""
+        return grad.reshape(-1).float()
+
+    def update(self, key: str, indices: torch.Tensor, sent: torch.Tensor) -> None:
+        """Remove the sent coordinates (``indices`` int64, ``sent`` fp32 as received)."""
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "state": {k: dict(v) for k, v in self.state.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("kind") != self.kind:
+            raise StateMismatchError(f"checkpoint memory is {state_dict.get('kind')!r}, this compressor uses {self.kind!r}")
+        self.state = {k: {n: t.clone() for n, t in v.items()} for k, v in state_dict["state"].items()}
+
+
+class ResidualMemory(Memory):
+    """Error feedback: ``v = residual + g``; what was not sent stays for next time."""
+
+    kind = "residual"
+
+    def compensate(self, key, grad):
+        residual = self._buffer(key, "residual", grad)
+        residual.add_(grad.reshape(-1))
+        return residual
+
+    def update(self, key, indices, sent):
+        residual = self.state[key]["residual"]
+        residual[indices] -= sent
+
+
+class DGCMemory(Memory):
+    """DGC momentum correction: ``u = m*u + g; v = v + u``; sent coordinates masked.
+
+    With ``nesterov``: ``u = m*(u + g); v = v + u + g``. Momentum factor masking
+    zeroes ``u`` where a coordinate was sent; ``v`` keeps only the rounding error
+    of the sent value.
+    """
+
+    kind = "dgc"
+
+    def __init__(self, momentum: float = 0.9, nesterov: bool = False):
+        super().__init__()
+        self.momentum = momentum
+        self.nesterov = nesterov
+
+    def compensate(self, key, grad):
+        g = grad.reshape(-1)
+        u = self._buffer(key, "momentum", g)
+        v = self._buffer(key, "velocity", g)
+        if self.nesterov:
+            u.add_(g).mul_(self.momentum)
+            v.add_(u).add_(g)
+        else:
+            u.mul_(self.momentum).add_(g)
+            v.add_(u)
+        return v
+
+    def update(self, key, indices, sent):
+        slot = self.state[key]
+        slot["momentum"][indices] = 0.0
+        slot["velocity"][indices] -= sent
+
+    def momentum_step(self, key: str, averaged: torch.Tensor) -> torch.Tensor:
+        """Plain (or Nesterov) momentum on an already averaged dense gradient, in place.
+
+        Used for tensors sent whole, so every parameter sees the same optimizer.
+        """
+        flat = averaged.reshape(-1)
+        u = self._buffer(key, "momentum", flat)
+        u.mul_(self.momentum).add_(flat)
+        if self.nesterov:
+            flat.add_(u, alpha=self.momentum)
+        else:
+            flat.copy_(u)
+        return averaged

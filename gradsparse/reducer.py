@@ -1,0 +1,351 @@
+"""The one pipeline: compensate, select, pack, allgather, unpack-add, average.
+
+:class:`SparseReducer` reduces one flat bucket of gradients across ranks. The
+DDP hook and the other adapters only supply the bucket, its segments (which
+parameter lives where, keyed by a stable name) and a communicator.
+
+Steps for one bucket on one rank:
+
+1. Check the bucket (floating dtype, 1 <= numel <= 2**31 - 1) and whether it is finite.
+2. Per compressed segment: ``g = compressor.preprocess(g)``, ``v = memory.compensate(key, g)``.
+   Segments smaller than ``min_compress_numel`` are sent whole (no memory).
+3. Select per parameter (each segment its own top-k) or per bucket (one top-k
+   over all compressed segments).
+4. If the sparse payload would cost more than a dense allreduce
+   (``world_size * payload_bytes >= 2 * numel * element_size``), or for the
+   first iterations (``force_dense``), send everything by allreduce instead.
+5. Pack (indices, values, whole tensors) and allgather: one collective per bucket.
+   Variable-count methods exchange payload sizes first, from this thread.
+6. When the collective completes: validate and scatter-add every rank's payload
+   in rank order, divide by the world size, apply the compressor's dense
+   post-processing to whole tensors, remove what was sent from the memory and
+   write the result into the bucket.
+
+Non-finite gradients: a rank with NaN/Inf leaves its memory untouched and flags
+its payload; every rank sees the flag, so all of them either raise
+:class:`NonFiniteGradientError` (``nonfinite="raise"``) or return a NaN bucket
+and keep their memory unmasked (``nonfinite="skip"``: AMP's GradScaler then
+skips the step and nothing is lost).
+
+Example::
+
+    >>> import torch
+    >>> from gradsparse import TopK
+    >>> from gradsparse.comm import LocalCommunicator
+    >>> from gradsparse.reducer import SparseReducer, Segment
+    >>> r = SparseReducer(TopK(0.01), LocalCommunicator(), min_compress_numel=1)
+    >>> grad = torch.zeros(1000); grad[[7, 500]] = torch.tensor([4.0, -3.0])
+    >>> out = r.reduce(grad, [Segment("w", 0, 1000)], step=0).wait()
+    >>> out.nonzero().flatten().tolist(), out[[7, 500]].tolist()
+    ([7, 500], [4.0, -3.0])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import ops
+from .comm.base import Communicator
+from .compressors.base import Compressor
+from .errors import BucketError, InvalidConfigError, NonFiniteGradientError, UnsupportedGradientError
+from .memory import DGCMemory
+from .payload import FLAG_NONFINITE, INT32_MAX, VALUE_DTYPES, PayloadLayout
+from .stats import BucketStats
+
+logger = logging.getLogger(__name__)
+
+OPS = ("average", "sum")
+GRANULARITIES = ("parameter", "bucket")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One parameter's slice ``[offset, offset + numel)`` of a flat bucket."""
+
+    key: str
+    offset: int
+    numel: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    compressed: tuple[Segment, ...]
+    whole: tuple[Segment, ...]
+    groups: tuple[tuple[Segment, ...], ...]
+    n_dense: int
+
+
+@dataclasses.dataclass
+class _Selection:
+    segment: Segment
+    local: torch.Tensor          # int64 positions within the segment
+    sent: torch.Tensor           # fp32 values as they go on the wire
+
+
+def check_bucket(flat: torch.Tensor) -> None:
+    """Raise a typed error unless ``flat`` is a usable gradient bucket."""
+    if flat.is_complex() or not flat.is_floating_point():
+        raise UnsupportedGradientError(f"gradsparse compresses real floating-point gradients, got {flat.dtype}")
+    if flat.dtype not in VALUE_DTYPES:
+        raise UnsupportedGradientError(f"unsupported gradient dtype {flat.dtype}; use one of {list(VALUE_DTYPES)}")
+    if flat.numel() == 0:
+        raise BucketError("empty bucket: nothing to reduce")
+    if flat.numel() > INT32_MAX:
+        raise BucketError(f"bucket of {flat.numel()} elements exceeds the int32 index limit of {INT32_MAX}; "
+                          "use smaller buckets (DDP bucket_cap_mb)")
+
+
+class SparseReducer:
+    """Reduces flat gradient buckets sparsely across the ranks of a communicator.
+
+    Args:
+        compressor: a :class:`~gradsparse.compressors.Compressor`.
+        communicator: a :class:`~gradsparse.comm.Communicator`.
+        granularity: ``"parameter"`` (each tensor its own top-k, as in DGC) or
+            ``"bucket"`` (one top-k over the bucket's compressed tensors).
+        min_compress_numel: tensors with fewer elements are sent whole.
+        value_dtype: dtype of the values on the wire (None: the gradient's dtype).
+        nonfinite: ``"raise"`` or ``"skip"`` (see module docstring).
+        op: ``"average"`` (divide by world size) or ``"sum"``.
+    """
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        communicator: Communicator,
+        *,
+        granularity: str = "parameter",
+        min_compress_numel: int = 4096,
+        value_dtype: torch.dtype | None = None,
+        nonfinite: str = "skip",
+        op: str = "average",
+    ):
+        if not isinstance(compressor, Compressor):
+            raise InvalidConfigError(f"compressor must be a gradsparse Compressor, got {type(compressor).__name__}")
+        if isinstance(op, str) and op.lower() == "adasum" or getattr(op, "__name__", "") == "Adasum":
+            raise InvalidConfigError("Adasum cannot be applied to sparse index/value pairs; use op='average' or 'sum'")
+        if op not in OPS:
+            raise InvalidConfigError(f"op must be one of {OPS}, got {op!r}")
+        if granularity not in GRANULARITIES:
+            raise InvalidConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise InvalidConfigError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if int(min_compress_numel) != min_compress_numel or min_compress_numel < 1:
+            raise InvalidConfigError(f"min_compress_numel must be a positive integer, got {min_compress_numel!r}")
+        if value_dtype is not None and value_dtype not in VALUE_DTYPES:
+            raise InvalidConfigError(f"value_dtype must be one of {list(VALUE_DTYPES)} or None, got {value_dtype}")
+        self.compressor = compressor
+        self.communicator = communicator
+        self.granularity = granularity
+        self.min_compress_numel = int(min_compress_numel)
+        self.value_dtype = value_dtype
+        self.nonfinite = nonfinite
+        self.op = op
+        self.memory = compressor.make_memory()
+        self._plans: dict[tuple, _Plan] = {}
+        self._dense_index: dict[tuple, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------- planning
+    def _plan(self, segments: Sequence[Segment], numel: int) -> _Plan:
+        signature = tuple(segments)
+        plan = self._plans.get(signature)
+        if plan is None:
+            end = 0
+            for s in sorted(segments, key=lambda s: s.offset):
+                if s.offset < end or s.numel < 1 or s.offset + s.numel > numel:
+                    raise BucketError(f"segment {s} overlaps another or lies outside the bucket of {numel} elements")
+                end = s.offset + s.numel
+            ordered = tuple(sorted(segments, key=lambda s: s.offset))
+            compressed = tuple(s for s in ordered if s.numel >= self.min_compress_numel)
+            whole = tuple(s for s in ordered if s.numel < self.min_compress_numel)
+            if self.granularity == "parameter":
+                groups = tuple((s,) for s in compressed)
+            else:
+                groups = (compressed,) if compressed else ()
+            plan = _Plan(compressed, whole, groups, sum(s.numel for s in whole))
+            self._plans[signature] = plan
+        return plan
+
+    def _whole_index(self, plan: _Plan, device: torch.device) -> torch.Tensor | None:
+        if not plan.whole:
+            return None
+        key = (plan.whole, str(device))
+        index = self._dense_index.get(key)
+        if index is None:
+            index = torch.cat([torch.arange(s.offset, s.offset + s.numel, device=device) for s in plan.whole])
+            self._dense_index[key] = index
+        return index
+
+    def fixed_count(self, plan: _Plan, step: int, epoch: int) -> int | None:
+        """Pairs this bucket sends at this step, if the compressor fixes it."""
+        if not self.compressor.fixed_count:
+            return None
+        return sum(self.compressor.count(sum(s.numel for s in g), step, epoch) for g in plan.groups)
+
+    def _sparse_pays(self, payload_bytes: int, flat: torch.Tensor) -> bool:
+        return self.communicator.world_size * payload_bytes < 2 * flat.numel() * flat.element_size()
+
+    # ---------------------------------------------------------------- selection
+    def _compensate(self, flat: torch.Tensor, plan: _Plan) -> dict[str, torch.Tensor]:
+        world = self.communicator.world_size
+        return {s.key: self.memory.compensate(s.key, self.compressor.preprocess(flat[s.offset:s.offset + s.numel], world))
+                for s in plan.compressed}
+
+    def _select(self, v: dict[str, torch.Tensor], plan: _Plan, step: int, epoch: int, wire: torch.dtype) -> list[_Selection]:
+        selections = []
+        for group in plan.groups:
+            joined = v[group[0].key] if len(group) == 1 else torch.cat([v[s.key] for s in group])
+            chosen = self.compressor.select(joined, step, epoch)
+            starts = torch.tensor([0] + [s.numel for s in group], device=chosen.device).cumsum(0)
+            cuts = torch.searchsorted(chosen, starts).tolist()
+            for i, s in enumerate(group):
+                local = chosen[cuts[i]:cuts[i + 1]] - int(starts[i])
+                selections.append(_Selection(s, local, v[s.key][local].to(wire).float()))
+        return selections
+
+    # ------------------------------------------------------------------ reduce
+    def reduce(
+        self,
+        flat: torch.Tensor,
+        segments: Sequence[Segment] | None,
+        step: int,
+        epoch: int = 0,
+        *,
+        force_dense: bool = False,
+        on_stats: Callable[[BucketStats], None] | None = None,
+    ) -> torch.futures.Future:
+        """Reduce ``flat`` in place across ranks; returns a Future of ``flat``.
+
+        ``segments`` lists the parameters in the bucket (None: one segment named
+        ``"bucket"``). Every rank must call this with the same segments, step
+        and epoch, in the same order.
+        """
+        check_bucket(flat)
+        if not flat.is_contiguous():
+            raise BucketError("the bucket must be a contiguous tensor")
+        flat = flat.view(-1)
+        if segments is None:
+            segments = [Segment("bucket", 0, flat.numel())]
+        plan = self._plan(segments, flat.numel())
+        started = time.perf_counter()
+        finite = bool(torch.isfinite(flat).all())
+        wire = self.value_dtype or flat.dtype
+        layout_count = self.fixed_count(plan, step, epoch)
+        if force_dense or (layout_count is not None and
+                           not self._sparse_pays(PayloadLayout(layout_count, plan.n_dense, wire).nbytes, flat)):
+            return self._reduce_dense(flat, plan, finite, started, on_stats)
+
+        selections: list[_Selection] = []
+        if finite:
+            v = self._compensate(flat, plan)
+            selections = self._select(v, plan, step, epoch, wire)
+            count = sum(s.local.numel() for s in selections)
+        else:
+            count = layout_count or 0
+        sizes = None
+        if layout_count is None:
+            sizes = self.communicator.exchange_sizes(PayloadLayout(count, plan.n_dense, wire).nbytes, flat.device)
+            if not self._sparse_pays(max(sizes), flat):
+                return self._reduce_dense(flat, plan, finite, started, on_stats, compensated=v if finite else None)
+
+        whole_index = self._whole_index(plan, flat.device)
+        dense = flat[whole_index] if whole_index is not None else flat.new_empty(0)
+        if finite:
+            indices = torch.cat([s.local + s.segment.offset for s in selections]) if selections else \
+                torch.empty(0, dtype=torch.int64, device=flat.device)
+            values = torch.cat([s.sent for s in selections]) if selections else flat.new_empty(0)
+            payload = ops.pack(indices, values, dense, flat.numel(), wire)
+        else:
+            payload = ops.pack(torch.arange(count, device=flat.device), flat.new_zeros(count), flat.new_zeros(plan.n_dense),
+                               flat.numel(), wire, flags=FLAG_NONFINITE)
+        prepared = time.perf_counter() - started
+        fut = self.communicator.allgather(payload, sizes)
+        world = self.communicator.world_size
+
+        def finish(done: torch.futures.Future) -> torch.Tensor:
+            t0 = time.perf_counter()
+            payloads = done.value()
+            out = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
+            flags = ops.unpack_add(payloads, out, wire, whole_index)
+            if flags & FLAG_NONFINITE:
+                self._on_nonfinite(flat)
+            else:
+                for s in selections:
+                    self.memory.update(s.segment.key, s.local, s.sent)
+                if self.op == "average":
+                    out.div_(world)
+                self._postprocess_whole(out, plan)
+                flat.copy_(out)
+            if on_stats is not None:
+                received = sum(p.numel() for p in payloads) if sizes is None else max(sizes) * world
+                on_stats(BucketStats(flat.numel(), count, plan.n_dense, payload.numel(), received, False,
+                                     prepared + time.perf_counter() - t0))
+            return flat
+
+        return fut.then(finish)
+
+    def _reduce_dense(self, flat, plan, finite, started, on_stats, compensated=None) -> torch.futures.Future:
+        """Send every coordinate by allreduce; the memory keeps only rounding error."""
+        sent: dict[str, torch.Tensor] = {}
+        if finite:
+            v = compensated if compensated is not None else self._compensate(flat, plan)
+            for s in plan.compressed:
+                view = flat[s.offset:s.offset + s.numel]
+                view.copy_(v[s.key])
+                sent[s.key] = view.float()
+        world = self.communicator.world_size
+        if self.op == "average":
+            flat.div_(world)
+        prepared = time.perf_counter() - started
+        fut = self.communicator.allreduce_sum(flat)
+
+        def finish(done: torch.futures.Future) -> torch.Tensor:
+            t0 = time.perf_counter()
+            done.wait()
+            if not finite or not bool(torch.isfinite(flat).all()):
+                self._on_nonfinite(flat)
+            else:
+                for s in plan.compressed:
+                    self.memory.update(s.key, slice(None), sent[s.key])
+                if plan.whole and isinstance(self.memory, DGCMemory):
+                    out = flat.float()
+                    self._postprocess_whole(out, plan)
+                    flat.copy_(out)
+            if on_stats is not None:
+                nbytes = flat.numel() * flat.element_size()
+                on_stats(BucketStats(flat.numel(), flat.numel() - plan.n_dense, plan.n_dense, nbytes, nbytes, True,
+                                     prepared + time.perf_counter() - t0))
+            return flat
+
+        return fut.then(finish)
+
+    def _postprocess_whole(self, out: torch.Tensor, plan: _Plan) -> None:
+        if isinstance(self.memory, DGCMemory):
+            for s in plan.whole:
+                self.memory.momentum_step(s.key, out[s.offset:s.offset + s.numel])
+
+    def _on_nonfinite(self, flat: torch.Tensor) -> None:
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError("a rank produced NaN/Inf gradients (nonfinite='raise'); "
+                                         "no residual or momentum was changed by them")
+        logger.warning("non-finite gradients on some rank: returning a NaN bucket, memory left unmasked")
+        flat.fill_(float("nan"))
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Plain tensors and numbers: loads with ``torch.load(weights_only=True)``."""
+        return {"compressor": self.compressor.config(), "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from .errors import StateMismatchError
+
+        if state_dict["compressor"] != self.compressor.config():
+            raise StateMismatchError(f"checkpoint was written by {state_dict['compressor']}, "
+                                     f"this reducer uses {self.compressor.config()}")
+        self.memory.load_state_dict(state_dict["memory"])

@@ -1,0 +1,49 @@
+"""Run a function on N real processes joined by a gloo process group on loopback.
+
+Each worker gets ``(rank, world_size, *args)``; its return value comes back to
+the test (through torch.save in a temporary folder). A hang fails the test
+after ``timeout`` seconds instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, world_size, port, folder, args, collective_timeout):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=collective_timeout))
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(fn, world_size: int, *args, timeout: float = 180, collective_timeout: float = 60) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return their results by rank."""
+    with tempfile.TemporaryDirectory() as folder:
+        ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), folder, args, collective_timeout),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"workers did not finish within {timeout} s")
+        return [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
