@@ -12,8 +12,9 @@ Steps for one bucket on one rank:
 3. Select per parameter (each segment its own top-k) or per bucket (one top-k
    over all compressed segments).
 4. If the sparse payload would cost more than a dense allreduce
-   (``world_size * payload_bytes >= 2 * numel * element_size``), or for the
-   first iterations (``force_dense``), send everything by allreduce instead.
+   (``world_size * payload_bytes >= 2 * numel * element_size``), move the same
+   selection by allreduce instead (zeros elsewhere): a transport choice only.
+   For the first iterations (``force_dense``) every coordinate is selected.
 5. Pack (indices, values, whole tensors) and allgather: one collective per bucket.
    Variable-count methods exchange payload sizes first, from this thread.
 6. When the collective completes: validate and scatter-add every rank's payload
@@ -223,8 +224,9 @@ class SparseReducer:
         """Reduce ``flat`` in place across ranks; returns a Future of ``flat``.
 
         ``segments`` lists the parameters in the bucket (None: one segment named
-        ``"bucket"``). Every rank must call this with the same segments, step
-        and epoch, in the same order.
+        ``"bucket"``). ``force_dense`` selects every coordinate (the hook's first
+        iterations). Every rank must call this with the same segments, step and
+        epoch, in the same order.
         """
         check_bucket(flat)
         if not flat.is_contiguous():
@@ -236,23 +238,23 @@ class SparseReducer:
         started = time.perf_counter()
         finite = bool(torch.isfinite(flat).all())
         wire = self.value_dtype or flat.dtype
-        layout_count = self.fixed_count(plan, step, epoch)
-        if force_dense or (layout_count is not None and
-                           not self._sparse_pays(PayloadLayout(layout_count, plan.n_dense, wire).nbytes, flat)):
-            return self._reduce_dense(flat, plan, finite, started, on_stats)
-
         selections: list[_Selection] = []
         if finite:
             v = self._compensate(flat, plan)
-            selections = self._select(v, plan, step, epoch, wire)
+            selections = self._select_all(v, plan, wire) if force_dense else self._select(v, plan, step, epoch, wire)
             count = sum(s.local.numel() for s in selections)
+        elif force_dense:
+            count = sum(s.numel for s in plan.compressed)
         else:
-            count = layout_count or 0
+            count = self.fixed_count(plan, step, epoch) or 0
+        nbytes = PayloadLayout(count, plan.n_dense, wire).nbytes
         sizes = None
-        if layout_count is None:
-            sizes = self.communicator.exchange_sizes(PayloadLayout(count, plan.n_dense, wire).nbytes, flat.device)
-            if not self._sparse_pays(max(sizes), flat):
-                return self._reduce_dense(flat, plan, finite, started, on_stats, compensated=v if finite else None)
+        if not (force_dense or self.compressor.fixed_count):
+            sizes = self.communicator.exchange_sizes(nbytes, flat.device)
+        largest = nbytes if sizes is None else max(sizes)
+        world = self.communicator.world_size
+        if world * largest >= 2 * flat.numel() * flat.element_size():
+            return self._allreduce(flat, plan, finite, selections, count, started, on_stats)
 
         whole_index = self._whole_index(plan, flat.device)
         dense = flat[whole_index] if whole_index is not None else flat.new_empty(0)
@@ -262,11 +264,10 @@ class SparseReducer:
             values = torch.cat([s.sent for s in selections]) if selections else flat.new_empty(0)
             payload = ops.pack(indices, values, dense, flat.numel(), wire)
         else:
-            payload = ops.pack(torch.arange(count, device=flat.device), flat.new_zeros(count), flat.new_zeros(plan.n_dense),
-                               flat.numel(), wire, flags=FLAG_NONFINITE)
+            payload = ops.pack(torch.arange(count, device=flat.device), flat.new_zeros(count),
+                               flat.new_zeros(plan.n_dense), flat.numel(), wire, flags=FLAG_NONFINITE)
         prepared = time.perf_counter() - started
         fut = self.communicator.allgather(payload, sizes)
-        world = self.communicator.world_size
 
         def finish(done: torch.futures.Future) -> torch.Tensor:
             t0 = time.perf_counter()
@@ -283,22 +284,29 @@ class SparseReducer:
                 self._postprocess_whole(out, plan)
                 flat.copy_(out)
             if on_stats is not None:
-                received = sum(p.numel() for p in payloads) if sizes is None else max(sizes) * world
+                received = sum(p.numel() for p in payloads) if sizes is None else largest * world
                 on_stats(BucketStats(flat.numel(), count, plan.n_dense, payload.numel(), received, False,
                                      prepared + time.perf_counter() - t0))
             return flat
 
         return fut.then(finish)
 
-    def _reduce_dense(self, flat, plan, finite, started, on_stats, compensated=None) -> torch.futures.Future:
-        """Send every coordinate by allreduce; the memory keeps only rounding error."""
-        sent: dict[str, torch.Tensor] = {}
+    def _select_all(self, v: dict[str, torch.Tensor], plan: _Plan, wire: torch.dtype) -> list[_Selection]:
+        return [_Selection(s, torch.arange(s.numel, device=v[s.key].device), v[s.key].to(wire).float())
+                for s in plan.compressed]
+
+    def _allreduce(self, flat, plan, finite, selections, count, started, on_stats) -> torch.futures.Future:
+        """Dense transport of the same selection: scatter it into the bucket and allreduce.
+
+        Used when the sparse payload would cost more bytes than an allreduce; the
+        algorithm (what is selected, what the memory keeps) does not change.
+        """
         if finite:
-            v = compensated if compensated is not None else self._compensate(flat, plan)
-            for s in plan.compressed:
-                view = flat[s.offset:s.offset + s.numel]
-                view.copy_(v[s.key])
-                sent[s.key] = view.float()
+            for s in selections:
+                view = flat[s.segment.offset:s.segment.offset + s.segment.numel]
+                view.zero_()
+                view[s.local] = s.sent.to(flat.dtype)
+                s.sent = view[s.local].float()
         world = self.communicator.world_size
         if self.op == "average":
             flat.div_(world)
@@ -311,15 +319,15 @@ class SparseReducer:
             if not finite or not bool(torch.isfinite(flat).all()):
                 self._on_nonfinite(flat)
             else:
-                for s in plan.compressed:
-                    self.memory.update(s.key, slice(None), sent[s.key])
+                for s in selections:
+                    self.memory.update(s.segment.key, s.local, s.sent)
                 if plan.whole and isinstance(self.memory, DGCMemory):
                     out = flat.float()
                     self._postprocess_whole(out, plan)
                     flat.copy_(out)
             if on_stats is not None:
                 nbytes = flat.numel() * flat.element_size()
-                on_stats(BucketStats(flat.numel(), flat.numel() - plan.n_dense, plan.n_dense, nbytes, nbytes, True,
+                on_stats(BucketStats(flat.numel(), count, plan.n_dense, nbytes, nbytes, True,
                                      prepared + time.perf_counter() - t0))
             return flat
 

@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` (main job) and `make test` (whole test suite).
+# Both create .venv and install everything on a fresh machine first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 benchmarks/ddp_demo.py
+
+test: setup
+	$(PY) -m pytest -q --doctest-modules gradsparse tests
+
+bench: setup
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
