@@ -8,6 +8,7 @@ after ``timeout`` seconds instead of blocking CI.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import tempfile
@@ -31,6 +32,12 @@ def _entry(rank, fn, world_size, port, folder, args, collective_timeout):
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+        del result
+        # A DDP model whose backward raised must be freed while its process group
+        # is alive (freeing it at interpreter exit can abort); then drain the
+        # collectives still in flight before teardown.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -8,11 +8,11 @@ collectives is the order of calls, identical on every rank.
 
 Example::
 
-    >>> import torch.distributed as dist                       # doctest: +SKIP
-    >>> from gradsparse.comm import TorchDistCommunicator      # doctest: +SKIP
-    >>> dist.init_process_group("gloo")                        # doctest: +SKIP
-    >>> comm = TorchDistCommunicator()                         # doctest: +SKIP
-    >>> fut = comm.allgather(payload)                          # doctest: +SKIP
+    import torch.distributed as dist
+    from gradsparse.comm import TorchDistCommunicator
+    dist.init_process_group("gloo")
+    comm = TorchDistCommunicator()
+    fut = comm.allgather(payload)
 """
 
 from __future__ import annotations

@@ -1,0 +1,51 @@
+"""Small deterministic models and data shared by the multi-process tests."""
+
+import torch
+import torch.nn as nn
+
+
+class EmbedNet(nn.Module):
+    """Embedding (sparse gradients: few rows touched per batch) + head + an unused layer."""
+
+    def __init__(self, unused: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(2000, 16)
+        self.head = nn.Linear(16, 10)
+        self.unused = nn.Linear(4, 4) if unused else None
+
+    def forward(self, x):
+        return self.head(self.embed(x).mean(1))
+
+
+def make_model(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    if kind.startswith("embed"):
+        return EmbedNet(unused=kind == "embed_unused")
+    raise ValueError(kind)
+
+
+def batch(kind: str, rank: int, step: int, size: int = 8):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    if kind.startswith("embed"):
+        x = torch.randint(0, 2000, (size, 4), generator=g)
+    else:
+        x = torch.randn(size, 32, generator=g)
+    return x, torch.randint(0, 10, (size,), generator=g)
+
+
+def loss_of(model, kind, rank, step):
+    x, y = batch(kind, rank, step)
+    if x.is_floating_point():
+        x = x.to(next(model.parameters()).dtype)
+    return nn.functional.cross_entropy(model(x).float(), y)
+
+
+def params_hash(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,297 @@
+"""The DDP hook on real gloo process groups (world sizes 2 and 3)."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradsparse
+from gradsparse import DGC, Threshold, TopK, Warmup
+from gradsparse import ddp as gddp
+from gradsparse.errors import HookAlreadyRegisteredError, IncompatibleOptimizerError
+
+from .distributed import run_world
+from .models import batch, loss_of, make_model, params_hash
+
+# ----------------------------------------------------------------------------------------------
+# Nothing dropped: the hooked gradients equal DDP without a hook.
+
+EQUIVALENCE = {
+    "topk_ratio_1": dict(kind="mlp", compressor=lambda: TopK(1.0)),
+    "topk_fewer_nonzeros_than_k": dict(kind="embed", compressor=lambda: TopK(0.05), sparse=True),
+    "threshold_tiny_tau": dict(kind="embed", compressor=lambda: Threshold(1e-30), sparse=True),
+    "dgc_no_momentum_ratio_1": dict(kind="mlp", compressor=lambda: DGC(1.0, momentum=0.0)),
+    "bucket_view": dict(kind="embed", compressor=lambda: TopK(0.05), ddp=dict(gradient_as_bucket_view=True), sparse=True),
+    "static_graph": dict(kind="embed", compressor=lambda: TopK(0.05), ddp=dict(static_graph=True), sparse=True),
+    "find_unused": dict(kind="embed_unused", compressor=lambda: TopK(0.05), ddp=dict(find_unused_parameters=True), sparse=True),
+    "no_sync": dict(kind="embed", compressor=lambda: TopK(0.05), no_sync=True, sparse=True),
+    "per_bucket": dict(kind="embed", compressor=lambda: TopK(0.05), state=dict(granularity="bucket"), sparse=True),
+    "fp16": dict(kind="mlp", compressor=lambda: TopK(1.0), dtype=torch.float16),
+    "bf16": dict(kind="mlp", compressor=lambda: TopK(1.0), dtype=torch.bfloat16),
+}
+
+
+def equivalence_worker(rank, world, names, steps=6):
+    report = {}
+    for name in names:
+        cfg = EQUIVALENCE[name]
+        kind, dtype = cfg["kind"], cfg.get("dtype", torch.float32)
+        ddp_kw = dict(bucket_cap_mb=0.05, **cfg.get("ddp", {}))
+        plain = DDP(make_model(kind).to(dtype), **ddp_kw)
+        hooked = DDP(make_model(kind).to(dtype), **ddp_kw)
+        state = gddp.register(hooked, cfg["compressor"](), **cfg.get("state", {}))
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, hooked)]
+        worst = 0.0
+        for step in range(steps):
+            for model, opt in zip((plain, hooked), opts):
+                opt.zero_grad()
+                if cfg.get("no_sync"):
+                    with model.no_sync():
+                        loss_of(model, kind, rank, 100 + step).backward()
+                loss_of(model, kind, rank, step).backward()
+            for a, b in zip(plain.parameters(), hooked.parameters()):
+                if a.grad is None:  # unused parameter: DDP leaves it None in both
+                    assert b.grad is None
+                    continue
+                tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+                torch.testing.assert_close(b.grad, a.grad, **tol)
+                worst = max(worst, float((b.grad.float() - a.grad.float()).abs().max()))
+            for opt in opts:
+                opt.step()
+        stats = state.history[1:]
+        report[name] = {"worst": worst, "sparse_steps": sum(s["dense_buckets"] < s["buckets"] for s in stats),
+                        "steps": len(stats)}
+    return report
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_nothing_dropped_equals_plain_ddp(world):
+    reports = run_world(equivalence_worker, world, sorted(EQUIVALENCE))
+    for name, cfg in EQUIVALENCE.items():
+        for report in reports:
+            assert report[name]["steps"] >= 4
+            if cfg.get("sparse"):  # the sparse path was really used, not the dense fallback
+                assert report[name]["sparse_steps"] == report[name]["steps"], name
+
+
+# ----------------------------------------------------------------------------------------------
+# Every rank ends bit-identical; several buckets, varying counts, ranks sending nothing.
+
+METHODS = {
+    "topk": lambda: TopK(0.01),
+    "threshold": lambda: Threshold(0.02),
+    "dgc": lambda: DGC(0.01, warmup=Warmup(ratios=(0.25, 0.05), length=3, unit="step")),
+    "dgc_per_bucket_fp16_wire": lambda: DGC(0.01, nesterov=True, clip_norm=1.0, warmup=None),
+}
+
+
+def identical_worker(rank, world, steps=15):
+    out = {}
+    for name, factory in METHODS.items():
+        model = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+        kw = dict(granularity="bucket", value_dtype=torch.float16) if name.endswith("fp16_wire") else {}
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        state = gddp.register(model, factory(), optimizer=opt, **kw)
+        for step in range(steps):
+            opt.zero_grad()
+            scale = 0.0 if (name == "threshold" and rank == world - 1) else 1.0  # last rank sends nothing
+            (scale * loss_of(model, "mlp", rank, step)).backward()
+            opt.step()
+        out[name] = {"hash": params_hash(model), "history": state.history}
+    return out
+
+
+def test_ranks_end_bit_identical_world_3():
+    results = run_world(identical_worker, 3)
+    for name in METHODS:
+        hashes = {r[name]["hash"] for r in results}
+        assert len(hashes) == 1, name
+        last = results[0][name]["history"][-1]
+        assert last["buckets"] > 1 and last["dense_buckets"] == 0, (name, last)
+    silent = results[2]["threshold"]["history"][-1]
+    assert silent["selected"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# DGC through the hook equals a hand-written, step-by-step version of the paper's algorithm.
+
+DGC_CFG = dict(ratio=0.02, momentum=0.9, warmup=Warmup(ratios=(0.3, 0.1), length=2, unit="step"))
+DGC_STEPS, MIN_NUMEL, LR = 8, 4096, 0.1
+
+
+def dgc_worker(rank, world):
+    model = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    gddp.register(model, DGC(**DGC_CFG), optimizer=opt, min_compress_numel=MIN_NUMEL)
+    for step in range(DGC_STEPS):
+        opt.zero_grad()
+        loss_of(model, "mlp", rank, step).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def reference_dgc(world):
+    """Lin et al. 2017, Algorithm 1 with momentum correction and factor masking, per parameter."""
+    torch.set_num_threads(1)
+    model = make_model("mlp")
+    params = list(model.parameters())
+    u = [[torch.zeros_like(p) for p in params] for _ in range(world)]
+    v = [[torch.zeros_like(p) for p in params] for _ in range(world)]
+    dense_u = [torch.zeros_like(p) for p in params]
+    m = DGC_CFG["momentum"]
+    for step in range(DGC_STEPS):
+        ratio = DGC_CFG["warmup"].ratio(DGC_CFG["ratio"], step, 0)
+        local = []
+        for r in range(world):
+            model.zero_grad()
+            loss_of(model, "mlp", r, step).backward()
+            local.append([p.grad.clone() for p in params])
+        for i, p in enumerate(params):
+            if p.numel() < MIN_NUMEL:  # sent whole; momentum on the average
+                avg = sum(local[r][i] for r in range(world)) / world
+                dense_u[i] = m * dense_u[i] + avg
+                update = dense_u[i]
+            else:
+                total = torch.zeros(p.numel())
+                for r in range(world):
+                    u[r][i] = m * u[r][i] + local[r][i]
+                    v[r][i] = v[r][i] + u[r][i]
+                    flat = v[r][i].reshape(-1)
+                    k = p.numel() if step == 0 else max(1, -(-int(ratio * p.numel() * 1e9) // 10**9))
+                    k = min(k, p.numel())
+                    mags = flat.abs().tolist()
+                    chosen = sorted(sorted(range(len(mags)), key=lambda j: (-mags[j], j))[:k])
+                    mask = torch.zeros(p.numel(), dtype=torch.bool)
+                    mask[chosen] = True
+                    total = total + torch.where(mask, flat, 0.0)
+                    u[r][i] = u[r][i] * ~mask.view_as(p)
+                    v[r][i] = v[r][i] * ~mask.view_as(p)
+                update = (total / world).view_as(p)
+            with torch.no_grad():
+                p -= LR * update
+    return [p.detach() for p in params]
+
+
+def test_dgc_hook_equals_step_by_step_reference():
+    results = run_world(dgc_worker, 2)
+    expected = reference_dgc(2)
+    for rank_params in results:
+        for got, want in zip(rank_params, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint: save at step 4, resume in a fresh model and state, match the uninterrupted run.
+
+def checkpoint_worker(rank, world, compressor_name):
+    factory = {"dgc": lambda: DGC(0.02, warmup=Warmup(ratios=(0.2,), length=3, unit="step")),
+               "threshold": lambda: Threshold(0.01)}[compressor_name]
+
+    def build():
+        model = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return model, opt, gddp.register(model, factory(), optimizer=opt)
+
+    def train(model, opt, steps):
+        for step in steps:
+            opt.zero_grad()
+            loss_of(model, "mlp", rank, step).backward()
+            opt.step()
+
+    model, opt, state = build()
+    train(model, opt, range(4))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gradsparse": state.state_dict()}, buf)
+    pickled = pickle.loads(pickle.dumps(state))
+    train(model, opt, range(4, 12))
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2, opt2, state2 = build()
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    state2.load_state_dict(ckpt["gradsparse"])
+    train(model2, opt2, range(4, 12))
+    resumed = [p.detach().clone() for p in model2.parameters()]
+    return {"equal": all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed)),
+            "pickled_iter": pickled.iter, "pickled_pg": pickled.process_group}
+
+
+@pytest.mark.parametrize("compressor_name", ["dgc", "threshold"])
+def test_checkpoint_resume_matches_uninterrupted_run(compressor_name):
+    for r in run_world(checkpoint_worker, 2, compressor_name):
+        assert r["equal"]
+        assert r["pickled_iter"] == 4 and r["pickled_pg"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors: clear, typed, on every rank, never a hang.
+
+def errors_worker(rank, world):
+    seen = {}
+    model = DDP(make_model("mlp"))
+    gddp.register(model, TopK(0.01))
+    try:
+        gddp.register(model, TopK(0.01))
+    except HookAlreadyRegisteredError as e:
+        seen["twice"] = str(e)
+    try:
+        model.register_comm_hook(gddp.GradSparseState(TopK(0.01)), gddp.sparse_hook)
+    except Exception as e:  # DDP's own refusal
+        seen["twice_raw"] = type(e).__name__
+    fresh = DDP(make_model("mlp"))
+    try:
+        gddp.register(fresh, DGC(0.001), optimizer=torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9))
+    except IncompatibleOptimizerError as e:
+        seen["momentum"] = str(e)
+    gddp.register(fresh, DGC(0.001, momentum=0.0), optimizer=torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9))
+    try:
+        gddp.register(DDP(make_model("mlp")), TopK(0.01), op="adasum")
+    except ValueError as e:
+        seen["adasum"] = str(e)
+
+    for policy in ("raise", "skip"):
+        model = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+        state = gddp.register(model, DGC(0.01, warmup=None), nonfinite=policy)
+        for step in range(3):
+            model.zero_grad()
+            loss = loss_of(model, "mlp", rank, step)
+            if step == 2 and rank == 1:
+                loss = loss * float("nan")
+            memory_before = {k: {n: t.clone() for n, t in s.items()} for k, s in state.reducer.memory.state.items()}
+            try:
+                loss.backward()
+            except RuntimeError as e:  # DDP rethrows a hook's error as RuntimeError carrying its message
+                seen[policy] = str(e)
+                continue
+        if policy == "skip":
+            seen["skip_grads_nan"] = all(torch.isnan(p.grad).all() for p in model.parameters())
+            seen["skip_memory_unchanged_on_bad_rank"] = rank != 1 or all(
+                torch.equal(t, memory_before[k][n]) for k, s in state.reducer.memory.state.items()
+                for n, t in s.items())
+            seen["skip_memory_finite"] = all(torch.isfinite(t).all() for s in state.reducer.memory.state.values()
+                                             for t in s.values())
+    return seen
+
+
+def test_errors_are_typed_and_reach_every_rank():
+    for rank, seen in enumerate(run_world(errors_worker, 2, timeout=120)):
+        assert "only one" in seen["twice"]
+        assert seen["twice_raw"] == "RuntimeError"
+        assert "momentum" in seen["momentum"] and "SGD" in seen["momentum"]
+        assert "Adasum" in seen["adasum"]
+        assert "NonFiniteGradientError" in seen["raise"] and "NaN/Inf" in seen["raise"], seen["raise"]
+        assert "skip" not in seen
+        assert seen["skip_grads_nan"] and seen["skip_memory_unchanged_on_bad_rank"] and seen["skip_memory_finite"]
+
+
+def test_state_refuses_bad_start_iter_and_register_needs_ddp():
+    with pytest.raises(ValueError):
+        gddp.GradSparseState(TopK(0.1), start_iter=0)
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        gddp.register(nn.Linear(2, 2), TopK(0.1))
