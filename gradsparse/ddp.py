@@ -86,6 +86,7 @@ class GradSparseState:
         "_segments",
         "_lock",
         "_pending",
+        "_closing",
         "_current",
         "_bound",
         # stats
@@ -129,6 +130,7 @@ class GradSparseState:
         self._segments: dict[tuple, list[Segment]] = {}
         self._lock = threading.Lock()
         self._pending = 0
+        self._closing = False
         self._current = StepStats(step=0)
         self.last_stats: StepStats | None = None
         self.history: list[dict] = []
@@ -168,25 +170,29 @@ class GradSparseState:
             base = buffer.data_ptr()
             size = buffer.element_size()
             cached = [Segment(self._key(p), (g.data_ptr() - base) // size, g.numel())
-                      for p, g in zip(params, bucket.gradients())]
+                      for p, g in zip(params, bucket.gradients(), strict=True)]
             self._segments[signature] = cached
         return cached
 
     # ------------------------------------------------------------------ stats
-    def _record(self, step: int, stats: BucketStats, last: bool) -> None:
+    def _issue(self, last: bool) -> None:
+        """Count a bucket in flight; the step closes when its last bucket's stats arrive."""
+        with self._lock:
+            self._pending += 1
+            self._closing = self._closing or last
+
+    def _record(self, step: int, stats: BucketStats) -> None:
         with self._lock:
             self._current.add(stats)
             self._pending -= 1
-            if last:
-                self._current.buckets_final = True  # type: ignore[attr-defined]
-            if self._pending == 0 and getattr(self._current, "buckets_final", False):
-                done, self._current = self._current, StepStats(step=step + 1)
-                del done.buckets_final  # type: ignore[attr-defined]
-                self.last_stats = done
-                self.history.append(done.as_dict())
-                logger.debug("%s", done)
-                if self.log_every and done.step % self.log_every == 0:
-                    logger.info("gradsparse %s", done)
+            if self._pending or not self._closing:
+                return
+            done, self._current, self._closing = self._current, StepStats(step=step + 1), False
+        self.last_stats = done
+        self.history.append(done.as_dict())
+        logger.debug("%s", done)
+        if self.log_every and done.step % self.log_every == 0:
+            logger.info("gradsparse %s", done)
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
@@ -208,6 +214,7 @@ class GradSparseState:
         self.iter = int(state_dict["iter"])
         self.epoch = int(state_dict["epoch"])
         self._current = StepStats(step=self.iter)
+        self._pending, self._closing = 0, False
 
     def __getstate__(self):
         return {slot: getattr(self, slot) for slot in self.__slots__ if slot not in ("process_group", "_lock")}
@@ -228,12 +235,11 @@ def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futu
     """
     step = state.iter
     last = bucket.is_last()
-    with state._lock:
-        state._pending += 1
+    state._issue(last)
     fut = state.reducer.reduce(
         bucket.buffer(), state.segments(bucket), step, state.current_epoch(),
         force_dense=step < state.start_iter,
-        on_stats=lambda s: state._record(step, s, last),
+        on_stats=lambda s: state._record(step, s),
     )
     if last:
         state.iter += 1

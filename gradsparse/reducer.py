@@ -271,23 +271,24 @@ class SparseReducer:
 
         def finish(done: torch.futures.Future) -> torch.Tensor:
             t0 = time.perf_counter()
-            payloads = done.value()
-            out = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
-            flags = ops.unpack_add(payloads, out, wire, whole_index)
-            if flags & FLAG_NONFINITE:
-                self._on_nonfinite(flat)
-            else:
+            try:
+                payloads = done.value()
+                out = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
+                flags = ops.unpack_add(payloads, out, wire, whole_index)
+                if flags & FLAG_NONFINITE:
+                    self._on_nonfinite(flat)
+                    return flat
                 for s in selections:
                     self.memory.update(s.segment.key, s.local, s.sent)
                 if self.op == "average":
                     out.div_(world)
                 self._postprocess_whole(out, plan)
                 flat.copy_(out)
-            if on_stats is not None:
-                received = sum(p.numel() for p in payloads) if sizes is None else largest * world
-                on_stats(BucketStats(flat.numel(), count, plan.n_dense, payload.numel(), received, False,
-                                     prepared + time.perf_counter() - t0))
-            return flat
+                return flat
+            finally:
+                if on_stats is not None:
+                    on_stats(BucketStats(flat.numel(), count, plan.n_dense, payload.numel(), largest * world, False,
+                                         prepared + time.perf_counter() - t0))
 
         return fut.then(finish)
 
@@ -315,21 +316,23 @@ class SparseReducer:
 
         def finish(done: torch.futures.Future) -> torch.Tensor:
             t0 = time.perf_counter()
-            done.wait()
-            if not finite or not bool(torch.isfinite(flat).all()):
-                self._on_nonfinite(flat)
-            else:
+            try:
+                done.wait()
+                if not finite or not bool(torch.isfinite(flat).all()):
+                    self._on_nonfinite(flat)
+                    return flat
                 for s in selections:
                     self.memory.update(s.segment.key, s.local, s.sent)
                 if plan.whole and isinstance(self.memory, DGCMemory):
                     out = flat.float()
                     self._postprocess_whole(out, plan)
                     flat.copy_(out)
-            if on_stats is not None:
-                nbytes = flat.numel() * flat.element_size()
-                on_stats(BucketStats(flat.numel(), count, plan.n_dense, nbytes, nbytes, True,
-                                     prepared + time.perf_counter() - t0))
-            return flat
+                return flat
+            finally:
+                if on_stats is not None:
+                    nbytes = flat.numel() * flat.element_size()
+                    on_stats(BucketStats(flat.numel(), count, plan.n_dense, nbytes, nbytes, True,
+                                         prepared + time.perf_counter() - t0))
 
         return fut.then(finish)
 

@@ -1,7 +1,7 @@
 """The DDP hook on real gloo process groups (world sizes 2 and 3)."""
 
-import copy
 import io
+import logging
 import pickle
 
 import pytest
@@ -9,13 +9,12 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import gradsparse
 from gradsparse import DGC, Threshold, TopK, Warmup
 from gradsparse import ddp as gddp
 from gradsparse.errors import HookAlreadyRegisteredError, IncompatibleOptimizerError
 
 from .distributed import run_world
-from .models import batch, loss_of, make_model, params_hash
+from .models import loss_of, make_model, params_hash
 
 # ----------------------------------------------------------------------------------------------
 # Nothing dropped: the hooked gradients equal DDP without a hook.
@@ -89,19 +88,32 @@ METHODS = {
 }
 
 
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 def identical_worker(rank, world, steps=15):
     out = {}
+    handler = ListHandler()
+    logging.getLogger("gradsparse").addHandler(handler)
+    logging.getLogger("gradsparse").setLevel(logging.INFO)
     for name, factory in METHODS.items():
         model = DDP(make_model("mlp"), bucket_cap_mb=0.05)
         kw = dict(granularity="bucket", value_dtype=torch.float16) if name.endswith("fp16_wire") else {}
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        state = gddp.register(model, factory(), optimizer=opt, **kw)
+        state = gddp.register(model, factory(), optimizer=opt, log_every=5, **kw)
         for step in range(steps):
             opt.zero_grad()
             scale = 0.0 if (name == "threshold" and rank == world - 1) else 1.0  # last rank sends nothing
             (scale * loss_of(model, "mlp", rank, step)).backward()
             opt.step()
         out[name] = {"hash": params_hash(model), "history": state.history}
+    out["log_lines"] = [line for line in handler.lines if line.startswith("gradsparse step")]
     return out
 
 
@@ -112,8 +124,12 @@ def test_ranks_end_bit_identical_world_3():
         assert len(hashes) == 1, name
         last = results[0][name]["history"][-1]
         assert last["buckets"] > 1 and last["dense_buckets"] == 0, (name, last)
+        for r in results:
+            assert [h["step"] for h in r[name]["history"]] == list(range(15))
     silent = results[2]["threshold"]["history"][-1]
     assert silent["selected"] == 0
+    assert len(results[0]["log_lines"]) == 3 * len(METHODS)  # steps 0, 5, 10 of each run
+    assert "ratio" in results[0]["log_lines"][-1] and "sent" in results[0]["log_lines"][-1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +296,7 @@ def errors_worker(rank, world):
 
 
 def test_errors_are_typed_and_reach_every_rank():
-    for rank, seen in enumerate(run_world(errors_worker, 2, timeout=120)):
+    for seen in run_world(errors_worker, 2, timeout=120):
         assert "only one" in seen["twice"]
         assert seen["twice_raw"] == "RuntimeError"
         assert "momentum" in seen["momentum"] and "SGD" in seen["momentum"]

@@ -60,7 +60,7 @@ class TorchDistCommunicator(Communicator):
             fut.wait()
             if sizes is None:
                 return outputs
-            return [out[:size] for out, size in zip(outputs, sizes)]
+            return [out[:size] for out, size in zip(outputs, sizes, strict=True)]
 
         return work.get_future().then(trim)
 
