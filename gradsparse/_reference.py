@@ -35,8 +35,25 @@ SAMPLED_MIN_NUMEL = 16384
 MIN_SAMPLE = 1024
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
 def _magnitude(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().abs() if x.dtype in (torch.float32, torch.float64) else x.detach().float().abs()
+    return x.detach().abs() if x.dtype in _WIDE else x.detach().float().abs()
+
+
+def _at_least(x: torch.Tensor, threshold) -> torch.Tensor:
+    """``|x| >= threshold`` as a bool mask, without a full-size float temporary for fp32/fp64."""
+    if x.dtype in _WIDE:
+        return (x >= threshold) | (x <= -threshold)
+    return x.float().abs() >= threshold
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf. One read-only pass (a float32 sum) unless the sum overflows."""
+    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def _topk_of_magnitude(mag: torch.Tensor, k: int) -> torch.Tensor:
@@ -59,7 +76,7 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def threshold_indices(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """Positions of every ``|x| >= threshold`` (int64, ascending)."""
-    return torch.nonzero(_magnitude(x.reshape(-1)) >= threshold).squeeze(1)
+    return torch.nonzero(_at_least(x.reshape(-1).detach(), threshold)).squeeze(1)
 
 
 def sampled_topk_indices(
@@ -75,28 +92,26 @@ def sampled_topk_indices(
        candidates. Because the candidates then contain every element of the true
        top-k, the result is exactly the top-k, the same set as :func:`topk_indices`.
     """
-    flat = x.reshape(-1)
+    flat = x.reshape(-1).detach()
     n = flat.numel()
     if k >= n or n < SAMPLED_MIN_NUMEL:
         return topk_indices(flat, k)
-    mag = _magnitude(flat)
     sample_size = min(n, max(MIN_SAMPLE, math.ceil(n * sample_ratio)))
     stride = max(1, n // sample_size)
     start = int(torch.randint(stride, (1,), generator=generator)) if stride > 1 else 0
-    sample = mag[start::stride]
+    sample = _magnitude(flat[start::stride])
     sample_k = min(sample.numel(), max(1, math.ceil(k * sample.numel() / n)))
     for _ in range(10):
-        threshold = torch.topk(sample, sample_k, sorted=False).values.min()
-        candidates = torch.nonzero(mag >= threshold).squeeze(1)
+        threshold = float(torch.topk(sample, sample_k, sorted=False).values.min())
+        candidates = torch.nonzero(_at_least(flat, threshold)).squeeze(1)
         if candidates.numel() >= k:
             if candidates.numel() == k:
                 return candidates
-            chosen = _topk_of_magnitude(mag[candidates], k)
-            return candidates[chosen]
+            return candidates[_topk_of_magnitude(_magnitude(flat[candidates]), k)]
         if sample_k == sample.numel():
             break
         sample_k = min(sample.numel(), sample_k * 2)
-    return _topk_of_magnitude(mag, k)
+    return topk_indices(flat, k)
 
 
 def pack(
@@ -162,26 +177,32 @@ def unpack_add(
     out: torch.Tensor,
     value_dtype: torch.dtype,
     dense_index: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    overwrite: bool = False,
 ) -> int:
-    """Validate every payload, then scatter-add them into ``out`` in rank order.
+    """Validate every payload, then scatter-add ``alpha * values`` into ``out`` in rank order.
 
     ``dense_index`` (int64) gives the positions in ``out`` of each payload's dense
-    section. Returns the OR of all payloads' flags. On any malformed payload a
-    :class:`PayloadError` is raised before ``out`` is touched.
+    section. With ``overwrite`` the destination is zeroed first (after
+    validation). Returns the OR of all payloads' flags. On any malformed payload
+    a :class:`PayloadError` is raised before ``out`` is touched.
     """
     n_dense = 0 if dense_index is None else dense_index.numel()
     parsed = [parse(p, out.numel(), value_dtype, n_dense) for p in payloads]
+    if overwrite:
+        out.zero_()
     flags = 0
     for rank_flags, indices, values, dense in parsed:
         flags |= rank_flags
-        out.index_add_(0, indices.long(), values.to(out.dtype))
+        out.index_add_(0, indices.long(), values.to(out.dtype), alpha=alpha)
         if n_dense:
-            out.index_add_(0, dense_index, dense.to(out.dtype))
+            out.index_add_(0, dense_index, dense.to(out.dtype), alpha=alpha)
     return flags
 
 
 __all__ = [
     "FLAG_NONFINITE",
+    "all_finite",
     "HEADER_INTS",
     "pack",
     "parse",

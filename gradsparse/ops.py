@@ -36,6 +36,7 @@ BACKEND = _load_backend()
 
 # The extension (a separate piece of work) will rebind these names to its operators;
 # until then the reference implementation is the only one.
+all_finite = _reference.all_finite
 topk_indices = _reference.topk_indices
 threshold_indices = _reference.threshold_indices
 sampled_topk_indices = _reference.sampled_topk_indices
@@ -45,6 +46,7 @@ unpack_add = _reference.unpack_add
 
 __all__ = [
     "BACKEND",
+    "all_finite",
     "pack",
     "parse",
     "sampled_topk_indices",

@@ -17,8 +17,8 @@ Steps for one bucket on one rank:
    For the first iterations (``force_dense``) every coordinate is selected.
 5. Pack (indices, values, whole tensors) and allgather: one collective per bucket.
    Variable-count methods exchange payload sizes first, from this thread.
-6. When the collective completes: validate and scatter-add every rank's payload
-   in rank order, divide by the world size, apply the compressor's dense
+6. When the collective completes: validate every rank's payload, then
+   scatter-add them in rank order, each scaled by ``1 / world_size``; apply the compressor's dense
    post-processing to whole tensors, remove what was sent from the memory and
    write the result into the bucket.
 
@@ -236,7 +236,7 @@ class SparseReducer:
             segments = [Segment("bucket", 0, flat.numel())]
         plan = self._plan(segments, flat.numel())
         started = time.perf_counter()
-        finite = bool(torch.isfinite(flat).all())
+        finite = ops.all_finite(flat)
         wire = self.value_dtype or flat.dtype
         selections: list[_Selection] = []
         if finite:
@@ -273,17 +273,18 @@ class SparseReducer:
             t0 = time.perf_counter()
             try:
                 payloads = done.value()
-                out = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
-                flags = ops.unpack_add(payloads, out, wire, whole_index)
+                # accumulate in fp32: in the bucket itself when it is fp32, else in a temporary
+                out = flat if flat.dtype == torch.float32 else flat.new_empty(flat.numel(), dtype=torch.float32)
+                alpha = 1.0 / world if self.op == "average" else 1.0
+                flags = ops.unpack_add(payloads, out, wire, whole_index, alpha=alpha, overwrite=True)
                 if flags & FLAG_NONFINITE:
                     self._on_nonfinite(flat)
                     return flat
                 for s in selections:
                     self.memory.update(s.segment.key, s.local, s.sent)
-                if self.op == "average":
-                    out.div_(world)
                 self._postprocess_whole(out, plan)
-                flat.copy_(out)
+                if out is not flat:
+                    flat.copy_(out)
                 return flat
             finally:
                 if on_stats is not None:
@@ -318,7 +319,7 @@ class SparseReducer:
             t0 = time.perf_counter()
             try:
                 done.wait()
-                if not finite or not bool(torch.isfinite(flat).all()):
+                if not finite or not ops.all_finite(flat):
                     self._on_nonfinite(flat)
                     return flat
                 for s in selections:

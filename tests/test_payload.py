@@ -35,6 +35,9 @@ def test_unpack_add_sums_ranks_in_order_with_dense_section():
     out = torch.zeros(numel)
     assert ops.unpack_add([p0, p1], out, torch.float32, dense_index) == 0
     assert out.tolist() == [0, 1, 0, 12, 20, 0, 0, 0, 1.5, 2.5]
+    out.fill_(7.0)
+    ops.unpack_add([p0, p1], out, torch.float32, dense_index, alpha=0.5, overwrite=True)
+    assert out.tolist() == [0, 0.5, 0, 6, 10, 0, 0, 0, 0.75, 1.25]
 
 
 def _valid(numel=50):
@@ -63,13 +66,14 @@ BAD = {
 }
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_malformed_payload_is_rejected_before_any_write(case):
+def test_malformed_payload_is_rejected_before_any_write(case, overwrite):
     out = torch.arange(50.0)
     before = out.clone()
     good = _valid()
     with pytest.raises(PayloadError):
-        ops.unpack_add([good, BAD[case](good)], out, torch.float32)
+        ops.unpack_add([good, BAD[case](good)], out, torch.float32, overwrite=overwrite)
     assert torch.equal(out, before)
 
 

@@ -1,5 +1,9 @@
 """Exact top-k by magnitude: send the ``k = max(1, ceil(ratio * n))`` largest ``|v|``.
 
+Selection goes through the sampled-threshold path (one pass over memory, then an
+exact top-k of the few candidates), which returns exactly the top-k set; ties
+in magnitude go to the lower index.
+
 Example::
 
     >>> import torch
@@ -9,6 +13,8 @@ Example::
 """
 
 from __future__ import annotations
+
+import torch
 
 from .. import ops
 from .base import Compressor, check_ratio
@@ -28,12 +34,14 @@ class TopK(Compressor):
     def __init__(self, ratio: float, error_feedback: bool = True):
         super().__init__(error_feedback)
         self.target_ratio = check_ratio(ratio)
+        self._generator = torch.Generator().manual_seed(0)
 
     def ratio(self, step, epoch):
         return self.target_ratio
 
     def select(self, v, step, epoch):
-        return ops.topk_indices(v, self.count(v.numel(), step, epoch))
+        generator = self._generator if v.device.type == "cpu" else None
+        return ops.sampled_topk_indices(v, self.count(v.numel(), step, epoch), 0.01, generator)
 
     def config(self):
         return {**super().config(), "ratio": self.target_ratio}

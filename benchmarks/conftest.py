@@ -1,0 +1,47 @@
+"""Benchmark helpers: speed-ups against a baseline measured in the same run.
+
+After a ``pytest benchmarks --benchmark-only`` run, every benchmark group gets a
+table of medians and of the ratio ``baseline median / case median`` (above 1:
+faster than the baseline), where the baseline is the case named ``torch_topk``.
+The table is printed and written to ``benchmarks/results/<group>.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+BASELINE = "torch_topk"
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def _medians(config) -> dict[str, dict[str, float]]:
+    session = getattr(config, "_benchmarksession", None)
+    groups: dict[str, dict[str, float]] = {}
+    for bench in getattr(session, "benchmarks", []) or []:
+        if bench.stats.rounds:
+            case = bench.name.split("[")[0].removeprefix("test_")
+            groups.setdefault(bench.group or "", {})[case] = bench.stats.median
+    return groups
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    groups = _medians(config)
+    if not groups:
+        return
+    os.makedirs(RESULTS, exist_ok=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    for group, cases in sorted(groups.items()):
+        base = cases.get(BASELINE)
+        lines = [f"### {group}", "", f"Machine: {machine}", "",
+                 "| case | median ms | speed-up vs torch.topk |", "|---|---:|---:|"]
+        for case, median in sorted(cases.items(), key=lambda kv: kv[1]):
+            ratio = f"{base / median:.1f}x" if base else "n/a"
+            lines.append(f"| {case} | {1e3 * median:.1f} | {ratio} |")
+        text = "\n".join(lines) + "\n"
+        terminalreporter.write_line("")
+        terminalreporter.write(text)
+        with open(os.path.join(RESULTS, f"{group}.md"), "w") as f:
+            f.write(text)

@@ -1,0 +1,104 @@
+"""Compress + decompress of a 25M-element fp32 gradient, pure-PyTorch path.
+
+Run: ``make bench`` (or ``pytest benchmarks --benchmark-only``). Each group
+(density 0.1 % and 1 %) times, in the same run:
+
+- ``torch_topk``: ``torch.topk(|g|, k)`` alone, the baseline;
+- ``memory_pass_clone`` / ``memory_pass_sum``: one pass over the array;
+- ``select_*``: the selection kernels from :mod:`gradsparse.ops`;
+- ``roundtrip_*``: the whole :class:`SparseReducer` step on one rank
+  (compensate, select, pack, unpack-add, average, memory update).
+"""
+
+import pytest
+import torch
+
+from gradsparse import DGC, Threshold, TopK, ops
+from gradsparse.comm import LocalCommunicator
+from gradsparse.reducer import SparseReducer
+
+N = 25_000_000
+DENSITIES = [0.001, 0.01]
+ROUNDS = 5
+
+
+@pytest.fixture(scope="module")
+def grad():
+    torch.manual_seed(0)
+    return torch.randn(N)
+
+
+def _run(benchmark, density, fn, *args, setup=None):
+    benchmark.group = f"25M fp32, density {density:g}"
+    if setup is None:
+        return benchmark.pedantic(fn, args=args, rounds=ROUNDS, warmup_rounds=1)
+    return benchmark.pedantic(fn, setup=setup, rounds=ROUNDS, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_torch_topk(benchmark, grad, density):
+    _run(benchmark, density, lambda g: torch.topk(g.abs(), int(density * N)), grad)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_memory_pass_clone(benchmark, grad, density):
+    _run(benchmark, density, torch.clone, grad)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_memory_pass_sum(benchmark, grad, density):
+    _run(benchmark, density, torch.sum, grad)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_select_topk_exact(benchmark, grad, density):
+    idx = _run(benchmark, density, ops.topk_indices, grad, int(density * N))
+    assert idx.numel() == int(density * N)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_select_dgc_sampled(benchmark, grad, density):
+    k = int(density * N)
+    idx = _run(benchmark, density, ops.sampled_topk_indices, grad, k, 0.01, torch.Generator().manual_seed(0))
+    assert torch.equal(idx, ops.topk_indices(grad, k))
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_select_threshold(benchmark, grad, density):
+    tau = float(torch.quantile(grad[:1_000_000].abs(), 1 - density))
+    idx = _run(benchmark, density, ops.threshold_indices, grad, tau)
+    assert 0.8 * density * N < idx.numel() < 1.2 * density * N
+
+
+def _roundtrip(benchmark, grad, density, compressor):
+    reducer = SparseReducer(compressor, LocalCommunicator())
+    stats = []
+    bucket = grad.clone()
+
+    def fresh():  # same input and an empty memory every round (steady state: no allocation)
+        bucket.copy_(grad)
+        for slots in reducer.memory.state.values():
+            for t in slots.values():
+                t.zero_()
+        return (bucket,), {}
+
+    out = _run(benchmark, density, lambda g: reducer.reduce(g, None, step=1, on_stats=stats.append).wait(),
+               setup=fresh)
+    assert not stats[-1].dense
+    assert 0.5 * density * N < torch.count_nonzero(out) <= 1.5 * density * N + 1
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_roundtrip_topk(benchmark, grad, density):
+    _roundtrip(benchmark, grad, density, TopK(density))
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_roundtrip_dgc(benchmark, grad, density):
+    _roundtrip(benchmark, grad, density, DGC(density, warmup=None))
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_roundtrip_threshold(benchmark, grad, density):
+    tau = float(torch.quantile(grad[:1_000_000].abs(), 1 - density))
+    _roundtrip(benchmark, grad, density, Threshold(tau))
