@@ -3,13 +3,14 @@
 After a ``pytest benchmarks --benchmark-only`` run, every benchmark group gets a
 table of medians and of the ratio ``baseline median / case median`` (above 1:
 faster than the baseline), where the baseline is the case named ``torch_topk``.
-The table is printed and written to ``benchmarks/results/<group>.md``.
+The table is printed and written to ``benchmarks/results/<group-slug>.md``.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 
 import torch
 
@@ -43,5 +44,6 @@ def pytest_terminal_summary(terminalreporter, config):
         text = "\n".join(lines) + "\n"
         terminalreporter.write_line("")
         terminalreporter.write(text)
-        with open(os.path.join(RESULTS, f"{group}.md"), "w") as f:
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", group).strip("-")
+        with open(os.path.join(RESULTS, f"{slug}.md"), "w") as f:
             f.write(text)

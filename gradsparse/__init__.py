@@ -9,7 +9,7 @@ Example::
 The DDP hook lives in :mod:`gradsparse.ddp` (``gradsparse.ddp.register(model, DGC(0.001))``).
 """
 
-from . import errors
+from . import ddp, errors
 from .compressors import DGC, REGISTRY, Compressor, Threshold, TopK
 from .reducer import Segment, SparseReducer
 from .schedule import Warmup
@@ -28,5 +28,6 @@ __all__ = [
     "Threshold",
     "TopK",
     "Warmup",
+    "ddp",
     "errors",
 ]

@@ -134,6 +134,10 @@ class GradSparseState:
         self._current = StepStats(step=0)
         self.last_stats: StepStats | None = None
         self.history: list[dict] = []
+        warmup = getattr(compressor, "warmup", None)
+        if warmup is not None and warmup.unit == "epoch" and steps_per_epoch is None:
+            logger.info("gradsparse: %s warms up per epoch: call state.set_epoch(epoch) at the start of each "
+                        "epoch, or pass steps_per_epoch=", type(compressor).__name__)
 
     # ------------------------------------------------------------------ setup
     def bind(self, model: torch.nn.Module) -> None:
