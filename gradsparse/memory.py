@@ -55,6 +55,9 @@ class Memory:
     def update(self, key: str, indices: torch.Tensor, sent: torch.Tensor) -> None:
         """Remove the sent coordinates (``indices`` int64, ``sent`` fp32 as received)."""
 
+    def finish_whole(self, key: str, averaged: torch.Tensor) -> None:
+        """Post-process, in place, the averaged gradient of a tensor that was sent whole."""
+
     def state_dict(self) -> dict:
         return {"kind": self.kind, "state": {k: dict(v) for k, v in self.state.items()}}
 
@@ -111,16 +114,16 @@ class DGCMemory(Memory):
         slot["momentum"][indices] = 0.0
         slot["velocity"][indices] -= sent
 
-    def momentum_step(self, key: str, averaged: torch.Tensor) -> torch.Tensor:
-        """Plain (or Nesterov) momentum on an already averaged dense gradient, in place.
+    def finish_whole(self, key, averaged):
+        """Plain (or Nesterov) momentum on the averaged gradient of a tensor sent whole.
 
-        Used for tensors sent whole, so every parameter sees the same optimizer.
+        So every parameter sees the same optimizer. The momentum is kept in fp32;
+        ``averaged`` (any float dtype, contiguous) is updated in place.
         """
-        flat = averaged.reshape(-1)
+        flat = averaged.view(-1)
         u = self._buffer(key, "momentum", flat)
         u.mul_(self.momentum).add_(flat)
         if self.nesterov:
             flat.add_(u, alpha=self.momentum)
         else:
             flat.copy_(u)
-        return averaged

@@ -54,7 +54,6 @@ from . import ops
 from .comm.base import Communicator
 from .compressors.base import Compressor
 from .errors import BucketError, InvalidConfigError, NonFiniteGradientError, UnsupportedGradientError
-from .memory import DGCMemory
 from .payload import FLAG_NONFINITE, INT32_MAX, VALUE_DTYPES, PayloadLayout
 from .stats import BucketStats
 
@@ -190,6 +189,7 @@ class SparseReducer:
         return sum(self.compressor.count(sum(s.numel for s in g), step, epoch) for g in plan.groups)
 
     def _sparse_pays(self, payload_bytes: int, flat: torch.Tensor) -> bool:
+        """An allgather moves ``world * payload`` bytes per rank, a ring allreduce about ``2 * n`` elements."""
         return self.communicator.world_size * payload_bytes < 2 * flat.numel() * flat.element_size()
 
     # ---------------------------------------------------------------- selection
@@ -253,7 +253,7 @@ class SparseReducer:
             sizes = self.communicator.exchange_sizes(nbytes, flat.device)
         largest = nbytes if sizes is None else max(sizes)
         world = self.communicator.world_size
-        if world * largest >= 2 * flat.numel() * flat.element_size():
+        if not self._sparse_pays(largest, flat):
             return self._allreduce(flat, plan, finite, selections, count, started, on_stats)
 
         whole_index = self._whole_index(plan, flat.device)
@@ -282,7 +282,7 @@ class SparseReducer:
                     return flat
                 for s in selections:
                     self.memory.update(s.segment.key, s.local, s.sent)
-                self._postprocess_whole(out, plan)
+                self._finish_whole(out, plan)
                 if out is not flat:
                     flat.copy_(out)
                 return flat
@@ -324,10 +324,7 @@ class SparseReducer:
                     return flat
                 for s in selections:
                     self.memory.update(s.segment.key, s.local, s.sent)
-                if plan.whole and isinstance(self.memory, DGCMemory):
-                    out = flat.float()
-                    self._postprocess_whole(out, plan)
-                    flat.copy_(out)
+                self._finish_whole(flat, plan)
                 return flat
             finally:
                 if on_stats is not None:
@@ -337,10 +334,9 @@ class SparseReducer:
 
         return fut.then(finish)
 
-    def _postprocess_whole(self, out: torch.Tensor, plan: _Plan) -> None:
-        if isinstance(self.memory, DGCMemory):
-            for s in plan.whole:
-                self.memory.momentum_step(s.key, out[s.offset:s.offset + s.numel])
+    def _finish_whole(self, out: torch.Tensor, plan: _Plan) -> None:
+        for s in plan.whole:
+            self.memory.finish_whole(s.key, out[s.offset:s.offset + s.numel])
 
     def _on_nonfinite(self, flat: torch.Tensor) -> None:
         if self.nonfinite == "raise":
