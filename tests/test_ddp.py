@@ -31,6 +31,8 @@ EQUIVALENCE = {
     "per_bucket": dict(kind="embed", compressor=lambda: TopK(0.05), state=dict(granularity="bucket"), sparse=True),
     "fp16": dict(kind="mlp", compressor=lambda: TopK(1.0), dtype=torch.float16),
     "bf16": dict(kind="mlp", compressor=lambda: TopK(1.0), dtype=torch.bfloat16),
+    "fp16_sparse": dict(kind="embed", compressor=lambda: TopK(0.05), dtype=torch.float16, sparse=True),
+    "bf16_sparse": dict(kind="embed", compressor=lambda: TopK(0.05), dtype=torch.bfloat16, sparse=True),
 }
 
 
