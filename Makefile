@@ -6,10 +6,14 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test bench clean
 
-$(VENV)/.installed: setup.py
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+CSRC := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+
+# torch first (pinned: an unpinned one pulls a CUDA build), then gradsparse and its C++
+# extension, built against that torch (hence --no-build-isolation).
+$(VENV)/.installed: setup.py $(CSRC)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet torch==2.13.0 setuptools wheel
+	MAX_JOBS=2 $(VENV)/bin/pip install --quiet --no-build-isolation --use-pep517 -e '.[test]'
 	touch $@
 
 setup: $(VENV)/.installed

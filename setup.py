@@ -1,10 +1,33 @@
-"""Install gradsparse: ``pip install torch==2.13.0 && pip install -e .``.
+"""Install gradsparse: ``pip install torch==2.13.0 && pip install --no-build-isolation -e .``.
 
 torch is deliberately not an install requirement: an unpinned torch resolved by
-pip pulls the newest CUDA build (gigabytes). Install the torch you want first.
+pip pulls the newest CUDA build (gigabytes). Install the torch you want first;
+the C++ extension (csrc/) is built against it, hence ``--no-build-isolation``.
+
+The extension is a CUDAExtension when torch has CUDA and nvcc is found, a
+CppExtension otherwise. ``GRADSPARSE_NO_EXTENSION=1`` skips it (the package then
+uses its pure-PyTorch kernels, with identical results).
 """
 
+import glob
+import os
+
 from setuptools import find_packages, setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("GRADSPARSE_NO_EXTENSION") != "1":
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = ["csrc/gradsparse.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    if torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources:
+        ext = CUDAExtension("gradsparse._C", sources + cuda_sources, extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+                            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("gradsparse._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    ext_modules, cmdclass = [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
 
 setup(
     name="gradsparse",
@@ -14,4 +37,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -69,9 +69,19 @@ def _topk_of_magnitude(mag: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, ties]).sort().values
 
 
+def _refuse_nan(x: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x.sum(dtype=torch.float32))) and bool(torch.isnan(x).any()):
+        raise ValueError("topk_select: input contains NaN")
+
+
 def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the ``k`` largest ``|x|`` (int64, ascending; ties to the lower index)."""
-    return _topk_of_magnitude(_magnitude(x.reshape(-1)), k)
+    """Positions of the ``k`` largest ``|x|`` (int64, ascending; ties to the lower index). NaN is refused."""
+    flat = x.reshape(-1).detach()
+    n = flat.numel()
+    if k <= 0 or k >= n:
+        return _topk_of_magnitude(flat, k)
+    _refuse_nan(flat)
+    return _topk_of_magnitude(_magnitude(flat), k)
 
 
 def threshold_indices(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -94,8 +104,9 @@ def sampled_topk_indices(
     """
     flat = x.reshape(-1).detach()
     n = flat.numel()
-    if k >= n or n < SAMPLED_MIN_NUMEL:
+    if k <= 0 or k >= n or n < SAMPLED_MIN_NUMEL:
         return topk_indices(flat, k)
+    _refuse_nan(flat)
     sample_size = min(n, max(MIN_SAMPLE, math.ceil(n * sample_ratio)))
     stride = max(1, n // sample_size)
     start = int(torch.randint(stride, (1,), generator=generator)) if stride > 1 else 0

@@ -1,9 +1,10 @@
 """Entry points for the selection and payload kernels.
 
 Every caller in the package goes through these functions. They use the compiled
-``torch.ops.gradsparse`` operators when the C++/CUDA extension is built and fall
-back to :mod:`gradsparse._reference` otherwise, with identical results. Which
-path is in use is logged once at INFO level and readable as :data:`BACKEND`.
+``torch.ops.gradsparse`` operators (csrc/) for tensors on a device the extension
+has kernels for, and the pure-PyTorch reference (:mod:`gradsparse._reference`)
+otherwise, with identical results. Which path is in use is logged once at INFO
+level and readable as :data:`BACKEND`.
 
 Example::
 
@@ -17,32 +18,100 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from . import _reference
+from .errors import PayloadError
+from .payload import PayloadLayout
 
 logger = logging.getLogger(__name__)
+
+# Devices the compiled extension has kernels for.
+KERNEL_DEVICES = ("cpu",)
 
 
 def _load_backend() -> str:
     try:
-        from . import _C  # noqa: F401  (compiled extension; registers torch.ops.gradsparse)
-    except ImportError:
-        logger.info("gradsparse: C++ extension not built, using the pure-PyTorch reference kernels")
+        from . import _C  # noqa: F401  (registers torch.ops.gradsparse)
+    except ImportError as err:
+        logger.info("gradsparse: C++ extension not built (%s), using the pure-PyTorch reference kernels", err)
         return "reference"
-    logger.info("gradsparse: using the compiled C++ extension kernels")
+    logger.info("gradsparse: using the compiled C++ extension kernels on %s", ", ".join(KERNEL_DEVICES))
     return "extension"
 
 
 BACKEND = _load_backend()
-
-# The extension (a separate piece of work) will rebind these names to its operators;
-# until then the reference implementation is the only one.
 all_finite = _reference.all_finite
-topk_indices = _reference.topk_indices
-threshold_indices = _reference.threshold_indices
-sampled_topk_indices = _reference.sampled_topk_indices
-pack = _reference.pack
+
+
+def _compiled(t: torch.Tensor) -> bool:
+    return BACKEND == "extension" and t.device.type in KERNEL_DEVICES
+
+
+def threshold_indices(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Positions of every ``|x| >= threshold`` (int64, ascending)."""
+    if _compiled(x):
+        return torch.ops.gradsparse.threshold_select(x.detach(), float(threshold))
+    return _reference.threshold_indices(x, threshold)
+
+
+def sampled_topk_indices(x: torch.Tensor, k: int, sample_ratio: float = 0.01,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exact top-k positions (int64, ascending; ties to the lower index), found by sampling."""
+    if _compiled(x):
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
+        return torch.ops.gradsparse.topk_select(x.detach(), int(k), float(sample_ratio), seed)
+    return _reference.sampled_topk_indices(x, k, sample_ratio, generator)
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact top-k positions (int64, ascending; ties to the lower index)."""
+    if _compiled(x):
+        return torch.ops.gradsparse.topk_select(x.detach(), int(k), 0.01, 0)
+    return _reference.topk_indices(x, k)
+
+
+def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int,
+         value_dtype: torch.dtype, flags: int = 0) -> torch.Tensor:
+    """One rank's ``uint8`` payload (layout: :mod:`gradsparse.payload`)."""
+    if _compiled(values):
+        return torch.ops.gradsparse.pack(indices, values, dense, int(numel), value_dtype, int(flags))
+    return _reference.pack(indices, values, dense, numel, value_dtype, flags)
+
+
 parse = _reference.parse
-unpack_add = _reference.unpack_add
+
+
+def unpack_add(payloads: list[torch.Tensor], out: torch.Tensor, value_dtype: torch.dtype,
+               dense_index: torch.Tensor | None = None, alpha: float = 1.0, overwrite: bool = False) -> int:
+    """Validate all payloads, then scatter-add ``alpha * values`` into ``out`` in rank order; OR of flags."""
+    if _compiled(out) and out.dtype in (torch.float32, torch.float64):
+        try:
+            flags = torch.ops.gradsparse.unpack_add(payloads, out, value_dtype, dense_index, float(alpha), overwrite)
+        except ValueError as err:
+            raise PayloadError(str(err).split("\n")[0]) from err
+        return int(flags)
+    return _reference.unpack_add(payloads, out, value_dtype, dense_index, alpha, overwrite)
+
+
+if BACKEND == "extension":
+
+    @torch.library.register_fake("gradsparse::threshold_select")
+    def _threshold_select_fake(x, threshold):
+        return x.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+
+    @torch.library.register_fake("gradsparse::topk_select")
+    def _topk_select_fake(x, k, sample_ratio, seed):
+        return x.new_empty(min(max(k, 0), x.numel()), dtype=torch.int64)
+
+    @torch.library.register_fake("gradsparse::pack")
+    def _pack_fake(indices, values, dense, numel, value_dtype, flags):
+        return values.new_empty(PayloadLayout(indices.numel(), dense.numel(), value_dtype).nbytes, dtype=torch.uint8)
+
+    @torch.library.register_fake("gradsparse::unpack_add")
+    def _unpack_add_fake(payloads, out, value_dtype, dense_index, alpha, overwrite):
+        return out.new_empty((), dtype=torch.int64)
+
 
 __all__ = [
     "BACKEND",

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradsparse import ops
+from gradsparse import _reference, ops
 from gradsparse.errors import PayloadError
 from gradsparse.payload import HEADER_BYTES, MAGIC, PayloadLayout
 
@@ -66,22 +66,25 @@ BAD = {
 }
 
 
+@pytest.mark.parametrize("unpack_add", [ops.unpack_add, _reference.unpack_add], ids=["ops", "reference"])
 @pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_malformed_payload_is_rejected_before_any_write(case, overwrite):
+def test_malformed_payload_is_rejected_before_any_write(case, overwrite, unpack_add):
     out = torch.arange(50.0)
     before = out.clone()
     good = _valid()
     with pytest.raises(PayloadError):
-        ops.unpack_add([good, BAD[case](good)], out, torch.float32, overwrite=overwrite)
+        unpack_add([good, BAD[case](good)], out, torch.float32, overwrite=overwrite)
     assert torch.equal(out, before)
 
 
+@pytest.mark.parametrize("unpack_add", [ops.unpack_add, _reference.unpack_add], ids=["ops", "reference"])
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(min_size=0, max_size=200),
        magic=st.sampled_from([MAGIC, 0]), count=st.integers(-3, 40), n_dense=st.sampled_from([0, 0, 1]),
        numel_field=st.sampled_from([16, 16, 15]), code=st.sampled_from([1, 1, 2, 9]))
-def test_fuzzed_payloads_never_write_out_of_bounds_or_change_on_error(data, magic, count, n_dense, numel_field, code):
+def test_fuzzed_payloads_never_write_out_of_bounds_or_change_on_error(unpack_add, data, magic, count, n_dense,
+                                                                      numel_field, code):
     numel = 16
     header = [magic, 0, count, n_dense, numel_field, code, 0, 0]
     payload = torch.cat([torch.tensor(header, dtype=torch.int32).view(torch.uint8),
@@ -89,7 +92,7 @@ def test_fuzzed_payloads_never_write_out_of_bounds_or_change_on_error(data, magi
     guard = torch.zeros(numel + 32)
     out = guard[16:16 + numel]
     try:
-        ops.unpack_add([_valid(numel), payload], out, torch.float32)
+        unpack_add([_valid(numel), payload], out, torch.float32)
     except PayloadError:
         assert torch.count_nonzero(guard) == 0
     assert torch.count_nonzero(guard[:16]) == 0 and torch.count_nonzero(guard[16 + numel:]) == 0
