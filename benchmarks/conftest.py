@@ -1,8 +1,10 @@
 """Benchmark helpers: speed-ups against a baseline measured in the same run.
 
 After a ``pytest benchmarks --benchmark-only`` run, every benchmark group gets a
-table of medians and of the ratio ``baseline median / case median`` (above 1:
-faster than the baseline), where the baseline is the case named ``torch_topk``.
+table of medians, the speed-up ``torch_topk median / case median`` (above 1:
+faster than torch.topk), and each case's time as a multiple of one memory pass
+(``memory_pass_clone``) and of one dense write (``memory_write_zero``), all
+measured in the same run.
 The table is printed and written to ``benchmarks/results/<group-slug>.md``.
 """
 
@@ -36,11 +38,17 @@ def pytest_terminal_summary(terminalreporter, config):
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     for group, cases in sorted(groups.items()):
         base = cases.get(BASELINE)
+        clone, write = cases.get("memory_pass_clone"), cases.get("memory_write_zero")
         lines = [f"### {group}", "", f"Machine: {machine}", "",
-                 "| case | median ms | speed-up vs torch.topk |", "|---|---:|---:|"]
+                 "| case | median ms | speed-up vs torch.topk | time / one clone | time / one zero-fill |",
+                 "|---|---:|---:|---:|---:|"]
+
+        def ratio(a, b):
+            return f"{a / b:.1f}x" if a and b else "n/a"
+
         for case, median in sorted(cases.items(), key=lambda kv: kv[1]):
-            ratio = f"{base / median:.1f}x" if base else "n/a"
-            lines.append(f"| {case} | {1e3 * median:.1f} | {ratio} |")
+            lines.append(f"| {case} | {1e3 * median:.1f} | {ratio(base, median)} | {ratio(median, clone)} "
+                         f"| {ratio(median, write)} |")
         text = "\n".join(lines) + "\n"
         terminalreporter.write_line("")
         terminalreporter.write(text)

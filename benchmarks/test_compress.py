@@ -5,7 +5,12 @@ Run: ``make bench`` (or ``pytest benchmarks --benchmark-only``). Each group
 
 - ``torch_topk``: ``torch.topk(|g|, k)`` alone, the baseline;
 - ``memory_pass_clone`` / ``memory_pass_sum``: one pass over the array;
-- ``select_*``: the selection kernels from :mod:`gradsparse.ops`;
+- ``memory_write_zero``: one dense write (``zero_``) of an existing 25M array;
+- ``select_*``: the selection kernels from :mod:`gradsparse.ops` (the C++
+  extension when built), ``ref_select_*`` the pure-PyTorch reference;
+- ``select_pack_*``: selection plus packing the payload;
+- ``unpack_add_world4``: validating and scatter-adding 4 ranks' payloads of k
+  pairs into a zeroed 25M output;
 - ``roundtrip_*``: the whole :class:`SparseReducer` step on one rank
   (compensate, select, pack, unpack-add, average, memory update).
 """
@@ -13,7 +18,7 @@ Run: ``make bench`` (or ``pytest benchmarks --benchmark-only``). Each group
 import pytest
 import torch
 
-from gradsparse import DGC, Threshold, TopK, ops
+from gradsparse import DGC, Threshold, TopK, _reference, ops
 from gradsparse.comm import LocalCommunicator
 from gradsparse.reducer import SparseReducer
 
@@ -48,6 +53,54 @@ def test_memory_pass_clone(benchmark, grad, density):
 @pytest.mark.parametrize("density", DENSITIES)
 def test_memory_pass_sum(benchmark, grad, density):
     _run(benchmark, density, torch.sum, grad)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_memory_write_zero(benchmark, grad, density):
+    out = torch.empty_like(grad)
+    _run(benchmark, density, out.zero_)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_ref_select_threshold(benchmark, grad, density):
+    tau = float(torch.quantile(grad[:1_000_000].abs(), 1 - density))
+    _run(benchmark, density, _reference.threshold_indices, grad, tau)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_ref_select_dgc_sampled(benchmark, grad, density):
+    _run(benchmark, density, _reference.sampled_topk_indices, grad, int(density * N), 0.01)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_select_pack_threshold(benchmark, grad, density):
+    tau = float(torch.quantile(grad[:1_000_000].abs(), 1 - density))
+
+    def select_pack():
+        idx = ops.threshold_indices(grad, tau)
+        return ops.pack(idx, grad[idx], grad.new_empty(0), N, torch.float32)
+
+    _run(benchmark, density, select_pack)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_select_pack_dgc(benchmark, grad, density):
+    def select_pack():
+        idx = ops.sampled_topk_indices(grad, int(density * N), 0.01)
+        return ops.pack(idx, grad[idx], grad.new_empty(0), N, torch.float32)
+
+    _run(benchmark, density, select_pack)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_unpack_add_world4(benchmark, grad, density):
+    k = int(density * N)
+    payloads = []
+    for r in range(4):
+        idx = torch.randperm(N, generator=torch.Generator().manual_seed(r))[:k].sort().values
+        payloads.append(ops.pack(idx, grad[idx], grad.new_empty(0), N, torch.float32))
+    out = torch.empty_like(grad)
+    _run(benchmark, density, lambda: ops.unpack_add(payloads, out, torch.float32, alpha=0.25, overwrite=True))
 
 
 @pytest.mark.parametrize("density", DENSITIES)

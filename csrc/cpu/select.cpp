@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <type_traits>
 #include <vector>
@@ -40,26 +41,55 @@ Chunks chunks_for(int64_t n) {
   return {size, (n + size - 1) / size};
 }
 
+// |x| >= t as a branch-free integer test on IEEE bit patterns, so the loops vectorize: for
+// non-negative floats the order of the bit patterns is the order of the values, and NaN is
+// any pattern above infinity's. half/bfloat16 go through float.
+template <typename scalar_t>
+struct MagnitudeTest {
+  using bits_t = std::conditional_t<std::is_same_v<scalar_t, double>, uint64_t, uint32_t>;
+  static constexpr bits_t kAbs = std::is_same_v<scalar_t, double> ? 0x7fffffffffffffffull : 0x7fffffffu;
+  static constexpr bits_t kInf = std::is_same_v<scalar_t, double> ? 0x7ff0000000000000ull : 0x7f800000u;
+  bits_t t_bits;
+  bool never;  // t is NaN: nothing compares >= NaN
+  explicit MagnitudeTest(mag_t<scalar_t> t) : t_bits(0), never(std::isnan(t)) {
+    if (!never && t > 0) std::memcpy(&t_bits, &t, sizeof(t));
+  }
+  static bits_t abs_bits(scalar_t v) {
+    const mag_t<scalar_t> m = static_cast<mag_t<scalar_t>>(v);
+    bits_t b;
+    std::memcpy(&b, &m, sizeof(b));
+    return b & kAbs;
+  }
+  bits_t hit(scalar_t v) const {
+    const bits_t a = abs_bits(v);
+    return static_cast<bits_t>((a >= t_bits) & (a <= kInf) & !never);
+  }
+  static bits_t is_nan(scalar_t v) { return static_cast<bits_t>(abs_bits(v) > kInf); }
+};
+
+constexpr int64_t kBlock = 64;
+
 // Positions of |x| >= t, ascending. Sets *saw_nan when a NaN was met (if not null).
 template <typename scalar_t>
 at::Tensor at_least(const scalar_t* x, int64_t n, mag_t<scalar_t> t, bool* saw_nan = nullptr) {
   auto opts = at::TensorOptions().dtype(at::kLong);
   if (n == 0) return at::empty({0}, opts);
+  using test_t = MagnitudeTest<scalar_t>;
+  using bits_t = typename test_t::bits_t;
+  const test_t test(t);
   const Chunks ch = chunks_for(n);
   std::vector<int64_t> offsets(ch.count + 1, 0);
   std::vector<char> nan(ch.count, 0);
   at::parallel_for(0, ch.count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t lo = c * ch.size, hi = std::min(n, lo + ch.size);
-      int64_t count = 0;
-      bool any_nan = false;
+      bits_t count = 0, any_nan = 0;
       for (int64_t i = lo; i < hi; ++i) {
-        const auto m = magnitude(x[i]);
-        count += m >= t;
-        any_nan |= m != m;
+        count += test.hit(x[i]);
+        any_nan |= test_t::is_nan(x[i]);
       }
-      offsets[c + 1] = count;
-      nan[c] = any_nan;
+      offsets[c + 1] = static_cast<int64_t>(count);
+      nan[c] = any_nan != 0;
     }
   });
   for (int64_t c = 0; c < ch.count; ++c) offsets[c + 1] += offsets[c];
@@ -70,8 +100,14 @@ at::Tensor at_least(const scalar_t* x, int64_t n, mag_t<scalar_t> t, bool* saw_n
     for (int64_t c = begin; c < end; ++c) {
       const int64_t lo = c * ch.size, hi = std::min(n, lo + ch.size);
       int64_t w = offsets[c];
-      for (int64_t i = lo; i < hi; ++i) {
-        if (magnitude(x[i]) >= t) o[w++] = i;
+      for (int64_t b = lo; b < hi; b += kBlock) {
+        const int64_t e = std::min(hi, b + kBlock);
+        bits_t any = 0;
+        for (int64_t i = b; i < e; ++i) any |= test.hit(x[i]);  // vectorized: most blocks have no hit
+        if (!any) continue;
+        for (int64_t i = b; i < e; ++i) {
+          if (test.hit(x[i])) o[w++] = i;
+        }
       }
     }
   });
@@ -115,7 +151,9 @@ at::Tensor topk_impl(const at::Tensor& input, int64_t k, double sample_ratio, in
   sample.reserve((n - start + stride - 1) / stride);
   for (int64_t i = start; i < n; i += stride) sample.push_back(magnitude(x[i]));
   const int64_t s = static_cast<int64_t>(sample.size());
-  int64_t sample_k = std::min(s, std::max<int64_t>(1, static_cast<int64_t>(std::ceil(static_cast<double>(k) * s / n))));
+  // aim a little below the k-th magnitude (x1.25 + 4 sample positions) so that one pass usually
+  // yields at least k candidates; keep in sync with _reference.sampled_topk_indices
+  int64_t sample_k = std::min(s, static_cast<int64_t>(std::ceil(1.25 * static_cast<double>(k) * s / n)) + 4);
   for (int attempt = 0; attempt < 10; ++attempt) {
     std::vector<mag_t<scalar_t>> scratch(sample);
     std::nth_element(scratch.begin(), scratch.begin() + (sample_k - 1), scratch.end(), std::greater<>());
