@@ -127,6 +127,20 @@ def sampled_topk_indices(
     return topk_indices(flat, k)
 
 
+def dgc_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool) -> None:
+    """DGC momentum correction and accumulation, in place on fp32 ``u`` and ``v``.
+
+    ``u = m*u + g; v = v + u`` (Nesterov: ``u = m*(u + g); v = v + u + g``).
+    """
+    g = g.reshape(-1)
+    if nesterov:
+        u.add_(g).mul_(momentum)
+        v.add_(u).add_(g)
+    else:
+        u.mul_(momentum).add_(g)
+        v.add_(u)
+
+
 def pack(
     indices: torch.Tensor,
     values: torch.Tensor,
@@ -216,6 +230,7 @@ def unpack_add(
 __all__ = [
     "FLAG_NONFINITE",
     "all_finite",
+    "dgc_compensate_",
     "HEADER_INTS",
     "pack",
     "parse",

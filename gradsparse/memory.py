@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 from .errors import StateMismatchError
 
 
@@ -101,12 +102,7 @@ class DGCMemory(Memory):
         g = grad.reshape(-1)
         u = self._buffer(key, "momentum", g)
         v = self._buffer(key, "velocity", g)
-        if self.nesterov:
-            u.add_(g).mul_(self.momentum)
-            v.add_(u).add_(g)
-        else:
-            u.mul_(self.momentum).add_(g)
-            v.add_(u)
+        ops.dgc_compensate_(u, v, g, self.momentum, self.nesterov)
         return v
 
     def update(self, key, indices, sent):

@@ -71,6 +71,14 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     return _reference.topk_indices(x, k)
 
 
+def dgc_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool) -> None:
+    """In place: ``u = m*u + g; v = v + u`` (Nesterov: ``u = m*(u + g); v = v + u + g``), one pass."""
+    if _compiled(u) and g.device == u.device:
+        torch.ops.gradsparse.dgc_compensate(u, v, g.reshape(-1), float(momentum), bool(nesterov))
+    else:
+        _reference.dgc_compensate_(u, v, g, momentum, nesterov)
+
+
 def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int,
          value_dtype: torch.dtype, flags: int = 0) -> torch.Tensor:
     """One rank's ``uint8`` payload (layout: :mod:`gradsparse.payload`)."""
@@ -108,6 +116,10 @@ if BACKEND == "extension":
     def _pack_fake(indices, values, dense, numel, value_dtype, flags):
         return values.new_empty(PayloadLayout(indices.numel(), dense.numel(), value_dtype).nbytes, dtype=torch.uint8)
 
+    @torch.library.register_fake("gradsparse::dgc_compensate")
+    def _dgc_compensate_fake(u, v, g, momentum, nesterov):
+        return None
+
     @torch.library.register_fake("gradsparse::unpack_add")
     def _unpack_add_fake(payloads, out, value_dtype, dense_index, alpha, overwrite):
         return out.new_empty((), dtype=torch.int64)
@@ -116,6 +128,7 @@ if BACKEND == "extension":
 __all__ = [
     "BACKEND",
     "all_finite",
+    "dgc_compensate_",
     "pack",
     "parse",
     "sampled_topk_indices",

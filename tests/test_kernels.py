@@ -122,6 +122,27 @@ def test_unpack_add_errors_leave_destination_unchanged():
     assert torch.equal(out, torch.arange(10.0))
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 17, 100_003])
+def test_dgc_compensate_equals_reference(n, dtype, nesterov):
+    g = torch.Generator().manual_seed(n)
+    u, v = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    a_u, a_v, b_u, b_v = u.clone(), v.clone(), u.clone(), v.clone()
+    for step in range(3):
+        grad = torch.randn(n, generator=g).to(dtype)
+        torch.ops.gradsparse.dgc_compensate(a_u, a_v, grad, 0.9, nesterov)
+        ref.dgc_compensate_(b_u, b_v, grad, 0.9, nesterov)
+        assert torch.equal(a_u, b_u) and torch.equal(a_v, b_v), step
+
+
+def test_dgc_compensate_refuses_mismatched_state():
+    with pytest.raises(ValueError, match="elements"):
+        torch.ops.gradsparse.dgc_compensate(torch.zeros(3), torch.zeros(3), torch.zeros(4), 0.9, False)
+    with pytest.raises(ValueError, match="float32"):
+        torch.ops.gradsparse.dgc_compensate(torch.zeros(3).double(), torch.zeros(3), torch.zeros(3), 0.9, False)
+
+
 def test_opcheck_every_op():
     x = torch.randn(40_000)
     torch.library.opcheck(torch.ops.gradsparse.threshold_select.default, (x, 1.0))
@@ -129,5 +150,7 @@ def test_opcheck_every_op():
     idx, vals, dense = torch.tensor([1, 7, 9]), torch.randn(3), torch.randn(2)
     torch.library.opcheck(torch.ops.gradsparse.pack.default, (idx, vals, dense, 20, torch.float16, 0))
     payload = ref.pack(idx, vals, dense, 20, torch.float32)
+    torch.library.opcheck(torch.ops.gradsparse.dgc_compensate.default,
+                          (torch.randn(100), torch.randn(100), torch.randn(100).half(), 0.9, True))
     torch.library.opcheck(torch.ops.gradsparse.unpack_add.default,
                           ([payload, payload], torch.zeros(20), torch.float32, torch.tensor([18, 19]), 0.5, True))
