@@ -19,7 +19,7 @@ if os.environ.get("GRADSPARSE_NO_EXTENSION") != "1":
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    sources = ["csrc/gradsparse.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx = ["-O3", "-fopenmp", "-std=c++17"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     if torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources:

@@ -26,21 +26,19 @@ from .payload import PayloadLayout
 
 logger = logging.getLogger(__name__)
 
-# Devices the compiled extension has kernels for.
-KERNEL_DEVICES = ("cpu",)
-
-
-def _load_backend() -> str:
+def _load_backend() -> tuple[str, tuple[str, ...]]:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.gradsparse)
     except ImportError as err:
         logger.info("gradsparse: C++ extension not built (%s), using the pure-PyTorch reference kernels", err)
-        return "reference"
-    logger.info("gradsparse: using the compiled C++ extension kernels on %s", ", ".join(KERNEL_DEVICES))
-    return "extension"
+        return "reference", ()
+    devices = tuple(d for d in ("cpu", "cuda")
+                    if torch._C._dispatch_has_kernel_for_dispatch_key("gradsparse::threshold_select", d.upper()))
+    logger.info("gradsparse: using the compiled C++ extension kernels on %s", ", ".join(devices))
+    return "extension", devices
 
 
-BACKEND = _load_backend()
+BACKEND, KERNEL_DEVICES = _load_backend()
 all_finite = _reference.all_finite
 
 

@@ -53,7 +53,13 @@ import torch
 from . import ops
 from .comm.base import Communicator
 from .compressors.base import Compressor
-from .errors import BucketError, InvalidConfigError, NonFiniteGradientError, UnsupportedGradientError
+from .errors import (
+    BucketError,
+    InvalidConfigError,
+    NonFiniteGradientError,
+    StateMismatchError,
+    UnsupportedGradientError,
+)
 from .payload import FLAG_NONFINITE, INT32_MAX, VALUE_DTYPES, PayloadLayout
 from .stats import BucketStats
 
@@ -351,8 +357,6 @@ class SparseReducer:
         return {"compressor": self.compressor.config(), "memory": self.memory.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        from .errors import StateMismatchError
-
         if state_dict["compressor"] != self.compressor.config():
             raise StateMismatchError(f"checkpoint was written by {state_dict['compressor']}, "
                                      f"this reducer uses {self.compressor.config()}")

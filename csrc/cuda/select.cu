@@ -1,0 +1,104 @@
+// CUDA selection: threshold_select and topk_select, on the current stream.
+//
+// |x| >= t is one elementwise pass writing a mask; at::nonzero compacts it into ascending int64
+// positions. topk_select samples, estimates a threshold a little below the k-th magnitude, selects
+// candidates with that pass, and takes the exact top-k of the candidates (ties to the lower index),
+// exactly as gradsparse/_reference.py::sampled_topk_indices does.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "common.cuh"
+
+namespace gradsparse {
+namespace {
+
+constexpr int64_t kSampledMinNumel = 16384;  // keep in sync with _reference.SAMPLED_MIN_NUMEL
+constexpr int64_t kMinSample = 1024;         // keep in sync with _reference.MIN_SAMPLE
+
+template <typename scalar_t>
+__global__ void at_least_kernel(const scalar_t* __restrict__ x, int64_t n, mag_t<scalar_t> t, bool* __restrict__ mask) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    mag_t<scalar_t> m = static_cast<mag_t<scalar_t>>(x[i]);
+    m = m < 0 ? -m : m;
+    mask[i] = m >= t;  // false for NaN
+  }
+}
+
+at::Tensor at_least(const at::Tensor& flat, double threshold) {
+  const int64_t n = flat.numel();
+  at::Tensor mask = at::empty({n}, flat.options().dtype(at::kBool));
+  if (n > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "at_least", [&] {
+      at_least_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+          flat.data_ptr<scalar_t>(), n, static_cast<mag_t<scalar_t>>(threshold), mask.data_ptr<bool>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return at::nonzero(mask).view(-1);
+}
+
+at::Tensor magnitude(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? x.abs() : x.to(at::kFloat).abs();
+}
+
+// Exact top-k positions of a magnitude vector, ascending, ties to the lower position.
+at::Tensor topk_of_magnitude(const at::Tensor& mag, int64_t k) {
+  const at::Tensor kth = std::get<0>(at::topk(mag, k, 0, /*largest=*/true, /*sorted=*/false)).min();
+  const at::Tensor above = at::nonzero(mag > kth).view(-1);
+  const at::Tensor ties = at::nonzero(mag == kth).view(-1).narrow(0, 0, k - above.numel());
+  return std::get<0>(at::cat({above, ties}).sort());
+}
+
+void check_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.is_floating_point(), op, ": expected a floating-point tensor, got ", x.scalar_type());
+}
+
+at::Tensor threshold_select_cuda(const at::Tensor& x, double threshold) {
+  check_input(x, "threshold_select");
+  c10::cuda::CUDAGuard guard(x.device());
+  return at_least(x.contiguous().view(-1), threshold);
+}
+
+at::Tensor topk_select_cuda(const at::Tensor& x, int64_t k, double sample_ratio, int64_t seed) {
+  check_input(x, "topk_select");
+  TORCH_CHECK(sample_ratio > 0 && sample_ratio <= 1, "topk_select: sample_ratio must be in (0, 1], got ", sample_ratio);
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor flat = x.contiguous().view(-1);
+  const int64_t n = flat.numel();
+  const auto opts = flat.options().dtype(at::kLong);
+  if (k <= 0) return at::empty({0}, opts);
+  if (k >= n) return at::arange(n, opts);
+  TORCH_CHECK_VALUE(!at::isnan(flat).any().item<bool>(), "topk_select: input contains NaN");
+  if (n < kSampledMinNumel) return topk_of_magnitude(magnitude(flat), k);
+  const int64_t sample_size =
+      std::min(n, std::max<int64_t>(kMinSample, static_cast<int64_t>(std::ceil(n * sample_ratio))));
+  const int64_t stride = std::max<int64_t>(1, n / sample_size);
+  const int64_t start = stride > 1 ? static_cast<int64_t>(static_cast<uint64_t>(seed) % stride) : 0;
+  const at::Tensor sample = magnitude(flat.slice(0, start, n, stride));
+  const int64_t s = sample.numel();
+  int64_t sample_k = std::min(s, static_cast<int64_t>(std::ceil(1.25 * static_cast<double>(k) * s / n)) + 4);
+  for (int attempt = 0; attempt < 10; ++attempt) {
+    const double threshold = std::get<0>(at::topk(sample, sample_k, 0, true, false)).min().item<double>();
+    const at::Tensor cand = at_least(flat, threshold);
+    const int64_t c = cand.numel();
+    if (c >= k) return c == k ? cand : cand.index_select(0, topk_of_magnitude(magnitude(flat.index_select(0, cand)), k));
+    if (sample_k == s) break;
+    sample_k = std::min(s, sample_k * 2);
+  }
+  return topk_of_magnitude(magnitude(flat), k);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradsparse, CUDA, m) {
+  m.impl("threshold_select", &threshold_select_cuda);
+  m.impl("topk_select", &topk_select_cuda);
+}
+
+}  // namespace gradsparse

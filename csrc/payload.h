@@ -1,0 +1,56 @@
+// Wire format shared by the CPU and CUDA payload kernels; the layout is documented in
+// gradsparse/payload.py and must stay identical to it.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace gradsparse {
+
+constexpr int32_t kMagic = 0x47535031;  // "GSP1"
+constexpr int64_t kHeaderInts = 8;
+constexpr int64_t kHeaderBytes = kHeaderInts * 4;
+
+inline int32_t dtype_code(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return 1;
+    case c10::kHalf: return 2;
+    case c10::kBFloat16: return 3;
+    case c10::kDouble: return 4;
+    default: TORCH_CHECK_VALUE(false, "gradsparse: unsupported value dtype ", t);
+  }
+}
+
+inline int64_t align8(int64_t n) { return (n + 7) / 8 * 8; }
+
+struct Layout {
+  int64_t count, n_dense, value_size, values_offset, dense_offset, nbytes;
+  Layout(int64_t count_, int64_t n_dense_, c10::ScalarType dtype)
+      : count(count_), n_dense(n_dense_), value_size(static_cast<int64_t>(c10::elementSize(dtype))) {
+    values_offset = align8(kHeaderBytes + 4 * count);
+    dense_offset = values_offset + value_size * count;
+    nbytes = align8(dense_offset + value_size * n_dense);
+  }
+};
+
+// Checks one payload's header against what the receiver expects; returns its pair count.
+inline int64_t check_header(const int32_t* h, int64_t payload_bytes, int64_t rank, int64_t numel,
+                            c10::ScalarType value_dtype, int64_t n_dense) {
+  TORCH_CHECK_VALUE(h[0] == kMagic, "unpack_add: payload ", rank, " has a bad magic: not a gradsparse payload");
+  TORCH_CHECK_VALUE(h[5] == dtype_code(value_dtype), "unpack_add: payload ", rank, " value dtype code ", h[5],
+                    " does not match ", value_dtype);
+  TORCH_CHECK_VALUE(h[4] == numel, "unpack_add: payload ", rank, " is for ", h[4], " elements, expected ", numel);
+  TORCH_CHECK_VALUE(h[3] == n_dense, "unpack_add: payload ", rank, " carries ", h[3], " dense values, expected ",
+                    n_dense);
+  const int64_t count = h[2];
+  TORCH_CHECK_VALUE(count >= 0 && count <= numel, "unpack_add: payload ", rank, " count ", count, " outside [0, ",
+                    numel, "]");
+  const Layout lay(count, n_dense, value_dtype);
+  TORCH_CHECK_VALUE(payload_bytes >= lay.nbytes, "unpack_add: payload ", rank, " truncated: ", payload_bytes,
+                    " bytes, needs ", lay.nbytes);
+  return count;
+}
+
+}  // namespace gradsparse
