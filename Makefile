@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test bench clean
 
-CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 # torch first (pinned: an unpinned one pulls a CUDA build), then gradsparse and its C++
 # extension, built against that torch (hence --no-build-isolation).

@@ -4,7 +4,7 @@
 
 #include <vector>
 
-#include "payload.h"
+#include "common.h"
 
 namespace gradsparse {
 namespace {

@@ -9,16 +9,13 @@
 
 #include <type_traits>
 
+#include "../common.h"
+
 namespace gradsparse {
 namespace {
 
 void dgc_compensate_cpu(at::Tensor& u, at::Tensor& v, const at::Tensor& g, double momentum, bool nesterov) {
-  TORCH_CHECK_VALUE(u.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-                    "dgc_compensate: momentum and velocity must be float32");
-  TORCH_CHECK_VALUE(u.is_contiguous() && v.is_contiguous(), "dgc_compensate: state must be contiguous");
-  TORCH_CHECK_VALUE(u.numel() == g.numel() && v.numel() == g.numel(), "dgc_compensate: state has ", u.numel(), "/",
-                    v.numel(), " elements, the gradient ", g.numel());
-  TORCH_CHECK_VALUE(g.is_floating_point(), "dgc_compensate: expected a floating-point gradient, got ", g.scalar_type());
+  check_dgc_args(u, v, g);
   const at::Tensor gc = g.contiguous();
   float* up = u.data_ptr<float>();
   float* vp = v.data_ptr<float>();

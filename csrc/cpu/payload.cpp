@@ -1,4 +1,4 @@
-// CPU unpack_add. Layout and header checks: csrc/payload.h (= gradsparse/payload.py);
+// CPU unpack_add. Layout and header checks: csrc/common.h (= gradsparse/payload.py);
 // pack is device-neutral: csrc/pack.cpp.
 //
 // Every payload is validated (header, sizes, indices strictly ascending and inside [0, numel))
@@ -12,7 +12,7 @@
 #include <optional>
 #include <vector>
 
-#include "../payload.h"
+#include "../common.h"
 
 namespace gradsparse {
 namespace {
@@ -62,21 +62,10 @@ void scatter_dense(out_t* out, const int64_t* idx, const val_t* vals, int64_t co
 
 at::Tensor unpack_add_cpu(at::TensorList payloads, at::Tensor& out, at::ScalarType value_dtype,
                           const std::optional<at::Tensor>& dense_index, double alpha, bool overwrite) {
-  TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
-                    "unpack_add: the destination must be float32 or float64, got ", out.scalar_type());
-  TORCH_CHECK_VALUE(out.dim() == 1 && out.is_contiguous(), "unpack_add: the destination must be contiguous and 1-D");
+  check_destination(out);
   const int64_t numel = out.numel();
-  at::Tensor didx;
-  int64_t n_dense = 0;
-  if (dense_index.has_value() && dense_index->defined()) {
-    didx = dense_index->contiguous();
-    TORCH_CHECK_VALUE(didx.scalar_type() == at::kLong, "unpack_add: dense_index must be int64");
-    n_dense = didx.numel();
-    if (n_dense) {
-      TORCH_CHECK_VALUE(didx.min().item<int64_t>() >= 0 && didx.max().item<int64_t>() < numel,
-                        "unpack_add: dense_index outside the destination");
-    }
-  }
+  const at::Tensor didx = dense_positions(dense_index, out);
+  const int64_t n_dense = didx.defined() ? didx.numel() : 0;
   std::vector<Parsed> parsed;
   parsed.reserve(payloads.size());
   for (size_t r = 0; r < payloads.size(); ++r) parsed.push_back(parse(payloads[r], r, numel, value_dtype, n_dense));

@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "../common.h"
 #include "common.cuh"
 
 namespace gradsparse {
@@ -29,13 +30,7 @@ __global__ void dgc_compensate_kernel(float* __restrict__ u, float* __restrict__
 }
 
 void dgc_compensate_cuda(at::Tensor& u, at::Tensor& v, const at::Tensor& g, double momentum, bool nesterov) {
-  TORCH_CHECK_VALUE(u.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-                    "dgc_compensate: momentum and velocity must be float32");
-  TORCH_CHECK_VALUE(u.is_contiguous() && v.is_contiguous(), "dgc_compensate: state must be contiguous");
-  TORCH_CHECK_VALUE(u.numel() == g.numel() && v.numel() == g.numel(), "dgc_compensate: state has ", u.numel(), "/",
-                    v.numel(), " elements, the gradient ", g.numel());
-  TORCH_CHECK_VALUE(g.is_floating_point(), "dgc_compensate: expected a floating-point gradient, got ", g.scalar_type());
-  TORCH_CHECK_VALUE(g.device() == u.device() && v.device() == u.device(), "dgc_compensate: tensors on different devices");
+  check_dgc_args(u, v, g);
   c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor gc = g.contiguous();
   const int64_t n = gc.numel();

@@ -11,7 +11,7 @@
 #include <optional>
 #include <vector>
 
-#include "../payload.h"
+#include "../common.h"
 #include "common.cuh"
 
 namespace gradsparse {
@@ -62,21 +62,10 @@ Parsed parse(const at::Tensor& p, int64_t rank, const at::Tensor& out, at::Scala
 
 at::Tensor unpack_add_cuda(at::TensorList payloads, at::Tensor& out, at::ScalarType value_dtype,
                            const std::optional<at::Tensor>& dense_index, double alpha, bool overwrite) {
-  TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
-                    "unpack_add: the destination must be float32 or float64, got ", out.scalar_type());
-  TORCH_CHECK_VALUE(out.dim() == 1 && out.is_contiguous(), "unpack_add: the destination must be contiguous and 1-D");
+  check_destination(out);
   c10::cuda::CUDAGuard guard(out.device());
-  const int64_t numel = out.numel();
-  at::Tensor didx;
-  int64_t n_dense = 0;
-  if (dense_index.has_value() && dense_index->defined()) {
-    didx = dense_index->to(out.device(), at::kLong).contiguous();
-    n_dense = didx.numel();
-    if (n_dense) {
-      TORCH_CHECK_VALUE(didx.min().item<int64_t>() >= 0 && didx.max().item<int64_t>() < numel,
-                        "unpack_add: dense_index outside the destination");
-    }
-  }
+  const at::Tensor didx = dense_positions(dense_index, out);
+  const int64_t n_dense = didx.defined() ? didx.numel() : 0;
   std::vector<Parsed> parsed;
   parsed.reserve(payloads.size());
   for (size_t r = 0; r < payloads.size(); ++r) parsed.push_back(parse(payloads[r], r, out, value_dtype, n_dense));

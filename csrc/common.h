@@ -1,11 +1,13 @@
-// Wire format shared by the CPU and CUDA payload kernels; the layout is documented in
-// gradsparse/payload.py and must stay identical to it.
+// Wire format and argument checks shared by the CPU and CUDA kernels; the layout is documented
+// in gradsparse/payload.py and must stay identical to it.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace gradsparse {
 
@@ -51,6 +53,34 @@ inline int64_t check_header(const int32_t* h, int64_t payload_bytes, int64_t ran
   TORCH_CHECK_VALUE(payload_bytes >= lay.nbytes, "unpack_add: payload ", rank, " truncated: ", payload_bytes,
                     " bytes, needs ", lay.nbytes);
   return count;
+}
+
+// unpack_add's destination: float32/float64, contiguous, 1-D.
+inline void check_destination(const at::Tensor& out) {
+  TORCH_CHECK_VALUE(out.scalar_type() == c10::kFloat || out.scalar_type() == c10::kDouble,
+                    "unpack_add: the destination must be float32 or float64, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.dim() == 1 && out.is_contiguous(), "unpack_add: the destination must be contiguous and 1-D");
+}
+
+// The positions of the dense section in the destination, as contiguous int64 on its device,
+// checked to lie inside it; undefined when there is no dense section.
+inline at::Tensor dense_positions(const std::optional<at::Tensor>& dense_index, const at::Tensor& out) {
+  if (!dense_index.has_value() || !dense_index->defined() || dense_index->numel() == 0) return at::Tensor();
+  at::Tensor positions = dense_index->to(out.device(), c10::kLong).contiguous();
+  TORCH_CHECK_VALUE(positions.min().item<int64_t>() >= 0 && positions.max().item<int64_t>() < out.numel(),
+                    "unpack_add: dense_index outside the destination");
+  return positions;
+}
+
+// dgc_compensate's arguments: fp32 contiguous state of the gradient's size, on its device.
+inline void check_dgc_args(const at::Tensor& u, const at::Tensor& v, const at::Tensor& g) {
+  TORCH_CHECK_VALUE(u.scalar_type() == c10::kFloat && v.scalar_type() == c10::kFloat,
+                    "dgc_compensate: momentum and velocity must be float32");
+  TORCH_CHECK_VALUE(u.is_contiguous() && v.is_contiguous(), "dgc_compensate: state must be contiguous");
+  TORCH_CHECK_VALUE(u.numel() == g.numel() && v.numel() == g.numel(), "dgc_compensate: state has ", u.numel(), "/",
+                    v.numel(), " elements, the gradient ", g.numel());
+  TORCH_CHECK_VALUE(g.is_floating_point(), "dgc_compensate: expected a floating-point gradient, got ", g.scalar_type());
+  TORCH_CHECK_VALUE(g.device() == u.device() && v.device() == u.device(), "dgc_compensate: tensors on different devices");
 }
 
 }  // namespace gradsparse
