@@ -98,11 +98,12 @@ def test_pack_equals_reference(value_dtype, count, n_dense):
 @pytest.mark.parametrize("value_dtype", DTYPES)
 @pytest.mark.parametrize("world,alpha,overwrite", [(1, 1.0, False), (3, 1 / 3, True), (4, 0.25, True)])
 def test_unpack_add_equals_reference(out_dtype, value_dtype, world, alpha, overwrite):
-    numel, g = 5000, torch.Generator().manual_seed(world)
-    dense_index = torch.tensor([4990, 4995, 4999])
+    numel, g = 40_000, torch.Generator().manual_seed(world)
+    dense_index = torch.tensor([39_999, 17, 20_000])  # unsorted, spread over several output chunks
     payloads = []
     for r in range(world):
-        idx = torch.randperm(4900, generator=g)[: 40 * (r + 1)].sort().values
+        # sparse indices may coincide with dense positions: the order of additions must still match
+        idx = torch.cat([torch.tensor([17, 20_000]), torch.randperm(numel, generator=g)[: 400 * (r + 1)]]).unique()
         payloads.append(ref.pack(idx, torch.randn(idx.numel(), generator=g), torch.randn(3, generator=g), numel,
                                  value_dtype, flags=r % 2))
     start = torch.randn(numel, generator=g).to(out_dtype)
