@@ -70,7 +70,7 @@ def _topk_of_magnitude(mag: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _refuse_nan(x: torch.Tensor) -> None:
-    if not bool(torch.isfinite(x.sum(dtype=torch.float32))) and bool(torch.isnan(x).any()):
+    if not all_finite(x) and bool(torch.isnan(x).any()):
         raise ValueError("topk_select: input contains NaN")
 
 

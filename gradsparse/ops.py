@@ -55,7 +55,11 @@ def threshold_indices(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def sampled_topk_indices(x: torch.Tensor, k: int, sample_ratio: float = 0.01,
                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """Exact top-k positions (int64, ascending; ties to the lower index), found by sampling."""
+    """Exact top-k positions (int64, ascending; ties to the lower index), found by sampling.
+
+    ``generator`` (a CPU generator, whatever ``x``'s device) only picks where the sample
+    starts; the selected set does not depend on it.
+    """
     if _compiled(x):
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
         return torch.ops.gradsparse.topk_select(x.detach(), int(k), float(sample_ratio), seed)

@@ -106,8 +106,7 @@ class DGC(Compressor):
 
     def select(self, v, step, epoch):
         k = self.count(v.numel(), step, epoch)
-        generator = self._generator if v.device.type == "cpu" else None
-        return ops.sampled_topk_indices(v, k, self.sample_ratio, generator)
+        return ops.sampled_topk_indices(v, k, self.sample_ratio, self._generator)
 
     def config(self):
         warmup = None if self.warmup is None else {

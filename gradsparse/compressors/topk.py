@@ -40,8 +40,7 @@ class TopK(Compressor):
         return self.target_ratio
 
     def select(self, v, step, epoch):
-        generator = self._generator if v.device.type == "cpu" else None
-        return ops.sampled_topk_indices(v, self.count(v.numel(), step, epoch), 0.01, generator)
+        return ops.sampled_topk_indices(v, self.count(v.numel(), step, epoch), 0.01, self._generator)
 
     def config(self):
         return {**super().config(), "ratio": self.target_ratio}
