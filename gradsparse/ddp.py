@@ -57,7 +57,7 @@ class GradSparseState:
             the DDP model); used to key state by parameter name. Without it,
             parameters are named ``param{i}`` in the order the hook first sees them.
         start_iter: iterations reduced densely before compression starts (>= 1).
-        granularity, min_compress_numel, value_dtype, nonfinite, op: see
+        granularity, min_compress_numel, value_dtype, nonfinite, op, verify_every: see
             :class:`~gradsparse.reducer.SparseReducer`.
         steps_per_epoch: lets epoch-based warm-up advance by itself; otherwise
             call :meth:`set_epoch` each epoch.
@@ -106,6 +106,7 @@ class GradSparseState:
         value_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
         op: str = "average",
+        verify_every: int = 1,
         steps_per_epoch: int | None = None,
         log_every: int = 100,
     ):
@@ -117,7 +118,7 @@ class GradSparseState:
         self.process_group = process_group
         self.reducer = SparseReducer(compressor, TorchDistCommunicator(process_group), granularity=granularity,
                                      min_compress_numel=min_compress_numel, value_dtype=value_dtype,
-                                     nonfinite=nonfinite, op=op)
+                                     nonfinite=nonfinite, op=op, verify_every=verify_every)
         self.start_iter = int(start_iter)
         self.steps_per_epoch = steps_per_epoch
         self.log_every = int(log_every)

@@ -48,3 +48,7 @@ class IncompatibleOptimizerError(GradSparseError, ValueError):
 
 class StateMismatchError(GradSparseError, ValueError):
     """A checkpointed state does not match the compressor, world size or parameters it is loaded into."""
+
+
+class CommunicationError(GradSparseError, RuntimeError):
+    """A collective failed: a peer exited, the network dropped, or the collective timed out."""

@@ -16,7 +16,11 @@ Steps for one bucket on one rank:
    selection by allreduce instead (zeros elsewhere): a transport choice only.
    For the first iterations (``force_dense``) every coordinate is selected.
 5. Pack (indices, values, whole tensors) and allgather: one collective per bucket.
-   Variable-count methods exchange payload sizes first, from this thread.
+   Before it, from this thread, every rank's descriptor of the bucket (configuration,
+   layout, step, epoch, wire dtype, payload size) is gathered and compared, so a rank
+   that disagrees raises :class:`StateMismatchError` on every rank instead of sending a
+   payload of another size (which aborts gloo). Variable-count methods take their
+   payload sizes from it. ``verify_every=0`` skips it for fixed-count methods.
 6. When the collective completes: validate every rank's payload, then
    scatter-add them in rank order, each scaled by ``1 / world_size``; apply the compressor's dense
    post-processing to whole tensors, remove what was sent from the memory and
@@ -46,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import zlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -55,6 +60,7 @@ from .comm.base import Communicator
 from .compressors.base import Compressor
 from .errors import (
     BucketError,
+    CommunicationError,
     InvalidConfigError,
     NonFiniteGradientError,
     StateMismatchError,
@@ -68,6 +74,9 @@ logger = logging.getLogger(__name__)
 OPS = ("average", "sum")
 GRANULARITIES = ("parameter", "bucket")
 NONFINITE_POLICIES = ("raise", "skip")
+PROTOCOL = 0x67730001  # descriptor format version; first field of every descriptor
+DESCRIPTOR_FIELDS = ("protocol version", "configuration (compressor and reducer options)", "bucket layout",
+                     "bucket size", "step", "epoch", "wire dtype", "dense warm-up phase", "payload size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +94,7 @@ class _Plan:
     whole: tuple[Segment, ...]
     groups: tuple[tuple[Segment, ...], ...]
     n_dense: int
+    crc: int                     # of the layout, compared across ranks
 
 
 @dataclasses.dataclass
@@ -92,6 +102,31 @@ class _Selection:
     segment: Segment
     local: torch.Tensor          # int64 positions within the segment
     sent: torch.Tensor           # fp32 values as they go on the wire
+
+
+def _crc(obj) -> int:
+    return zlib.crc32(repr(obj).encode())
+
+
+def check_descriptors(descriptors: Sequence[Sequence[int]], same_size: bool) -> None:
+    """Raise :class:`StateMismatchError` naming the first field on which ranks disagree.
+
+    ``descriptors[r]`` is rank r's list of :data:`DESCRIPTOR_FIELDS` values; payload
+    sizes are compared only when the method fixes them (``same_size``).
+
+    Example::
+
+        >>> check_descriptors([[1, 2], [1, 3]], same_size=True)
+        Traceback (most recent call last):
+        ...
+        gradsparse.errors.StateMismatchError: ranks disagree on the configuration (compressor and reducer options): [2, 3] (by rank); ...
+    """
+    fields = DESCRIPTOR_FIELDS if same_size else DESCRIPTOR_FIELDS[:-1]
+    for i, name in enumerate(fields[: len(descriptors[0])]):
+        column = [d[i] for d in descriptors]
+        if len(set(column)) > 1:
+            raise StateMismatchError(f"ranks disagree on the {name}: {column} (by rank); every rank must run the "
+                                     "same compressor, options and model at the same step and epoch")
 
 
 def check_bucket(flat: torch.Tensor) -> None:
@@ -119,6 +154,9 @@ class SparseReducer:
         value_dtype: dtype of the values on the wire (None: the gradient's dtype).
         nonfinite: ``"raise"`` or ``"skip"`` (see module docstring).
         op: ``"average"`` (divide by world size) or ``"sum"``.
+        verify_every: compare the ranks' bucket descriptors on every this many
+            calls (counted per reducer, so the same on every rank); 0 never does
+            for fixed-count methods (one small collective per bucket saved).
     """
 
     def __init__(
@@ -131,6 +169,7 @@ class SparseReducer:
         value_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
         op: str = "average",
+        verify_every: int = 1,
     ):
         if not isinstance(compressor, Compressor):
             raise InvalidConfigError(f"compressor must be a gradsparse Compressor, got {type(compressor).__name__}")
@@ -146,6 +185,8 @@ class SparseReducer:
             raise InvalidConfigError(f"min_compress_numel must be a positive integer, got {min_compress_numel!r}")
         if value_dtype is not None and value_dtype not in VALUE_DTYPES:
             raise InvalidConfigError(f"value_dtype must be one of {list(VALUE_DTYPES)} or None, got {value_dtype}")
+        if isinstance(verify_every, bool) or int(verify_every) != verify_every or verify_every < 0:
+            raise InvalidConfigError(f"verify_every must be an integer >= 0, got {verify_every!r}")
         self.compressor = compressor
         self.communicator = communicator
         self.granularity = granularity
@@ -153,7 +194,10 @@ class SparseReducer:
         self.value_dtype = value_dtype
         self.nonfinite = nonfinite
         self.op = op
+        self.verify_every = int(verify_every)
         self.memory = compressor.make_memory()
+        self._config_crc = _crc((compressor.config(), granularity, self.min_compress_numel, nonfinite, op))
+        self._calls = 0
         self._plans: dict[tuple, _Plan] = {}
         self._dense_index: dict[tuple, torch.Tensor] = {}
 
@@ -174,7 +218,7 @@ class SparseReducer:
                 groups = tuple((s,) for s in compressed)
             else:
                 groups = (compressed,) if compressed else ()
-            plan = _Plan(compressed, whole, groups, sum(s.numel for s in whole))
+            plan = _Plan(compressed, whole, groups, sum(s.numel for s in whole), _crc(ordered))
             self._plans[signature] = plan
         return plan
 
@@ -254,13 +298,21 @@ class SparseReducer:
         else:
             count = self.fixed_count(plan, step, epoch) or 0
         nbytes = PayloadLayout(count, plan.n_dense, wire).nbytes
+        same_size = force_dense or self.compressor.fixed_count
         sizes = None
-        if not (force_dense or self.compressor.fixed_count):
-            sizes = self.communicator.exchange_sizes(nbytes, flat.device)
+        self._calls += 1
+        if self.verify_every and (self._calls - 1) % self.verify_every == 0:
+            mine = [PROTOCOL, self._config_crc, plan.crc, flat.numel(), step, epoch, VALUE_DTYPES[wire],
+                    int(force_dense), nbytes]
+            descriptors = self._gather(lambda: self.communicator.allgather_ints(mine, flat.device), flat, step)
+            check_descriptors(descriptors, same_size)
+            sizes = None if same_size else [d[-1] for d in descriptors]
+        elif not same_size:
+            sizes = self._gather(lambda: self.communicator.exchange_sizes(nbytes, flat.device), flat, step)
         largest = nbytes if sizes is None else max(sizes)
         world = self.communicator.world_size
         if not self._sparse_pays(largest, flat):
-            return self._allreduce(flat, plan, finite, selections, count, started, on_stats)
+            return self._allreduce(flat, plan, finite, selections, count, started, on_stats, step)
 
         whole_index = self._whole_index(plan, flat.device)
         dense = flat[whole_index] if whole_index is not None else flat.new_empty(0)
@@ -278,7 +330,7 @@ class SparseReducer:
         def finish(done: torch.futures.Future) -> torch.Tensor:
             t0 = time.perf_counter()
             try:
-                payloads = done.value()
+                payloads = self._gather(done.value, flat, step)
                 # accumulate in fp32: in the bucket itself when it is fp32, else in a temporary
                 out = flat if flat.dtype == torch.float32 else flat.new_empty(flat.numel(), dtype=torch.float32)
                 alpha = 1.0 / world if self.op == "average" else 1.0
@@ -303,7 +355,7 @@ class SparseReducer:
         return [_Selection(s, torch.arange(s.numel, device=v[s.key].device), v[s.key].to(wire).float())
                 for s in plan.compressed]
 
-    def _allreduce(self, flat, plan, finite, selections, count, started, on_stats) -> torch.futures.Future:
+    def _allreduce(self, flat, plan, finite, selections, count, started, on_stats, step) -> torch.futures.Future:
         """Dense transport of the same selection: scatter it into the bucket and allreduce.
 
         Used when the sparse payload would cost more bytes than an allreduce; the
@@ -324,7 +376,7 @@ class SparseReducer:
         def finish(done: torch.futures.Future) -> torch.Tensor:
             t0 = time.perf_counter()
             try:
-                done.wait()
+                self._gather(done.wait, flat, step)
                 if not finite or not ops.all_finite(flat):
                     self._on_nonfinite(flat)
                     return flat
@@ -339,6 +391,17 @@ class SparseReducer:
                                          prepared + time.perf_counter() - t0))
 
         return fut.then(finish)
+
+    def _gather(self, collective: Callable, flat: torch.Tensor, step: int):
+        """Run or wait for a collective; a failure becomes a :class:`CommunicationError` saying where."""
+        try:
+            return collective()
+        except Exception as err:
+            raise CommunicationError(
+                f"gradsparse: a collective for the {flat.numel()}-element bucket at step {step} failed on rank "
+                f"{self.communicator.rank}: a peer may have exited, the network failed, or the collective timed "
+                f"out (the timeout is set by init_process_group). Cause: {str(err).splitlines()[0] if str(err) else err!r}"
+            ) from err
 
     def _finish_whole(self, out: torch.Tensor, plan: _Plan) -> None:
         for s in plan.whole:

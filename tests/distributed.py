@@ -2,7 +2,8 @@
 
 Each worker gets ``(rank, world_size, *args)``; its return value comes back to
 the test (through torch.save in a temporary folder). A hang fails the test
-after ``timeout`` seconds instead of blocking CI.
+after ``timeout`` seconds instead of blocking CI. :func:`run_world_outcomes`
+also reports ranks that raised or died (fault tests).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -32,7 +34,16 @@ def _entry(rank, fn, world_size, port, folder, args, collective_timeout):
                             timeout=datetime.timedelta(seconds=collective_timeout))
     ok = False
     try:
-        result = fn(rank, world_size, *args)
+        try:
+            result = fn(rank, world_size, *args)
+        except Exception as err:
+            # for run_world_outcomes: when and how this rank failed, then exit without teardown
+            # (a peer may be dead: destroying the group or a barrier could block)
+            torch.save({"error": f"{type(err).__name__}: {err}", "time": time.time()},
+                       os.path.join(folder, f"rank{rank}.error.pt"))
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
         del result
         # A DDP model whose backward raised must be freed while its process group
@@ -58,9 +69,44 @@ def run_world(fn, world_size: int, *args, timeout: float = 180, collective_timeo
         ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), folder, args, collective_timeout),
                                  nprocs=world_size, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError(f"workers did not finish within {timeout} s")
+        try:
+            while not ctx.join(timeout=1):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    raise TimeoutError(f"workers did not finish within {timeout} s")
+        except mp.ProcessExitedException as err:
+            errors = {r: torch.load(os.path.join(folder, f"rank{r}.error.pt"))["error"] for r in range(world_size)
+                      if os.path.exists(os.path.join(folder, f"rank{r}.error.pt"))}
+            raise RuntimeError(f"worker failed: {errors or err}") from err
         return [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def run_world_outcomes(fn, world_size: int, *args, timeout: float = 180, collective_timeout: float = 60) -> list:
+    """Like :func:`run_world`, for worlds where ranks may fail: one dict per rank.
+
+    Each dict has ``exitcode`` and either ``result`` (the return value), or ``error``
+    (``"Type: message"``) and ``time`` (``time.time()`` when it was caught), or neither
+    (the rank died). Ranks still running after ``timeout`` are killed and reported
+    with ``exitcode`` None.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), folder, args, collective_timeout),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        for p in ctx.processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+        outcomes = []
+        for rank, p in enumerate(ctx.processes):
+            hung = p.is_alive()
+            if hung:
+                p.kill()
+                p.join()
+            outcome = {"exitcode": None if hung else p.exitcode}
+            for suffix in ("pt", "error.pt"):
+                path = os.path.join(folder, f"rank{rank}.{suffix}")
+                if os.path.exists(path):
+                    loaded = torch.load(path, weights_only=False)
+                    outcome.update({"result": loaded} if suffix == "pt" else loaded)
+            outcomes.append(outcome)
+        return outcomes

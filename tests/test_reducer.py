@@ -139,3 +139,30 @@ def test_dgc_whole_tensors_get_momentum_on_the_averaged_gradient():
         u = 0.9 * u + g
         out = r.reduce(g.clone(), [Segment("bias", 0, 1000)], step).wait()
         torch.testing.assert_close(out, u, rtol=0, atol=0)
+
+
+class CountingCommunicator(LocalCommunicator):
+    """World size 1 that counts descriptor exchanges."""
+
+    def __init__(self):
+        self.exchanges = 0
+
+    def allgather_ints(self, values, device):
+        self.exchanges += 1
+        return super().allgather_ints(values, device)
+
+
+@pytest.mark.parametrize("verify_every, expected", [(1, 6), (4, 2), (0, 0)])
+def test_descriptors_are_compared_every_verify_every_calls(verify_every, expected):
+    comm = CountingCommunicator()
+    r = SparseReducer(TopK(0.01), comm, min_compress_numel=1, verify_every=verify_every)
+    for step in range(6):
+        r.reduce(torch.randn(1000), None, step).wait()
+    assert comm.exchanges == expected
+
+
+def test_threshold_without_verification_still_exchanges_sizes():
+    comm = CountingCommunicator()
+    r = SparseReducer(Threshold(0.5), comm, min_compress_numel=1, verify_every=0)
+    r.reduce(torch.randn(1000), None, 0).wait()
+    assert comm.exchanges == 1

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 
 import torch
 
@@ -25,9 +26,18 @@ class Communicator(abc.ABC):
     rank: int
     world_size: int
 
-    @abc.abstractmethod
     def exchange_sizes(self, nbytes: int, device: torch.device) -> list[int]:
         """Blocking: every rank's payload size in bytes, in rank order."""
+        return [values[0] for values in self.allgather_ints([nbytes], device)]
+
+    def allgather_ints(self, values: Sequence[int], device: torch.device) -> list[list[int]]:
+        """Blocking: every rank's list of int64 ``values`` (same length everywhere), in rank order.
+
+        The default moves them as one ``uint8`` allgather; subclasses may do better.
+        """
+        mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+        gathered = self.allgather(mine.view(torch.uint8)).wait()
+        return [t.view(torch.int64).tolist() for t in gathered]
 
     @abc.abstractmethod
     def allgather(self, payload: torch.Tensor, sizes: list[int] | None = None) -> torch.futures.Future:
@@ -56,8 +66,8 @@ class LocalCommunicator(Communicator):
     rank = 0
     world_size = 1
 
-    def exchange_sizes(self, nbytes, device):
-        return [nbytes]
+    def allgather_ints(self, values, device):
+        return [list(values)]
 
     def allgather(self, payload, sizes=None):
         return completed_future([payload])

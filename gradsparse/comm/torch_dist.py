@@ -41,11 +41,11 @@ class TorchDistCommunicator(Communicator):
     def world_size(self) -> int:
         return dist.get_world_size(self.process_group)
 
-    def exchange_sizes(self, nbytes, device):
-        mine = torch.tensor([nbytes], dtype=torch.int64, device=device)
+    def allgather_ints(self, values, device):
+        mine = torch.tensor(list(values), dtype=torch.int64, device=device)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine, group=self.process_group)
-        return [int(t) for t in gathered]
+        return [t.tolist() for t in gathered]
 
     def allgather(self, payload, sizes=None):
         if sizes is None:

@@ -1,0 +1,96 @@
+"""Faults on real gloo worlds: a rank killed mid-step, ranks that disagree. Errors, never hangs.
+
+The SIGKILL run is repeated 20 times, with the time to error recorded, by
+``benchmarks/faults.py`` (docs/reliability.md).
+"""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gradsparse import DGC, Threshold, TopK
+from gradsparse import ddp as gddp
+
+from .distributed import run_world_outcomes
+from .models import loss_of, make_model
+
+COLLECTIVE_TIMEOUT = 20
+COMPRESSORS = {"dgc": lambda: DGC(0.01, warmup=None), "threshold": lambda: Threshold(1e-3)}
+
+
+def train_until_fault(rank, world, victim, kill_step, compressor, steps=8):
+    """Train; rank ``victim`` SIGKILLs itself inside its sparse hook at ``kill_step``."""
+    model = DDP(make_model("embed"), bucket_cap_mb=0.01)
+    state = gddp.GradSparseState(COMPRESSORS[compressor](), model=model)
+
+    def hook(state, bucket):
+        if rank == victim and state.iter == kill_step and bucket.index() == 0:
+            torch.save(time.time(), os.environ["GRADSPARSE_KILL_FILE"])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return gddp.sparse_hook(state, bucket)
+
+    model.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        opt.zero_grad()
+        loss_of(model, "embed", rank, step).backward()
+        opt.step()
+    return {"steps": steps}
+
+
+@pytest.mark.parametrize("compressor", sorted(COMPRESSORS))
+def test_sigkill_of_one_rank_ends_in_an_error_on_the_others(tmp_path, monkeypatch, compressor):
+    kill_file = tmp_path / "killed.pt"
+    monkeypatch.setenv("GRADSPARSE_KILL_FILE", str(kill_file))
+    outcomes = run_world_outcomes(train_until_fault, 3, 2, 3, compressor, timeout=COLLECTIVE_TIMEOUT + 90,
+                                  collective_timeout=COLLECTIVE_TIMEOUT)
+    assert outcomes[2]["exitcode"] == -signal.SIGKILL
+    killed_at = torch.load(kill_file)
+    for survivor in outcomes[:2]:
+        assert survivor["exitcode"] == 1, survivor
+        assert "CommunicationError" in survivor["error"] and "step 3" in survivor["error"], survivor["error"]
+        assert survivor["time"] - killed_at < COLLECTIVE_TIMEOUT + 5
+
+
+def disagreeing_rank(rank, world, what):
+    """Rank ``world - 1`` differs from the others in ``what``; returns the error each rank saw."""
+    odd = rank == world - 1
+    compressor = TopK(0.02 if odd and what == "config" else 0.01)
+    kw = {}
+    if what == "wire_dtype":
+        kw["value_dtype"] = torch.float16 if odd else None
+    if what == "threshold_config":
+        compressor = Threshold(2e-3 if odd else 1e-3)
+    model = DDP(make_model("embed"), bucket_cap_mb=0.01)
+    state = gddp.register(model, compressor, **kw)
+    if what == "step" and odd:
+        state.iter = 5  # e.g. a rank resumed from another checkpoint
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        opt.zero_grad()
+        try:
+            loss_of(model, "embed", rank, step).backward()
+        except Exception as err:  # raised by the hook itself, before any payload moves
+            return {"error": f"{type(err).__name__}: {err}", "step": step}
+        opt.step()
+    return {"error": None}
+
+
+@pytest.mark.parametrize("what, named", [
+    ("config", "configuration"),
+    ("threshold_config", "configuration"),
+    ("wire_dtype", "wire dtype"),
+    ("step", "step"),
+])
+def test_ranks_that_disagree_all_raise_an_error_naming_it(what, named):
+    outcomes = run_world_outcomes(disagreeing_rank, 3, what, timeout=120, collective_timeout=COLLECTIVE_TIMEOUT)
+    for outcome in outcomes:
+        assert outcome["exitcode"] == 0, outcome
+        seen = outcome["result"]
+        assert seen["error"] is not None and "StateMismatchError" in seen["error"], seen
+        assert f"ranks disagree on the {named}" in seen["error"], seen["error"]
+        assert seen["step"] == 0
