@@ -62,6 +62,9 @@ class GradSparseState:
         steps_per_epoch: lets epoch-based warm-up advance by itself; otherwise
             call :meth:`set_epoch` each epoch.
         log_every: log the step statistics at INFO level every this many steps.
+        grad_scaler: the ``torch.amp.GradScaler`` scaling this model's loss, if any:
+            residuals and momentum are then kept in one scale (rescaled when the
+            scaler's scale changes). Not pickled; pass it again after unpickling.
 
     Example::
 
@@ -78,6 +81,7 @@ class GradSparseState:
         # rarely tuned
         "process_group",
         "log_every",
+        "grad_scaler",
         # internal
         "reducer",
         "iter",
@@ -109,6 +113,7 @@ class GradSparseState:
         verify_every: int = 1,
         steps_per_epoch: int | None = None,
         log_every: int = 100,
+        grad_scaler: "torch.amp.GradScaler | None" = None,
     ):
         if int(start_iter) != start_iter or start_iter < 1:
             raise InvalidConfigError(f"start_iter must be an integer >= 1 (iteration 0 is always dense), got {start_iter!r}")
@@ -122,6 +127,7 @@ class GradSparseState:
         self.start_iter = int(start_iter)
         self.steps_per_epoch = steps_per_epoch
         self.log_every = int(log_every)
+        self.grad_scaler = grad_scaler
         self.iter = 0
         self.epoch = 0
         self._names: dict[int, str] = {}
@@ -222,12 +228,14 @@ class GradSparseState:
         self._pending, self._closing = 0, False
 
     def __getstate__(self):
-        return {slot: getattr(self, slot) for slot in self.__slots__ if slot not in ("process_group", "_lock")}
+        return {slot: getattr(self, slot) for slot in self.__slots__
+                if slot not in ("process_group", "_lock", "grad_scaler")}
 
     def __setstate__(self, state):
         for slot, value in state.items():
             setattr(self, slot, value)
         self.process_group = None
+        self.grad_scaler = None
         self._lock = threading.Lock()
 
 
@@ -245,12 +253,19 @@ def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futu
         bucket.buffer(), state.segments(bucket), step, state.current_epoch(),
         force_dense=step < state.start_iter,
         on_stats=lambda s: state._record(step, s),
+        loss_scale=_loss_scale(state.grad_scaler),
     )
     if last:
         state.iter += 1
         if state.iter == state.start_iter:
             logger.info("gradsparse: dense warm-up done, compressing from iteration %d", state.iter)
     return fut
+
+
+def _loss_scale(scaler) -> float | None:
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return scaler.get_scale()
 
 
 def _has_comm_hook(model: DistributedDataParallel) -> bool:

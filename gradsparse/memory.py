@@ -59,6 +59,15 @@ class Memory:
     def finish_whole(self, key: str, averaged: torch.Tensor) -> None:
         """Post-process, in place, the averaged gradient of a tensor that was sent whole."""
 
+    def rescale(self, factor: float) -> None:
+        """Multiply every state tensor by ``factor`` (all of them are linear in the gradient).
+
+        Used when AMP's loss scale changes, so old and new gradients add up in one scale.
+        """
+        for slot in self.state.values():
+            for buf in slot.values():
+                buf.mul_(factor)
+
     def state_dict(self) -> dict:
         return {"kind": self.kind, "state": {k: dict(v) for k, v in self.state.items()}}
 

@@ -7,30 +7,41 @@ parameter lives where, keyed by a stable name) and a communicator.
 Steps for one bucket on one rank:
 
 1. Check the bucket (floating dtype, 1 <= numel <= 2**31 - 1) and whether it is finite.
-2. Per compressed segment: ``g = compressor.preprocess(g)``, ``v = memory.compensate(key, g)``.
+2. Verify (every ``verify_every`` calls; default every call): gather every rank's
+   descriptor of the bucket (configuration, layout, step, epoch, wire dtype, fixed
+   payload size, finite or not) and compare them, so a rank that disagrees raises
+   :class:`StateMismatchError` on every rank instead of sending a payload of
+   another size (which aborts gloo). If any rank is not finite, stop here: see below.
+3. Per compressed segment: ``g = compressor.preprocess(g)``, ``v = memory.compensate(key, g)``.
    Segments smaller than ``min_compress_numel`` are sent whole (no memory).
-3. Select per parameter (each segment its own top-k) or per bucket (one top-k
+4. Select per parameter (each segment its own top-k) or per bucket (one top-k
    over all compressed segments).
-4. If the sparse payload would cost more than a dense allreduce
+5. Variable-count methods exchange payload sizes. If the sparse payload would
+   cost more than a dense allreduce
    (``world_size * payload_bytes >= 2 * numel * element_size``), move the same
    selection by allreduce instead (zeros elsewhere): a transport choice only.
    For the first iterations (``force_dense``) every coordinate is selected.
-5. Pack (indices, values, whole tensors) and allgather: one collective per bucket.
-   Before it, from this thread, every rank's descriptor of the bucket (configuration,
-   layout, step, epoch, wire dtype, payload size) is gathered and compared, so a rank
-   that disagrees raises :class:`StateMismatchError` on every rank instead of sending a
-   payload of another size (which aborts gloo). Variable-count methods take their
-   payload sizes from it. ``verify_every=0`` skips it for fixed-count methods.
-6. When the collective completes: validate every rank's payload, then
+6. Pack (indices, values, whole tensors) and allgather: one collective per bucket.
+   Every collective is issued from this thread, in call order.
+7. When the collective completes: validate every rank's payload, then
    scatter-add them in rank order, each scaled by ``1 / world_size``; apply the compressor's dense
    post-processing to whole tensors, remove what was sent from the memory and
-   write the result into the bucket.
+   write the result into the bucket. A failed collective raises
+   :class:`CommunicationError` naming the bucket, step and rank.
 
-Non-finite gradients: a rank with NaN/Inf leaves its memory untouched and flags
-its payload; every rank sees the flag, so all of them either raise
+Loss scaling (AMP's GradScaler): pass ``loss_scale`` (the factor the gradients
+carry). When it changes, the memory is rescaled by new/old before the bucket is
+compensated, so residuals and momentum never mix scales (GradScaler's factors are
+powers of two: the rescaling is exact). DGC's clipping norm and Threshold's tau are
+compared unscaled.
+
+Non-finite gradients: when the descriptors show a rank with NaN/Inf, no rank
+compensates, selects or sends anything: all of them raise
 :class:`NonFiniteGradientError` (``nonfinite="raise"``) or return a NaN bucket
-and keep their memory unmasked (``nonfinite="skip"``: AMP's GradScaler then
-skips the step and nothing is lost).
+(``nonfinite="skip"``: AMP's GradScaler then skips the step), and every rank's
+memory is exactly as before the step. On calls that are not verified
+(``verify_every`` > 1 or 0) the bad rank flags its payload instead: the outcome
+is the same except that finite ranks keep that step's gradient in their memory.
 
 Example::
 
@@ -56,7 +67,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import ops
-from .comm.base import Communicator
+from .comm.base import Communicator, completed_future
 from .compressors.base import Compressor
 from .errors import (
     BucketError,
@@ -77,6 +88,7 @@ NONFINITE_POLICIES = ("raise", "skip")
 PROTOCOL = 0x67730001  # descriptor format version; first field of every descriptor
 DESCRIPTOR_FIELDS = ("protocol version", "configuration (compressor and reducer options)", "bucket layout",
                      "bucket size", "step", "epoch", "wire dtype", "dense warm-up phase", "payload size")
+DESCRIPTOR_BYTES = 8 * (len(DESCRIPTOR_FIELDS) + 1)  # the compared fields, then "finite" (int64 each)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +208,7 @@ class SparseReducer:
         self.op = op
         self.verify_every = int(verify_every)
         self.memory = compressor.make_memory()
+        self._loss_scale: float | None = None
         self._config_crc = _crc((compressor.config(), granularity, self.min_compress_numel, nonfinite, op))
         self._calls = 0
         self._plans: dict[tuple, _Plan] = {}
@@ -244,15 +257,25 @@ class SparseReducer:
 
     # ---------------------------------------------------------------- selection
     def _compensate(self, flat: torch.Tensor, plan: _Plan) -> dict[str, torch.Tensor]:
-        world = self.communicator.world_size
-        return {s.key: self.memory.compensate(s.key, self.compressor.preprocess(flat[s.offset:s.offset + s.numel], world))
+        world, scale = self.communicator.world_size, self._loss_scale or 1.0
+        return {s.key: self.memory.compensate(
+                    s.key, self.compressor.preprocess(flat[s.offset:s.offset + s.numel], world, scale))
                 for s in plan.compressed}
+
+    def set_loss_scale(self, loss_scale: float) -> None:
+        """Declare the factor the next gradients carry; rescales the memory when it changed."""
+        if not (loss_scale > 0 and loss_scale != float("inf")):
+            raise InvalidConfigError(f"loss_scale must be a positive finite number, got {loss_scale!r}")
+        if self._loss_scale is not None and loss_scale != self._loss_scale:
+            self.memory.rescale(loss_scale / self._loss_scale)
+            logger.debug("gradsparse: loss scale %g -> %g, memory rescaled", self._loss_scale, loss_scale)
+        self._loss_scale = float(loss_scale)
 
     def _select(self, v: dict[str, torch.Tensor], plan: _Plan, step: int, epoch: int, wire: torch.dtype) -> list[_Selection]:
         selections = []
         for group in plan.groups:
             joined = v[group[0].key] if len(group) == 1 else torch.cat([v[s.key] for s in group])
-            chosen = self.compressor.select(joined, step, epoch)
+            chosen = self.compressor.select(joined, step, epoch, self._loss_scale or 1.0)
             starts = torch.tensor([0] + [s.numel for s in group], device=chosen.device).cumsum(0)
             cuts = torch.searchsorted(chosen, starts).tolist()
             for i, s in enumerate(group):
@@ -270,13 +293,14 @@ class SparseReducer:
         *,
         force_dense: bool = False,
         on_stats: Callable[[BucketStats], None] | None = None,
+        loss_scale: float | None = None,
     ) -> torch.futures.Future:
         """Reduce ``flat`` in place across ranks; returns a Future of ``flat``.
 
         ``segments`` lists the parameters in the bucket (None: one segment named
         ``"bucket"``). ``force_dense`` selects every coordinate (the hook's first
-        iterations). Every rank must call this with the same segments, step and
-        epoch, in the same order.
+        iterations). ``loss_scale``: see :meth:`set_loss_scale`. Every rank must
+        call this with the same segments, step and epoch, in the same order.
         """
         check_bucket(flat)
         if not flat.is_contiguous():
@@ -285,34 +309,41 @@ class SparseReducer:
         if segments is None:
             segments = [Segment("bucket", 0, flat.numel())]
         plan = self._plan(segments, flat.numel())
+        if loss_scale is not None:
+            self.set_loss_scale(loss_scale)
         started = time.perf_counter()
         finite = ops.all_finite(flat)
         wire = self.value_dtype or flat.dtype
+        same_size = force_dense or self.compressor.fixed_count
+        fixed = sum(s.numel for s in plan.compressed) if force_dense else self.fixed_count(plan, step, epoch)
+        self._calls += 1
+        control = 0  # bytes of descriptors and sizes this rank sent
+        if self.verify_every and (self._calls - 1) % self.verify_every == 0:
+            # before compensation: a non-finite rank anywhere leaves every rank's memory untouched
+            mine = [PROTOCOL, self._config_crc, plan.crc, flat.numel(), step, epoch, VALUE_DTYPES[wire],
+                    int(force_dense), PayloadLayout(fixed, plan.n_dense, wire).nbytes if same_size else -1,
+                    int(finite)]
+            descriptors = self._gather(lambda: self.communicator.allgather_ints(mine, flat.device), flat, step)
+            check_descriptors(descriptors, same_size)
+            control += DESCRIPTOR_BYTES
+            if not all(d[-1] for d in descriptors):
+                return self._skip_nonfinite(flat, plan, started, control, on_stats)
         selections: list[_Selection] = []
         if finite:
             v = self._compensate(flat, plan)
             selections = self._select_all(v, plan, wire) if force_dense else self._select(v, plan, step, epoch, wire)
             count = sum(s.local.numel() for s in selections)
-        elif force_dense:
-            count = sum(s.numel for s in plan.compressed)
         else:
-            count = self.fixed_count(plan, step, epoch) or 0
+            count = fixed or 0
         nbytes = PayloadLayout(count, plan.n_dense, wire).nbytes
-        same_size = force_dense or self.compressor.fixed_count
         sizes = None
-        self._calls += 1
-        if self.verify_every and (self._calls - 1) % self.verify_every == 0:
-            mine = [PROTOCOL, self._config_crc, plan.crc, flat.numel(), step, epoch, VALUE_DTYPES[wire],
-                    int(force_dense), nbytes]
-            descriptors = self._gather(lambda: self.communicator.allgather_ints(mine, flat.device), flat, step)
-            check_descriptors(descriptors, same_size)
-            sizes = None if same_size else [d[-1] for d in descriptors]
-        elif not same_size:
+        if not same_size:
             sizes = self._gather(lambda: self.communicator.exchange_sizes(nbytes, flat.device), flat, step)
+            control += 8
         largest = nbytes if sizes is None else max(sizes)
         world = self.communicator.world_size
         if not self._sparse_pays(largest, flat):
-            return self._allreduce(flat, plan, finite, selections, count, started, on_stats, step)
+            return self._allreduce(flat, plan, finite, selections, count, started, on_stats, step, control)
 
         whole_index = self._whole_index(plan, flat.device)
         dense = flat[whole_index] if whole_index is not None else flat.new_empty(0)
@@ -346,8 +377,8 @@ class SparseReducer:
                 return flat
             finally:
                 if on_stats is not None:
-                    on_stats(BucketStats(flat.numel(), count, plan.n_dense, payload.numel(), largest * world, False,
-                                         prepared + time.perf_counter() - t0))
+                    on_stats(BucketStats(flat.numel(), count, plan.n_dense, payload.numel() + control,
+                                         (largest + control) * world, False, prepared + time.perf_counter() - t0))
 
         return fut.then(finish)
 
@@ -355,7 +386,7 @@ class SparseReducer:
         return [_Selection(s, torch.arange(s.numel, device=v[s.key].device), v[s.key].to(wire).float())
                 for s in plan.compressed]
 
-    def _allreduce(self, flat, plan, finite, selections, count, started, on_stats, step) -> torch.futures.Future:
+    def _allreduce(self, flat, plan, finite, selections, count, started, on_stats, step, control):
         """Dense transport of the same selection: scatter it into the bucket and allreduce.
 
         Used when the sparse payload would cost more bytes than an allreduce; the
@@ -387,7 +418,8 @@ class SparseReducer:
             finally:
                 if on_stats is not None:
                     nbytes = flat.numel() * flat.element_size()
-                    on_stats(BucketStats(flat.numel(), count, plan.n_dense, nbytes, nbytes, True,
+                    on_stats(BucketStats(flat.numel(), count, plan.n_dense, nbytes + control,
+                                         nbytes + control * self.communicator.world_size, True,
                                          prepared + time.perf_counter() - t0))
 
         return fut.then(finish)
@@ -407,6 +439,16 @@ class SparseReducer:
         for s in plan.whole:
             self.memory.finish_whole(s.key, out[s.offset:s.offset + s.numel])
 
+    def _skip_nonfinite(self, flat, plan, started, control, on_stats) -> torch.futures.Future:
+        """Some rank's bucket is not finite (known from the descriptors): nothing was compensated anywhere."""
+        try:
+            self._on_nonfinite(flat)
+        finally:
+            if on_stats is not None:
+                on_stats(BucketStats(flat.numel(), 0, plan.n_dense, control, control * self.communicator.world_size,
+                                     False, time.perf_counter() - started))
+        return completed_future(flat)
+
     def _on_nonfinite(self, flat: torch.Tensor) -> None:
         if self.nonfinite == "raise":
             raise NonFiniteGradientError("a rank produced NaN/Inf gradients (nonfinite='raise'); "
@@ -417,10 +459,12 @@ class SparseReducer:
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """Plain tensors and numbers: loads with ``torch.load(weights_only=True)``."""
-        return {"compressor": self.compressor.config(), "memory": self.memory.state_dict()}
+        return {"compressor": self.compressor.config(), "memory": self.memory.state_dict(),
+                "loss_scale": self._loss_scale}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict["compressor"] != self.compressor.config():
             raise StateMismatchError(f"checkpoint was written by {state_dict['compressor']}, "
                                      f"this reducer uses {self.compressor.config()}")
         self.memory.load_state_dict(state_dict["memory"])
+        self._loss_scale = state_dict.get("loss_scale")

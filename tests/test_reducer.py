@@ -7,7 +7,7 @@ from gradsparse import DGC, Threshold, TopK
 from gradsparse.comm import LocalCommunicator
 from gradsparse.errors import BucketError, InvalidConfigError, UnsupportedGradientError
 from gradsparse.payload import PayloadLayout
-from gradsparse.reducer import Segment, SparseReducer
+from gradsparse.reducer import DESCRIPTOR_BYTES, Segment, SparseReducer
 
 
 def reducer(compressor=None, **kw):
@@ -113,10 +113,12 @@ def test_dense_fallback_moves_the_same_selection_and_is_counted():
 
 def test_stats_count_the_payload_bytes():
     stats = []
-    r = reducer(TopK(0.01))
-    r.reduce(torch.randn(10_000), [Segment("w", 0, 9_950), Segment("b", 9_950, 50)], 1, on_stats=stats.append).wait()
+    segments = [Segment("w", 0, 9_950), Segment("b", 9_950, 50)]
     expected = PayloadLayout(100, 50, torch.float32).nbytes
-    assert stats[0].bytes_sent == expected == stats[0].bytes_received
+    reducer(TopK(0.01)).reduce(torch.randn(10_000), segments, 1, on_stats=stats.append).wait()
+    assert stats[0].bytes_sent == expected + DESCRIPTOR_BYTES == stats[0].bytes_received
+    reducer(TopK(0.01), verify_every=0).reduce(torch.randn(10_000), segments, 1, on_stats=stats.append).wait()
+    assert stats[1].bytes_sent == expected == stats[1].bytes_received
     assert stats[0].selected == 100 and stats[0].whole == 50 and not stats[0].dense
 
 

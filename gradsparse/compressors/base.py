@@ -55,8 +55,12 @@ class Compressor(abc.ABC):
         """The compensation state this compressor needs."""
         return ResidualMemory() if self.error_feedback else Memory()
 
-    def preprocess(self, grad: torch.Tensor, world_size: int) -> torch.Tensor:
-        """Transform a fresh local gradient before compensation (DGC clips here)."""
+    def preprocess(self, grad: torch.Tensor, world_size: int, loss_scale: float = 1.0) -> torch.Tensor:
+        """Transform a fresh local gradient before compensation (DGC clips here).
+
+        ``loss_scale`` is the factor the gradient carries (AMP's GradScaler), so
+        norms can be compared unscaled.
+        """
         return grad
 
     def ratio(self, step: int, epoch: int) -> float | None:
@@ -69,8 +73,11 @@ class Compressor(abc.ABC):
         return None if ratio is None else count_for(ratio, numel)
 
     @abc.abstractmethod
-    def select(self, v: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
-        """Positions to send (int64, ascending) of the flat fp32 tensor ``v``."""
+    def select(self, v: torch.Tensor, step: int, epoch: int, loss_scale: float = 1.0) -> torch.Tensor:
+        """Positions to send (int64, ascending) of the flat fp32 tensor ``v``.
+
+        ``v`` carries the factor ``loss_scale`` (AMP); absolute thresholds scale with it.
+        """
 
     def config(self) -> dict:
         """Plain-data description, stored in checkpoints and compared on load."""

@@ -90,13 +90,13 @@ class DGC(Compressor):
     def make_memory(self):
         return DGCMemory(self.momentum, self.nesterov)
 
-    def preprocess(self, grad, world_size):
+    def preprocess(self, grad, world_size, loss_scale=1.0):
         if self.clip_norm is None:
             return grad
-        limit = self.clip_norm / math.sqrt(world_size)
+        limit = loss_scale * self.clip_norm / math.sqrt(world_size)
         norm = float(torch.linalg.vector_norm(grad, dtype=torch.float32))
         if norm > limit:
-            return grad * (limit / (norm + 1e-6))
+            return grad * (limit / (norm + 1e-6 * loss_scale))  # the same factor at any power-of-two scale
         return grad
 
     def ratio(self, step, epoch):
@@ -104,7 +104,7 @@ class DGC(Compressor):
             return self.target_ratio
         return self.warmup.ratio(self.target_ratio, step, epoch)
 
-    def select(self, v, step, epoch):
+    def select(self, v, step, epoch, loss_scale=1.0):
         k = self.count(v.numel(), step, epoch)
         return ops.sampled_topk_indices(v, k, self.sample_ratio, self._generator)
 

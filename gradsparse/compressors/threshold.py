@@ -36,8 +36,8 @@ class Threshold(Compressor):
             raise InvalidConfigError(f"threshold must be a finite number >= 0, got {threshold!r}")
         self.threshold = float(threshold)
 
-    def select(self, v, step, epoch):
-        return ops.threshold_indices(v, self.threshold)
+    def select(self, v, step, epoch, loss_scale=1.0):
+        return ops.threshold_indices(v, self.threshold * loss_scale)
 
     def config(self):
         return {**super().config(), "threshold": self.threshold}

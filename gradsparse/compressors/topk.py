@@ -39,7 +39,7 @@ class TopK(Compressor):
     def ratio(self, step, epoch):
         return self.target_ratio
 
-    def select(self, v, step, epoch):
+    def select(self, v, step, epoch, loss_scale=1.0):
         return ops.sampled_topk_indices(v, self.count(v.numel(), step, epoch), 0.01, self._generator)
 
     def config(self):
