@@ -87,6 +87,7 @@ class GradSparseState:
         "iter",
         "epoch",
         "_names",
+        "_numels",
         "_segments",
         "_lock",
         "_pending",
@@ -131,6 +132,7 @@ class GradSparseState:
         self.iter = 0
         self.epoch = 0
         self._names: dict[int, str] = {}
+        self._numels: dict[str, int] = {}
         self._bound = False
         if model is not None:
             self.bind(model)
@@ -151,6 +153,7 @@ class GradSparseState:
         """Key state by the parameter names of ``model`` (DDP or plain module)."""
         module = model.module if isinstance(model, DistributedDataParallel) else model
         self._names = {id(p): name for name, p in module.named_parameters()}
+        self._numels = {name: p.numel() for name, p in module.named_parameters()}
         self._bound = True
 
     def set_epoch(self, epoch: int) -> None:
@@ -212,15 +215,31 @@ class GradSparseState:
                 "rank": self.reducer.communicator.rank, **self.reducer.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore :meth:`state_dict` output; the world size must match (residuals are per rank)."""
-        world = self.reducer.communicator.world_size
-        if state_dict["world_size"] != world:
+        """Restore :meth:`state_dict` output of the same rank of a job of the same world size.
+
+        Raises :class:`StateMismatchError` (and changes nothing) when the world size,
+        rank or compressor differ, or when, with a bound model, the checkpoint holds
+        state for a parameter the model lacks or of another size. Parameters of the
+        model that the checkpoint has no state for start from zero state (e.g. a
+        tensor sent whole, or a newly added layer).
+        """
+        comm = self.reducer.communicator
+        if state_dict["world_size"] != comm.world_size:
             raise StateMismatchError(f"checkpoint was written with world size {state_dict['world_size']}, "
-                                     f"this job has {world}; per-rank residuals cannot be redistributed")
+                                     f"this job has {comm.world_size}; per-rank residuals cannot be redistributed")
+        if state_dict["rank"] != comm.rank:
+            raise StateMismatchError(f"checkpoint holds the state of rank {state_dict['rank']}, this is rank "
+                                     f"{comm.rank}: each rank must load its own file")
         if self._bound:
-            unknown = set(state_dict["memory"]["state"]) - set(self._names.values())
+            memory = state_dict["memory"]["state"]
+            unknown = set(memory) - set(self._numels)
             if unknown:
                 raise StateMismatchError(f"checkpoint holds state for parameters this model lacks: {sorted(unknown)[:5]}")
+            for name, slot in memory.items():
+                for buf_name, buf in slot.items():
+                    if buf.numel() != self._numels[name]:
+                        raise StateMismatchError(f"checkpoint state {name}.{buf_name} has {buf.numel()} elements, "
+                                                 f"the model's {name} has {self._numels[name]}")
         self.reducer.load_state_dict(state_dict)
         self.iter = int(state_dict["iter"])
         self.epoch = int(state_dict["epoch"])
