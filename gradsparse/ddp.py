@@ -30,6 +30,7 @@ optimizer with momentum when momentum correction is on.
 # No "from __future__ import annotations": DDP compares the hook's annotations
 # with dist.GradBucket and Future[Tensor] as objects, not strings.
 
+import collections
 import logging
 import threading
 
@@ -62,6 +63,8 @@ class GradSparseState:
         steps_per_epoch: lets epoch-based warm-up advance by itself; otherwise
             call :meth:`set_epoch` each epoch.
         log_every: log the step statistics at INFO level every this many steps.
+        history_size: steps kept in ``history`` (the oldest are dropped);
+            ``totals`` sums every step.
         grad_scaler: the ``torch.amp.GradScaler`` scaling this model's loss, if any:
             residuals and momentum are then kept in one scale (rescaled when the
             scaler's scale changes). Not pickled; pass it again after unpickling.
@@ -97,6 +100,7 @@ class GradSparseState:
         # stats
         "last_stats",
         "history",
+        "totals",
     ]
 
     def __init__(
@@ -114,6 +118,7 @@ class GradSparseState:
         verify_every: int = 1,
         steps_per_epoch: int | None = None,
         log_every: int = 100,
+        history_size: int = 10_000,
         grad_scaler: "torch.amp.GradScaler | None" = None,
     ):
         if int(start_iter) != start_iter or start_iter < 1:
@@ -142,7 +147,8 @@ class GradSparseState:
         self._closing = False
         self._current = StepStats(step=0)
         self.last_stats: StepStats | None = None
-        self.history: list[dict] = []
+        self.history: collections.deque[dict] = collections.deque(maxlen=history_size)
+        self.totals = StepStats(step=0)
         warmup = getattr(compressor, "warmup", None)
         if warmup is not None and warmup.unit == "epoch" and steps_per_epoch is None:
             logger.info("gradsparse: %s warms up per epoch: call state.set_epoch(epoch) at the start of each "
@@ -198,11 +204,13 @@ class GradSparseState:
     def _record(self, step: int, stats: BucketStats) -> None:
         with self._lock:
             self._current.add(stats)
+            self.totals.add(stats)
             self._pending -= 1
             if self._pending or not self._closing:
                 return
             done, self._current, self._closing = self._current, StepStats(step=step + 1), False
         self.last_stats = done
+        self.totals.step = done.step
         self.history.append(done.as_dict())
         logger.debug("%s", done)
         if self.log_every and done.step % self.log_every == 0:

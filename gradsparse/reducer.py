@@ -429,10 +429,11 @@ class SparseReducer:
         try:
             return collective()
         except Exception as err:
+            cause = str(err).splitlines()[0] if str(err) else repr(err)
             raise CommunicationError(
                 f"gradsparse: a collective for the {flat.numel()}-element bucket at step {step} failed on rank "
                 f"{self.communicator.rank}: a peer may have exited, the network failed, or the collective timed "
-                f"out (the timeout is set by init_process_group). Cause: {str(err).splitlines()[0] if str(err) else err!r}"
+                f"out (the timeout is set by init_process_group). Cause: {cause}"
             ) from err
 
     def _finish_whole(self, out: torch.Tensor, plan: _Plan) -> None:

@@ -63,7 +63,7 @@ def equivalence_worker(rank, world, names, steps=6):
                 worst = max(worst, float((b.grad.float() - a.grad.float()).abs().max()))
             for opt in opts:
                 opt.step()
-        stats = state.history[1:]
+        stats = list(state.history)[1:]
         report[name] = {"worst": worst, "sparse_steps": sum(s["dense_buckets"] < s["buckets"] for s in stats),
                         "steps": len(stats)}
     return report
@@ -114,7 +114,7 @@ def identical_worker(rank, world, steps=15):
             scale = 0.0 if (name == "threshold" and rank == world - 1) else 1.0  # last rank sends nothing
             (scale * loss_of(model, "mlp", rank, step)).backward()
             opt.step()
-        out[name] = {"hash": params_hash(model), "history": state.history}
+        out[name] = {"hash": params_hash(model), "history": list(state.history)}
     out["log_lines"] = [line for line in handler.lines if line.startswith("gradsparse step")]
     return out
 

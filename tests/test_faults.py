@@ -22,16 +22,27 @@ COLLECTIVE_TIMEOUT = 20
 COMPRESSORS = {"dgc": lambda: DGC(0.01, warmup=None), "threshold": lambda: Threshold(1e-3)}
 
 
-def train_until_fault(rank, world, victim, kill_step, compressor, steps=8):
-    """Train; rank ``victim`` SIGKILLs itself inside its sparse hook at ``kill_step``."""
+def train_until_fault(rank, world, victim, kill_step, compressor, when="before", kill_bucket=0, steps=8):
+    """Train; rank ``victim`` SIGKILLs itself in its sparse hook at ``kill_step``, bucket ``kill_bucket``.
+
+    ``when="before"``: before reducing the bucket (the others wait in the descriptor
+    exchange); ``"after"``: once its payload allgather has been issued.
+    """
     model = DDP(make_model("embed"), bucket_cap_mb=0.01)
     state = gddp.GradSparseState(COMPRESSORS[compressor](), model=model)
 
+    def die():
+        torch.save(time.time(), os.environ["GRADSPARSE_KILL_FILE"])
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def hook(state, bucket):
-        if rank == victim and state.iter == kill_step and bucket.index() == 0:
-            torch.save(time.time(), os.environ["GRADSPARSE_KILL_FILE"])
-            os.kill(os.getpid(), signal.SIGKILL)
-        return gddp.sparse_hook(state, bucket)
+        doomed = rank == victim and state.iter == kill_step and bucket.index() == kill_bucket
+        if doomed and when == "before":
+            die()
+        fut = gddp.sparse_hook(state, bucket)
+        if doomed:
+            die()
+        return fut
 
     model.register_comm_hook(state, hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -42,17 +53,19 @@ def train_until_fault(rank, world, victim, kill_step, compressor, steps=8):
     return {"steps": steps}
 
 
-@pytest.mark.parametrize("compressor", sorted(COMPRESSORS))
-def test_sigkill_of_one_rank_ends_in_an_error_on_the_others(tmp_path, monkeypatch, compressor):
+@pytest.mark.parametrize("compressor, when", [("dgc", "before"), ("threshold", "after")])
+def test_sigkill_of_one_rank_ends_in_an_error_on_the_others(tmp_path, monkeypatch, compressor, when):
     kill_file = tmp_path / "killed.pt"
     monkeypatch.setenv("GRADSPARSE_KILL_FILE", str(kill_file))
-    outcomes = run_world_outcomes(train_until_fault, 3, 2, 3, compressor, timeout=COLLECTIVE_TIMEOUT + 90,
+    outcomes = run_world_outcomes(train_until_fault, 3, 2, 3, compressor, when, timeout=COLLECTIVE_TIMEOUT + 90,
                                   collective_timeout=COLLECTIVE_TIMEOUT)
     assert outcomes[2]["exitcode"] == -signal.SIGKILL
     killed_at = torch.load(kill_file)
     for survivor in outcomes[:2]:
         assert survivor["exitcode"] == 1, survivor
-        assert "CommunicationError" in survivor["error"] and "step 3" in survivor["error"], survivor["error"]
+        # the step the victim died in, or the next one when its last payload had already gone out
+        assert "CommunicationError" in survivor["error"], survivor["error"]
+        assert "at step 3 " in survivor["error"] or "at step 4 " in survivor["error"], survivor["error"]
         assert survivor["time"] - killed_at < COLLECTIVE_TIMEOUT + 5
 
 
