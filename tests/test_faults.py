@@ -28,7 +28,7 @@ def train_until_fault(rank, world, victim, kill_step, compressor, when="before",
     ``when="before"``: before reducing the bucket (the others wait in the descriptor
     exchange); ``"after"``: once its payload allgather has been issued.
     """
-    model = DDP(make_model("embed"), bucket_cap_mb=0.01)
+    model = DDP(make_model("mlp"), bucket_cap_mb=0.01)  # buckets 0..2 from step 1 on
     state = gddp.GradSparseState(COMPRESSORS[compressor](), model=model)
 
     def die():
@@ -48,7 +48,7 @@ def train_until_fault(rank, world, victim, kill_step, compressor, when="before",
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(steps):
         opt.zero_grad()
-        loss_of(model, "embed", rank, step).backward()
+        loss_of(model, "mlp", rank, step).backward()
         opt.step()
     return {"steps": steps}
 
