@@ -6,7 +6,8 @@ the C++ extension (csrc/) is built against it, hence ``--no-build-isolation``.
 
 The extension is a CUDAExtension when torch has CUDA and nvcc is found, a
 CppExtension otherwise. ``GRADSPARSE_NO_EXTENSION=1`` skips it (the package then
-uses its pure-PyTorch kernels, with identical results).
+uses its pure-PyTorch kernels, with identical results). ``GRADSPARSE_SANITIZE=address,undefined``
+builds the CPU kernels with those sanitizers (used by csrc/sanitize.sh).
 """
 
 import glob
@@ -21,12 +22,18 @@ if os.environ.get("GRADSPARSE_NO_EXTENSION") != "1":
 
     sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    link = ["-fopenmp"]
+    sanitize = os.environ.get("GRADSPARSE_SANITIZE")
+    if sanitize:
+        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}", "-fno-sanitize-recover=all",
+               "-fopenmp", "-std=c++17"]
+        link = [f"-fsanitize={sanitize}", "-fopenmp"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     if torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources:
         ext = CUDAExtension("gradsparse._C", sources + cuda_sources, extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
-                            extra_link_args=["-fopenmp"])
+                            extra_link_args=link)
     else:
-        ext = CppExtension("gradsparse._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        ext = CppExtension("gradsparse._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     ext_modules, cmdclass = [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
 
 setup(

@@ -215,7 +215,12 @@ def unpack_add(
     a :class:`PayloadError` is raised before ``out`` is touched.
     """
     n_dense = 0 if dense_index is None else dense_index.numel()
-    parsed = [parse(p, out.numel(), value_dtype, n_dense) for p in payloads]
+    parsed = []
+    for rank, p in enumerate(payloads):
+        try:
+            parsed.append(parse(p, out.numel(), value_dtype, n_dense))
+        except PayloadError as err:
+            raise PayloadError(f"unpack_add: payload {rank}: {err}") from None
     if overwrite:
         out.zero_()
     flags = 0

@@ -107,3 +107,41 @@ def test_ranks_that_disagree_all_raise_an_error_naming_it(what, named):
         assert seen["error"] is not None and "StateMismatchError" in seen["error"], seen
         assert f"ranks disagree on the {named}" in seen["error"], seen["error"]
         assert seen["step"] == 0
+
+
+CORRUPTIONS = {  # (int32 position in the payload, value) written into rank 1's outgoing payload
+    "index_out_of_range": (8, 10**6),
+    "negative_index": (8, -5),
+    "wrong_dtype_code": (5, 2),
+}
+
+
+def corrupt_peer(rank, world, corruption):
+    """Rank 1's payloads are corrupted on their way out; every rank must refuse them, naming rank 1."""
+    model = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+    state = gddp.register(model, TopK(0.01))
+    if rank == 1:
+        comm = state.reducer.communicator
+        send = comm.allgather
+
+        def corrupted(payload, sizes=None):
+            payload = payload.clone()
+            position, value = CORRUPTIONS[corruption]
+            payload[:64].view(torch.int32)[position] = value
+            return send(payload, sizes)
+
+        comm.allgather = corrupted
+    loss_of(model, "mlp", rank, 0).backward()  # dense warm-up step: no payload
+    model.zero_grad()
+    try:
+        loss_of(model, "mlp", rank, 1).backward()
+    except RuntimeError as err:  # DDP rethrows the PayloadError raised in the future's callback
+        return {"error": str(err)}
+    return {"error": None}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_a_corrupt_payload_from_a_peer_is_refused_by_every_rank(corruption):
+    for outcome in run_world_outcomes(corrupt_peer, 3, corruption, timeout=120):
+        seen = outcome["result"]
+        assert seen["error"] and "PayloadError" in seen["error"] and "payload 1" in seen["error"], seen

@@ -5,7 +5,6 @@ import pathlib
 import pickle
 
 import pytest
-import torch
 import torch.distributed.distributed_c10d as c10d
 from torch.nn.parallel import DistributedDataParallel as DDP
 
