@@ -168,3 +168,20 @@ def test_threshold_without_verification_still_exchanges_sizes():
     r = SparseReducer(Threshold(0.5), comm, min_compress_numel=1, verify_every=0)
     r.reduce(torch.randn(1000), None, 0).wait()
     assert comm.exchanges == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("compressor", [TopK(0.01), DGC(0.01, warmup=None)], ids=["topk", "dgc"])
+def test_half_precision_gradients_keep_fp32_memory(dtype, compressor):
+    """Residuals of fp16/bf16 gradients are fp32 and accumulate at fp32 precision."""
+    r = reducer(compressor)
+    g = torch.full((5000,), 1e-4, dtype=dtype)
+    g[0] = 1.0  # the largest, so it is the coordinate sent every step
+    for step in range(1, 4):
+        r.reduce(g.clone(), [Segment("w", 0, 5000)], step).wait()
+    slots = r.memory.state["w"]
+    assert all(t.dtype == torch.float32 for t in slots.values())
+    if isinstance(compressor, TopK):  # coordinates never sent hold three steps' worth, summed in fp32
+        t = torch.tensor(float(g[1]))
+        never_sent = int((slots["residual"] == (t + t) + t).sum())
+        assert never_sent >= 5000 - 3 * 50
