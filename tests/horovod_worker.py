@@ -41,13 +41,16 @@ def equivalence(hvd, gh, rank, steps=6):
         "topk_ratio_1": ("mlp", lambda: TopK(1.0)),
         "topk_fewer_nonzeros_than_k": ("embed", lambda: TopK(0.05)),
         "threshold_tiny_tau": ("embed", lambda: Threshold(1e-30)),
+        "fp16_sparse": ("embed", lambda: TopK(0.05), torch.float16),
     }
     out = {}
-    for name, (kind, factory) in cases.items():
+    for name, (kind, factory, *dtype) in cases.items():
+        dtype = dtype[0] if dtype else torch.float32
+        tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
         params = {}
         compression = None
         for variant in ("plain", "sparse"):
-            model = make_model(kind)
+            model = make_model(kind).to(dtype)
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             if variant == "plain":
                 opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
@@ -56,9 +59,9 @@ def equivalence(hvd, gh, rank, steps=6):
                 opt = gh.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression)
             _train(model, opt, kind, rank, steps)
             params[variant] = [p.detach().clone() for p in model.parameters()]
-        worst = max(float((a - b).abs().max()) for a, b in zip(params["plain"], params["sparse"]))
+        worst = max(float((a.float() - b.float()).abs().max()) for a, b in zip(params["plain"], params["sparse"]))
         sparse_buckets = sum(s["buckets"] - s["dense_buckets"] for s in compression.history[1:])
-        out[name] = {"worst": worst, "close": all(torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+        out[name] = {"worst": worst, "close": all(torch.allclose(a, b, **tol)
                                                   for a, b in zip(params["plain"], params["sparse"])),
                      "sparse_buckets": sparse_buckets, "steps": len(compression.history)}
     return out

@@ -7,6 +7,7 @@ Makefile) and asserts on what every rank saved. One launch per world size keeps 
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ def _assert_nothing_dropped_equals_plain_horovod(results):
         # the embedding cases really went through the sparse allgather, not the dense fallback
         assert eq["topk_fewer_nonzeros_than_k"]["sparse_buckets"] >= eq["topk_fewer_nonzeros_than_k"]["steps"] - 1
         assert eq["threshold_tiny_tau"]["sparse_buckets"] >= eq["threshold_tiny_tau"]["steps"] - 1
+        assert eq["fp16_sparse"]["sparse_buckets"] >= eq["fp16_sparse"]["steps"] - 1
 
 
 def test_nothing_dropped_equals_uncompressed_horovod_world_2(world2):
@@ -149,3 +151,16 @@ def test_uneven_counts_and_empty_payloads_world_3(world3):
     silent = results[2]["uneven"]["threshold"]["history"][-1]
     assert silent["selected"] == 0 and silent["buckets"] - silent["dense_buckets"] >= 2
     assert results[0]["uneven"]["threshold"]["history"][-1]["selected"] > 0
+
+
+def test_doc_quick_start_runs_under_horovodrun(tmp_path):
+    with open(os.path.join(ROOT, "docs/horovod.md")) as f:
+        script = next(b for b in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S) if "hvd.init()" in b)
+    path = tmp_path / "train.py"
+    path.write_text("import torch\ntorch.set_num_threads(1)\n" + script)
+    proc = subprocess.run([HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(path)],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = re.findall(r"rank (\d): step 19: .*?ratio ([\d.]+)x", proc.stdout)
+    assert sorted(rank for rank, _ in reports) == ["0", "1"], proc.stdout[-3000:]
+    assert all(float(ratio) > 10 for _, ratio in reports), proc.stdout[-3000:]

@@ -1,6 +1,7 @@
 """gradsparse.comm.mpi under real ``mpirun`` (Open MPI from the registry), world sizes 2 and 3."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,3 +42,17 @@ def test_mpi_communicator_and_pipeline(world, tmp_path):
         assert r["bytes_sent"] > 0
     for name in results[0]["hashes"]:  # every rank ends bit-identical, also with a silent rank
         assert len({r["hashes"][name] for r in results}) == 1, name
+
+
+def test_doc_quick_start_runs_under_mpirun(tmp_path):
+    with open(os.path.join(ROOT, "docs/horovod.md")) as f:
+        script = next(b for b in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S) if "MPICommunicator()" in b)
+    path = tmp_path / "train_mpi.py"
+    path.write_text("import torch\ntorch.set_num_threads(1)\n" + script)
+    proc = subprocess.run([MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, str(path)],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sent = dict(re.findall(r"rank (\d): sent (\d+) bytes in 20 steps", proc.stdout))
+    assert sorted(sent) == ["0", "1"], proc.stdout
+    dense = 20 * 4 * (256 * 1024 + 1024 + 1024 * 10 + 10)
+    assert all(0 < int(n) < dense / 5 for n in sent.values()), (sent, dense)
