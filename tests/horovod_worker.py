@@ -187,6 +187,10 @@ def checkpoint(hvd, gh, rank):
     state.sync()  # same world: residuals kept
     kept = all(torch.equal(t, committed[k][n]) for k, s in compression.reducer.memory.state.items()
                for n, t in s.items())
+    # as if the job had been resized since the commit: sync() must drop the per-rank residuals
+    state._handlers["compression"]._saved["world_size"] += 1
+    state.sync()
+    dropped = compression.reducer.memory.state == {} and all(v == 4 for v in compression.steps.values())
 
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
@@ -197,7 +201,7 @@ def checkpoint(hvd, gh, rank):
     resumed = [p.detach().clone() for p in model2.parameters()]
     bad = dict(ckpt["gradsparse"], world_size=ckpt["gradsparse"]["world_size"] + 1)
     return {"resume_equal": all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed)),
-            "elastic_moved": moved, "elastic_restored": restored, "elastic_kept": kept,
+            "elastic_moved": moved, "elastic_restored": restored, "elastic_kept": kept, "elastic_dropped": dropped,
             "wrong_world": _error(lambda: compression2.load_state_dict(bad))}
 
 

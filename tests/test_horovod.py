@@ -140,7 +140,7 @@ def test_checkpoint_and_elastic_state_per_rank(world2):
     for r in world2[1]:
         c = r["checkpoint"]
         assert c["resume_equal"]
-        assert c["elastic_moved"] and c["elastic_restored"] and c["elastic_kept"]
+        assert c["elastic_moved"] and c["elastic_restored"] and c["elastic_kept"] and c["elastic_dropped"]
         assert c["wrong_world"].startswith("StateMismatchError")
 
 

@@ -65,7 +65,7 @@ class HorovodCommunicator(Communicator):
         finally:
             self._tag = previous
 
-    def _start(self, kind: str, handle, finish) -> torch.futures.Future:
+    def _start(self, handle, finish) -> torch.futures.Future:
         if self._tag in self._pending:
             raise RuntimeError(f"a collective tagged {self._tag!r} is already in flight; complete() it first")
         fut: torch.futures.Future = torch.futures.Future()
@@ -91,13 +91,13 @@ class HorovodCommunicator(Communicator):
                 raise RuntimeError(f"allgather returned {gathered.numel()} bytes, the ranks sent {sum(sizes)}")
             return list(torch.split(gathered, sizes))
 
-        return self._start("gather", handle, split)
+        return self._start(handle, split)
 
     def allreduce_sum(self, tensor):
         self.bytes_sent += tensor.numel() * tensor.element_size()
         handle = self._hvd.allreduce_async_(tensor, name=f"{self._tag}.dense", op=self._hvd.Sum,
                                             process_set=self.process_set)
-        return self._start("dense", handle, lambda reduced: reduced)
+        return self._start(handle, lambda reduced: reduced)
 
     def complete(self, tag: str) -> None:
         """Wait for the collective started under ``tag`` and fulfil its future (runs its callbacks here)."""
