@@ -23,12 +23,14 @@ from .test_ddp import DGC_CFG, reference_dgc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+if not os.path.exists(HOROVODRUN):
+    HOROVODRUN = shutil.which("horovodrun") or HOROVODRUN
 
 
 def horovodrun(np_, scenario, folder, timeout=240):
     env = dict(os.environ, PYTHONPATH=ROOT, GS_TEST_PORT=str(free_port()), HOROVOD_TIMELINE="DYNAMIC",
                OMP_NUM_THREADS="1")
-    cmd = [HOROVODRUN if os.path.exists(HOROVODRUN) else shutil.which("horovodrun"), "-np", str(np_),
+    cmd = [HOROVODRUN, "-np", str(np_),
            "-H", f"localhost:{np_}", "--gloo", sys.executable, "-m", "tests.horovod_worker", scenario, str(folder)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -13,11 +13,13 @@ from .test_ddp import reference_dgc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+if not os.path.exists(MPIRUN):
+    MPIRUN = shutil.which("mpirun") or MPIRUN
 
 
 def mpirun(np_, folder, timeout=120):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [MPIRUN if os.path.exists(MPIRUN) else shutil.which("mpirun"), "--allow-run-as-root", "--oversubscribe",
+    cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe",
            "-np", str(np_), sys.executable, "-m", "tests.mpi_worker", str(folder)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
