@@ -110,7 +110,8 @@ class SparseCompression:
         self.history: list[dict] = []
         self._params: dict[str, torch.Tensor] | None = None
         self._owner = None
-        self._by_grad: dict[int, str] = {}
+        self._next: dict[str | None, str] = {}  # name compressed after each name, last time
+        self._previous: str | None = None
         self._inflight: dict[str, int] = {}
         self._open: dict[int, StepStats] = {}
         if named_parameters is not None:
@@ -140,7 +141,7 @@ class SparseCompression:
                                      "create one SparseCompression per optimizer")
         self._check_same_on_every_rank(params)
         self._params = params
-        self._by_grad = {}
+        self._next, self._previous = {}, None
         if owner is not None:
             self._owner = owner
 
@@ -174,17 +175,21 @@ class SparseCompression:
 
     # --------------------------------------------------- Horovod's contract
     def _name_of(self, tensor: torch.Tensor) -> str:
+        """The bound parameter whose ``.grad`` is ``tensor``: O(1) when hooks fire in last step's order."""
         if self._params is None:
             raise InvalidConfigError(
                 "SparseCompression does not know the parameters: pass named_parameters=model.named_parameters() "
                 "to it, or use gradsparse.horovod.DistributedOptimizer, which binds it")
-        name = self._by_grad.get(id(tensor))
-        if name is not None and self._params[name].grad is tensor:
-            return name
-        self._by_grad = {id(p.grad): n for n, p in self._params.items() if p.grad is not None}
-        name = self._by_grad.get(id(tensor))
-        if name is not None:
-            return name
+        name = self._next.get(self._previous)
+        if name is None or self._params[name].grad is not tensor:
+            name = next((n for n, p in self._params.items() if p.grad is tensor), None)
+            if name is None:
+                self._refuse(tensor)
+        self._next[self._previous] = name
+        self._previous = name
+        return name
+
+    def _refuse(self, tensor: torch.Tensor) -> None:
         if any(p is tensor for p in self._params.values()):
             raise InvalidConfigError("compress() received a parameter instead of its gradient: the optimizer was "
                                      "built with op=hvd.Adasum, which cannot combine index/value pairs; "
