@@ -76,6 +76,7 @@ def dgc_run(gh, hvd, rank, timeline=None):
     for step in range(DGC_STEPS):
         if timeline and step == 1:
             hvd.start_timeline(timeline)
+            hvd.barrier()  # no rank starts step 1 before rank 0 (which writes the timeline) records
         opt.zero_grad()
         loss_of(model, "mlp", rank, step).backward()
         opt.step()
