@@ -43,7 +43,7 @@ setup(
     packages=find_packages(include=["gradsparse", "gradsparse.*"]),
     python_requires=">=3.10",
     install_requires=["numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"], "mpi": ["mpi4py", "openmpi"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,0 +1,83 @@
+"""Communicator over MPI (mpi4py): jobs launched with ``mpirun``, no torch.distributed.
+
+Payload sizes are exchanged with one ``Allgather`` of an int64 per rank; payloads
+then move with one ``Allgatherv`` (variable counts, no padding). Collectives are
+blocking and issued from the calling thread, in call order, so every rank issues
+them in the same order. Tensors on other devices are staged through host memory.
+
+Example (under ``mpirun -np 2``)::
+
+    from gradsparse import TopK, SparseReducer, Segment
+    from gradsparse.comm.mpi import MPICommunicator
+    reducer = SparseReducer(TopK(0.01), MPICommunicator())
+    for name, p in model.named_parameters():
+        reducer.reduce(p.grad.view(-1), [Segment(name, 0, p.numel())], step).wait()
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import Communicator, completed_future
+
+# dtypes MPI reduces natively (through numpy); others are summed in float32
+_NATIVE = (torch.float32, torch.float64, torch.int32, torch.int64)
+
+
+class MPICommunicator(Communicator):
+    """Allgatherv / Allreduce on an mpi4py communicator.
+
+    Args:
+        comm: an ``mpi4py.MPI.Comm``; None means ``MPI.COMM_WORLD``.
+    """
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI  # imported here: gradsparse never needs MPI unless this class is used
+
+        self._mpi = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        #: bytes this rank handed to collectives and got back, summed over calls
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @property
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.Get_size()
+
+    def exchange_sizes(self, nbytes, device):
+        mine = np.array([nbytes], dtype=np.int64)
+        every = np.empty(self.world_size, dtype=np.int64)
+        self.comm.Allgather(mine, every)
+        return [int(n) for n in every]
+
+    def allgather(self, payload, sizes=None):
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise TypeError(f"payloads are flat uint8 tensors, got {payload.dtype} of shape {tuple(payload.shape)}")
+        if sizes is None:
+            sizes = [payload.numel()] * self.world_size
+        if sizes[self.rank] != payload.numel():
+            raise ValueError(f"this rank's payload has {payload.numel()} bytes, the exchanged size is {sizes[self.rank]}")
+        host = payload.detach().cpu().contiguous()
+        received = torch.empty(sum(sizes), dtype=torch.uint8)
+        displacements = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.comm.Allgatherv(host.numpy(), [received.numpy(), (list(sizes), displacements.tolist()), self._mpi.BYTE])
+        self.bytes_sent += host.numel()
+        self.bytes_received += received.numel()
+        received = received.to(payload.device)
+        return completed_future([received[int(d):int(d) + s] for d, s in zip(displacements, sizes, strict=True)])
+
+    def allreduce_sum(self, tensor):
+        staged = tensor.detach().cpu().contiguous()
+        if staged.dtype not in _NATIVE:
+            staged = staged.float()
+        self.comm.Allreduce(self._mpi.IN_PLACE, staged.numpy())
+        self.bytes_sent += staged.numel() * staged.element_size()
+        self.bytes_received += staged.numel() * staged.element_size()
+        if staged.data_ptr() != tensor.data_ptr():
+            tensor.copy_(staged)
+        return completed_future(tensor)

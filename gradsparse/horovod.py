@@ -1,0 +1,390 @@
+"""Horovod: sparse gradients through an unmodified ``hvd.DistributedOptimizer``.
+
+Horovod calls ``compression.compress(grad)``, allreduces what it returns, then
+calls ``compression.decompress(reduced, ctx)`` and writes the result into
+``p.grad``. Sums of index/value pairs from different ranks mean nothing, so
+:class:`SparseCompression` does the real work around that contract:
+
+1. ``compress(grad)`` finds the parameter whose ``.grad`` this is (by identity;
+   hence the parameters it is bound to), runs the gradsparse pipeline
+   (:class:`~gradsparse.reducer.SparseReducer`: compensate, select, pack) and
+   starts a variable-length ``hvd.allgather_async`` of the payload named after the
+   parameter. It returns a one-element marker tensor for Horovod to allreduce.
+2. ``decompress(marker, ctx)`` waits for the allgather, unpacks every rank's pairs
+   into the gradient (averaged), updates the residual/momentum kept under the
+   parameter's name, and checks the marker: it reads exactly 1 after an average
+   (``world_size`` after a sum), so an optimizer reducing with another op is caught.
+
+Use :func:`DistributedOptimizer` (same signature as ``hvd.DistributedOptimizer``):
+it binds the compression to the parameters and refuses what cannot work before
+anything runs. Passing a :class:`SparseCompression` built with
+``named_parameters=`` straight to ``hvd.DistributedOptimizer`` works too, for
+``op=hvd.Average`` (see docs/horovod.md for what that path cannot check).
+
+Example (under ``horovodrun -np 2 -H localhost:2 --gloo python train.py``)::
+
+    import horovod.torch as hvd, gradsparse, gradsparse.horovod
+    hvd.init()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = gradsparse.horovod.DistributedOptimizer(
+        opt, named_parameters=model.named_parameters(),
+        compression=gradsparse.horovod.SparseCompression(gradsparse.DGC(0.001)))
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+
+import torch
+
+from .compressors.base import Compressor
+from .errors import InvalidConfigError, StateMismatchError
+from .reducer import Segment, SparseReducer
+from .stats import BucketStats, StepStats
+
+logger = logging.getLogger(__name__)
+
+
+def _hvd():
+    try:
+        import horovod.torch as hvd
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("gradsparse.horovod needs Horovod built with PyTorch support; see docs/horovod.md") from err
+    return hvd
+
+
+class SparseCompression:
+    """A Horovod ``compression=`` object that moves only index/value pairs.
+
+    Args:
+        compressor: a gradsparse ``TopK``, ``Threshold`` or ``DGC`` instance (one per optimizer).
+        named_parameters: ``model.named_parameters()``; needed when passing this
+            object to ``hvd.DistributedOptimizer`` directly (``DistributedOptimizer``
+            of this module binds it itself). Checked to be the same on every rank.
+        start_iter: iterations sent densely first (every coordinate selected), >= 1.
+        min_compress_numel, value_dtype, nonfinite: see :class:`~gradsparse.reducer.SparseReducer`.
+        op: ``"average"`` or ``"sum"``; must match the optimizer's op (checked every step).
+        steps_per_epoch: lets epoch-based warm-up advance by itself; else call :meth:`set_epoch`.
+        process_set: Horovod process set (None: global).
+        log_every: log step statistics at INFO every this many steps (0: never).
+
+    Example::
+
+        compression = gradsparse.horovod.SparseCompression(gradsparse.TopK(0.01))
+    """
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        *,
+        named_parameters=None,
+        start_iter: int = 1,
+        min_compress_numel: int = 4096,
+        value_dtype: torch.dtype | None = None,
+        nonfinite: str = "skip",
+        op: str = "average",
+        steps_per_epoch: int | None = None,
+        process_set=None,
+        log_every: int = 100,
+    ):
+        if int(start_iter) != start_iter or start_iter < 1:
+            raise InvalidConfigError(f"start_iter must be an integer >= 1 (iteration 0 is always dense), got {start_iter!r}")
+        if steps_per_epoch is not None and (int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1):
+            raise InvalidConfigError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
+        from .comm.horovod import HorovodCommunicator
+
+        self.compressor = compressor
+        self.communicator = HorovodCommunicator(process_set)
+        self.reducer = SparseReducer(compressor, self.communicator, granularity="parameter",
+                                     min_compress_numel=min_compress_numel, value_dtype=value_dtype,
+                                     nonfinite=nonfinite, op=op)
+        self.start_iter = int(start_iter)
+        self.steps_per_epoch = steps_per_epoch
+        self.log_every = int(log_every)
+        self.epoch = 0
+        #: compress() calls so far, per parameter name (the step each parameter is at)
+        self.steps: dict[str, int] = {}
+        self.last_stats: StepStats | None = None
+        self.history: list[dict] = []
+        self._params: dict[str, torch.Tensor] | None = None
+        self._owner = None
+        self._next: dict[str | None, str] = {}  # name compressed after each name, last time
+        self._previous: str | None = None
+        self._inflight: dict[str, int] = {}
+        self._open: dict[int, StepStats] = {}
+        if named_parameters is not None:
+            self.bind(named_parameters)
+
+    # ------------------------------------------------------------------ setup
+    def bind(self, named_parameters, *, owner=None) -> None:
+        """Key state by these ``(name, parameter)`` pairs; collective: every rank must call it.
+
+        Raises ``StateMismatchError`` on every rank when the ranks' parameter sets
+        (names, shapes, dtypes) differ, ``InvalidConfigError`` when this object is
+        already used by another optimizer.
+        """
+        named = list(named_parameters)
+        if any(not (isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], torch.Tensor)) for x in named):
+            raise InvalidConfigError("named_parameters must be (name, tensor) pairs, e.g. model.named_parameters()")
+        params = dict(named)
+        if len(params) != len(named):
+            raise InvalidConfigError("parameter names in named_parameters must be unique")
+        if self._owner is not None and owner is not None and owner is not self._owner:
+            raise InvalidConfigError(
+                "this SparseCompression already serves another optimizer: its residuals and momentum belong to "
+                "that optimizer's parameters. Create one SparseCompression per optimizer.")
+        if self._params is not None and {n: id(p) for n, p in self._params.items()} != \
+                {n: id(p) for n, p in params.items()}:
+            raise InvalidConfigError("this SparseCompression is already bound to other parameters; "
+                                     "create one SparseCompression per optimizer")
+        self._check_same_on_every_rank(params)
+        self._params = params
+        self._next, self._previous = {}, None
+        if owner is not None:
+            self._owner = owner
+
+    def _check_same_on_every_rank(self, params: dict[str, torch.Tensor]) -> None:
+        hvd = self.communicator._hvd
+        text = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in sorted(params.items()))
+        digest = hashlib.sha256(text.encode()).digest()
+        mine = torch.tensor([len(params), *[int.from_bytes(digest[i:i + 7], "little") for i in range(0, 28, 7)]],
+                            dtype=torch.int64)
+        every = hvd.allgather(mine.view(1, -1), name="gradsparse.bind.parameters",
+                              process_set=self.communicator.process_set)
+        differ = [r for r in range(every.shape[0]) if not torch.equal(every[r], mine)]
+        if differ:
+            counts = every[:, 0].tolist()
+            raise StateMismatchError(
+                f"the ranks' parameter sets differ (names, shapes or dtypes): rank {self.communicator.rank} has "
+                f"{len(params)} parameters and differs from rank(s) {differ}; parameter counts by rank: {counts}. "
+                "Every rank must build the same model.")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the compressor the current epoch (for epoch-based warm-up)."""
+        self.epoch = int(epoch)
+
+    def current_epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch if self.steps_per_epoch else self.epoch
+
+    def _set_op(self, op: str) -> None:
+        if op != self.reducer.op and self.steps:
+            raise InvalidConfigError("the reduction op cannot change after training started")
+        self.reducer.op = op
+
+    # --------------------------------------------------- Horovod's contract
+    def _name_of(self, tensor: torch.Tensor) -> str:
+        """The bound parameter whose ``.grad`` is ``tensor``: O(1) when hooks fire in last step's order."""
+        if self._params is None:
+            raise InvalidConfigError(
+                "SparseCompression does not know the parameters: pass named_parameters=model.named_parameters() "
+                "to it, or use gradsparse.horovod.DistributedOptimizer, which binds it")
+        name = self._next.get(self._previous)
+        if name is None or self._params[name].grad is not tensor:
+            name = next((n for n, p in self._params.items() if p.grad is tensor), None)
+            if name is None:
+                self._refuse(tensor)
+        self._next[self._previous] = name
+        self._previous = name
+        return name
+
+    def _refuse(self, tensor: torch.Tensor) -> None:
+        if any(p is tensor for p in self._params.values()):
+            raise InvalidConfigError("compress() received a parameter instead of its gradient: the optimizer was "
+                                     "built with op=hvd.Adasum, which cannot combine index/value pairs; "
+                                     "use op=hvd.Average")
+        if any(p.grad is not None and p.grad.is_sparse for p in self._params.values()):
+            raise InvalidConfigError("compress() received a densified sparse gradient: sparse_as_dense=True is "
+                                     "refused with gradsparse (it would sparsify an already sparse gradient "
+                                     "densely); leave sparse_as_dense=False or use dense embeddings")
+        raise StateMismatchError("compress() received a tensor that is not the gradient of any parameter this "
+                                 "SparseCompression is bound to: is it shared with another optimizer or model? "
+                                 "Create one SparseCompression per optimizer")
+
+    def compress(self, tensor: torch.Tensor):
+        """Start the sparse reduction of one parameter's gradient; returns (marker, ctx)."""
+        name = self._name_of(tensor)
+        if name in self._inflight:
+            raise InvalidConfigError(f"compress() was called for {name!r} again before its decompress(): this "
+                                     "SparseCompression is shared by two optimizers; create one per optimizer")
+        step = self.steps.get(name, 0)
+        grad = tensor if tensor.is_contiguous() else tensor.contiguous()
+        flat = grad.view(-1)
+        tag = f"gradsparse.{name}"
+        with self.communicator.tagged(tag):
+            fut = self.reducer.reduce(flat, [Segment(name, 0, flat.numel())], step, self.current_epoch(step),
+                                      force_dense=step < self.start_iter, on_stats=lambda s: self._record(step, s))
+        self.steps[name] = step + 1
+        self._inflight[name] = step
+        return torch.ones(1, dtype=torch.float32, device=tensor.device), (name, tag, fut, grad)
+
+    def decompress(self, tensor: torch.Tensor, ctx) -> torch.Tensor:
+        """Finish the reduction started by :meth:`compress`; returns the averaged gradient."""
+        name, tag, fut, grad = ctx
+        try:
+            self.communicator.complete(tag)
+            self._check_marker(tensor)
+            out = fut.wait()
+        finally:
+            step = self._inflight.pop(name, None)
+            if step is not None and step not in self._inflight.values():
+                self._close(step)
+        return out.view(grad.shape)
+
+    def _check_marker(self, marker: torch.Tensor) -> None:
+        world = self.communicator.world_size
+        expected = 1.0 if self.reducer.op == "average" else float(world)
+        got = float(marker.reshape(-1)[0])
+        if abs(got - expected) > 1e-3 * expected:
+            ops = {1.0: "an average", float(world): "a sum"}
+            raise InvalidConfigError(
+                f"the optimizer reduced with {ops.get(got, f'an op giving {got}')}, this compression expects "
+                f"op={self.reducer.op!r}; pass op='sum' for hvd.Sum (or use gradsparse.horovod.DistributedOptimizer)")
+
+    # ------------------------------------------------------------------ stats
+    def _record(self, step: int, stats: BucketStats) -> None:
+        self._open.setdefault(step, StepStats(step=step)).add(stats)
+
+    def _close(self, step: int) -> None:
+        done = self._open.pop(step, None)
+        if done is None:
+            return
+        self.last_stats = done
+        self.history.append(done.as_dict())
+        logger.debug("%s", done)
+        if self.log_every and step % self.log_every == 0:
+            logger.info("gradsparse %s", done)
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        """Per-rank state: plain tensors and numbers (``torch.load(weights_only=True)`` loads it)."""
+        return {"steps": dict(self.steps), "epoch": self.epoch, "world_size": self.communicator.world_size,
+                "rank": self.communicator.rank, **self.reducer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict, *, check_world: bool = True) -> None:
+        """Restore :meth:`state_dict` output; the world size must match (residuals are per rank)."""
+        if check_world and state_dict["world_size"] != self.communicator.world_size:
+            raise StateMismatchError(f"checkpoint was written with world size {state_dict['world_size']}, this job "
+                                     f"has {self.communicator.world_size}; per-rank residuals cannot be redistributed")
+        if self._params is not None:
+            unknown = set(state_dict["memory"]["state"]) - set(self._params)
+            if unknown:
+                raise StateMismatchError(f"checkpoint holds state for parameters this model lacks: {sorted(unknown)[:5]}")
+        self.reducer.load_state_dict(state_dict)
+        self.steps = {str(k): int(v) for k, v in state_dict["steps"].items()}
+        self.epoch = int(state_dict["epoch"])
+
+    def __repr__(self) -> str:
+        return f"SparseCompression({self.compressor!r}, op={self.reducer.op!r}, start_iter={self.start_iter})"
+
+
+_UNSET = object()
+
+
+def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, backward_passes_per_step=1,
+                         op=_UNSET, gradient_predivide_factor=1.0, num_groups=0, groups=None,
+                         sparse_as_dense=False, process_set=_UNSET):
+    """``hvd.DistributedOptimizer`` with the same signature, binding and checking a :class:`SparseCompression`.
+
+    With any other ``compression`` it simply returns ``hvd.DistributedOptimizer(...)``.
+    With a :class:`SparseCompression` it refuses ``op=hvd.Adasum`` (and ops other than
+    Average / Sum), ``sparse_as_dense=True``, a compression already serving another
+    optimizer, parameter sets that differ between ranks, and (for DGC with momentum
+    correction) an optimizer with its own momentum; then binds the compression to the
+    parameters by name and builds Horovod's optimizer unchanged.
+
+    Example::
+
+        opt = gradsparse.horovod.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
+            compression=gradsparse.horovod.SparseCompression(gradsparse.TopK(0.01)))
+    """
+    hvd = _hvd()
+    compression = hvd.Compression.none if compression is _UNSET else compression
+    op = hvd.Average if op is _UNSET else op
+    process_set = hvd.global_process_set if process_set is _UNSET else process_set
+    if isinstance(compression, SparseCompression):
+        if op == hvd.Adasum:
+            raise InvalidConfigError("op=hvd.Adasum cannot combine index/value pairs from different ranks; "
+                                     "use op=hvd.Average (or hvd.Sum) with gradsparse")
+        if op not in (hvd.Average, hvd.Sum):
+            raise InvalidConfigError(f"gradsparse reduces with op=hvd.Average or hvd.Sum, got op={op!r}")
+        if sparse_as_dense:
+            raise InvalidConfigError("sparse_as_dense=True is refused with gradsparse: it densifies sparse "
+                                     "gradients only for gradsparse to sparsify them again, and hands compress() a "
+                                     "copy that is no parameter's gradient. Leave it False: sparse gradients then "
+                                     "go through Horovod's own sparse allgather, uncompressed")
+        if named_parameters is None:  # Horovod's own default names
+            named_parameters = [(f"allreduce.noname.{i}.{j}", p) for i, group in enumerate(optimizer.param_groups)
+                                for j, p in enumerate(group["params"])]
+        named_parameters = list(named_parameters)
+        from .ddp import check_optimizer
+
+        check_optimizer(optimizer, compression.compressor)
+        if process_set is not compression.communicator.process_set:
+            if compression.steps:
+                raise InvalidConfigError("the compression already ran on another process set")
+            compression.communicator.process_set = process_set
+        compression._set_op("average" if op == hvd.Average else "sum")
+        compression.bind(named_parameters, owner=optimizer)
+    return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=compression,
+                                    backward_passes_per_step=backward_passes_per_step, op=op,
+                                    gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
+                                    groups=groups, sparse_as_dense=sparse_as_dense, process_set=process_set)
+
+
+# ---------------------------------------------------------------------------------------- elastic
+def register_elastic() -> None:
+    """Let ``hvd.elastic.TorchState(..., compression=compression)`` save, restore and sync the state.
+
+    Per rank: ``commit()`` keeps a copy of this rank's residuals/momentum and steps,
+    ``restore()`` puts that copy back. ``sync()`` (after a membership change)
+    takes steps and epoch from rank 0; residuals are kept when the world size is
+    unchanged and dropped (with a warning) when it changed, because per-rank
+    residuals cannot be redistributed. Idempotent.
+
+    Example::
+
+        gradsparse.horovod.register_elastic()
+        state = hvd.elastic.TorchState(model=model, optimizer=opt, compression=compression)
+    """
+    from horovod.torch.elastic import state as elastic_state
+
+    registry = elastic_state.get_handler_registry()
+    if any(cls is SparseCompression for cls, _ in registry):
+        return
+    handler = _elastic_handler_class(elastic_state.StateHandler)
+    elastic_state.set_handler_registry([(SparseCompression, handler), *registry])
+
+
+def _elastic_handler_class(base):
+    class SparseCompressionHandler(base):
+        """Horovod elastic state handler for a :class:`SparseCompression` (per-rank state)."""
+
+        def __init__(self, compression: SparseCompression):
+            super().__init__(compression)
+            self.save()
+
+        def save(self):
+            self._saved = copy.deepcopy(self.value.state_dict())
+
+        def restore(self):
+            self.value.load_state_dict(copy.deepcopy(self._saved), check_world=False)
+
+        def sync(self):
+            hvd = self.value.communicator._hvd
+            shared = hvd.broadcast_object({"steps": self.value.steps, "epoch": self.value.epoch}, root_rank=0,
+                                          name="gradsparse.elastic.sync")
+            self.value.steps = dict(shared["steps"])
+            self.value.epoch = int(shared["epoch"])
+            if self._saved["world_size"] != self.value.communicator.world_size:
+                logger.warning("gradsparse: world size changed from %d to %d; residuals and momentum reset",
+                               self._saved["world_size"], self.value.communicator.world_size)
+                self.value.reducer.memory = self.value.compressor.make_memory()
+            self.save()
+
+    return SparseCompressionHandler
+
+
+__all__ = ["DistributedOptimizer", "SparseCompression", "register_elastic"]

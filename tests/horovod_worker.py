@@ -1,0 +1,268 @@
+"""One rank of the Horovod tests; launched by tests/test_horovod.py under ``horovodrun --gloo``.
+
+``python -m tests.horovod_worker SCENARIO OUTDIR``: runs the scenario's checks with real
+Horovod collectives and saves this rank's findings to ``OUTDIR/rank{r}.pt`` for the test to
+assert on. Horovod and torch.distributed are imported inside ``main`` only (pytest collects
+this module for doctests).
+"""
+
+import io
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+from gradsparse import DGC, Threshold, TopK
+
+from .models import loss_of, make_model, params_hash
+from .test_ddp import DGC_CFG, DGC_STEPS, LR, MIN_NUMEL
+
+
+def _train(model, opt, kind, rank, steps, first=0):
+    for step in range(first, first + steps):
+        opt.zero_grad()
+        loss_of(model, kind, rank, step).backward()
+        opt.step()
+
+
+def _error(fn) -> str:
+    """Run ``fn``; return ``"TypeName: message"`` of what it raised, or ``"no error"``."""
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - the test inspects type and message
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def equivalence(hvd, gh, rank, steps=6):
+    """Parameters after ``steps`` with gradsparse compressions that drop nothing vs no compression."""
+    cases = {
+        "topk_ratio_1": ("mlp", lambda: TopK(1.0)),
+        "topk_fewer_nonzeros_than_k": ("embed", lambda: TopK(0.05)),
+        "threshold_tiny_tau": ("embed", lambda: Threshold(1e-30)),
+        "fp16_sparse": ("embed", lambda: TopK(0.05), torch.float16),
+    }
+    out = {}
+    for name, (kind, factory, *dtype) in cases.items():
+        dtype = dtype[0] if dtype else torch.float32
+        tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+        params = {}
+        compression = None
+        for variant in ("plain", "sparse"):
+            model = make_model(kind).to(dtype)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            if variant == "plain":
+                opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+            else:
+                compression = gh.SparseCompression(factory(), min_compress_numel=1000)
+                opt = gh.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression)
+            _train(model, opt, kind, rank, steps)
+            params[variant] = [p.detach().clone() for p in model.parameters()]
+        worst = max(float((a.float() - b.float()).abs().max()) for a, b in zip(params["plain"], params["sparse"]))
+        sparse_buckets = sum(s["buckets"] - s["dense_buckets"] for s in compression.history[1:])
+        out[name] = {"worst": worst, "close": all(torch.allclose(a, b, **tol)
+                                                  for a, b in zip(params["plain"], params["sparse"])),
+                     "sparse_buckets": sparse_buckets, "steps": len(compression.history)}
+    return out
+
+
+def dgc_run(gh, hvd, rank, timeline=None):
+    """The DGC configuration of tests/test_ddp.py through Horovod; optionally record a timeline."""
+    model = make_model("mlp")
+    compression = gh.SparseCompression(DGC(**DGC_CFG), min_compress_numel=MIN_NUMEL)
+    opt = gh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
+                                  named_parameters=model.named_parameters(), compression=compression)
+    for step in range(DGC_STEPS):
+        if timeline and step == 1:
+            hvd.start_timeline(timeline)
+            hvd.barrier()  # no rank starts step 1 before rank 0 (which writes the timeline) records
+        opt.zero_grad()
+        loss_of(model, "mlp", rank, step).backward()
+        opt.step()
+    if timeline:
+        hvd.stop_timeline()
+    return model, compression
+
+
+def dgc_through_ddp(rank, world):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradsparse import ddp as gddp
+
+    model = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    gddp.register(model, DGC(**DGC_CFG), optimizer=opt, min_compress_numel=MIN_NUMEL)
+    _train(model, opt, "mlp", rank, DGC_STEPS)
+    params = [p.detach().clone() for p in model.parameters()]
+    del model, opt
+    dist.barrier()
+    return params
+
+
+def refusals(hvd, gh, rank, world):
+    seen = {}
+    model = make_model("mlp")
+
+    def sgd(m=model, **kw):
+        return torch.optim.SGD(m.parameters(), lr=0.1, **kw)
+
+    seen["adasum"] = _error(lambda: gh.DistributedOptimizer(
+        sgd(), named_parameters=model.named_parameters(), compression=gh.SparseCompression(TopK(0.01)), op=hvd.Adasum))
+    seen["sparse_as_dense"] = _error(lambda: gh.DistributedOptimizer(
+        sgd(), named_parameters=model.named_parameters(), compression=gh.SparseCompression(TopK(0.01)),
+        sparse_as_dense=True))
+    seen["momentum"] = _error(lambda: gh.DistributedOptimizer(
+        sgd(momentum=0.9), named_parameters=model.named_parameters(), compression=gh.SparseCompression(DGC(0.01))))
+
+    shared = gh.SparseCompression(TopK(0.01))
+    gh.DistributedOptimizer(sgd(), named_parameters=model.named_parameters(), compression=shared)
+    other = make_model("mlp")
+    seen["shared"] = _error(lambda: gh.DistributedOptimizer(
+        sgd(other), named_parameters=other.named_parameters(), compression=shared))
+
+    # mismatched parameter sets: the last rank's model has one more layer
+    mismatched = make_model("mlp")
+    if rank == world - 1:
+        mismatched.add_module("extra", nn.Linear(3, 3))
+    seen["mismatch"] = _error(lambda: gh.DistributedOptimizer(
+        sgd(mismatched), named_parameters=mismatched.named_parameters(), compression=gh.SparseCompression(TopK(0.01))))
+
+    # The same refusals when the compression goes straight to an unmodified hvd.DistributedOptimizer.
+    def plain_step(kind, m, **kw):
+        opt = hvd.DistributedOptimizer(sgd(m), named_parameters=m.named_parameters(), **kw)
+        opt.zero_grad()
+        loss_of(m, kind, rank, 0).backward()
+        opt.step()
+
+    m = make_model("mlp")
+    seen["plain_unbound"] = _error(lambda: plain_step("mlp", m, compression=gh.SparseCompression(TopK(0.01))))
+    m = make_model("mlp")
+    seen["plain_sum"] = _error(lambda: plain_step(
+        "mlp", m, compression=gh.SparseCompression(TopK(0.01), named_parameters=m.named_parameters()), op=hvd.Sum))
+    m = make_model("embed")
+    m.embed.sparse = True
+    seen["plain_sparse_as_dense"] = _error(lambda: plain_step(
+        "embed", m, compression=gh.SparseCompression(TopK(0.01), named_parameters=m.named_parameters()),
+        sparse_as_dense=True))
+    m, m2 = make_model("mlp"), make_model("mlp")
+    c = gh.SparseCompression(TopK(0.01), named_parameters=m.named_parameters())
+    seen["plain_shared"] = _error(lambda: plain_step("mlp", m2, compression=c))
+    m = make_model("mlp")
+    seen["plain_adasum"] = _error(lambda: plain_step(
+        "mlp", m, compression=gh.SparseCompression(TopK(0.01), named_parameters=m.named_parameters()), op=hvd.Adasum))
+
+    # After every refusal Horovod still works: a sparse run completes.
+    m = make_model("mlp")
+    c = gh.SparseCompression(TopK(0.01), named_parameters=m.named_parameters())
+    plain_step("mlp", m, compression=c)
+    seen["after"] = c.steps
+    return seen
+
+
+def checkpoint(hvd, gh, rank):
+    """Save at step 4, resume in a fresh model/optimizer/compression; compare with the uninterrupted run."""
+    def build():
+        model = make_model("mlp")
+        compression = gh.SparseCompression(DGC(0.02, warmup=None), min_compress_numel=MIN_NUMEL)
+        opt = gh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                      named_parameters=model.named_parameters(), compression=compression)
+        return model, opt, compression
+
+    model, opt, compression = build()
+    _train(model, opt, "mlp", rank, 4)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "gradsparse": compression.state_dict()}, buf)
+    gh.register_elastic()
+    state = hvd.elastic.TorchState(model=model, optimizer=opt, compression=compression)
+    state.commit()
+    committed = {k: {n: t.clone() for n, t in s.items()} for k, s in compression.reducer.memory.state.items()}
+    _train(model, opt, "mlp", rank, 8, first=4)
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+    moved = any(not torch.equal(t, committed[k][n]) for k, s in compression.reducer.memory.state.items()
+                for n, t in s.items())
+    state.restore()
+    restored = all(torch.equal(t, committed[k][n]) for k, s in compression.reducer.memory.state.items()
+                   for n, t in s.items()) and all(v == 4 for v in compression.steps.values())
+    state.sync()  # same world: residuals kept
+    kept = all(torch.equal(t, committed[k][n]) for k, s in compression.reducer.memory.state.items()
+               for n, t in s.items())
+    # as if the job had been resized since the commit: sync() must drop the per-rank residuals
+    state._handlers["compression"]._saved["world_size"] += 1
+    state.sync()
+    dropped = compression.reducer.memory.state == {} and all(v == 4 for v in compression.steps.values())
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2, opt2, compression2 = build()
+    model2.load_state_dict(ckpt["model"])
+    compression2.load_state_dict(ckpt["gradsparse"])
+    _train(model2, opt2, "mlp", rank, 8, first=4)
+    resumed = [p.detach().clone() for p in model2.parameters()]
+    bad = dict(ckpt["gradsparse"], world_size=ckpt["gradsparse"]["world_size"] + 1)
+    return {"resume_equal": all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed)),
+            "elastic_moved": moved, "elastic_restored": restored, "elastic_kept": kept, "elastic_dropped": dropped,
+            "wrong_world": _error(lambda: compression2.load_state_dict(bad))}
+
+
+def uneven(hvd, gh, rank, world, steps=12):
+    """Threshold with a silent last rank (empty payloads), DGC and TopK: every rank ends identical."""
+    out = {}
+    for name, factory in {"threshold": lambda: Threshold(0.02), "topk": lambda: TopK(0.01),
+                          "dgc": lambda: DGC(0.01, warmup=None)}.items():
+        model = make_model("mlp")
+        compression = gh.SparseCompression(factory())
+        opt = gh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                      named_parameters=model.named_parameters(), compression=compression)
+        for step in range(steps):
+            opt.zero_grad()
+            scale = 0.0 if (name == "threshold" and rank == world - 1) else 1.0
+            (scale * loss_of(model, "mlp", rank, step)).backward()
+            opt.step()
+        out[name] = {"hash": params_hash(model), "history": compression.history}
+    return out
+
+
+def main(scenario: str, outdir: str) -> None:
+    import horovod.torch as hvd
+
+    import gradsparse.horovod as gh
+
+    torch.set_num_threads(1)
+    hvd.init()
+    rank, world = hvd.rank(), hvd.size()
+    result = {"rank": rank, "world": world}
+    dist = None
+    if scenario == "main":
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['GS_TEST_PORT']}",
+                                rank=rank, world_size=world)
+        result["equivalence"] = equivalence(hvd, gh, rank)
+        model, compression = dgc_run(gh, hvd, rank, timeline=os.path.join(outdir, "timeline.json"))
+        result["dgc_horovod"] = [p.detach().clone() for p in model.parameters()]
+        result["dgc_history"] = compression.history
+        result["dgc_ddp"] = dgc_through_ddp(rank, world)
+        result["refusals"] = refusals(hvd, gh, rank, world)
+        result["checkpoint"] = checkpoint(hvd, gh, rank)
+    elif scenario == "world3":
+        result["equivalence"] = equivalence(hvd, gh, rank, steps=4)
+        model, _ = dgc_run(gh, hvd, rank)
+        result["dgc_horovod"] = [p.detach().clone() for p in model.parameters()]
+        result["uneven"] = uneven(hvd, gh, rank, world)
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+    hvd.barrier()
+    hvd.shutdown()
+    if dist is not None:
+        dist.destroy_process_group()
+    # Skip interpreter teardown (torch 2.13 + gloo may abort there after the work is done; docs/ddp.md).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
