@@ -33,6 +33,7 @@ Example (under ``horovodrun -np 2 -H localhost:2 --gloo python train.py``)::
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import logging
@@ -65,6 +66,10 @@ class SparseCompression:
             of this module binds it itself). Checked to be the same on every rank.
         start_iter: iterations sent densely first (every coordinate selected), >= 1.
         min_compress_numel, value_dtype, nonfinite: see :class:`~gradsparse.reducer.SparseReducer`.
+        verify_every: compare the ranks' descriptors (configuration, layout, step, wire
+            dtype, finite) on every this many ``compress()`` calls: one blocking 80-byte
+            allgather each; every call by default, 0 never (see docs/reliability.md).
+        history_size: steps of statistics kept in ``history``.
         op: ``"average"`` or ``"sum"``; must match the optimizer's op (checked every step).
         steps_per_epoch: lets epoch-based warm-up advance by itself; else call :meth:`set_epoch`.
         process_set: Horovod process set (None: global).
@@ -88,6 +93,8 @@ class SparseCompression:
         steps_per_epoch: int | None = None,
         process_set=None,
         log_every: int = 100,
+        verify_every: int = 1,
+        history_size: int = 10_000,
     ):
         if int(start_iter) != start_iter or start_iter < 1:
             raise InvalidConfigError(f"start_iter must be an integer >= 1 (iteration 0 is always dense), got {start_iter!r}")
@@ -99,7 +106,7 @@ class SparseCompression:
         self.communicator = HorovodCommunicator(process_set)
         self.reducer = SparseReducer(compressor, self.communicator, granularity="parameter",
                                      min_compress_numel=min_compress_numel, value_dtype=value_dtype,
-                                     nonfinite=nonfinite, op=op)
+                                     nonfinite=nonfinite, op=op, verify_every=verify_every)
         self.start_iter = int(start_iter)
         self.steps_per_epoch = steps_per_epoch
         self.log_every = int(log_every)
@@ -107,7 +114,7 @@ class SparseCompression:
         #: compress() calls so far, per parameter name (the step each parameter is at)
         self.steps: dict[str, int] = {}
         self.last_stats: StepStats | None = None
-        self.history: list[dict] = []
+        self.history: collections.deque[dict] = collections.deque(maxlen=history_size)
         self._params: dict[str, torch.Tensor] | None = None
         self._owner = None
         self._next: dict[str | None, str] = {}  # name compressed after each name, last time

@@ -60,7 +60,7 @@ def equivalence(hvd, gh, rank, steps=6):
             _train(model, opt, kind, rank, steps)
             params[variant] = [p.detach().clone() for p in model.parameters()]
         worst = max(float((a.float() - b.float()).abs().max()) for a, b in zip(params["plain"], params["sparse"]))
-        sparse_buckets = sum(s["buckets"] - s["dense_buckets"] for s in compression.history[1:])
+        sparse_buckets = sum(s["buckets"] - s["dense_buckets"] for s in list(compression.history)[1:])
         out[name] = {"worst": worst, "close": all(torch.allclose(a, b, **tol)
                                                   for a, b in zip(params["plain"], params["sparse"])),
                      "sparse_buckets": sparse_buckets, "steps": len(compression.history)}
@@ -220,7 +220,7 @@ def uneven(hvd, gh, rank, world, steps=12):
             scale = 0.0 if (name == "threshold" and rank == world - 1) else 1.0
             (scale * loss_of(model, "mlp", rank, step)).backward()
             opt.step()
-        out[name] = {"hash": params_hash(model), "history": compression.history}
+        out[name] = {"hash": params_hash(model), "history": list(compression.history)}
     return out
 
 
@@ -242,7 +242,7 @@ def main(scenario: str, outdir: str) -> None:
         result["equivalence"] = equivalence(hvd, gh, rank)
         model, compression = dgc_run(gh, hvd, rank, timeline=os.path.join(outdir, "timeline.json"))
         result["dgc_horovod"] = [p.detach().clone() for p in model.parameters()]
-        result["dgc_history"] = compression.history
+        result["dgc_history"] = list(compression.history)
         result["dgc_ddp"] = dgc_through_ddp(rank, world)
         result["refusals"] = refusals(hvd, gh, rank, world)
         result["checkpoint"] = checkpoint(hvd, gh, rank)

@@ -17,6 +17,7 @@ import torch
 
 from gradsparse import DGC
 from gradsparse.payload import PayloadLayout
+from gradsparse.reducer import DESCRIPTOR_BYTES
 
 from .distributed import free_port
 from .test_ddp import DGC_CFG, reference_dgc
@@ -101,6 +102,7 @@ def test_bytes_through_horovod_are_the_sparse_payloads(world2):
     per_op = timeline_bytes(folder / "timeline.json")  # steps 1..7 of the DGC run
     gathered = sum(n for op, n in per_op.items() if op.startswith("allgather.gradsparse.") and op.endswith(".gather"))
     dense = sum(n for op, n in per_op.items() if op.startswith("allreduce.gradsparse.") and op.endswith(".dense"))
+    descriptors = sum(n for op, n in per_op.items() if op.endswith(".descriptor"))  # 80 B per rank and call
     markers = {op: n for op, n in per_op.items() if op.startswith("allreduce.") and "gradsparse" not in op}
     world = len(results)
     steps = [h for h in results[0]["dgc_history"] if h["step"] >= 1]
@@ -112,7 +114,8 @@ def test_bytes_through_horovod_are_the_sparse_payloads(world2):
     assert gathered == expected
     # and the ranks' own statistics agree with what Horovod moved
     sent = sum(h["bytes_sent"] for r in results for h in r["dgc_history"] if h["step"] >= 1)
-    assert gathered + world * dense == sent
+    assert descriptors == world * DESCRIPTOR_BYTES * 6 * len(steps)  # 6 parameters
+    assert gathered + world * dense + descriptors == sent
     # Horovod's own allreduce of each parameter carried only the 4-byte marker
     assert len(markers) == 6 and all(n == 4 * len(steps) for n in markers.values()), markers
     # after warm-up (steps 2..7, density 2 %) a rank sends a small fraction of the dense gradient

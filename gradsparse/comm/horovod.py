@@ -9,7 +9,7 @@ uses the parameter name); ranks may then issue them in different orders.
 Horovod's handles are not torch futures: :meth:`allgather` and
 :meth:`allreduce_sum` return a future that :meth:`complete` fulfils (it waits
 for the handle), which runs the reducer's unpack step in the caller's thread.
-:meth:`exchange_sizes` blocks.
+:meth:`exchange_sizes` and :meth:`allgather_ints` block.
 
 Example (under ``horovodrun -np 2``)::
 
@@ -73,10 +73,17 @@ class HorovodCommunicator(Communicator):
         return fut
 
     def exchange_sizes(self, nbytes, device):
-        mine = torch.tensor([nbytes], dtype=torch.int64)
+        return [values[0] for values in self._gather_ints([nbytes], "sizes")]
+
+    def allgather_ints(self, values, device):
+        return self._gather_ints(values, "descriptor")
+
+    def _gather_ints(self, values, what: str) -> list[list[int]]:
+        """Blocking allgather of one int64 row per rank, named ``{tag}.{what}``."""
+        mine = torch.tensor([list(values)], dtype=torch.int64)
         self.bytes_sent += mine.numel() * mine.element_size()
-        every = self._hvd.allgather(mine, name=f"{self._tag}.sizes", process_set=self.process_set)
-        return [int(n) for n in every]
+        every = self._hvd.allgather(mine, name=f"{self._tag}.{what}", process_set=self.process_set)
+        return every.tolist()
 
     def allgather(self, payload, sizes=None):
         if payload.dtype != torch.uint8 or payload.dim() != 1:

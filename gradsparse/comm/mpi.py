@@ -49,11 +49,13 @@ class MPICommunicator(Communicator):
     def world_size(self) -> int:
         return self.comm.Get_size()
 
-    def exchange_sizes(self, nbytes, device):
-        mine = np.array([nbytes], dtype=np.int64)
-        every = np.empty(self.world_size, dtype=np.int64)
+    def allgather_ints(self, values, device):
+        mine = np.array(list(values), dtype=np.int64)
+        every = np.empty((self.world_size, mine.size), dtype=np.int64)
         self.comm.Allgather(mine, every)
-        return [int(n) for n in every]
+        self.bytes_sent += mine.nbytes
+        self.bytes_received += every.nbytes
+        return every.tolist()
 
     def allgather(self, payload, sizes=None):
         if payload.dtype != torch.uint8 or payload.dim() != 1:
