@@ -83,12 +83,13 @@ def disagreeing_rank(rank, world, what):
     if what == "step" and odd:
         state.iter = 5  # e.g. a rank resumed from another checkpoint
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    started = time.monotonic()
     for step in range(4):
         opt.zero_grad()
         try:
             loss_of(model, "embed", rank, step).backward()
         except Exception as err:  # raised by the hook itself, before any payload moves
-            return {"error": f"{type(err).__name__}: {err}", "step": step}
+            return {"error": f"{type(err).__name__}: {err}", "step": step, "seconds": time.monotonic() - started}
         opt.step()
     return {"error": None}
 
