@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench cluster-bench cluster-bench-small clean
 
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
@@ -13,7 +13,7 @@ CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*
 $(VENV)/.installed: setup.py $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet torch==2.13.0 setuptools wheel
-	MAX_JOBS=2 $(VENV)/bin/pip install --quiet --no-build-isolation --use-pep517 -e '.[test]'
+	MAX_JOBS=2 $(VENV)/bin/pip install --quiet --no-build-isolation --use-pep517 -e '.[test,bench]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -26,6 +26,16 @@ test: setup
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
+
+# Bandwidth benchmark on an emulated cluster (root + iproute2; else loopback, said so). Full matrix:
+# 100 Mbit/s, 1 and 10 Gbit/s x 2 and 4 nodes x ResNet-50 shapes and an LSTM LM (about 40 min on 2 cores),
+# results in docs/cluster/; the small one takes a few minutes and writes benchmarks/results/cluster_small/.
+cluster-bench: setup
+	$(PY) -m benchmarks.cluster_bench --out docs/cluster
+
+cluster-bench-small: setup
+	$(PY) -m benchmarks.cluster_bench --rates 1gbit,10gbit --worlds 2 --models lstm --comm-sizes 1000000,5000000 \
+		--comm-repeats 3 --steps 3 --out benchmarks/results/cluster_small
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks benchmarks/results gradsparse/_C*.so
