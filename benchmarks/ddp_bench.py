@@ -68,14 +68,14 @@ class HookTimer:
         self.hook = timed
 
 
-def build(method: str, model_kind: str):
+def build(method: str, model_kind: str, powersgd_bucket_mb: float = 4096):
     """(model, optimizer, HookTimer or None, GradSparseState or None) for one method."""
     torch.manual_seed(0)
     net = make_model(model_kind)
     if method == "compute":
         return net, torch.optim.SGD(net.parameters(), lr=0.01), None, None
     one_bucket = method.startswith("powersgd")
-    model = DDP(net, bucket_cap_mb=4096 if one_bucket else 25)
+    model = DDP(net, bucket_cap_mb=powersgd_bucket_mb if one_bucket else 25)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.0 if method == "dgc0.1" else 0.9)
     timer, state = None, None
     if method == "fp16":
@@ -97,7 +97,7 @@ def build(method: str, model_kind: str):
 
 
 def run_method(method: str, args, rank: int) -> dict:
-    model, opt, timer, state = build(method, args.model)
+    model, opt, timer, state = build(method, args.model, args.powersgd_bucket_mb)
     gen = torch.Generator().manual_seed(1000 + rank)
     batches = [make_batch(args.model, args.batch, gen, args.image_size) for _ in range(4)]
     times, hook_s, compress_s, wire, lib_sent, losses = [], [], [], [], [], []
@@ -138,7 +138,7 @@ def run_method(method: str, args, rank: int) -> dict:
               "wire_bytes_per_step": statistics.median(wire),
               "wire_bytes_per_step_all_ranks": [statistics.median(w) for w in gather_floats(wire)],
               "lib_bytes_sent_per_step": statistics.median(lib_sent) if lib_sent else None,
-              "loss_last": losses[-1], "bucket_cap_mb": 4096 if method.startswith("powersgd") else 25}
+              "loss_last": losses[-1], "bucket_cap_mb": args.powersgd_bucket_mb if method.startswith("powersgd") else 25}
     del model, opt, state
     logger.info("%-10s step %.1f ms (min %.1f, max %.1f), wire %.0f B/step/rank", method,
                 1e3 * result["step_s"]["median"], 1e3 * result["step_s"]["min"], 1e3 * result["step_s"]["max"],
@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 3 for PowerSGD)")
     parser.add_argument("--batch", type=int, default=2, help="per-rank batch size")
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--powersgd-bucket-mb", type=float, default=4096,
+                        help="DDP bucket cap for PowerSGD (default: one bucket; 25 reproduces the gloo abort)")
     parser.add_argument("--link-bps", type=float, default=None, help="measured link rate (recorded only)")
     parser.add_argument("--out", default=None, help="JSON file (written by rank 0)")
     args = parser.parse_args()
