@@ -55,3 +55,14 @@ def test_cluster_bench_small_run_writes_results_tables_and_plots(tmp_path):
     assert "gradsparse DGC 0.1 %" in md and "dense fp32 (no hook)" in md and "Targets" in md
     for png in ("step_time_lstm.png", "bytes_lstm.png", "comm.png"):
         assert (tmp_path / "img" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_launch_and_benchmark_docstring_examples():
+    """Their doctests run here: `make test` collects doctests from gradsparse/ and tests/ only."""
+    import doctest
+    import importlib
+
+    for name in ("launch.cluster", "launch.linkrate", "benchmarks.bench_models", "benchmarks.wire",
+                 "benchmarks.cluster_report"):
+        result = doctest.testmod(importlib.import_module(name))
+        assert result.attempted > 0 and result.failed == 0, (name, result)
