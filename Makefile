@@ -28,8 +28,8 @@ bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
 
 # Bandwidth benchmark on an emulated cluster (root + iproute2; else loopback, said so). Full matrix:
-# 100 Mbit/s, 1 and 10 Gbit/s x 2 and 4 nodes x ResNet-50 shapes and an LSTM LM (about 40 min on 2 cores),
-# results in docs/cluster/; the small one takes a few minutes and writes benchmarks/results/cluster_small/.
+# 100 Mbit/s, 1 and 10 Gbit/s x 2 and 4 nodes x ResNet-50 shapes and an LSTM LM (44 min on the shared 2-core VM),
+# results in docs/cluster/; the small one (3 min there) writes benchmarks/results/cluster_small/.
 cluster-bench: setup
 	$(PY) -m benchmarks.cluster_bench --out docs/cluster
 
