@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench cluster-bench cluster-bench-small clean
 
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
@@ -21,7 +21,7 @@ HOROVOD_FLAGS := HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WIT
 $(VENV)/.installed: setup.py $(CSRC) $(HOROVOD_CMAKE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet torch==2.13.0 setuptools wheel
-	MAX_JOBS=2 $(VENV)/bin/pip install --quiet --no-build-isolation --use-pep517 -e '.[test,mpi]'
+	MAX_JOBS=2 $(VENV)/bin/pip install --quiet --no-build-isolation --use-pep517 -e '.[test,mpi,bench]'
 	command -v cmake >/dev/null || $(VENV)/bin/pip install --quiet cmake
 	PATH="$(abspath $(VENV))/bin:$$PATH" HOROVOD_CMAKE=$(CURDIR)/launch/horovod/cmake-cxx17 $(HOROVOD_FLAGS) \
 	  $(VENV)/bin/pip install --quiet --no-build-isolation horovod==0.28.1
@@ -37,6 +37,16 @@ test: setup
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
+
+# Bandwidth benchmark on an emulated cluster (root + iproute2; else loopback, said so). Full matrix:
+# 100 Mbit/s, 1 and 10 Gbit/s x 2 and 4 nodes x ResNet-50 shapes and an LSTM LM (44 min on the shared 2-core VM),
+# results in docs/cluster/; the small one (3 min there) writes benchmarks/results/cluster_small/.
+cluster-bench: setup
+	$(PY) -m benchmarks.cluster_bench --out docs/cluster
+
+cluster-bench-small: setup
+	$(PY) -m benchmarks.cluster_bench --rates 1gbit,10gbit --worlds 2 --models lstm --comm-sizes 1000000,5000000 \
+		--comm-repeats 3 --steps 3 --out benchmarks/results/cluster_small
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks benchmarks/results gradsparse/_C*.so

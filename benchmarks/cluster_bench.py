@@ -1,0 +1,167 @@
+"""The whole bandwidth benchmark on emulated clusters, in one command.
+
+For every (link rate, world size): bring up an emulated cluster (launch/cluster.py),
+measure the achieved link rate, run the communication microbenchmark
+(benchmarks/comm_bench.py) and the end-to-end DDP benchmark (benchmarks/ddp_bench.py,
+every method in one run) for each model with one torchrun per node, tear the
+cluster down. Results are appended to ``<out>/results.json`` after every point
+(``--resume`` skips points already there), then the tables and plots are written
+by benchmarks/cluster_report.py.
+
+    make cluster-bench            # the full matrix: 100 Mbit/s, 1 and 10 Gbit/s; 2 and 4 nodes; both models
+    make cluster-bench-small      # a few minutes: 1 and 10 Gbit/s, 2 nodes, LSTM, small comm sizes
+    python -m benchmarks.cluster_bench --rates 1gbit --worlds 4 --models resnet50
+
+Without root or iproute2 it says why and runs on loopback without shaping (``rate`` "loopback").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import cluster_report
+from launch.cluster import ClusterUnavailable, EmulatedCluster, unsupported_reason
+
+logger = logging.getLogger("cluster_bench")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _run(cluster: EmulatedCluster | None, world: int, script: str, args: list[str], log_path: str,
+         timeout: float, port: int) -> None:
+    with open(log_path, "a") as log:
+        log.write(f"\n=== {script} {' '.join(args)}\n")
+        log.flush()
+        if cluster is not None:
+            codes = cluster.run_torchrun(script, args, port=port, timeout=timeout, stdout=log, stderr=log)
+        else:
+            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(world),
+                    "--master-addr", "127.0.0.1", "--master-port", str(port), script, *args]
+            codes = [subprocess.run(argv, cwd=ROOT, stdout=log, stderr=log, timeout=timeout).returncode]
+    if any(codes):
+        raise RuntimeError(f"{script} failed on the cluster (exit codes {codes}); see {log_path}")
+
+
+def run_point(rate: str, world: int, opts, log_dir: str, bar: tqdm) -> dict:
+    point = {"rate": rate, "world": world, "load_before": load_average(), "started": time.strftime("%H:%M:%S")}
+    cluster = None if rate == "loopback" else EmulatedCluster(world, rate)
+    with tempfile.TemporaryDirectory() as tmp, (cluster if cluster is not None else _null()):
+        link_bps = None
+        if cluster is not None:
+            point["link"] = cluster.measure_rate(seconds=1.5)
+            link_bps = point["link"]["bits_per_s"]
+            point["burst_bytes"] = cluster.burst
+        log = os.path.join(log_dir, f"{rate}_w{world}.log")
+        link_arg = ["--link-bps", str(link_bps)] if link_bps else []
+        if not opts.skip_comm:
+            bar.set_postfix_str(f"{rate} x{world} comm")
+            out = os.path.join(tmp, "comm.json")
+            _run(cluster, world, "benchmarks/comm_bench.py", ["--sizes", opts.comm_sizes, "--densities",
+                 opts.densities, "--repeats", str(opts.comm_repeats), "--out", out, *link_arg], log, opts.timeout,
+                 opts.port)
+            with open(out) as f:
+                point["comm"] = json.load(f)
+            bar.update(1)
+        point["ddp"] = {}
+        for model in opts.models.split(","):
+            bar.set_postfix_str(f"{rate} x{world} {model}")
+            out = os.path.join(tmp, f"ddp_{model}.json")
+            steps = opts.steps if opts.slow_steps is None or rate == "loopback" or \
+                _bps(rate) >= 1e9 else opts.slow_steps
+            _run(cluster, world, "benchmarks/ddp_bench.py", ["--model", model, "--methods", opts.methods,
+                 "--steps", str(steps), "--warmup", str(opts.warmup), "--out", out, *link_arg], log, opts.timeout,
+                 opts.port)
+            with open(out) as f:
+                point["ddp"][model] = json.load(f)
+            bar.update(1)
+    point["load_after"] = load_average()
+    return point
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bps(rate: str) -> float:
+    from launch.linkrate import parse_rate
+
+    return parse_rate(rate)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", default="1gbit,10gbit,100mbit", help="link rates (tc syntax), run in this order")
+    parser.add_argument("--worlds", default="4,2", help="node counts (one rank per node)")
+    parser.add_argument("--models", default="resnet50,lstm")
+    parser.add_argument("--methods", default="compute,dense,fp16,powersgd1,powersgd4,topk1,dgc0.1")
+    parser.add_argument("--steps", type=int, default=5, help="timed DDP steps per method")
+    parser.add_argument("--slow-steps", type=int, default=3, help="timed steps below 1 Gbit/s (dense steps take s)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--comm-sizes", default="1000000,5000000,25000000")
+    parser.add_argument("--densities", default="0.001,0.01")
+    parser.add_argument("--comm-repeats", type=int, default=5)
+    parser.add_argument("--skip-comm", action="store_true")
+    parser.add_argument("--out", default="docs/cluster", help="folder for results.json, results.md and img/")
+    parser.add_argument("--log-dir", default="benchmarks/results/cluster_logs")
+    parser.add_argument("--resume", action="store_true", help="keep the points already in <out>/results.json")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per torchrun job")
+    parser.add_argument("--port", type=int, default=29530)
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.makedirs(opts.out, exist_ok=True)
+    os.makedirs(opts.log_dir, exist_ok=True)
+    results_path = os.path.join(opts.out, "results.json")
+    rates = opts.rates.split(",")
+    reason = unsupported_reason()
+    if reason:
+        logger.warning("emulated cluster unavailable: %s. Running on loopback WITHOUT link shaping instead.", reason)
+        rates = ["loopback"]
+    worlds = [int(w) for w in opts.worlds.split(",")]
+    results = {"points": []}
+    if opts.resume and os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+    results["meta"] = {"command": "python -m benchmarks.cluster_bench " + " ".join(argv or sys.argv[1:]),
+                       "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                       "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    done = {(p["rate"], p["world"]) for p in results["points"]}
+    todo = [(r, w) for r in rates for w in worlds if (r, w) not in done]
+    per_point = len(opts.models.split(",")) + (0 if opts.skip_comm else 1)
+    with tqdm(total=len(todo) * per_point, desc="cluster bench", unit="job") as bar:
+        for rate, world in todo:
+            try:
+                point = run_point(rate, world, opts, opts.log_dir, bar)
+            except (RuntimeError, TimeoutError, ClusterUnavailable) as err:
+                logger.error("point %s x%d failed: %s", rate, world, err)
+                results.setdefault("failed", []).append({"rate": rate, "world": world, "error": str(err)})
+                continue
+            results["points"] = [p for p in results["points"] if (p["rate"], p["world"]) != (rate, world)] + [point]
+            with open(results_path, "w") as f:
+                json.dump(results, f, indent=1)
+    with open(results_path, "w") as f:
+        json.dump(results, f, indent=1)
+    cluster_report.write_report(results, opts.out)
+    logger.info("results: %s, tables: %s, plots: %s", results_path, os.path.join(opts.out, "results.md"),
+                os.path.join(opts.out, "img"))
+
+
+if __name__ == "__main__":
+    main()
