@@ -4,6 +4,8 @@ Each run starts a real gloo world (world size 3 on loopback) and injects one fau
 
 * ``sigkill``: one rank SIGKILLs itself in its sparse hook, at a random step and bucket,
   before reducing the bucket or right after issuing its payload allgather;
+* ``stall``: one rank stalls in its hook for the collective timeout + 10 s (alive, silent):
+  the others must time out;
 * ``mismatch-config`` / ``mismatch-dtype`` / ``mismatch-step``: one rank runs another
   compressor ratio, another wire dtype, or another step counter (time to error: from the
   start of the first backward pass to the error, on the slowest rank).
@@ -57,6 +59,22 @@ def sigkill_run(rng: random.Random, collective_timeout: float) -> dict:
             "errors": [o.get("error", "")[:160] for o in survivors]}
 
 
+def stall_run(rng: random.Random, collective_timeout: float) -> dict:
+    step, bucket = rng.randint(1, 5), rng.randint(0, 2)
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["GRADSPARSE_KILL_FILE"] = os.path.join(folder, "stalled.pt")
+        os.environ["GRADSPARSE_HANG_SECONDS"] = str(collective_timeout + 10)
+        outcomes = run_world_outcomes(train_until_fault, 3, 2, step, "dgc", "hang", bucket,
+                                      timeout=collective_timeout + 120, collective_timeout=collective_timeout)
+        stalled_at = torch.load(os.environ["GRADSPARSE_KILL_FILE"])
+    survivors = outcomes[:2]
+    ok = all(o["exitcode"] == 1 and "CommunicationError" in o.get("error", "") for o in outcomes)
+    delays = [o["time"] - stalled_at for o in survivors if "time" in o]
+    return {"fault": "stall", "detail": f"dgc, step {step}, bucket {bucket}", "ok": ok and max(delays) < collective_timeout + 5,
+            "seconds_to_error": max(delays) if delays else None,
+            "errors": [o.get("error", "")[:160] for o in survivors]}
+
+
 def mismatch_run(what: str, collective_timeout: float) -> dict:
     outcomes = run_world_outcomes(disagreeing_rank, 3, what, timeout=collective_timeout + 120,
                                   collective_timeout=collective_timeout)
@@ -74,16 +92,21 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="runs per fault kind")
     parser.add_argument("--collective-timeout", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--faults", default="sigkill,stall,mismatch", help="comma-separated kinds to run")
     parser.add_argument("--out", default="benchmarks/results/faults.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rng = random.Random(args.seed)
-    plan = [("sigkill", None)] * args.runs + [("mismatch", w) for w in ("config", "wire_dtype", "step")
-                                               for _ in range(args.runs)]
+    kinds = args.faults.split(",")
+    plan = [(k, None) for k in ("sigkill", "stall") if k in kinds for _ in range(args.runs)]
+    if "mismatch" in kinds:
+        plan += [("mismatch", w) for w in ("config", "wire_dtype", "step") for _ in range(args.runs)]
     results = []
     for i, (kind, what) in enumerate(plan, 1):
-        result = sigkill_run(rng, args.collective_timeout) if kind == "sigkill" else \
-            mismatch_run(what, args.collective_timeout)
+        if kind == "mismatch":
+            result = mismatch_run(what, args.collective_timeout)
+        else:
+            result = (sigkill_run if kind == "sigkill" else stall_run)(rng, args.collective_timeout)
         results.append(result)
         logger.info("[%d/%d] %s (%s): %s in %.1f s", i, len(plan), result["fault"], result["detail"],
                     "ok" if result["ok"] else "FAILED", result["seconds_to_error"] or float("nan"))

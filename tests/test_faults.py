@@ -26,7 +26,9 @@ def train_until_fault(rank, world, victim, kill_step, compressor, when="before",
     """Train; rank ``victim`` SIGKILLs itself in its sparse hook at ``kill_step``, bucket ``kill_bucket``.
 
     ``when="before"``: before reducing the bucket (the others wait in the descriptor
-    exchange); ``"after"``: once its payload allgather has been issued.
+    exchange); ``"after"``: once its payload allgather has been issued; ``"hang"``: it
+    does not die but stalls for ``$GRADSPARSE_HANG_SECONDS`` before reducing the bucket
+    (the others must time out).
     """
     model = DDP(make_model("mlp"), bucket_cap_mb=0.01)  # buckets 0..2 from step 1 on
     state = gddp.GradSparseState(COMPRESSORS[compressor](), model=model)
@@ -37,6 +39,10 @@ def train_until_fault(rank, world, victim, kill_step, compressor, when="before",
 
     def hook(state, bucket):
         doomed = rank == victim and state.iter == kill_step and bucket.index() == kill_bucket
+        if doomed and when == "hang":
+            torch.save(time.time(), os.environ["GRADSPARSE_KILL_FILE"])
+            time.sleep(float(os.environ["GRADSPARSE_HANG_SECONDS"]))
+            doomed = False
         if doomed and when == "before":
             die()
         fut = gddp.sparse_hook(state, bucket)
@@ -67,6 +73,18 @@ def test_sigkill_of_one_rank_ends_in_an_error_on_the_others(tmp_path, monkeypatc
         assert "CommunicationError" in survivor["error"], survivor["error"]
         assert "at step 3 " in survivor["error"] or "at step 4 " in survivor["error"], survivor["error"]
         assert survivor["time"] - killed_at < COLLECTIVE_TIMEOUT + 5
+
+
+def test_a_stalled_rank_makes_the_others_time_out_with_an_error(tmp_path, monkeypatch):
+    timeout = 5
+    monkeypatch.setenv("GRADSPARSE_KILL_FILE", str(tmp_path / "stalled.pt"))
+    monkeypatch.setenv("GRADSPARSE_HANG_SECONDS", str(timeout + 10))
+    outcomes = run_world_outcomes(train_until_fault, 3, 2, 3, "dgc", "hang", timeout=120, collective_timeout=timeout)
+    stalled_at = torch.load(tmp_path / "stalled.pt")
+    for survivor in outcomes[:2]:
+        assert survivor["exitcode"] == 1 and "CommunicationError" in survivor["error"], survivor
+        assert timeout - 1 < survivor["time"] - stalled_at < timeout + 5, survivor["time"] - stalled_at
+    assert outcomes[2]["exitcode"] == 1  # the stalled rank fails too once it wakes: its peers are gone
 
 
 def disagreeing_rank(rank, world, what):
