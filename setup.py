@@ -36,7 +36,7 @@ setup(
     packages=find_packages(include=["gradsparse", "gradsparse.*"]),
     python_requires=">=3.10",
     install_requires=["numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
