@@ -1,8 +1,8 @@
 """Summarise the matrix: a markdown table, a JSON summary and PNG curves.
 
 Reads the per-run JSON files written by :mod:`benchmarks.convergence.run` and
-writes ``<docs>/convergence-results.json`` (per-run finals, curves and byte
-counts plus mean ± spread per configuration), ``<docs>/img/convergence-<task>-w<world>.png``
+writes ``<docs>/convergence<tag>-results.json`` (per-run finals, curves and byte
+counts plus mean ± spread per configuration), ``<docs>/img/convergence<tag>-<task>-w<world>.png``
 (validation metric per epoch, mean over seeds, min-max band) and prints the table.
 
 Example::
@@ -74,7 +74,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], img: str) -> list[str]:
+def plot(runs: list[dict], img: str, tag: str = "") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,29 +82,35 @@ def plot(runs: list[dict], img: str) -> list[str]:
 
     written = []
     for task, world in sorted({(r["task"], r["world"]) for r in runs}):
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, (ax, lx) = plt.subplots(1, 2, figsize=(12, 4.4))
+        metric = "accuracy"
         for method in METHODS:
             rs = [r for r in runs if (r["task"], r["world"], r["method"]) == (task, world, method)]
             if not rs:
                 continue
             metric = rs[0]["metric"]
             epochs = [p["epoch"] for p in rs[0]["curve"]]
-            values = [[p[metric] * (100 if metric == "accuracy" else 1) for p in r["curve"]] for r in rs]
-            mean = [statistics.mean(v) for v in zip(*values)]
-            line, = ax.plot(epochs, mean, label=f"{LABELS[method]} ({len(rs)} seeds)")
-            ax.fill_between(epochs, [min(v) for v in zip(*values)], [max(v) for v in zip(*values)],
-                            color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("epoch")
+            for axis, key, scale in ((ax, metric, 100 if metric == "accuracy" else 1), (lx, "train_loss", 1)):
+                values = [[p[key] * scale for p in r["curve"]] for r in rs]
+                line, = axis.plot(epochs, [statistics.mean(v) for v in zip(*values)],
+                                  label=f"{LABELS[method]} ({len(rs)} seeds)")
+                axis.fill_between(epochs, [min(v) for v in zip(*values)], [max(v) for v in zip(*values)],
+                                  color=line.get_color(), alpha=0.15)
         ax.set_ylabel("validation accuracy (%)" if metric == "accuracy" else "validation perplexity")
         if metric == "accuracy":
             ax.set_ylim(80, 100)
         else:
             ax.set_yscale("log")
-        ax.set_title(f"{task}, {world} ranks (gloo), mean over seeds, band: min-max")
-        ax.grid(alpha=0.3)
+        lx.set_yscale("log")
+        lx.set_ylabel("training loss (rank 0, epoch mean)")
+        epochs_run = next(r["config"]["epochs"] for r in runs if (r["task"], r["world"]) == (task, world))
+        fig.suptitle(f"{task}, {world} ranks (gloo), {epochs_run} epochs; mean over seeds, band: min-max", fontsize=11)
+        for axis in (ax, lx):
+            axis.set_xlabel("epoch")
+            axis.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(img, f"convergence-{task}-w{world}.png")
+        path = os.path.join(img, f"convergence{tag}-{task}-w{world}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -116,6 +122,7 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=DEFAULT_OUT)
     parser.add_argument("--docs", default="docs")
+    parser.add_argument("--tag", default="", help="inserted into the output file names (e.g. -long)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     runs = load(args.results)
@@ -123,8 +130,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"no results in {args.results}; run `python -m benchmarks.convergence run` first")
     rows = summarise(runs)
     os.makedirs(os.path.join(args.docs, "img"), exist_ok=True)
-    with open(os.path.join(args.docs, "convergence-results.json"), "w") as f:
+    with open(os.path.join(args.docs, f"convergence{args.tag}-results.json"), "w") as f:
         json.dump({"summary": rows, "runs": runs}, f, indent=1)
-    for path in plot(runs, os.path.join(args.docs, "img")):
+    for path in plot(runs, os.path.join(args.docs, "img"), args.tag):
         logger.info("wrote %s", path)
     print(table(rows))
