@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench cluster-bench cluster-bench-small clean
+.PHONY: setup demo test bench cluster-bench cluster-bench-small convergence clean
 
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
@@ -47,6 +47,11 @@ cluster-bench: setup
 cluster-bench-small: setup
 	$(PY) -m benchmarks.cluster_bench --rates 1gbit,10gbit --worlds 2 --models lstm --comm-sizes 1000000,5000000 \
 		--comm-repeats 3 --steps 3 --out benchmarks/results/cluster_small
+
+# Convergence matrix on real data (docs/convergence.md): about an hour on 2 shared cores; resumable.
+convergence: setup
+	nice -n 10 $(PY) -m benchmarks.convergence run
+	$(PY) -m benchmarks.convergence report
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks benchmarks/results gradsparse/_C*.so

@@ -43,8 +43,8 @@ setup(
     packages=find_packages(include=["gradsparse", "gradsparse.*"]),
     python_requires=">=3.10",
     install_requires=["numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"], "mpi": ["mpi4py", "openmpi"],
-                    "bench": ["tqdm", "matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "matplotlib"],
+                    "mpi": ["mpi4py", "openmpi"], "bench": ["tqdm", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
