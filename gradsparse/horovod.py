@@ -380,11 +380,13 @@ def _elastic_handler_class(base):
             self.value.load_state_dict(copy.deepcopy(self._saved), check_world=False)
 
         def sync(self):
-            hvd = self.value.communicator._hvd
-            shared = hvd.broadcast_object({"steps": self.value.steps, "epoch": self.value.epoch}, root_rank=0,
-                                          name="gradsparse.elastic.sync")
-            self.value.steps = dict(shared["steps"])
-            self.value.epoch = int(shared["epoch"])
+            # rank 0's counters as one int64 tensor (never a pickled object: peers are not trusted with
+            # deserialisation); the parameter names are bound and checked to be equal on every rank
+            hvd, names = self.value.communicator._hvd, sorted(self.value._params or {})
+            counters = torch.tensor([self.value.epoch] + [self.value.steps.get(n, 0) for n in names], dtype=torch.int64)
+            counters = hvd.broadcast(counters, root_rank=0, name="gradsparse.elastic.sync").tolist()
+            self.value.epoch = int(counters[0])
+            self.value.steps = {n: int(c) for n, c in zip(names, counters[1:], strict=True) if c}
             if self._saved["world_size"] != self.value.communicator.world_size:
                 logger.warning("gradsparse: world size changed from %d to %d; residuals and momentum reset",
                                self._saved["world_size"], self.value.communicator.world_size)
