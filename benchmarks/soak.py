@@ -30,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--probe-every", type=int, default=500)
+    parser.add_argument("--history-size", type=int, default=10_000,
+                        help="the hook's statistics history (about 1 KB per step until full)")
     parser.add_argument("--out", default="benchmarks/results/soak.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -37,7 +39,8 @@ def main() -> None:
     for name in METHODS:
         started = time.monotonic()
         logger.info("%s: %d steps at world size 3 ...", name, args.steps)
-        ranks = run_world(long_run_worker, 3, args.steps, args.probe_every, (name,), timeout=24 * 3600)
+        ranks = run_world(long_run_worker, 3, args.steps, args.probe_every, (name,), args.history_size,
+                          timeout=24 * 3600)
         results[name] = {"seconds": time.monotonic() - started,
                          "rss_mib": [{step: p["rss_mib"] for step, p in r[name]["probes"].items()} for r in ranks],
                          "trimmed_mib": [{step: p["trimmed_mib"] for step, p in r[name]["probes"].items()}
@@ -46,7 +49,7 @@ def main() -> None:
         logger.info("%s: done in %.0f s", name, results[name]["seconds"])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"steps": args.steps, "load": os.getloadavg(), "results": results}, f, indent=1)
+        json.dump({"steps": args.steps, "history_size": args.history_size, "load": os.getloadavg(), "results": results}, f, indent=1)
     probes = sorted(results[next(iter(results))]["rss_mib"][0])
     print("RSS in MiB, as is / after malloc_trim(0)\n")
     print("| method | rank | " + " | ".join(f"step {s}" for s in probes) + " | growth after first probe |")

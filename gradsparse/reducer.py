@@ -77,7 +77,7 @@ from .errors import (
     StateMismatchError,
     UnsupportedGradientError,
 )
-from .payload import FLAG_NONFINITE, INT32_MAX, VALUE_DTYPES, PayloadLayout
+from .payload import DTYPE_OF_CODE, FLAG_NONFINITE, INT32_MAX, VALUE_DTYPES, PayloadLayout
 from .stats import BucketStats
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,8 @@ def check_descriptors(descriptors: Sequence[Sequence[int]], same_size: bool) -> 
     for i, name in enumerate(fields[: len(descriptors[0])]):
         column = [d[i] for d in descriptors]
         if len(set(column)) > 1:
+            if name == "wire dtype":
+                column = [str(DTYPE_OF_CODE.get(code, code)) for code in column]
             raise StateMismatchError(f"ranks disagree on the {name}: {column} (by rank); every rank must run the "
                                      "same compressor, options and model at the same step and epoch")
 

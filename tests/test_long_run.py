@@ -36,13 +36,13 @@ def trimmed_rss_mib() -> float:
     return rss_mib()
 
 
-def long_run_worker(rank, world, steps, probe_every=100, methods=tuple(METHODS)):
+def long_run_worker(rank, world, steps, probe_every=100, methods=tuple(METHODS), history_size=10_000):
     """Train each method for ``steps`` steps; parameter hashes and RSS every ``probe_every`` steps."""
     out = {}
     for name in methods:
         model = DDP(make_model("mlp"), bucket_cap_mb=0.05)
         opt = torch.optim.SGD(model.parameters(), lr=0.02)
-        state = gddp.register(model, METHODS[name](), optimizer=opt, log_every=0)
+        state = gddp.register(model, METHODS[name](), optimizer=opt, log_every=0, history_size=history_size)
         probes = {}
         for step in range(steps):
             opt.zero_grad()
