@@ -325,7 +325,7 @@ class SparseReducer:
             mine = [PROTOCOL, self._config_crc, plan.crc, flat.numel(), step, epoch, VALUE_DTYPES[wire],
                     int(force_dense), PayloadLayout(fixed, plan.n_dense, wire).nbytes if same_size else -1,
                     int(finite)]
-            descriptors = self._gather(lambda: self.communicator.allgather_ints(mine, flat.device), flat, step)
+            descriptors = self._collective(lambda: self.communicator.allgather_ints(mine, flat.device), flat, step)
             check_descriptors(descriptors, same_size)
             control += DESCRIPTOR_BYTES
             if not all(d[-1] for d in descriptors):
@@ -340,7 +340,7 @@ class SparseReducer:
         nbytes = PayloadLayout(count, plan.n_dense, wire).nbytes
         sizes = None
         if not same_size:
-            sizes = self._gather(lambda: self.communicator.exchange_sizes(nbytes, flat.device), flat, step)
+            sizes = self._collective(lambda: self.communicator.exchange_sizes(nbytes, flat.device), flat, step)
             control += 8
         largest = nbytes if sizes is None else max(sizes)
         world = self.communicator.world_size
@@ -363,7 +363,7 @@ class SparseReducer:
         def finish(done: torch.futures.Future) -> torch.Tensor:
             t0 = time.perf_counter()
             try:
-                payloads = self._gather(done.value, flat, step)
+                payloads = self._collective(done.value, flat, step)
                 # accumulate in fp32: in the bucket itself when it is fp32, else in a temporary
                 out = flat if flat.dtype == torch.float32 else flat.new_empty(flat.numel(), dtype=torch.float32)
                 alpha = 1.0 / world if self.op == "average" else 1.0
@@ -409,7 +409,7 @@ class SparseReducer:
         def finish(done: torch.futures.Future) -> torch.Tensor:
             t0 = time.perf_counter()
             try:
-                self._gather(done.wait, flat, step)
+                self._collective(done.wait, flat, step)
                 if not finite or not ops.all_finite(flat):
                     self._on_nonfinite(flat)
                     return flat
@@ -426,7 +426,7 @@ class SparseReducer:
 
         return fut.then(finish)
 
-    def _gather(self, collective: Callable, flat: torch.Tensor, step: int):
+    def _collective(self, collective: Callable, flat: torch.Tensor, step: int):
         """Run or wait for a collective; a failure becomes a :class:`CommunicationError` saying where."""
         try:
             return collective()
