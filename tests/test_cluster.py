@@ -76,8 +76,11 @@ def test_delay_is_applied_or_refused_clearly_and_torn_down():
 @needs_netns
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_teardown_on_ctrl_c_and_sigterm(sig):
+    # Ctrl-C as in a terminal: a job started in the background by a non-interactive shell (as CI
+    # runners may) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     script = textwrap.dedent("""
-        import time
+        import signal, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from launch.cluster import EmulatedCluster
         with EmulatedCluster(2, rate="1gbit") as c:
             print(" ".join(c.namespaces), flush=True)
@@ -88,7 +91,10 @@ def test_teardown_on_ctrl_c_and_sigterm(sig):
     names = proc.stdout.readline().split()
     assert len(names) == 2 and set(names) <= set(list_namespaces())
     proc.send_signal(sig)
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
     assert not set(names) & set(list_namespaces())
 
 
