@@ -48,6 +48,9 @@ def timed(fn, repeats: int) -> tuple[list[float], float]:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    # a rank's own last sends may still sit in the shaped link's queue when its collective returns;
+    # once every rank is past the barrier they have all left this interface and are counted
+    dist.barrier()
     return times, per_rank_wire_bytes(tx_bytes() - before) / repeats
 
 

@@ -114,6 +114,8 @@ def run_method(method: str, args, rank: int) -> dict:
         loss.backward()
         opt.step()
         dt = time.perf_counter() - t0
+        if method != "compute":
+            dist.barrier()  # this rank's last sends have left the shaped link's queue (and are counted)
         sent = tx_bytes() - before
         if step < args.warmup:
             continue
