@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script by torchrun
+from benchmarks.teardown import exit_without_teardown
 from benchmarks.wire import gather_floats, per_rank_wire_bytes, slowest, summarize, tx_bytes, wire_iface
 from gradsparse import TopK, ops
 from gradsparse.comm import TorchDistCommunicator
@@ -117,10 +118,7 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
     dist.barrier()
-    dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    os._exit(0)  # torch 2.13 + gloo can abort in interpreter teardown (docs/ddp.md, "Shutting down")
+    exit_without_teardown()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script by torchrun
 from benchmarks.bench_models import loss_fn, make_batch, make_model
+from benchmarks.teardown import exit_without_teardown
 from benchmarks.wire import gather_floats, per_rank_wire_bytes, slowest, summarize, tx_bytes, wire_iface
 from gradsparse import DGC, TopK
 from gradsparse import ddp as gddp
@@ -183,10 +184,7 @@ def main() -> None:
                        "link_bps": args.link_bps, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
                        "image_size": args.image_size, "methods": results}, f, indent=1)
     dist.barrier()
-    dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    os._exit(0)  # torch 2.13 + gloo can abort in interpreter teardown (docs/ddp.md, "Shutting down")
+    exit_without_teardown()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 from benchmarks.bench_models import loss_fn, make_batch  # noqa: E402
 from benchmarks.ddp_bench import build  # noqa: E402
+from benchmarks.teardown import exit_without_teardown  # noqa: E402
 
 
 def main() -> None:
@@ -62,9 +63,7 @@ def main() -> None:
                            "compress_ms": 1e3 * statistics.median(compress) if compress else None}
     print(json.dumps({"model": args.model, "threads": args.threads, "load": os.getloadavg(), **results}))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    exit_without_teardown()
 
 
 if __name__ == "__main__":
