@@ -259,9 +259,9 @@ class SparseReducer:
 
     # ---------------------------------------------------------------- selection
     def _compensate(self, flat: torch.Tensor, plan: _Plan) -> dict[str, torch.Tensor]:
-        world, scale = self.communicator.world_size, self._loss_scale or 1.0
+        world, scale, average = self.communicator.world_size, self._loss_scale or 1.0, self.op == "average"
         return {s.key: self.memory.compensate(
-                    s.key, self.compressor.preprocess(flat[s.offset:s.offset + s.numel], world, scale))
+                    s.key, self.compressor.preprocess(flat[s.offset:s.offset + s.numel], world, scale, average))
                 for s in plan.compressed}
 
     def set_loss_scale(self, loss_scale: float) -> None:

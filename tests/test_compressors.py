@@ -61,12 +61,35 @@ def test_dgc_select_is_exact_topk():
     assert torch.equal(chosen, TopK(0.001).select(v, 0, 0))
 
 
-def test_dgc_local_clipping_scales_threshold_by_inverse_sqrt_world():
+def test_dgc_local_clipping_threshold_is_the_share_of_the_combined_gradient():
     g = torch.full((100,), 1.0)  # norm 10
-    clipped = DGC(0.01, clip_norm=4.0).preprocess(g, world_size=4)
-    assert float(clipped.norm()) == pytest.approx(2.0, rel=1e-5)
+    summed = DGC(0.01, clip_norm=4.0).preprocess(g, world_size=4, average=False)
+    assert float(summed.norm()) == pytest.approx(2.0, rel=1e-5)  # clip_norm / sqrt(4)
+    averaged = DGC(0.01, clip_norm=4.0).preprocess(g, world_size=4)
+    assert float(averaged.norm()) == pytest.approx(8.0, rel=1e-5)  # (g / 4) clipped at 4 / sqrt(4)
     small = torch.full((100,), 0.01)
     assert DGC(0.01, clip_norm=4.0).preprocess(small, world_size=4) is small
+    assert DGC(0.01, clip_norm=4.0).clip_limit(1) == DGC(0.01, clip_norm=4.0).clip_limit(1, average=False) == 4.0
+
+
+def _one_loud_rank(rank, world, op):
+    from gradsparse.comm.torch_dist import TorchDistCommunicator
+    from gradsparse.reducer import Segment, SparseReducer
+
+    reducer = SparseReducer(DGC(1.0, momentum=0.0, clip_norm=2.0, warmup=None), TorchDistCommunicator(), op=op,
+                            min_compress_numel=1)
+    grad = torch.full((1000,), 1.0 if rank == 0 else 0.0)  # rank 0: norm 31.6, the others nothing
+    out = reducer.reduce(grad, [Segment("w", 0, 1000)], step=0).wait()
+    return float(out.norm())
+
+
+@pytest.mark.parametrize("op", ["average", "sum"])
+def test_dgc_local_clipping_bounds_a_ranks_share_of_the_combined_gradient(op):
+    """A rank's contribution to the averaged or summed gradient is clipped at clip_norm / sqrt(world) either way."""
+    from .distributed import run_world
+
+    norms = run_world(_one_loud_rank, 2, op)
+    assert norms[0] == norms[1] == pytest.approx(2.0 / 2 ** 0.5, rel=1e-4)
 
 
 @pytest.mark.parametrize("wire", [torch.float32, torch.float16, torch.bfloat16])

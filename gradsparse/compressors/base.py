@@ -55,11 +55,13 @@ class Compressor(abc.ABC):
         """The compensation state this compressor needs."""
         return ResidualMemory() if self.error_feedback else Memory()
 
-    def preprocess(self, grad: torch.Tensor, world_size: int, loss_scale: float = 1.0) -> torch.Tensor:
+    def preprocess(self, grad: torch.Tensor, world_size: int, loss_scale: float = 1.0,
+                   average: bool = True) -> torch.Tensor:
         """Transform a fresh local gradient before compensation (DGC clips here).
 
         ``loss_scale`` is the factor the gradient carries (AMP's GradScaler), so
-        norms can be compared unscaled.
+        norms can be compared unscaled; ``average`` says whether the ranks'
+        gradients will be averaged (True) or summed.
         """
         return grad
 

@@ -2,8 +2,11 @@
 
 Per parameter, every step:
 
-1. Local gradient clipping (optional): scale ``g`` so that
-   ``||g|| <= clip_norm / sqrt(world_size)``.
+1. Local gradient clipping (optional, per tensor): each rank's share of the
+   combined gradient is clipped at ``clip_norm / sqrt(world_size)`` (the paper's
+   rule: N independent shares of that norm add up to about ``clip_norm``). The
+   share is ``g / world_size`` when the ranks average, so ``g`` itself is clipped
+   at ``clip_norm * sqrt(world_size)``; when they sum, at ``clip_norm / sqrt(world_size)``.
 2. Momentum correction and local accumulation: ``u = m*u + g; v = v + u``
    (Nesterov: ``u = m*(u + g); v = v + u + g``).
 3. Select the top-k of ``|v|`` by sampled threshold estimation; the result is
@@ -44,8 +47,9 @@ class DGC(Compressor):
         ratio: final density (0.001 = 99.9 % sparsity), in (0, 1].
         momentum: momentum ``m`` used for momentum correction, in [0, 1).
         nesterov: Nesterov momentum correction.
-        clip_norm: local gradient clipping norm before accumulation (None: off);
-            the threshold used is ``clip_norm / sqrt(world_size)``.
+        clip_norm: the norm you would clip the combined gradient to in dense
+            training (None: off); each rank clips its local gradient before
+            accumulation at :meth:`clip_limit`.
         sample_ratio: fraction of each tensor sampled to estimate the threshold.
         warmup: a :class:`Warmup`, or None for no warm-up. Default: DGC's
             exponential schedule over the first four epochs.
@@ -90,14 +94,25 @@ class DGC(Compressor):
     def make_memory(self):
         return DGCMemory(self.momentum, self.nesterov)
 
-    def preprocess(self, grad, world_size, loss_scale=1.0):
+    def preprocess(self, grad, world_size, loss_scale=1.0, average=True):
         if self.clip_norm is None:
             return grad
-        limit = loss_scale * self.clip_norm / math.sqrt(world_size)
+        limit = loss_scale * self.clip_limit(world_size, average)
         norm = float(torch.linalg.vector_norm(grad, dtype=torch.float32))
         if norm > limit:
             return grad * (limit / (norm + 1e-6 * loss_scale))  # the same factor at any power-of-two scale
         return grad
+
+    def clip_limit(self, world_size: int, average: bool = True) -> float:
+        """Norm a rank's local gradient is clipped to (before any loss scale).
+
+        >>> DGC(clip_norm=1.0).clip_limit(4), DGC(clip_norm=1.0).clip_limit(4, average=False)
+        (2.0, 0.5)
+        """
+        if self.clip_norm is None:
+            raise InvalidConfigError("this DGC has no clip_norm")
+        root = math.sqrt(world_size)
+        return self.clip_norm * root if average else self.clip_norm / root
 
     def ratio(self, step, epoch):
         if self.warmup is None:
