@@ -379,8 +379,11 @@ class SparseReducer:
                 return flat
             finally:
                 if on_stats is not None:
-                    on_stats(BucketStats(flat.numel(), count, plan.n_dense, payload.numel() + control,
-                                         (largest + control) * world, False, prepared + time.perf_counter() - t0))
+                    pads = self.communicator.pads_to_largest
+                    sent = largest if pads else payload.numel()
+                    received = largest * world if pads or sizes is None else sum(sizes)
+                    on_stats(BucketStats(flat.numel(), count, plan.n_dense, sent + control,
+                                         received + control * world, False, prepared + time.perf_counter() - t0))
 
         return fut.then(finish)
 

@@ -1,8 +1,10 @@
 """Communication statistics per bucket and per step.
 
-``bytes_sent`` is what this rank hands to the collective (its padded payload, or
-its dense buffer on the dense path); ``bytes_received`` is what the collective
-hands back (every rank's padded payload, or the reduced dense buffer). The
+``bytes_sent`` is what this rank hands to the collective (its payload as the
+communicator moves it: padded to the largest rank's under torch.distributed when
+sizes differ, as it is under Horovod and MPI; or its dense buffer on the dense
+path), plus the small control exchanges; ``bytes_received`` is what the
+collectives hand back (every rank's payload, or the reduced dense buffer). The
 compression ratio compares ``bytes_sent`` with the dense fp32 gradient.
 
 Example::

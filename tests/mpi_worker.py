@@ -40,7 +40,7 @@ def allgather_checks(comm, rank, world):
     return out
 
 
-def train(reducer, model, rank, steps, scale_of=lambda step: 1.0, start_iter=1):
+def train(reducer, model, rank, steps, scale_of=lambda step: 1.0, start_iter=1, on_stats=None):
     """Plain SGD where every parameter's gradient goes through ``reducer`` (one segment per parameter)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     for step in range(steps):
@@ -48,7 +48,7 @@ def train(reducer, model, rank, steps, scale_of=lambda step: 1.0, start_iter=1):
         (scale_of(step) * loss_of(model, "mlp", rank, step)).backward()
         for name, p in model.named_parameters():
             reducer.reduce(p.grad.view(-1), [Segment(name, 0, p.numel())], step,
-                           force_dense=step < start_iter).wait()
+                           force_dense=step < start_iter, on_stats=on_stats).wait()
         opt.step()
 
 
@@ -68,8 +68,13 @@ def main(outdir: str) -> None:
     for name, compressor in {"threshold_last_rank_silent": Threshold(0.02), "topk": TopK(0.01)}.items():
         model = make_model("mlp")
         silent = name.endswith("silent") and rank == world - 1
-        train(SparseReducer(compressor, comm), model, rank, 6, scale_of=lambda step: 0.0 if silent else 1.0)
+        stats, before = [], (comm.bytes_sent, comm.bytes_received)
+        train(SparseReducer(compressor, comm), model, rank, 6, scale_of=lambda step: 0.0 if silent else 1.0,
+              on_stats=stats.append)
         hashes[name] = params_hash(model)
+        # what the reducer reports against what MPI moved (Allgatherv: payloads of differing sizes, unpadded)
+        result[f"bytes_{name}"] = {"reported": (sum(b.bytes_sent for b in stats), sum(b.bytes_received for b in stats)),
+                                   "moved": (comm.bytes_sent - before[0], comm.bytes_received - before[1])}
     result["hashes"] = hashes
     result["bytes_sent"] = comm.bytes_sent
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))

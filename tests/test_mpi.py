@@ -42,6 +42,8 @@ def test_mpi_communicator_and_pipeline(world, tmp_path):
         for got, want in zip(r["dgc"], expected_dgc, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert r["bytes_sent"] > 0
+        for name in ("threshold_last_rank_silent", "topk"):
+            assert r[f"bytes_{name}"]["reported"] == r[f"bytes_{name}"]["moved"], name
     for name in results[0]["hashes"]:  # every rank ends bit-identical, also with a silent rank
         assert len({r["hashes"][name] for r in results}) == 1, name
 

@@ -25,6 +25,10 @@ class Communicator(abc.ABC):
 
     rank: int
     world_size: int
+    #: whether an allgather of differing sizes pads every payload to the largest on the wire
+    #: (torch.distributed) or moves each as it is (Horovod, MPI's Allgatherv); the reducer's
+    #: byte counts follow it
+    pads_to_largest: bool = True
 
     def exchange_sizes(self, nbytes: int, device: torch.device) -> list[int]:
         """Blocking: every rank's payload size in bytes, in rank order."""

@@ -38,6 +38,8 @@ class HorovodCommunicator(Communicator):
         process_set: a Horovod ``ProcessSet``; None means the global one.
     """
 
+    pads_to_largest = False
+
     def __init__(self, process_set=None):
         import horovod.torch as hvd  # imported here: gradsparse never needs Horovod unless this class is used
 

@@ -32,6 +32,8 @@ class MPICommunicator(Communicator):
         comm: an ``mpi4py.MPI.Comm``; None means ``MPI.COMM_WORLD``.
     """
 
+    pads_to_largest = False
+
     def __init__(self, comm=None):
         from mpi4py import MPI  # imported here: gradsparse never needs MPI unless this class is used
 
