@@ -1,5 +1,5 @@
 // Selection machinery shared by threshold_select and topk_select (csrc/cpu/select.cpp).
-// Plain C++ and OpenMP, no ATen, so that it can also be timed and tested outside torch.
+// Plain C++ (std::thread), no ATen, so that it can also be timed outside torch.
 //
 // Magnitudes are compared as "keys": the IEEE bit pattern of |x| (float for fp32/fp16/bf16,
 // double for fp64) read as an unsigned integer. For non-negative floats the order of the keys is
@@ -22,14 +22,18 @@
 #include <functional>
 #include <memory>
 #include <system_error>
-#include <thread>
 #include <new>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define GRADSPARSE_AVX2_SCAN 1
+#include <immintrin.h>
 #endif
 
 namespace gradsparse {
@@ -115,10 +119,7 @@ struct Chunking {
   int64_t hi(int64_t c) const { return std::min(n, (c + 1) * size); }
 };
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define GRADSPARSE_AVX2_SCAN 1
-#include <immintrin.h>
-
+#if defined(GRADSPARSE_AVX2_SCAN)
 // The float scan's full 64-element blocks with AVX2 (8 lanes), compiled for AVX2 whatever the
 // build flags and used only where the CPU has it (has_avx2). Returns the end of the blocks done.
 template <typename Hit>
@@ -219,7 +220,7 @@ bool scan(const scalar_t* x, int64_t begin, int64_t end, typename Key<scalar_t>:
 // A chunk's hits: positions relative to the chunk start, and their keys when asked. Stops storing
 // (but keeps counting) past `limit` entries or when memory runs out: `overflow`.
 template <typename bits_t>
-struct Hits {
+struct alignas(64) Hits {  // own cache line: chunks side by side are filled by different workers
   uint32_t* pos = nullptr;
   bits_t* keys = nullptr;
   int64_t size = 0, capacity = 0, limit = 0, count = 0;
@@ -314,8 +315,8 @@ inline std::pair<int64_t, int64_t> find_bucket(const int64_t* hist, int64_t digi
 // The k-th largest (1-based, k <= count) key of the parts, given the histogram of their top
 // digits, and how many keys are larger.
 template <typename bits_t, int kTopShift>
-std::pair<bits_t, int64_t> kth_largest(const std::vector<const bits_t*>& parts, const std::vector<int64_t>& sizes, const int64_t* hist,
-                   int64_t digits, int64_t k) {
+std::pair<bits_t, int64_t> kth_largest(const std::vector<const bits_t*>& parts, const std::vector<int64_t>& sizes,
+                                       const int64_t* hist, int64_t digits, int64_t k) {
   const auto [bucket, above] = find_bucket(hist, digits, k);
   std::vector<bits_t> sub;
   sub.reserve(hist[bucket]);
@@ -394,7 +395,8 @@ struct TopK {
     return c;
   }
 
-  // The k-th largest key of the sample and the sample's top-digit histogram.
+  // The sample_k-th largest key of the sample, given the histogram of its valid (non-NaN) keys'
+  // top digits; 0 (everything) when there are fewer valid keys.
   static bits_t sample_kth(const std::vector<bits_t>& keys, const std::vector<int64_t>& hist, int64_t valid,
                            int64_t sample_k) {
     if (sample_k > valid) return 0;
@@ -406,8 +408,8 @@ struct TopK {
 
   template <typename Alloc>
   Status run_sampled(double sample_ratio, int64_t seed, Alloc&& alloc) {
-    const int64_t sample_size =
-        std::min(n, std::max<int64_t>(kMinSample, static_cast<int64_t>(std::ceil(static_cast<double>(n) * sample_ratio))));
+    const int64_t wanted = static_cast<int64_t>(std::ceil(static_cast<double>(n) * sample_ratio));
+    const int64_t sample_size = std::min(n, std::max<int64_t>(kMinSample, wanted));
     const int64_t stride = std::max<int64_t>(1, n / sample_size);
     const int64_t start = stride > 1 ? static_cast<int64_t>(static_cast<uint64_t>(seed) % stride) : 0;
     const int64_t s = (n - start + stride - 1) / stride;
