@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test bench cluster-bench cluster-bench-small convergence clean
 
-CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 # Horovod 0.28.1 from the registry, built against the torch above with Gloo (tests run it under
 # horovodrun --gloo). Its torch module asks for C++14 and torch 2.13 needs C++17: the cmake wrapper

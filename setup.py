@@ -21,6 +21,7 @@ if os.environ.get("GRADSPARSE_NO_EXTENSION") != "1":
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    headers = sorted(glob.glob("csrc/*.h") + glob.glob("csrc/cpu/*.h") + glob.glob("csrc/cuda/*.cuh"))  # rebuild on change
     cxx = ["-O3", "-fopenmp", "-std=c++17"]
     link = ["-fopenmp"]
     sanitize = os.environ.get("GRADSPARSE_SANITIZE")
@@ -31,9 +32,10 @@ if os.environ.get("GRADSPARSE_NO_EXTENSION") != "1":
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     if torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources:
         ext = CUDAExtension("gradsparse._C", sources + cuda_sources, extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
-                            extra_link_args=link)
+                            extra_link_args=link, depends=headers)
     else:
-        ext = CppExtension("gradsparse._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        ext = CppExtension("gradsparse._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
+                           depends=headers)
     ext_modules, cmdclass = [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
 
 setup(

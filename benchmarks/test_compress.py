@@ -8,7 +8,8 @@ Run: ``make bench`` (or ``pytest benchmarks --benchmark-only``). Each group
 - ``memory_write_zero``: one dense write (``zero_``) of an existing 25M array;
 - ``select_*``: the selection kernels from :mod:`gradsparse.ops` (the C++
   extension when built), ``ref_select_*`` the pure-PyTorch reference;
-- ``select_pack_*``: selection plus packing the payload;
+- ``select_pack_*``: selection, gathering the values (``index_select``, as the
+  reducer does) and packing the payload;
 - ``unpack_add_world4``: validating and scatter-adding 4 ranks' payloads of k
   pairs into a zeroed 25M output;
 - ``roundtrip_*``: the whole :class:`SparseReducer` step on one rank
@@ -78,7 +79,7 @@ def test_select_pack_threshold(benchmark, grad, density):
 
     def select_pack():
         idx = ops.threshold_indices(grad, tau)
-        return ops.pack(idx, grad[idx], grad.new_empty(0), N, torch.float32)
+        return ops.pack(idx, grad.index_select(0, idx), grad.new_empty(0), N, torch.float32)
 
     _run(benchmark, density, select_pack)
 
@@ -87,7 +88,7 @@ def test_select_pack_threshold(benchmark, grad, density):
 def test_select_pack_dgc(benchmark, grad, density):
     def select_pack():
         idx = ops.sampled_topk_indices(grad, int(density * N), 0.01)
-        return ops.pack(idx, grad[idx], grad.new_empty(0), N, torch.float32)
+        return ops.pack(idx, grad.index_select(0, idx), grad.new_empty(0), N, torch.float32)
 
     _run(benchmark, density, select_pack)
 

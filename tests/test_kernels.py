@@ -56,6 +56,42 @@ def test_large_input_over_2_pow_24():
     assert torch.equal(torch.ops.gradsparse.threshold_select(x, 0.7), ref.threshold_indices(x, 0.7))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_topk_select_parallel_sizes(dtype):
+    # above select_core's kMinParallelNumel: several workers, several chunks
+    n = 3_000_017
+    x = _inputs(n, dtype, 5)
+    for k in (1, n // 1000, n // 100, n // 3):
+        assert torch.equal(torch.ops.gradsparse.topk_select(x, k, 0.01, 3), ref.topk_indices(x, k)), k
+    assert torch.equal(torch.ops.gradsparse.threshold_select(x, 0.3), ref.threshold_indices(x, 0.3))
+
+
+def test_results_do_not_depend_on_threads():
+    x = _inputs(2_500_000, torch.float32, 9)
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            got.append((torch.ops.gradsparse.topk_select(x, 25_000, 0.01, 1),
+                        torch.ops.gradsparse.threshold_select(x, 0.5)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in got[1:]:
+        assert torch.equal(a, got[0][0]) and torch.equal(b, got[0][1])
+
+
+def test_topk_select_when_the_sample_misleads():
+    # every sampled position holds a large value: each threshold estimate finds too few candidates,
+    # the estimate is lowered until the sample is exhausted, then every element is a candidate
+    n, seed = 100_000, 5
+    stride = n // 1024
+    x = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    x[seed % stride::stride] = 10.0
+    for k in (2_000, 5_000, 60_000):
+        assert torch.equal(torch.ops.gradsparse.topk_select(x, k, 0.01, seed), ref.topk_indices(x, k)), k
+
+
 @pytest.mark.parametrize("case", ["all_equal", "few_distinct", "ties_at_kth", "with_inf", "zeros"])
 @pytest.mark.parametrize("n", [100, 50_000])
 def test_special_inputs(case, n):
@@ -73,7 +109,7 @@ def test_special_inputs(case, n):
         assert torch.equal(torch.ops.gradsparse.threshold_select(x, tau), ref.threshold_indices(x, tau))
 
 
-@pytest.mark.parametrize("n", [100, 50_000])
+@pytest.mark.parametrize("n", [100, 50_000, 2_000_003])
 def test_nan_is_refused_by_topk_and_skipped_by_threshold(n):
     x = torch.randn(n)
     x[n // 2] = float("nan")
