@@ -48,7 +48,7 @@ cluster-bench-small: setup
 	$(PY) -m benchmarks.cluster_bench --rates 1gbit,10gbit --worlds 2 --models lstm --comm-sizes 1000000,5000000 \
 		--comm-repeats 3 --steps 3 --out benchmarks/results/cluster_small
 
-# Convergence matrix on real data (docs/convergence.md): about an hour on 2 shared cores; resumable.
+# Convergence matrix on real data (docs/convergence.md): about 2.5 hours on 2 shared cores; resumable.
 convergence: setup
 	nice -n 10 $(PY) -m benchmarks.convergence run
 	$(PY) -m benchmarks.convergence report

@@ -57,7 +57,7 @@ class Task:
 
 TASKS = {
     "digits": Task("digits", epochs=30, global_batch=32, lr=0.05),
-    "lm": Task("lm", epochs=3, global_batch=8, lr=1.0, clip=0.5, warmup_stages_per_epoch=8),
+    "lm": Task("lm", epochs=20, global_batch=8, lr=1.0, clip=0.5, warmup_stages_per_epoch=8),
 }
 
 
