@@ -265,6 +265,13 @@ struct alignas(64) Hits {  // own cache line: chunks side by side are filled by 
   }
 };
 
+// Adds per-worker histograms, stored side by side (threads x digits), into the first.
+inline void fold_histograms(std::vector<int64_t>& hist, int threads, int64_t digits) {
+  for (int t = 1; t < threads; ++t) {
+    for (int64_t d = 0; d < digits; ++d) hist[d] += hist[static_cast<int64_t>(t) * digits + d];
+  }
+}
+
 // Scans every chunk for keys in [lo, hi] into per-chunk Hits. `expect` (total hits expected, for
 // the first allocation) and `limit` (total entries kept before overflow) are split over the chunks
 // in proportion to their length. With `top_hist`, also counts every hit's top 16-bit digit into
@@ -293,10 +300,8 @@ std::vector<std::unique_ptr<Hits<typename Key<scalar_t>::bits_t>>> scan_chunks(
       if (hist) ++hist[key >> K::kTopShift];
     });
   });
-  if (top_hist) {  // fold the threads' histograms into the first
-    for (int t = 1; t < threads; ++t) {
-      for (int64_t d = 0; d < K::kTopDigits; ++d) (*top_hist)[d] += (*top_hist)[t * K::kTopDigits + d];
-    }
+  if (top_hist) {
+    fold_histograms(*top_hist, threads, K::kTopDigits);
     top_hist->resize(K::kTopDigits);
   }
   return out;
@@ -440,9 +445,7 @@ struct TopK {
       svalid[worker] += v;
     });
     for (int u = 0; u < threads; ++u) valid += svalid[u];
-    for (int u = 1; u < threads; ++u) {
-      for (int64_t d = 0; d < K::kTopDigits; ++d) shist[d] += shist[u * K::kTopDigits + d];
-    }
+    fold_histograms(shist, threads, K::kTopDigits);
     shist.resize(K::kTopDigits);
     HitList hits = scan_chunks(x, ch, threads, sample_kth(skeys, shist, valid, sample_k), K::kInf, true, expect,
                                limit, &top_hist);
@@ -524,9 +527,7 @@ struct TopK {
         int64_t* hh = hist.data() + (static_cast<int64_t>(tid) << 16);
         scan(x, ch.lo(ci), ch.hi(ci), lo, hi, [&](int64_t, bits_t key) { ++hh[(key >> shift) & 0xffff]; });
       });
-      for (int u = 1; u < threads; ++u) {
-        for (int64_t d = 0; d < (1 << 16); ++d) hist[d] += hist[(static_cast<int64_t>(u) << 16) + d];
-      }
+      fold_histograms(hist, threads, 1 << 16);
       const auto [digit, ab] = find_bucket(hist.data(), 1 << 16, need);
       need -= ab;
       above += ab;
