@@ -4,7 +4,7 @@ Example::
 
     >>> import gradsparse
     >>> gradsparse.DGC(0.001)
-    DGC(ratio=0.001, momentum=0.9, nesterov=False, clip_norm=None, sample_ratio=0.01, warmup={'ratios': [0.25, 0.0625, 0.015625, 0.004], 'length': 1, 'unit': 'epoch'})
+    DGC(ratio=0.001, momentum=0.9, nesterov=False, clip_norm=None, sample_ratio=0.01, warmup={'ratios': [0.25, 0.0625, 0.015625, 0.004], 'length': 250, 'unit': 'step'})
 
 The DDP hook lives in :mod:`gradsparse.ddp` (``gradsparse.ddp.register(model, DGC(0.001))``).
 """

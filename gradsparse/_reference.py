@@ -49,6 +49,14 @@ def _at_least(x: torch.Tensor, threshold) -> torch.Tensor:
     return x.float().abs() >= threshold
 
 
+def absmax(x: torch.Tensor) -> float:
+    """Largest ``|x|`` as a Python float; NaN when ``x`` holds a NaN, inf when it holds an inf. One read pass."""
+    if x.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(x.detach())
+    return max(-float(low), float(high))
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """True when no element is NaN or Inf. One read-only pass (a float32 sum) unless the sum overflows."""
     if bool(torch.isfinite(x.sum(dtype=torch.float32))):

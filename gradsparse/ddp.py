@@ -41,7 +41,13 @@ from torch.nn.parallel import DistributedDataParallel
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
 from .compressors.dgc import DGC
-from .errors import HookAlreadyRegisteredError, IncompatibleOptimizerError, InvalidConfigError, StateMismatchError
+from .errors import (
+    HookAlreadyRegisteredError,
+    IncompatibleOptimizerError,
+    InvalidConfigError,
+    StateMismatchError,
+    UnsupportedGradientError,
+)
 from .reducer import Segment, SparseReducer
 from .stats import BucketStats, StepStats
 
@@ -97,6 +103,11 @@ class GradSparseState:
         "_closing",
         "_current",
         "_bound",
+        "_usage",
+        "_error",
+        "_callback_queued",
+        "_epoch_told",
+        "_warned_epoch",
         # stats
         "last_stats",
         "history",
@@ -126,10 +137,16 @@ class GradSparseState:
         if steps_per_epoch is not None and (int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1):
             raise InvalidConfigError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
         self.compressor = compressor
-        self.process_group = process_group
+        self.process_group = process_group = _group_of(model, process_group)
         self.reducer = SparseReducer(compressor, TorchDistCommunicator(process_group), granularity=granularity,
                                      min_compress_numel=min_compress_numel, value_dtype=value_dtype,
                                      nonfinite=nonfinite, op=op, verify_every=verify_every)
+        self.reducer.defer_error = self._defer
+        self._usage: _UsageTracker | None = None
+        self._error: Exception | None = None
+        self._callback_queued = False
+        self._epoch_told = False
+        self._warned_epoch = False
         self.start_iter = int(start_iter)
         self.steps_per_epoch = steps_per_epoch
         self.log_every = int(log_every)
@@ -149,22 +166,22 @@ class GradSparseState:
         self.last_stats: StepStats | None = None
         self.history: collections.deque[dict] = collections.deque(maxlen=history_size)
         self.totals = StepStats(step=0)
-        warmup = getattr(compressor, "warmup", None)
-        if warmup is not None and warmup.unit == "epoch" and steps_per_epoch is None:
-            logger.info("gradsparse: %s warms up per epoch: call state.set_epoch(epoch) at the start of each "
-                        "epoch, or pass steps_per_epoch=", type(compressor).__name__)
 
     # ------------------------------------------------------------------ setup
     def bind(self, model: torch.nn.Module) -> None:
         """Key state by the parameter names of ``model`` (DDP or plain module)."""
         module = model.module if isinstance(model, DistributedDataParallel) else model
+        _check_sparse_gradients(module, self.compressor)
         self._names = {id(p): name for name, p in module.named_parameters()}
         self._numels = {name: p.numel() for name, p in module.named_parameters()}
         self._bound = True
+        if isinstance(model, DistributedDataParallel) and (model.find_unused_parameters or model.static_graph):
+            self._usage = _UsageTracker(module)
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the hook the current epoch (for epoch-based warm-up)."""
         self.epoch = int(epoch)
+        self._epoch_told = True
 
     def current_epoch(self) -> int:
         if self.steps_per_epoch:
@@ -193,6 +210,58 @@ class GradSparseState:
                       for p, g in zip(params, bucket.gradients(), strict=True)]
             self._segments[signature] = cached
         return cached
+
+    def _used_segments(self, bucket: dist.GradBucket, segments: list[Segment], step: int) -> list[Segment]:
+        """The segments of parameters some rank used this step (DDP with find_unused_parameters/static_graph).
+
+        DDP leaves the gradient of a parameter no rank used untouched: whatever the hook
+        sent for it would never reach it. Such parameters are left out of the reduction
+        (nothing compensated, selected or removed from their memory); one small
+        allreduce of the usage per bucket tells every rank the same.
+        """
+        used = self._usage.used
+        mask = torch.tensor([int(id(p) in used) for p in bucket.parameters()], dtype=torch.int32,
+                            device=bucket.buffer().device)
+        comm = self.reducer.communicator
+        counts = self.reducer._collective(lambda: comm.allreduce_sum(mask).wait(), bucket.buffer(), step).tolist()
+        return [s for s, c in zip(segments, counts, strict=True) if c]
+
+    def _begin_bucket(self, step: int, last: bool) -> None:
+        """Per-bucket bookkeeping before the reduction: stats, warnings, the deferred-error callback."""
+        self._issue(last)
+        if self.reducer.nonfinite == "raise" and not self._callback_queued:
+            self._callback_queued = _queue_after_backward(self._raise_deferred)
+        if step >= self.start_iter and not self._warned_epoch:
+            self._warn_epoch_never_told()
+
+    def _warn_epoch_never_told(self) -> None:
+        warmup = getattr(self.compressor, "warmup", None)
+        if warmup is None or warmup.unit != "epoch" or self.steps_per_epoch or self._epoch_told:
+            return
+        self._warned_epoch = True
+        logger.warning("gradsparse: %s warms up per epoch, but the hook was never told the epoch: it stays at the "
+                       "first warm-up stage (density %g) until you call state.set_epoch(epoch) each epoch or pass "
+                       "steps_per_epoch=; Warmup(unit='step') (the default) needs neither",
+                       type(self.compressor).__name__, warmup.ratios[0])
+
+    def _defer(self, error: Exception) -> None:
+        """Keep a NonFiniteGradientError for the end of backward (raised there), or raise it now."""
+        if not self._callback_queued:
+            raise error
+        self._error = self._error or error
+
+    def _raise_deferred(self) -> None:
+        self._callback_queued = False
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _end_step(self) -> None:
+        self.iter += 1
+        if self.iter == self.start_iter:
+            logger.info("gradsparse: dense warm-up done, compressing from iteration %d", self.iter)
+        if self._usage is not None:
+            self._usage.next_step()
 
     # ------------------------------------------------------------------ stats
     def _issue(self, last: bool) -> None:
@@ -256,18 +325,24 @@ class GradSparseState:
 
     def __getstate__(self):
         return {slot: getattr(self, slot) for slot in self.__slots__
-                if slot not in ("process_group", "_lock", "grad_scaler")}
+                if slot not in ("process_group", "_lock", "grad_scaler", "_usage", "_error")}
 
     def __setstate__(self, state):
         for slot, value in state.items():
             setattr(self, slot, value)
         self.process_group = None
         self.grad_scaler = None
+        self._usage = None  # tensor hooks belong to the original model's parameters: bind() again
+        self._error = None
         self._lock = threading.Lock()
+        self.reducer.defer_error = self._defer
 
 
 def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: sparse allgather of each bucket (dense for the first iterations).
+
+    Sparse gradients (``nn.Embedding(sparse=True)``) already are index/value pairs:
+    their bucket is averaged by a sparse allreduce, as DDP does without a hook.
 
     Example::
 
@@ -275,18 +350,102 @@ def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futu
     """
     step = state.iter
     last = bucket.is_last()
-    state._issue(last)
-    fut = state.reducer.reduce(
-        bucket.buffer(), state.segments(bucket), step, state.current_epoch(),
-        force_dense=step < state.start_iter,
-        on_stats=lambda s: state._record(step, s),
-        loss_scale=_loss_scale(state.grad_scaler),
-    )
-    if last:
-        state.iter += 1
-        if state.iter == state.start_iter:
-            logger.info("gradsparse: dense warm-up done, compressing from iteration %d", state.iter)
-    return fut
+    state._begin_bucket(step, last)
+    try:
+        if bucket.buffer().is_sparse:
+            return _sparse_allreduce(state, bucket.buffer(), step)
+        segments = state.segments(bucket)
+        if state._usage is not None:
+            segments = state._used_segments(bucket, segments, step)
+        return state.reducer.reduce(
+            bucket.buffer(), segments, step, state.current_epoch(),
+            force_dense=step < state.start_iter,
+            on_stats=lambda s: state._record(step, s),
+            loss_scale=_loss_scale(state.grad_scaler),
+        )
+    finally:
+        if last:
+            state._end_step()
+
+
+def _sparse_allreduce(state: "GradSparseState", grad: torch.Tensor, step: int) -> torch.futures.Future:
+    """Average a sparse gradient bucket as DDP does (divide, then a sparse allreduce); no memory involved."""
+    if not state.compressor.supports_sparse_gradients:
+        raise UnsupportedGradientError(_SPARSE_REFUSAL.format(state.compressor))
+    world = state.reducer.communicator.world_size
+    grad.div_(world)
+    nbytes = grad._indices().numel() * 8 + grad._values().numel() * grad.element_size()
+    fut = dist.all_reduce(grad, group=state.process_group, async_op=True).get_future()
+
+    def finish(done: torch.futures.Future) -> torch.Tensor:
+        state._record(step, BucketStats(grad.numel(), grad._values().numel(), 0, nbytes, nbytes * world, False, 0.0))
+        return done.value()[0]
+
+    return fut.then(finish)
+
+
+_SPARSE_REFUSAL = ("{} keeps dense momentum per parameter (momentum correction), which sparse gradients "
+                   "(nn.Embedding/EmbeddingBag with sparse=True) cannot carry: their rows would get no momentum. "
+                   "Use sparse=False (the embedding's gradient is then compressed like any other), or DGC(momentum=0) "
+                   "or TopK, which exchange sparse gradients as they are.")
+
+
+def _check_sparse_gradients(module: torch.nn.Module, compressor: Compressor) -> None:
+    """Refuse a model with sparse-gradient modules when the compressor cannot handle them."""
+    sparse = [name for name, m in module.named_modules()
+              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse]
+    if sparse and not compressor.supports_sparse_gradients:
+        raise UnsupportedGradientError(_SPARSE_REFUSAL.format(compressor) + f" Sparse modules: {sparse[:5]}")
+
+
+def _group_of(model: torch.nn.Module | None, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """The group to reduce over: the DDP model's own, unless another one is given (then they must agree)."""
+    if not isinstance(model, DistributedDataParallel):
+        return process_group
+    if process_group is None:
+        return model.process_group
+    if process_group is not model.process_group:
+        raise InvalidConfigError("process_group differs from the DDP model's own process group: the hook must reduce "
+                                 "over the group DDP replicates the model on; leave process_group=None to use it")
+    return process_group
+
+
+def _queue_after_backward(callback) -> bool:
+    """Run ``callback`` when the current backward pass ends, after DDP's own end-of-backward work.
+
+    DDP queues its finalisation after the hook of its last bucket returns; a callback
+    queued from a hook runs before it, so ours queues ``callback`` again from there.
+    Returns False outside a backward pass.
+    """
+    engine = torch.autograd.Variable._execution_engine
+    try:
+        engine.queue_callback(lambda: engine.queue_callback(callback))
+    except RuntimeError:
+        return False
+    return True
+
+
+class _UsageTracker:
+    """Which parameters received a gradient since the last synchronised step (tensor hooks)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.used: set[int] = set()
+        self._params = list(module.parameters())
+        self._hooked: set[int] = set()
+        self.next_step()
+
+    def _mark(self, pid: int):
+        def mark(grad):
+            self.used.add(pid)
+        return mark
+
+    def next_step(self) -> None:
+        """Forget this step's usage; hook parameters that require a gradient again (unfrozen)."""
+        self.used = set()
+        for p in self._params:
+            if p.requires_grad and id(p) not in self._hooked:
+                p.register_hook(self._mark(id(p)))
+                self._hooked.add(id(p))
 
 
 def _loss_scale(scaler) -> float | None:

@@ -9,6 +9,13 @@ Invariant: after ``update``, ``state + sent == compensated`` exactly, where
 ``sent`` is the value actually put on the wire (its rounding error stays in the
 state).
 
+Overflow: each memory keeps, per key, an upper bound of the magnitude of its
+state (``bounds``), maintained from numbers the pipeline already has (the
+gradient's largest magnitude, the largest sent value), so :meth:`Memory.headroom`
+tells *before* compensating whether the compensated tensor could overflow fp32 or
+the wire dtype. The reducer then skips the step (or raises) on every rank instead
+of letting ``inf`` into the state.
+
 Example::
 
     >>> import torch
@@ -21,6 +28,8 @@ Example::
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -35,6 +44,8 @@ class Memory:
 
     def __init__(self):
         self.state: dict[str, dict[str, torch.Tensor]] = {}
+        #: per key and state tensor: an upper bound of its largest magnitude
+        self.bounds: dict[str, dict[str, float]] = {}
 
     def _buffer(self, key: str, name: str, like: torch.Tensor) -> torch.Tensor:
         slot = self.state.setdefault(key, {})
@@ -49,12 +60,35 @@ class Memory:
             slot[name] = buf
         return buf
 
-    def compensate(self, key: str, grad: torch.Tensor) -> torch.Tensor:
-        """Return the fp32 tensor to select from for this parameter."""
+    def _bound(self, key: str, name: str) -> float:
+        return self.bounds.get(key, {}).get(name, 0.0)
+
+    def _set_bound(self, key: str, name: str, value: float) -> None:
+        self.bounds.setdefault(key, {})[name] = float(value)
+
+    def headroom(self, key: str, grad_bound: float) -> float:
+        """Upper bound of ``max|compensate(key, g)|`` for any ``g`` with ``max|g| <= grad_bound``.
+
+        >>> Memory().headroom("w", 3.0)
+        3.0
+        """
+        return float(grad_bound)
+
+    def compensate(self, key: str, grad: torch.Tensor, grad_bound: float = math.inf) -> torch.Tensor:
+        """Return the fp32 tensor to select from for this parameter.
+
+        ``grad_bound`` is an upper bound of ``max|grad|`` (kept for :meth:`headroom`).
+        """
         return grad.reshape(-1).float()
 
-    def update(self, key: str, indices: torch.Tensor, sent: torch.Tensor) -> None:
-        """Remove the sent coordinates (``indices`` int64, ``sent`` fp32 as received)."""
+    def update(self, key: str, indices: torch.Tensor, sent: torch.Tensor, *, complete: bool = False,
+               bound: float = math.inf) -> None:
+        """Remove the sent coordinates (``indices`` int64, ``sent`` fp32 as received).
+
+        ``complete``: every coordinate of the tensor was sent (nothing dropped);
+        ``bound``: an upper bound of ``max|compensated|`` this step (the largest
+        magnitude sent, or the selection threshold when that is larger).
+        """
 
     def finish_whole(self, key: str, averaged: torch.Tensor) -> None:
         """Post-process, in place, the averaged gradient of a tensor that was sent whole."""
@@ -67,6 +101,9 @@ class Memory:
         for slot in self.state.values():
             for buf in slot.values():
                 buf.mul_(factor)
+        for bounds in self.bounds.values():
+            for name in bounds:
+                bounds[name] *= abs(factor)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "state": {k: dict(v) for k, v in self.state.items()}}
@@ -75,6 +112,7 @@ class Memory:
         if state_dict.get("kind") != self.kind:
             raise StateMismatchError(f"checkpoint memory is {state_dict.get('kind')!r}, this compressor uses {self.kind!r}")
         self.state = {k: {n: t.clone() for n, t in v.items()} for k, v in state_dict["state"].items()}
+        self.bounds = {k: {n: ops.absmax(t) for n, t in v.items()} for k, v in self.state.items()}
 
 
 class ResidualMemory(Memory):
@@ -82,14 +120,18 @@ class ResidualMemory(Memory):
 
     kind = "residual"
 
-    def compensate(self, key, grad):
+    def headroom(self, key, grad_bound):
+        return self._bound(key, "residual") + grad_bound
+
+    def compensate(self, key, grad, grad_bound=math.inf):
         residual = self._buffer(key, "residual", grad)
         residual.add_(grad.reshape(-1))
         return residual
 
-    def update(self, key, indices, sent):
+    def update(self, key, indices, sent, *, complete=False, bound=math.inf):
         # index_add_ with alpha -1 rounds exactly like ``residual[indices] -= sent`` (indices are unique), 1.6x faster
         self.state[key]["residual"].index_add_(0, indices, sent, alpha=-1.0)
+        self._set_bound(key, "residual", bound)  # what stays is at most what was compensated
 
 
 class DGCMemory(Memory):
@@ -98,6 +140,13 @@ class DGCMemory(Memory):
     With ``nesterov``: ``u = m*(u + g); v = v + u + g``. Momentum factor masking
     zeroes ``u`` where a coordinate was sent; ``v`` keeps only the rounding error
     of the sent value.
+
+    When every coordinate of a tensor is sent (density 1.0, the dense first
+    iterations, a warm-up stage whose k reaches the tensor size) nothing is
+    masked: ``u`` carries on as the momentum buffer, so the sent ``v = u`` (+ ``g``
+    with Nesterov) averaged over the ranks is exactly dense momentum SGD's update
+    (momentum is linear in the gradient). Masking there would reset the momentum
+    every step and degrade DGC to momentum-free SGD.
     """
 
     kind = "dgc"
@@ -107,17 +156,28 @@ class DGCMemory(Memory):
         self.momentum = momentum
         self.nesterov = nesterov
 
-    def compensate(self, key, grad):
+    def _momentum_bound(self, key: str, grad_bound: float) -> float:
+        u = self._bound(key, "momentum")
+        return self.momentum * (u + grad_bound) if self.nesterov else self.momentum * u + grad_bound
+
+    def headroom(self, key, grad_bound):
+        extra = grad_bound if self.nesterov else 0.0
+        return self._bound(key, "velocity") + self._momentum_bound(key, grad_bound) + extra
+
+    def compensate(self, key, grad, grad_bound=math.inf):
         g = grad.reshape(-1)
         u = self._buffer(key, "momentum", g)
         v = self._buffer(key, "velocity", g)
         ops.dgc_compensate_(u, v, g, self.momentum, self.nesterov)
+        self._set_bound(key, "momentum", self._momentum_bound(key, grad_bound))
         return v
 
-    def update(self, key, indices, sent):
+    def update(self, key, indices, sent, *, complete=False, bound=math.inf):
         slot = self.state[key]
-        slot["momentum"].index_fill_(0, indices, 0.0)
+        if not complete:  # momentum factor masking (see the class docstring for the complete case)
+            slot["momentum"].index_fill_(0, indices, 0.0)
         slot["velocity"].index_add_(0, indices, sent, alpha=-1.0)
+        self._set_bound(key, "velocity", bound)
 
     def finish_whole(self, key, averaged):
         """Plain (or Nesterov) momentum on the averaged gradient of a tensor sent whole.

@@ -40,6 +40,7 @@ def _load_backend() -> tuple[str, tuple[str, ...]]:
 
 BACKEND, KERNEL_DEVICES = _load_backend()
 all_finite = _reference.all_finite
+absmax = _reference.absmax
 
 
 def _compiled(t: torch.Tensor) -> bool:
@@ -129,6 +130,7 @@ if BACKEND == "extension":
 
 __all__ = [
     "BACKEND",
+    "absmax",
     "all_finite",
     "dgc_compensate_",
     "pack",

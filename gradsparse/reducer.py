@@ -6,12 +6,13 @@ parameter lives where, keyed by a stable name) and a communicator.
 
 Steps for one bucket on one rank:
 
-1. Check the bucket (floating dtype, 1 <= numel <= 2**31 - 1) and whether it is finite.
+1. Check the bucket (floating dtype, 1 <= numel <= 2**31 - 1) and its health:
+   finite, and no risk that compensating it overflows (see below).
 2. Verify (every ``verify_every`` calls; default every call): gather every rank's
    descriptor of the bucket (configuration, layout, step, epoch, wire dtype, fixed
-   payload size, finite or not) and compare them, so a rank that disagrees raises
+   payload size, health) and compare them, so a rank that disagrees raises
    :class:`StateMismatchError` on every rank instead of sending a payload of
-   another size (which aborts gloo). If any rank is not finite, stop here: see below.
+   another size (which aborts gloo). If any rank is unhealthy, stop here: see below.
 3. Per compressed segment: ``g = compressor.preprocess(g)``, ``v = memory.compensate(key, g)``.
    Segments smaller than ``min_compress_numel`` are sent whole (no memory).
 4. Select per parameter (each segment its own top-k) or per bucket (one top-k
@@ -19,8 +20,9 @@ Steps for one bucket on one rank:
 5. Variable-count methods exchange payload sizes. If the sparse payload would
    cost more than a dense allreduce
    (``world_size * payload_bytes >= 2 * numel * element_size``), move the same
-   selection by allreduce instead (zeros elsewhere): a transport choice only.
-   For the first iterations (``force_dense``) every coordinate is selected.
+   selection by allreduce instead (zeros elsewhere, pre-multiplied by
+   ``1 / world_size`` as DDP does): a transport choice only. For the first
+   iterations (``force_dense``) every coordinate is selected.
 6. Pack (indices, values, whole tensors) and allgather: one collective per bucket.
    Every collective is issued from this thread, in call order.
 7. When the collective completes: validate every rank's payload, then
@@ -35,13 +37,18 @@ compensated, so residuals and momentum never mix scales (GradScaler's factors ar
 powers of two: the rescaling is exact). DGC's clipping norm and Threshold's tau are
 compared unscaled.
 
-Non-finite gradients: when the descriptors show a rank with NaN/Inf, no rank
-compensates, selects or sends anything: all of them raise
-:class:`NonFiniteGradientError` (``nonfinite="raise"``) or return a NaN bucket
-(``nonfinite="skip"``: AMP's GradScaler then skips the step), and every rank's
-memory is exactly as before the step. On calls that are not verified
-(``verify_every`` > 1 or 0) the bad rank flags its payload instead: the outcome
-is the same except that finite ranks keep that step's gradient in their memory.
+Non-finite gradients and overflow: a rank is unhealthy when its bucket holds
+NaN/Inf, or when compensating could overflow: the memory keeps a bound of its
+largest magnitude (:meth:`~gradsparse.memory.Memory.headroom`), and if that bound
+plus the gradient's largest magnitude reaches the range of the wire dtype, of the
+bucket's dtype or of fp32, ``inf`` could enter the memory or the wire. When the
+descriptors show an unhealthy rank, no rank compensates, selects or sends
+anything: all of them raise :class:`NonFiniteGradientError`
+(``nonfinite="raise"``) or return a NaN bucket (``nonfinite="skip"``: AMP's
+GradScaler then skips the step and lowers its scale), and every rank's memory is
+exactly as before the step. On calls that are not verified (``verify_every`` > 1
+or 0) the bad rank flags its payload instead: the outcome is the same except that
+healthy ranks keep that step's gradient in their memory.
 
 Example::
 
@@ -60,6 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -88,7 +96,9 @@ NONFINITE_POLICIES = ("raise", "skip")
 PROTOCOL = 0x67730001  # descriptor format version; first field of every descriptor
 DESCRIPTOR_FIELDS = ("protocol version", "configuration (compressor and reducer options)", "bucket layout",
                      "bucket size", "step", "epoch", "wire dtype", "dense warm-up phase", "payload size")
-DESCRIPTOR_BYTES = 8 * (len(DESCRIPTOR_FIELDS) + 1)  # the compared fields, then "finite" (int64 each)
+DESCRIPTOR_BYTES = 8 * (len(DESCRIPTOR_FIELDS) + 1)  # the compared fields, then the health (int64 each)
+# A rank's health, the descriptor's last field: what it found before compensating.
+HEALTHY, NONFINITE, OVERFLOW = 1, 0, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +119,47 @@ class _Plan:
     crc: int                     # of the layout, compared across ranks
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Selection:
     segment: Segment
     local: torch.Tensor          # int64 positions within the segment
     sent: torch.Tensor           # fp32 values as they go on the wire
+    complete: bool = False       # every coordinate of its group was selected (nothing dropped)
+    bound: float = math.inf      # upper bound of max|compensated| over its group
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One bucket's reduction between selection and the collective's completion."""
+
+    flat: torch.Tensor
+    plan: _Plan
+    wire: torch.dtype
+    step: int
+    selections: list[_Selection]
+    count: int                   # pairs this rank sends
+    healthy: bool                # this rank compensated and selected (else it flags its payload)
+    started: float
+    control: int                 # bytes of descriptors and sizes this rank sent
+    on_stats: Callable[[BucketStats], None] | None
+
+
+def _unhealthy_reason(health: Sequence[int], wire: torch.dtype) -> str:
+    """Why the ranks skip a bucket, from every rank's health.
+
+    >>> _unhealthy_reason([1, 0], torch.float32)
+    'rank 1 produced NaN/Inf gradients'
+    """
+    nonfinite = [r for r, h in enumerate(health) if h == NONFINITE]
+    overflow = [r for r, h in enumerate(health) if h == OVERFLOW]
+    parts = []
+    if nonfinite:
+        parts.append(f"rank {', '.join(map(str, nonfinite))} produced NaN/Inf gradients")
+    if overflow:
+        parts.append(f"on rank {', '.join(map(str, overflow))} the compensated gradient (memory + gradient) could "
+                     f"overflow {wire} or fp32 (a smaller loss scale fixes it: AMP's GradScaler lowers it after a "
+                     "skipped step; for large values use value_dtype=torch.bfloat16, which has fp32's range)")
+    return "; ".join(parts)
 
 
 def _crc(obj) -> int:
@@ -210,6 +256,8 @@ class SparseReducer:
         self.op = op
         self.verify_every = int(verify_every)
         self.memory = compressor.make_memory()
+        #: receives NonFiniteGradientError instead of raising it (see :meth:`_on_nonfinite`)
+        self.defer_error: Callable[[Exception], None] | None = None
         self._loss_scale: float | None = None
         self._config_crc = _crc((compressor.config(), granularity, self.min_compress_numel, nonfinite, op))
         self._calls = 0
@@ -258,10 +306,11 @@ class SparseReducer:
         return self.communicator.world_size * payload_bytes < 2 * flat.numel() * flat.element_size()
 
     # ---------------------------------------------------------------- selection
-    def _compensate(self, flat: torch.Tensor, plan: _Plan) -> dict[str, torch.Tensor]:
+    def _compensate(self, flat: torch.Tensor, plan: _Plan, grad_bound: float) -> dict[str, torch.Tensor]:
         world, scale, average = self.communicator.world_size, self._loss_scale or 1.0, self.op == "average"
         return {s.key: self.memory.compensate(
-                    s.key, self.compressor.preprocess(flat[s.offset:s.offset + s.numel], world, scale, average))
+                    s.key, self.compressor.preprocess(flat[s.offset:s.offset + s.numel], world, scale, average),
+                    grad_bound)
                 for s in plan.compressed}
 
     def set_loss_scale(self, loss_scale: float) -> None:
@@ -273,17 +322,56 @@ class SparseReducer:
             logger.debug("gradsparse: loss scale %g -> %g, memory rescaled", self._loss_scale, loss_scale)
         self._loss_scale = float(loss_scale)
 
+    def _limit(self, flat: torch.Tensor, wire: torch.dtype) -> float:
+        """Magnitudes at or above this could overflow the wire, the bucket, fp32 memory or an fp32 sum."""
+        limit = min(torch.finfo(wire).max, torch.finfo(flat.dtype).max, torch.finfo(torch.float32).max)
+        return limit if self.op == "average" else limit / self.communicator.world_size
+
+    def _health(self, flat: torch.Tensor, plan: _Plan, wire: torch.dtype) -> tuple[float, int]:
+        """``(max|gradient|, HEALTHY | NONFINITE | OVERFLOW)`` of this rank's bucket, before anything changes.
+
+        OVERFLOW: the memory's bound plus the gradient's could reach :meth:`_limit`, so
+        compensating could put ``inf`` into the memory or on the wire.
+        """
+        grad_bound = ops.absmax(flat)
+        if not math.isfinite(grad_bound):
+            return grad_bound, NONFINITE
+        limit = self._limit(flat, wire)
+        if grad_bound >= limit or any(self.memory.headroom(s.key, grad_bound) >= limit for s in plan.compressed):
+            return grad_bound, OVERFLOW
+        return grad_bound, HEALTHY
+
     def _select(self, v: dict[str, torch.Tensor], plan: _Plan, step: int, epoch: int, wire: torch.dtype) -> list[_Selection]:
         selections = []
+        scale = self._loss_scale or 1.0
         for group in plan.groups:
             joined = v[group[0].key] if len(group) == 1 else torch.cat([v[s.key] for s in group])
-            chosen = self.compressor.select(joined, step, epoch, self._loss_scale or 1.0)
+            chosen = self.compressor.select(joined, step, epoch, scale)
+            complete = chosen.numel() == joined.numel()
             starts = torch.tensor([0] + [s.numel for s in group], device=chosen.device).cumsum(0)
             cuts = torch.searchsorted(chosen, starts).tolist()
+            picked = []
             for i, s in enumerate(group):
                 local = chosen[cuts[i]:cuts[i + 1]] - int(starts[i])
                 # index_select: same values as v[s.key][local], 3-4x faster on CPU for 250k positions
-                selections.append(_Selection(s, local, v[s.key].index_select(0, local).to(wire).float()))
+                picked.append(_Selection(s, local, v[s.key].index_select(0, local).to(wire).float(), complete))
+            bound = self._selection_bound(picked, joined, scale)
+            selections += [dataclasses.replace(p, bound=bound) for p in picked]
+        return selections
+
+    def _selection_bound(self, picked: list[_Selection], joined: torch.Tensor, scale: float) -> float:
+        """An upper bound of ``max|v|`` over a group: the largest sent, or what the compressor says of the rest."""
+        unsent = self.compressor.unsent_bound(scale)
+        if unsent is None:
+            return ops.absmax(joined)
+        sent = max((ops.absmax(p.sent) for p in picked), default=0.0)
+        return max(sent, unsent)
+
+    def _select_all(self, v: dict[str, torch.Tensor], wire: torch.dtype, plan: _Plan) -> list[_Selection]:
+        selections = []
+        for s in plan.compressed:
+            sent = v[s.key].to(wire).float()
+            selections.append(_Selection(s, torch.arange(s.numel, device=sent.device), sent, True, ops.absmax(sent)))
         return selections
 
     # ------------------------------------------------------------------ reduce
@@ -315,26 +403,25 @@ class SparseReducer:
         if loss_scale is not None:
             self.set_loss_scale(loss_scale)
         started = time.perf_counter()
-        finite = ops.all_finite(flat)
         wire = self.value_dtype or flat.dtype
+        grad_bound, health = self._health(flat, plan, wire)
         same_size = force_dense or self.compressor.fixed_count
         fixed = sum(s.numel for s in plan.compressed) if force_dense else self.fixed_count(plan, step, epoch)
         self._calls += 1
         control = 0  # bytes of descriptors and sizes this rank sent
         if self.verify_every and (self._calls - 1) % self.verify_every == 0:
-            # before compensation: a non-finite rank anywhere leaves every rank's memory untouched
+            # before compensation: an unhealthy rank anywhere leaves every rank's memory untouched
             mine = [PROTOCOL, self._config_crc, plan.crc, flat.numel(), step, epoch, VALUE_DTYPES[wire],
-                    int(force_dense), PayloadLayout(fixed, plan.n_dense, wire).nbytes if same_size else -1,
-                    int(finite)]
+                    int(force_dense), PayloadLayout(fixed, plan.n_dense, wire).nbytes if same_size else -1, health]
             descriptors = self._collective(lambda: self.communicator.allgather_ints(mine, flat.device), flat, step)
             check_descriptors(descriptors, same_size)
             control += DESCRIPTOR_BYTES
-            if not all(d[-1] for d in descriptors):
-                return self._skip_nonfinite(flat, plan, started, control, on_stats)
+            if any(d[-1] != HEALTHY for d in descriptors):
+                return self._skip_unhealthy(flat, plan, started, control, on_stats, [d[-1] for d in descriptors], wire)
         selections: list[_Selection] = []
-        if finite:
-            v = self._compensate(flat, plan)
-            selections = self._select_all(v, plan, wire) if force_dense else self._select(v, plan, step, epoch, wire)
+        if health == HEALTHY:
+            v = self._compensate(flat, plan, grad_bound)
+            selections = self._select_all(v, wire, plan) if force_dense else self._select(v, plan, step, epoch, wire)
             count = sum(s.local.numel() for s in selections)
         else:
             count = fixed or 0
@@ -344,91 +431,103 @@ class SparseReducer:
             sizes = self._collective(lambda: self.communicator.exchange_sizes(nbytes, flat.device), flat, step)
             control += 8
         largest = nbytes if sizes is None else max(sizes)
-        world = self.communicator.world_size
+        job = _Job(flat, plan, wire, step, selections, count, health == HEALTHY, started, control, on_stats)
         if not self._sparse_pays(largest, flat):
-            return self._allreduce(flat, plan, finite, selections, count, started, on_stats, step, control)
+            return self._allreduce(job)
+        return self._allgather(job, sizes, largest)
 
+    def _allgather(self, job: "_Job", sizes: list[int] | None, largest: int) -> torch.futures.Future:
+        """Sparse transport: pack this rank's pairs and whole tensors, allgather, unpack-add every rank's."""
+        flat, plan, wire = job.flat, job.plan, job.wire
         whole_index = self._whole_index(plan, flat.device)
         dense = flat[whole_index] if whole_index is not None else flat.new_empty(0)
-        if finite:
+        if job.healthy:
+            selections = job.selections
             indices = torch.cat([s.local + s.segment.offset for s in selections]) if selections else \
                 torch.empty(0, dtype=torch.int64, device=flat.device)
             values = torch.cat([s.sent for s in selections]) if selections else flat.new_empty(0)
             payload = ops.pack(indices, values, dense, flat.numel(), wire)
         else:
-            payload = ops.pack(torch.arange(count, device=flat.device), flat.new_zeros(count),
+            payload = ops.pack(torch.arange(job.count, device=flat.device), flat.new_zeros(job.count),
                                flat.new_zeros(plan.n_dense), flat.numel(), wire, flags=FLAG_NONFINITE)
-        prepared = time.perf_counter() - started
+        prepared = time.perf_counter() - job.started
         fut = self.communicator.allgather(payload, sizes)
+        world = self.communicator.world_size
 
         def finish(done: torch.futures.Future) -> torch.Tensor:
             t0 = time.perf_counter()
             try:
-                payloads = self._collective(done.value, flat, step)
+                payloads = self._collective(done.value, flat, job.step)
                 # accumulate in fp32: in the bucket itself when it is fp32, else in a temporary
                 out = flat if flat.dtype == torch.float32 else flat.new_empty(flat.numel(), dtype=torch.float32)
                 alpha = 1.0 / world if self.op == "average" else 1.0
                 flags = ops.unpack_add(payloads, out, wire, whole_index, alpha=alpha, overwrite=True)
                 if flags & FLAG_NONFINITE:
-                    self._on_nonfinite(flat)
+                    self._on_nonfinite(flat, "a rank flagged NaN/Inf gradients or an overflow in its payload")
                     return flat
-                for s in selections:
-                    self.memory.update(s.segment.key, s.local, s.sent)
-                self._finish_whole(out, plan)
+                self._commit(job, out)
                 if out is not flat:
                     flat.copy_(out)
                 return flat
             finally:
-                if on_stats is not None:
+                if job.on_stats is not None:
                     pads = self.communicator.pads_to_largest
                     sent = largest if pads else payload.numel()
                     received = largest * world if pads or sizes is None else sum(sizes)
-                    on_stats(BucketStats(flat.numel(), count, plan.n_dense, sent + control,
-                                         received + control * world, False, prepared + time.perf_counter() - t0))
+                    job.on_stats(BucketStats(flat.numel(), job.count, plan.n_dense, sent + job.control,
+                                             received + job.control * world, False,
+                                             prepared + time.perf_counter() - t0))
 
         return fut.then(finish)
 
-    def _select_all(self, v: dict[str, torch.Tensor], plan: _Plan, wire: torch.dtype) -> list[_Selection]:
-        return [_Selection(s, torch.arange(s.numel, device=v[s.key].device), v[s.key].to(wire).float())
-                for s in plan.compressed]
-
-    def _allreduce(self, flat, plan, finite, selections, count, started, on_stats, step, control):
+    def _allreduce(self, job: "_Job") -> torch.futures.Future:
         """Dense transport of the same selection: scatter it into the bucket and allreduce.
 
         Used when the sparse payload would cost more bytes than an allreduce; the
-        algorithm (what is selected, what the memory keeps) does not change.
+        algorithm (what is selected, what the memory keeps) does not change. The
+        average multiplies by ``1 / world_size`` before the sum, as DDP does, so
+        with nothing dropped the result is DDP's bit for bit.
         """
-        if finite:
-            for s in selections:
+        flat = job.flat
+        if not job.healthy:
+            flat.fill_(float("nan"))  # every rank must see it: the sum carries the NaN to all of them
+        else:
+            sent = []
+            for s in job.selections:
                 view = flat[s.segment.offset:s.segment.offset + s.segment.numel]
                 view.zero_()
                 view[s.local] = s.sent.to(flat.dtype)
-                s.sent = view[s.local].float()
+                sent.append(dataclasses.replace(s, sent=view[s.local].float()))
+            job = dataclasses.replace(job, selections=sent)
         world = self.communicator.world_size
         if self.op == "average":
-            flat.div_(world)
-        prepared = time.perf_counter() - started
+            flat.mul_(1.0 / world)
+        prepared = time.perf_counter() - job.started
         fut = self.communicator.allreduce_sum(flat)
 
         def finish(done: torch.futures.Future) -> torch.Tensor:
             t0 = time.perf_counter()
             try:
-                self._collective(done.wait, flat, step)
-                if not finite or not ops.all_finite(flat):
-                    self._on_nonfinite(flat)
+                self._collective(done.wait, flat, job.step)
+                if not job.healthy or not ops.all_finite(flat):
+                    self._on_nonfinite(flat, "a rank produced NaN/Inf gradients or an overflow")
                     return flat
-                for s in selections:
-                    self.memory.update(s.segment.key, s.local, s.sent)
-                self._finish_whole(flat, plan)
+                self._commit(job, flat)
                 return flat
             finally:
-                if on_stats is not None:
+                if job.on_stats is not None:
                     nbytes = flat.numel() * flat.element_size()
-                    on_stats(BucketStats(flat.numel(), count, plan.n_dense, nbytes + control,
-                                         nbytes + control * self.communicator.world_size, True,
-                                         prepared + time.perf_counter() - t0))
+                    job.on_stats(BucketStats(flat.numel(), job.count, job.plan.n_dense, nbytes + job.control,
+                                             nbytes + job.control * world, True, prepared + time.perf_counter() - t0))
 
         return fut.then(finish)
+
+    def _commit(self, job: "_Job", out: torch.Tensor) -> None:
+        """The reduction arrived: remove what was sent from the memory, post-process whole tensors."""
+        for s in job.selections:
+            self.memory.update(s.segment.key, s.local, s.sent, complete=s.complete, bound=s.bound)
+        for s in job.plan.whole:
+            self.memory.finish_whole(s.key, out[s.offset:s.offset + s.numel])
 
     def _collective(self, collective: Callable, flat: torch.Tensor, step: int):
         """Run or wait for a collective; a failure becomes a :class:`CommunicationError` saying where."""
@@ -442,26 +541,38 @@ class SparseReducer:
                 f"out (the timeout is set by init_process_group). Cause: {cause}"
             ) from err
 
-    def _finish_whole(self, out: torch.Tensor, plan: _Plan) -> None:
-        for s in plan.whole:
-            self.memory.finish_whole(s.key, out[s.offset:s.offset + s.numel])
-
-    def _skip_nonfinite(self, flat, plan, started, control, on_stats) -> torch.futures.Future:
-        """Some rank's bucket is not finite (known from the descriptors): nothing was compensated anywhere."""
+    def _skip_unhealthy(self, flat, plan, started, control, on_stats, health: list[int], wire) -> torch.futures.Future:
+        """Some rank's bucket is not finite or could overflow (known from the descriptors): nothing was compensated."""
         try:
-            self._on_nonfinite(flat)
+            self._on_nonfinite(flat, _unhealthy_reason(health, wire))
         finally:
             if on_stats is not None:
                 on_stats(BucketStats(flat.numel(), 0, plan.n_dense, control, control * self.communicator.world_size,
                                      False, time.perf_counter() - started))
         return completed_future(flat)
 
-    def _on_nonfinite(self, flat: torch.Tensor) -> None:
+    def _on_nonfinite(self, flat: torch.Tensor, reason: str) -> None:
+        """Apply the ``nonfinite`` policy: a NaN bucket (skip), or NonFiniteGradientError (raise).
+
+        With ``defer_error`` set (the DDP hook sets it), a raised error is handed to
+        it instead and the bucket is returned as NaN: DDP's reducer is not left
+        half-way through a backward pass, and the hook raises the error once
+        backward has finished.
+        """
         if self.nonfinite == "raise":
-            raise NonFiniteGradientError("a rank produced NaN/Inf gradients (nonfinite='raise'); "
-                                         "no residual or momentum was changed by them")
-        logger.warning("non-finite gradients on some rank: returning a NaN bucket, memory left unmasked")
+            error = NonFiniteGradientError(f"{reason} (nonfinite='raise'); no residual or momentum was changed "
+                                           "by them")
+            if self.defer_error is None:
+                raise error
+            flat.fill_(float("nan"))
+            self.defer_error(error)
+            return
+        logger.warning("gradsparse: %s: returning a NaN bucket (GradScaler skips such a step), memory unchanged",
+                       reason)
         flat.fill_(float("nan"))
+
+    def __getstate__(self):
+        return {**self.__dict__, "defer_error": None}  # the adapter that set it sets it again
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

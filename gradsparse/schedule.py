@@ -5,14 +5,20 @@ Deep Gradient Compression raises sparsity exponentially over the first epochs
 densities (1 - sparsity) of those stages; :meth:`Warmup.ratio` gives the density
 to use at a given point of training.
 
+The default counts optimizer steps, which every adapter counts by itself:
+250 steps per stage, so the target density is reached after
+:data:`DEFAULT_WARMUP_STEPS` = 1,000 steps with no other call. DGC's paper warms
+up over 4 epochs; ``Warmup(unit="epoch")`` does that when the hook is told the
+epoch (``state.set_epoch(epoch)`` or ``steps_per_epoch=``).
+
 Example::
 
     >>> from gradsparse.schedule import Warmup
-    >>> w = Warmup()                       # one stage per epoch
-    >>> [w.ratio(0.001, step=0, epoch=e) for e in range(6)]
-    [0.25, 0.0625, 0.015625, 0.004, 0.001, 0.001]
-    >>> Warmup(unit="step", length=100).ratio(0.001, step=150, epoch=0)
-    0.0625
+    >>> w = Warmup()                       # 250 optimizer steps per stage
+    >>> [w.ratio(0.001, step=s, epoch=0) for s in (0, 250, 500, 750, 1000)]
+    [0.25, 0.0625, 0.015625, 0.004, 0.001]
+    >>> Warmup(unit="epoch", length=1).ratio(0.001, step=0, epoch=2)
+    0.015625
 """
 
 from __future__ import annotations
@@ -22,22 +28,27 @@ import dataclasses
 from .errors import InvalidConfigError
 
 DGC_WARMUP_RATIOS = (0.25, 0.0625, 0.015625, 0.004)
+DEFAULT_STAGE_STEPS = 250
+#: optimizer steps until the default warm-up reaches the target density
+DEFAULT_WARMUP_STEPS = DEFAULT_STAGE_STEPS * len(DGC_WARMUP_RATIOS)
 
 
 @dataclasses.dataclass(frozen=True)
 class Warmup:
-    """Densities used for ``length`` epochs (or steps) each before the target ratio.
+    """Densities used for ``length`` steps (or epochs) each before the target ratio.
 
     Args:
         ratios: densities of the warm-up stages, in order; each in (0, 1].
-        length: how many units each stage lasts (>= 1).
-        unit: ``"epoch"`` (the hook's ``state.set_epoch`` or ``steps_per_epoch``
-            tells the epoch) or ``"step"`` (optimizer steps as counted by the hook).
+        length: how many units each stage lasts (>= 1); default 250.
+        unit: ``"step"`` (optimizer steps as counted by the hook; the default) or
+            ``"epoch"`` (the hook's ``state.set_epoch`` or ``steps_per_epoch``
+            tells the epoch; without either it stays at the first stage, and the
+            hook says so at WARNING level).
     """
 
     ratios: tuple[float, ...] = DGC_WARMUP_RATIOS
-    length: int = 1
-    unit: str = "epoch"
+    length: int = DEFAULT_STAGE_STEPS
+    unit: str = "step"
 
     def __post_init__(self):
         if self.unit not in ("epoch", "step"):

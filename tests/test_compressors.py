@@ -42,17 +42,21 @@ def test_topk_count_is_max_one_ceil(ratio, n):
     assert TopK(ratio).count(n, 0, 0) == max(1, math.ceil(ratio * n))
 
 
-def test_dgc_default_warmup_is_the_papers_exponential_schedule():
+def test_dgc_default_warmup_is_the_papers_exponential_schedule_in_optimizer_steps():
+    """The default needs no epoch: 250 optimizer steps per stage, the target from step 1,000 on."""
     dgc = DGC(0.001)
-    sparsity = [1 - dgc.ratio(step=0, epoch=e) for e in range(6)]
-    assert sparsity == pytest.approx([0.75, 0.9375, 0.984375, 0.996, 0.999, 0.999])
+    sparsity = [1 - dgc.ratio(step=s, epoch=0) for s in (0, 249, 250, 500, 750, 999, 1000, 10**6)]
+    assert sparsity == pytest.approx([0.75, 0.75, 0.9375, 0.984375, 0.996, 0.996, 0.999, 0.999])
+    by_epoch = DGC(0.001, warmup=Warmup(unit="epoch", length=1))
+    assert [1 - by_epoch.ratio(step=0, epoch=e) for e in range(6)] == pytest.approx(
+        [0.75, 0.9375, 0.984375, 0.996, 0.999, 0.999])
     assert DGC(0.001, warmup=None).ratio(0, 0) == 0.001
     by_step = DGC(0.01, warmup=Warmup(ratios=(0.5, 0.1), length=3, unit="step"))
     assert [by_step.ratio(s, 0) for s in range(8)] == [0.5] * 3 + [0.1] * 3 + [0.01] * 2
 
 
 def test_warmup_never_goes_below_target():
-    assert DGC(0.1).ratio(0, 2) == 0.1  # stage density 0.015625 < target 0.1
+    assert DGC(0.1).ratio(500, 0) == 0.1  # stage density 0.015625 < target 0.1
 
 
 def test_dgc_select_is_exact_topk():

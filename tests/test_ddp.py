@@ -153,7 +153,11 @@ def dgc_worker(rank, world):
 
 
 def reference_dgc(world):
-    """Lin et al. 2017, Algorithm 1 with momentum correction and factor masking, per parameter."""
+    """Lin et al. 2017, Algorithm 1 with momentum correction and factor masking, per parameter.
+
+    Where every coordinate is sent (the dense step 0) the momentum is not masked: that is
+    dense momentum SGD, as the DGC authors do for tensors they do not compress.
+    """
     torch.set_num_threads(1)
     model = make_model("mlp")
     params = list(model.parameters())
@@ -186,7 +190,8 @@ def reference_dgc(world):
                     mask = torch.zeros(p.numel(), dtype=torch.bool)
                     mask[chosen] = True
                     total = total + torch.where(mask, flat, 0.0)
-                    u[r][i] = u[r][i] * ~mask.view_as(p)
+                    if k < p.numel():  # factor masking; with every coordinate sent the momentum carries on
+                        u[r][i] = u[r][i] * ~mask.view_as(p)
                     v[r][i] = v[r][i] * ~mask.view_as(p)
                 update = (total / world).view_as(p)
             with torch.no_grad():

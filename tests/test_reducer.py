@@ -122,14 +122,21 @@ def test_stats_count_the_payload_bytes():
     assert stats[0].selected == 100 and stats[0].whole == 50 and not stats[0].dense
 
 
-def test_force_dense_sends_everything_and_masks_all_momentum():
-    r = reducer(DGC(0.01, warmup=None))
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("how", ["force_dense", "ratio_1"])
+def test_everything_sent_is_dense_momentum_sgd(how, nesterov):
+    """Nothing dropped: no momentum factor masking, so the update is torch SGD's momentum buffer (in float64 here)."""
+    r = reducer(DGC(1.0 if how == "ratio_1" else 0.01, nesterov=nesterov, warmup=None))
     gen = torch.Generator().manual_seed(0)
-    for step in range(3):
+    buf = torch.zeros(1000, dtype=torch.float64)
+    for step in range(20):
         g = torch.randn(1000, generator=gen)
-        out = r.reduce(g.clone(), None, step, force_dense=True).wait()
-        torch.testing.assert_close(out, g, rtol=0, atol=0)  # u = g, v = u, all sent, u and v masked
-        assert torch.count_nonzero(r.memory.state["bucket"]["momentum"]) == 0
+        out = r.reduce(g.clone(), None, step, force_dense=how == "force_dense").wait()
+        buf = 0.9 * buf + g.double()
+        want = g.double() + 0.9 * buf if nesterov else buf
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+        assert torch.count_nonzero(r.memory.state["bucket"]["velocity"]) == 0  # all of v was sent
+    assert torch.count_nonzero(r.memory.state["bucket"]["momentum"]) == 1000  # and the momentum kept
 
 
 def test_dgc_whole_tensors_get_momentum_on_the_averaged_gradient():

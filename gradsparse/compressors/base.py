@@ -51,6 +51,15 @@ class Compressor(abc.ABC):
     def __init__(self, error_feedback: bool = True):
         self.error_feedback = bool(error_feedback)
 
+    @property
+    def supports_sparse_gradients(self) -> bool:
+        """Whether sparse gradients (``nn.Embedding(sparse=True)``) may bypass the memory.
+
+        They are already index/value pairs and are averaged as they are, with no
+        memory; a compressor whose memory changes the update (DGC's momentum) says False.
+        """
+        return True
+
     def make_memory(self) -> Memory:
         """The compensation state this compressor needs."""
         return ResidualMemory() if self.error_feedback else Memory()
@@ -73,6 +82,15 @@ class Compressor(abc.ABC):
         """Pairs sent for a tensor of ``numel`` elements; None when data-dependent."""
         ratio = self.ratio(step, epoch)
         return None if ratio is None else count_for(ratio, numel)
+
+    def unsent_bound(self, loss_scale: float = 1.0) -> float | None:
+        """An upper bound of ``|v|`` over the coordinates :meth:`select` leaves, beside the largest one it takes.
+
+        The memory's overflow bound is ``max(largest sent, unsent_bound)``. Top-k
+        methods return 0.0 (nothing left is larger than what is sent); a threshold
+        returns itself; None (the default) makes the reducer measure ``max|v|``.
+        """
+        return None
 
     @abc.abstractmethod
     def select(self, v: torch.Tensor, step: int, epoch: int, loss_scale: float = 1.0) -> torch.Tensor:

@@ -13,15 +13,18 @@ Per parameter, every step:
    corrected to exactly ``k`` and equals the exact top-k set.
 4. Momentum factor masking: zero ``u`` and ``v`` where sent.
 5. Sparsity warm-up: the density follows :class:`~gradsparse.schedule.Warmup`
-   (default 25 %, 6.25 %, 1.5625 %, 0.4 % for one epoch each, then ``ratio``).
+   (default 25 %, 6.25 %, 1.5625 %, 0.4 % for 250 optimizer steps each, then
+   ``ratio`` from step 1,000 on).
 
-Tensors sent whole (small ones) get plain momentum on the averaged gradient, so
-the optimizer must not add momentum again (use SGD with ``momentum=0``).
+Tensors sent whole (small ones) get plain momentum on the averaged gradient, and
+a tensor whose every coordinate is sent keeps its momentum (no masking), so with
+nothing dropped DGC is dense momentum SGD. The optimizer must not add momentum
+again (use SGD with ``momentum=0``).
 
 Example::
 
     >>> from gradsparse import DGC
-    >>> DGC(0.001).ratio(step=0, epoch=0), DGC(0.001).ratio(step=0, epoch=9)
+    >>> DGC(0.001).ratio(step=0, epoch=0), DGC(0.001).ratio(step=1000, epoch=0)
     (0.25, 0.001)
 """
 
@@ -52,7 +55,7 @@ class DGC(Compressor):
             accumulation at :meth:`clip_limit`.
         sample_ratio: fraction of each tensor sampled to estimate the threshold.
         warmup: a :class:`Warmup`, or None for no warm-up. Default: DGC's
-            exponential schedule over the first four epochs.
+            exponential schedule, 250 optimizer steps per stage (1,000 in all).
         seed: seed of the sampling generator (the selected set does not depend on it).
     """
 
@@ -91,6 +94,10 @@ class DGC(Compressor):
     def momentum_correction(self) -> bool:
         return self.momentum > 0
 
+    @property
+    def supports_sparse_gradients(self) -> bool:
+        return not self.momentum_correction  # sparse rows would get no momentum
+
     def make_memory(self):
         return DGCMemory(self.momentum, self.nesterov)
 
@@ -118,6 +125,9 @@ class DGC(Compressor):
         if self.warmup is None:
             return self.target_ratio
         return self.warmup.ratio(self.target_ratio, step, epoch)
+
+    def unsent_bound(self, loss_scale=1.0):
+        return 0.0  # exact top-k: nothing left is larger than the largest sent
 
     def select(self, v, step, epoch, loss_scale=1.0):
         k = self.count(v.numel(), step, epoch)
