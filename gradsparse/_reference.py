@@ -57,6 +57,11 @@ def absmax(x: torch.Tensor) -> float:
     return max(-float(low), float(high))
 
 
+def absmin(x: torch.Tensor) -> float:
+    """Smallest ``|x|`` as a Python float (``x`` non-empty)."""
+    return float(x.detach().abs().min())
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """True when no element is NaN or Inf. One read-only pass (a float32 sum) unless the sum overflows."""
     if bool(torch.isfinite(x.sum(dtype=torch.float32))):

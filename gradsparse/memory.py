@@ -86,8 +86,8 @@ class Memory:
         """Remove the sent coordinates (``indices`` int64, ``sent`` fp32 as received).
 
         ``complete``: every coordinate of the tensor was sent (nothing dropped);
-        ``bound``: an upper bound of ``max|compensated|`` this step (the largest
-        magnitude sent, or the selection threshold when that is larger).
+        ``bound``: an upper bound of what stays after the update (the largest
+        unsent magnitude, or the wire's rounding of what was sent).
         """
 
     def finish_whole(self, key: str, averaged: torch.Tensor) -> None:
@@ -131,7 +131,7 @@ class ResidualMemory(Memory):
     def update(self, key, indices, sent, *, complete=False, bound=math.inf):
         # index_add_ with alpha -1 rounds exactly like ``residual[indices] -= sent`` (indices are unique), 1.6x faster
         self.state[key]["residual"].index_add_(0, indices, sent, alpha=-1.0)
-        self._set_bound(key, "residual", bound)  # what stays is at most what was compensated
+        self._set_bound(key, "residual", bound)
 
 
 class DGCMemory(Memory):

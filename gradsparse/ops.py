@@ -41,6 +41,7 @@ def _load_backend() -> tuple[str, tuple[str, ...]]:
 BACKEND, KERNEL_DEVICES = _load_backend()
 all_finite = _reference.all_finite
 absmax = _reference.absmax
+absmin = _reference.absmin
 
 
 def _compiled(t: torch.Tensor) -> bool:
@@ -131,6 +132,7 @@ if BACKEND == "extension":
 __all__ = [
     "BACKEND",
     "absmax",
+    "absmin",
     "all_finite",
     "dgc_compensate_",
     "pack",

@@ -125,7 +125,7 @@ class _Selection:
     local: torch.Tensor          # int64 positions within the segment
     sent: torch.Tensor           # fp32 values as they go on the wire
     complete: bool = False       # every coordinate of its group was selected (nothing dropped)
-    bound: float = math.inf      # upper bound of max|compensated| over its group
+    bound: float = math.inf      # upper bound of |v| over what its group keeps after the update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,23 +355,29 @@ class SparseReducer:
                 local = chosen[cuts[i]:cuts[i + 1]] - int(starts[i])
                 # index_select: same values as v[s.key][local], 3-4x faster on CPU for 250k positions
                 picked.append(_Selection(s, local, v[s.key].index_select(0, local).to(wire).float(), complete))
-            bound = self._selection_bound(picked, joined, scale)
+            bound = self._kept_bound(picked, joined, scale, wire, complete)
             selections += [dataclasses.replace(p, bound=bound) for p in picked]
         return selections
 
-    def _selection_bound(self, picked: list[_Selection], joined: torch.Tensor, scale: float) -> float:
-        """An upper bound of ``max|v|`` over a group: the largest sent, or what the compressor says of the rest."""
-        unsent = self.compressor.unsent_bound(scale)
+    def _kept_bound(self, picked: list[_Selection], joined: torch.Tensor, scale: float, wire: torch.dtype,
+                    complete: bool) -> float:
+        """An upper bound of ``|v|`` over what a group keeps after the update: the rounding of what was sent
+        on the wire, and what the compressor left (see :meth:`Compressor.unsent_bound`)."""
+        sent = torch.cat([p.sent for p in picked]) if len(picked) > 1 else picked[0].sent
+        rounding = torch.finfo(wire).eps * ops.absmax(sent) if wire != torch.float32 else 0.0
+        if complete:
+            return rounding
+        unsent = self.compressor.unsent_bound(sent, scale)
         if unsent is None:
             return ops.absmax(joined)
-        sent = max((ops.absmax(p.sent) for p in picked), default=0.0)
-        return max(sent, unsent)
+        return max(unsent * (1 + torch.finfo(wire).eps), rounding)
 
     def _select_all(self, v: dict[str, torch.Tensor], wire: torch.dtype, plan: _Plan) -> list[_Selection]:
         selections = []
         for s in plan.compressed:
             sent = v[s.key].to(wire).float()
-            selections.append(_Selection(s, torch.arange(s.numel, device=sent.device), sent, True, ops.absmax(sent)))
+            rounding = torch.finfo(wire).eps * ops.absmax(sent) if wire != torch.float32 else 0.0
+            selections.append(_Selection(s, torch.arange(s.numel, device=sent.device), sent, True, rounding))
         return selections
 
     # ------------------------------------------------------------------ reduce

@@ -83,12 +83,13 @@ class Compressor(abc.ABC):
         ratio = self.ratio(step, epoch)
         return None if ratio is None else count_for(ratio, numel)
 
-    def unsent_bound(self, loss_scale: float = 1.0) -> float | None:
-        """An upper bound of ``|v|`` over the coordinates :meth:`select` leaves, beside the largest one it takes.
+    def unsent_bound(self, sent: torch.Tensor, loss_scale: float = 1.0) -> float | None:
+        """An upper bound of ``|v|`` over the coordinates :meth:`select` left, given the ``sent`` values.
 
-        The memory's overflow bound is ``max(largest sent, unsent_bound)``. Top-k
-        methods return 0.0 (nothing left is larger than what is sent); a threshold
-        returns itself; None (the default) makes the reducer measure ``max|v|``.
+        It bounds what stays in the memory, so the next step can tell whether
+        compensating could overflow. Top-k methods return the smallest sent
+        magnitude (nothing left is larger); a threshold returns itself; None (the
+        default) makes the reducer measure ``max|v|`` instead.
         """
         return None
 

@@ -126,8 +126,8 @@ class DGC(Compressor):
             return self.target_ratio
         return self.warmup.ratio(self.target_ratio, step, epoch)
 
-    def unsent_bound(self, loss_scale=1.0):
-        return 0.0  # exact top-k: nothing left is larger than the largest sent
+    def unsent_bound(self, sent, loss_scale=1.0):
+        return ops.absmin(sent) if sent.numel() else None  # exact top-k: nothing left exceeds what was sent
 
     def select(self, v, step, epoch, loss_scale=1.0):
         k = self.count(v.numel(), step, epoch)

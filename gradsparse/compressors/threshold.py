@@ -36,7 +36,7 @@ class Threshold(Compressor):
             raise InvalidConfigError(f"threshold must be a finite number >= 0, got {threshold!r}")
         self.threshold = float(threshold)
 
-    def unsent_bound(self, loss_scale=1.0):
+    def unsent_bound(self, sent, loss_scale=1.0):
         return self.threshold * loss_scale  # what stays is below the threshold
 
     def select(self, v, step, epoch, loss_scale=1.0):

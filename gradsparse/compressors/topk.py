@@ -39,8 +39,8 @@ class TopK(Compressor):
     def ratio(self, step, epoch):
         return self.target_ratio
 
-    def unsent_bound(self, loss_scale=1.0):
-        return 0.0  # exact top-k: nothing left is larger than the largest sent
+    def unsent_bound(self, sent, loss_scale=1.0):
+        return ops.absmin(sent) if sent.numel() else None  # exact top-k: nothing left exceeds what was sent
 
     def select(self, v, step, epoch, loss_scale=1.0):
         return ops.sampled_topk_indices(v, self.count(v.numel(), step, epoch), 0.01, self._generator)
