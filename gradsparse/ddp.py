@@ -49,6 +49,7 @@ from .errors import (
     UnsupportedGradientError,
 )
 from .reducer import Segment, SparseReducer
+from .schedule import untold_epoch_message
 from .stats import BucketStats, StepStats
 
 logger = logging.getLogger(__name__)
@@ -235,14 +236,10 @@ class GradSparseState:
             self._warn_epoch_never_told()
 
     def _warn_epoch_never_told(self) -> None:
-        warmup = getattr(self.compressor, "warmup", None)
-        if warmup is None or warmup.unit != "epoch" or self.steps_per_epoch or self._epoch_told:
-            return
         self._warned_epoch = True
-        logger.warning("gradsparse: %s warms up per epoch, but the hook was never told the epoch: it stays at the "
-                       "first warm-up stage (density %g) until you call state.set_epoch(epoch) each epoch or pass "
-                       "steps_per_epoch=; Warmup(unit='step') (the default) needs neither",
-                       type(self.compressor).__name__, warmup.ratios[0])
+        message = untold_epoch_message(self.compressor)
+        if message and not self.steps_per_epoch and not self._epoch_told:
+            logger.warning("gradsparse: %s", message)
 
     def _defer(self, error: Exception) -> None:
         """Keep a NonFiniteGradientError for the end of backward (raised there), or raise it now."""
@@ -320,6 +317,7 @@ class GradSparseState:
         self.reducer.load_state_dict(state_dict)
         self.iter = int(state_dict["iter"])
         self.epoch = int(state_dict["epoch"])
+        self._epoch_told = self._epoch_told or self.epoch > 0
         self._current = StepStats(step=self.iter)
         self._pending, self._closing = 0, False
 

@@ -43,6 +43,7 @@ import torch
 from .compressors.base import Compressor
 from .errors import InvalidConfigError, StateMismatchError
 from .reducer import Segment, SparseReducer
+from .schedule import untold_epoch_message
 from .stats import BucketStats, StepStats
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class SparseCompression:
         self._previous: str | None = None
         self._inflight: dict[str, int] = {}
         self._open: dict[int, StepStats] = {}
+        self._epoch_told = False
+        self._warned_epoch = False
         if named_parameters is not None:
             self.bind(named_parameters)
 
@@ -171,6 +174,7 @@ class SparseCompression:
     def set_epoch(self, epoch: int) -> None:
         """Tell the compressor the current epoch (for epoch-based warm-up)."""
         self.epoch = int(epoch)
+        self._epoch_told = True
 
     def current_epoch(self, step: int) -> int:
         return step // self.steps_per_epoch if self.steps_per_epoch else self.epoch
@@ -216,6 +220,11 @@ class SparseCompression:
             raise InvalidConfigError(f"compress() was called for {name!r} again before its decompress(): this "
                                      "SparseCompression is shared by two optimizers; create one per optimizer")
         step = self.steps.get(name, 0)
+        if step >= self.start_iter and not self._warned_epoch:
+            self._warned_epoch = True
+            message = untold_epoch_message(self.compressor)
+            if message and not self.steps_per_epoch and not self._epoch_told:
+                logger.warning("gradsparse: %s", message)
         grad = tensor if tensor.is_contiguous() else tensor.contiguous()
         flat = grad.view(-1)
         tag = f"gradsparse.{name}"
@@ -281,6 +290,7 @@ class SparseCompression:
         self.reducer.load_state_dict(state_dict)
         self.steps = {str(k): int(v) for k, v in state_dict["steps"].items()}
         self.epoch = int(state_dict["epoch"])
+        self._epoch_told = self._epoch_told or self.epoch > 0
 
     def __repr__(self) -> str:
         return f"SparseCompression({self.compressor!r}, op={self.reducer.op!r}, start_iter={self.start_iter})"

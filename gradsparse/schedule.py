@@ -72,3 +72,20 @@ class Warmup:
         if stage >= len(self.ratios):
             return final_ratio
         return max(final_ratio, self.ratios[stage])
+
+
+def untold_epoch_message(compressor) -> str | None:
+    """The warning an adapter logs when ``compressor`` warms up per epoch and was never told the epoch.
+
+    >>> from gradsparse import DGC, TopK
+    >>> untold_epoch_message(TopK(0.01)) is None, untold_epoch_message(DGC(0.01)) is None
+    (True, True)
+    >>> untold_epoch_message(DGC(0.01, warmup=Warmup(unit="epoch"))).split(":")[0]
+    'DGC warms up per epoch, but was never told the epoch'
+    """
+    warmup = getattr(compressor, "warmup", None)
+    if warmup is None or warmup.unit != "epoch":
+        return None
+    return (f"{type(compressor).__name__} warms up per epoch, but was never told the epoch: it stays at the first "
+            f"warm-up stage (density {warmup.ratios[0]:g}) until you call set_epoch(epoch) each epoch or pass "
+            "steps_per_epoch=; Warmup(unit='step') (the default) needs neither")
