@@ -1,0 +1,154 @@
+"""DGC and the optimizer: DGCSGD's algebra."""
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import OneCycleLR
+
+from gradsparse import DGCSGD
+from gradsparse.errors import InvalidConfigError
+
+M = 0.9
+
+# ----------------------------------------------------------------------------------------------
+# DGCSGD fed with DGC's momentum-corrected gradients (nothing dropped) is dense momentum SGD.
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Linear(6, 3).double()
+
+
+def _loss(model, step):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    return nn.functional.mse_loss(model(x), y)
+
+
+def _momentum_corrected(u, g, nesterov):
+    """DGC's momentum correction with nothing dropped: the new u and what is sent."""
+    if nesterov:
+        u = M * (u + g)
+        return u, u + g
+    u = M * u + g
+    return u, u.clone()
+
+
+def trajectory(kind, *, nesterov, wd, steps=150):
+    """Parameters after each step: ``dense`` torch SGD on raw grads, ``dgc`` DGCSGD on corrected grads."""
+    model = _model()
+    groups = [{"params": [model.weight], "weight_decay": wd}, {"params": [model.bias], "weight_decay": 0.0}]
+    if kind == "dense":
+        opt = torch.optim.SGD(groups, lr=0.05, momentum=M, nesterov=nesterov)
+    else:
+        opt = DGCSGD(groups, lr=0.05, momentum=M, nesterov=nesterov)
+    sched = OneCycleLR(opt, max_lr=0.2, total_steps=steps, cycle_momentum=False)
+    u = {p: torch.zeros_like(p) for p in model.parameters()}
+    out = []
+    for step in range(steps):
+        opt.zero_grad()
+        _loss(model, step).backward()
+        if kind == "dgc":
+            for p in model.parameters():
+                u[p], p.grad = _momentum_corrected(u[p], p.grad, nesterov)
+        opt.step()
+        sched.step()
+        out.append([p.detach().clone() for p in model.parameters()])
+    return out
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_dgcsgd_on_corrected_grads_equals_dense_momentum_sgd(nesterov, wd):
+    dense, dgc = trajectory("dense", nesterov=nesterov, wd=wd), trajectory("dgc", nesterov=nesterov, wd=wd)
+    for got, want in zip(dgc, dense, strict=True):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(dense[-1][0], _model().weight.detach())  # it trained
+
+
+def _decay_only(opt_cls, **kwargs) -> float:
+    """A parameter whose gradient is always zero: only weight decay moves it."""
+    w = nn.Parameter(torch.ones(1, dtype=torch.float64))
+    opt = opt_cls([w], lr=0.1, weight_decay=5e-4, **kwargs)
+    for _ in range(200):
+        w.grad = torch.zeros_like(w)
+        opt.step()
+    return w.item()
+
+
+def test_weight_decay_gets_momentum_unlike_plain_sgd():
+    dense = _decay_only(torch.optim.SGD, momentum=M)
+    assert _decay_only(DGCSGD, momentum=M) == pytest.approx(dense, abs=1e-12)
+    plain = _decay_only(torch.optim.SGD)  # what docs used to recommend beside DGC
+    assert dense == pytest.approx(0.9085, abs=1e-3) and plain == pytest.approx(0.990, abs=1e-3)
+
+
+def test_dgcsgd_without_weight_decay_is_plain_sgd_and_keeps_no_state():
+    w = nn.Parameter(torch.ones(3))
+    opt = DGCSGD([w], lr=0.5, momentum=M)
+    w.grad = torch.tensor([1.0, 2.0, 3.0])
+    opt.step()
+    assert torch.equal(w.detach(), torch.tensor([0.5, 0.0, -0.5])) and len(opt.state) == 0
+
+
+def test_dgcsgd_sparse_gradient_equals_dense_gradient():
+    results = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        emb = nn.Embedding(20, 4, sparse=sparse)
+        opt = DGCSGD(emb.parameters(), lr=0.1, momentum=M, weight_decay=0.01, nesterov=True)
+        for step in range(3):
+            opt.zero_grad()
+            emb(torch.tensor([step, 7])).sum().backward()
+            opt.step()
+        results.append(emb.weight.detach())
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_dgcsgd_state_dict_resumes_exactly():
+    def build():
+        model = _model()
+        return model, DGCSGD(model.parameters(), lr=0.05, momentum=M, weight_decay=0.05)
+
+    def train(model, opt, steps):
+        for step in steps:
+            opt.zero_grad()
+            _loss(model, step).backward()
+            opt.step()
+
+    model, opt = build()
+    train(model, opt, range(5))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, range(5, 10))
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    assert set(ckpt["opt"]["state"][0]) == {"weight_decay_buffer"}
+    model2, opt2 = build()
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    train(model2, opt2, range(5, 10))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=-0.1), dict(lr=float("nan")), dict(momentum=1.0), dict(momentum=-0.1),
+                                    dict(weight_decay=-1e-4), dict(nesterov="yes"), dict(momentum=0.0, nesterov=True),
+                                    dict(momentum=True)])
+def test_dgcsgd_refuses_bad_arguments(kwargs):
+    w = nn.Parameter(torch.zeros(1))
+    with pytest.raises(InvalidConfigError):
+        DGCSGD([w], **{"lr": 0.1, **kwargs})
+
+
+def test_dgcsgd_validates_added_groups_and_needs_lr():
+    opt = DGCSGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(InvalidConfigError, match="momentum"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "momentum": 1.5})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(InvalidConfigError, match="needs lr"):
+        DGCSGD([nn.Parameter(torch.zeros(1))])
+    assert DGCSGD(opt.param_groups).param_groups[0]["lr"] == 0.1  # how Horovod rebuilds an optimizer
