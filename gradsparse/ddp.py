@@ -23,8 +23,9 @@ State is keyed by parameter name (``model`` given) so it survives bucket rebuild
 and can be checkpointed with :meth:`GradSparseState.state_dict`.
 
 DGC's momentum correction replaces optimizer momentum: use
-``torch.optim.SGD(params, lr, momentum=0)``; :func:`register` refuses an
-optimizer with momentum when momentum correction is on.
+:class:`gradsparse.DGCSGD` (weight decay with DGC's momentum), or
+``torch.optim.SGD(params, lr, momentum=0)`` without weight decay;
+:func:`register` refuses the rest (see :meth:`gradsparse.DGC.check_optimizer`).
 """
 
 # No "from __future__ import annotations": DDP compares the hook's annotations
@@ -40,14 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
-from .compressors.dgc import DGC
-from .errors import (
-    HookAlreadyRegisteredError,
-    IncompatibleOptimizerError,
-    InvalidConfigError,
-    StateMismatchError,
-    UnsupportedGradientError,
-)
+from .errors import HookAlreadyRegisteredError, InvalidConfigError, StateMismatchError, UnsupportedGradientError
 from .reducer import Segment, SparseReducer
 from .schedule import untold_epoch_message
 from .stats import BucketStats, StepStats
@@ -457,15 +451,15 @@ def _has_comm_hook(model: DistributedDataParallel) -> bool:
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, compressor: Compressor) -> None:
-    """Refuse an optimizer that would add momentum on top of DGC's momentum correction."""
-    if not (isinstance(compressor, DGC) and compressor.momentum_correction):
-        return
-    for group in optimizer.param_groups:
-        if group.get("momentum", 0):
-            raise IncompatibleOptimizerError(
-                f"DGC applies momentum {compressor.momentum} itself (momentum correction); the optimizer "
-                f"{type(optimizer).__name__} has momentum={group['momentum']} and would apply it twice. "
-                "Use torch.optim.SGD(params, lr, momentum=0) or DGC(momentum=0).")
+    """Raise IncompatibleOptimizerError if ``optimizer`` cannot apply what ``compressor`` sends.
+
+    Delegates to ``compressor.check_optimizer(optimizer)``.
+
+    Example::
+
+        gradsparse.ddp.check_optimizer(opt, gradsparse.DGC(0.001))
+    """
+    compressor.check_optimizer(optimizer)
 
 
 def register(
@@ -478,6 +472,9 @@ def register(
 ) -> GradSparseState:
     """Register the sparse hook on a DDP model in one line; returns its state.
 
+    With ``optimizer=`` the optimizer is checked against the compressor
+    (:meth:`~gradsparse.compressors.base.Compressor.check_optimizer`).
+
     Example::
 
         state = gradsparse.ddp.register(ddp_model, DGC(0.001), optimizer=opt)
@@ -487,7 +484,7 @@ def register(
     if _has_comm_hook(model):
         raise HookAlreadyRegisteredError("this DDP model already has a communication hook; DDP allows only one")
     if optimizer is not None:
-        check_optimizer(optimizer, compressor)
+        compressor.check_optimizer(optimizer)
     state = GradSparseState(compressor, process_group, model=model, **state_kwargs)
     try:
         model.register_comm_hook(state, sparse_hook)

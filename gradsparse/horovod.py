@@ -307,8 +307,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
     With any other ``compression`` it simply returns ``hvd.DistributedOptimizer(...)``.
     With a :class:`SparseCompression` it refuses ``op=hvd.Adasum`` (and ops other than
     Average / Sum), ``sparse_as_dense=True``, a compression already serving another
-    optimizer, parameter sets that differ between ranks, and (for DGC with momentum
-    correction) an optimizer with its own momentum; then binds the compression to the
+    optimizer, parameter sets that differ between ranks, and an optimizer the compressor
+    refuses (``compressor.check_optimizer``: for DGC with momentum correction, one with its
+    own momentum, Adam's moments or SGD weight decay); then binds the compression to the
     parameters by name and builds Horovod's optimizer unchanged.
 
     Example::
@@ -336,9 +337,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
             named_parameters = [(f"allreduce.noname.{i}.{j}", p) for i, group in enumerate(optimizer.param_groups)
                                 for j, p in enumerate(group["params"])]
         named_parameters = list(named_parameters)
-        from .ddp import check_optimizer
-
-        check_optimizer(optimizer, compression.compressor)
+        compression.compressor.check_optimizer(optimizer)
         if process_set is not compression.communicator.process_set:
             if compression.steps:
                 raise InvalidConfigError("the compression already ran on another process set")

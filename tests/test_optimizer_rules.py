@@ -1,4 +1,4 @@
-"""DGC and the optimizer: DGCSGD's algebra."""
+"""DGC and the optimizer: DGCSGD's algebra and the compressor's optimizer rules."""
 
 import io
 
@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import OneCycleLR
 
-from gradsparse import DGCSGD
-from gradsparse.errors import InvalidConfigError
+from gradsparse import DGC, DGCSGD, Threshold, TopK
+from gradsparse import ddp as gddp
+from gradsparse.errors import IncompatibleOptimizerError, InvalidConfigError
 
 M = 0.9
 
@@ -152,3 +153,72 @@ def test_dgcsgd_validates_added_groups_and_needs_lr():
     with pytest.raises(InvalidConfigError, match="needs lr"):
         DGCSGD([nn.Parameter(torch.zeros(1))])
     assert DGCSGD(opt.param_groups).param_groups[0]["lr"] == 0.1  # how Horovod rebuilds an optimizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Compressor.check_optimizer: what DGC's momentum correction accepts and refuses.
+
+
+def _params():
+    return [nn.Parameter(torch.zeros(2))]
+
+
+ACCEPTED = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd_dampening_without_momentum": lambda p: torch.optim.SGD(p, lr=0.1, dampening=0.5),
+    "dgcsgd": lambda p: DGCSGD(p, lr=0.1, momentum=M, weight_decay=1e-4),
+    "dgcsgd_no_decay": lambda p: DGCSGD(p, lr=0.1, momentum=M),
+}
+
+REFUSED = {  # optimizer, words its message must hold
+    "sgd_momentum": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), ["momentum=0.9", "second time",
+                                                                         "gradsparse.DGCSGD(params, lr, momentum=0.9"]),
+    "sgd_momentum_decay": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4),
+                           ["weight_decay=0.0001", "DGCSGD"]),
+    "sgd_weight_decay": (lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=5e-4),
+                         ["no momentum", "10x weaker", "gradsparse.DGCSGD(params, lr, momentum=0.9, weight_decay=0.0005)"]),
+    "adam": (lambda p: torch.optim.Adam(p), ["Adam", "moment estimates", "DGC(momentum=0)", "TopK"]),
+    "adamw": (lambda p: torch.optim.AdamW(p), ["AdamW", "DGC(momentum=0)"]),
+    "nadam": (lambda p: torch.optim.NAdam(p), ["NAdam"]),
+    "radam": (lambda p: torch.optim.RAdam(p), ["RAdam"]),
+    "adamax": (lambda p: torch.optim.Adamax(p), ["Adamax"]),
+    "rmsprop_momentum": (lambda p: torch.optim.RMSprop(p, momentum=0.9), ["RMSprop", "momentum=0.9"]),
+    "dgcsgd_momentum_mismatch": (lambda p: DGCSGD(p, lr=0.1, momentum=0.8), ["momentum=0.8", "momentum=0.9"]),
+    "dgcsgd_nesterov_mismatch": (lambda p: DGCSGD(p, lr=0.1, momentum=0.9, nesterov=True),
+                                 ["nesterov=True", "nesterov=False"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_dgc_accepts(name):
+    opt = ACCEPTED[name](_params())
+    DGC(0.01, momentum=M).check_optimizer(opt)
+    gddp.check_optimizer(opt, DGC(0.01, momentum=M))
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_dgc_refuses_with_the_fix_in_the_message(name):
+    factory, words = REFUSED[name]
+    for check in (lambda o: DGC(0.01, momentum=M).check_optimizer(o), lambda o: gddp.check_optimizer(o, DGC(0.01))):
+        with pytest.raises(IncompatibleOptimizerError) as err:
+            check(factory(_params()))
+        for word in words:
+            assert word in str(err.value), (word, str(err.value))
+
+
+def test_dgcsgd_with_nesterov_dgc_is_accepted():
+    DGC(0.01, momentum=M, nesterov=True).check_optimizer(DGCSGD(_params(), lr=0.1, momentum=M, nesterov=True))
+
+
+def test_second_param_group_is_checked_and_named():
+    opt = torch.optim.SGD(_params(), lr=0.1)
+    opt.add_param_group({"params": _params(), "momentum": 0.9})
+    with pytest.raises(IncompatibleOptimizerError, match="param group 1"):
+        DGC(0.01).check_optimizer(opt)
+
+
+@pytest.mark.parametrize("compressor", [TopK(0.01), Threshold(0.1), DGC(0.01, momentum=0.0)],
+                         ids=["topk", "threshold", "dgc_no_momentum"])
+def test_without_momentum_correction_anything_goes(compressor):
+    for factory, _ in REFUSED.values():
+        compressor.check_optimizer(factory(_params()))
