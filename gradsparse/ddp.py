@@ -6,7 +6,7 @@ Use it like any PyTorch comm hook::
     state = GradSparseState(DGC(0.001), model=net)
     model.register_comm_hook(state, sparse_hook)
 
-or in one line, which also checks the optimizer::
+or in one line, which also checks the optimizer (now and before every step)::
 
     state = gradsparse.ddp.register(model, DGC(0.001), optimizer=opt)
 
@@ -41,7 +41,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
+from .compressors.dgc import DGC
 from .errors import HookAlreadyRegisteredError, InvalidConfigError, StateMismatchError, UnsupportedGradientError
+from .optim import guard
 from .reducer import Segment, SparseReducer
 from .schedule import untold_epoch_message
 from .stats import BucketStats, StepStats
@@ -453,13 +455,28 @@ def _has_comm_hook(model: DistributedDataParallel) -> bool:
 def check_optimizer(optimizer: torch.optim.Optimizer, compressor: Compressor) -> None:
     """Raise IncompatibleOptimizerError if ``optimizer`` cannot apply what ``compressor`` sends.
 
-    Delegates to ``compressor.check_optimizer(optimizer)``.
+    Delegates to ``compressor.check_optimizer(optimizer)`` (checks once; to check
+    before every step too, use :func:`gradsparse.optim.guard`).
 
     Example::
 
         gradsparse.ddp.check_optimizer(opt, gradsparse.DGC(0.001))
     """
     compressor.check_optimizer(optimizer)
+
+
+_warned_unchecked = False
+
+
+def _warn_unchecked(compressor: Compressor) -> None:
+    """Log once per process that DGC's optimizer rule could not be checked."""
+    global _warned_unchecked
+    if _warned_unchecked or not (isinstance(compressor, DGC) and compressor.momentum_correction):
+        return
+    _warned_unchecked = True
+    logger.warning("gradsparse: DGC(momentum=%s) applies momentum itself; register() got no optimizer= and cannot "
+                   "check that the optimizer adds none (use gradsparse.DGCSGD, or SGD(momentum=0) without weight "
+                   "decay): pass register(..., optimizer=opt)", compressor.momentum)
 
 
 def register(
@@ -472,8 +489,9 @@ def register(
 ) -> GradSparseState:
     """Register the sparse hook on a DDP model in one line; returns its state.
 
-    With ``optimizer=`` the optimizer is checked against the compressor
-    (:meth:`~gradsparse.compressors.base.Compressor.check_optimizer`).
+    With ``optimizer=`` the optimizer is checked against the compressor now and
+    before every ``optimizer.step()`` (:func:`gradsparse.optim.guard`); a DGC with
+    momentum correction registered without it logs a warning once.
 
     Example::
 
@@ -483,13 +501,17 @@ def register(
         raise InvalidConfigError(f"register() expects a DistributedDataParallel model, got {type(model).__name__}")
     if _has_comm_hook(model):
         raise HookAlreadyRegisteredError("this DDP model already has a communication hook; DDP allows only one")
-    if optimizer is not None:
-        compressor.check_optimizer(optimizer)
+    if optimizer is None:
+        _warn_unchecked(compressor)
+    else:
+        compressor.check_optimizer(optimizer)  # before any side effect
     state = GradSparseState(compressor, process_group, model=model, **state_kwargs)
     try:
         model.register_comm_hook(state, sparse_hook)
     except RuntimeError as err:
         raise HookAlreadyRegisteredError(str(err)) from err
+    if optimizer is not None:
+        guard(optimizer, compressor)
     logger.info("gradsparse: registered %r on a DDP model of world size %d", compressor,
                 state.reducer.communicator.world_size)
     return state

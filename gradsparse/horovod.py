@@ -42,6 +42,7 @@ import torch
 
 from .compressors.base import Compressor
 from .errors import InvalidConfigError, StateMismatchError
+from .optim import guard
 from .reducer import Segment, SparseReducer
 from .schedule import untold_epoch_message
 from .stats import BucketStats, StepStats
@@ -310,7 +311,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
     optimizer, parameter sets that differ between ranks, and an optimizer the compressor
     refuses (``compressor.check_optimizer``: for DGC with momentum correction, one with its
     own momentum, Adam's moments or SGD weight decay); then binds the compression to the
-    parameters by name and builds Horovod's optimizer unchanged.
+    parameters by name and builds Horovod's optimizer unchanged, with a step pre-hook
+    (:func:`gradsparse.optim.guard`) that repeats the optimizer check before every step.
 
     Example::
 
@@ -344,10 +346,13 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
             compression.communicator.process_set = process_set
         compression._set_op("average" if op == hvd.Average else "sum")
         compression.bind(named_parameters, owner=optimizer)
-    return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=compression,
-                                    backward_passes_per_step=backward_passes_per_step, op=op,
-                                    gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
-                                    groups=groups, sparse_as_dense=sparse_as_dense, process_set=process_set)
+    distributed = hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=compression,
+                                           backward_passes_per_step=backward_passes_per_step, op=op,
+                                           gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
+                                           groups=groups, sparse_as_dense=sparse_as_dense, process_set=process_set)
+    if isinstance(compression, SparseCompression):  # Horovod's optimizer is a new object sharing param_groups
+        guard(distributed, compression.compressor)
+    return distributed
 
 
 # ---------------------------------------------------------------------------------------- elastic

@@ -1,4 +1,4 @@
-"""The optimizer side of DGC: :class:`DGCSGD`.
+"""The optimizer side of DGC: :class:`DGCSGD`, and :func:`guard`, which keeps checking it.
 
 DGC's momentum correction (``u = m*u + g; v += u``, sent sparsely) already puts
 momentum into the gradient the optimizer receives, so the optimizer must not add
@@ -6,11 +6,16 @@ momentum again. Weight decay is the one term DGC does not see: :class:`DGCSGD`
 gives it its own momentum buffer, so that with nothing dropped the update equals
 dense ``torch.optim.SGD(momentum=m, weight_decay=wd)``.
 
+:func:`guard` checks an optimizer against a compressor now and again before every
+``optimizer.step()``, so momentum set later (a scheduler with ``cycle_momentum``,
+``add_param_group``) raises instead of being applied twice silently.
+
 Example::
 
     >>> import torch, gradsparse
     >>> w = torch.nn.Parameter(torch.ones(1))
     >>> opt = gradsparse.DGCSGD([w], lr=0.1, momentum=0.9, weight_decay=0.1)
+    >>> handle = gradsparse.optim.guard(opt, gradsparse.DGC(0.01, momentum=0.9))
     >>> for _ in range(2):
     ...     w.grad = torch.zeros(1)  # what DGC delivered: nothing this time
     ...     opt.step()
@@ -21,11 +26,12 @@ Example::
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch.optim.optimizer import required
 
-from .errors import InvalidConfigError
+from .errors import IncompatibleOptimizerError, InvalidConfigError
 
 
 def _check_hyper(lr, momentum, weight_decay, nesterov) -> None:
@@ -57,7 +63,8 @@ class DGCSGD(torch.optim.Optimizer):
     ``torch.optim.SGD(params, lr, momentum=m, weight_decay=wd, nesterov=...)`` on the
     raw gradients; plain ``SGD(momentum=0, weight_decay=wd)`` would give weight decay
     no momentum (``1/(1-m)`` = 10x weaker at m = 0.9). Use the same ``momentum`` and
-    ``nesterov`` as the DGC compressor. The buffer is saved by
+    ``nesterov`` as the DGC compressor (checked by ``gradsparse.ddp.register`` and
+    ``gradsparse.horovod.DistributedOptimizer``). The buffer is saved by
     ``state_dict()`` as ``weight_decay_buffer``.
 
     Args:
@@ -119,4 +126,79 @@ class DGCSGD(torch.optim.Optimizer):
         return buf.add(grad)
 
 
-__all__ = ["DGCSGD"]
+# ------------------------------------------------------------------------------------------ guard
+_WATCHED = ("momentum", "nesterov", "weight_decay", "betas")
+_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> {id(compressor): handle}
+
+
+def _watched(groups) -> list[dict]:
+    return [{k: group[k] for k in _WATCHED if k in group} for group in groups]
+
+
+def _changes(before: list[dict], groups) -> str:
+    """What changed in the optimizer's groups since :func:`guard` looked at them."""
+    notes = []
+    for i, now in enumerate(_watched(groups)):
+        if i >= len(before):
+            settings = ", ".join(f"{k}={v!r}" for k, v in now.items())
+            notes.append(f"param group {i} was added after registration (add_param_group) with {settings}")
+            continue
+        for key, value in now.items():
+            if value != before[i].get(key):
+                notes.append(f"param group {i} now has {key}={value!r} (was {before[i].get(key)!r} at registration)")
+    return "; ".join(notes) or "the optimizer changed after registration"
+
+
+class _StepCheck:
+    """Step pre-hook: re-run ``compressor.check_optimizer`` before every step."""
+
+    def __init__(self, compressor, optimizer):
+        self.compressor = compressor
+        self.before = _watched(optimizer.param_groups)
+
+    def __call__(self, optimizer, args, kwargs):
+        try:
+            self.compressor.check_optimizer(optimizer)
+        except IncompatibleOptimizerError as err:
+            raise IncompatibleOptimizerError(
+                f"{_changes(self.before, optimizer.param_groups)}. Step not applied: {err}") from None
+
+
+def _installed(handle) -> bool:
+    hooks = handle.hooks_dict_ref()
+    return hooks is not None and handle.id in hooks
+
+
+def guard(optimizer: torch.optim.Optimizer, compressor) -> torch.utils.hooks.RemovableHandle:
+    """Check ``optimizer`` against ``compressor`` now and before every ``optimizer.step()``.
+
+    Raises :class:`~gradsparse.errors.IncompatibleOptimizerError` now, or at the
+    step (before anything is applied) once the optimizer has changed into something
+    the compressor refuses, naming what changed. Returns the step pre-hook's handle
+    (``handle.remove()`` stops the checks); calling it again for the same optimizer
+    and compressor returns the same handle. ``gradsparse.ddp.register(...,
+    optimizer=opt)`` and ``gradsparse.horovod.DistributedOptimizer`` call it.
+
+    Example::
+
+        >>> import torch, gradsparse
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = torch.optim.SGD([w], lr=0.1)
+        >>> handle = gradsparse.optim.guard(opt, gradsparse.DGC(0.01))
+        >>> opt.param_groups[0]["momentum"] = 0.9  # as a scheduler with cycle_momentum=True would
+        >>> w.grad = torch.ones(2)
+        >>> try:
+        ...     opt.step()
+        ... except gradsparse.errors.IncompatibleOptimizerError as err:
+        ...     print(str(err)[:58])
+        param group 0 now has momentum=0.9 (was 0 at registration)
+    """
+    compressor.check_optimizer(optimizer)
+    installed = _GUARDS.setdefault(optimizer, {})
+    handle = installed.get(id(compressor))
+    if handle is None or not _installed(handle):
+        handle = installed[id(compressor)] = optimizer.register_step_pre_hook(_StepCheck(compressor, optimizer))
+    return handle
+
+
+__all__ = ["DGCSGD", "guard"]

@@ -1,15 +1,21 @@
-"""DGC and the optimizer: DGCSGD's algebra and the compressor's optimizer rules."""
+"""DGC and the optimizer: DGCSGD's algebra, the compressor's optimizer rules, and the step guard."""
 
 import io
+import logging
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import OneCycleLR
 
 from gradsparse import DGC, DGCSGD, Threshold, TopK
 from gradsparse import ddp as gddp
 from gradsparse.errors import IncompatibleOptimizerError, InvalidConfigError
+from gradsparse.optim import guard
+
+from .distributed import run_world
+from .models import loss_of, make_model
 
 M = 0.9
 
@@ -222,3 +228,137 @@ def test_second_param_group_is_checked_and_named():
 def test_without_momentum_correction_anything_goes(compressor):
     for factory, _ in REFUSED.values():
         compressor.check_optimizer(factory(_params()))
+
+
+# ----------------------------------------------------------------------------------------------
+# guard(): the rule holds before every step, whatever changed the optimizer since.
+
+
+def _step(opt, params):
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    try:
+        opt.step()
+    except IncompatibleOptimizerError as err:
+        assert all(torch.equal(p, b) for p, b in zip(params, before)), "the step was applied"
+        return str(err)
+    return None
+
+
+def test_guard_catches_one_cycle_lr_with_cycle_momentum_on_the_next_step():
+    params = _params()
+    opt = torch.optim.SGD(params, lr=0.1)
+    guard(opt, DGC(0.01))
+    assert _step(opt, params) is None
+    OneCycleLR(opt, max_lr=0.1, total_steps=10)  # cycle_momentum=True is the default
+    message = _step(opt, params)
+    assert "param group 0 now has momentum=0.95 (was 0 at registration)" in message, message
+    assert "pass cycle_momentum=False" in message and "second time" in message
+
+
+def test_guard_accepts_one_cycle_lr_without_cycle_momentum():
+    params = _params()
+    opt = DGCSGD(params, lr=0.1, momentum=M, weight_decay=1e-4)
+    guard(opt, DGC(0.01))
+    sched = OneCycleLR(opt, max_lr=0.1, total_steps=10, cycle_momentum=False)
+    for _ in range(10):
+        assert _step(opt, params) is None
+        sched.step()
+
+
+def test_guard_catches_cycled_dgcsgd_momentum():
+    params = _params()
+    opt = DGCSGD(params, lr=0.1, momentum=M)
+    guard(opt, DGC(0.01))
+    OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    message = _step(opt, params)
+    assert "DGCSGD has momentum=0.95" in message and "cycle_momentum=False" in message, message
+
+
+def test_guard_catches_a_group_added_with_momentum():
+    params = _params()
+    opt = torch.optim.SGD(params, lr=0.1)
+    guard(opt, DGC(0.01))
+    extra = _params()
+    opt.add_param_group({"params": extra, "momentum": 0.9})
+    message = _step(opt, params + extra)
+    assert "param group 1 was added after registration (add_param_group) with momentum=0.9" in message, message
+
+
+def test_guard_refuses_at_once_and_is_idempotent():
+    with pytest.raises(IncompatibleOptimizerError):
+        guard(torch.optim.Adam(_params()), DGC(0.01))
+    opt, compressor = torch.optim.SGD(_params(), lr=0.1), DGC(0.01)
+    handle = guard(opt, compressor)
+    assert guard(opt, compressor) is handle and len(opt._optimizer_step_pre_hooks) == 1
+    handle.remove()
+    assert guard(opt, compressor) is not handle and len(opt._optimizer_step_pre_hooks) == 1
+    guard(opt, TopK(0.01))
+    assert len(opt._optimizer_step_pre_hooks) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The same through gradsparse.ddp.register on real gloo process groups.
+
+LR, WD = 0.05, 0.01
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _nothing_dropped(rank, nesterov, steps=8):
+    """DGC with every tensor sent whole (momentum on the average) + DGCSGD vs dense DDP + SGD."""
+    models = [DDP(make_model("mlp")), DDP(make_model("mlp"))]
+    opts = [torch.optim.SGD(models[0].parameters(), lr=LR, momentum=M, weight_decay=WD, nesterov=nesterov),
+            DGCSGD(models[1].parameters(), lr=LR, momentum=M, weight_decay=WD, nesterov=nesterov)]
+    gddp.register(models[1], DGC(0.01, momentum=M, nesterov=nesterov, warmup=None), optimizer=opts[1],
+                  min_compress_numel=10**9)
+    scheds = [OneCycleLR(opt, max_lr=0.1, total_steps=steps, cycle_momentum=False) for opt in opts]
+    for step in range(steps):
+        for model, opt, sched in zip(models, opts, scheds, strict=True):
+            opt.zero_grad()
+            loss_of(model, "mlp", rank, step).backward()
+            opt.step()
+            sched.step()
+    pairs = zip(models[0].parameters(), models[1].parameters(), strict=True)
+    return max(float((a.detach() - b.detach()).abs().max()) for a, b in pairs)
+
+
+def ddp_worker(rank, world):
+    lines = _Lines()
+    logging.getLogger("gradsparse").addHandler(lines)
+    out = {f"worst_nesterov_{n}": _nothing_dropped(rank, n) for n in (False, True)}
+    model = DDP(make_model("mlp"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gddp.register(model, DGC(0.01), optimizer=opt)
+    OneCycleLR(opt, max_lr=0.1, total_steps=10)  # cycle_momentum=True: momentum 0.95 from now on
+    opt.zero_grad()
+    loss_of(model, "mlp", rank, 0).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        opt.step()
+    except IncompatibleOptimizerError as err:
+        out["cycle_momentum"] = str(err)
+    out["unchanged"] = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    out["warnings_before"] = len(lines.lines)
+    gddp.register(DDP(make_model("mlp")), TopK(0.01))  # nothing to check: no warning
+    gddp.register(DDP(make_model("mlp")), DGC(0.01))
+    gddp.register(DDP(make_model("mlp")), DGC(0.01))
+    out["warnings"] = lines.lines[out["warnings_before"]:]
+    return out
+
+
+def test_register_guards_the_optimizer_world_2():
+    for r in run_world(ddp_worker, 2):
+        assert r["worst_nesterov_False"] < 1e-6 and r["worst_nesterov_True"] < 1e-6, r
+        assert "now has momentum=0.95" in r["cycle_momentum"] and "cycle_momentum=False" in r["cycle_momentum"]
+        assert r["unchanged"]
+        assert r["warnings_before"] == 0
+        assert len(r["warnings"]) == 1 and "optimizer=" in r["warnings"][0], r["warnings"]
