@@ -6,11 +6,13 @@ Example::
     >>> gradsparse.DGC(0.001)
     DGC(ratio=0.001, momentum=0.9, nesterov=False, clip_norm=None, sample_ratio=0.01, warmup={'ratios': [0.25, 0.0625, 0.015625, 0.004], 'length': 250, 'unit': 'step'})
 
-The DDP hook lives in :mod:`gradsparse.ddp` (``gradsparse.ddp.register(model, DGC(0.001))``).
+The DDP hook lives in :mod:`gradsparse.ddp` (``gradsparse.ddp.register(model, DGC(0.001))``);
+:class:`DGCSGD` (in :mod:`gradsparse.optim`) is the optimizer to pair with DGC's momentum correction.
 """
 
-from . import ddp, errors
+from . import ddp, errors, optim
 from .compressors import DGC, REGISTRY, Compressor, Threshold, TopK
+from .optim import DGCSGD
 from .reducer import Segment, SparseReducer
 from .schedule import Warmup
 from .stats import BucketStats, StepStats
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DGC",
+    "DGCSGD",
     "REGISTRY",
     "BucketStats",
     "Compressor",
@@ -30,4 +33,5 @@ __all__ = [
     "Warmup",
     "ddp",
     "errors",
+    "optim",
 ]

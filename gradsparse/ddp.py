@@ -6,7 +6,7 @@ Use it like any PyTorch comm hook::
     state = GradSparseState(DGC(0.001), model=net)
     model.register_comm_hook(state, sparse_hook)
 
-or in one line, which also checks the optimizer::
+or in one line, which also checks the optimizer (now and before every step)::
 
     state = gradsparse.ddp.register(model, DGC(0.001), optimizer=opt)
 
@@ -23,8 +23,9 @@ State is keyed by parameter name (``model`` given) so it survives bucket rebuild
 and can be checkpointed with :meth:`GradSparseState.state_dict`.
 
 DGC's momentum correction replaces optimizer momentum: use
-``torch.optim.SGD(params, lr, momentum=0)``; :func:`register` refuses an
-optimizer with momentum when momentum correction is on.
+:class:`gradsparse.DGCSGD` (weight decay with DGC's momentum), or
+``torch.optim.SGD(params, lr, momentum=0)`` without weight decay;
+:func:`register` refuses the rest (see :meth:`gradsparse.DGC.check_optimizer`).
 """
 
 # No "from __future__ import annotations": DDP compares the hook's annotations
@@ -41,13 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
 from .compressors.dgc import DGC
-from .errors import (
-    HookAlreadyRegisteredError,
-    IncompatibleOptimizerError,
-    InvalidConfigError,
-    StateMismatchError,
-    UnsupportedGradientError,
-)
+from .errors import HookAlreadyRegisteredError, InvalidConfigError, StateMismatchError, UnsupportedGradientError
+from .optim import guard
 from .reducer import Segment, SparseReducer
 from .schedule import untold_epoch_message
 from .stats import BucketStats, StepStats
@@ -457,15 +453,30 @@ def _has_comm_hook(model: DistributedDataParallel) -> bool:
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, compressor: Compressor) -> None:
-    """Refuse an optimizer that would add momentum on top of DGC's momentum correction."""
-    if not (isinstance(compressor, DGC) and compressor.momentum_correction):
+    """Raise IncompatibleOptimizerError if ``optimizer`` cannot apply what ``compressor`` sends.
+
+    Delegates to ``compressor.check_optimizer(optimizer)`` (checks once; to check
+    before every step too, use :func:`gradsparse.optim.guard`).
+
+    Example::
+
+        gradsparse.ddp.check_optimizer(opt, gradsparse.DGC(0.001))
+    """
+    compressor.check_optimizer(optimizer)
+
+
+_warned_unchecked = False
+
+
+def _warn_unchecked(compressor: Compressor) -> None:
+    """Log once per process that DGC's optimizer rule could not be checked."""
+    global _warned_unchecked
+    if _warned_unchecked or not (isinstance(compressor, DGC) and compressor.momentum_correction):
         return
-    for group in optimizer.param_groups:
-        if group.get("momentum", 0):
-            raise IncompatibleOptimizerError(
-                f"DGC applies momentum {compressor.momentum} itself (momentum correction); the optimizer "
-                f"{type(optimizer).__name__} has momentum={group['momentum']} and would apply it twice. "
-                "Use torch.optim.SGD(params, lr, momentum=0) or DGC(momentum=0).")
+    _warned_unchecked = True
+    logger.warning("gradsparse: DGC(momentum=%s) applies momentum itself; register() got no optimizer= and cannot "
+                   "check that the optimizer adds none (use gradsparse.DGCSGD, or SGD(momentum=0) without weight "
+                   "decay): pass register(..., optimizer=opt)", compressor.momentum)
 
 
 def register(
@@ -478,6 +489,10 @@ def register(
 ) -> GradSparseState:
     """Register the sparse hook on a DDP model in one line; returns its state.
 
+    With ``optimizer=`` the optimizer is checked against the compressor now and
+    before every ``optimizer.step()`` (:func:`gradsparse.optim.guard`); a DGC with
+    momentum correction registered without it logs a warning once.
+
     Example::
 
         state = gradsparse.ddp.register(ddp_model, DGC(0.001), optimizer=opt)
@@ -486,13 +501,17 @@ def register(
         raise InvalidConfigError(f"register() expects a DistributedDataParallel model, got {type(model).__name__}")
     if _has_comm_hook(model):
         raise HookAlreadyRegisteredError("this DDP model already has a communication hook; DDP allows only one")
-    if optimizer is not None:
-        check_optimizer(optimizer, compressor)
+    if optimizer is None:
+        _warn_unchecked(compressor)
+    else:
+        compressor.check_optimizer(optimizer)  # before any side effect
     state = GradSparseState(compressor, process_group, model=model, **state_kwargs)
     try:
         model.register_comm_hook(state, sparse_hook)
     except RuntimeError as err:
         raise HookAlreadyRegisteredError(str(err)) from err
+    if optimizer is not None:
+        guard(optimizer, compressor)
     logger.info("gradsparse: registered %r on a DDP model of world size %d", compressor,
                 state.reducer.communicator.world_size)
     return state

@@ -42,6 +42,7 @@ import torch
 
 from .compressors.base import Compressor
 from .errors import InvalidConfigError, StateMismatchError
+from .optim import guard
 from .reducer import Segment, SparseReducer
 from .schedule import untold_epoch_message
 from .stats import BucketStats, StepStats
@@ -307,9 +308,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
     With any other ``compression`` it simply returns ``hvd.DistributedOptimizer(...)``.
     With a :class:`SparseCompression` it refuses ``op=hvd.Adasum`` (and ops other than
     Average / Sum), ``sparse_as_dense=True``, a compression already serving another
-    optimizer, parameter sets that differ between ranks, and (for DGC with momentum
-    correction) an optimizer with its own momentum; then binds the compression to the
-    parameters by name and builds Horovod's optimizer unchanged.
+    optimizer, parameter sets that differ between ranks, and an optimizer the compressor
+    refuses (``compressor.check_optimizer``: for DGC with momentum correction, one with its
+    own momentum, Adam's moments or SGD weight decay); then binds the compression to the
+    parameters by name and builds Horovod's optimizer unchanged, with a step pre-hook
+    (:func:`gradsparse.optim.guard`) that repeats the optimizer check before every step.
 
     Example::
 
@@ -336,19 +339,20 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
             named_parameters = [(f"allreduce.noname.{i}.{j}", p) for i, group in enumerate(optimizer.param_groups)
                                 for j, p in enumerate(group["params"])]
         named_parameters = list(named_parameters)
-        from .ddp import check_optimizer
-
-        check_optimizer(optimizer, compression.compressor)
+        compression.compressor.check_optimizer(optimizer)
         if process_set is not compression.communicator.process_set:
             if compression.steps:
                 raise InvalidConfigError("the compression already ran on another process set")
             compression.communicator.process_set = process_set
         compression._set_op("average" if op == hvd.Average else "sum")
         compression.bind(named_parameters, owner=optimizer)
-    return hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=compression,
-                                    backward_passes_per_step=backward_passes_per_step, op=op,
-                                    gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
-                                    groups=groups, sparse_as_dense=sparse_as_dense, process_set=process_set)
+    distributed = hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=compression,
+                                           backward_passes_per_step=backward_passes_per_step, op=op,
+                                           gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
+                                           groups=groups, sparse_as_dense=sparse_as_dense, process_set=process_set)
+    if isinstance(compression, SparseCompression):  # Horovod's optimizer is a new object sharing param_groups
+        guard(distributed, compression.compressor)
+    return distributed
 
 
 # ---------------------------------------------------------------------------------------- elastic

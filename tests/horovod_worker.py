@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from gradsparse import DGC, Threshold, TopK
+from gradsparse import DGC, DGCSGD, Threshold, TopK
 
 from .models import loss_of, make_model, params_hash
 from .test_ddp import DGC_CFG, DGC_STEPS, LR, MIN_NUMEL
@@ -152,6 +152,24 @@ def refusals(hvd, gh, rank, world):
     m = make_model("mlp")
     seen["plain_adasum"] = _error(lambda: plain_step(
         "mlp", m, compression=gh.SparseCompression(TopK(0.01), named_parameters=m.named_parameters()), op=hvd.Adasum))
+
+    # DGCSGD passes through Horovod (which rebuilds the optimizer from its param_groups), and the
+    # optimizer check holds at every step: momentum added later raises before the step is applied.
+    m = make_model("mlp")
+    opt = gh.DistributedOptimizer(DGCSGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4),
+                                  named_parameters=m.named_parameters(), compression=gh.SparseCompression(DGC(0.01)))
+    seen["dgcsgd"] = _error(lambda: _train(m, opt, "mlp", rank, 2))
+    m = make_model("mlp")
+    opt = gh.DistributedOptimizer(sgd(m), named_parameters=m.named_parameters(),
+                                  compression=gh.SparseCompression(DGC(0.01)))
+    _train(m, opt, "mlp", rank, 1)
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "momentum": 0.9})
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.zero_grad()
+    loss_of(m, "mlp", rank, 1).backward()
+    seen["momentum_later"] = _error(opt.step)
+    opt.synchronize()  # finish the reductions the refused step left in flight
+    seen["momentum_later_unchanged"] = all(torch.equal(p, b) for p, b in zip(m.parameters(), before))
 
     # After every refusal Horovod still works: a sparse run completes.
     m = make_model("mlp")

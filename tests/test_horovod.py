@@ -129,6 +129,10 @@ def test_every_refusal_is_clear_on_every_rank(world2):
         assert seen["adasum"].startswith("InvalidConfigError") and "Adasum" in seen["adasum"]
         assert seen["sparse_as_dense"].startswith("InvalidConfigError") and "sparse_as_dense" in seen["sparse_as_dense"]
         assert seen["momentum"].startswith("IncompatibleOptimizerError")
+        assert seen["dgcsgd"] == "no error"
+        assert seen["momentum_later"].startswith("IncompatibleOptimizerError") and \
+            "param group 1 was added after registration" in seen["momentum_later"], seen["momentum_later"]
+        assert seen["momentum_later_unchanged"]
         assert seen["shared"].startswith("InvalidConfigError") and "one SparseCompression per optimizer" in seen["shared"]
         assert seen["mismatch"].startswith("StateMismatchError") and "[6, 8]" in seen["mismatch"]
         # the same mistakes with an unmodified hvd.DistributedOptimizer

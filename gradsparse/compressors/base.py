@@ -100,6 +100,15 @@ class Compressor(abc.ABC):
         ``v`` carries the factor ``loss_scale`` (AMP); absolute thresholds scale with it.
         """
 
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise :class:`~gradsparse.errors.IncompatibleOptimizerError` if ``optimizer``
+        cannot apply what this compressor delivers. The base accepts any optimizer.
+
+        >>> import torch
+        >>> from gradsparse import TopK
+        >>> TopK(0.01).check_optimizer(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]))
+        """
+
     def config(self) -> dict:
         """Plain-data description, stored in checkpoints and compared on load."""
         return {"name": self.name, "error_feedback": self.error_feedback}

@@ -19,7 +19,8 @@ Per parameter, every step:
 Tensors sent whole (small ones) get plain momentum on the averaged gradient, and
 a tensor whose every coordinate is sent keeps its momentum (no masking), so with
 nothing dropped DGC is dense momentum SGD. The optimizer must not add momentum
-again (use SGD with ``momentum=0``).
+again: use :class:`gradsparse.DGCSGD` (weight decay with its own momentum) or SGD
+with ``momentum=0`` and no weight decay; :meth:`DGC.check_optimizer` refuses the rest.
 
 Example::
 
@@ -35,8 +36,9 @@ import math
 import torch
 
 from .. import ops
-from ..errors import InvalidConfigError
+from ..errors import IncompatibleOptimizerError, InvalidConfigError
 from ..memory import DGCMemory
+from ..optim import DGCSGD
 from ..schedule import Warmup
 from .base import Compressor, check_ratio
 
@@ -121,6 +123,29 @@ class DGC(Compressor):
         root = math.sqrt(world_size)
         return self.clip_norm * root if average else self.clip_norm / root
 
+    def check_optimizer(self, optimizer):
+        """Refuse an optimizer that would apply momentum again, or weight decay without it.
+
+        With momentum correction on (``momentum > 0``) this accepts ``gradsparse.DGCSGD``
+        with this DGC's ``momentum`` and ``nesterov``, and optimizers without momentum,
+        moment estimates (Adam's ``betas``) or, for ``torch.optim.SGD``, weight decay.
+
+        >>> import torch, gradsparse
+        >>> w = [torch.nn.Parameter(torch.zeros(1))]
+        >>> DGC(0.01).check_optimizer(gradsparse.DGCSGD(w, lr=0.1, momentum=0.9, weight_decay=1e-4))
+        >>> try:
+        ...     DGC(0.01).check_optimizer(torch.optim.SGD(w, lr=0.1, weight_decay=1e-4))
+        ... except gradsparse.errors.IncompatibleOptimizerError as err:
+        ...     print(str(err)[:82])
+        param group 0: SGD(momentum=0, weight_decay=0.0001) gives weight decay no momentum
+        """
+        if not self.momentum_correction:
+            return
+        for i, group in enumerate(optimizer.param_groups):
+            problem = _optimizer_problem(optimizer, group, self.momentum, self.nesterov)
+            if problem:
+                raise IncompatibleOptimizerError(f"param group {i}: {problem}")
+
     def ratio(self, step, epoch):
         if self.warmup is None:
             return self.target_ratio
@@ -139,3 +164,36 @@ class DGC(Compressor):
         return {"name": self.name, "ratio": self.target_ratio, "momentum": self.momentum,
                 "nesterov": self.nesterov, "clip_norm": self.clip_norm,
                 "sample_ratio": self.sample_ratio, "warmup": warmup}
+
+
+def _scheduler_hint(group: dict) -> str:
+    if "base_momentum" in group:  # left by OneCycleLR / CyclicLR with cycle_momentum=True
+        return " (set by a scheduler with cycle_momentum=True, e.g. OneCycleLR or CyclicLR: pass cycle_momentum=False)"
+    return ""
+
+
+def _optimizer_problem(optimizer, group: dict, m: float, nesterov: bool) -> str | None:
+    """Why ``group`` of ``optimizer`` cannot apply gradients DGC corrected with momentum ``m``."""
+    name = type(optimizer).__name__
+    wd = group.get("weight_decay") or 0
+    fix = f"gradsparse.DGCSGD(params, lr, momentum={m}, {'nesterov=True, ' if nesterov else ''}weight_decay={wd})"
+    if isinstance(optimizer, DGCSGD):
+        if group["momentum"] == m and group["nesterov"] == nesterov:
+            return None
+        return (f"DGCSGD has momentum={group['momentum']}, nesterov={group['nesterov']} but DGC has momentum={m}, "
+                f"nesterov={nesterov}{_scheduler_hint(group)}; they must be equal (weight decay would follow "
+                f"another momentum than the gradient): use {fix}")
+    if "betas" in group:
+        return (f"{name} keeps its own moment estimates (betas={group['betas']}) while DGC's momentum correction "
+                f"(momentum={m}) already put momentum into the gradient: the two would compound. Use "
+                f"DGC(momentum=0) (top-k with error feedback and warm-up) or TopK with {name}")
+    if group.get("momentum") or 0:
+        return (f"DGC applies momentum {m} itself (momentum correction); {name} has momentum={group['momentum']}"
+                f"{_scheduler_hint(group)} and would apply it a second time. Use {fix} (weight decay with DGC's "
+                f"momentum) or torch.optim.SGD(params, lr, momentum=0) without weight decay; or DGC(momentum=0) "
+                f"to keep {name}'s momentum")
+    if wd and isinstance(optimizer, torch.optim.SGD):
+        return (f"SGD(momentum=0, weight_decay={wd}) gives weight decay no momentum while DGC gives the gradient "
+                f"momentum {m}: weight decay would be 1/(1-m) = {1 / (1 - m):.3g}x weaker than in dense momentum "
+                f"SGD. Use {fix}")
+    return None
