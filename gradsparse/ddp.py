@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from . import watchdog
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
 from .compressors.dgc import DGC
@@ -71,6 +72,9 @@ class GradSparseState:
         grad_scaler: the ``torch.amp.GradScaler`` scaling this model's loss, if any:
             residuals and momentum are then kept in one scale (rescaled when the
             scaler's scale changes). Not pickled; pass it again after unpickling.
+
+    ``hook_calls`` counts the buckets :func:`sparse_hook` was called for (not checkpointed);
+    :mod:`gradsparse.watchdog` warns when optimizer steps happen and it stays 0.
 
     Example::
 
@@ -109,6 +113,8 @@ class GradSparseState:
         "last_stats",
         "history",
         "totals",
+        "hook_calls",
+        "__weakref__",  # gradsparse.watchdog keeps states by weak reference
     ]
 
     def __init__(
@@ -163,6 +169,8 @@ class GradSparseState:
         self.last_stats: StepStats | None = None
         self.history: collections.deque[dict] = collections.deque(maxlen=history_size)
         self.totals = StepStats(step=0)
+        self.hook_calls = 0
+        watchdog.watch(self)  # warns if optimizer steps happen and this state's hook never runs
 
     # ------------------------------------------------------------------ setup
     def bind(self, model: torch.nn.Module) -> None:
@@ -319,7 +327,7 @@ class GradSparseState:
 
     def __getstate__(self):
         return {slot: getattr(self, slot) for slot in self.__slots__
-                if slot not in ("process_group", "_lock", "grad_scaler", "_usage", "_error")}
+                if slot not in ("process_group", "_lock", "grad_scaler", "_usage", "_error", "__weakref__")}
 
     def __setstate__(self, state):
         for slot, value in state.items():
@@ -330,6 +338,7 @@ class GradSparseState:
         self._error = None
         self._lock = threading.Lock()
         self.reducer.defer_error = self._defer
+        watchdog.watch(self)
 
 
 def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -342,6 +351,7 @@ def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futu
 
         ddp_model.register_comm_hook(GradSparseState(TopK(0.01), model=net), sparse_hook)
     """
+    state.hook_calls += 1
     step = state.iter
     last = bucket.is_last()
     state._begin_bucket(step, last)
