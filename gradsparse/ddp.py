@@ -44,7 +44,7 @@ from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
 from .compressors.dgc import DGC
 from .errors import HookAlreadyRegisteredError, InvalidConfigError, StateMismatchError, UnsupportedGradientError
-from .optim import guard
+from .optim import guard, unwrap
 from .reducer import Segment, SparseReducer
 from .schedule import untold_epoch_message
 from .stats import BucketStats, StepStats
@@ -501,7 +501,9 @@ def register(
 
     With ``optimizer=`` the optimizer is checked against the compressor now and
     before every ``optimizer.step()`` (:func:`gradsparse.optim.guard`); a DGC with
-    momentum correction registered without it logs a warning once.
+    momentum correction registered without it logs a warning once. A framework's
+    wrapper (Accelerate's ``AcceleratedOptimizer``) is checked and guarded through the
+    optimizer inside it (:func:`gradsparse.optim.unwrap`).
 
     Example::
 
@@ -514,6 +516,7 @@ def register(
     if optimizer is None:
         _warn_unchecked(compressor)
     else:
+        optimizer = unwrap(optimizer)  # an AcceleratedOptimizer / LightningOptimizer: the optimizer inside
         compressor.check_optimizer(optimizer)  # before any side effect
     state = GradSparseState(compressor, process_group, model=model, **state_kwargs)
     try:

@@ -169,6 +169,27 @@ def _installed(handle) -> bool:
     return hooks is not None and handle.id in hooks
 
 
+def unwrap(optimizer):
+    """The torch optimizer inside a framework's wrapper, or ``optimizer`` itself.
+
+    Accelerate's ``AcceleratedOptimizer`` keeps it in ``.optimizer``, Lightning's
+    ``LightningOptimizer`` in ``._optimizer``; the wrapper's own ``step`` calls it,
+    so checks and step hooks belong on the inner one.
+
+    Example::
+
+        >>> import torch, gradsparse
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> gradsparse.optim.unwrap(opt) is opt
+        True
+    """
+    for attribute in ("optimizer", "_optimizer"):
+        inner = getattr(optimizer, attribute, None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
+            return unwrap(inner)
+    return optimizer
+
+
 def guard(optimizer: torch.optim.Optimizer, compressor) -> torch.utils.hooks.RemovableHandle:
     """Check ``optimizer`` against ``compressor`` now and before every ``optimizer.step()``.
 
@@ -193,6 +214,7 @@ def guard(optimizer: torch.optim.Optimizer, compressor) -> torch.utils.hooks.Rem
         ...     print(str(err)[:58])
         param group 0 now has momentum=0.9 (was 0 at registration)
     """
+    optimizer = unwrap(optimizer)  # Accelerate's / Lightning's wrapper: hook the optimizer that steps
     compressor.check_optimizer(optimizer)
     installed = _GUARDS.setdefault(optimizer, {})
     handle = installed.get(id(compressor))
@@ -201,4 +223,4 @@ def guard(optimizer: torch.optim.Optimizer, compressor) -> torch.utils.hooks.Rem
     return handle
 
 
-__all__ = ["DGCSGD", "guard"]
+__all__ = ["DGCSGD", "guard", "unwrap"]
