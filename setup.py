@@ -46,7 +46,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "matplotlib"],
-                    "mpi": ["mpi4py", "openmpi"], "bench": ["tqdm", "matplotlib"]},
+                    "mpi": ["mpi4py", "openmpi"], "bench": ["tqdm", "matplotlib"],
+                    # gradsparse.lightning and the Accelerate recipe (docs/integrations.md); tested versions
+                    "integrations": ["lightning>=2.6", "accelerate>=1.15"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
