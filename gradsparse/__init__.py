@@ -8,9 +8,11 @@ Example::
 
 The DDP hook lives in :mod:`gradsparse.ddp` (``gradsparse.ddp.register(model, DGC(0.001))``);
 :class:`DGCSGD` (in :mod:`gradsparse.optim`) is the optimizer to pair with DGC's momentum correction.
+PyTorch Lightning: :mod:`gradsparse.lightning` (imported on request only); every rank's state in a
+rank-0 checkpoint: :mod:`gradsparse.checkpoint`.
 """
 
-from . import ddp, errors, optim
+from . import checkpoint, ddp, errors, optim, watchdog
 from .compressors import DGC, REGISTRY, Compressor, Threshold, TopK
 from .optim import DGCSGD
 from .reducer import Segment, SparseReducer
@@ -31,7 +33,9 @@ __all__ = [
     "Threshold",
     "TopK",
     "Warmup",
+    "checkpoint",
     "ddp",
     "errors",
     "optim",
+    "watchdog",
 ]

@@ -6,6 +6,7 @@ micro-batches inside ``accelerator.accumulate``: DGC (+ DGCSGD), TopK(1.0) and n
 Every rank saves parameters, states and the hook's step count after each micro-batch.
 """
 
+import copy
 import os
 import sys
 
@@ -42,22 +43,27 @@ def main(folder):
     states = [gradsparse.ddp.register(models[0], gradsparse.DGC(0.05, warmup=None), optimizer=opts[0],
                                       min_compress_numel=64),
               gradsparse.ddp.register(models[1], gradsparse.TopK(1.0), optimizer=opts[1])]
-    iters, syncs, losses = [], [], []
-    for i in range(MICRO_BATCHES):
+    iters, syncs = [], []
+    for i in range(MICRO_BATCHES + ACCUMULATE):
+        if i == MICRO_BATCHES:  # every rank's DGC state into Accelerate's checkpoint, then one more step
+            out = {"iters": list(iters), "syncs": list(syncs), "hook_calls": [s.hook_calls for s in states],
+                   "history": list(states[0].history), "state": copy.deepcopy(states[0].state_dict()),
+                   "params": [{k: v.detach().clone() for k, v in accelerator.unwrap_model(m).state_dict().items()}
+                              for m in models]}
+            accelerator.register_for_checkpointing(gradsparse.checkpoint.AllRanksState(states[0]))
+            accelerator.save_state(os.path.join(folder, "state"))
         x, y = batch(accelerator.process_index, i)
         with accelerator.accumulate(*models):
             for model, opt in zip(models, opts, strict=True):
-                loss = F.cross_entropy(model(x), y)
-                accelerator.backward(loss)
+                accelerator.backward(F.cross_entropy(model(x), y))
                 opt.step()
                 opt.zero_grad()
-            losses.append(loss.item())
             syncs.append(accelerator.sync_gradients)
             iters.append([s.iter for s in states])
-    out = {"iters": iters, "syncs": syncs, "hook_calls": [s.hook_calls for s in states],
-           "history": list(states[0].history), "state": states[0].state_dict(),
-           "params": [{k: v.detach().clone() for k, v in accelerator.unwrap_model(m).state_dict().items()}
-                      for m in models]}
+    moved = states[0].state_dict()
+    accelerator.load_state(os.path.join(folder, "state"))  # each rank takes its own state back
+    out["moved_on"] = moved["iter"]
+    out["restored"] = states[0].state_dict()
     torch.save(out, os.path.join(folder, f"rank{accelerator.process_index}.pt"))
     accelerator.wait_for_everyone()
     sys.stdout.flush()

@@ -22,6 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
 
+def equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    return a == b
+
+
 def accelerate_launch(folder, *target, timeout=240):
     """``accelerate launch`` of 2 CPU processes through mpirun; returns the completed process."""
     hostfile = folder / "hostfile"
@@ -51,5 +59,8 @@ def test_dgc_with_gradient_accumulation_under_accelerate_launch(tmp_path):
         dgc, topk1, plain = run["params"]
         assert all(torch.equal(topk1[k], plain[k]) for k in plain)  # TopK(1.0) == DDP with the same accumulation
         assert not all(torch.equal(dgc[k], plain[k]) for k in plain)
+        # AllRanksState through accelerator.save_state / load_state: this rank's own state came back
+        assert run["moved_on"] == steps + 1 and equal(run["restored"], run["state"])
+    assert not equal(runs[0]["state"]["memory"], runs[1]["state"]["memory"])
     for a, b in zip(runs[0]["params"], runs[1]["params"]):
         assert all(torch.equal(a[k], b[k]) for k in a)  # ranks agree
