@@ -30,7 +30,7 @@ def equal(a, b):
     return a == b
 
 
-def accelerate_launch(folder, *target, timeout=240):
+def accelerate_launch(folder, *target, timeout=240, cwd=ROOT):
     """``accelerate launch`` of 2 CPU processes through mpirun; returns the completed process."""
     hostfile = folder / "hostfile"
     hostfile.write_text("localhost slots=2\n")
@@ -41,7 +41,7 @@ def accelerate_launch(folder, *target, timeout=240):
     assert shutil.which("mpirun", path=env["PATH"]), "mpirun not found: install the 'mpi' extra (Open MPI)"
     cmd = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--mpirun_hostfile", str(hostfile), *target]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_dgc_with_gradient_accumulation_under_accelerate_launch(tmp_path):
