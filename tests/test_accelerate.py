@@ -9,7 +9,6 @@ one process. Inside, Accelerate finds MULTI_CPU and a gloo process group.
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,8 @@ import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
                                 reason="needs accelerate (pip install -e '.[integrations]')")
+
+from .subprocesses import run_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -41,7 +42,7 @@ def accelerate_launch(folder, *target, timeout=240, cwd=ROOT):
     assert shutil.which("mpirun", path=env["PATH"]), "mpirun not found: install the 'mpi' extra (Open MPI)"
     cmd = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--mpirun_hostfile", str(hostfile), *target]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_group(cmd, timeout, cwd=cwd, env=env)
 
 
 def test_dgc_with_gradient_accumulation_under_accelerate_launch(tmp_path):

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from .subprocesses import run_group
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,8 +56,7 @@ def _integration_env():
 def test_integrations_doc_lightning_script_runs(tmp_path):
     script = next(b for b in _python_blocks("docs/integrations.md") if "GradSparseStrategy(" in b)
     (tmp_path / "train.py").write_text(script)
-    proc = subprocess.run([sys.executable, "train.py"], capture_output=True, text=True, timeout=240, cwd=tmp_path,
-                          env=_integration_env())
+    proc = run_group([sys.executable, "train.py"], 240, cwd=tmp_path, env=_integration_env())
     _assert_ran_on_both_ranks(proc, 31)  # 512 samples, batch 16, 2 ranks: 16 steps per epoch, 2 epochs
 
 

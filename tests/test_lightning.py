@@ -6,7 +6,6 @@ and ``resume`` (new processes resuming from a checkpoint the first launch wrote)
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,13 +14,15 @@ import torch
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
                                 reason="needs lightning (pip install -e '.[integrations]')")
 
+from .subprocesses import run_group
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(scenario, folder, timeout=240):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "tests.lightning_worker", scenario, str(folder)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = run_group([sys.executable, "-m", "tests.lightning_worker", scenario, str(folder)], timeout, cwd=ROOT,
+                     env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
