@@ -64,7 +64,6 @@ class Warnings(logging.Handler):
 
 
 WARNINGS = Warnings()
-logging.getLogger("gradsparse").addHandler(WARNINGS)
 TRAINERS = []
 
 
@@ -99,6 +98,7 @@ def checkpointing(folder):
 
 def main(scenario, folder):
     torch.set_num_threads(1)
+    logging.getLogger("gradsparse").addHandler(WARNINGS)
     if scenario == "train":
         fit("refused", folder, sparse(), Net("momentum"))
         fit("dgc", folder, sparse())
