@@ -67,7 +67,8 @@ class GradSparseStrategy(DDPStrategy):
             and ``model_averaging_period`` are refused.
 
     After ``setup``, ``state`` is the :class:`~gradsparse.ddp.GradSparseState` (statistics
-    in ``state.last_stats``). A second ``fit`` with the same strategy continues from it.
+    in ``state.last_stats``). Each ``fit`` starts a new state, as Lightning builds new
+    optimizers; ``fit(ckpt_path=...)`` restores it.
 
     Example::
 
@@ -89,10 +90,7 @@ class GradSparseStrategy(DDPStrategy):
         """Lightning's setup (DDP wrapping, optimizers), then the hook on the DDP model."""
         super().setup(trainer)
         if isinstance(self.model, DistributedDataParallel):
-            previous = self.state
             self.state = self._register(self.model)
-            if previous is not None:
-                self.state.load_state_dict(previous.state_dict())
 
     def _register(self, model: DistributedDataParallel) -> GradSparseState:
         """Check every optimizer, then register the hook (guarding the first optimizer) and guard the rest."""

@@ -91,3 +91,14 @@ def test_checkpoint_resume_equals_uninterrupted_run_per_rank(trained):
         assert equal(resumed["state"], whole["state"])  # residuals, momentum, step: bit for bit on every rank
         # gathering state into checkpoints changed nothing: the same run without checkpoints ends the same
         assert equal(whole["params"], result(trained, "dgc", rank)["params"])
+
+
+def test_strategy_refuses_a_second_hook():
+    from gradsparse import TopK, ddp
+    from gradsparse.errors import InvalidConfigError
+    from gradsparse.lightning import GradSparseStrategy
+
+    with pytest.raises(InvalidConfigError, match=r"\['ddp_comm_hook'\] cannot be combined"):
+        GradSparseStrategy(TopK(0.01), ddp_comm_hook=ddp.sparse_hook)
+    strategy = GradSparseStrategy(TopK(0.01), state_kwargs={"start_iter": 2}, find_unused_parameters=True)
+    assert strategy.state is None and strategy._ddp_kwargs == {"find_unused_parameters": True}
