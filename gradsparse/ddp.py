@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from ._validate import instance, integer
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
 from .compressors.dgc import DGC
@@ -105,6 +106,8 @@ class GradSparseState:
         "_callback_queued",
         "_epoch_told",
         "_warned_epoch",
+        "_bound_ids",
+        "_sealed",
         # stats
         "last_stats",
         "history",
@@ -129,11 +132,11 @@ class GradSparseState:
         history_size: int = 10_000,
         grad_scaler: "torch.amp.GradScaler | None" = None,
     ):
-        if int(start_iter) != start_iter or start_iter < 1:
-            raise InvalidConfigError(f"start_iter must be an integer >= 1 (iteration 0 is always dense), got {start_iter!r}")
-        if steps_per_epoch is not None and (int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1):
-            raise InvalidConfigError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
-        self.compressor = compressor
+        self.compressor = instance(compressor, "compressor", Compressor, "TopK(0.01)")
+        self.start_iter = integer(start_iter, "start_iter", minimum=1)
+        self.steps_per_epoch = integer(steps_per_epoch, "steps_per_epoch", minimum=1, allow_none=True)
+        self.log_every = integer(log_every, "log_every", minimum=0)
+        history_size = integer(history_size, "history_size", minimum=0)
         self.process_group = process_group = _group_of(model, process_group)
         self.reducer = SparseReducer(compressor, TorchDistCommunicator(process_group), granularity=granularity,
                                      min_compress_numel=min_compress_numel, value_dtype=value_dtype,
@@ -144,15 +147,14 @@ class GradSparseState:
         self._callback_queued = False
         self._epoch_told = False
         self._warned_epoch = False
-        self.start_iter = int(start_iter)
-        self.steps_per_epoch = steps_per_epoch
-        self.log_every = int(log_every)
         self.grad_scaler = grad_scaler
         self.iter = 0
         self.epoch = 0
         self._names: dict[int, str] = {}
         self._numels: dict[str, int] = {}
         self._bound = False
+        self._bound_ids: frozenset[int] | None = None
+        self._sealed = False
         if model is not None:
             self.bind(model)
         self._segments: dict[tuple, list[Segment]] = {}
@@ -166,12 +168,21 @@ class GradSparseState:
 
     # ------------------------------------------------------------------ setup
     def bind(self, model: torch.nn.Module) -> None:
-        """Key state by the parameter names of ``model`` (DDP or plain module)."""
+        """Key state by the parameter names of ``model`` (DDP or plain module).
+
+        Binding again to the same model is allowed; another model raises
+        :class:`InvalidConfigError` (residuals and momentum belong to one model).
+        """
+        instance(model, "model", torch.nn.Module, "the module DDP wraps")
         module = model.module if isinstance(model, DistributedDataParallel) else model
+        ids = frozenset(id(p) for p in module.parameters())
+        if self._bound_ids is not None and ids != self._bound_ids:
+            raise InvalidConfigError("this GradSparseState already serves another model; create one per DDP model")
         _check_sparse_gradients(module, self.compressor)
         self._names = {id(p): name for name, p in module.named_parameters()}
         self._numels = {name: p.numel() for name, p in module.named_parameters()}
         self._bound = True
+        self._bound_ids = ids
         if isinstance(model, DistributedDataParallel) and (model.find_unused_parameters or model.static_graph):
             self._usage = _UsageTracker(module)
 
@@ -189,7 +200,13 @@ class GradSparseState:
         name = self._names.get(id(param))
         if name is None:
             if self._bound:
-                raise StateMismatchError("the DDP bucket holds a parameter that is not in the bound model")
+                raise StateMismatchError("the DDP bucket holds a parameter that is not in the bound model: is this "
+                                         "GradSparseState shared by two DDP models? Create one per DDP model")
+            if self._sealed:
+                raise StateMismatchError(
+                    "the DDP bucket holds a parameter this GradSparseState did not see in its first step: it is "
+                    "likely shared by two DDP models (each would also count every step twice). Create one "
+                    "GradSparseState per DDP model, e.g. GradSparseState(compressor, model=model)")
             name = f"param{len(self._names)}"
             self._names[id(param)] = name
         return name
@@ -250,6 +267,7 @@ class GradSparseState:
             raise error
 
     def _end_step(self) -> None:
+        self._sealed = True  # every parameter of the model has been in a bucket by now
         self.iter += 1
         if self.iter == self.start_iter:
             logger.info("gradsparse: dense warm-up done, compressing from iteration %d", self.iter)
@@ -318,8 +336,10 @@ class GradSparseState:
         self._pending, self._closing = 0, False
 
     def __getstate__(self):
+        # parameter identities (_bound_ids, _sealed) mean nothing in another process
         return {slot: getattr(self, slot) for slot in self.__slots__
-                if slot not in ("process_group", "_lock", "grad_scaler", "_usage", "_error")}
+                if slot not in ("process_group", "_lock", "grad_scaler", "_usage", "_error", "_bound_ids",
+                                "_sealed")}
 
     def __setstate__(self, state):
         for slot, value in state.items():
@@ -330,6 +350,15 @@ class GradSparseState:
         self._error = None
         self._lock = threading.Lock()
         self.reducer.defer_error = self._defer
+        self._bound_ids = None
+        self._sealed = False
+
+    def __repr__(self) -> str:
+        last = self.last_stats
+        stats = "density=None, ratio=None" if last is None else \
+            f"density={last.density:.4g}, ratio={last.compression_ratio:.1f}x"
+        world = self.reducer.communicator.world_size if dist.is_available() and dist.is_initialized() else None
+        return f"GradSparseState(compressor={self.compressor!r}, step={self.iter}, {stats}, world_size={world})"
 
 
 def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -497,8 +526,9 @@ def register(
 
         state = gradsparse.ddp.register(ddp_model, DGC(0.001), optimizer=opt)
     """
-    if not isinstance(model, DistributedDataParallel):
-        raise InvalidConfigError(f"register() expects a DistributedDataParallel model, got {type(model).__name__}")
+    instance(model, "model", DistributedDataParallel, "DistributedDataParallel(net)")
+    instance(compressor, "compressor", Compressor, "TopK(0.01)")
+    instance(optimizer, "optimizer", torch.optim.Optimizer, "torch.optim.SGD(params, lr=0.1)", allow_none=True)
     if _has_comm_hook(model):
         raise HookAlreadyRegisteredError("this DDP model already has a communication hook; DDP allows only one")
     if optimizer is None:
