@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gradsparse import DGC, SparseReducer, Threshold, TopK, Warmup
+from gradsparse import DGC, DGCSGD, SparseReducer, Threshold, TopK, Warmup
 from gradsparse import ddp as gddp
 from gradsparse.comm import LocalCommunicator
 from gradsparse.errors import ConfigTypeError, InvalidConfigError
@@ -37,6 +37,7 @@ CONSTRUCTORS = {
     "Warmup": lambda **kw: Warmup(**kw),
     "SparseReducer": reducer,
     "GradSparseState": state,
+    "DGCSGD": lambda **kw: DGCSGD([nn.Parameter(torch.zeros(1))], **{"lr": 0.1, **kw}),
 }
 
 # (constructor, argument, bad value, expected error); each one is accepted, or refused with
@@ -67,6 +68,8 @@ BAD = [
     ("GradSparseState", "model", nn.Linear, T), ("GradSparseState", "model", "net", T),
     ("GradSparseState", "op", None, T), ("GradSparseState", "granularity", 1, T),
     ("GradSparseState", "value_dtype", "float16", T), ("GradSparseState", "verify_every", 0.5, T),
+    ("DGCSGD", "lr", "0.1", T), ("DGCSGD", "momentum", "0.9", T), ("DGCSGD", "weight_decay", None, T),
+    ("DGCSGD", "nesterov", "no", T),
 ]
 
 
@@ -112,6 +115,7 @@ def test_numpy_scalars_are_accepted_as_python_numbers():
     assert (s.start_iter, s.steps_per_epoch, s.history.maxlen, s.reducer.min_compress_numel) == (2, 10, 3, 10)
     plain = [topk.target_ratio, dgc.momentum, dgc.clip_norm, dgc.seed, s.start_iter, s.reducer.verify_every]
     assert all(type(x) in (int, float) for x in plain) and type(dgc.nesterov) is bool
+    DGCSGD([nn.Parameter(torch.zeros(1))], lr=np.float32(0.1), momentum=np.float32(0.9), nesterov=np.bool_(True))
 
 
 @pytest.mark.parametrize("make", [lambda: TopK(0.01, error_feedback="no"), lambda: Threshold(0.5, error_feedback="False"),
