@@ -183,7 +183,8 @@ class GradSparseState:
         self._numels = {name: p.numel() for name, p in module.named_parameters()}
         self._bound = True
         self._bound_ids = ids
-        if isinstance(model, DistributedDataParallel) and (model.find_unused_parameters or model.static_graph):
+        tracks = isinstance(model, DistributedDataParallel) and (model.find_unused_parameters or model.static_graph)
+        if tracks and self._usage is None:  # binding the same model again keeps its tracker (and hooks)
             self._usage = _UsageTracker(module)
 
     def set_epoch(self, epoch: int) -> None:
@@ -352,6 +353,9 @@ class GradSparseState:
         self.reducer.defer_error = self._defer
         self._bound_ids = None
         self._sealed = False
+        self._segments = {}  # keyed by parameter identities of the old process
+        if not self._bound:  # names come again in the order the hook meets the parameters: param0, param1, ...
+            self._names = {}
 
     def __repr__(self) -> str:
         last = self.last_stats
