@@ -103,7 +103,7 @@ class GradSparseState:
         "_bound",
         "_usage",
         "_error",
-        "_callback_queued",
+        "_callback_step",
         "_epoch_told",
         "_warned_epoch",
         "_bound_ids",
@@ -144,7 +144,7 @@ class GradSparseState:
         self.reducer.defer_error = self._defer
         self._usage: _UsageTracker | None = None
         self._error: Exception | None = None
-        self._callback_queued = False
+        self._callback_step: int | None = None  # the step whose end-of-backward callback is queued
         self._epoch_told = False
         self._warned_epoch = False
         self.grad_scaler = grad_scaler
@@ -244,8 +244,10 @@ class GradSparseState:
     def _begin_bucket(self, step: int, last: bool) -> None:
         """Per-bucket bookkeeping before the reduction: stats, warnings, the deferred-error callback."""
         self._issue(last)
-        if self.reducer.nonfinite == "raise" and not self._callback_queued:
-            self._callback_queued = _queue_after_backward(self._raise_deferred)
+        if self.reducer.nonfinite == "raise" and self._callback_step != step:
+            # once per step; a step whose backward failed before its callback ran leaves nothing behind
+            self._error = None
+            self._callback_step = step if _queue_after_backward(self._raise_deferred) else None
         if step >= self.start_iter and not self._warned_epoch:
             self._warn_epoch_never_told()
 
@@ -257,12 +259,12 @@ class GradSparseState:
 
     def _defer(self, error: Exception) -> None:
         """Keep a NonFiniteGradientError for the end of backward (raised there), or raise it now."""
-        if not self._callback_queued:
+        if self._callback_step is None:
             raise error
         self._error = self._error or error
 
     def _raise_deferred(self) -> None:
-        self._callback_queued = False
+        self._callback_step = None
         error, self._error = self._error, None
         if error is not None:
             raise error
