@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from . import watchdog
+from ._validate import instance, integer
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
 from .compressors.dgc import DGC
@@ -106,9 +107,11 @@ class GradSparseState:
         "_bound",
         "_usage",
         "_error",
-        "_callback_queued",
+        "_callback_step",
         "_epoch_told",
         "_warned_epoch",
+        "_bound_ids",
+        "_sealed",
         # stats
         "last_stats",
         "history",
@@ -135,11 +138,11 @@ class GradSparseState:
         history_size: int = 10_000,
         grad_scaler: "torch.amp.GradScaler | None" = None,
     ):
-        if int(start_iter) != start_iter or start_iter < 1:
-            raise InvalidConfigError(f"start_iter must be an integer >= 1 (iteration 0 is always dense), got {start_iter!r}")
-        if steps_per_epoch is not None and (int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1):
-            raise InvalidConfigError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
-        self.compressor = compressor
+        self.compressor = instance(compressor, "compressor", Compressor, "TopK(0.01)")
+        self.start_iter = integer(start_iter, "start_iter", minimum=1)
+        self.steps_per_epoch = integer(steps_per_epoch, "steps_per_epoch", minimum=1, allow_none=True)
+        self.log_every = integer(log_every, "log_every", minimum=0)
+        history_size = integer(history_size, "history_size", minimum=0)
         self.process_group = process_group = _group_of(model, process_group)
         self.reducer = SparseReducer(compressor, TorchDistCommunicator(process_group), granularity=granularity,
                                      min_compress_numel=min_compress_numel, value_dtype=value_dtype,
@@ -147,18 +150,17 @@ class GradSparseState:
         self.reducer.defer_error = self._defer
         self._usage: _UsageTracker | None = None
         self._error: Exception | None = None
-        self._callback_queued = False
+        self._callback_step: int | None = None  # the step whose end-of-backward callback is queued
         self._epoch_told = False
         self._warned_epoch = False
-        self.start_iter = int(start_iter)
-        self.steps_per_epoch = steps_per_epoch
-        self.log_every = int(log_every)
         self.grad_scaler = grad_scaler
         self.iter = 0
         self.epoch = 0
         self._names: dict[int, str] = {}
         self._numels: dict[str, int] = {}
         self._bound = False
+        self._bound_ids: frozenset[int] | None = None
+        self._sealed = False
         if model is not None:
             self.bind(model)
         self._segments: dict[tuple, list[Segment]] = {}
@@ -174,13 +176,23 @@ class GradSparseState:
 
     # ------------------------------------------------------------------ setup
     def bind(self, model: torch.nn.Module) -> None:
-        """Key state by the parameter names of ``model`` (DDP or plain module)."""
+        """Key state by the parameter names of ``model`` (DDP or plain module).
+
+        Binding again to the same model is allowed; another model raises
+        :class:`InvalidConfigError` (residuals and momentum belong to one model).
+        """
+        instance(model, "model", torch.nn.Module, "the module DDP wraps")
         module = model.module if isinstance(model, DistributedDataParallel) else model
+        ids = frozenset(id(p) for p in module.parameters())
+        if self._bound_ids is not None and ids != self._bound_ids:
+            raise InvalidConfigError("this GradSparseState already serves another model; create one per DDP model")
         _check_sparse_gradients(module, self.compressor)
         self._names = {id(p): name for name, p in module.named_parameters()}
         self._numels = {name: p.numel() for name, p in module.named_parameters()}
         self._bound = True
-        if isinstance(model, DistributedDataParallel) and (model.find_unused_parameters or model.static_graph):
+        self._bound_ids = ids
+        tracks = isinstance(model, DistributedDataParallel) and (model.find_unused_parameters or model.static_graph)
+        if tracks and self._usage is None:  # binding the same model again keeps its tracker (and hooks)
             self._usage = _UsageTracker(module)
 
     def set_epoch(self, epoch: int) -> None:
@@ -197,7 +209,13 @@ class GradSparseState:
         name = self._names.get(id(param))
         if name is None:
             if self._bound:
-                raise StateMismatchError("the DDP bucket holds a parameter that is not in the bound model")
+                raise StateMismatchError("the DDP bucket holds a parameter that is not in the bound model: is this "
+                                         "GradSparseState shared by two DDP models? Create one per DDP model")
+            if self._sealed:
+                raise StateMismatchError(
+                    "the DDP bucket holds a parameter this GradSparseState did not see in its first step: it is "
+                    "likely shared by two DDP models (each would also count every step twice). Create one "
+                    "GradSparseState per DDP model, e.g. GradSparseState(compressor, model=model)")
             name = f"param{len(self._names)}"
             self._names[id(param)] = name
         return name
@@ -234,8 +252,10 @@ class GradSparseState:
     def _begin_bucket(self, step: int, last: bool) -> None:
         """Per-bucket bookkeeping before the reduction: stats, warnings, the deferred-error callback."""
         self._issue(last)
-        if self.reducer.nonfinite == "raise" and not self._callback_queued:
-            self._callback_queued = _queue_after_backward(self._raise_deferred)
+        if self.reducer.nonfinite == "raise" and self._callback_step != step:
+            # once per step; a step whose backward failed before its callback ran leaves nothing behind
+            self._error = None
+            self._callback_step = step if _queue_after_backward(self._raise_deferred) else None
         if step >= self.start_iter and not self._warned_epoch:
             self._warn_epoch_never_told()
 
@@ -247,17 +267,18 @@ class GradSparseState:
 
     def _defer(self, error: Exception) -> None:
         """Keep a NonFiniteGradientError for the end of backward (raised there), or raise it now."""
-        if not self._callback_queued:
+        if self._callback_step is None:
             raise error
         self._error = self._error or error
 
     def _raise_deferred(self) -> None:
-        self._callback_queued = False
+        self._callback_step = None
         error, self._error = self._error, None
         if error is not None:
             raise error
 
     def _end_step(self) -> None:
+        self._sealed = True  # every parameter of the model has been in a bucket by now
         self.iter += 1
         if self.iter == self.start_iter:
             logger.info("gradsparse: dense warm-up done, compressing from iteration %d", self.iter)
@@ -326,8 +347,10 @@ class GradSparseState:
         self._pending, self._closing = 0, False
 
     def __getstate__(self):
+        # parameter identities (_bound_ids, _sealed) mean nothing in another process
         return {slot: getattr(self, slot) for slot in self.__slots__
-                if slot not in ("process_group", "_lock", "grad_scaler", "_usage", "_error", "__weakref__")}
+                if slot not in ("process_group", "_lock", "grad_scaler", "_usage", "_error", "_bound_ids",
+                                "_sealed", "__weakref__")}
 
     def __setstate__(self, state):
         for slot, value in state.items():
@@ -338,7 +361,19 @@ class GradSparseState:
         self._error = None
         self._lock = threading.Lock()
         self.reducer.defer_error = self._defer
+        self._bound_ids = None
+        self._sealed = False
+        self._segments = {}  # keyed by parameter identities of the old process
+        if not self._bound:  # names come again in the order the hook meets the parameters: param0, param1, ...
+            self._names = {}
         watchdog.watch(self)
+
+    def __repr__(self) -> str:
+        last = self.last_stats
+        stats = "density=None, ratio=None" if last is None else \
+            f"density={last.density:.4g}, ratio={last.compression_ratio:.1f}x"
+        world = self.reducer.communicator.world_size if dist.is_available() and dist.is_initialized() else None
+        return f"GradSparseState(compressor={self.compressor!r}, step={self.iter}, {stats}, world_size={world})"
 
 
 def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -509,14 +544,15 @@ def register(
 
         state = gradsparse.ddp.register(ddp_model, DGC(0.001), optimizer=opt)
     """
-    if not isinstance(model, DistributedDataParallel):
-        raise InvalidConfigError(f"register() expects a DistributedDataParallel model, got {type(model).__name__}")
+    instance(model, "model", DistributedDataParallel, "DistributedDataParallel(net)")
+    instance(compressor, "compressor", Compressor, "TopK(0.01)")
+    optimizer = unwrap(optimizer)  # an AcceleratedOptimizer / LightningOptimizer: the optimizer inside
+    instance(optimizer, "optimizer", torch.optim.Optimizer, "torch.optim.SGD(params, lr=0.1)", allow_none=True)
     if _has_comm_hook(model):
         raise HookAlreadyRegisteredError("this DDP model already has a communication hook; DDP allows only one")
     if optimizer is None:
         _warn_unchecked(compressor)
     else:
-        optimizer = unwrap(optimizer)  # an AcceleratedOptimizer / LightningOptimizer: the optimizer inside
         compressor.check_optimizer(optimizer)  # before any side effect
     state = GradSparseState(compressor, process_group, model=model, **state_kwargs)
     try:

@@ -22,6 +22,13 @@ class InvalidConfigError(GradSparseError, ValueError):
     """A compressor, schedule or hook was configured with an impossible value."""
 
 
+class ConfigTypeError(InvalidConfigError, TypeError):
+    """A configuration argument has the wrong type (a string for a number, a class for an instance).
+
+    Catchable as ``TypeError`` and as :class:`InvalidConfigError` / ``ValueError``.
+    """
+
+
 class UnsupportedGradientError(GradSparseError, TypeError):
     """The gradient has a dtype gradsparse cannot compress (integer, complex, bool)."""
 

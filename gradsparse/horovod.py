@@ -40,6 +40,7 @@ import logging
 
 import torch
 
+from ._validate import instance, integer
 from .compressors.base import Compressor
 from .errors import InvalidConfigError, StateMismatchError
 from .optim import guard
@@ -98,20 +99,17 @@ class SparseCompression:
         verify_every: int = 1,
         history_size: int = 10_000,
     ):
-        if int(start_iter) != start_iter or start_iter < 1:
-            raise InvalidConfigError(f"start_iter must be an integer >= 1 (iteration 0 is always dense), got {start_iter!r}")
-        if steps_per_epoch is not None and (int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1):
-            raise InvalidConfigError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
+        self.compressor = instance(compressor, "compressor", Compressor, "TopK(0.01)")
+        self.start_iter = integer(start_iter, "start_iter", minimum=1)
+        self.steps_per_epoch = integer(steps_per_epoch, "steps_per_epoch", minimum=1, allow_none=True)
+        self.log_every = integer(log_every, "log_every", minimum=0)
+        history_size = integer(history_size, "history_size", minimum=0)
         from .comm.horovod import HorovodCommunicator
 
-        self.compressor = compressor
         self.communicator = HorovodCommunicator(process_set)
         self.reducer = SparseReducer(compressor, self.communicator, granularity="parameter",
                                      min_compress_numel=min_compress_numel, value_dtype=value_dtype,
                                      nonfinite=nonfinite, op=op, verify_every=verify_every)
-        self.start_iter = int(start_iter)
-        self.steps_per_epoch = steps_per_epoch
-        self.log_every = int(log_every)
         self.epoch = 0
         #: compress() calls so far, per parameter name (the step each parameter is at)
         self.steps: dict[str, int] = {}
@@ -294,7 +292,15 @@ class SparseCompression:
         self._epoch_told = self._epoch_told or self.epoch > 0
 
     def __repr__(self) -> str:
-        return f"SparseCompression({self.compressor!r}, op={self.reducer.op!r}, start_iter={self.start_iter})"
+        last = self.last_stats
+        stats = "density=None, ratio=None" if last is None else \
+            f"density={last.density:.4g}, ratio={last.compression_ratio:.1f}x"
+        try:
+            world = self.communicator.world_size
+        except ValueError:  # Horovod not initialised yet
+            world = None
+        return (f"SparseCompression(compressor={self.compressor!r}, op={self.reducer.op!r}, "
+                f"step={max(self.steps.values(), default=0)}, {stats}, world_size={world})")
 
 
 _UNSET = object()

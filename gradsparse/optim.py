@@ -25,27 +25,21 @@ Example::
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import torch
 from torch.optim.optimizer import required
 
+from ._validate import boolean, real
 from .errors import IncompatibleOptimizerError, InvalidConfigError
 
 
 def _check_hyper(lr, momentum, weight_decay, nesterov) -> None:
-    def number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    if lr is not required and (not number(lr) or lr < 0):
-        raise InvalidConfigError(f"lr must be a finite number >= 0, got {lr!r}")
-    if not number(momentum) or not 0.0 <= momentum < 1.0:
-        raise InvalidConfigError(f"momentum must be a number in [0, 1) (DGC's momentum), got {momentum!r}")
-    if not number(weight_decay) or weight_decay < 0:
-        raise InvalidConfigError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    if not isinstance(nesterov, bool):
-        raise InvalidConfigError(f"nesterov must be True or False, got {nesterov!r}")
+    if lr is not required:
+        real(lr, "lr", low=0.0)
+    real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
+    real(weight_decay, "weight_decay", low=0.0)
+    boolean(nesterov, "nesterov")
     if nesterov and momentum == 0:
         raise InvalidConfigError("nesterov=True needs momentum > 0 (as in torch.optim.SGD)")
 

@@ -75,6 +75,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import ops
+from ._validate import choice, instance, integer
 from .comm.base import Communicator, completed_future
 from .compressors.base import Compressor
 from .errors import (
@@ -202,6 +203,28 @@ def check_bucket(flat: torch.Tensor) -> None:
                           "use smaller buckets (DDP bucket_cap_mb)")
 
 
+def check_options(*, granularity="parameter", min_compress_numel=4096, value_dtype=None, nonfinite="skip",
+                  op="average", verify_every=1) -> dict:
+    """The :class:`SparseReducer` options, checked (typed errors naming each one) and normalised.
+
+    Example::
+
+        >>> check_options(min_compress_numel=100.0)["min_compress_numel"]
+        100
+    """
+    if isinstance(op, str) and op.lower() == "adasum" or getattr(op, "__name__", "") == "Adasum":
+        raise InvalidConfigError("Adasum cannot be applied to sparse index/value pairs; use op='average' or 'sum'")
+    instance(value_dtype, "value_dtype", torch.dtype, "torch.float16", allow_none=True)
+    if value_dtype is not None and value_dtype not in VALUE_DTYPES:
+        raise InvalidConfigError(f"value_dtype must be one of {list(VALUE_DTYPES)} or None, got {value_dtype}")
+    return {"granularity": choice(granularity, "granularity", GRANULARITIES),
+            "min_compress_numel": integer(min_compress_numel, "min_compress_numel", minimum=1),
+            "value_dtype": value_dtype,
+            "nonfinite": choice(nonfinite, "nonfinite", NONFINITE_POLICIES),
+            "op": choice(op, "op", OPS),
+            "verify_every": integer(verify_every, "verify_every", minimum=0)}
+
+
 class SparseReducer:
     """Reduces flat gradient buckets sparsely across the ranks of a communicator.
 
@@ -231,30 +254,16 @@ class SparseReducer:
         op: str = "average",
         verify_every: int = 1,
     ):
-        if not isinstance(compressor, Compressor):
-            raise InvalidConfigError(f"compressor must be a gradsparse Compressor, got {type(compressor).__name__}")
-        if isinstance(op, str) and op.lower() == "adasum" or getattr(op, "__name__", "") == "Adasum":
-            raise InvalidConfigError("Adasum cannot be applied to sparse index/value pairs; use op='average' or 'sum'")
-        if op not in OPS:
-            raise InvalidConfigError(f"op must be one of {OPS}, got {op!r}")
-        if granularity not in GRANULARITIES:
-            raise InvalidConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise InvalidConfigError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        if int(min_compress_numel) != min_compress_numel or min_compress_numel < 1:
-            raise InvalidConfigError(f"min_compress_numel must be a positive integer, got {min_compress_numel!r}")
-        if value_dtype is not None and value_dtype not in VALUE_DTYPES:
-            raise InvalidConfigError(f"value_dtype must be one of {list(VALUE_DTYPES)} or None, got {value_dtype}")
-        if isinstance(verify_every, bool) or int(verify_every) != verify_every or verify_every < 0:
-            raise InvalidConfigError(f"verify_every must be an integer >= 0, got {verify_every!r}")
-        self.compressor = compressor
-        self.communicator = communicator
-        self.granularity = granularity
-        self.min_compress_numel = int(min_compress_numel)
-        self.value_dtype = value_dtype
-        self.nonfinite = nonfinite
-        self.op = op
-        self.verify_every = int(verify_every)
+        self.compressor = instance(compressor, "compressor", Compressor, "TopK(0.01)")
+        self.communicator = instance(communicator, "communicator", Communicator, "LocalCommunicator()")
+        options = check_options(granularity=granularity, min_compress_numel=min_compress_numel,
+                                value_dtype=value_dtype, nonfinite=nonfinite, op=op, verify_every=verify_every)
+        self.granularity = options["granularity"]
+        self.min_compress_numel = options["min_compress_numel"]
+        self.value_dtype = options["value_dtype"]
+        self.nonfinite = options["nonfinite"]
+        self.op = options["op"]
+        self.verify_every = options["verify_every"]
         self.memory = compressor.make_memory()
         #: receives NonFiniteGradientError instead of raising it (see :meth:`_on_nonfinite`)
         self.defer_error: Callable[[Exception], None] | None = None

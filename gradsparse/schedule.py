@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ._validate import choice, integer, real, sequence
 from .errors import InvalidConfigError
 
 DGC_WARMUP_RATIOS = (0.25, 0.0625, 0.015625, 0.004)
@@ -51,14 +52,14 @@ class Warmup:
     unit: str = "step"
 
     def __post_init__(self):
-        if self.unit not in ("epoch", "step"):
-            raise InvalidConfigError(f"warm-up unit must be 'epoch' or 'step', got {self.unit!r}")
-        if int(self.length) != self.length or self.length < 1:
-            raise InvalidConfigError(f"warm-up stage length must be a positive integer, got {self.length!r}")
-        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
-        for r in self.ratios:
-            if not 0.0 < r <= 1.0:
-                raise InvalidConfigError(f"warm-up densities must be in (0, 1], got {r}")
+        choice(self.unit, "unit", ("epoch", "step"))
+        object.__setattr__(self, "length", integer(self.length, "length", minimum=1))
+        ratios = sequence(self.ratios, "ratios", "(0.25, 0.0625)")
+        if not ratios:
+            raise InvalidConfigError("ratios must hold at least one density, e.g. (0.25, 0.0625); "
+                                     "for no warm-up pass warmup=None to DGC")
+        ratios = tuple(real(r, f"ratios[{i}]", low=0.0, high=1.0, low_open=True) for i, r in enumerate(ratios))
+        object.__setattr__(self, "ratios", ratios)
 
     @property
     def total(self) -> int:

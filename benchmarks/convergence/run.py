@@ -67,6 +67,22 @@ def _worker(rank: int, world: int, port: int, runs: list, out: str, overrides: d
     os._exit(0)
 
 
+def parse_setting(item: str) -> dict:
+    """``"task.field=value"`` (value as JSON, or a bare word as a string) -> ``{field: value}``.
+
+    >>> parse_setting("digits_wd.weight_decay=0"), parse_setting("digits_wd.schedule=cosine")
+    ({'weight_decay': 0}, {'schedule': 'cosine'})
+    """
+    target, _, value = item.partition("=")
+    task, _, field = target.partition(".")
+    if not (task in TASKS and field and value):
+        raise SystemExit(f"--set expects TASK.FIELD=VALUE with TASK in {list(TASKS)}, got {item!r}")
+    try:
+        return {field: json.loads(value)}
+    except json.JSONDecodeError:
+        return {field: value}
+
+
 def run_matrix(tasks, methods, seeds, worlds, out: str, overrides: dict | None = None) -> None:
     """Run every missing (task, method, seed) for each world size; results land in ``out``."""
     os.makedirs(out, exist_ok=True)
@@ -90,8 +106,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--worlds", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--epochs", type=int, default=None, help="override every task's epochs (quick looks)")
+    parser.add_argument("--set", action="append", default=[], metavar="TASK.FIELD=VALUE",
+                        help="change one field of a task (JSON value), e.g. digits_wd.schedule='\"cosine\"' or "
+                             "digits_wd.weight_decay=0; repeatable (ablations)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = {t: {"epochs": args.epochs} for t in args.tasks} if args.epochs else {}
+    for item in args.set:
+        overrides.setdefault(item.split(".", 1)[0], {}).update(parse_setting(item))
     run_matrix(args.tasks, args.methods, args.seeds, args.worlds, args.out, overrides)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gradsparse import Warmup
+from gradsparse import DGCSGD, Warmup
 from gradsparse import ddp as gddp
 
 from .data import corpus, digits
@@ -50,6 +50,8 @@ class Task:
     bptt: int = 35
     vocab_size: int = 2000
     max_steps_per_epoch: int | None = None   # for the short CI runs
+    weight_decay: float = 0.0     # dense: SGD's; DGC: gradsparse.DGCSGD's (through its momentum)
+    schedule: str = "cosine"      # learning rate: "cosine" (per step) or "onecycle" (torch's OneCycleLR)
 
     def replace(self, **changes) -> "Task":
         return dataclasses.replace(self, **changes)
@@ -58,6 +60,8 @@ class Task:
 TASKS = {
     "digits": Task("digits", epochs=30, global_batch=32, lr=0.05),
     "lm": Task("lm", epochs=20, global_batch=8, lr=1.0, clip=0.5, warmup_stages_per_epoch=8),
+    # the recipe of a real job: momentum SGD with weight decay and a one-cycle learning rate
+    "digits_wd": Task("digits_wd", epochs=30, global_batch=32, lr=0.1, weight_decay=5e-4, schedule="onecycle"),
 }
 
 
@@ -137,7 +141,15 @@ class _LMJob:
         return float(torch.exp(loss))
 
 
-JOBS = {"digits": _DigitsJob, "lm": _LMJob}
+JOBS = {"digits": _DigitsJob, "lm": _LMJob, "digits_wd": _DigitsJob}
+
+
+def make_optimizer(params, task: Task, m) -> torch.optim.Optimizer:
+    """SGD as the task asks; with weight decay under DGC's momentum correction, DGCSGD (decay through momentum)."""
+    if task.weight_decay and m.compressor is not None and getattr(m.compressor, "momentum_correction", False):
+        return DGCSGD(params, lr=task.lr, momentum=m.compressor.momentum, weight_decay=task.weight_decay,
+                      nesterov=m.compressor.nesterov)
+    return torch.optim.SGD(params, lr=task.lr, momentum=m.optimizer_momentum, weight_decay=task.weight_decay)
 
 
 def train(rank: int, world: int, task: Task, method: str, seed: int) -> dict:
@@ -150,25 +162,30 @@ def train(rank: int, world: int, task: Task, method: str, seed: int) -> dict:
     net = job.model()
     torch.manual_seed(seed * 7919 + rank)  # dropout differs between ranks, not between runs
     model = DDP(net)
-    opt = torch.optim.SGD(model.parameters(), lr=task.lr, momentum=m.optimizer_momentum)
+    opt = make_optimizer(model.parameters(), task, m)
     state = None
     if m.compressor is not None:
         state = gddp.register(model, m.compressor, optimizer=opt, min_compress_numel=task.min_compress_numel,
                               log_every=0)
     total = task.epochs * spe
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=task.lr, total_steps=total, cycle_momentum=False) \
+        if task.schedule == "onecycle" else None
     n = n_params(net)
     curve, step, started = [], 0, time.perf_counter()
     for epoch in range(task.epochs):
         losses = []
         for batch in job.epoch(epoch):
-            for group in opt.param_groups:
-                group["lr"] = _cosine(task.lr, step, total)
+            if scheduler is None:
+                for group in opt.param_groups:
+                    group["lr"] = _cosine(task.lr, step, total)
             opt.zero_grad(set_to_none=True)
             loss = job.loss(model, batch)
             loss.backward()
             if task.clip is not None and not m.local_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), task.clip)
             opt.step()
+            if scheduler is not None:
+                scheduler.step()
             losses.append(loss.item())
             step += 1
         value = job.evaluate(net) if rank == 0 else float("nan")

@@ -20,15 +20,13 @@ import math
 
 import torch
 
-from ..errors import InvalidConfigError
+from .._validate import boolean, real
 from ..memory import Memory, ResidualMemory
 
 
 def check_ratio(ratio: float, what: str = "ratio") -> float:
-    """Return ``ratio`` as a float if it lies in (0, 1], else raise InvalidConfigError."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
-        raise InvalidConfigError(f"{what} must be a number in (0, 1], got {ratio!r}")
-    return float(ratio)
+    """Return ``ratio`` as a float if it is a number in (0, 1]; else ConfigTypeError / InvalidConfigError."""
+    return real(ratio, what, low=0.0, high=1.0, low_open=True)
 
 
 def count_for(ratio: float, numel: int) -> int:
@@ -49,7 +47,7 @@ class Compressor(abc.ABC):
     fixed_count: bool = True
 
     def __init__(self, error_feedback: bool = True):
-        self.error_feedback = bool(error_feedback)
+        self.error_feedback = boolean(error_feedback, "error_feedback")
 
     @property
     def supports_sparse_gradients(self) -> bool:

@@ -36,6 +36,7 @@ import math
 import torch
 
 from .. import ops
+from .._validate import boolean, instance, integer, real
 from ..errors import IncompatibleOptimizerError, InvalidConfigError
 from ..memory import DGCMemory
 from ..optim import DGCSGD
@@ -76,21 +77,15 @@ class DGC(Compressor):
     ):
         super().__init__(error_feedback=True)
         self.target_ratio = check_ratio(ratio)
-        if not 0.0 <= momentum < 1.0:
-            raise InvalidConfigError(f"momentum must be in [0, 1), got {momentum!r}")
-        if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
-            raise InvalidConfigError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
-        self.momentum = float(momentum)
-        self.nesterov = bool(nesterov)
-        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self.momentum = real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
+        self.nesterov = boolean(nesterov, "nesterov")
+        self.clip_norm = real(clip_norm, "clip_norm", low=0.0, low_open=True, allow_none=True)
         self.sample_ratio = check_ratio(sample_ratio, "sample_ratio")
         if warmup is _DEFAULT:
             warmup = Warmup()
-        if warmup is not None and not isinstance(warmup, Warmup):
-            raise InvalidConfigError(f"warmup must be a gradsparse.Warmup or None, got {type(warmup).__name__}")
-        self.warmup = warmup
-        self._generator = torch.Generator().manual_seed(seed)
-        self.seed = seed
+        self.warmup = instance(warmup, "warmup", Warmup, "Warmup()", allow_none=True)
+        self.seed = integer(seed, "seed", minimum=-(2**63), maximum=2**64 - 1)  # what manual_seed accepts
+        self._generator = torch.Generator().manual_seed(self.seed)
 
     @property
     def momentum_correction(self) -> bool:

@@ -12,10 +12,8 @@ Example::
 
 from __future__ import annotations
 
-import math
-
 from .. import ops
-from ..errors import InvalidConfigError
+from .._validate import real
 from .base import Compressor
 
 
@@ -32,9 +30,7 @@ class Threshold(Compressor):
 
     def __init__(self, threshold: float, error_feedback: bool = True):
         super().__init__(error_feedback)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
-            raise InvalidConfigError(f"threshold must be a finite number >= 0, got {threshold!r}")
-        self.threshold = float(threshold)
+        self.threshold = real(threshold, "threshold", low=0.0)
 
     def unsent_bound(self, sent, loss_scale=1.0):
         return self.threshold * loss_scale  # what stays is below the threshold
