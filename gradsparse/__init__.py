@@ -10,7 +10,7 @@ The DDP hook lives in :mod:`gradsparse.ddp` (``gradsparse.ddp.register(model, DG
 :class:`DGCSGD` (in :mod:`gradsparse.optim`) is the optimizer to pair with DGC's momentum correction.
 """
 
-from . import ddp, errors, optim
+from . import checkpoint, ddp, errors, optim
 from .compressors import DGC, REGISTRY, Compressor, Threshold, TopK
 from .optim import DGCSGD
 from .reducer import Segment, SparseReducer
@@ -31,6 +31,7 @@ __all__ = [
     "Threshold",
     "TopK",
     "Warmup",
+    "checkpoint",
     "ddp",
     "errors",
     "optim",
