@@ -15,14 +15,16 @@ HOROVOD_CMAKE := launch/horovod/cmake-cxx17 launch/horovod/cxx17.cmake
 HOROVOD_FLAGS := HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
   HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 MAKEFLAGS=-j2
 
-# torch first (pinned: an unpinned one pulls a CUDA build), then gradsparse and its C++
-# extension, built against that torch (hence --no-build-isolation), with mpi4py and Open MPI
-# (extra "mpi"), Lightning and Accelerate (extra "integrations"; torch pinned again on that line so
-# that no dependency can swap it), then Horovod.
-$(VENV)/.installed: setup.py $(CSRC) $(HOROVOD_CMAKE)
+# torch first (pinned: an unpinned one pulls a CUDA build) and the build requirements of
+# pyproject.toml, then gradsparse and its C++ extension, built against that torch (hence
+# --no-build-isolation) with the venv's ninja on PATH, with mpi4py and Open MPI (extra "mpi"),
+# Lightning and Accelerate (extra "integrations"; torch pinned again on that line so that no
+# dependency can swap it), then Horovod.
+$(VENV)/.installed: pyproject.toml setup.py $(CSRC) $(HOROVOD_CMAKE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet torch==2.13.0 setuptools wheel
-	MAX_JOBS=2 $(VENV)/bin/pip install --quiet --no-build-isolation --use-pep517 -e '.[test,mpi,bench,integrations]' torch==2.13.0
+	$(VENV)/bin/pip install --quiet torch==2.13.0 setuptools wheel ninja
+	PATH="$(abspath $(VENV))/bin:$$PATH" MAX_JOBS=2 \
+	  $(VENV)/bin/pip install --quiet --no-build-isolation --use-pep517 -e '.[test,mpi,bench,integrations]' torch==2.13.0
 	command -v cmake >/dev/null || $(VENV)/bin/pip install --quiet cmake
 	PATH="$(abspath $(VENV))/bin:$$PATH" HOROVOD_CMAKE=$(CURDIR)/launch/horovod/cmake-cxx17 $(HOROVOD_FLAGS) \
 	  $(VENV)/bin/pip install --quiet --no-build-isolation horovod==0.28.1

@@ -1,8 +1,8 @@
-"""Install gradsparse: ``pip install torch==2.13.0 && pip install --no-build-isolation -e .``.
+"""The C++/CUDA extension of gradsparse; metadata and dependencies are in pyproject.toml.
 
-torch is deliberately not an install requirement: an unpinned torch resolved by
-pip pulls the newest CUDA build (gigabytes). Install the torch you want first;
-the C++ extension (csrc/) is built against it, hence ``--no-build-isolation``.
+Install: ``pip install torch==2.13.0 setuptools wheel ninja && pip install --no-build-isolation -e .``.
+The extension (csrc/) is built against the installed torch, hence ``--no-build-isolation``,
+with ninja when it is on PATH (torch's BuildExtension falls back to plain setuptools otherwise).
 
 The extension is a CUDAExtension when torch has CUDA and nvcc is found, a
 CppExtension otherwise. ``GRADSPARSE_NO_EXTENSION=1`` skips it (the package then
@@ -13,7 +13,7 @@ builds the CPU kernels with those sanitizers (used by csrc/sanitize.sh).
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("GRADSPARSE_NO_EXTENSION") != "1":
@@ -36,19 +36,6 @@ if os.environ.get("GRADSPARSE_NO_EXTENSION") != "1":
     else:
         ext = CppExtension("gradsparse._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
                            depends=headers)
-    ext_modules, cmdclass = [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    ext_modules, cmdclass = [ext], {"build_ext": BuildExtension}
 
-setup(
-    name="gradsparse",
-    version="0.1.0",
-    description="Sparse gradient communication (top-k, threshold, Deep Gradient Compression) for PyTorch",
-    packages=find_packages(include=["gradsparse", "gradsparse.*"]),
-    python_requires=">=3.10",
-    install_requires=["numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "matplotlib"],
-                    "mpi": ["mpi4py", "openmpi"], "bench": ["tqdm", "matplotlib"],
-                    # gradsparse.lightning and the Accelerate recipe (docs/integrations.md); tested versions
-                    "integrations": ["lightning>=2.6", "accelerate>=1.15"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
