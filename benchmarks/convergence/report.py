@@ -37,6 +37,17 @@ def load(folder: str) -> list[dict]:
     return runs
 
 
+def merge_runs(runs: list[dict], previous: str) -> list[dict]:
+    """``runs`` plus the runs of a previous results JSON that ``runs`` does not redo."""
+    key = lambda r: (r["task"], r["method"], r["seed"], r["world"])  # noqa: E731
+    with open(previous) as f:
+        old = json.load(f)["runs"]
+    done = {key(r) for r in runs}
+    kept = [r for r in old if key(r) not in done]
+    logger.info("%d runs from %s kept, %d redone", len(kept), previous, len(old) - len(kept))
+    return sorted(runs + kept, key=key)
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """One row per (task, world, method): final metric mean / min / max over seeds, gap to dense, ratios."""
     groups = collections.defaultdict(list)
@@ -123,9 +134,14 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default=DEFAULT_OUT)
     parser.add_argument("--docs", default="docs")
     parser.add_argument("--tag", default="", help="inserted into the output file names (e.g. -long)")
+    parser.add_argument("--keep", metavar="RESULTS_JSON",
+                        help="a previous convergence-results.json: its runs join the table unless --results "
+                             "has a run of the same task, method, seed and world (re-running part of the matrix)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     runs = load(args.results)
+    if args.keep:
+        runs = merge_runs(runs, args.keep)
     if not runs:
         raise SystemExit(f"no results in {args.results}; run `python -m benchmarks.convergence run` first")
     rows = summarise(runs)
