@@ -1,4 +1,5 @@
-"""Models for the end-to-end DDP benchmark: ResNet-50 (its exact parameter shapes) and an LSTM language model.
+"""Models for the end-to-end DDP benchmark: ResNet-50 (its exact parameter shapes), an LSTM language model, and a
+small MLP for quick checks (tests, ``python -m benchmarks.demo --model mlp``).
 
 torchvision has no CPU build here, so ResNet-50 is written out (bottleneck v1.5, as
 torchvision's ``resnet50()``: 25,557,032 parameters, 161 tensors). Its forward is cheap
@@ -12,6 +13,8 @@ Example::
     25557032
     >>> sum(p.numel() for p in make_model("lstm").parameters())
     14452496
+    >>> sum(p.numel() for p in make_model("mlp").parameters())
+    133898
 """
 
 from __future__ import annotations
@@ -84,7 +87,12 @@ class LSTMLM(nn.Module):
         return self.decoder(out)
 
 
-MODELS = ("resnet50", "lstm")
+def mlp() -> nn.Module:
+    """Two linear layers, 512 -> 256 -> 10 (133,898 parameters): a step costs milliseconds."""
+    return nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+MODELS = ("resnet50", "lstm", "mlp")
 
 
 def make_model(kind: str) -> nn.Module:
@@ -92,6 +100,8 @@ def make_model(kind: str) -> nn.Module:
         return ResNet50()
     if kind == "lstm":
         return LSTMLM()
+    if kind == "mlp":
+        return mlp()
     raise ValueError(f"unknown model {kind!r}; choose from {MODELS}")
 
 
@@ -100,6 +110,8 @@ def make_batch(kind: str, batch: int, generator: torch.Generator, image_size: in
     if kind == "resnet50":
         return (torch.randn(batch, 3, image_size, image_size, generator=generator),
                 torch.randint(0, 1000, (batch,), generator=generator))
+    if kind == "mlp":
+        return torch.randn(batch, 512, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
     tokens = torch.randint(0, 10000, (batch, seq_len + 1), generator=generator)
     return tokens[:, :-1], tokens[:, 1:]
 
