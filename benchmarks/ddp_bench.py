@@ -13,12 +13,18 @@ Methods (every one in the same run, same model seed, same data):
   run with ONE bucket (``bucket_cap_mb=4096``): with several buckets it aborts under gloo
   ("collective mismatch", ../shared/DESIGN.md), because it issues collectives from future callbacks.
 - ``topk1``: gradsparse ``TopK(0.01)``; ``dgc0.1``: gradsparse ``DGC(0.001, warmup=None)`` (no
-  warm-up: its ratio is 0.1 % from the first compressed step; optimizer momentum 0).
+  warm-up: its ratio is 0.1 % from the first compressed step; optimizer momentum 0): DGC as a job
+  sees it after the default warm-up's 1,000 optimizer steps (``gradsparse.schedule.DEFAULT_WARMUP_STEPS``).
+- ``dgc0.1warm``: gradsparse ``DGC(0.001)`` with its default warm-up, which lasts longer than any
+  run here: every step is in its first stage, density 25 % (a job's optimizer steps 1-250).
 
 The first ``--warmup`` steps are not timed (gradsparse reduces iteration 0 densely, PowerSGD
 iterations 0-1). Per step: the slowest rank's step time, the time spent inside the hook call
 (its synchronous part), gradsparse's own compression time (``state.last_stats.compress_s``),
-and this node's transmitted bytes (interface counter).
+this node's transmitted bytes (interface counter), and the bytes this rank handed to the
+collectives (``sent_bytes_per_step``): fp32 gradient for dense, fp16 for the fp16 hook, PowerSGD's
+own element count (its uncompressed tensors, P and Q) x 4, gradsparse's ``state.last_stats.bytes_sent``.
+With ``--progress`` rank 0 prints ``progress <method> <step> <steps>`` after every step.
 """
 
 from __future__ import annotations
@@ -35,11 +41,12 @@ import time
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script by torchrun
-from benchmarks.bench_models import loss_fn, make_batch, make_model
+from benchmarks.bench_models import MODELS, loss_fn, make_batch, make_model
 from benchmarks.teardown import exit_without_teardown
 from benchmarks.wire import gather_floats, per_rank_wire_bytes, slowest, summarize, tx_bytes, wire_iface
 from gradsparse import DGC, TopK
@@ -47,10 +54,11 @@ from gradsparse import ddp as gddp
 
 logger = logging.getLogger("ddp_bench")
 
-METHODS = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1")
+METHODS = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1", "dgc0.1warm")
 LABELS = {"compute": "compute only (no comm)", "dense": "dense fp32 (no hook)", "fp16": "fp16_compress_hook",
           "powersgd1": "PowerSGD rank 1", "powersgd4": "PowerSGD rank 4", "topk1": "gradsparse TopK 1 %",
-          "dgc0.1": "gradsparse DGC 0.1 %"}
+          "dgc0.1": "gradsparse DGC 0.1 %", "dgc0.1warm": "gradsparse DGC, warm-up stage 1 (25 %)"}
+GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm")
 
 
 class HookTimer:
@@ -70,24 +78,25 @@ class HookTimer:
 
 
 def build(method: str, model_kind: str, powersgd_bucket_mb: float = 4096):
-    """(model, optimizer, HookTimer or None, GradSparseState or None) for one method."""
+    """(model, optimizer, HookTimer or None, GradSparseState / PowerSGDState or None) for one method."""
     torch.manual_seed(0)
     net = make_model(model_kind)
     if method == "compute":
         return net, torch.optim.SGD(net.parameters(), lr=0.01), None, None
     one_bucket = method.startswith("powersgd")
     model = DDP(net, bucket_cap_mb=powersgd_bucket_mb if one_bucket else 25)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.0 if method == "dgc0.1" else 0.9)
+    # DGC's momentum lives in the compressor: its optimizer must not add momentum again
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.0 if method.startswith("dgc") else 0.9)
     timer, state = None, None
     if method == "fp16":
         timer = HookTimer(default_hooks.fp16_compress_hook)
         model.register_comm_hook(None, timer.hook)
     elif one_bucket:
         timer = HookTimer(powerSGD_hook.powerSGD_hook)
-        model.register_comm_hook(powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=int(method[-1]),
-                                                             start_powerSGD_iter=2), timer.hook)
-    elif method in ("topk1", "dgc0.1"):
-        compressor = TopK(0.01) if method == "topk1" else DGC(0.001, warmup=None)
+        state = PowerSGDState(None, matrix_approximation_rank=int(method[-1]), start_powerSGD_iter=2)
+        model.register_comm_hook(state, timer.hook)
+    elif method in GRADSPARSE:
+        compressor = {"topk1": TopK(0.01), "dgc0.1": DGC(0.001, warmup=None), "dgc0.1warm": DGC(0.001)}[method]
         gddp.check_optimizer(opt, compressor)
         state = gddp.GradSparseState(compressor, model=model, log_every=0)
         timer = HookTimer(gddp.sparse_hook)
@@ -97,12 +106,40 @@ def build(method: str, model_kind: str, powersgd_bucket_mb: float = 4096):
     return model, opt, timer, state
 
 
+def sent_counter(method: str, model, state):
+    """A function called once after every step: bytes this rank handed to the collectives in that step.
+
+    Payload, not wire: a ring allreduce of B bytes sends 2(W-1)/W x B per rank (B at W = 2), an
+    allgather (W-1) x the payload; DDP's broadcast of buffers (BatchNorm statistics) is not counted.
+    """
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if method == "dense":
+        return lambda: 4 * numel
+    if method == "fp16":
+        return lambda: 2 * numel
+    if isinstance(state, PowerSGDState):  # it counts the elements it allreduces: uncompressed tensors, P and Q
+        seen = [state.total_numel_after_compression]
+
+        def powersgd() -> int:
+            now = state.total_numel_after_compression
+            step, seen[0] = now - seen[0], now
+            return 4 * step if step else 4 * numel  # iterations before start_powerSGD_iter: plain allreduce
+
+        return powersgd
+    if isinstance(state, gddp.GradSparseState):
+        return lambda: state.last_stats.bytes_sent
+    return lambda: 0
+
+
 def run_method(method: str, args, rank: int) -> dict:
     model, opt, timer, state = build(method, args.model, args.powersgd_bucket_mb)
+    gradsparse_state = state if isinstance(state, gddp.GradSparseState) else None
+    count_sent = sent_counter(method, model, state)
     gen = torch.Generator().manual_seed(1000 + rank)
     batches = [make_batch(args.model, args.batch, gen, args.image_size) for _ in range(4)]
-    times, hook_s, compress_s, wire, lib_sent, losses = [], [], [], [], [], []
-    for step in range(args.warmup + args.steps):
+    times, hook_s, compress_s, wire, lib_sent, sent_bytes, density, losses = [], [], [], [], [], [], [], []
+    total = args.warmup + args.steps
+    for step in range(total):
         x, y = batches[step % len(batches)]
         if method != "compute":
             dist.barrier()
@@ -118,16 +155,21 @@ def run_method(method: str, args, rank: int) -> dict:
         if method != "compute":
             dist.barrier()  # this rank's last sends have left the shaped link's queue (and are counted)
         sent = tx_bytes() - before
+        handed = count_sent()
+        if args.progress and rank == 0:
+            print(f"progress {method} {step + 1} {total}", flush=True)
         if step < args.warmup:
             continue
         times.append(dt)
         losses.append(loss.detach().item())
         wire.append(per_rank_wire_bytes(sent) if method != "compute" else 0.0)
         hook_s.append(timer.seconds if timer is not None else float("nan"))
-        if state is not None:
-            s = state.last_stats
+        sent_bytes.append(handed)
+        if gradsparse_state is not None:
+            s = gradsparse_state.last_stats
             compress_s.append(s.compress_s)
             lib_sent.append(s.bytes_sent)
+            density.append(s.density)
             if s.dense_buckets:
                 logger.info("%s: %d of %d buckets went dense (transport fallback)", method, s.dense_buckets, s.buckets)
     if method == "compute":
@@ -141,18 +183,20 @@ def run_method(method: str, args, rank: int) -> dict:
               "wire_bytes_per_step": statistics.median(wire),
               "wire_bytes_per_step_all_ranks": [statistics.median(w) for w in gather_floats(wire)],
               "lib_bytes_sent_per_step": statistics.median(lib_sent) if lib_sent else None,
+              "sent_bytes_per_step": statistics.median(sent_bytes),
+              "density": statistics.median(density) if density else None,
               "loss_last": losses[-1], "bucket_cap_mb": args.powersgd_bucket_mb if method.startswith("powersgd") else 25}
-    del model, opt, state
-    logger.info("%-10s step %.1f ms (min %.1f, max %.1f), wire %.0f B/step/rank", method,
+    del model, opt, state, gradsparse_state
+    logger.info("%-10s step %.1f ms (min %.1f, max %.1f), sent %.0f B/step/rank, wire %.0f B/step/rank", method,
                 1e3 * result["step_s"]["median"], 1e3 * result["step_s"]["min"], 1e3 * result["step_s"]["max"],
-                result["wire_bytes_per_step"])
+                result["sent_bytes_per_step"], result["wire_bytes_per_step"])
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet50", choices=["resnet50", "lstm"])
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--model", default="resnet50", choices=MODELS)
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "dgc0.1warm"))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 3 for PowerSGD)")
     parser.add_argument("--batch", type=int, default=2, help="per-rank batch size")
@@ -161,6 +205,7 @@ def main() -> None:
                         help="DDP bucket cap for PowerSGD (default: one bucket; 25 reproduces the gloo abort)")
     parser.add_argument("--link-bps", type=float, default=None, help="measured link rate (recorded only)")
     parser.add_argument("--out", default=None, help="JSON file (written by rank 0)")
+    parser.add_argument("--progress", action="store_true", help="rank 0 prints a progress line after every step")
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS)
