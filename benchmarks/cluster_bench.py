@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,8 +42,9 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _run(cluster: EmulatedCluster | None, world: int, script: str, args: list[str], log_path: str,
-         timeout: float, port: int) -> None:
+def run_job(cluster: EmulatedCluster | None, world: int, script: str, args: list[str], log_path: str,
+            timeout: float, port: int) -> None:
+    """Run ``script`` under torchrun on the cluster (one torchrun per node), or on loopback if None; output to the log."""
     with open(log_path, "a") as log:
         log.write(f"\n=== {script} {' '.join(args)}\n")
         log.flush()
@@ -51,12 +53,25 @@ def _run(cluster: EmulatedCluster | None, world: int, script: str, args: list[st
         else:
             argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(world),
                     "--master-addr", "127.0.0.1", "--master-port", str(port), script, *args]
-            codes = [subprocess.run(argv, cwd=ROOT, stdout=log, stderr=log, timeout=timeout).returncode]
+            # its own session, so that a timeout or Ctrl-C stops torchrun's ranks as well
+            with subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log, start_new_session=True) as proc:
+                try:
+                    codes = [proc.wait(timeout=timeout)]
+                except BaseException as err:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    if isinstance(err, subprocess.TimeoutExpired):
+                        raise TimeoutError(f"{script} did not finish within {timeout} s on loopback") from err
+                    raise
     if any(codes):
         raise RuntimeError(f"{script} failed on the cluster (exit codes {codes}); see {log_path}")
 
 
-def run_point(rate: str, world: int, opts, log_dir: str, bar: tqdm) -> dict:
+def run_point(rate: str, world: int, opts, log_dir: str, bar: tqdm, ddp_args: list[str] = ()) -> dict:
+    """One (rate, world) point: bring the cluster up, measure the link, run the benchmarks, tear it down.
+
+    ``bar`` gets one update per job; ``ddp_args`` are passed on to benchmarks/ddp_bench.py.
+    """
     point = {"rate": rate, "world": world, "load_before": load_average(), "started": time.strftime("%H:%M:%S")}
     cluster = None if rate == "loopback" else EmulatedCluster(world, rate)
     with tempfile.TemporaryDirectory() as tmp, (cluster if cluster is not None else _null()):
@@ -70,9 +85,9 @@ def run_point(rate: str, world: int, opts, log_dir: str, bar: tqdm) -> dict:
         if not opts.skip_comm:
             bar.set_postfix_str(f"{rate} x{world} comm")
             out = os.path.join(tmp, "comm.json")
-            _run(cluster, world, "benchmarks/comm_bench.py", ["--sizes", opts.comm_sizes, "--densities",
-                 opts.densities, "--repeats", str(opts.comm_repeats), "--out", out, *link_arg], log, opts.timeout,
-                 opts.port)
+            run_job(cluster, world, "benchmarks/comm_bench.py", ["--sizes", opts.comm_sizes, "--densities",
+                    opts.densities, "--repeats", str(opts.comm_repeats), "--out", out, *link_arg], log,
+                    opts.timeout, opts.port)
             with open(out) as f:
                 point["comm"] = json.load(f)
             bar.update(1)
@@ -82,9 +97,9 @@ def run_point(rate: str, world: int, opts, log_dir: str, bar: tqdm) -> dict:
             out = os.path.join(tmp, f"ddp_{model}.json")
             steps = opts.steps if opts.slow_steps is None or rate == "loopback" or \
                 _bps(rate) >= 1e9 else opts.slow_steps
-            _run(cluster, world, "benchmarks/ddp_bench.py", ["--model", model, "--methods", opts.methods,
-                 "--steps", str(steps), "--warmup", str(opts.warmup), "--out", out, *link_arg], log, opts.timeout,
-                 opts.port)
+            run_job(cluster, world, "benchmarks/ddp_bench.py", ["--model", model, "--methods", opts.methods,
+                    "--steps", str(steps), "--warmup", str(opts.warmup), "--out", out, *link_arg, *ddp_args], log,
+                    opts.timeout, opts.port)
             with open(out) as f:
                 point["ddp"][model] = json.load(f)
             bar.update(1)
