@@ -21,7 +21,7 @@ import sys
 
 from launch.linkrate import parse_rate
 
-ORDER = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1")
+ORDER = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1", "dgc0.1warm")
 
 
 def fmt_bytes(n: float) -> str:
@@ -33,6 +33,11 @@ def fmt_bytes(n: float) -> str:
 
 def _ms(x) -> str:
     return "—" if x is None else f"{1e3 * x:.1f}"
+
+
+def _fmt_ms(ms: float) -> str:
+    """Milliseconds: a decimal below 100."""
+    return f"{ms:.1f}" if ms < 100 else f"{ms:,.0f}"
 
 
 def _rate_key(rate: str) -> float:
@@ -256,6 +261,84 @@ def plots(results: dict, img_dir: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def point_rows(point: dict, model: str, labels: dict | None = None) -> list[dict]:
+    """One point's DDP methods in ORDER with their ratios against dense of the same run (None without dense).
+
+    ``labels`` replaces the labels of some methods (by method name).
+    """
+    m = _by_method(point["ddp"][model])
+    dense = m.get("dense")
+    rows = []
+    for name in ORDER:
+        if name not in m:
+            continue
+        r = m[name]
+        sent = r.get("sent_bytes_per_step")
+        rows.append({"method": name, "label": (labels or {}).get(name, r["label"]), "step_ms": 1e3 * r["step_s"]["median"],
+                     "min_ms": 1e3 * r["step_s"]["min"], "max_ms": 1e3 * r["step_s"]["max"],
+                     "speedup": dense["step_s"]["median"] / r["step_s"]["median"] if dense else None,
+                     "sent_bytes": sent, "wire_bytes": r["wire_bytes_per_step"],
+                     "bytes_ratio": dense["sent_bytes_per_step"] / sent if dense and sent else None,
+                     "density": r.get("density")})
+    return rows
+
+
+def point_table(point: dict, model: str, wire: bool = True, labels: dict | None = None) -> str:
+    """A plain-text table of one point's DDP methods (step time, speed-up, bytes sent, bytes on the wire)."""
+    head = (f"{'method':<42}{'step ms':>9}{'min–max':>15}{'speed-up':>10}{'sent/step/rank':>16}{'fewer bytes':>13}"
+            + (f"{'wire/step/node':>16}" if wire else ""))
+    lines = [head, "-" * len(head)]
+    for r in point_rows(point, model, labels):
+        comm = r["method"] != "compute"
+        speed = f"{r['speedup']:.2f}x" if r["speedup"] and comm else "—"
+        ratio = f"{r['bytes_ratio']:,.0f}x" if r["bytes_ratio"] and r["bytes_ratio"] >= 10 else \
+            (f"{r['bytes_ratio']:.1f}x" if r["bytes_ratio"] else "—")
+        lines.append(f"{r['label']:<42}{_fmt_ms(r['step_ms']):>9}{_fmt_ms(r['min_ms']):>7}–{_fmt_ms(r['max_ms']):<7}"
+                     f"{speed:>10}"
+                     f"{fmt_bytes(r['sent_bytes']) if comm else '—':>16}{ratio if comm else '—':>13}"
+                     + (f"{fmt_bytes(r['wire_bytes']) if comm else '—':>16}" if wire else ""))
+    return "\n".join(lines)
+
+
+def point_plot(point: dict, model: str, path: str, title: str, labels: dict | None = None) -> str:
+    """Bar charts of one point: median step time per method (min–max) and bytes sent per step and rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = point_rows(point, model, labels)
+    ticks = [r["label"].replace("gradsparse ", "gradsparse\n").replace(" (", "\n(") for r in rows]
+    ys = range(len(rows))
+    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 0.7 * len(rows) + 2), sharey=True)
+    colors = ["tab:olive" if r["method"] == "dgc0.1warm" else "tab:green" if r["method"].startswith(("dgc", "topk"))
+              else "tab:gray" if r["method"] == "compute" else "tab:blue" for r in rows]
+    ax_t.barh(ys, [r["step_ms"] for r in rows], color=colors,
+              xerr=[[r["step_ms"] - r["min_ms"] for r in rows], [r["max_ms"] - r["step_ms"] for r in rows]], capsize=3)
+    for y, r in zip(ys, rows):
+        speed = f"  ({r['speedup']:.2f}x dense)" if r["speedup"] and r["method"] != "compute" else ""
+        ax_t.text(r["max_ms"], y, f" {_fmt_ms(r['step_ms'])} ms{speed}", va="center", fontsize=8)
+    ax_t.set_yticks(list(ys))
+    ax_t.set_yticklabels(ticks, fontsize=8)
+    ax_t.invert_yaxis()
+    ax_t.set_xlabel("step time (ms): median of the slowest rank, min–max")
+    ax_t.set_xlim(0, 1.45 * max(r["max_ms"] for r in rows))
+    comm = [(y, r) for y, r in zip(ys, rows) if r["sent_bytes"]]
+    ax_b.barh([y for y, _ in comm], [r["sent_bytes"] for _, r in comm], color=[colors[y] for y, _ in comm])
+    for y, r in comm:
+        ax_b.text(r["sent_bytes"], y, f" {fmt_bytes(r['sent_bytes'])}", va="center", fontsize=8)
+    ax_b.set_xscale("log")
+    ax_b.set_xlim(min(r["sent_bytes"] for _, r in comm) / 3, max(r["sent_bytes"] for _, r in comm) * 6)
+    ax_b.set_xlabel("bytes sent per step and rank (log scale)")
+    for ax in (ax_t, ax_b):
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_report(results: dict, out_dir: str) -> None:
