@@ -42,6 +42,48 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _descendants(pid: int) -> dict[int, bytes]:
+    """pid -> command line of every process below ``pid`` (from /proc)."""
+    found = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    found[child] = f.read()
+            except OSError:
+                continue
+            found.update(_descendants(child))
+    return found
+
+
+def _stop_torchrun(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM a loopback torchrun (it stops its ranks, which run in sessions of their own), then SIGKILL the rest."""
+    ranks = _descendants(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid, cmdline in ranks.items():  # only if still the process we saw (pids are reused)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() != cmdline:
+                    continue
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
 def run_job(cluster: EmulatedCluster | None, world: int, script: str, args: list[str], log_path: str,
             timeout: float, port: int) -> None:
     """Run ``script`` under torchrun on the cluster (one torchrun per node), or on loopback if None; output to the log."""
@@ -53,13 +95,11 @@ def run_job(cluster: EmulatedCluster | None, world: int, script: str, args: list
         else:
             argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(world),
                     "--master-addr", "127.0.0.1", "--master-port", str(port), script, *args]
-            # its own session, so that a timeout or Ctrl-C stops torchrun's ranks as well
             with subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log, start_new_session=True) as proc:
                 try:
                     codes = [proc.wait(timeout=timeout)]
-                except BaseException as err:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                except BaseException as err:  # timeout, Ctrl-C, SIGTERM: stop torchrun and its ranks
+                    _stop_torchrun(proc)
                     if isinstance(err, subprocess.TimeoutExpired):
                         raise TimeoutError(f"{script} did not finish within {timeout} s on loopback") from err
                     raise
