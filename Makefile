@@ -32,8 +32,11 @@ $(VENV)/.installed: pyproject.toml setup.py $(CSRC) $(HOROVOD_CMAKE)
 
 setup: $(VENV)/.installed
 
+# Main job: ResNet-50 shapes on 2 emulated nodes at 1 Gbit/s (root + iproute2; else loopback, said so):
+# dense, fp16, PowerSGD and gradsparse DGC side by side; about 1 to 3 minutes on 2 shared cores.
+# Table on screen, JSON and PNG in benchmarks/results/demo/.
 demo: setup
-	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 benchmarks/ddp_demo.py
+	$(PY) -m benchmarks.demo
 
 test: setup
 	$(PY) -m pytest -q --doctest-modules gradsparse tests
