@@ -330,7 +330,11 @@ def point_plot(point: dict, model: str, path: str, title: str, labels: dict | No
     for y, r in comm:
         ax_b.text(r["sent_bytes"], y, f" {fmt_bytes(r['sent_bytes'])}", va="center", fontsize=8)
     ax_b.set_xscale("log")
-    ax_b.set_xlim(min(r["sent_bytes"] for _, r in comm) / 3, max(r["sent_bytes"] for _, r in comm) * 6)
+    low = min(r["sent_bytes"] for _, r in comm) / 3
+    ax_b.set_xlim(low, max(r["sent_bytes"] for _, r in comm) * 6)
+    for y, r in zip(ys, rows):
+        if not r["sent_bytes"]:
+            ax_b.text(low, y, "  no communication", va="center", fontsize=8, color="gray")
     ax_b.set_xlabel("bytes sent per step and rank (log scale)")
     for ax in (ax_t, ax_b):
         ax.grid(True, axis="x", which="both", alpha=0.3)

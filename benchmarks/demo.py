@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     link = point.get("link")
     link_text = (f"{args.rate} links, {link['bits_per_s'] / 1e6:,.0f} Mbit/s measured (one TCP stream)" if link
                  else "loopback, unshaped")
-    results = {"meta": {"command": "python -m benchmarks.demo " + " ".join(sys.argv[1:] if argv is None else argv),
+    results = {"meta": {"command": " ".join(["python -m benchmarks.demo", *(sys.argv[1:] if argv is None else argv)]),
                         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "host": platform.node(), "cpus": os.cpu_count(),
                         "torch": torch.__version__, "python": platform.python_version(),
                         "seconds": round(elapsed, 1)},
