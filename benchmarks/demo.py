@@ -31,6 +31,7 @@ import logging
 import os
 import platform
 import signal
+import socket
 import sys
 import textwrap
 import threading
@@ -90,6 +91,12 @@ def _follow(path: str, bar: tqdm, stop: threading.Event) -> None:
         stop.wait(0.3)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _exit_on_signal(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -105,7 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="per-rank batch (32x32 images for resnet50)")
     parser.add_argument("--loopback", action="store_true", help="no namespaces: both ranks on loopback, unshaped")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "demo"))
-    parser.add_argument("--port", type=int, default=29540)
+    parser.add_argument("--port", type=int, default=None,
+                        help="rendezvous port (default: 29540 in the namespaces, a free one on loopback)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before the torchrun job is killed")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
@@ -132,8 +140,9 @@ def main(argv=None) -> int:
     load_before = load_average()
     print(f"load average before: {' '.join(map(str, load_before))} (on {os.cpu_count()} cores)", flush=True)
 
+    port = args.port or (_free_port() if reason else 29540)  # loopback ports are shared with every other job
     opts = types.SimpleNamespace(skip_comm=True, models=args.model, methods=",".join(methods), steps=args.steps,
-                                 slow_steps=None, warmup=args.warmup, timeout=args.timeout, port=args.port)
+                                 slow_steps=None, warmup=args.warmup, timeout=args.timeout, port=port)
     log_path = os.path.join(log_dir, f"{rate}_w{args.nodes}.log")
     stop = threading.Event()
     started = time.monotonic()

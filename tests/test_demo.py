@@ -12,7 +12,7 @@ def test_demo_without_iproute2_falls_back_to_loopback_and_writes_table_json_and_
     # PATH without ip and tc: the demo must say so and still finish, on loopback
     env = {**os.environ, "PYTHONPATH": ROOT, "PATH": os.path.dirname(sys.executable)}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.demo", "--model", "mlp", "--steps", "2", "--warmup", "3",
-                           "--port", "29641", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, (out[-3000:], proc.stderr[-3000:])
