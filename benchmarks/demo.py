@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     print(cluster_report.point_table(point, args.model, wire=not reason, labels=LABELS))
     print(textwrap.fill(
         "sent = bytes each rank hands to the collectives per step (payload; gradsparse: state.last_stats.bytes_sent; "
-        "PowerSGD: its own element count x 4)" + ("; wire = this node's interface transmit counter (headers and "
+        "PowerSGD: its own element count x 4)" + ("; wire = node 0's interface transmit counter (headers and "
                                                   "DDP's broadcast of BatchNorm buffers included)" if not reason else
                                                   "; wire bytes are not shown: on loopback the counter is shared with "
                                                   "every process on this machine"), 120))
