@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import gradsparse
 from gradsparse.lightning import GradSparseStrategy
 
+from .logs import LogLines
+
 EPOCHS = 4
 DGC_CFG = {"ratio": 0.05, "momentum": 0.9, "warmup": None}
 STATE_KWARGS = {"min_compress_numel": 64}
@@ -54,16 +56,7 @@ class Net(L.LightningModule):
         return DataLoader(TensorDataset(x, x[:, :4].argmax(1)), batch_size=8)
 
 
-class Warnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-WARNINGS = Warnings()
+WARNINGS = LogLines(logging.WARNING)
 TRAINERS = []
 
 

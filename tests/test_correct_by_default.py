@@ -23,6 +23,7 @@ from gradsparse import ddp as gddp
 from gradsparse.errors import InvalidConfigError, NonFiniteGradientError, UnsupportedGradientError
 
 from .distributed import run_world
+from .logs import LogLines
 from .models import loss_of, make_model, params_hash
 
 # ----------------------------------------------------------------------------------------------
@@ -308,17 +309,8 @@ def test_sparse_embedding_gradients_are_averaged_as_ddp_does_and_dgc_refuses_the
         assert "sparse=False" in r["refused"], r["refused"]
 
 
-class ListHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def keep_training_worker(rank, world):
-    handler = ListHandler()
+    handler = LogLines(logging.WARNING)
     logging.getLogger("gradsparse").addHandler(handler)
     model = DDP(make_model("mlp"), bucket_cap_mb=0.05)
     state = gddp.register(model, DGC(0.01, warmup=Warmup(unit="epoch")), nonfinite="raise")

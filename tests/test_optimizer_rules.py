@@ -15,6 +15,7 @@ from gradsparse.errors import IncompatibleOptimizerError, InvalidConfigError
 from gradsparse.optim import guard
 
 from .distributed import run_world
+from .logs import LogLines
 from .models import loss_of, make_model
 
 M = 0.9
@@ -304,15 +305,6 @@ def test_guard_refuses_at_once_and_is_idempotent():
 LR, WD = 0.05, 0.01
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 NOTHING_DROPPED = {  # DGC configurations that send every coordinate
     "whole_tensors": dict(ratio=0.01, min_compress_numel=10**9),  # momentum on the averaged gradient
     "ratio_1": dict(ratio=1.0, min_compress_numel=1),  # the sparse path with k = n
@@ -339,7 +331,7 @@ def _nothing_dropped(rank, case, nesterov, steps=8):
 
 
 def ddp_worker(rank, world):
-    lines = _Lines()
+    lines = LogLines(logging.WARNING)
     logging.getLogger("gradsparse").addHandler(lines)
     out = {"worst": {(case, n): _nothing_dropped(rank, case, n) for case in NOTHING_DROPPED for n in (False, True)}}
     model = DDP(make_model("mlp"))

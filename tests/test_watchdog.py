@@ -10,16 +10,8 @@ from gradsparse import DGC, TopK, watchdog
 from gradsparse import ddp as gddp
 
 from .distributed import run_world
+from .logs import LogLines
 from .models import loss_of, make_model
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
 
 
 def _train(model, opt, rank, steps):
@@ -30,7 +22,7 @@ def _train(model, opt, rank, steps):
 
 
 def watchdog_worker(rank, world):
-    records = _Records()
+    records = LogLines(logging.WARNING)
     logging.getLogger("gradsparse.watchdog").addHandler(records)
     out = {}
     # 1. registered: its hook runs, it is dropped from the watch at the first step, nothing logged
