@@ -63,13 +63,13 @@ def count_for(ratio: float, n: int) -> int:
 def with_ties(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """Seeded heavy-tailed values with many exact ties in magnitude (of both signs).
 
-    Values are quantised to a coarse grid (few distinct magnitudes among the large
-    ones) so the k-th magnitude is usually shared by several positions; exactly
-    representable in every float dtype (multiples of 1/8 up to 64).
+    Values are quantised to a coarse grid (few distinct magnitudes) so the k-th
+    magnitude is usually shared by many positions; none is zero, and all are exactly
+    representable in every float dtype (multiples of 1/8 from 1/8 to 64).
     """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64) ** 2
-    x = torch.round(x * 8) / 8
+    x = (torch.floor(x.abs() * 8) + 1) / 8 * torch.where(x < 0, -1.0, 1.0)
     return x.clamp_(-64, 64).to(dtype)
 
 

@@ -60,7 +60,7 @@ def _inputs(n, dtype, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", SIZES)
 def test_threshold_select_equals_reference_and_oracle(n, dtype, device):
     x = _inputs(n, dtype, n)
@@ -71,7 +71,7 @@ def test_threshold_select_equals_reference_and_oracle(n, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", SIZES)
 def test_topk_select_equals_reference_and_oracle(n, dtype, device):
     x = _inputs(n, dtype, n + 1)
@@ -217,7 +217,7 @@ def test_unpack_add_errors_leave_destination_unchanged(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("nesterov", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 17, 100_003])
 def test_dgc_compensate_equals_reference(n, dtype, nesterov, device):
     g = torch.Generator().manual_seed(n)
