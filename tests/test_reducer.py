@@ -9,6 +9,9 @@ from gradsparse.errors import BucketError, InvalidConfigError, UnsupportedGradie
 from gradsparse.payload import PayloadLayout
 from gradsparse.reducer import DESCRIPTOR_BYTES, Segment, SparseReducer
 
+from .oracles import count_for, threshold_oracle, topk_oracle
+from .tolerances import close, rejects_planted_errors
+
 
 def reducer(compressor=None, **kw):
     kw.setdefault("min_compress_numel", 100)
@@ -49,45 +52,79 @@ def test_segments_outside_the_bucket_are_refused():
         reducer().reduce(torch.zeros(100), [Segment("a", 90, 20)], 0)
 
 
-@pytest.mark.parametrize("compressor", [TopK(0.01), Threshold(1.5), DGC(0.01, warmup=None)], ids=["topk", "threshold", "dgc"])
-@pytest.mark.parametrize("wire", [None, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["topk", "threshold", "dgc", "dgc_nesterov"])
+@pytest.mark.parametrize("wire", [None, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("granularity", ["parameter", "bucket"])
-def test_sent_plus_kept_equals_compensated_exactly(compressor, wire, granularity):
+def test_sent_plus_kept_equals_compensated_exactly(method, wire, granularity):
+    """The test keeps its own residual / DGC momentum and velocity (never reading the library's),
+    selects with the oracle and checks, every step and exactly: what the reducer sent, what its
+    memory kept, and kept + sent == the compensated gradient."""
+    compressor = {"topk": TopK(0.01), "threshold": Threshold(1.5), "dgc": DGC(0.01, warmup=None),
+                  "dgc_nesterov": DGC(0.01, nesterov=True, warmup=None)}[method]
+    dgc, m = method.startswith("dgc"), 0.9
     r = reducer(compressor, value_dtype=wire, granularity=granularity)
     segments = [Segment("a", 0, 3000), Segment("small", 3000, 50), Segment("b", 3050, 2000)]
+    compressed = [s for s in segments if s.key != "small"]
+    groups = [[s] for s in compressed] if granularity == "parameter" else [compressed]
+    wire_dtype = wire or torch.float32
+    # the test's own state, per compressed tensor: residual (or DGC velocity) and DGC momentum
+    kept = {s.key: torch.zeros(s.numel) for s in segments}
+    momentum = {s.key: torch.zeros(s.numel) for s in segments}
     gen = torch.Generator().manual_seed(0)
     for step in range(1, 6):
         g = torch.randn(5050, generator=gen)
-        big = {s.key: g[s.offset:s.offset + s.numel].clone() for s in segments if s.key != "small"}
-        state = {k: {n: t.clone() for n, t in slots.items()} for k, slots in r.memory.state.items()}
         out = r.reduce(g.clone(), segments, step).wait()
-        for s in segments:
-            if s.key == "small":
-                if isinstance(compressor, DGC):
-                    continue  # whole tensors get momentum on the average: see the test below
-                torch.testing.assert_close(out[s.offset:s.offset + s.numel], g[s.offset:s.offset + s.numel],
-                                           rtol=0, atol=0 if wire is None else 1e-2)
-                continue
-            sent = out[s.offset:s.offset + s.numel]
-            if isinstance(compressor, DGC):
-                u_old = state.get(s.key, {}).get("momentum", torch.zeros(s.numel))
-                v_old = state.get(s.key, {}).get("velocity", torch.zeros(s.numel))
-                compensated = v_old + (0.9 * u_old + big[s.key])
-                kept = r.memory.state[s.key]["velocity"]
+        expected_out = torch.zeros(5050)
+        compensated = {}
+        for s in compressed:
+            grad = g[s.offset:s.offset + s.numel]
+            if method == "dgc":
+                momentum[s.key] = m * momentum[s.key] + grad
+                compensated[s.key] = kept[s.key] + momentum[s.key]
+            elif method == "dgc_nesterov":
+                momentum[s.key] = (momentum[s.key] + grad) * m
+                compensated[s.key] = kept[s.key] + momentum[s.key] + grad
             else:
-                compensated = state.get(s.key, {}).get("residual", torch.zeros(s.numel)) + big[s.key]
-                kept = r.memory.state[s.key]["residual"]
-            assert torch.equal(kept + sent, compensated)
-            assert 0 < torch.count_nonzero(sent) < s.numel
+                compensated[s.key] = kept[s.key] + grad
+        for group in groups:
+            joined = torch.cat([compensated[s.key] for s in group])
+            chosen = threshold_oracle(joined, 1.5) if method == "threshold" else \
+                topk_oracle(joined, count_for(0.01, joined.numel()))
+            mask = torch.zeros(joined.numel(), dtype=torch.bool)
+            mask[chosen] = True
+            start = 0
+            for s in group:
+                picked = mask[start:start + s.numel]
+                start += s.numel
+                sent = torch.where(picked, compensated[s.key].to(wire_dtype).float(), 0.0)
+                kept[s.key] = compensated[s.key] - sent
+                assert torch.equal(kept[s.key] + sent, compensated[s.key])  # conservation, exactly
+                if dgc:
+                    momentum[s.key] = torch.where(picked, 0.0, momentum[s.key])  # factor masking
+                expected_out[s.offset:s.offset + s.numel] = sent
+                assert 0 < int(picked.sum()) < s.numel or granularity == "bucket"
+        small = segments[1]
+        whole = g[small.offset:small.offset + small.numel].to(wire_dtype).float()  # sent whole, in the wire dtype
+        if dgc:  # momentum SGD on the averaged whole tensor, written as torch.optim.SGD writes it
+            momentum["small"] = momentum["small"] * m + whole
+            whole = whole.add(momentum["small"], alpha=m) if method == "dgc_nesterov" else momentum["small"]
+        expected_out[small.offset:small.offset + small.numel] = whole
+        assert torch.equal(out, expected_out), step
+        for s in compressed:
+            slots = r.memory.state[s.key]
+            assert torch.equal(slots["velocity" if dgc else "residual"], kept[s.key]), (step, s.key)
+            if dgc:
+                assert torch.equal(slots["momentum"], momentum[s.key]), (step, s.key)
 
 
 def test_per_parameter_selection_gives_each_tensor_its_own_k():
+    gen = torch.Generator().manual_seed(0)
     r = reducer(TopK(0.01))
-    g = torch.cat([torch.randn(1000) * 100, torch.randn(1000) * 0.01])
+    g = torch.cat([torch.randn(1000, generator=gen) * 100, torch.randn(1000, generator=gen) * 0.01])
     out = r.reduce(g, [Segment("loud", 0, 1000), Segment("quiet", 1000, 1000)], 1).wait()
     assert torch.count_nonzero(out[:1000]) == 10 and torch.count_nonzero(out[1000:]) == 10
     r = reducer(TopK(0.01), granularity="bucket")
-    g = torch.cat([torch.randn(1000) * 100, torch.randn(1000) * 0.01])
+    g = torch.cat([torch.randn(1000, generator=gen) * 100, torch.randn(1000, generator=gen) * 0.01])
     out = r.reduce(g, [Segment("loud", 0, 1000), Segment("quiet", 1000, 1000)], 1).wait()
     assert torch.count_nonzero(out[:1000]) == 20 and torch.count_nonzero(out[1000:]) == 0
 
@@ -115,9 +152,10 @@ def test_stats_count_the_payload_bytes():
     stats = []
     segments = [Segment("w", 0, 9_950), Segment("b", 9_950, 50)]
     expected = PayloadLayout(100, 50, torch.float32).nbytes
-    reducer(TopK(0.01)).reduce(torch.randn(10_000), segments, 1, on_stats=stats.append).wait()
+    gen = torch.Generator().manual_seed(0)
+    reducer(TopK(0.01)).reduce(torch.randn(10_000, generator=gen), segments, 1, on_stats=stats.append).wait()
     assert stats[0].bytes_sent == expected + DESCRIPTOR_BYTES == stats[0].bytes_received
-    reducer(TopK(0.01), verify_every=0).reduce(torch.randn(10_000), segments, 1, on_stats=stats.append).wait()
+    reducer(TopK(0.01), verify_every=0).reduce(torch.randn(10_000, generator=gen), segments, 1, on_stats=stats.append).wait()
     assert stats[1].bytes_sent == expected == stats[1].bytes_received
     assert stats[0].selected == 100 and stats[0].whole == 50 and not stats[0].dense
 
@@ -139,15 +177,21 @@ def test_everything_sent_is_dense_momentum_sgd(how, nesterov):
     assert torch.count_nonzero(r.memory.state["bucket"]["momentum"]) == 1000  # and the momentum kept
 
 
-def test_dgc_whole_tensors_get_momentum_on_the_averaged_gradient():
-    r = reducer(DGC(0.01, warmup=None), min_compress_numel=10_000)
-    u = torch.zeros(1000)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_dgc_whole_tensors_get_momentum_on_the_averaged_gradient(nesterov):
+    """A tensor sent whole gets torch.optim.SGD's momentum (and Nesterov) on its averaged gradient."""
+    r = reducer(DGC(0.01, nesterov=nesterov, warmup=None), min_compress_numel=10_000)
+    w = torch.nn.Parameter(torch.zeros(1000, dtype=torch.float64))
+    sgd = torch.optim.SGD([w], lr=1.0, momentum=0.9, nesterov=nesterov)  # the oracle, in float64
     gen = torch.Generator().manual_seed(0)
-    for step in range(1, 4):
+    for step in range(1, 6):
         g = torch.randn(1000, generator=gen)
-        u = 0.9 * u + g
         out = r.reduce(g.clone(), [Segment("bias", 0, 1000)], step).wait()
-        torch.testing.assert_close(out, u, rtol=0, atol=0)
+        before = w.detach().clone()
+        w.grad = g.double()
+        sgd.step()
+        close(out, before - w.detach(), torch.float32, what=f"step {step}")
+        assert rejects_planted_errors(before - w.detach(), torch.float32)
 
 
 class CountingCommunicator(LocalCommunicator):
@@ -166,14 +210,14 @@ def test_descriptors_are_compared_every_verify_every_calls(verify_every, expecte
     comm = CountingCommunicator()
     r = SparseReducer(TopK(0.01), comm, min_compress_numel=1, verify_every=verify_every)
     for step in range(6):
-        r.reduce(torch.randn(1000), None, step).wait()
+        r.reduce(torch.randn(1000, generator=torch.Generator().manual_seed(step)), None, step).wait()
     assert comm.exchanges == expected
 
 
 def test_threshold_without_verification_still_exchanges_sizes():
     comm = CountingCommunicator()
     r = SparseReducer(Threshold(0.5), comm, min_compress_numel=1, verify_every=0)
-    r.reduce(torch.randn(1000), None, 0).wait()
+    r.reduce(torch.randn(1000, generator=torch.Generator().manual_seed(0)), None, 0).wait()
     assert comm.exchanges == 1
 
 
