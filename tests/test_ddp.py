@@ -297,12 +297,16 @@ def test_dgc_hook_equals_the_paper_at_world(world):
         # precision on the way, and its 8 ulps cover both.
         precision = cfg.wire or torch.float32
         ulps = 8 if cfg.wire else 8 / (1 - cfg.momentum)
+        worst = 0.0  # in fp32 ulps of each update's scale (shown with -s)
         for rank, r in enumerate(results):
             for pname, want in expected.items():
                 moved = want - start[pname]
+                diff = float((r[name]["params"][pname] - start[pname] - moved).abs().max())
+                worst = max(worst, diff / tolerance(torch.float32, float(moved.abs().max()), ulps=1))
                 close(r[name]["params"][pname] - start[pname], moved, precision, ulps=ulps,
                       what=f"{name}, rank {rank}, {pname}: parameter update after {PAPER_STEPS} steps")
                 assert rejects_planted_errors(moved, precision, ulps=ulps)
+        print(f"world {world}, {name}: worst difference {worst:.3g} fp32 ulps of the update's scale")
 
 
 # ----------------------------------------------------------------------------------------------
