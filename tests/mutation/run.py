@@ -14,9 +14,10 @@ too. Backends: ``extension`` (the compiled kernels, as installed: the built ``_C
 and ``reference`` (``GRADSPARSE_BACKEND=reference``: the extension is not loaded and every op
 runs gradsparse/_reference.py). The unmutated copy must pass the same tests first (baseline).
 
-A mutant is *killed* when its tests fail (or error, or time out: reported as such), *survived*
-when they pass. Results go to stdout as a table and, with ``--json FILE``, to a file;
-docs/testing.md publishes the score and the survivors.
+A mutant is *killed* when a test fails (or the run times out: a hang; reported as such),
+*survived* when its tests pass; a mutant that does not compile, or whose tests cannot even be
+collected, is *invalid* (a mistake in this file, not a score). Results go to stdout and, with
+``--json FILE``, to a file; docs/testing.md publishes the score and the survivors.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ HEALTH = ("tests/test_correct_by_default.py", "tests/test_reducer.py", "tests/te
 SELECTION = ("tests/test_selection.py", "tests/test_kernels.py", "tests/test_compressors.py", "tests/test_reducer.py")
 PAYLOAD = ("tests/test_payload.py", "tests/test_security.py", "tests/test_kernels.py", "tests/test_reducer.py")
 OPTIM = ("tests/test_optimizer_rules.py",)
+# with the extension, the library never calls _reference's compensation: the kernel test compares the two
+KERNEL_DGC = ("tests/test_kernels.py::test_dgc_compensate_equals_reference",)
 DESCRIPTORS = ("tests/test_faults.py", "tests/test_ddp.py::test_errors_are_typed_and_reach_every_rank",
                "tests/test_reducer.py")
 
@@ -64,7 +67,8 @@ MUTANTS = [
     Mutant("masking_skipped", "momentum factor masking never zeroes u where sent", "gradsparse/memory.py",
            'slot["momentum"].index_fill_(0, indices, 0.0)', "None", MEMORY),
     Mutant("masking_always", "u masked also where every coordinate was sent (complete-send rule)",
-           "gradsparse/memory.py", "if not complete:  # momentum factor masking", "if True:", MEMORY),
+           "gradsparse/memory.py", "if not complete:  # momentum factor masking", "if True:  # momentum factor masking",
+           MEMORY),
     Mutant("ef_sign_velocity", "DGC velocity update adds what was sent instead of removing it",
            "gradsparse/memory.py", 'slot["velocity"].index_add_(0, indices, sent, alpha=-1.0)',
            'slot["velocity"].index_add_(0, indices, sent, alpha=1.0)', MEMORY),
@@ -81,10 +85,10 @@ MUTANTS = [
     Mutant("whole_momentum_dropped", "tensors sent whole get no momentum", "gradsparse/memory.py",
            "u.mul_(self.momentum).add_(flat)", "u.mul_(0.0).add_(flat)", MEMORY),
     Mutant("compensate_momentum_order", "momentum correction computes u = m*(u + g) without Nesterov",
-           "gradsparse/_reference.py", "u.mul_(momentum).add_(g)", "u.add_(g).mul_(momentum)", MEMORY),
+           "gradsparse/_reference.py", "u.mul_(momentum).add_(g)", "u.add_(g).mul_(momentum)", KERNEL_DGC + MEMORY),
     Mutant("compensate_nesterov_ignored_reference", "Nesterov ignored in the reference compensation",
            "gradsparse/_reference.py", "if nesterov:\n        u.add_(g).mul_(momentum)",
-           "if False:\n        u.add_(g).mul_(momentum)", MEMORY),
+           "if False:\n        u.add_(g).mul_(momentum)", KERNEL_DGC + MEMORY),
     Mutant("compensate_nesterov_ignored_compiled", "Nesterov not passed to the compiled compensation",
            "gradsparse/ops.py", "float(momentum), bool(nesterov))", "float(momentum), False)", MEMORY,
            backends=("extension",)),
@@ -198,8 +202,10 @@ def _apply(dest: str, mutant: Mutant) -> str:
     count = original.count(mutant.old)
     if count != 1:
         raise SystemExit(f"mutant {mutant.id}: the text to replace occurs {count} times in {mutant.file}")
+    mutated = original.replace(mutant.old, mutant.new)
+    compile(mutated, path, "exec")  # a SyntaxError here is a broken mutant, not a kill
     with open(path, "w") as f:
-        f.write(original.replace(mutant.old, mutant.new))
+        f.write(mutated)
     return original
 
 
@@ -242,13 +248,17 @@ def main(argv=None) -> int:
                 finally:
                     with open(os.path.join(dest, mutant.file), "w") as f:
                         f.write(original)
-                status = "survived" if outcome == "passed" else "killed"
+                status = {"passed": "survived", "failed": "killed", "timeout": "killed", "error": "invalid"}[outcome]
                 results.append({"id": mutant.id, "backend": backend, "status": status, "outcome": outcome,
                                 "by": first, "seconds": round(seconds, 1), "what": mutant.what,
                                 "file": mutant.file, "tests": list(mutant.tests)})
                 print(f"{status:8} {mutant.id:38} [{backend}] {seconds:6.0f} s  {first}", flush=True)
     killed = sum(r["status"] == "killed" for r in results)
-    print(f"\nscore: {killed} of {len(results)} mutant runs killed")
+    invalid = [r for r in results if r["status"] == "invalid"]
+    print(f"\nscore: {killed} of {len(results) - len(invalid)} mutant runs killed"
+          + (f" ({len(invalid)} invalid, not counted)" if invalid else ""))
+    for r in invalid:
+        print(f"  invalid: {r['id']} [{r['backend']}]: {r['by']}")
     for r in results:
         if r["status"] == "survived":
             print(f"  survived: {r['id']} [{r['backend']}]: {r['what']} (tests: {', '.join(r['tests'])})")
