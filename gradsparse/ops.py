@@ -4,7 +4,10 @@ Every caller in the package goes through these functions. They use the compiled
 ``torch.ops.gradsparse`` operators (csrc/) for tensors on a device the extension
 has kernels for, and the pure-PyTorch reference (:mod:`gradsparse._reference`)
 otherwise, with identical results. Which path is in use is logged once at INFO
-level and readable as :data:`BACKEND`.
+level and readable as :data:`BACKEND`. ``GRADSPARSE_BACKEND=reference`` in the
+environment (read at import) forces the reference path even where the extension is
+built: the test suite's mutation run (tests/mutation/run.py) uses it to test the
+reference kernels through the whole library.
 
 Example::
 
@@ -17,16 +20,23 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from . import _reference
-from .errors import PayloadError
+from .errors import InvalidConfigError, PayloadError
 from .payload import PayloadLayout
 
 logger = logging.getLogger(__name__)
 
 def _load_backend() -> tuple[str, tuple[str, ...]]:
+    forced = os.environ.get("GRADSPARSE_BACKEND", "")
+    if forced not in ("", "extension", "reference"):
+        raise InvalidConfigError(f"GRADSPARSE_BACKEND must be 'reference' or 'extension' (or unset), got {forced!r}")
+    if forced == "reference":
+        logger.info("gradsparse: GRADSPARSE_BACKEND=reference: using the pure-PyTorch reference kernels")
+        return "reference", ()
     try:
         from . import _C  # noqa: F401  (registers torch.ops.gradsparse)
     except ImportError as err:

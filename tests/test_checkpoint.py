@@ -1,5 +1,8 @@
 """Checkpoints across processes: resume at a random step equals the uninterrupted run, bit for bit, per rank.
 
+The step is drawn from ``GRADSPARSE_TEST_SEED`` (default 0; tests/conftest.py), so a run is
+reproducible and another seed checks another step; a failure names the step and the seed.
+
 A checkpoint that does not fit the job (world size, rank, model) is refused on load.
 """
 
@@ -14,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gradsparse import DGC, Threshold, Warmup
 from gradsparse import ddp as gddp
 
+from .conftest import BASE_SEED
 from .distributed import run_world
 from .models import loss_of, make_model, params_hash
 
@@ -68,15 +72,15 @@ def resumed(rank, world, folder, save_at):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("ckpt"))
-    save_at = random.randint(1, 20)
-    logger.info("checkpoint at step %d", save_at)
+    save_at = random.Random(BASE_SEED).randint(1, 20)
+    logger.info("checkpoint at step %d (GRADSPARSE_TEST_SEED=%d)", save_at, BASE_SEED)
     return folder, save_at, run_world(uninterrupted, 3, folder, save_at)
 
 
 def test_resume_in_new_processes_equals_uninterrupted_run(checkpoints):
     folder, save_at, expected = checkpoints
     got = run_world(resumed, 3, folder, save_at)
-    assert got == expected, f"checkpoint at step {save_at}"
+    assert got == expected, f"checkpoint at step {save_at} (GRADSPARSE_TEST_SEED={BASE_SEED} reproduces it)"
     assert len({h["dgc"] for h in got}) == 1  # and the ranks agree with each other
 
 

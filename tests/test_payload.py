@@ -16,9 +16,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 @pytest.mark.parametrize("count,n_dense", [(0, 0), (1, 0), (3, 5), (7, 1)])
 def test_pack_parse_round_trip(dtype, count, n_dense):
     numel = 100
-    idx = torch.randperm(numel - 10)[:count].sort().values
-    values = torch.randn(count).to(dtype)
-    dense = torch.randn(n_dense).to(dtype)
+    gen = torch.Generator().manual_seed(count)
+    idx = torch.randperm(numel - 10, generator=gen)[:count].sort().values
+    values = torch.randn(count, generator=gen).to(dtype)
+    dense = torch.randn(n_dense, generator=gen).to(dtype)
     payload = ops.pack(idx, values, dense, numel, dtype)
     assert payload.numel() == PayloadLayout(count, n_dense, dtype).nbytes
     assert payload.numel() % 8 == 0

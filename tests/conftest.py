@@ -1,0 +1,58 @@
+"""Seeds for every test, and the seed in the report of a failing one.
+
+Each test starts with torch's, Python's and numpy's global generators seeded from
+its own node id (so a test's draws do not depend on which tests ran before it),
+mixed with ``GRADSPARSE_TEST_SEED`` (default 0). Tests that draw randomness should
+still use an explicit ``torch.Generator().manual_seed(...)`` whose seed is in the
+test's parameters or name; the global seeding catches what slips through.
+
+A failing test's report gets a section ``seed`` with the command that reproduces
+it: ``GRADSPARSE_TEST_SEED=<s> python -m pytest '<node id>'``. Running the suite
+with another ``GRADSPARSE_TEST_SEED`` draws other inputs wherever a test uses
+:func:`test_seed`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+BASE_SEED = int(os.environ.get("GRADSPARSE_TEST_SEED", "0"))
+
+
+def test_seed(nodeid: str) -> int:
+    """The seed of the test ``nodeid`` under the current ``GRADSPARSE_TEST_SEED``."""
+    return (zlib.crc32(nodeid.encode()) + 1_000_003 * BASE_SEED) % (2**31)
+
+
+test_seed.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    seed = test_seed(request.node.nodeid)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    request.node.gradsparse_seed = seed
+    yield seed
+
+
+@pytest.fixture
+def seed(_seeded) -> int:
+    """This test's seed (for tests that build their own generators from it)."""
+    return _seeded
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and hasattr(item, "gradsparse_seed"):
+        report.sections.append(("seed", f"global generators seeded with {item.gradsparse_seed}; reproduce with "
+                                        f"GRADSPARSE_TEST_SEED={BASE_SEED} python -m pytest '{item.nodeid}'"))
