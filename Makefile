@@ -59,19 +59,7 @@ bench: setup
 # Bandwidth benchmark on an emulated cluster (root + iproute2; else loopback, said so). Full matrix:
 # 100 Mbit/s, 1 and 10 Gbit/s x 2 and 4 nodes x ResNet-50 shapes and an LSTM LM (44 min on the shared 2-core VM),
 # results in docs/cluster/; the small one (3 min there) writes benchmarks/results/cluster_small/.
-cluster-# The fast layer of the suite (one process, no DDP/Horovod worlds): about 3 minutes on 2 shared cores.
-test-fast: setup
-	$(PY) -m pytest -q --doctest-modules gradsparse tests/test_selection.py tests/test_kernels.py \
-		tests/test_compressors.py tests/test_reducer.py tests/test_payload.py tests/test_tolerances.py tests/test_validation.py
-
-# Mutation run, on demand (not in CI): targeted mutants of the algorithm applied one at a time to a copy of the
-# package, each followed by its fast tests, on the compiled and the reference kernels (docs/testing.md has the
-# score and the survivors). About an hour on 2 shared cores; results also in benchmarks/results/mutation.json.
-mutate: setup
-	mkdir -p benchmarks/results
-	nice -n 10 $(PY) -m tests.mutation.run --json benchmarks/results/mutation.json
-
-bench: setup
+cluster-bench: setup
 	$(PY) -m benchmarks.cluster_bench --out docs/cluster
 
 cluster-bench-small: setup
