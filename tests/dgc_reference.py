@@ -105,7 +105,10 @@ def run(world: int, cfg: Config, steps: int, layouts: dict[int, list[list[tuple[
         for bucket in layouts[step]:
             compressed = [n for n, numel in bucket if numel >= cfg.min_compress_numel]
             whole = [n for n, numel in bucket if numel < cfg.min_compress_numel]
-            groups = [[n] for n in compressed] if cfg.granularity == "parameter" else ([compressed] if compressed else [])
+            if cfg.granularity == "parameter":
+                groups = [[n] for n in compressed]
+            else:
+                groups = [compressed] if compressed else []
             sums = {n: torch.zeros(named[n].numel()) for n in compressed}
             for r in range(world):
                 for n in compressed:

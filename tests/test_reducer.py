@@ -234,7 +234,8 @@ def test_stats_count_the_payload_bytes():
     gen = torch.Generator().manual_seed(0)
     reducer(TopK(0.01)).reduce(torch.randn(10_000, generator=gen), segments, 1, on_stats=stats.append).wait()
     assert stats[0].bytes_sent == expected + DESCRIPTOR_BYTES == stats[0].bytes_received
-    reducer(TopK(0.01), verify_every=0).reduce(torch.randn(10_000, generator=gen), segments, 1, on_stats=stats.append).wait()
+    reducer(TopK(0.01), verify_every=0).reduce(torch.randn(10_000, generator=gen), segments, 1,
+                                               on_stats=stats.append).wait()
     assert stats[1].bytes_sent == expected == stats[1].bytes_received
     assert stats[0].selected == 100 and stats[0].whole == 50 and not stats[0].dense
 
