@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from gradsparse import DGC, DGCSGD, Threshold, TopK
 
-from .models import loss_of, make_model, params_hash
+from .docblocks import block_with
+from .models import loss_of, make_model, pairs_at, params_hash, train_past_default_warmup
 from .test_ddp import DGC_CFG, DGC_STEPS, LR, MIN_NUMEL
 from .tolerances import is_close, rejects_planted_errors
 
@@ -254,29 +255,17 @@ def uneven(hvd, gh, rank, world, steps=12):
 
 def readme(rank):
     """The README's Horovod lines, exactly as written, reach the target density with no other call."""
-    import math
-    import re
-
     import gradsparse
-    from gradsparse.schedule import DEFAULT_WARMUP_STEPS
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md")) as f:
-        block = next(b for b in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S) if "gradsparse.horovod" in b)
+    block = block_with("README.md", "gradsparse.horovod")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
     namespace = {"gradsparse": gradsparse, "model": model,
                  "opt": torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.0)}
     exec(compile(block, "README.md", "exec"), namespace)
     opt = namespace["opt"]
-    gen = torch.Generator().manual_seed(rank)
-    for _ in range(DEFAULT_WARMUP_STEPS + 1):
-        x, y = torch.randn(8, 256, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    expected = sum(math.ceil(0.001 * p.numel()) for p in model.parameters() if p.numel() >= 4096)
-    return {"selected": opt._compression.last_stats.selected, "expected": expected}
+    train_past_default_warmup(model, opt, rank, features=256, batch=8)
+    return {"selected": opt._compression.last_stats.selected, "expected": pairs_at(model)}
 
 
 def main(scenario: str, outdir: str) -> None:

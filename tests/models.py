@@ -49,3 +49,22 @@ def params_hash(model) -> str:
     for p in model.parameters():
         h.update(p.detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def train_past_default_warmup(model, opt, rank: int, features: int, batch: int) -> None:
+    """``DEFAULT_WARMUP_STEPS + 1`` optimizer steps on random 10-class data (the README snippets' check)."""
+    from gradsparse.schedule import DEFAULT_WARMUP_STEPS
+
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(DEFAULT_WARMUP_STEPS + 1):
+        x, y = torch.randn(batch, features, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def pairs_at(module: nn.Module, ratio: float = 0.001, min_compress_numel: int = 4096) -> int:
+    """Pairs a step sends at ``ratio`` with the default ``min_compress_numel`` (k = ceil(ratio * n) per tensor)."""
+    import math
+
+    return sum(math.ceil(ratio * p.numel()) for p in module.parameters() if p.numel() >= min_compress_numel)

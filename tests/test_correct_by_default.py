@@ -9,7 +9,6 @@ NonFiniteGradientError; an epoch-based warm-up that is never told the epoch says
 
 import copy
 import logging
-import math
 
 import pytest
 import torch
@@ -23,8 +22,9 @@ from gradsparse import ddp as gddp
 from gradsparse.errors import InvalidConfigError, NonFiniteGradientError, UnsupportedGradientError
 
 from .distributed import run_world
+from .docblocks import block_with
 from .logs import LogLines
-from .models import loss_of, make_model, params_hash
+from .models import loss_of, make_model, pairs_at, params_hash, train_past_default_warmup
 
 # ----------------------------------------------------------------------------------------------
 # Nothing dropped equals DDP without a hook, bit for bit (the average multiplies by 1/world as DDP does).
@@ -323,7 +323,7 @@ def keep_training_worker(rank, world):
             loss = loss * float("nan")
         try:
             loss.backward()
-        except NonFiniteGradientError as err:
+        except NonFiniteGradientError:
             caught.append(step)
             continue  # skip this batch and go on training
         opt.step()
@@ -343,31 +343,14 @@ def test_training_goes_on_after_nonfinite_error_and_epoch_warmup_warns():
 # ----------------------------------------------------------------------------------------------
 # The README's DDP snippet, as written, reaches the target density with no other call.
 
-def _readme_block(marker: str) -> str:
-    import os
-    import re
-
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
-    return next(b for b in blocks if marker in b)
-
-
 def readme_worker(rank, world):
-    from gradsparse.schedule import DEFAULT_WARMUP_STEPS
-
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 10))
     namespace = {"torch": torch, "DDP": DDP, "net": net}
-    exec(compile(_readme_block("gradsparse.ddp.register"), "README.md", "exec"), namespace)
+    exec(compile(block_with("README.md", "gradsparse.ddp.register"), "README.md", "exec"), namespace)
     model, opt, state = namespace["model"], namespace["opt"], namespace["state"]
-    gen = torch.Generator().manual_seed(rank)
-    for _ in range(DEFAULT_WARMUP_STEPS + 1):
-        x, y = torch.randn(16, 256, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    expected = sum(math.ceil(0.001 * p.numel()) for p in net.parameters() if p.numel() >= 4096)
-    return {"selected": state.last_stats.selected, "expected": expected, "ratio": state.last_stats.compression_ratio}
+    train_past_default_warmup(model, opt, rank, features=256, batch=16)
+    return {"selected": state.last_stats.selected, "expected": pairs_at(net), "ratio": state.last_stats.compression_ratio}
 
 
 def test_readme_ddp_snippet_reaches_the_target_density_by_itself():

@@ -8,18 +8,14 @@ import sys
 
 import pytest
 
+from .docblocks import block_with
 from .subprocesses import run_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _python_blocks(path):
-    with open(os.path.join(ROOT, path)) as f:
-        return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
-
-
 def test_ddp_doc_script_runs_under_torchrun(tmp_path):
-    script = next(b for b in _python_blocks("docs/ddp.md") if "init_process_group" in b)
+    script = block_with("docs/ddp.md", "init_process_group")
     path = tmp_path / "train.py"
     path.write_text("import torch\ntorch.set_num_threads(1)\n" + script)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -54,7 +50,7 @@ def _integration_env():
 
 @pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="needs the 'integrations' extra")
 def test_integrations_doc_lightning_script_runs(tmp_path):
-    script = next(b for b in _python_blocks("docs/integrations.md") if "GradSparseStrategy(" in b)
+    script = block_with("docs/integrations.md", "GradSparseStrategy(")
     (tmp_path / "train.py").write_text(script)
     proc = run_group([sys.executable, "train.py"], 240, cwd=tmp_path, env=_integration_env())
     _assert_ran_on_both_ranks(proc, 31)  # 512 samples, batch 16, 2 ranks: 16 steps per epoch, 2 epochs
@@ -64,7 +60,7 @@ def test_integrations_doc_lightning_script_runs(tmp_path):
 def test_integrations_doc_accelerate_script_runs_under_accelerate_launch(tmp_path):
     from .test_accelerate import accelerate_launch
 
-    script = next(b for b in _python_blocks("docs/integrations.md") if "accelerator.prepare" in b)
+    script = block_with("docs/integrations.md", "accelerator.prepare")
     (tmp_path / "train.py").write_text(script)
     proc = accelerate_launch(tmp_path, str(tmp_path / "train.py"), cwd=tmp_path)
     _assert_ran_on_both_ranks(proc, 31)  # 64 micro-batches, 2 per optimizer step

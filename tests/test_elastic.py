@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 
-from .test_docs import ROOT, _python_blocks
+from .docblocks import ROOT, block_with
 
 
 def _torchrun(script, folder, **env):
@@ -33,7 +33,7 @@ def _final_hashes(out):
 
 def test_killed_rank_resumes_bit_identical_to_uninterrupted_run(tmp_path):
     script = tmp_path / "train.py"
-    script.write_text(next(b for b in _python_blocks("docs/ddp.md") if "TORCHELASTIC_RESTART_COUNT" in b))
+    script.write_text(block_with("docs/ddp.md", "TORCHELASTIC_RESTART_COUNT"))
     (tmp_path / "through").mkdir()
     (tmp_path / "killed").mkdir()
     through = _torchrun(script, tmp_path / "through")

@@ -20,6 +20,7 @@ from gradsparse.payload import PayloadLayout
 from gradsparse.reducer import DESCRIPTOR_BYTES
 
 from .distributed import free_port
+from .docblocks import block_with
 from .test_ddp import DGC_CFG, reference_dgc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,8 +165,7 @@ def test_uneven_counts_and_empty_payloads_world_3(world3):
 
 
 def test_doc_quick_start_runs_under_horovodrun(tmp_path):
-    with open(os.path.join(ROOT, "docs/horovod.md")) as f:
-        script = next(b for b in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S) if "hvd.init()" in b)
+    script = block_with("docs/horovod.md", "hvd.init()")
     path = tmp_path / "train.py"
     path.write_text("import torch\ntorch.set_num_threads(1)\n" + script)
     proc = subprocess.run([HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(path)],

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from .docblocks import block_with
 from .test_ddp import reference_dgc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +50,7 @@ def test_mpi_communicator_and_pipeline(world, tmp_path):
 
 
 def test_doc_quick_start_runs_under_mpirun(tmp_path):
-    with open(os.path.join(ROOT, "docs/horovod.md")) as f:
-        script = next(b for b in re.findall(r"```python\n(.*?)```", f.read(), flags=re.S) if "MPICommunicator()" in b)
+    script = block_with("docs/horovod.md", "MPICommunicator()")
     path = tmp_path / "train_mpi.py"
     path.write_text("import torch\ntorch.set_num_threads(1)\n" + script)
     proc = subprocess.run([MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, str(path)],
