@@ -41,14 +41,14 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q --doctest-modules gradsparse tests
 
-# The fast layer of the suite (one process, no DDP/Horovod worlds): about 3 minutes on 2 shared cores.
+# The fast layers of the suite (one process but for a few short world-2/3 runs of the reducer; docs/testing.md).
 test-fast: setup
 	$(PY) -m pytest -q --doctest-modules gradsparse tests/test_selection.py tests/test_kernels.py \
 		tests/test_compressors.py tests/test_reducer.py tests/test_payload.py tests/test_tolerances.py tests/test_validation.py
 
 # Mutation run, on demand (not in CI): targeted mutants of the algorithm applied one at a time to a copy of the
 # package, each followed by its fast tests, on the compiled and the reference kernels (docs/testing.md has the
-# score and the survivors). About an hour on 2 shared cores; results also in benchmarks/results/mutation.json.
+# score and the survivors). About 40 minutes on 2 shared cores; results also in benchmarks/results/mutation.json.
 mutate: setup
 	mkdir -p benchmarks/results
 	nice -n 10 $(PY) -m tests.mutation.run --json benchmarks/results/mutation.json
