@@ -48,7 +48,7 @@ test-fast: setup
 
 # Mutation run, on demand (not in CI): targeted mutants of the algorithm applied one at a time to a copy of the
 # package, each followed by its fast tests, on the compiled and the reference kernels (docs/testing.md has the
-# score and the survivors). About 40 minutes on 2 shared cores; results also in benchmarks/results/mutation.json.
+# score and the survivors). 20-40 minutes on 2 shared cores; results also in benchmarks/results/mutation.json.
 mutate: setup
 	mkdir -p benchmarks/results
 	nice -n 10 $(PY) -m tests.mutation.run --json benchmarks/results/mutation.json

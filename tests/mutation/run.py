@@ -1,6 +1,6 @@
 """Targeted mutants of the algorithm, one at a time, each followed by the fast tests that should kill it.
 
-``make mutate`` (on demand, not in CI; about 40 minutes on 2 shared cores) or::
+``make mutate`` (on demand, not in CI; 20-40 minutes on 2 shared cores) or::
 
     python -m tests.mutation.run                       # every mutant, both backends
     python -m tests.mutation.run --only masking_skipped --backend reference
