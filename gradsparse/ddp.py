@@ -261,8 +261,8 @@ class GradSparseState:
 
     def _warn_epoch_never_told(self) -> None:
         self._warned_epoch = True
-        message = untold_epoch_message(self.compressor)
-        if message and not self.steps_per_epoch and not self._epoch_told:
+        message = untold_epoch_message(self.compressor, self.steps_per_epoch, self._epoch_told)
+        if message:
             logger.warning("gradsparse: %s", message)
 
     def _defer(self, error: Exception) -> None:

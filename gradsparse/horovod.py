@@ -221,8 +221,8 @@ class SparseCompression:
         step = self.steps.get(name, 0)
         if step >= self.start_iter and not self._warned_epoch:
             self._warned_epoch = True
-            message = untold_epoch_message(self.compressor)
-            if message and not self.steps_per_epoch and not self._epoch_told:
+            message = untold_epoch_message(self.compressor, self.steps_per_epoch, self._epoch_told)
+            if message:
                 logger.warning("gradsparse: %s", message)
         grad = tensor if tensor.is_contiguous() else tensor.contiguous()
         flat = grad.view(-1)

@@ -75,8 +75,10 @@ class Warmup:
         return max(final_ratio, self.ratios[stage])
 
 
-def untold_epoch_message(compressor) -> str | None:
+def untold_epoch_message(compressor, steps_per_epoch: int | None = None, told: bool = False) -> str | None:
     """The warning an adapter logs when ``compressor`` warms up per epoch and was never told the epoch.
+
+    None when there is nothing to say: no epoch-based warm-up, ``steps_per_epoch`` given, or ``told``.
 
     >>> from gradsparse import DGC, TopK
     >>> untold_epoch_message(TopK(0.01)) is None, untold_epoch_message(DGC(0.01)) is None
@@ -85,7 +87,7 @@ def untold_epoch_message(compressor) -> str | None:
     'DGC warms up per epoch, but was never told the epoch'
     """
     warmup = getattr(compressor, "warmup", None)
-    if warmup is None or warmup.unit != "epoch":
+    if warmup is None or warmup.unit != "epoch" or steps_per_epoch or told:
         return None
     return (f"{type(compressor).__name__} warms up per epoch, but was never told the epoch: it stays at the first "
             f"warm-up stage (density {warmup.ratios[0]:g}) until you call set_epoch(epoch) each epoch or pass "
