@@ -21,7 +21,7 @@ def test_ddp_doc_script_runs_under_torchrun(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(path)], capture_output=True, text=True, timeout=180, cwd=ROOT)
     # the two ranks print concurrently: their lines may interleave, so match records, not lines
-    reports = re.findall(r"rank (\d): step 1000: .*?ratio ([\d.]+)x, dense buckets 0/", proc.stdout)
+    reports = re.findall(r"rank (\d): step 1000: .*?ratio ([\d.]+)x, allreduce buckets 0/", proc.stdout)
     assert sorted(rank for rank, _ in reports) == ["0", "1"], proc.stdout + proc.stderr[-3000:]
     assert all(float(ratio) > 100 for _, ratio in reports), proc.stdout
     if proc.returncode != 0:
