@@ -324,6 +324,8 @@ def collective_time(kind: str, nbytes: float, world: int, link: LinkModel, *, al
         0.8001
     """
     rounds, moved = collective_terms(kind, nbytes, world, algorithm=algorithm, share=share)
+    if rounds == 0 and moved == 0:
+        return 0.0                     # world 1: nothing moves (no link needed)
     return link.seconds(moved, rounds)
 
 
