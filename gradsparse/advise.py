@@ -172,6 +172,7 @@ def measure_kernels(shapes, repeats: int = 3, max_measure: int = 2**25, seed: in
         buckets.append(b)
         measured += sum(math.prod(s) for _, s in b)
     flats = [torch.randn(sum(math.prod(s) for _, s in b), generator=gen) for b in buckets]
+    work = [torch.empty_like(f) for f in flats]
     segments = []
     for b in buckets:
         offset, segs = 0, []
@@ -187,12 +188,13 @@ def measure_kernels(shapes, repeats: int = 3, max_measure: int = 2**25, seed: in
         step = [1]
 
         def run(reducer=reducer):
-            for flat, segs in zip(flats, segments):
-                reducer.reduce(flat.clone(), segs, step[0]).wait()
+            for flat, buf, segs in zip(flats, work, segments):
+                buf.copy_(flat)
+                reducer.reduce(buf, segs, step[0]).wait()
             step[0] += 1
 
         seconds = _median_time(run, repeats)
-        copy_s = _median_time(lambda: [f.clone() for f in flats], repeats)     # the clones are not the reducer's
+        copy_s = _median_time(lambda: [buf.copy_(f) for f, buf in zip(flats, work)], repeats)  # not the reducer's
         out[name] = {"per_element_s": max(seconds - copy_s, 0.0) / max(compressed, 1),
                      "step_s": seconds - copy_s, "compressed_elements": compressed}
         logger.info("%s: %.1f ms per step on %d elements", name, 1e3 * (seconds - copy_s), measured)

@@ -97,7 +97,7 @@ class Method:
     density: float = 1.0
     rank: int = 4
     one_bucket: bool = False     # PowerSGD under gloo (with several buckets PyTorch's hook aborts)
-    control: bool = True         # gradsparse's descriptor exchange before every bucket
+    control: bool = True         # gradsparse's descriptor exchange before every bucket (hierarchical: among nodes)
 
 
 METHODS = {m.name: m for m in (
@@ -182,7 +182,10 @@ def bucket_cost(method: Method, bucket: Bucket, topology: Topology, kernels: Ker
                                    topology.inter, algorithm=ag, share=L)
         back = collective_time("allgather", 4 * math.ceil(bucket.numel / L), L, topology.intra, algorithm=ag)
         unpack = kernels.sparse.unpack(n * (math.ceil(method.density * shard) + whole))
-        options["hierarchical"] = {"control": control, "sync": rs + kernels.sparse.compress(shard),
+        # the descriptors are compared among the ranks that exchange payloads: one per node
+        checked = collective_time("allgather", DESCRIPTOR_BYTES, n, topology.inter, algorithm=ag) \
+            if method.control else 0.0
+        options["hierarchical"] = {"control": checked, "sync": rs + kernels.sparse.compress(shard),
                                    "comm": exchange + unpack + back}
     if method.kind == "hierarchical" and "hierarchical" not in options:  # one node, or one rank per node: flat
         return bucket_cost(dataclasses.replace(method, kind="sparse"), bucket, topology, kernels, algorithms)
