@@ -363,6 +363,27 @@ class KernelCost:
         for name in ("per_element_s", "per_pair_s", "fixed_s"):
             real(getattr(self, name), name, low=0)
 
+    @classmethod
+    def fit(cls, samples: Iterable[tuple[float, float]], *, per_pair_s: float = 0.0) -> KernelCost:
+        """``fixed_s`` and ``per_element_s`` from ``(numel, seconds)`` timings of the compression.
+
+        Robust as :meth:`LinkModel.fit` (the fixed part plays the latency). With one size
+        only, no fixed part: ``per_element_s`` is the median of ``seconds / numel``.
+
+        Example::
+
+            >>> k = KernelCost.fit([(1e6, 0.0011), (4e6, 0.0041), (2.5e7, 0.0251), (1e6, 0.02)])
+            >>> round(k.fixed_s * 1e3, 3), round(k.per_element_s * 1e9, 3)
+            (0.1, 1.0)
+        """
+        obs = [Observation(1.0, float(n), float(t)) for n, t in samples]
+        if not obs:
+            raise InvalidConfigError("fitting a kernel cost needs at least one (numel, seconds) timing")
+        if not _identifiable(obs):
+            return cls(statistics.median(o.seconds / o.link_bytes for o in obs), per_pair_s)
+        link = LinkModel.fit(obs)
+        return cls(1.0 / link.bytes_per_s, per_pair_s, link.latency_s)
+
     def compress(self, numel: float) -> float:
         return self.fixed_s + self.per_element_s * numel
 

@@ -227,3 +227,17 @@ def test_choice_and_models_are_plain_data():
     c = Choice("dense", {"dense": 1.0})
     assert c.speedup_vs_dense == 1.0 and math.isclose(GBIT.gbit_per_s, 1.0)
     assert KernelCost(1e-9).as_dict() == {"per_element_s": 1e-9, "per_pair_s": 0.0, "fixed_s": 0.0}
+
+
+def test_kernel_cost_fit_from_compression_timings():
+    rng = random.Random(3)
+    sizes = [2_049_000, 7_875_584, 6_563_840, 6_637_568, 2_431_040] * 4         # ResNet-50's buckets, 4 steps
+    timings = [(n, (2e-4 + 3e-9 * n) * (1 + rng.gauss(0, 0.03))) for n in sizes]
+    timings[7] = (timings[7][0], timings[7][1] * 6)                               # one step preempted
+    k = KernelCost.fit(timings, per_pair_s=1e-9)
+    assert k.per_element_s == pytest.approx(3e-9, rel=0.05) and k.fixed_s == pytest.approx(2e-4, rel=0.5)
+    assert k.per_pair_s == 1e-9
+    one_size = KernelCost.fit([(1e6, 0.004), (1e6, 0.005), (1e6, 0.1)])
+    assert one_size.per_element_s == pytest.approx(5e-9) and one_size.fixed_s == 0.0
+    with pytest.raises(InvalidConfigError):
+        KernelCost.fit([])
