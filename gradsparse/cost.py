@@ -444,10 +444,22 @@ def dense_time(numel: int, topology: Topology, *, element_bytes: int = 4, algori
                            algorithm=algorithm)
 
 
+def _pairs(numel: int, density: float, n_dense: int, count: int | None) -> tuple[int, int]:
+    """(compressed elements, pairs per rank) of a bucket of ``numel`` with ``n_dense`` sent whole."""
+    integer(n_dense, "n_dense", minimum=0, maximum=numel)
+    compressed = numel - n_dense
+    if count is None:
+        return compressed, min(compressed, math.ceil(density * compressed))
+    return compressed, integer(count, "count", minimum=0, maximum=compressed)
+
+
 def sparse_time(numel: int, density: float, topology: Topology, *, kernel: KernelCost = KernelCost(),
                 compress_s: float | None = None, value_dtype: torch.dtype = torch.float32, n_dense: int = 0,
-                algorithm: str = "ring") -> dict:
+                count: int | None = None, algorithm: str = "ring") -> dict:
     """Phases (seconds) of a flat sparse allgather: compress, allgather, unpack; and their ``total``.
+
+    Of the bucket's ``numel`` elements, ``n_dense`` go whole (small tensors) and the rest
+    are compressed to ``count`` pairs per rank (default ``ceil(density * (numel - n_dense))``).
 
     Example::
 
@@ -456,23 +468,24 @@ def sparse_time(numel: int, density: float, topology: Topology, *, kernel: Kerne
         {'compress': 0.01, 'exchange': 0.00495, 'unpack': 0.0, 'total': 0.01495}
     """
     p = topology.world
-    count = min(numel, math.ceil(density * numel))
-    compress = kernel.compress(numel) if compress_s is None else float(compress_s)
+    compressed, count = _pairs(numel, density, n_dense, count)
+    compress = kernel.compress(compressed) if compress_s is None else float(compress_s)
     exchange = 0.0 if p == 1 else collective_time(
-        "allgather", payload_bytes(numel, density, value_dtype=value_dtype, n_dense=n_dense), p, topology.flat_link,
-        algorithm=algorithm)
+        "allgather", PayloadLayout(count, n_dense, value_dtype).nbytes, p, topology.flat_link, algorithm=algorithm)
     unpack = kernel.unpack(p * (count + n_dense))
     return {"compress": compress, "exchange": exchange, "unpack": unpack, "total": compress + exchange + unpack}
 
 
 def hierarchical_time(numel: int, density: float, topology: Topology, *, kernel: KernelCost = KernelCost(),
                       compress_s: float | None = None, element_bytes: int = 4,
-                      value_dtype: torch.dtype = torch.float32, algorithm: str = "ring") -> dict:
+                      value_dtype: torch.dtype = torch.float32, n_dense: int = 0, count: int | None = None,
+                      algorithm: str = "ring") -> dict:
     """Phases (seconds) of intra-node reduce-scatter, shard compression, inter-node sparse exchange, unpack,
     intra-node allgather; and their ``total``.
 
     ``compress_s``, if given, is the time to compress the whole bucket; each rank
-    compresses ``1 / local`` of it. The ``local`` exchanges share each node's link.
+    compresses ``1 / local`` of it (and sends ``1 / local`` of the pairs and of the
+    ``n_dense`` whole elements). The ``local`` exchanges share each node's link.
 
     Example::
 
@@ -482,15 +495,16 @@ def hierarchical_time(numel: int, density: float, topology: Topology, *, kernel:
         {'reduce_scatter': 0.00501, 'compress': 0.005, 'exchange': 0.00165, 'unpack': 0.0, 'allgather': 0.00501, 'total': 0.01667}
     """
     n, L = topology.nodes, topology.local
-    shard = math.ceil(numel / L)
+    compressed, count = _pairs(numel, density, n_dense, count)
+    shard, shard_count, shard_dense = math.ceil(numel / L), math.ceil(count / L), math.ceil(n_dense / L)
     dense_bytes = numel * element_bytes
     intra = topology.intra if L > 1 else None
     rs = collective_time("reduce_scatter", dense_bytes, L, intra, algorithm=algorithm) if intra else 0.0
-    compress = kernel.compress(shard) if compress_s is None else float(compress_s) / L
+    compress = kernel.compress(compressed / L) if compress_s is None else float(compress_s) / L
     exchange = 0.0 if n == 1 else collective_time(
-        "allgather", payload_bytes(shard, density, value_dtype=value_dtype), n, topology.inter,
+        "allgather", PayloadLayout(shard_count, shard_dense, value_dtype).nbytes, n, topology.inter,
         algorithm=algorithm, share=L)
-    unpack = kernel.unpack(n * min(shard, math.ceil(density * shard)))
+    unpack = kernel.unpack(n * (shard_count + shard_dense))
     ag = collective_time("allgather", shard * element_bytes, L, intra, algorithm=algorithm) if intra else 0.0
     total = rs + compress + exchange + unpack + ag
     return {"reduce_scatter": rs, "compress": compress, "exchange": exchange, "unpack": unpack, "allgather": ag,
@@ -499,9 +513,12 @@ def hierarchical_time(numel: int, density: float, topology: Topology, *, kernel:
 
 def transport_times(numel: int, density: float, topology: Topology, *, kernel: KernelCost = KernelCost(),
                     compress_s: float | None = None, dense_compress_s: float = 0.0, element_bytes: int = 4,
-                    value_dtype: torch.dtype = torch.float32, n_dense: int = 0, algorithm: str = "ring",
-                    candidates: Sequence[str] = TRANSPORTS) -> dict[str, float]:
+                    value_dtype: torch.dtype = torch.float32, n_dense: int = 0, count: int | None = None,
+                    algorithm: str = "ring", candidates: Sequence[str] = TRANSPORTS) -> dict[str, float]:
     """Predicted seconds of each candidate transport for one bucket (in :data:`TRANSPORTS` order).
+
+    ``numel``: the bucket's elements; ``n_dense`` of them go whole; ``count``: pairs per
+    rank (default ``ceil(density * (numel - n_dense))``; pass the reducer's exact count).
 
     ``hierarchical`` is left out unless there are several nodes of several ranks.
     ``dense_compress_s``: local work the dense transport still does (0 if it skips selection).
@@ -516,11 +533,12 @@ def transport_times(numel: int, density: float, topology: Topology, *, kernel: K
                                                      algorithm=algorithm)
     if "sparse" in candidates:
         out["sparse"] = sparse_time(numel, density, topology, kernel=kernel, compress_s=compress_s,
-                                    value_dtype=value_dtype, n_dense=n_dense, algorithm=algorithm)["total"]
+                                    value_dtype=value_dtype, n_dense=n_dense, count=count,
+                                    algorithm=algorithm)["total"]
     if "hierarchical" in candidates and topology.nodes > 1 and topology.local > 1:
         out["hierarchical"] = hierarchical_time(numel, density, topology, kernel=kernel, compress_s=compress_s,
                                                 element_bytes=element_bytes, value_dtype=value_dtype,
-                                                algorithm=algorithm)["total"]
+                                                n_dense=n_dense, count=count, algorithm=algorithm)["total"]
     return out
 
 
@@ -548,7 +566,7 @@ def choose(numel: int, density: float, topology: Topology, **options) -> Choice:
     """The cheapest transport for one bucket of ``numel`` elements sent at ``density``.
 
     Options as :func:`transport_times` (``kernel`` or ``compress_s``, ``dense_compress_s``,
-    ``element_bytes``, ``value_dtype``, ``n_dense``, ``algorithm``, ``candidates``).
+    ``element_bytes``, ``value_dtype``, ``n_dense``, ``count``, ``algorithm``, ``candidates``).
     Ties go to the earlier of :data:`TRANSPORTS` (dense first). Deterministic: the same
     arguments give the same choice on every rank.
 

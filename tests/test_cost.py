@@ -241,3 +241,24 @@ def test_kernel_cost_fit_from_compression_timings():
     assert one_size.per_element_s == pytest.approx(5e-9) and one_size.fixed_s == 0.0
     with pytest.raises(InvalidConfigError):
         KernelCost.fit([])
+
+
+def test_whole_tensors_and_an_exact_count():
+    """n_dense of the bucket's elements go whole (not compressed); count overrides density x the rest."""
+    kernel = KernelCost(per_element_s=1e-9, per_pair_s=2e-9)
+    topo = Topology(2, GBIT, local=2, intra=NVLINK)
+    t = sparse_time(1_000_000, 0.01, topo, kernel=kernel, n_dense=10_000)
+    assert t["compress"] == pytest.approx(1e-9 * 990_000)                 # the whole tensors are not compressed
+    assert t["exchange"] == pytest.approx(3 * 50e-6 + 3 * (32 + 9_900 * 4 + 9_900 * 4 + 10_000 * 4) / 1.25e8)
+    assert t["unpack"] == pytest.approx(2e-9 * 4 * (9_900 + 10_000))
+    exact = sparse_time(1_000_000, 0.01, topo, kernel=kernel, n_dense=10_000, count=123)
+    assert exact["exchange"] == pytest.approx(3 * 50e-6 + 3 * payload_bytes(246, 0.5, n_dense=10_000) / 1.25e8)
+    h = hierarchical_time(1_000_000, 0.01, topo, kernel=kernel, n_dense=10_000)
+    assert h["compress"] == pytest.approx(1e-9 * 495_000)
+    assert h["exchange"] == pytest.approx(50e-6 + 2 * (32 + 4_950 * 8 + 5_000 * 4) / 1.25e8)   # 2 exchanges share
+    assert choose(1_000_000, 0.01, topo, kernel=kernel, n_dense=10_000, count=123).predicted["sparse"] == \
+        pytest.approx(exact["total"])
+    with pytest.raises(InvalidConfigError, match="n_dense"):
+        sparse_time(100, 0.1, topo, n_dense=101)
+    with pytest.raises(InvalidConfigError, match="count"):
+        sparse_time(100, 0.1, topo, count=101)
