@@ -81,7 +81,7 @@ def _by_method(ddp: dict) -> dict:
 
 
 def check_targets(results: dict) -> list[tuple[str, str, str]]:
-    """(target, measured, met/missed) rows for the targets of issue 5."""
+    """(target, measured, met/missed) rows for the targets of issues 5 and 15."""
     rows = []
     for p in _points(results):
         ddp = p.get("ddp", {}).get("resnet50")
@@ -97,6 +97,16 @@ def check_targets(results: dict) -> list[tuple[str, str, str]]:
                         o = m[other]["step_s"]["median"]
                         rows.append((f"1 Gbit/s, 4 nodes, ResNet-50: DGC faster than {m[other]['label']}",
                                      f"{1e3 * dgc:.0f} vs {1e3 * o:.0f} ms", "met" if dgc < o else "missed"))
+        if p["rate"] == "1gbit" and (_nodes(p), _local(p)) == (2, 2) and ddp:
+            m = _by_method(ddp)
+            if {"dense", "dgc0.1"} <= set(m):
+                speedup = m["dense"]["step_s"]["median"] / m["dgc0.1"]["step_s"]["median"]
+                rows.append(("1 Gbit/s, 2 nodes x 2 ranks, ResNet-50: DGC >= 2x dense", f"{speedup:.2f}x",
+                             "met" if speedup >= 2 else "missed"))
+            for name in (n for n in m if "hier" in n and "dgc0.1" in m):
+                hier, flat = m[name]["step_s"]["median"], m["dgc0.1"]["step_s"]["median"]
+                rows.append((f"1 Gbit/s, 2 nodes x 2 ranks, ResNet-50: {m[name]['label']} faster than flat DGC",
+                             f"{1e3 * hier:.0f} vs {1e3 * flat:.0f} ms", "met" if hier < flat else "missed"))
         if p["rate"] == "10gbit":
             for model, d in p.get("ddp", {}).items():
                 m = _by_method(d)
