@@ -309,7 +309,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="fp32 elements per timed collective")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-measure", type=int, default=2**25, help="elements timed at most (larger models scale)")
-    parser.add_argument("--nodes", type=int, default=None, help="predict for this many nodes (default: as run)")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="predict for this many nodes (default: as run; 2 in one process)")
     parser.add_argument("--ranks-per-node", type=int, default=None,
                         help="ranks per node (default: LOCAL_WORLD_SIZE under torchrun, else 1)")
     parser.add_argument("--link-gbit", type=float, default=None, help="link between nodes to assume (world 1)")
