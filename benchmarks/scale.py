@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import subprocess
@@ -271,7 +270,8 @@ def markdown(validation: list[dict], rows: list[dict], cross: list[dict], inputs
            f"average {inputs.get('load_before')} before, {inputs.get('load_after')} after, on {CORES} cores). "
            "Prose, assumptions and conclusions: [../scale.md](../scale.md).", "",
            "## Links fitted on the emulated clusters", "",
-           "| cluster | level | latency us | Gbit/s (fit of gloo collectives) | TCP stream Gbit/s |", "|---|---|---:|---:|---:|"]
+           "| cluster | level | latency us | Gbit/s (fit of gloo collectives) | TCP stream Gbit/s |",
+           "|---|---|---:|---:|---:|"]
     for key, levels in inputs["links"].items():
         for level in ("flat", "intra", "inter"):
             if level in levels:
@@ -297,8 +297,9 @@ def markdown(validation: list[dict], rows: list[dict], cross: list[dict], inputs
                    f"{v['compute_ms']:.0f} | {load} | {src} |")
     within = sum(abs(v["error"]) <= 0.2 for v in validation)
     either = sum(min(abs(v["error"]), abs(v["no_overlap_error"])) <= 0.2 for v in validation)
-    out += ["", f"{within} of {len(validation)} points within 20 % (with overlap); {either} of {len(validation)} within "
-            "20 % with or without it.", ""]
+    n = len(validation)
+    out += ["", f"{within} of {n} points within 20 % (with overlap); {either} of {n} within 20 % with or without it.",
+            ""]
     out += summary(rows)
     out += ["## Projection (ms per step)", ""]
     for model in sorted({r["model"] for r in rows}):

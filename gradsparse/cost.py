@@ -491,8 +491,8 @@ def hierarchical_time(numel: int, density: float, topology: Topology, *, kernel:
 
         >>> topo = Topology(nodes=2, local=2, inter=LinkModel(5e-5, 1.25e8), intra=LinkModel(1e-5, 1e10))
         >>> t = hierarchical_time(25_000_000, 0.001, topo, compress_s=0.010)
-        >>> {k: round(v, 5) for k, v in t.items()}
-        {'reduce_scatter': 0.00501, 'compress': 0.005, 'exchange': 0.00165, 'unpack': 0.0, 'allgather': 0.00501, 'total': 0.01667}
+        >>> [round(t[k], 5) for k in ("reduce_scatter", "compress", "exchange", "allgather", "total")]
+        [0.00501, 0.005, 0.00165, 0.00501, 0.01667]
     """
     n, L = topology.nodes, topology.local
     compressed, count = _pairs(numel, density, n_dense, count)

@@ -3,7 +3,8 @@
 Topology: every node is a network namespace with one interface ``eth0``
 (address ``10.55.0.<i+1>/24``) and ``ranks_per_node`` ranks (one ``torchrun
 --nproc-per-node`` per node); the ranks of a node reach each other over the
-namespace's own loopback, unshaped, as over NVLink or PCIe inside a real node. Two nodes are joined by one veth pair; more
+namespace's own loopback, unshaped, as over NVLink or PCIe inside a real node.
+Two nodes are joined by one veth pair; more
 than two by one veth pair per node into a bridge in a hub namespace (a switch).
 Every veth end is shaped with ``tc tbf`` (tbf shapes egress only, so both ends
 are shaped: each node gets a full-duplex link of ``rate`` to the switch), with

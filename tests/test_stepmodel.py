@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from gradsparse.cost import KernelCost, LinkModel, Topology, collective_time, payload_bytes
