@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from . import watchdog
+from . import hierarchical, watchdog
 from ._validate import instance
 from .adapter import SparseAdapter, all_slots, upgrade_checkpoint
 from .comm.torch_dist import TorchDistCommunicator
@@ -66,6 +66,10 @@ class GradSparseState(SparseAdapter):
         options, **knobs: the reducer's :class:`~gradsparse.options.ReducerOptions`
             (``granularity``, ``min_compress_numel``, ``value_dtype``, ``nonfinite``,
             ``op``, ``verify_every``), as an object or as keywords.
+        hierarchy: None (flat: every rank exchanges with every other), or ``"auto"`` /
+            ranks per node / a :class:`gradsparse.hierarchical.Hierarchy`: dense inside each
+            node, sparse between nodes, chosen per bucket by cost (see
+            :mod:`gradsparse.hierarchical`; reduces over the default group).
         grad_scaler: the ``torch.amp.GradScaler`` scaling this model's loss, if any:
             residuals and momentum are then kept in one scale (rescaled when the
             scaler's scale changes). Not pickled; pass it again after unpickling.
@@ -116,6 +120,7 @@ class GradSparseState(SparseAdapter):
         log_every: int = 100,
         history_size: int = 10_000,
         grad_scaler: "torch.amp.GradScaler | None" = None,
+        hierarchy=None,
         options: ReducerOptions | None = None,
         **knobs,
     ):
@@ -124,6 +129,11 @@ class GradSparseState(SparseAdapter):
         super().__init__(compressor, TorchDistCommunicator(process_group), start_iter=start_iter,
                          steps_per_epoch=steps_per_epoch, log_every=log_every, history_size=history_size,
                          options=options, **knobs)
+        if hierarchy is not None:  # the same surface, over node and cross-node groups
+            if process_group not in (None, dist.group.WORLD):
+                raise InvalidConfigError("hierarchy= reduces over the default (world) group; leave process_group "
+                                         "unset or use hierarchy=None")
+            self.reducer = hierarchical.create(compressor, hierarchy, self.reducer.options)
         self.reducer.defer_error = self._defer
         self._usage: _UsageTracker | None = None
         self._error: Exception | None = None

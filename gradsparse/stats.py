@@ -11,7 +11,11 @@ Words used once each: ``whole`` counts the elements of *whole tensors* (too
 small to compress, sent as they are); ``transport`` is how a bucket travelled,
 :data:`ALLGATHER` (index/value pairs) or :data:`ALLREDUCE` (the same selection
 moved densely, when pairs would cost more bytes); a *dense iteration* (every
-coordinate selected, the adapters' first iterations) is neither.
+coordinate selected, the adapters' first iterations) is neither. A bucket reduced
+by :mod:`gradsparse.hierarchical` reports :data:`HIERARCHICAL` (or
+:data:`HIERARCHICAL_ALLREDUCE`); its ``numel``, ``selected``, ``whole`` and bytes
+are this rank's shard and what crossed between nodes, and ``intra_bytes`` what it
+moved densely inside its node (reduce-scatter plus allgather).
 
 Example::
 
@@ -30,7 +34,9 @@ import dataclasses
 ALLGATHER = "allgather"  # index/value pairs (and whole tensors) allgathered
 ALLREDUCE = "allreduce"  # the same selection scattered into the bucket and allreduced
 SPARSE_ALLREDUCE = "sparse_allreduce"  # a sparse gradient (nn.Embedding(sparse=True)) averaged as DDP does
-TRANSPORTS = (ALLGATHER, ALLREDUCE, SPARSE_ALLREDUCE)
+HIERARCHICAL = "hierarchical"  # dense inside the node, this rank's shard allgathered between nodes
+HIERARCHICAL_ALLREDUCE = "hierarchical_allreduce"  # the same, the shard's selection allreduced between nodes
+TRANSPORTS = (ALLGATHER, ALLREDUCE, SPARSE_ALLREDUCE, HIERARCHICAL, HIERARCHICAL_ALLREDUCE)
 
 
 @dataclasses.dataclass
@@ -44,6 +50,7 @@ class BucketStats:
     bytes_received: int
     transport: str      # one of TRANSPORTS
     compress_s: float
+    intra_bytes: int = 0  # sent inside the node (hierarchical transports)
 
 
 @dataclasses.dataclass
@@ -59,6 +66,7 @@ class StepStats:
     buckets: int = 0
     allreduce_buckets: int = 0  # buckets whose selection went by the dense transport
     compress_s: float = 0.0
+    intra_bytes: int = 0
 
     def add(self, b: BucketStats) -> None:
         self.numel += b.numel
@@ -67,8 +75,9 @@ class StepStats:
         self.bytes_sent += b.bytes_sent
         self.bytes_received += b.bytes_received
         self.buckets += 1
-        self.allreduce_buckets += int(b.transport == ALLREDUCE)
+        self.allreduce_buckets += int(b.transport in (ALLREDUCE, HIERARCHICAL_ALLREDUCE))
         self.compress_s += b.compress_s
+        self.intra_bytes += b.intra_bytes
 
     @property
     def density(self) -> float:

@@ -1,0 +1,539 @@
+"""Hierarchical reduction: dense inside a node, sparse between nodes, chosen per bucket by cost.
+
+A node holds ``L`` ranks on a fast link; ``N`` nodes are joined by a slow one. Per
+bucket, :class:`HierarchicalReducer`:
+
+1. reduce-scatters the bucket densely inside the node (the node's average, or sum),
+   so local rank ``l`` holds *shard* ``l``;
+2. compresses its shard and exchanges it with the ranks of local index ``l`` on the
+   other nodes through an inner :class:`~gradsparse.reducer.SparseReducer` (error
+   feedback, DGC momentum, descriptors, health checks, the dense-transport rule and
+   stats apply per shard, unchanged);
+3. allgathers the shards densely inside the node: every rank gets the whole bucket.
+
+Shards are cut per *parameter*, not per bucket: a parameter of ``m`` elements is
+split into ``L`` contiguous pieces of ``ceil(m / L)`` (piece ``l`` to local rank
+``l``), keyed ``"name@start:end"`` in the parameter's own coordinates; a parameter
+whose last piece would be smaller than ``min_compress_numel`` is not split and goes
+whole to local rank ``crc32(name) % L``. So which rank keeps which residual depends
+only on the parameter (DDP's bucket rebuilds and checkpoints keep working), and a
+piece is compressed exactly when its parameter would be on the flat path.
+
+Scaling: the bucket is multiplied by ``1 / L`` before the node's reduce-scatter and
+the inner reducer averages over the ``N`` nodes: the global average, as the flat
+path defines it (``op="sum"``: no factor, sums). With nothing dropped the result is
+dense DDP's up to the order of the float additions.
+
+Per bucket the transport (``"flat"``: the :class:`SparseReducer` over every rank;
+``"hierarchical"``) is chosen by :func:`gradsparse.cost.choose` from the link model
+(measured once at construction, the slowest rank's timings, so every rank has the
+same numbers), the bucket's size and the compressor's density at that step; or
+forced with ``transport=``. A parameter's memory lives on one path at a time: when a
+bucket changes path, its parameters' residuals and momentum are moved over (one
+node-local allreduce per state tensor; see :meth:`HierarchicalReducer._move`), so
+nothing sent or kept is lost.
+
+Order of collectives: node reduce-scatters, the inner reducer's collectives and the
+flat reducer's are issued from the calling thread in bucket order; the node
+allgathers run on their own process group and are issued from future callbacks
+chained in bucket order. Every group therefore sees the same sequence on every rank.
+
+Example::
+
+    state = gradsparse.ddp.register(ddp_model, DGC(0.001), optimizer=opt,
+                                    hierarchy=Hierarchy(local_size="auto", transport="auto"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import statistics
+import time
+import zlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import cost, ops
+from ._validate import choice, instance, integer
+from .comm.base import completed_future
+from .comm.torch_dist import TorchDistCommunicator
+from .compressors.base import Compressor
+from .errors import InvalidConfigError, StateMismatchError
+from .options import ReducerOptions
+from .reducer import Segment, SparseReducer, check_bucket
+from .stats import ALLREDUCE, HIERARCHICAL, HIERARCHICAL_ALLREDUCE, BucketStats
+
+logger = logging.getLogger(__name__)
+
+TRANSPORTS = ("auto", "flat", "hierarchical")
+ASSUMED_DENSITY = 0.01  # density the cost choice assumes for data-dependent methods (Threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hierarchy:
+    """How to build a :class:`HierarchicalReducer`.
+
+    Args:
+        local_size: ranks per node: ``"auto"`` (torchrun's ``LOCAL_WORLD_SIZE``) or a number;
+            ranks ``r`` with the same ``r // local_size`` share a node.
+        transport: ``"auto"`` (per bucket, by cost), ``"flat"`` or ``"hierarchical"`` (always).
+        topology: the :class:`~gradsparse.cost.Topology` the choice uses (None: measured once).
+        kernel: the compression cost (:class:`~gradsparse.cost.KernelCost`; None: measured once).
+
+    >>> Hierarchy(local_size=2, transport="hierarchical").transport
+    'hierarchical'
+    """
+
+    local_size: int | str = "auto"
+    transport: str = "auto"
+    topology: cost.Topology | None = None
+    kernel: cost.KernelCost | None = None
+
+    def __post_init__(self):
+        if self.local_size != "auto":
+            integer(self.local_size, "local_size", minimum=1)
+        choice(self.transport, "transport", TRANSPORTS)
+        instance(self.topology, "topology", cost.Topology, "cost.Topology(nodes=2, local=2, inter=..., intra=...)",
+                 allow_none=True)
+        instance(self.kernel, "kernel", cost.KernelCost, "cost.KernelCost(per_element_s=2e-9)", allow_none=True)
+
+    @classmethod
+    def of(cls, value) -> Hierarchy:
+        """A :class:`Hierarchy` from ``"auto"``, a number of ranks per node, or one."""
+        if isinstance(value, Hierarchy):
+            return value
+        return cls(local_size=value)
+
+
+def local_size_of(value: int | str, world: int) -> int:
+    """Ranks per node: ``value``, or torchrun's ``LOCAL_WORLD_SIZE`` for ``"auto"``; must divide ``world``."""
+    if value == "auto":
+        env = os.environ.get("LOCAL_WORLD_SIZE")
+        if env is None:
+            raise InvalidConfigError("hierarchy local_size='auto' needs torchrun's LOCAL_WORLD_SIZE; pass "
+                                     "Hierarchy(local_size=ranks_per_node) when not launched by torchrun")
+        value = int(env)
+    local = integer(value, "local_size", minimum=1)
+    if world % local:
+        raise InvalidConfigError(f"local_size {local} does not divide the world size {world}: every node must hold "
+                                 "the same number of ranks")
+    return local
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    key: str          # "name@start:end"
+    param: str
+    start: int        # in the parameter's own coordinates
+    numel: int
+    src: int          # offset of the piece in the bucket
+    owner: int        # local rank that compresses it
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """One bucket's shards: which coordinates each local rank compresses, and where they sit."""
+
+    pieces: tuple[_Piece, ...]
+    shard: int                              # elements per shard (the largest, others padded)
+    segments: tuple[Segment, ...]           # this rank's pieces as segments of its shard
+    src: torch.Tensor                       # bucket positions of every real coordinate ...
+    dst: torch.Tensor                       # ... and their positions in the L-shard buffer
+    mine: int                               # real elements in this rank's shard
+    whole: int                              # of them, in pieces sent whole
+
+
+def split_parameter(key: str, numel: int, local: int, min_compress_numel: int) -> list[tuple[int, int, int]]:
+    """``(local rank, start, numel)`` of each piece of one parameter (see the module docstring).
+
+    >>> split_parameter("w", 10_000, 2, 4096)
+    [(0, 0, 5000), (1, 5000, 5000)]
+    >>> split_parameter("b", 100, 2, 4096) == [(zlib.crc32(b"b") % 2, 0, 100)]
+    True
+    """
+    size = math.ceil(numel / local)
+    last = numel - (local - 1) * size
+    if local > 1 and numel >= min_compress_numel and last >= min_compress_numel:
+        return [(l, l * size, min(size, numel - l * size)) for l in range(local)]
+    return [(zlib.crc32(key.encode()) % local, 0, numel)]
+
+
+def plan_layout(segments: Sequence[Segment], local: int, local_rank: int, min_compress_numel: int,
+                device: torch.device | str = "cpu") -> _Layout:
+    """The shards of a bucket with these ``segments`` (identical on every rank but ``segments``' own rank)."""
+    pieces = []
+    for s in sorted(segments, key=lambda s: s.offset):
+        for owner, start, numel in split_parameter(s.key, s.numel, local, min_compress_numel):
+            pieces.append(_Piece(f"{s.key}@{start}:{start + numel}", s.key, start, numel, s.offset + start, owner))
+    sizes = [sum(p.numel for p in pieces if p.owner == l) for l in range(local)]
+    shard = max(1, max(sizes))
+    fill, src, dst, segs = [0] * local, [], [], []
+    for p in pieces:
+        at = p.owner * shard + fill[p.owner]
+        src.append(torch.arange(p.src, p.src + p.numel))
+        dst.append(torch.arange(at, at + p.numel))
+        if p.owner == local_rank:
+            segs.append(Segment(p.key, fill[p.owner], p.numel))
+        fill[p.owner] += p.numel
+    empty = torch.empty(0, dtype=torch.int64)
+    whole = sum(s.numel for s in segs if s.numel < min_compress_numel)
+    return _Layout(tuple(pieces), shard, tuple(segs), torch.cat(src or [empty]).to(device),
+                   torch.cat(dst or [empty]).to(device), sizes[local_rank], whole)
+
+
+@dataclasses.dataclass(frozen=True)
+class Groups:
+    """The process groups of a hierarchy: the world, this node (two: reduce-scatter, allgather), this column."""
+
+    world: dist.ProcessGroup | None
+    node: dist.ProcessGroup
+    node_gather: dist.ProcessGroup
+    cross: dist.ProcessGroup
+    nodes: int
+    local: int
+    node_index: int
+    local_rank: int
+
+    @classmethod
+    def create(cls, local: int) -> Groups:
+        """Create every subgroup on every rank, in one order (``dist.new_group`` must be called by all ranks)."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        local = local_size_of(local, world)
+        seen = TorchDistCommunicator().allgather_ints([local], torch.device("cpu"))
+        if len({v[0] for v in seen}) > 1:
+            raise StateMismatchError(f"ranks disagree on the ranks per node: {[v[0] for v in seen]} (by rank); set "
+                                     "the same LOCAL_WORLD_SIZE / local_size on every rank")
+        nodes = world // local
+        mine = {}
+        for kind in ("node", "node_gather"):
+            for n in range(nodes):
+                group = dist.new_group(list(range(n * local, (n + 1) * local)))
+                if rank // local == n:
+                    mine[kind] = group
+        for l in range(local):
+            group = dist.new_group(list(range(l, world, local)))
+            if rank % local == l:
+                mine["cross"] = group
+        return cls(None, mine["node"], mine["node_gather"], mine["cross"], nodes, local, rank // local, rank % local)
+
+
+def _slowest(seconds: list[float], group=None) -> list[float]:
+    """Every rank's timings replaced by the slowest rank's (so every rank fits the same model)."""
+    t = torch.tensor(seconds, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def measure(groups: Groups, compressor: Compressor, *, sizes=(1 << 14, 1 << 18), repeats: int = 3
+            ) -> tuple[cost.Topology, cost.KernelCost]:
+    """Fit the links (allreduces inside the node, and between nodes with every column at once) and the
+    compression cost per element; the slowest rank's times, so the result is the same on every rank."""
+    def timed(group, n):
+        buf = torch.ones(n)
+        dist.all_reduce(buf, group=group)  # warm the connection
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dist.all_reduce(buf, group=group)
+            runs.append(time.perf_counter() - t0)
+        return statistics.median(runs)
+
+    seconds = [timed(groups.node, n) for n in sizes] + [timed(groups.cross, n) for n in sizes]
+    v = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    compressor.select(v, 1 << 30, 1 << 30)
+    seconds.append(time.perf_counter() - t0)
+    seconds = _slowest(seconds)
+    k = len(sizes)
+    intra = inter = None
+    if groups.local > 1:
+        intra = cost.LinkModel.fit([cost.Observation.collective("allreduce", 4 * n, groups.local, t)
+                                    for n, t in zip(sizes, seconds[:k])], robust=False)
+    if groups.nodes > 1:
+        inter = cost.LinkModel.fit([cost.Observation.collective("allreduce", 4 * n, groups.nodes, t, share=groups.local)
+                                    for n, t in zip(sizes, seconds[k:2 * k])], robust=False)
+    topology = cost.Topology(nodes=groups.nodes, local=groups.local, inter=inter, intra=intra)
+    return topology, cost.KernelCost(per_element_s=seconds[-1] / (1 << 20))
+
+
+class _ShardReducer(SparseReducer):
+    """The inner reducer. Works around one case of :class:`SparseReducer` (to drop once it copies there):
+    in a dense iteration whose payload is allgathered (a shard that is mostly padding, or a single
+    node), ``_select_all``'s fp32 ``sent`` is the memory tensor itself, and removing it from the memory
+    (``index_add_`` of a tensor into itself) raises."""
+
+    def _select_all(self, v, wire, plan):
+        return [dataclasses.replace(s, sent=s.sent.clone()) for s in super()._select_all(v, wire, plan)]
+
+
+class HierarchicalReducer:
+    """The reducer surface (:meth:`reduce`, checkpoints) over a node / cross-node hierarchy.
+
+    Args:
+        compressor: a :class:`~gradsparse.compressors.Compressor`.
+        groups: the :class:`Groups` (``Groups.create(local_size)``).
+        options, **knobs: :class:`~gradsparse.options.ReducerOptions` (both paths use them).
+        transport: ``"auto"``, ``"flat"`` or ``"hierarchical"``.
+        topology, kernel: the cost inputs of ``"auto"`` (None: :func:`measure` them).
+
+    ``flat`` is the :class:`SparseReducer` over every rank, ``inner`` the one over this
+    rank's column (same local index on every node); ``memory`` is ``inner``'s (per piece).
+    ``choices`` holds the last :class:`~gradsparse.cost.Choice` per bucket size.
+    """
+
+    def __init__(self, compressor: Compressor, groups: Groups, options: ReducerOptions | None = None, *,
+                 transport: str = "auto", topology: cost.Topology | None = None,
+                 kernel: cost.KernelCost | None = None, **knobs):
+        self.compressor = instance(compressor, "compressor", Compressor, "TopK(0.01)")
+        self.groups = groups
+        self.options = ReducerOptions.of(options, **knobs)
+        self.transport = choice(transport, "transport", TRANSPORTS)
+        self.flat = SparseReducer(compressor, TorchDistCommunicator(groups.world), self.options)
+        self.inner = _ShardReducer(compressor, TorchDistCommunicator(groups.cross), self.options)
+        if self.transport == "auto" and (topology is None or kernel is None):
+            measured = measure(groups, compressor)
+            topology, kernel = topology or measured[0], kernel or measured[1]
+            logger.info("gradsparse: hierarchy %d nodes x %d ranks; links %s; compression %.3g ns/element",
+                        groups.nodes, groups.local, topology, 1e9 * kernel.per_element_s)
+        self.topology, self.kernel = topology, kernel
+        self.paths: dict[str, str] = {}      # parameter -> "flat" | "hierarchical": where its memory lives
+        self.choices: dict[int, cost.Choice] = {}
+        self._layouts: dict[tuple, _Layout] = {}
+        self._chain: torch.futures.Future = completed_future(None)
+
+    # ------------------------------------------------------------------ surface of SparseReducer
+    @property
+    def communicator(self):
+        return self.flat.communicator
+
+    @property
+    def memory(self):
+        return self.inner.memory
+
+    @property
+    def defer_error(self):
+        return self.flat.defer_error
+
+    @defer_error.setter
+    def defer_error(self, value):
+        self.flat.defer_error = self.inner.defer_error = value
+
+    def collective(self, run: Callable, flat: torch.Tensor, step: int):
+        return self.flat.collective(run, flat, step)
+
+    def set_loss_scale(self, loss_scale: float) -> None:
+        self.flat.set_loss_scale(loss_scale)
+        self.inner.set_loss_scale(loss_scale)
+
+    def reset_memory(self) -> None:
+        self.flat.reset_memory()
+        self.inner.reset_memory()
+        self.paths = {}
+
+    # ------------------------------------------------------------------ choice
+    def choose(self, flat: torch.Tensor, segments: Sequence[Segment], step: int, epoch: int, select_all: bool) -> str:
+        """``"flat"`` or ``"hierarchical"`` for this bucket: forced, or by cost (same inputs on every rank)."""
+        if self.transport != "auto":
+            return self.transport
+        small = self.options.min_compress_numel
+        numel = sum(s.numel for s in segments)
+        n_dense = sum(s.numel for s in segments if s.numel < small)
+        if numel == 0:
+            return "flat"
+        ratio = 1.0 if select_all else self.compressor.ratio(step, epoch)
+        density = ASSUMED_DENSITY if ratio is None else ratio
+        picked = cost.choose(numel, density, self.topology, kernel=self.kernel, n_dense=n_dense,
+                             element_bytes=flat.element_size(), value_dtype=self.options.value_dtype or flat.dtype,
+                             candidates=("sparse", "hierarchical"))
+        self.choices[flat.numel()] = picked
+        return "hierarchical" if picked.transport == "hierarchical" else "flat"
+
+    # ------------------------------------------------------------------ reduce
+    def reduce(self, flat: torch.Tensor, segments: Sequence[Segment] | None, step: int, epoch: int = 0, *,
+               select_all: bool = False, on_stats: Callable[[BucketStats], None] | None = None,
+               loss_scale: float | None = None) -> torch.futures.Future:
+        """Reduce ``flat`` in place across every rank (see the module docstring); a Future of ``flat``."""
+        check_bucket(flat)
+        flat = flat.view(-1)
+        segments = [Segment("bucket", 0, flat.numel())] if segments is None else list(segments)
+        if loss_scale is not None:
+            self.set_loss_scale(loss_scale)
+        path = self.choose(flat, segments, step, epoch, select_all)
+        layout = self._layout(segments, flat.device) if path == "hierarchical" or any(
+            self.paths.get(s.key, path) != path for s in segments) else None
+        self._move(segments, layout, path, flat, step)
+        if path == "flat":
+            return self.flat.reduce(flat, segments, step, epoch, select_all=select_all, on_stats=on_stats)
+        return self._hierarchical(flat, layout, step, epoch, select_all, on_stats)
+
+    def _layout(self, segments: Sequence[Segment], device: torch.device) -> _Layout:
+        key = (tuple(segments), str(device))
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = plan_layout(segments, self.groups.local, self.groups.local_rank, self.options.min_compress_numel,
+                                 device)
+            self._layouts[key] = layout
+        return layout
+
+    def _hierarchical(self, flat: torch.Tensor, layout: _Layout, step: int, epoch: int, select_all: bool,
+                      on_stats) -> torch.futures.Future:
+        g, L = self.groups, self.groups.local
+        shards = flat.new_zeros(L * layout.shard)
+        shards.index_copy_(0, layout.dst, flat.index_select(0, layout.src))
+        if self.options.op == "average" and L > 1:
+            shards.mul_(1.0 / L)
+        shard = flat.new_empty(layout.shard)
+        self.collective(lambda: dist.reduce_scatter_tensor(shard, shards, group=g.node), flat, step)
+        intra = 2 * (L - 1) * layout.shard * flat.element_size()
+
+        def report(s: BucketStats) -> None:
+            if on_stats is not None:
+                on_stats(dataclasses.replace(s, numel=layout.mine, intra_bytes=intra,
+                                             transport=HIERARCHICAL_ALLREDUCE if s.transport == ALLREDUCE
+                                             else HIERARCHICAL))
+
+        inner = self.inner.reduce(shard, layout.segments, step, epoch, select_all=select_all, on_stats=report)
+        ready = torch.futures.collect_all([inner, self._chain])
+        issued: torch.futures.Future = torch.futures.Future()
+        self._chain = issued
+        out: torch.futures.Future = torch.futures.Future()
+
+        def gather(done: torch.futures.Future) -> None:
+            try:
+                inner.wait()  # raises what the inner reduction raised
+                gathered = flat.new_empty(L * layout.shard)
+                work = self.collective(lambda: _all_gather(gathered, shard, g.node_gather), flat, step)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's future
+                issued.set_result(None)
+                out.set_exception(err)
+                return
+            issued.set_result(None)  # the next bucket may now issue its allgather
+
+            def land(done_work: torch.futures.Future) -> None:
+                try:
+                    self.collective(done_work.wait, flat, step)
+                    flat.zero_()
+                    flat.index_copy_(0, layout.src, gathered.index_select(0, layout.dst))
+                    out.set_result(flat)
+                except BaseException as err:  # noqa: BLE001
+                    out.set_exception(err)
+
+            work.get_future().add_done_callback(land)
+
+        ready.add_done_callback(gather)
+        return out
+
+    # ------------------------------------------------------------------ memory between paths
+    def _names(self, whole: bool) -> tuple[str, ...]:
+        kind = self.flat.memory.kind
+        if kind == "residual":
+            return () if whole else ("residual",)
+        if kind == "dgc":
+            return ("momentum",) if whole else ("momentum", "velocity")
+        return ()
+
+    def _move(self, segments: Sequence[Segment], layout: _Layout | None, path: str, flat: torch.Tensor,
+              step: int) -> None:
+        """Move the memory of this bucket's parameters that live on the other path (see the module docstring).
+
+        A compressed parameter's state is each rank's share of what is pending: flat ->
+        hierarchical the node's ranks' states are averaged (summed for ``op="sum"``) and
+        split into pieces; hierarchical -> flat the pieces are assembled and every rank of
+        the node gets the node's state (divided by ``L`` for ``op="sum"``). The total still
+        to be sent, over all ranks and scaled as the reduction scales it, is unchanged. A
+        parameter sent whole keeps a momentum that is the same on every rank: copied.
+        """
+        L, average = self.groups.local, self.options.op == "average"
+        small = self.options.min_compress_numel
+        for s in segments:
+            was = self.paths.get(s.key)
+            self.paths[s.key] = path
+            if was is None or was == path:
+                continue
+            whole = s.numel < small
+            pieces = [p for p in layout.pieces if p.param == s.key]
+            for name in self._names(whole):
+                full = torch.zeros(s.numel, dtype=torch.float32, device=flat.device)
+                if was == "flat":
+                    buf = self.flat.memory.state.get(s.key, {}).get(name)
+                    if buf is not None:
+                        full.copy_(buf)
+                    if not whole and L > 1:
+                        self.collective(lambda: dist.all_reduce(full, group=self.groups.node), flat, step)
+                        if average:
+                            full.mul_(1.0 / L)
+                    for p in pieces:
+                        if p.owner == self.groups.local_rank:
+                            _put(self.inner.memory, p.key, name, full[p.start:p.start + p.numel].clone())
+                else:
+                    for p in pieces:
+                        buf = self.inner.memory.state.get(p.key, {}).get(name)
+                        if buf is not None and p.owner == self.groups.local_rank:
+                            full[p.start:p.start + p.numel] = buf
+                    if L > 1:
+                        self.collective(lambda: dist.all_reduce(full, group=self.groups.node), flat, step)
+                    if not whole and not average:
+                        full.mul_(1.0 / L)
+                    _put(self.flat.memory, s.key, name, full)
+            source = self.flat.memory if was == "flat" else self.inner.memory
+            for key in [s.key] if was == "flat" else [p.key for p in pieces]:
+                source.state.pop(key, None)
+                source.bounds.pop(key, None)
+            logger.debug("gradsparse: memory of %s moved from the %s path to the %s path", s.key, was, path)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The flat path's state under the usual keys; the per-piece state under ``"hierarchical"``."""
+        return {**self.flat.state_dict(),
+                "hierarchical": {"nodes": self.groups.nodes, "local_size": self.groups.local,
+                                 "memory": self.inner.memory.state_dict(), "paths": dict(self.paths)}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        hier = state_dict.get("hierarchical")
+        if hier is None:  # a flat checkpoint: its parameters' memory lives on the flat path
+            hier = {"nodes": self.groups.nodes, "local_size": self.groups.local, "paths":
+                    {k: "flat" for k in state_dict["memory"]["state"]}, "memory": None}
+        if (hier["nodes"], hier["local_size"]) != (self.groups.nodes, self.groups.local):
+            raise StateMismatchError(f"checkpoint was written by {hier['nodes']} nodes x {hier['local_size']} ranks, "
+                                     f"this job has {self.groups.nodes} x {self.groups.local}: per-piece residuals "
+                                     "cannot be redistributed")
+        self.flat.load_state_dict(state_dict)
+        self.inner.load_state_dict({**state_dict, "memory": hier["memory"] or self.inner.memory.state_dict()})
+        self.paths = dict(hier["paths"])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["groups"] = None  # process groups belong to this process
+        state["_chain"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._chain = completed_future(None)
+
+
+def _put(memory, key: str, name: str, tensor: torch.Tensor) -> None:
+    memory.state.setdefault(key, {})[name] = tensor
+    memory.bounds.setdefault(key, {})[name] = ops.absmax(tensor) if tensor.numel() else 0.0
+
+
+def _all_gather(out: torch.Tensor, shard: torch.Tensor, group) -> dist.Work:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, shard, group=group, async_op=True)
+
+
+def create(compressor: Compressor, hierarchy, options: ReducerOptions | None = None, **knobs) -> HierarchicalReducer:
+    """A :class:`HierarchicalReducer` over the default (world) group for ``hierarchy`` (see :class:`Hierarchy`)."""
+    h = Hierarchy.of(hierarchy)
+    groups = Groups.create(h.local_size)
+    return HierarchicalReducer(compressor, groups, options, transport=h.transport, topology=h.topology,
+                               kernel=h.kernel, **knobs)
+
+
+__all__ = ["Groups", "HierarchicalReducer", "Hierarchy", "create", "local_size_of", "measure", "plan_layout",
+           "split_parameter"]
