@@ -6,7 +6,10 @@ collectives are the real ones on real subgroups.
 
 import io
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -19,7 +22,8 @@ from gradsparse import hierarchical as hier
 from gradsparse.cost import KernelCost, LinkModel, Topology
 from gradsparse.reducer import Segment
 
-from .distributed import run_world, run_world_outcomes
+from .distributed import free_port, run_world, run_world_outcomes
+from .docblocks import ROOT, block_with
 from .models import loss_of, make_model, params_hash
 from .tolerances import close, rejects_planted_errors
 
@@ -258,3 +262,27 @@ def test_a_dead_rank_ends_in_an_error_inside_its_node_and_across_nodes(tmp_path,
         assert survivor["exitcode"] == 1, survivor
         assert "CommunicationError" in survivor["error"], survivor["error"]
         assert survivor["time"] - killed_at < COLLECTIVE_TIMEOUT + 5
+
+
+# ------------------------------------------------------------------------------ the documented script
+def test_ddp_doc_hierarchical_script_runs_as_two_nodes_of_two_ranks(tmp_path):
+    script = block_with("docs/ddp.md", "hierarchy=Hierarchy(")
+    (tmp_path / "train.py").write_text("import torch\ntorch.set_num_threads(1)\n" + script)
+    port = str(free_port())
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
+                               "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port,
+                               "train.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True) for n in range(2)]
+    outs = []
+    try:
+        for proc in nodes:
+            outs.append(proc.communicate(timeout=240))
+    finally:
+        for proc in nodes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(o + e for o, e in outs)
+    reports = re.findall(r"rank (\d): step 4: .*?density ([\d.]+), ratio .*?paths \[([^\]]*)\]", out)
+    assert sorted(rank for rank, _, _ in reports) == ["0", "1", "2", "3"], out[-5000:]
+    assert all(float(density) < 0.05 and paths for _, density, paths in reports), reports
