@@ -15,7 +15,7 @@ Methods (every one in the same run, same model seed, same data):
 - ``topk1``: gradsparse ``TopK(0.01)``; ``dgc0.1``: gradsparse ``DGC(0.001, warmup=None)`` (no
   warm-up: its ratio is 0.1 % from the first compressed step; optimizer momentum 0): DGC as a job
   sees it after the default warm-up's 1,000 optimizer steps (``gradsparse.schedule.DEFAULT_WARMUP_STEPS``).
-- ``dgc0.1hier`` / ``dgc0.1auto``: ``dgc0.1`` reduced hierarchically (dense inside the node, sparse
+- ``dgc0.1hier`` / ``dgc0.1auto`` (and ``topk1hier`` / ``topk1auto``): ``dgc0.1`` (``topk1``) reduced hierarchically (dense inside the node, sparse
   between nodes; ranks per node from torchrun's ``LOCAL_WORLD_SIZE``), always / chosen per bucket by cost.
 - ``dgc0.1warm``: gradsparse ``DGC(0.001)`` with its default warm-up, which lasts longer than any
   run here: every step is in its first stage, density 25 % (a job's optimizer steps 1-250).
@@ -58,13 +58,15 @@ from gradsparse.hierarchical import Hierarchy
 logger = logging.getLogger("ddp_bench")
 
 METHODS = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1", "dgc0.1warm", "dgc0.1hier",
-           "dgc0.1auto")
+           "dgc0.1auto", "topk1hier", "topk1auto")
 LABELS = {"compute": "compute only (no comm)", "dense": "dense fp32 (no hook)", "fp16": "fp16_compress_hook",
           "powersgd1": "PowerSGD rank 1", "powersgd4": "PowerSGD rank 4", "topk1": "gradsparse TopK 1 %",
           "dgc0.1": "gradsparse DGC 0.1 %", "dgc0.1warm": "gradsparse DGC, warm-up stage 1 (25 %)",
-          "dgc0.1hier": "gradsparse DGC 0.1 % (hierarchical)", "dgc0.1auto": "gradsparse DGC 0.1 % (by cost)"}
-GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm", "dgc0.1hier", "dgc0.1auto")
-HIERARCHY = {"dgc0.1hier": Hierarchy(transport="hierarchical"), "dgc0.1auto": Hierarchy(transport="auto")}
+          "dgc0.1hier": "gradsparse DGC 0.1 % (hierarchical)", "dgc0.1auto": "gradsparse DGC 0.1 % (by cost)",
+          "topk1hier": "gradsparse TopK 1 % (hierarchical)", "topk1auto": "gradsparse TopK 1 % (by cost)"}
+GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm", "dgc0.1hier", "dgc0.1auto", "topk1hier", "topk1auto")
+HIERARCHY = {f"{m}{kind}": Hierarchy(transport={"hier": "hierarchical", "auto": "auto"}[kind])
+             for m in ("dgc0.1", "topk1") for kind in ("hier", "auto")}
 
 
 class HookTimer:
@@ -102,8 +104,8 @@ def build(method: str, model_kind: str, powersgd_bucket_mb: float = 4096):
         state = PowerSGDState(None, matrix_approximation_rank=int(method[-1]), start_powerSGD_iter=2)
         model.register_comm_hook(state, timer.hook)
     elif method in GRADSPARSE:
-        compressor = {"topk1": lambda: TopK(0.01), "dgc0.1warm": lambda: DGC(0.001)}.get(
-            method, lambda: DGC(0.001, warmup=None))()
+        compressor = TopK(0.01) if method.startswith("topk1") else DGC(0.001) if method == "dgc0.1warm" else \
+            DGC(0.001, warmup=None)
         gddp.check_optimizer(opt, compressor)
         state = gddp.GradSparseState(compressor, model=model, log_every=0, hierarchy=HIERARCHY.get(method))
         timer = HookTimer(gddp.sparse_hook)

@@ -3,13 +3,17 @@
 A node holds ``L`` ranks on a fast link; ``N`` nodes are joined by a slow one. Per
 bucket, :class:`HierarchicalReducer`:
 
-1. reduce-scatters the bucket densely inside the node (the node's average, or sum),
-   so local rank ``l`` holds *shard* ``l``;
+1. averages (or sums) the bucket densely inside the node, and local rank ``l`` takes its
+   *shard* (see below);
 2. compresses its shard and exchanges it with the ranks of local index ``l`` on the
    other nodes through an inner :class:`~gradsparse.reducer.SparseReducer` (error
    feedback, DGC momentum, descriptors, health checks, the dense-transport rule and
    stats apply per shard, unchanged);
-3. allgathers the shards densely inside the node: every rank gets the whole bucket.
+3. gathers the shards densely inside the node: every rank gets the whole bucket.
+
+Inside the node both steps are allreduces (the second of the zero-padded shards, an exact
+sum): gloo's reduce-scatter and allgather were about 10x slower than its allreduce here
+(docs/design.md, decision 25), at twice the ideal bytes.
 
 Shards are cut per *parameter*, not per bucket: a parameter of ``m`` elements is
 split into ``L`` contiguous pieces of ``ceil(m / L)`` (piece ``l`` to local rank
@@ -19,13 +23,14 @@ whole to local rank ``crc32(name) % L``. So which rank keeps which residual depe
 only on the parameter (DDP's bucket rebuilds and checkpoints keep working), and a
 piece is compressed exactly when its parameter would be on the flat path.
 
-Scaling: the bucket is multiplied by ``1 / L`` before the node's reduce-scatter and
+Scaling: the bucket is multiplied by ``1 / L`` before the node's allreduce and
 the inner reducer averages over the ``N`` nodes: the global average, as the flat
 path defines it (``op="sum"``: no factor, sums). With nothing dropped the result is
 dense DDP's up to the order of the float additions.
 
 Per bucket the transport (``"flat"``: the :class:`SparseReducer` over every rank;
-``"hierarchical"``) is chosen by :func:`gradsparse.cost.choose` from the link model
+``"hierarchical"``) is chosen by :func:`gradsparse.cost.transport_times` (plus the second node
+allreduce) from the link model
 (measured once at construction, the slowest rank's timings, so every rank has the
 same numbers), the bucket's size and the compressor's density at that step; or
 forced with ``transport=``. A parameter's memory lives on one path at a time: when a
@@ -33,9 +38,9 @@ bucket changes path, its parameters' residuals and momentum are moved over (one
 node-local allreduce per state tensor; see :meth:`HierarchicalReducer._move`), so
 nothing sent or kept is lost.
 
-Order of collectives: node reduce-scatters, the inner reducer's collectives and the
-flat reducer's are issued from the calling thread in bucket order; the node
-allgathers run on their own process group and are issued from future callbacks
+Order of collectives: the first node allreduce, the inner reducer's collectives and
+the flat reducer's are issued from the calling thread in bucket order; the second
+node allreduce runs on its own process group and is issued from future callbacks
 chained in bucket order. Every group therefore sees the same sequence on every rank.
 
 Example::
@@ -185,7 +190,8 @@ def plan_layout(segments: Sequence[Segment], local: int, local_rank: int, min_co
 
 @dataclasses.dataclass(frozen=True)
 class Groups:
-    """The process groups of a hierarchy: the world, this node (two: reduce-scatter, allgather), this column."""
+    """The process groups of a hierarchy: the world, this node (two: from the hook's thread, from callbacks),
+    this column (the same local index on every node)."""
 
     world: dist.ProcessGroup | None
     node: dist.ProcessGroup
