@@ -170,6 +170,9 @@ class SparseAdapter:
         parameters' sizes): no state for a parameter the model lacks, none of another size.
         """
         comm = self.communicator
+        if "hierarchical" in state_dict and isinstance(self.reducer, SparseReducer):
+            raise StateMismatchError("checkpoint was written by a hierarchical reduction (its per-piece residuals "
+                                     "would be lost here): create the state with the same hierarchy= to load it")
         if check_world and state_dict["world_size"] != comm.world_size:
             raise StateMismatchError(f"checkpoint was written with world size {state_dict['world_size']}, "
                                      f"this job has {comm.world_size}; per-rank residuals cannot be redistributed")

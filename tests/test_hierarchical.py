@@ -288,3 +288,18 @@ def test_ddp_doc_hierarchical_script_runs_as_two_nodes_of_two_ranks(tmp_path):
     reports = re.findall(r"rank (\d): step 4: .*?density ([\d.]+), ratio .*?paths \[([^\]]*)\]", out)
     assert sorted(rank for rank, _, _ in reports) == ["0", "1", "2", "3"], out[-5000:]
     assert all(float(density) < 0.05 and paths for _, density, paths in reports), reports
+
+
+def test_a_flat_state_refuses_a_hierarchical_checkpoint():
+    from gradsparse.adapter import SparseAdapter
+    from gradsparse.comm import LocalCommunicator
+    from gradsparse.errors import StateMismatchError
+
+    class Adapter(SparseAdapter):
+        step = 0
+
+    flat = Adapter(TopK(0.01), LocalCommunicator())
+    saved = {**flat.state_dict(), "hierarchical": {"nodes": 2, "local_size": 2, "memory": None, "paths": {}}}
+    with pytest.raises(StateMismatchError, match="hierarchy="):
+        flat._check_checkpoint(saved, None)
+    flat._check_checkpoint(flat.state_dict(), None)  # its own loads
