@@ -276,14 +276,16 @@ def test_ddp_doc_hierarchical_script_runs_as_two_nodes_of_two_ranks(tmp_path):
                                "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port,
                                "train.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, start_new_session=True) for n in range(2)]
-    outs = []
-    try:
-        for proc in nodes:
-            outs.append(proc.communicate(timeout=240))
-    finally:
-        for proc in nodes:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+    deadline, outs = time.monotonic() + 240, []
+    for proc in nodes:
+        try:
+            outs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for p in nodes:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            outs.append(proc.communicate())
+            pytest.fail("the 2 x 2 job did not finish within 240 s: " + "".join(o + e for o, e in outs)[-6000:])
     out = "".join(o + e for o, e in outs)
     reports = re.findall(r"rank (\d): step 4: .*?density ([\d.]+), ratio .*?paths \[([^\]]*)\]", out)
     assert sorted(rank for rank, _, _ in reports) == ["0", "1", "2", "3"], out[-5000:]
@@ -303,3 +305,17 @@ def test_a_flat_state_refuses_a_hierarchical_checkpoint():
     with pytest.raises(StateMismatchError, match="hierarchy="):
         flat._check_checkpoint(saved, None)
     flat._check_checkpoint(flat.state_dict(), None)  # its own loads
+
+
+def test_ranks_per_node_come_from_torchrun_or_are_given_and_must_divide_the_world(monkeypatch):
+    from gradsparse.errors import InvalidConfigError
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with pytest.raises(InvalidConfigError, match="LOCAL_WORLD_SIZE"):
+        hier.local_size_of("auto", 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert hier.local_size_of("auto", 4) == 2 and hier.local_size_of(4, 8) == 4
+    with pytest.raises(InvalidConfigError, match="does not divide"):
+        hier.local_size_of(3, 4)
+    with pytest.raises(InvalidConfigError, match="transport"):
+        hier.Hierarchy(transport="tree")
