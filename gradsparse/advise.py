@@ -184,7 +184,7 @@ def measure_kernels(shapes, repeats: int = 3, max_measure: int = 2**25, seed: in
     for name, (kind, density) in SPARSE_METHODS.items():
         compressor = DGC(density, warmup=None) if kind == "DGC" else TopK(density)
         reducer = SparseReducer(compressor, LocalCommunicator())
-        compressed = sum(s.numel for segs in segments for s in segs if s.numel >= reducer.min_compress_numel)
+        compressed = sum(s.numel for segs in segments for s in segs if s.numel >= reducer.options.min_compress_numel)
         step = [1]
 
         def run(reducer=reducer):

@@ -73,7 +73,7 @@ class SparseCompression(SparseAdapter):
             (``min_compress_numel``, ``value_dtype``, ``nonfinite``, ``op``, ``verify_every``).
             Each parameter is its own bucket here. ``op`` (``"average"`` or ``"sum"``) must
             match the optimizer's op (checked every step); ``verify_every`` compares the
-            ranks' descriptors on every this many ``compress()`` calls: one blocking 80-byte
+            ranks' descriptors on every this many ``compress()`` calls: one blocking 120-byte
             allgather each; every call by default, 0 never (see docs/reliability.md).
 
     Example::

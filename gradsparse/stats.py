@@ -43,7 +43,8 @@ class BucketStats:
     bytes_sent: int
     bytes_received: int
     transport: str      # one of TRANSPORTS
-    compress_s: float
+    compress_s: float   # this rank's work on the bucket: before the collective and after it
+    blocking_s: float = 0.0  # the part before the collective, inside the hook: it stalls backward
 
 
 @dataclasses.dataclass
@@ -59,6 +60,7 @@ class StepStats:
     buckets: int = 0
     allreduce_buckets: int = 0  # buckets whose selection went by the dense transport
     compress_s: float = 0.0
+    blocking_s: float = 0.0
 
     def add(self, b: BucketStats) -> None:
         self.numel += b.numel
@@ -69,6 +71,7 @@ class StepStats:
         self.buckets += 1
         self.allreduce_buckets += int(b.transport == ALLREDUCE)
         self.compress_s += b.compress_s
+        self.blocking_s += b.blocking_s
 
     @property
     def density(self) -> float:

@@ -45,8 +45,8 @@ from collections.abc import Sequence
 
 from .cost import KernelCost, Topology, collective_time, payload_bytes
 from .model_shapes import Shapes
+from .reducer import DESCRIPTOR_BYTES  # one blocking allgather per bucket (verify_every=1)
 
-DESCRIPTOR_BYTES = 80      # gradsparse.reducer.DESCRIPTOR_BYTES: one blocking allgather per bucket (verify_every=1)
 KINDS = ("compute", "dense", "fp16", "powersgd", "sparse", "hierarchical", "auto")
 
 
