@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradsparse import _reference, ops
+from gradsparse import payload as payload_format
 from gradsparse.errors import PayloadError
-from gradsparse.payload import HEADER_BYTES, MAGIC, PayloadLayout
+from gradsparse.payload import HEADER_BYTES, MAGIC, PayloadLayout, parse
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -23,7 +24,7 @@ def test_pack_parse_round_trip(dtype, count, n_dense):
     payload = ops.pack(idx, values, dense, numel, dtype)
     assert payload.numel() == PayloadLayout(count, n_dense, dtype).nbytes
     assert payload.numel() % 8 == 0
-    flags, got_idx, got_values, got_dense = ops.parse(payload, numel, dtype, n_dense)
+    flags, got_idx, got_values, got_dense = parse(payload, numel, dtype, n_dense)
     assert flags == 0
     assert got_idx.tolist() == idx.tolist()
     assert torch.equal(got_values, values) and torch.equal(got_dense, dense)
@@ -97,3 +98,17 @@ def test_fuzzed_payloads_never_write_out_of_bounds_or_change_on_error(unpack_add
     except PayloadError:
         assert torch.count_nonzero(guard) == 0
     assert torch.count_nonzero(guard[:16]) == 0 and torch.count_nonzero(guard[16 + numel:]) == 0
+
+
+def test_payload_entry_points_pass_every_argument_to_the_kernels():
+    """gradsparse.payload is the wire format's one face: its pack/unpack_add give the reference's bytes and sums."""
+    numel, dense_index = 12, torch.tensor([10, 11])
+    idx, values, dense = torch.tensor([0, 4, 7]), torch.tensor([1.5, -2.0, 3.0]), torch.tensor([0.25, -0.5])
+    for value_dtype in DTYPES:
+        got = payload_format.pack(idx, values, dense, numel, value_dtype, flags=1)
+        assert torch.equal(got, _reference.pack(idx, values, dense, numel, value_dtype, 1))
+        for alpha, overwrite in [(1.0, False), (0.25, True)]:
+            a, b = torch.full((numel,), 3.0), torch.full((numel,), 3.0)
+            flags = payload_format.unpack_add([got, got], a, value_dtype, dense_index, alpha=alpha, overwrite=overwrite)
+            assert flags == _reference.unpack_add([got, got], b, value_dtype, dense_index, alpha, overwrite) == 1
+            assert torch.equal(a, b), (value_dtype, alpha, overwrite)

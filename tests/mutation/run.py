@@ -149,7 +149,7 @@ MUTANTS = [
     Mutant("ref_sampled_truncation_by_index", "sampled top-k keeps the first k candidates, not the largest",
            "gradsparse/_reference.py", "return candidates[_topk_of_magnitude(_magnitude(flat[candidates]), k)]",
            "return candidates[:k]", SELECTION),
-    Mutant("ref_unpack_no_range_check", "unpack accepts indices outside [0, numel)", "gradsparse/_reference.py",
+    Mutant("ref_unpack_no_range_check", "unpack accepts indices outside [0, numel)", "gradsparse/payload.py",
            "if int(indices[0]) < 0 or int(indices[-1]) >= numel:", "if False:", PAYLOAD),
 ]
 
