@@ -147,6 +147,23 @@ def test_every_refusal_is_clear_on_every_rank(world2):
         assert set(seen["after"].values()) == {1}  # Horovod kept working after the refusals
 
 
+def test_horovod_communicator_resolves_futures_only_in_complete(world2):
+    world = len(world2[1])
+    expected = [((torch.arange(3 + 5 * r) * 7 + 31 * r) % 251).tolist() for r in range(world)]
+    for rank, r in enumerate(world2[1]):
+        c = r["communicator"]
+        assert (c["needs_complete"], c["rank"], c["world_size"]) == (True, rank, world)
+        assert c["pending"] == {"done": False, "in_flight": ["contract"]}
+        assert c["completed"] == {"done": True, "in_flight": [], "got": expected,
+                                  "sizes": [len(e) for e in expected]}
+        for refused in ("second_under_tag", "process_set_while_pending", "complete_again"):
+            assert c[refused].startswith("CollectiveOrderError") and "complete()" in c[refused], c[refused]
+        assert c["float_payload"].startswith("PayloadTypeError") and "uint8" in c["float_payload"]
+        assert c["ints"] == [[s, 2**40 + s] for s in range(world)]
+        assert c["broadcast"] == [10 + world - 1, -(world - 1)]
+        assert c["after"] == world
+
+
 def test_checkpoint_and_elastic_state_per_rank(world2):
     for r in world2[1]:
         c = r["checkpoint"]
