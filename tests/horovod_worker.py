@@ -1,4 +1,4 @@
-"""One rank of the Horovod tests; launched by tests/test_horovod.py under ``horovodrun --gloo``.
+"""One rank of the Horovod tests; launched by tests/multiprocess/test_horovod.py under ``horovodrun --gloo``.
 
 ``python -m tests.horovod_worker SCENARIO OUTDIR``: runs the scenario's checks with real
 Horovod collectives and saves this rank's findings to ``OUTDIR/rank{r}.pt`` for the test to
@@ -17,7 +17,7 @@ from gradsparse import DGC, DGCSGD, Threshold, TopK
 
 from .docblocks import block_with
 from .models import loss_of, make_model, pairs_at, params_hash, train_past_default_warmup
-from .test_ddp import DGC_CFG, DGC_STEPS, LR, MIN_NUMEL
+from .multiprocess.test_ddp import DGC_CFG, DGC_STEPS, LR, MIN_NUMEL
 from .tolerances import is_close, rejects_planted_errors
 
 
@@ -79,7 +79,7 @@ def equivalence(hvd, gh, rank, steps=6):
 
 
 def dgc_run(gh, hvd, rank, timeline=None):
-    """The DGC configuration of tests/test_ddp.py through Horovod; optionally record a timeline."""
+    """The DGC configuration of tests/multiprocess/test_ddp.py through Horovod; optionally record a timeline."""
     model = make_model("mlp")
     compression = gh.SparseCompression(DGC(**DGC_CFG), min_compress_numel=MIN_NUMEL)
     opt = gh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
