@@ -6,8 +6,8 @@ use the compiled ``torch.ops.gradsparse`` operators (csrc/) for tensors on a dev
 the extension has kernels for, and the pure-PyTorch reference
 (:mod:`gradsparse._reference`) otherwise, with identical results. The one-pass
 reductions the pipeline reads gradients with (:func:`absmax`, :func:`absmin`,
-:func:`all_finite`) have no compiled kernel and are plain PyTorch. Which path is in use is logged once at INFO
-level and readable as :data:`BACKEND`. ``GRADSPARSE_BACKEND=reference`` in the
+:func:`all_finite`) have no compiled kernel and are plain PyTorch. Which path is in
+use is logged once at INFO level and readable as :data:`BACKEND`. ``GRADSPARSE_BACKEND=reference`` in the
 environment (read at import) forces the reference path even where the extension is
 built: the test suite's mutation run (tests/mutation/run.py) uses it to test the
 reference kernels through the whole library.
