@@ -32,6 +32,7 @@ import torch
 
 from gradsparse import DGC, Threshold, TopK, _reference, ops
 from gradsparse.comm import LocalCommunicator
+from gradsparse.payload import parse
 from gradsparse.reducer import SparseReducer
 from gradsparse.stats import ALLGATHER
 
@@ -77,7 +78,7 @@ def _run(benchmark, density, fn, *args, setup=None):
 
 def _assert_payload(payload, grad, expected):
     """The payload holds exactly the oracle's positions and the gradient's values there."""
-    flags, indices, values, dense = ops.parse(payload, N, torch.float32, 0)
+    flags, indices, values, dense = parse(payload, N, torch.float32, 0)
     assert flags == 0 and dense.numel() == 0
     assert torch.equal(indices.long(), expected)
     assert torch.equal(values, grad[expected])

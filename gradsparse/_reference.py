@@ -2,6 +2,9 @@
 
 This module is the fallback used by :mod:`gradsparse.ops` when the C++/CUDA
 extension is absent, and the oracle the extension's kernels are tested against.
+It holds one function per compiled op (``torch.ops.gradsparse.*``) and nothing
+the package calls directly: the wire format lives in :mod:`gradsparse.payload`,
+the reductions the pipeline reads gradients with in :mod:`gradsparse.ops`.
 Every function is deterministic: ties in magnitude are broken towards the lower
 index, and results come back in ascending index order.
 
@@ -20,15 +23,7 @@ import math
 import torch
 
 from .errors import PayloadError
-from .payload import (
-    DTYPE_OF_CODE,
-    FLAG_NONFINITE,
-    HEADER_BYTES,
-    HEADER_INTS,
-    MAGIC,
-    VALUE_DTYPES,
-    PayloadLayout,
-)
+from .payload import HEADER_BYTES, MAGIC, VALUE_DTYPES, PayloadLayout, parse
 
 # Below this many elements a sampled estimate is not worth it: exact top-k is cheap.
 SAMPLED_MIN_NUMEL = 16384
@@ -49,26 +44,6 @@ def _at_least(x: torch.Tensor, threshold) -> torch.Tensor:
     return x.float().abs() >= threshold
 
 
-def absmax(x: torch.Tensor) -> float:
-    """Largest ``|x|`` as a Python float; NaN when ``x`` holds a NaN, inf when it holds an inf. One read pass."""
-    if x.numel() == 0:
-        return 0.0
-    low, high = torch.aminmax(x.detach())
-    return max(-float(low), float(high))
-
-
-def absmin(x: torch.Tensor) -> float:
-    """Smallest ``|x|`` as a Python float (``x`` non-empty)."""
-    return float(x.detach().abs().min())
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """True when no element is NaN or Inf. One read-only pass (a float32 sum) unless the sum overflows."""
-    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(x).all())
-
-
 def _topk_of_magnitude(mag: torch.Tensor, k: int) -> torch.Tensor:
     """Exact top-k positions of a magnitude vector, ascending, ties to the lower index."""
     n = mag.numel()
@@ -83,7 +58,8 @@ def _topk_of_magnitude(mag: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _refuse_nan(x: torch.Tensor) -> None:
-    if not all_finite(x) and bool(torch.isnan(x).any()):
+    # a finite float32 sum proves there is no NaN in one read pass without a temporary; else look
+    if not bool(torch.isfinite(x.sum(dtype=torch.float32))) and bool(torch.isnan(x).any()):
         raise ValueError("topk_select: input contains NaN")
 
 
@@ -154,15 +130,9 @@ def dgc_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum:
         v.add_(u)
 
 
-def pack(
-    indices: torch.Tensor,
-    values: torch.Tensor,
-    dense: torch.Tensor,
-    numel: int,
-    value_dtype: torch.dtype,
-    flags: int = 0,
-) -> torch.Tensor:
-    """Pack (indices, values) and the dense section into one ``uint8`` payload."""
+def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int, value_dtype: torch.dtype,
+         flags: int = 0) -> torch.Tensor:
+    """Reference of :func:`gradsparse.payload.pack`: a zeroed buffer, each section copied into its view."""
     layout = PayloadLayout(indices.numel(), dense.numel(), value_dtype)
     out = torch.zeros(layout.nbytes, dtype=torch.uint8, device=values.device)
     header = torch.tensor(
@@ -177,56 +147,10 @@ def pack(
     return out
 
 
-def parse(payload: torch.Tensor, numel: int, value_dtype: torch.dtype, n_dense: int):
-    """Validate one payload and return ``(flags, indices, values, dense)`` views of it.
-
-    Raises :class:`PayloadError` naming the first problem found.
-    """
-    if payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise PayloadError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
-    if payload.numel() < HEADER_BYTES:
-        raise PayloadError(f"payload of {payload.numel()} bytes is shorter than the {HEADER_BYTES}-byte header")
-    magic, flags, count, got_dense, got_numel, code, _, _ = payload[:HEADER_BYTES].view(torch.int32).tolist()
-    if magic != MAGIC:
-        raise PayloadError(f"bad magic 0x{magic & 0xFFFFFFFF:08x}: not a gradsparse payload")
-    if DTYPE_OF_CODE.get(code) != value_dtype:
-        raise PayloadError(f"value dtype code {code} does not match the expected {value_dtype}")
-    if got_numel != numel:
-        raise PayloadError(f"payload is for a bucket of {got_numel} elements, expected {numel}")
-    if got_dense != n_dense:
-        raise PayloadError(f"payload carries {got_dense} dense values, expected {n_dense}")
-    if count < 0 or count > numel:
-        raise PayloadError(f"payload count {count} is outside [0, {numel}]")
-    layout = PayloadLayout(count, n_dense, value_dtype)
-    if payload.numel() < layout.nbytes:
-        raise PayloadError(f"payload truncated: {payload.numel()} bytes, its header needs {layout.nbytes}")
-    indices = payload[HEADER_BYTES : HEADER_BYTES + 4 * count].view(torch.int32)
-    if count:
-        if int(indices[0]) < 0 or int(indices[-1]) >= numel:
-            raise PayloadError(f"index out of range [0, {numel}): first {int(indices[0])}, last {int(indices[-1])}")
-        if count > 1 and not bool((indices[1:] > indices[:-1]).all()):
-            raise PayloadError("indices are not strictly ascending (duplicate or unordered index)")
-    values = payload[layout.values_offset : layout.dense_offset].view(value_dtype)
-    end = layout.dense_offset + layout.value_size * n_dense
-    dense = payload[layout.dense_offset : end].view(value_dtype)
-    return flags, indices, values, dense
-
-
-def unpack_add(
-    payloads: list[torch.Tensor],
-    out: torch.Tensor,
-    value_dtype: torch.dtype,
-    dense_index: torch.Tensor | None = None,
-    alpha: float = 1.0,
-    overwrite: bool = False,
-) -> int:
-    """Validate every payload, then scatter-add ``alpha * values`` into ``out`` in rank order.
-
-    ``dense_index`` (int64) gives the positions in ``out`` of each payload's dense
-    section. With ``overwrite`` the destination is zeroed first (after
-    validation). Returns the OR of all payloads' flags. On any malformed payload
-    a :class:`PayloadError` is raised before ``out`` is touched.
-    """
+def unpack_add(payloads: list[torch.Tensor], out: torch.Tensor, value_dtype: torch.dtype,
+               dense_index: torch.Tensor | None = None, alpha: float = 1.0, overwrite: bool = False) -> int:
+    """Reference of :func:`gradsparse.payload.unpack_add`: :func:`~gradsparse.payload.parse` every payload
+    (raising :class:`PayloadError` before any write), then ``index_add_`` each one's pairs in rank order."""
     n_dense = 0 if dense_index is None else dense_index.numel()
     parsed = []
     for rank, p in enumerate(payloads):
@@ -244,16 +168,3 @@ def unpack_add(
             out.index_add_(0, dense_index, dense.to(out.dtype), alpha=alpha)
     return flags
 
-
-__all__ = [
-    "FLAG_NONFINITE",
-    "all_finite",
-    "dgc_compensate_",
-    "HEADER_INTS",
-    "pack",
-    "parse",
-    "sampled_topk_indices",
-    "threshold_indices",
-    "topk_indices",
-    "unpack_add",
-]

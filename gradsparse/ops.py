@@ -1,10 +1,13 @@
-"""Entry points for the selection and payload kernels.
+"""Typed entry points for the selection, compensation and payload kernels.
 
-Every caller in the package goes through these functions. They use the compiled
-``torch.ops.gradsparse`` operators (csrc/) for tensors on a device the extension
-has kernels for, and the pure-PyTorch reference (:mod:`gradsparse._reference`)
-otherwise, with identical results. Which path is in use is logged once at INFO
-level and readable as :data:`BACKEND`. ``GRADSPARSE_BACKEND=reference`` in the
+Every caller in the package goes through these functions (the wire format's through
+:mod:`gradsparse.payload`, which calls :func:`pack` and :func:`unpack_add` here). They
+use the compiled ``torch.ops.gradsparse`` operators (csrc/) for tensors on a device
+the extension has kernels for, and the pure-PyTorch reference
+(:mod:`gradsparse._reference`) otherwise, with identical results. The one-pass
+reductions the pipeline reads gradients with (:func:`absmax`, :func:`absmin`,
+:func:`all_finite`) have no compiled kernel and are plain PyTorch. Which path is in
+use is logged once at INFO level and readable as :data:`BACKEND`. ``GRADSPARSE_BACKEND=reference`` in the
 environment (read at import) forces the reference path even where the extension is
 built: the test suite's mutation run (tests/mutation/run.py) uses it to test the
 reference kernels through the whole library.
@@ -42,16 +45,35 @@ def _load_backend() -> tuple[str, tuple[str, ...]]:
     except ImportError as err:
         logger.info("gradsparse: C++ extension not built (%s), using the pure-PyTorch reference kernels", err)
         return "reference", ()
-    devices = tuple(d for d in ("cpu", "cuda")
-                    if torch._C._dispatch_has_kernel_for_dispatch_key("gradsparse::threshold_select", d.upper()))
+    # the devices the extension registered kernels for (TORCH_LIBRARY_IMPL(gradsparse, CPU / CUDA, m))
+    select = torch.ops.gradsparse.threshold_select.default
+    keys = {"cpu": torch.DispatchKey.CPU, "cuda": torch.DispatchKey.CUDA}
+    devices = tuple(d for d, key in keys.items() if select.has_kernel_for_dispatch_key(key))
     logger.info("gradsparse: using the compiled C++ extension kernels on %s", ", ".join(devices))
     return "extension", devices
 
 
 BACKEND, KERNEL_DEVICES = _load_backend()
-all_finite = _reference.all_finite
-absmax = _reference.absmax
-absmin = _reference.absmin
+
+
+def absmax(x: torch.Tensor) -> float:
+    """Largest ``|x|`` as a Python float; NaN when ``x`` holds a NaN, inf when it holds an inf. One read pass."""
+    if x.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(x.detach())
+    return max(-float(low), float(high))
+
+
+def absmin(x: torch.Tensor) -> float:
+    """Smallest ``|x|`` as a Python float (``x`` non-empty)."""
+    return float(x.detach().abs().min())
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf. One read-only pass (a float32 sum) unless the sum overflows."""
+    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def _compiled(t: torch.Tensor) -> bool:
@@ -95,13 +117,10 @@ def dgc_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum:
 
 def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int,
          value_dtype: torch.dtype, flags: int = 0) -> torch.Tensor:
-    """One rank's ``uint8`` payload (layout: :mod:`gradsparse.payload`)."""
+    """One rank's ``uint8`` payload (layout and entry point: :mod:`gradsparse.payload`)."""
     if _compiled(values):
         return torch.ops.gradsparse.pack(indices, values, dense, int(numel), value_dtype, int(flags))
     return _reference.pack(indices, values, dense, numel, value_dtype, flags)
-
-
-parse = _reference.parse
 
 
 def unpack_add(payloads: list[torch.Tensor], out: torch.Tensor, value_dtype: torch.dtype,
@@ -146,7 +165,6 @@ __all__ = [
     "all_finite",
     "dgc_compensate_",
     "pack",
-    "parse",
     "sampled_topk_indices",
     "threshold_indices",
     "topk_indices",
