@@ -62,16 +62,32 @@ class PerSignTopK(Compressor):
         self.target_ratio = check_ratio(ratio)
         self.quantize = boolean(quantize, "quantize")
         self._generator = torch.Generator().manual_seed(0)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_buffers": None}  # scratch only
 
     @property
     def quantizes(self) -> bool:  # type: ignore[override]
         return self.quantize
 
+    def _scratch(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reused work buffers (one of ``v``'s dtype, one bool): fresh 100 MB arrays per call cost more than the
+        passes over them."""
+        buffers = self._buffers
+        if buffers is None or buffers[0].numel() < v.numel() or buffers[0].device != v.device \
+                or buffers[0].dtype != v.dtype:
+            buffers = self._buffers = (torch.empty(v.numel(), dtype=v.dtype, device=v.device),
+                                       torch.empty(v.numel(), dtype=torch.bool, device=v.device))
+        return buffers[0][:v.numel()], buffers[1][:v.numel()]
+
     def select(self, v, step, epoch, loss_scale=1.0):
+        side, flags = self._scratch(v)
         chosen = []
-        for side in (v.clamp(min=0), v.clamp(max=0)):  # one sign's values, zeros elsewhere
-            n = int(torch.count_nonzero(side))
-            if n:  # k <= n: the exact top-k of |side| never reaches its zeros
+        for low, high, compare in ((0.0, None, torch.gt), (None, 0.0, torch.lt)):
+            n = int(torch.count_nonzero(compare(v, 0.0, out=flags)))
+            if n:  # one sign's values, zeros elsewhere; k <= n: the exact top-k of |side| never reaches a zero
+                torch.clamp(v, min=low, max=high, out=side)
                 chosen.append(ops.sampled_topk_indices(side, count_for(self.target_ratio, n), 0.01, self._generator))
         if not chosen:
             return torch.empty(0, dtype=torch.int64, device=v.device)
