@@ -307,3 +307,23 @@ def test_mpirun_world_of_two_averages_what_each_rank_sent(tmp_path):
             expected = own[0].step(world_grad(0, step)) * 0.5 + own[1].step(world_grad(1, step)) * 0.5
             for rank in range(2):
                 assert torch.equal(results[rank][name][step], expected), (name, step, rank)
+
+
+# ------------------------------------------------------------------------------------------------
+# docs/algorithms.md: the side-by-side example prints what the page says it prints.
+
+def test_algorithms_doc_example_prints_what_the_page_shows():
+    import contextlib
+    import re
+
+    from .docblocks import ROOT as DOCS_ROOT
+    from .docblocks import block_with
+
+    block = block_with("docs/algorithms.md", "PerSignTopK(0.01)")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(block, "docs/algorithms.md", "exec"), {})
+    with open(os.path.join(DOCS_ROOT, "docs", "algorithms.md")) as f:
+        page = f.read()
+    shown = re.search(r"prints \(.*?\):\n\n```\n(.*?)```", page, flags=re.S).group(1)
+    assert printed.getvalue() == shown
