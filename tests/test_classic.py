@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gradsparse import GradientDropping, PerSignTopK, Segment, SparseReducer, TopK
+from gradsparse import GradientDropping, PerSignTopK, Segment, SparseReducer
 from gradsparse import ddp as gddp
 from gradsparse.comm import LocalCommunicator
 from gradsparse.errors import ConfigTypeError, InvalidConfigError, StateMismatchError
@@ -221,7 +221,8 @@ def test_world_of_two_averages_what_each_rank_sent():
 
 def ddp_worker(rank, world):
     report = {}
-    for name, make in {"per_sign": lambda: PerSignTopK(1.0, quantize=False), "dropping": lambda: GradientDropping(0.0)}.items():
+    nothing_dropped = {"per_sign": lambda: PerSignTopK(1.0, quantize=False), "dropping": lambda: GradientDropping(0.0)}
+    for name, make in nothing_dropped.items():
         plain, hooked = DDP(make_model("mlp"), bucket_cap_mb=0.05), DDP(make_model("mlp"), bucket_cap_mb=0.05)
         gddp.register(hooked, make())
         opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, hooked)]
@@ -259,7 +260,8 @@ def ddp_worker(rank, world):
         opt2.load_state_dict(ckpt["opt"])
         state2.load_state_dict(ckpt["gradsparse"])
         train(model2, opt2, range(4, 10))
-        report[f"{name}_resumed_equal"] = all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+        report[f"{name}_resumed_equal"] = all(torch.equal(a, b)
+                                              for a, b in zip(model.parameters(), model2.parameters()))
         report[f"{name}_hash"] = params_hash(model)
         history = list(state.history)[1:]
         report[f"{name}_sparse_steps"] = sum(h["dense_buckets"] < h["buckets"] for h in history)
