@@ -51,7 +51,7 @@ INPUTS = {"heavy_tailed": lambda n, s: heavy_tailed(n, torch.float32, s),
 @pytest.mark.parametrize("ratio", [0.003, 0.25, 1.0])
 @pytest.mark.parametrize("quantize", [True, False])
 def test_per_sign_topk_is_the_papers_rule(kind, ratio, quantize):
-    for n, seed in ((3001, 0), (40_000, 1)):
+    for n, seed in ((3001, 0), (12_000, 1)):
         v = INPUTS[kind](n, seed)
         c = PerSignTopK(ratio, quantize=quantize)
         chosen = c.select(v, step=0, epoch=0)
@@ -74,7 +74,7 @@ def test_per_sign_topk_sends_both_signs_where_top_k_by_magnitude_sends_one():
 @pytest.mark.parametrize("drop_ratio,sample_size", [(0.99, 100_000), (0.999, 100_000), (0.9, 1000), (0.5, 7),
                                                     (0.0, 100_000), (0.0001, 1000)])
 def test_gradient_dropping_is_the_authors_rule(kind, drop_ratio, sample_size):
-    for n, seed in ((3001, 0), (40_000, 1)):
+    for n, seed in ((3001, 0), (12_000, 1)):
         v = INPUTS[kind](n, seed)
         chosen = GradientDropping(drop_ratio, sample_size=sample_size).select(v, step=0, epoch=0)
         assert torch.equal(chosen, gradient_dropping_oracle(v, drop_ratio, sample_size)), (kind, n)
