@@ -62,7 +62,8 @@ class SparseCompression(SparseAdapter):
     """A Horovod ``compression=`` object that moves only index/value pairs.
 
     Args:
-        compressor: a gradsparse ``TopK``, ``Threshold`` or ``DGC`` instance (one per optimizer).
+        compressor: a gradsparse ``TopK``, ``Threshold``, ``PerSignTopK``, ``GradientDropping`` or ``DGC``
+            instance (one per optimizer).
         named_parameters: ``model.named_parameters()``; needed when passing this
             object to ``hvd.DistributedOptimizer`` directly (``DistributedOptimizer``
             of this module binds it itself). Checked to be the same on every rank.
