@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast mutate bench cluster-bench cluster-bench-small convergence clean
+.PHONY: setup demo test test-fast mutate bench cluster-bench cluster-bench-small scale convergence clean
 
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
@@ -65,6 +65,15 @@ cluster-bench: setup
 cluster-bench-small: setup
 	$(PY) -m benchmarks.cluster_bench --rates 1gbit,10gbit --worlds 2 --models lstm --comm-sizes 1000000,5000000 \
 		--comm-repeats 3 --steps 3 --out benchmarks/results/cluster_small
+
+# Projection to 8-1,024 nodes and its validation (docs/scale.md): `measure` fits the emulated links (about 1 min,
+# root + iproute2), the 4x1/2x2/1x4 run gives the emulated points (about 4 min), the report takes seconds.
+scale: setup
+	$(PY) -m benchmarks.scale measure
+	$(PY) -m benchmarks.cluster_bench --rates 1gbit --shapes 2x2,4x1,1x4 --models resnet50 \
+		--methods compute,dense,fp16,dgc0.1 --skip-comm --steps 5 --warmup 2 --out benchmarks/results/shapes
+	cp benchmarks/results/shapes/results.json docs/scale/emulated-1gbit-shapes.json
+	$(PY) -m benchmarks.scale --emulated docs/scale/emulated-1gbit-shapes.json
 
 # Convergence matrix on real data (docs/convergence.md): about 2.5 hours on 2 shared cores; resumable.
 convergence: setup

@@ -11,6 +11,11 @@ by benchmarks/cluster_report.py.
     make cluster-bench            # the full matrix: 100 Mbit/s, 1 and 10 Gbit/s; 2 and 4 nodes; both models
     make cluster-bench-small      # a few minutes: 1 and 10 Gbit/s, 2 nodes, LSTM, small comm sizes
     python -m benchmarks.cluster_bench --rates 1gbit --worlds 4 --models resnet50
+    python -m benchmarks.cluster_bench --rates 1gbit --shapes 4x1,2x2,1x4 --models resnet50   # equal world size
+
+A shape ``NxL`` is N nodes of L ranks (one ``torchrun --nproc-per-node L`` per node);
+only the links between nodes are shaped. ``1xL`` is one node: its L ranks on this
+machine's loopback, nothing shaped (no link between nodes is crossed).
 
 Without root or iproute2 it says why and runs on loopback without shaping (``rate`` "loopback").
 """
@@ -84,9 +89,35 @@ def _stop_torchrun(proc: subprocess.Popen, grace: float = 20.0) -> None:
             continue
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"4x1,2x2"`` -> [(4, 1), (2, 2)]: (nodes, ranks per node).
+
+    >>> parse_shapes("4x1,2x2,1x4")
+    [(4, 1), (2, 2), (1, 4)]
+    """
+    shapes = []
+    for item in text.split(","):
+        try:
+            nodes, local = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"a shape is NODESxRANKS_PER_NODE such as 2x2, got {item!r}") from None
+        if nodes < 1 or local < 1 or nodes * local < 2:
+            raise ValueError(f"shape {item!r}: nodes and ranks per node must be >= 1, and 2 ranks at least")
+        shapes.append((nodes, local))
+    return shapes
+
+
+def shape_label(nodes: int, local: int) -> str:
+    """``4 nodes`` (one rank each, as the older results say) or ``2 nodes x 2 ranks``."""
+    if local == 1:
+        return f"{nodes} nodes"
+    return f"{nodes} node{'s' if nodes > 1 else ''} x {local} ranks"
+
+
 def run_job(cluster: EmulatedCluster | None, world: int, script: str, args: list[str], log_path: str,
             timeout: float, port: int) -> None:
-    """Run ``script`` under torchrun on the cluster (one torchrun per node), or on loopback if None; output to the log."""
+    """Run ``script`` under torchrun on the cluster (one torchrun per node, with the cluster's ranks per node), or
+    ``world`` ranks on loopback if None; output to the log."""
     with open(log_path, "a") as log:
         log.write(f"\n=== {script} {' '.join(args)}\n")
         log.flush()
@@ -107,23 +138,28 @@ def run_job(cluster: EmulatedCluster | None, world: int, script: str, args: list
         raise RuntimeError(f"{script} failed on the cluster (exit codes {codes}); see {log_path}")
 
 
-def run_point(rate: str, world: int, opts, log_dir: str, bar: tqdm, ddp_args: list[str] = ()) -> dict:
-    """One (rate, world) point: bring the cluster up, measure the link, run the benchmarks, tear it down.
+def run_point(rate: str, nodes: int, opts, log_dir: str, bar: tqdm, ddp_args: list[str] = (),
+              ranks_per_node: int = 1) -> dict:
+    """One (rate, nodes x ranks per node) point: bring the cluster up, measure the link, run the benchmarks,
+    tear it down. One node (or rate "loopback") runs every rank on this machine's loopback.
 
     ``bar`` gets one update per job; ``ddp_args`` are passed on to benchmarks/ddp_bench.py.
     """
-    point = {"rate": rate, "world": world, "load_before": load_average(), "started": time.strftime("%H:%M:%S")}
-    cluster = None if rate == "loopback" else EmulatedCluster(world, rate)
+    world = nodes * ranks_per_node
+    point = {"rate": rate, "world": world, "nodes": nodes, "ranks_per_node": ranks_per_node,
+             "load_before": load_average(), "started": time.strftime("%H:%M:%S")}
+    cluster = None if rate == "loopback" or nodes == 1 else EmulatedCluster(nodes, rate, ranks_per_node=ranks_per_node)
     with tempfile.TemporaryDirectory() as tmp, (cluster if cluster is not None else _null()):
         link_bps = None
         if cluster is not None:
             point["link"] = cluster.measure_rate(seconds=1.5)
             link_bps = point["link"]["bits_per_s"]
             point["burst_bytes"] = cluster.burst
-        log = os.path.join(log_dir, f"{rate}_w{world}.log")
+        log = os.path.join(log_dir, f"{rate}_w{world}.log" if ranks_per_node == 1 else
+                           f"{rate}_{nodes}x{ranks_per_node}.log")
         link_arg = ["--link-bps", str(link_bps)] if link_bps else []
         if not opts.skip_comm:
-            bar.set_postfix_str(f"{rate} x{world} comm")
+            bar.set_postfix_str(f"{rate} {nodes}x{ranks_per_node} comm")
             out = os.path.join(tmp, "comm.json")
             run_job(cluster, world, "benchmarks/comm_bench.py", ["--sizes", opts.comm_sizes, "--densities",
                     opts.densities, "--repeats", str(opts.comm_repeats), "--out", out, *link_arg], log,
@@ -133,9 +169,9 @@ def run_point(rate: str, world: int, opts, log_dir: str, bar: tqdm, ddp_args: li
             bar.update(1)
         point["ddp"] = {}
         for model in opts.models.split(","):
-            bar.set_postfix_str(f"{rate} x{world} {model}")
+            bar.set_postfix_str(f"{rate} {nodes}x{ranks_per_node} {model}")
             out = os.path.join(tmp, f"ddp_{model}.json")
-            steps = opts.steps if opts.slow_steps is None or rate == "loopback" or \
+            steps = opts.steps if opts.slow_steps is None or rate == "loopback" or nodes == 1 or \
                 _bps(rate) >= 1e9 else opts.slow_steps
             run_job(cluster, world, "benchmarks/ddp_bench.py", ["--model", model, "--methods", opts.methods,
                     "--steps", str(steps), "--warmup", str(opts.warmup), "--out", out, *link_arg, *ddp_args], log,
@@ -145,6 +181,12 @@ def run_point(rate: str, world: int, opts, log_dir: str, bar: tqdm, ddp_args: li
             bar.update(1)
     point["load_after"] = load_average()
     return point
+
+
+def point_key(point: dict) -> tuple[str, int, int]:
+    """(rate, nodes, ranks per node); older results have one rank per node and only ``world``."""
+    local = point.get("ranks_per_node", 1)
+    return point["rate"], point.get("nodes", point["world"] // local), local
 
 
 class _null:
@@ -165,6 +207,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rates", default="1gbit,10gbit,100mbit", help="link rates (tc syntax), run in this order")
     parser.add_argument("--worlds", default="4,2", help="node counts (one rank per node)")
+    parser.add_argument("--shapes", default=None,
+                        help="NODESxRANKS_PER_NODE list, e.g. 2x2 or 4x1,2x2,1x4 (replaces --worlds)")
     parser.add_argument("--models", default="resnet50,lstm")
     parser.add_argument("--methods", default="compute,dense,fp16,powersgd1,powersgd4,topk1,dgc0.1")
     parser.add_argument("--steps", type=int, default=5, help="timed DDP steps per method")
@@ -189,7 +233,10 @@ def main(argv=None) -> None:
     if reason:
         logger.warning("emulated cluster unavailable: %s. Running on loopback WITHOUT link shaping instead.", reason)
         rates = ["loopback"]
-    worlds = [int(w) for w in opts.worlds.split(",")]
+    try:
+        shapes = parse_shapes(opts.shapes) if opts.shapes else [(int(w), 1) for w in opts.worlds.split(",")]
+    except ValueError as err:
+        parser.error(str(err))
     results = {"points": []}
     if opts.resume and os.path.exists(results_path):
         with open(results_path) as f:
@@ -197,18 +244,19 @@ def main(argv=None) -> None:
     results["meta"] = {"command": "python -m benchmarks.cluster_bench " + " ".join(argv or sys.argv[1:]),
                        "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
                        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
-    done = {(p["rate"], p["world"]) for p in results["points"]}
-    todo = [(r, w) for r in rates for w in worlds if (r, w) not in done]
+    done = {point_key(p) for p in results["points"]}
+    todo = [(r, n, l) for r in rates for n, l in shapes if (r, n, l) not in done]
     per_point = len(opts.models.split(",")) + (0 if opts.skip_comm else 1)
     with tqdm(total=len(todo) * per_point, desc="cluster bench", unit="job") as bar:
-        for rate, world in todo:
+        for rate, nodes, local in todo:
             try:
-                point = run_point(rate, world, opts, opts.log_dir, bar)
+                point = run_point(rate, nodes, opts, opts.log_dir, bar, ranks_per_node=local)
             except (RuntimeError, TimeoutError, ClusterUnavailable) as err:
-                logger.error("point %s x%d failed: %s", rate, world, err)
-                results.setdefault("failed", []).append({"rate": rate, "world": world, "error": str(err)})
+                logger.error("point %s, %s failed: %s", rate, shape_label(nodes, local), err)
+                results.setdefault("failed", []).append({"rate": rate, "world": nodes * local, "nodes": nodes,
+                                                         "ranks_per_node": local, "error": str(err)})
                 continue
-            results["points"] = [p for p in results["points"] if (p["rate"], p["world"]) != (rate, world)] + [point]
+            results["points"] = [p for p in results["points"] if point_key(p) != (rate, nodes, local)] + [point]
             with open(results_path, "w") as f:
                 json.dump(results, f, indent=1)
     with open(results_path, "w") as f:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.cluster_report docs/cluster/results.json     # rewrites docs/cluster/results.md + img/
 
-Every ratio compares two configurations of the same run at the same (link, world size):
+Every ratio compares two configurations of the same run at the same (link, nodes x ranks per node):
 speed-up = dense median step time / method median step time; byte ratio = dense wire
 bytes per step / method wire bytes per step. The targets of issue 5 are checked here.
 
@@ -11,6 +11,8 @@ Example::
     >>> from benchmarks.cluster_report import fmt_bytes
     >>> fmt_bytes(1234), fmt_bytes(12_345_678)
     ('1.2 kB', '12.3 MB')
+    >>> shape({"world": 4}), shape({"world": 4, "nodes": 2, "ranks_per_node": 2})
+    ('4 nodes', '2 nodes x 2 ranks')
 """
 
 from __future__ import annotations
@@ -44,12 +46,34 @@ def _rate_key(rate: str) -> float:
     return float("inf") if rate == "loopback" else parse_rate(rate)
 
 
+def _local(p: dict) -> int:
+    return p.get("ranks_per_node", 1)
+
+
+def _nodes(p: dict) -> int:
+    return p.get("nodes", p["world"] // _local(p))
+
+
+def shape(p: dict) -> str:
+    """How a point's ranks sit: ``4 nodes`` (one rank each) or ``2 nodes x 2 ranks``."""
+    nodes, local = _nodes(p), _local(p)
+    if local == 1:
+        return f"{nodes} nodes"
+    return f"{nodes} node{'s' if nodes > 1 else ''} x {local} ranks"
+
+
+def _shape_key(p: dict) -> tuple[int, int]:
+    return p["world"], -_nodes(p)
+
+
 def _points(results: dict) -> list[dict]:
-    return sorted(results["points"], key=lambda p: (_rate_key(p["rate"]), p["world"]))
+    return sorted(results["points"], key=lambda p: (_rate_key(p["rate"]), _shape_key(p)))
 
 
 def _achieved(p: dict) -> str:
-    return f"{p['link']['bits_per_s'] / 1e6:,.0f} Mbit/s" if p.get("link") else "unshaped loopback"
+    if p.get("link"):
+        return f"{p['link']['bits_per_s'] / 1e6:,.0f} Mbit/s"
+    return "one node: no link crossed" if _nodes(p) == 1 and p["rate"] != "loopback" else "unshaped loopback"
 
 
 def _by_method(ddp: dict) -> dict:
@@ -57,11 +81,11 @@ def _by_method(ddp: dict) -> dict:
 
 
 def check_targets(results: dict) -> list[tuple[str, str, str]]:
-    """(target, measured, met/missed) rows for the targets of issue 5."""
+    """(target, measured, met/missed) rows for the targets of issues 5 and 15."""
     rows = []
     for p in _points(results):
         ddp = p.get("ddp", {}).get("resnet50")
-        if p["rate"] == "1gbit" and p["world"] == 4 and ddp:
+        if p["rate"] == "1gbit" and _nodes(p) == 4 and _local(p) == 1 and ddp:
             m = _by_method(ddp)
             if {"dense", "dgc0.1"} <= set(m):
                 dgc = m["dgc0.1"]["step_s"]["median"]
@@ -73,6 +97,16 @@ def check_targets(results: dict) -> list[tuple[str, str, str]]:
                         o = m[other]["step_s"]["median"]
                         rows.append((f"1 Gbit/s, 4 nodes, ResNet-50: DGC faster than {m[other]['label']}",
                                      f"{1e3 * dgc:.0f} vs {1e3 * o:.0f} ms", "met" if dgc < o else "missed"))
+        if p["rate"] == "1gbit" and (_nodes(p), _local(p)) == (2, 2) and ddp:
+            m = _by_method(ddp)
+            if {"dense", "dgc0.1"} <= set(m):
+                speedup = m["dense"]["step_s"]["median"] / m["dgc0.1"]["step_s"]["median"]
+                rows.append(("1 Gbit/s, 2 nodes x 2 ranks, ResNet-50: DGC >= 2x dense", f"{speedup:.2f}x",
+                             "met" if speedup >= 2 else "missed"))
+            for name in (n for n in m if "hier" in n and "dgc0.1" in m):
+                hier, flat = m[name]["step_s"]["median"], m["dgc0.1"]["step_s"]["median"]
+                rows.append((f"1 Gbit/s, 2 nodes x 2 ranks, ResNet-50: {m[name]['label']} faster than flat DGC",
+                             f"{1e3 * hier:.0f} vs {1e3 * flat:.0f} ms", "met" if hier < flat else "missed"))
         if p["rate"] == "10gbit":
             for model, d in p.get("ddp", {}).items():
                 m = _by_method(d)
@@ -82,13 +116,13 @@ def check_targets(results: dict) -> list[tuple[str, str, str]]:
                 for name in ("topk1", "dgc0.1"):
                     if name in m:
                         ratio = m[name]["step_s"]["median"] / dense
-                        rows.append((f"10 Gbit/s, {p['world']} nodes, {model}: {m[name]['label']} <= 1.05x dense",
+                        rows.append((f"10 Gbit/s, {shape(p)}, {model}: {m[name]['label']} <= 1.05x dense",
                                      f"{ratio:.2f}x dense", "met" if ratio <= 1.05 else "missed"))
         if p["rate"] == "1gbit" and p.get("comm"):
             for r in p["comm"]["rows"]:
                 if r["op"] == "allgather" and r["ideal_s"]:
                     ratio = r["time_s"]["median"] / r["ideal_s"]
-                    rows.append((f"1 Gbit/s, {p['world']} nodes: allgather n={r['n']:,} d={r['density']:g} "
+                    rows.append((f"1 Gbit/s, {shape(p)}: allgather n={r['n']:,} d={r['density']:g} "
                                  f"<= 1.3x ideal", f"{ratio:.2f}x ideal", "met" if ratio <= 1.3 else "missed"))
     return rows
 
@@ -100,12 +134,13 @@ def markdown(results: dict) -> str:
            f"torch {meta.get('torch', '?')}. Generated by `python -m benchmarks.cluster_report`; "
            "prose and analysis: [../cluster_benchmark.md](../cluster_benchmark.md).", "",
            "## Links (achieved rate measured with one TCP stream, node 1 -> node 0, before the benchmarks)", "",
-           "| configured | nodes | achieved | tbf burst | load avg (1/5/15 min) before | after |", "|---|---:|---:|---:|---|---|"]
+           "| configured | shape | achieved | tbf burst | load avg (1/5/15 min) before | after |",
+           "|---|---|---:|---:|---|---|"]
     for p in _points(results):
-        out.append(f"| {p['rate']} | {p['world']} | {_achieved(p)} | {fmt_bytes(p.get('burst_bytes') or 0)} | "
+        out.append(f"| {p['rate']} | {shape(p)} | {_achieved(p)} | {fmt_bytes(p.get('burst_bytes') or 0)} | "
                    f"{p['load_before']} | {p.get('load_after')} |")
     for f in results.get("failed", []):
-        out.append(f"| {f['rate']} | {f['world']} | FAILED: {f['error']} | | | |")
+        out.append(f"| {f['rate']} | {shape(f)} | FAILED: {f['error']} | | | |")
     out += ["", "## Targets", "", "| target | measured | |", "|---|---:|---|"]
     out += [f"| {t} | {m} | **{ok}** |" for t, m, ok in check_targets(results)]
     out += ["", "## Communication microbenchmark", "",
@@ -116,7 +151,7 @@ def markdown(results: dict) -> str:
     for p in _points(results):
         if not p.get("comm"):
             continue
-        out += [f"### {p['rate']}, {p['world']} nodes ({_achieved(p)})", "",
+        out += [f"### {p['rate']}, {shape(p)} ({_achieved(p)})", "",
                 "| n | op | density | payload/rank | wire/rank | median ms | p25–p75 ms | ideal ms | time/ideal |",
                 "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in p["comm"]["rows"]:
@@ -139,7 +174,7 @@ def markdown(results: dict) -> str:
                 continue
             m = _by_method(d)
             dense = m.get("dense")
-            out += [f"### {model}, {p['rate']}, {p['world']} nodes ({_achieved(p)}; batch {d['batch']}/rank, "
+            out += [f"### {model}, {p['rate']}, {shape(p)} ({_achieved(p)}; batch {d['batch']}/rank, "
                     f"{d['steps']} timed steps after {d['warmup']})", "",
                     "| method | step ms | min–max | hook ms | compress ms | wire/step/rank | bytes vs dense | "
                     "speed-up vs dense |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -157,7 +192,44 @@ def markdown(results: dict) -> str:
                            f"{fmt_bytes(wire) if name != 'compute' else '—'} | {ratio if name != 'compute' else '—'} | "
                            f"{speed} |")
             out.append("")
+    out += equal_world_tables(results)
     return "\n".join(out) + "\n"
+
+
+def equal_world_tables(results: dict) -> list[str]:
+    """Markdown: per (rate, model, world size) with several shapes, median step ms per method and shape."""
+    out = []
+    groups: dict = {}
+    for p in _points(results):
+        for model in p.get("ddp", {}):
+            groups.setdefault((p["rate"], model, p["world"]), []).append(p)
+    for (rate, model, world), pts in groups.items():
+        if len(pts) < 2:
+            continue
+        if not out:
+            out += ["## Equal world size, different shapes", "",
+                    "Median step ms (speed-up against dense of the same shape). Only the links between nodes are "
+                    "shaped; the ranks of one node talk over loopback.", ""]
+        pts = sorted(pts, key=lambda p: -_nodes(p))
+        out += [f"### {model}, {rate}, {world} ranks", "", "| method | " + " | ".join(shape(p) for p in pts) + " |",
+                "|---|" + "---:|" * len(pts)]
+        methods = [_by_method(p["ddp"][model]) for p in pts]
+        for name in ORDER:
+            if not any(name in m for m in methods):
+                continue
+            cells = []
+            for m in methods:
+                r, dense = m.get(name), m.get("dense")
+                if r is None:
+                    cells.append("—")
+                    continue
+                speed = f" ({dense['step_s']['median'] / r['step_s']['median']:.2f}x)" if dense and name != "compute" \
+                    else ""
+                cells.append(f"{_ms(r['step_s']['median'])}{speed}")
+            label = next(m[name]["label"] for m in methods if name in m)
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def plots(results: dict, img_dir: str) -> list[str]:
@@ -170,11 +242,11 @@ def plots(results: dict, img_dir: str) -> list[str]:
     written = []
     points = [p for p in _points(results) if p.get("link")]
     models = sorted({m for p in points for m in p.get("ddp", {})})
-    worlds = sorted({p["world"] for p in points})
+    worlds = sorted({shape(p) for p in points}, key=lambda s: _shape_key(next(p for p in points if shape(p) == s)))
     for model in models:
         fig, axes = plt.subplots(1, len(worlds), figsize=(5.5 * len(worlds), 4.2), squeeze=False)
         for ax, world in zip(axes[0], worlds):
-            pts = [p for p in points if p["world"] == world and model in p.get("ddp", {})]
+            pts = [p for p in points if shape(p) == world and model in p.get("ddp", {})]
             for name in ORDER:
                 xs, ys, lo, hi = [], [], [], []
                 for p in pts:
@@ -192,7 +264,7 @@ def plots(results: dict, img_dir: str) -> list[str]:
             ax.set_yscale("log")
             ax.set_xlabel("measured link rate (Gbit/s)")
             ax.set_ylabel("step time (ms), median, min–max")
-            ax.set_title(f"{model}, {world} nodes")
+            ax.set_title(f"{model}, {world}")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][-1].legend(fontsize=7)
         fig.tight_layout()
@@ -204,14 +276,14 @@ def plots(results: dict, img_dir: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / max(1, len(worlds))
         for j, world in enumerate(worlds):
-            pts = [p for p in points if p["world"] == world and model in p.get("ddp", {})]
+            pts = [p for p in points if shape(p) == world and model in p.get("ddp", {})]
             if not pts:
                 continue
             ref = min(pts, key=lambda p: abs(_rate_key(p["rate"]) - 1e9))  # bytes hardly depend on the rate
             m = _by_method(ref["ddp"][model])
             names = [n for n in ORDER if n in m and n != "compute"]
             ax.bar([i + j * width for i in range(len(names))], [m[n]["wire_bytes_per_step"] for n in names],
-                   width, label=f"{world} nodes ({ref['rate']})")
+                   width, label=f"{world} ({ref['rate']})")
             ax.set_xticks([i + width * (len(worlds) - 1) / 2 for i in range(len(names))])
             ax.set_xticklabels([m[n]["label"].replace("gradsparse ", "gs ") for n in names], rotation=20, fontsize=8)
         ax.set_yscale("log")
@@ -232,7 +304,7 @@ def plots(results: dict, img_dir: str) -> list[str]:
         for i, world in enumerate(worlds):
             for j, rate in enumerate(rates):
                 ax = axes[i][j]
-                p = next((q for q in comm_pts if q["rate"] == rate and q["world"] == world), None)
+                p = next((q for q in comm_pts if q["rate"] == rate and shape(q) == world), None)
                 if p is None:
                     ax.set_visible(False)
                     continue
@@ -250,7 +322,7 @@ def plots(results: dict, img_dir: str) -> list[str]:
                                 color=line.get_color())
                 ax.set_xscale("log")
                 ax.set_yscale("log")
-                ax.set_title(f"{rate}, {world} nodes (dotted: ideal)", fontsize=9)
+                ax.set_title(f"{rate}, {world} (dotted: ideal)", fontsize=9)
                 ax.set_xlabel("gradient elements")
                 ax.set_ylabel("ms")
                 ax.grid(True, which="both", alpha=0.3)

@@ -170,8 +170,8 @@ def run_method(method: str, args, rank: int) -> dict:
             compress_s.append(s.compress_s)
             lib_sent.append(s.bytes_sent)
             density.append(s.density)
-            if s.dense_buckets:
-                logger.info("%s: %d of %d buckets went dense (transport fallback)", method, s.dense_buckets, s.buckets)
+            if s.allreduce_buckets:
+                logger.info("%s: %d of %d buckets went dense (transport fallback)", method, s.allreduce_buckets, s.buckets)
     if method == "compute":
         per_rank = gather_floats(times)
         step_times = [statistics.median(col) for col in zip(*per_rank)]  # no collective: the typical rank

@@ -3,6 +3,7 @@
     python -m benchmarks.demo                      # what `make demo` runs: ResNet-50 shapes, 2 nodes, 1 Gbit/s
     python -m benchmarks.demo --rate 100mbit       # a slower network
     python -m benchmarks.demo --loopback --model mlp --steps 2   # a quick look, no namespaces
+    python -m benchmarks.demo --nodes 2 --ranks-per-node 2       # 2 nodes of 2 ranks, only the link between shaped
 
 DDP trains a ResNet-50-shaped model (25.6M parameters, benchmarks/bench_models.py) on two nodes,
 each a network namespace joined by a veth link shaped to ``--rate`` with tc (launch/cluster.py;
@@ -105,7 +106,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50", choices=MODELS)
     parser.add_argument("--rate", default="1gbit", help="link rate per direction, tc syntax (default 1gbit)")
-    parser.add_argument("--nodes", type=int, default=2, help="nodes, one rank each")
+    parser.add_argument("--nodes", type=int, default=2, help="nodes (emulated, one network namespace each)")
+    parser.add_argument("--ranks-per-node", type=int, default=1,
+                        help="ranks per node (their traffic inside the node is not shaped)")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"from {', '.join(METHODS)}")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (PowerSGD needs 3)")
@@ -127,9 +130,11 @@ def main(argv=None) -> int:
     reason = "--loopback was given" if args.loopback else unsupported_reason()
     rate = "loopback" if reason else args.rate
     numel = sum(p.numel() for p in make_model(args.model).parameters())
-    where = (f"{args.nodes} emulated nodes (network namespaces), links shaped to {args.rate} with tc" if not reason
-             else f"{args.nodes} ranks on this machine's loopback, NO link shaping")
-    ranks = f"{args.nodes} nodes x 1 rank" if not reason else f"{args.nodes} ranks"
+    world = args.nodes * args.ranks_per_node
+    where = (f"{args.nodes} emulated nodes (network namespaces) x {args.ranks_per_node} rank(s), links between nodes "
+             f"shaped to {args.rate} with tc" if not reason
+             else f"{world} ranks on this machine's loopback, NO link shaping")
+    ranks = f"{args.nodes} nodes x {args.ranks_per_node} rank(s)" if not reason else f"{world} ranks"
     print(f"gradsparse demo: DDP, {args.model} ({numel:,} parameters), {where}; {len(methods)} methods x "
           f"({args.warmup} untimed + {args.steps} timed steps), batch {args.batch} per rank, one thread per rank.",
           flush=True)
@@ -143,7 +148,8 @@ def main(argv=None) -> int:
     port = args.port or (_free_port() if reason else 29540)  # loopback ports are shared with every other job
     opts = types.SimpleNamespace(skip_comm=True, models=args.model, methods=",".join(methods), steps=args.steps,
                                  slow_steps=None, warmup=args.warmup, timeout=args.timeout, port=port)
-    log_path = os.path.join(log_dir, f"{rate}_w{args.nodes}.log")
+    log_path = os.path.join(log_dir, f"{rate}_w{world}.log" if args.ranks_per_node == 1 else
+                            f"{rate}_{args.nodes}x{args.ranks_per_node}.log")
     stop = threading.Event()
     started = time.monotonic()
     with logging_redirect_tqdm(), tqdm(total=len(methods) * (args.warmup + args.steps), desc="starting",
@@ -152,7 +158,7 @@ def main(argv=None) -> int:
         follower.start()
         try:
             point = run_point(rate, args.nodes, opts, log_dir, _StepBar(bar),
-                              ddp_args=["--batch", str(args.batch), "--progress"])
+                              ddp_args=["--batch", str(args.batch), "--progress"], ranks_per_node=args.ranks_per_node)
         except (RuntimeError, TimeoutError) as err:  # the namespaces are gone already (run_point's with block)
             logger.error("%s", err)
             return 1
@@ -177,7 +183,7 @@ def main(argv=None) -> int:
     json_path = os.path.join(args.out, "demo.json")
     with open(json_path, "w") as f:
         json.dump(results, f, indent=1)
-    title = (f"{args.model} ({numel / 1e6:.1f}M parameters), {args.nodes} nodes, {link_text}; batch {args.batch}/rank, "
+    title = (f"{args.model} ({numel / 1e6:.1f}M parameters), {ranks}, {link_text}; batch {args.batch}/rank, "
              f"{args.steps} timed steps after {args.warmup}\nload average {point['load_before']} before, "
              f"{point['load_after']} after (shared cores: absolute times are noisy). DGC 0.1 %: steady state, after "
              f"the warm-up's {DEFAULT_WARMUP_STEPS:,} steps")

@@ -34,6 +34,7 @@ from gradsparse import DGC, Threshold, TopK, _reference, ops
 from gradsparse.comm import LocalCommunicator
 from gradsparse.payload import parse
 from gradsparse.reducer import SparseReducer
+from gradsparse.stats import ALLGATHER
 
 N = 25_000_000
 DENSITIES = [0.001, 0.01]
@@ -195,7 +196,7 @@ def _roundtrip(benchmark, grad, density, compressor, expected):
 
     out = _run(benchmark, density, lambda g: reducer.reduce(g, None, step=1, on_stats=stats.append).wait(),
                setup=fresh)
-    assert not stats[-1].dense
+    assert stats[-1].transport == ALLGATHER
     assert stats[-1].selected == expected.numel()
     want = torch.zeros(N)
     want[expected] = grad[expected]

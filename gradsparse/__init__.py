@@ -15,6 +15,7 @@ rank-0 checkpoint: :mod:`gradsparse.checkpoint`.
 from . import checkpoint, ddp, errors, optim, watchdog
 from .compressors import DGC, REGISTRY, Compressor, Threshold, TopK
 from .optim import DGCSGD
+from .options import ReducerOptions
 from .reducer import Segment, SparseReducer
 from .schedule import Warmup
 from .stats import BucketStats, StepStats
@@ -25,6 +26,7 @@ __all__ = [
     "DGC",
     "DGCSGD",
     "REGISTRY",
+    "ReducerOptions",
     "BucketStats",
     "Compressor",
     "Segment",

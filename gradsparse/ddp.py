@@ -31,7 +31,6 @@ DGC's momentum correction replaces optimizer momentum: use
 # No "from __future__ import annotations": DDP compares the hook's annotations
 # with dist.GradBucket and Future[Tensor] as objects, not strings.
 
-import collections
 import logging
 import threading
 
@@ -40,20 +39,20 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from . import watchdog
-from ._validate import instance, integer
+from ._validate import instance
+from .adapter import SparseAdapter, all_slots, upgrade_checkpoint
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
-from .compressors.dgc import DGC
 from .errors import HookAlreadyRegisteredError, InvalidConfigError, StateMismatchError, UnsupportedGradientError
 from .optim import guard, unwrap
-from .reducer import Segment, SparseReducer
-from .schedule import untold_epoch_message
-from .stats import BucketStats, StepStats
+from .options import ReducerOptions
+from .reducer import Segment
+from .stats import SPARSE_ALLREDUCE, BucketStats, StepStats
 
 logger = logging.getLogger(__name__)
 
 
-class GradSparseState:
+class GradSparseState(SparseAdapter):
     """State of the sparse DDP hook; picklable without its process group.
 
     Args:
@@ -62,14 +61,11 @@ class GradSparseState:
         model: the module whose parameters are reduced (the DDP-wrapped module or
             the DDP model); used to key state by parameter name. Without it,
             parameters are named ``param{i}`` in the order the hook first sees them.
-        start_iter: iterations reduced densely before compression starts (>= 1).
-        granularity, min_compress_numel, value_dtype, nonfinite, op, verify_every: see
-            :class:`~gradsparse.reducer.SparseReducer`.
-        steps_per_epoch: lets epoch-based warm-up advance by itself; otherwise
-            call :meth:`set_epoch` each epoch.
-        log_every: log the step statistics at INFO level every this many steps.
-        history_size: steps kept in ``history`` (the oldest are dropped);
-            ``totals`` sums every step.
+        start_iter, steps_per_epoch, log_every, history_size: see
+            :class:`~gradsparse.adapter.SparseAdapter` (``totals`` sums every step).
+        options, **knobs: the reducer's :class:`~gradsparse.options.ReducerOptions`
+            (``granularity``, ``min_compress_numel``, ``value_dtype``, ``nonfinite``,
+            ``op``, ``verify_every``), as an object or as keywords.
         grad_scaler: the ``torch.amp.GradScaler`` scaling this model's loss, if any:
             residuals and momentum are then kept in one scale (rescaled when the
             scaler's scale changes). Not pickled; pass it again after unpickling.
@@ -84,19 +80,12 @@ class GradSparseState:
         loss.backward(); print(state.last_stats)
     """
 
-    __slots__ = [
-        # often tuned
-        "compressor",
-        "start_iter",
-        "steps_per_epoch",
+    __slots__ = [  # beside SparseAdapter's
         # rarely tuned
         "process_group",
-        "log_every",
         "grad_scaler",
         # internal
-        "reducer",
         "iter",
-        "epoch",
         "_names",
         "_numels",
         "_segments",
@@ -108,13 +97,9 @@ class GradSparseState:
         "_usage",
         "_error",
         "_callback_step",
-        "_epoch_told",
-        "_warned_epoch",
         "_bound_ids",
         "_sealed",
         # stats
-        "last_stats",
-        "history",
         "totals",
         "hook_calls",
         "__weakref__",  # gradsparse.watchdog keeps states by weak reference
@@ -127,35 +112,24 @@ class GradSparseState:
         *,
         model: torch.nn.Module | None = None,
         start_iter: int = 1,
-        granularity: str = "parameter",
-        min_compress_numel: int = 4096,
-        value_dtype: torch.dtype | None = None,
-        nonfinite: str = "skip",
-        op: str = "average",
-        verify_every: int = 1,
         steps_per_epoch: int | None = None,
         log_every: int = 100,
         history_size: int = 10_000,
         grad_scaler: "torch.amp.GradScaler | None" = None,
+        options: ReducerOptions | None = None,
+        **knobs,
     ):
-        self.compressor = instance(compressor, "compressor", Compressor, "TopK(0.01)")
-        self.start_iter = integer(start_iter, "start_iter", minimum=1)
-        self.steps_per_epoch = integer(steps_per_epoch, "steps_per_epoch", minimum=1, allow_none=True)
-        self.log_every = integer(log_every, "log_every", minimum=0)
-        history_size = integer(history_size, "history_size", minimum=0)
+        instance(compressor, "compressor", Compressor, "TopK(0.01)")
         self.process_group = process_group = _group_of(model, process_group)
-        self.reducer = SparseReducer(compressor, TorchDistCommunicator(process_group), granularity=granularity,
-                                     min_compress_numel=min_compress_numel, value_dtype=value_dtype,
-                                     nonfinite=nonfinite, op=op, verify_every=verify_every)
+        super().__init__(compressor, TorchDistCommunicator(process_group), start_iter=start_iter,
+                         steps_per_epoch=steps_per_epoch, log_every=log_every, history_size=history_size,
+                         options=options, **knobs)
         self.reducer.defer_error = self._defer
         self._usage: _UsageTracker | None = None
         self._error: Exception | None = None
         self._callback_step: int | None = None  # the step whose end-of-backward callback is queued
-        self._epoch_told = False
-        self._warned_epoch = False
         self.grad_scaler = grad_scaler
         self.iter = 0
-        self.epoch = 0
         self._names: dict[int, str] = {}
         self._numels: dict[str, int] = {}
         self._bound = False
@@ -168,8 +142,6 @@ class GradSparseState:
         self._pending = 0
         self._closing = False
         self._current = StepStats(step=0)
-        self.last_stats: StepStats | None = None
-        self.history: collections.deque[dict] = collections.deque(maxlen=history_size)
         self.totals = StepStats(step=0)
         self.hook_calls = 0
         watchdog.watch(self)  # warns if optimizer steps happen and this state's hook never runs
@@ -195,15 +167,10 @@ class GradSparseState:
         if tracks and self._usage is None:  # binding the same model again keeps its tracker (and hooks)
             self._usage = _UsageTracker(module)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Tell the hook the current epoch (for epoch-based warm-up)."""
-        self.epoch = int(epoch)
-        self._epoch_told = True
-
-    def current_epoch(self) -> int:
-        if self.steps_per_epoch:
-            return self.iter // self.steps_per_epoch
-        return self.epoch
+    @property
+    def step(self) -> int:
+        """Iterations (optimizer steps) the hook has reduced: ``iter``."""
+        return self.iter
 
     def _key(self, param: torch.Tensor) -> str:
         name = self._names.get(id(param))
@@ -245,25 +212,18 @@ class GradSparseState:
         used = self._usage.used
         mask = torch.tensor([int(id(p) in used) for p in bucket.parameters()], dtype=torch.int32,
                             device=bucket.buffer().device)
-        comm = self.reducer.communicator
-        counts = self.reducer._collective(lambda: comm.allreduce_sum(mask).wait(), bucket.buffer(), step).tolist()
+        counts = self.reducer.collective(lambda: self.communicator.allreduce_sum(mask).wait(), bucket.buffer(),
+                                         step).tolist()
         return [s for s, c in zip(segments, counts, strict=True) if c]
 
     def _begin_bucket(self, step: int, last: bool) -> None:
         """Per-bucket bookkeeping before the reduction: stats, warnings, the deferred-error callback."""
         self._issue(last)
-        if self.reducer.nonfinite == "raise" and self._callback_step != step:
+        if self.options.nonfinite == "raise" and self._callback_step != step:
             # once per step; a step whose backward failed before its callback ran leaves nothing behind
             self._error = None
             self._callback_step = step if _queue_after_backward(self._raise_deferred) else None
-        if step >= self.start_iter and not self._warned_epoch:
-            self._warn_epoch_never_told()
-
-    def _warn_epoch_never_told(self) -> None:
-        self._warned_epoch = True
-        message = untold_epoch_message(self.compressor, self.steps_per_epoch, self._epoch_told)
-        if message:
-            logger.warning("gradsparse: %s", message)
+        self._warn_epoch_once(step)
 
     def _defer(self, error: Exception) -> None:
         """Keep a NonFiniteGradientError for the end of backward (raised there), or raise it now."""
@@ -300,19 +260,10 @@ class GradSparseState:
             if self._pending or not self._closing:
                 return
             done, self._current, self._closing = self._current, StepStats(step=step + 1), False
-        self.last_stats = done
         self.totals.step = done.step
-        self.history.append(done.as_dict())
-        logger.debug("%s", done)
-        if self.log_every and done.step % self.log_every == 0:
-            logger.info("gradsparse %s", done)
+        self._publish(done)
 
     # ------------------------------------------------------------ checkpoint
-    def state_dict(self) -> dict:
-        """Per-rank state: plain tensors and numbers (``torch.load(weights_only=True)`` loads it)."""
-        return {"iter": self.iter, "epoch": self.epoch, "world_size": self.reducer.communicator.world_size,
-                "rank": self.reducer.communicator.rank, **self.reducer.state_dict()}
-
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict` output of the same rank of a job of the same world size.
 
@@ -322,33 +273,16 @@ class GradSparseState:
         model that the checkpoint has no state for start from zero state (e.g. a
         tensor sent whole, or a newly added layer).
         """
-        comm = self.reducer.communicator
-        if state_dict["world_size"] != comm.world_size:
-            raise StateMismatchError(f"checkpoint was written with world size {state_dict['world_size']}, "
-                                     f"this job has {comm.world_size}; per-rank residuals cannot be redistributed")
-        if state_dict["rank"] != comm.rank:
-            raise StateMismatchError(f"checkpoint holds the state of rank {state_dict['rank']}, this is rank "
-                                     f"{comm.rank}: each rank must load its own file")
-        if self._bound:
-            memory = state_dict["memory"]["state"]
-            unknown = set(memory) - set(self._numels)
-            if unknown:
-                raise StateMismatchError(f"checkpoint holds state for parameters this model lacks: {sorted(unknown)[:5]}")
-            for name, slot in memory.items():
-                for buf_name, buf in slot.items():
-                    if buf.numel() != self._numels[name]:
-                        raise StateMismatchError(f"checkpoint state {name}.{buf_name} has {buf.numel()} elements, "
-                                                 f"the model's {name} has {self._numels[name]}")
-        self.reducer.load_state_dict(state_dict)
-        self.iter = int(state_dict["iter"])
-        self.epoch = int(state_dict["epoch"])
-        self._epoch_told = self._epoch_told or self.epoch > 0
+        state_dict = upgrade_checkpoint(state_dict)
+        self._check_checkpoint(state_dict, self._numels if self._bound else None)
+        self._restore(state_dict)
+        self.iter = int(state_dict["step"])
         self._current = StepStats(step=self.iter)
         self._pending, self._closing = 0, False
 
     def __getstate__(self):
         # parameter identities (_bound_ids, _sealed) mean nothing in another process
-        return {slot: getattr(self, slot) for slot in self.__slots__
+        return {slot: getattr(self, slot) for slot in all_slots(type(self))
                 if slot not in ("process_group", "_lock", "grad_scaler", "_usage", "_error", "_bound_ids",
                                 "_sealed", "__weakref__")}
 
@@ -369,11 +303,9 @@ class GradSparseState:
         watchdog.watch(self)
 
     def __repr__(self) -> str:
-        last = self.last_stats
-        stats = "density=None, ratio=None" if last is None else \
-            f"density={last.density:.4g}, ratio={last.compression_ratio:.1f}x"
-        world = self.reducer.communicator.world_size if dist.is_available() and dist.is_initialized() else None
-        return f"GradSparseState(compressor={self.compressor!r}, step={self.iter}, {stats}, world_size={world})"
+        world = self.communicator.world_size if dist.is_available() and dist.is_initialized() else None
+        return f"GradSparseState(compressor={self.compressor!r}, step={self.iter}, {self._stats_repr()}, " \
+               f"world_size={world})"
 
 
 def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -398,7 +330,7 @@ def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futu
             segments = state._used_segments(bucket, segments, step)
         return state.reducer.reduce(
             bucket.buffer(), segments, step, state.current_epoch(),
-            force_dense=step < state.start_iter,
+            select_all=state.dense_iteration(step),
             on_stats=lambda s: state._record(step, s),
             loss_scale=_loss_scale(state.grad_scaler),
         )
@@ -411,13 +343,14 @@ def _sparse_allreduce(state: "GradSparseState", grad: torch.Tensor, step: int) -
     """Average a sparse gradient bucket as DDP does (divide, then a sparse allreduce); no memory involved."""
     if not state.compressor.supports_sparse_gradients:
         raise UnsupportedGradientError(_SPARSE_REFUSAL.format(state.compressor))
-    world = state.reducer.communicator.world_size
+    world = state.communicator.world_size
     grad.div_(world)
     nbytes = grad._indices().numel() * 8 + grad._values().numel() * grad.element_size()
     fut = dist.all_reduce(grad, group=state.process_group, async_op=True).get_future()
 
     def finish(done: torch.futures.Future) -> torch.Tensor:
-        state._record(step, BucketStats(grad.numel(), grad._values().numel(), 0, nbytes, nbytes * world, False, 0.0))
+        state._record(step, BucketStats(numel=grad.numel(), selected=grad._values().numel(), whole=0, bytes_sent=nbytes,
+                                        bytes_received=nbytes * world, transport=SPARSE_ALLREDUCE, compress_s=0.0))
         return done.value()[0]
 
     return fut.then(finish)
@@ -516,12 +449,12 @@ _warned_unchecked = False
 def _warn_unchecked(compressor: Compressor) -> None:
     """Log once per process that DGC's optimizer rule could not be checked."""
     global _warned_unchecked
-    if _warned_unchecked or not (isinstance(compressor, DGC) and compressor.momentum_correction):
+    rule = compressor.optimizer_rule()
+    if _warned_unchecked or rule is None:
         return
     _warned_unchecked = True
-    logger.warning("gradsparse: DGC(momentum=%s) applies momentum itself; register() got no optimizer= and cannot "
-                   "check that the optimizer adds none (use gradsparse.DGCSGD, or SGD(momentum=0) without weight "
-                   "decay): pass register(..., optimizer=opt)", compressor.momentum)
+    logger.warning("gradsparse: %s; register() got no optimizer= and cannot check it: pass register(..., "
+                   "optimizer=opt)", rule)
 
 
 def register(
@@ -562,7 +495,7 @@ def register(
     if optimizer is not None:
         guard(optimizer, compressor)
     logger.info("gradsparse: registered %r on a DDP model of world size %d", compressor,
-                state.reducer.communicator.world_size)
+                state.communicator.world_size)
     return state
 
 

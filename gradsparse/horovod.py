@@ -33,19 +33,18 @@ Example (under ``horovodrun -np 2 -H localhost:2 --gloo python train.py``)::
 
 from __future__ import annotations
 
-import collections
 import copy
 import hashlib
 import logging
 
 import torch
 
-from ._validate import instance, integer
+from .adapter import SparseAdapter, upgrade_checkpoint
 from .compressors.base import Compressor
 from .errors import InvalidConfigError, StateMismatchError
 from .optim import guard
+from .options import ReducerOptions
 from .reducer import Segment, SparseReducer
-from .schedule import untold_epoch_message
 from .stats import BucketStats, StepStats
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def _hvd():
     return hvd
 
 
-class SparseCompression:
+class SparseCompression(SparseAdapter):
     """A Horovod ``compression=`` object that moves only index/value pairs.
 
     Args:
@@ -67,16 +66,15 @@ class SparseCompression:
         named_parameters: ``model.named_parameters()``; needed when passing this
             object to ``hvd.DistributedOptimizer`` directly (``DistributedOptimizer``
             of this module binds it itself). Checked to be the same on every rank.
-        start_iter: iterations sent densely first (every coordinate selected), >= 1.
-        min_compress_numel, value_dtype, nonfinite: see :class:`~gradsparse.reducer.SparseReducer`.
-        verify_every: compare the ranks' descriptors (configuration, layout, step, wire
-            dtype, finite) on every this many ``compress()`` calls: one blocking 80-byte
-            allgather each; every call by default, 0 never (see docs/reliability.md).
-        history_size: steps of statistics kept in ``history``.
-        op: ``"average"`` or ``"sum"``; must match the optimizer's op (checked every step).
-        steps_per_epoch: lets epoch-based warm-up advance by itself; else call :meth:`set_epoch`.
+        start_iter, steps_per_epoch, log_every, history_size: see
+            :class:`~gradsparse.adapter.SparseAdapter`.
         process_set: Horovod process set (None: global).
-        log_every: log step statistics at INFO every this many steps (0: never).
+        options, **knobs: the reducer's :class:`~gradsparse.options.ReducerOptions`
+            (``min_compress_numel``, ``value_dtype``, ``nonfinite``, ``op``, ``verify_every``).
+            Each parameter is its own bucket here. ``op`` (``"average"`` or ``"sum"``) must
+            match the optimizer's op (checked every step); ``verify_every`` compares the
+            ranks' descriptors on every this many ``compress()`` calls: one blocking 120-byte
+            allgather each; every call by default, 0 never (see docs/reliability.md).
 
     Example::
 
@@ -89,40 +87,26 @@ class SparseCompression:
         *,
         named_parameters=None,
         start_iter: int = 1,
-        min_compress_numel: int = 4096,
-        value_dtype: torch.dtype | None = None,
-        nonfinite: str = "skip",
-        op: str = "average",
         steps_per_epoch: int | None = None,
         process_set=None,
         log_every: int = 100,
-        verify_every: int = 1,
         history_size: int = 10_000,
+        options: ReducerOptions | None = None,
+        **knobs,
     ):
-        self.compressor = instance(compressor, "compressor", Compressor, "TopK(0.01)")
-        self.start_iter = integer(start_iter, "start_iter", minimum=1)
-        self.steps_per_epoch = integer(steps_per_epoch, "steps_per_epoch", minimum=1, allow_none=True)
-        self.log_every = integer(log_every, "log_every", minimum=0)
-        history_size = integer(history_size, "history_size", minimum=0)
         from .comm.horovod import HorovodCommunicator
 
-        self.communicator = HorovodCommunicator(process_set)
-        self.reducer = SparseReducer(compressor, self.communicator, granularity="parameter",
-                                     min_compress_numel=min_compress_numel, value_dtype=value_dtype,
-                                     nonfinite=nonfinite, op=op, verify_every=verify_every)
-        self.epoch = 0
+        super().__init__(compressor, HorovodCommunicator(process_set), start_iter=start_iter,
+                         steps_per_epoch=steps_per_epoch, log_every=log_every, history_size=history_size,
+                         options=options, **knobs)
         #: compress() calls so far, per parameter name (the step each parameter is at)
         self.steps: dict[str, int] = {}
-        self.last_stats: StepStats | None = None
-        self.history: collections.deque[dict] = collections.deque(maxlen=history_size)
         self._params: dict[str, torch.Tensor] | None = None
         self._owner = None
         self._next: dict[str | None, str] = {}  # name compressed after each name, last time
         self._previous: str | None = None
         self._inflight: dict[str, int] = {}
         self._open: dict[int, StepStats] = {}
-        self._epoch_told = False
-        self._warned_epoch = False
         if named_parameters is not None:
             self.bind(named_parameters)
 
@@ -170,18 +154,26 @@ class SparseCompression:
                 f"{len(params)} parameters and differs from rank(s) {differ}; parameter counts by rank: {counts}. "
                 "Every rank must build the same model.")
 
-    def set_epoch(self, epoch: int) -> None:
-        """Tell the compressor the current epoch (for epoch-based warm-up)."""
-        self.epoch = int(epoch)
-        self._epoch_told = True
+    @property
+    def step(self) -> int:
+        """The furthest step any parameter has reached (``max(steps.values())``)."""
+        return max(self.steps.values(), default=0)
 
-    def current_epoch(self, step: int) -> int:
-        return step // self.steps_per_epoch if self.steps_per_epoch else self.epoch
+    def param_steps(self) -> dict[str, int]:
+        return dict(self.steps)
 
-    def _set_op(self, op: str) -> None:
-        if op != self.reducer.op and self.steps:
-            raise InvalidConfigError("the reduction op cannot change after training started")
-        self.reducer.op = op
+    def _reconfigure(self, op: str, process_set) -> None:
+        """Reduce with ``op`` over ``process_set`` (what the optimizer uses); only before training starts."""
+        from .comm.horovod import HorovodCommunicator
+
+        if op == self.options.op and process_set is self.communicator.process_set:
+            return
+        if self.steps:
+            raise InvalidConfigError("the reduction op or process set cannot change after training started")
+        communicator = self.communicator
+        if process_set is not communicator.process_set:
+            communicator = HorovodCommunicator(process_set)
+        self.reducer = SparseReducer(self.compressor, communicator, self.options.replace(op=op))
 
     # --------------------------------------------------- Horovod's contract
     def _name_of(self, tensor: torch.Tensor) -> str:
@@ -219,17 +211,13 @@ class SparseCompression:
             raise InvalidConfigError(f"compress() was called for {name!r} again before its decompress(): this "
                                      "SparseCompression is shared by two optimizers; create one per optimizer")
         step = self.steps.get(name, 0)
-        if step >= self.start_iter and not self._warned_epoch:
-            self._warned_epoch = True
-            message = untold_epoch_message(self.compressor, self.steps_per_epoch, self._epoch_told)
-            if message:
-                logger.warning("gradsparse: %s", message)
+        self._warn_epoch_once(step)
         grad = tensor if tensor.is_contiguous() else tensor.contiguous()
         flat = grad.view(-1)
         tag = f"gradsparse.{name}"
         with self.communicator.tagged(tag):
             fut = self.reducer.reduce(flat, [Segment(name, 0, flat.numel())], step, self.current_epoch(step),
-                                      force_dense=step < self.start_iter, on_stats=lambda s: self._record(step, s))
+                                      select_all=self.dense_iteration(step), on_stats=lambda s: self._record(step, s))
         self.steps[name] = step + 1
         self._inflight[name] = step
         return torch.ones(1, dtype=torch.float32, device=tensor.device), (name, tag, fut, grad)
@@ -249,13 +237,13 @@ class SparseCompression:
 
     def _check_marker(self, marker: torch.Tensor) -> None:
         world = self.communicator.world_size
-        expected = 1.0 if self.reducer.op == "average" else float(world)
+        expected = 1.0 if self.options.op == "average" else float(world)
         got = float(marker.reshape(-1)[0])
         if abs(got - expected) > 1e-3 * expected:
             ops = {1.0: "an average", float(world): "a sum"}
             raise InvalidConfigError(
                 f"the optimizer reduced with {ops.get(got, f'an op giving {got}')}, this compression expects "
-                f"op={self.reducer.op!r}; pass op='sum' for hvd.Sum (or use gradsparse.horovod.DistributedOptimizer)")
+                f"op={self.options.op!r}; pass op='sum' for hvd.Sum (or use gradsparse.horovod.DistributedOptimizer)")
 
     # ------------------------------------------------------------------ stats
     def _record(self, step: int, stats: BucketStats) -> None:
@@ -263,44 +251,29 @@ class SparseCompression:
 
     def _close(self, step: int) -> None:
         done = self._open.pop(step, None)
-        if done is None:
-            return
-        self.last_stats = done
-        self.history.append(done.as_dict())
-        logger.debug("%s", done)
-        if self.log_every and step % self.log_every == 0:
-            logger.info("gradsparse %s", done)
+        if done is not None:
+            self._publish(done)
 
     # ------------------------------------------------------------ checkpoint
-    def state_dict(self) -> dict:
-        """Per-rank state: plain tensors and numbers (``torch.load(weights_only=True)`` loads it)."""
-        return {"steps": dict(self.steps), "epoch": self.epoch, "world_size": self.communicator.world_size,
-                "rank": self.communicator.rank, **self.reducer.state_dict()}
-
     def load_state_dict(self, state_dict: dict, *, check_world: bool = True) -> None:
-        """Restore :meth:`state_dict` output; the world size must match (residuals are per rank)."""
-        if check_world and state_dict["world_size"] != self.communicator.world_size:
-            raise StateMismatchError(f"checkpoint was written with world size {state_dict['world_size']}, this job "
-                                     f"has {self.communicator.world_size}; per-rank residuals cannot be redistributed")
-        if self._params is not None:
-            unknown = set(state_dict["memory"]["state"]) - set(self._params)
-            if unknown:
-                raise StateMismatchError(f"checkpoint holds state for parameters this model lacks: {sorted(unknown)[:5]}")
-        self.reducer.load_state_dict(state_dict)
-        self.steps = {str(k): int(v) for k, v in state_dict["steps"].items()}
-        self.epoch = int(state_dict["epoch"])
-        self._epoch_told = self._epoch_told or self.epoch > 0
+        """Restore :meth:`state_dict` output of this rank (with ``check_world``: the same world size and rank).
+
+        With bound parameters, state for a parameter the model lacks or of another
+        size is refused; nothing changes on any error.
+        """
+        state_dict = upgrade_checkpoint(state_dict)
+        numels = None if self._params is None else {n: p.numel() for n, p in self._params.items()}
+        self._check_checkpoint(state_dict, numels, check_world=check_world)
+        self._restore(state_dict)
+        self.steps = {str(k): int(v) for k, v in state_dict["param_steps"].items()}
 
     def __repr__(self) -> str:
-        last = self.last_stats
-        stats = "density=None, ratio=None" if last is None else \
-            f"density={last.density:.4g}, ratio={last.compression_ratio:.1f}x"
         try:
             world = self.communicator.world_size
         except ValueError:  # Horovod not initialised yet
             world = None
-        return (f"SparseCompression(compressor={self.compressor!r}, op={self.reducer.op!r}, "
-                f"step={max(self.steps.values(), default=0)}, {stats}, world_size={world})")
+        return (f"SparseCompression(compressor={self.compressor!r}, op={self.options.op!r}, "
+                f"step={self.step}, {self._stats_repr()}, world_size={world})")
 
 
 _UNSET = object()
@@ -346,11 +319,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
                                 for j, p in enumerate(group["params"])]
         named_parameters = list(named_parameters)
         compression.compressor.check_optimizer(optimizer)
-        if process_set is not compression.communicator.process_set:
-            if compression.steps:
-                raise InvalidConfigError("the compression already ran on another process set")
-            compression.communicator.process_set = process_set
-        compression._set_op("average" if op == hvd.Average else "sum")
+        compression._reconfigure("average" if op == hvd.Average else "sum", process_set)
         compression.bind(named_parameters, owner=optimizer)
     distributed = hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters, compression=compression,
                                            backward_passes_per_step=backward_passes_per_step, op=op,
@@ -410,7 +379,7 @@ def _elastic_handler_class(base):
             if self._saved["world_size"] != self.value.communicator.world_size:
                 logger.warning("gradsparse: world size changed from %d to %d; residuals and momentum reset",
                                self._saved["world_size"], self.value.communicator.world_size)
-                self.value.reducer.memory = self.value.compressor.make_memory()
+                self.value.reducer.reset_memory()
             self.save()
 
     return SparseCompressionHandler

@@ -14,22 +14,25 @@ Steps for one bucket on one rank:
    :class:`StateMismatchError` on every rank instead of sending a payload of
    another size (which aborts gloo). If any rank is unhealthy, stop here: see below.
 3. Per compressed segment: ``g = compressor.preprocess(g)``, ``v = memory.compensate(key, g)``.
-   Segments smaller than ``min_compress_numel`` are sent whole (no memory).
+   Segments smaller than ``min_compress_numel`` are *whole tensors*: sent as they are, no memory.
 4. Select per parameter (each segment its own top-k) or per bucket (one top-k
    over all compressed segments).
-5. Variable-count methods exchange payload sizes. If the sparse payload would
-   cost more than a dense allreduce
-   (``world_size * payload_bytes >= 2 * numel * element_size``), move the same
-   selection by allreduce instead (zeros elsewhere, pre-multiplied by
-   ``1 / world_size`` as DDP does): a transport choice only. For the first
-   iterations (``force_dense``) every coordinate is selected.
+5. Variable-count methods exchange payload sizes. The *transport* is chosen: the
+   sparse allgather, or, if the payload would cost more than a dense allreduce
+   (``world_size * payload_bytes >= 2 * numel * element_size``), the allreduce of
+   the same selection (zeros elsewhere, pre-multiplied by ``1 / world_size`` as
+   DDP does): a transport choice only. In *dense iterations* (``select_all``: the
+   adapters' first iterations) every coordinate is selected.
 6. Pack (indices, values, whole tensors) and allgather: one collective per bucket.
    Every collective is issued from this thread, in call order.
-7. When the collective completes: validate every rank's payload, then
-   scatter-add them in rank order, each scaled by ``1 / world_size``; apply the compressor's dense
+7. When the collective completes (one completion path for both transports): land
+   the result (allgather: validate every rank's payload, then scatter-add them in
+   rank order, each scaled by ``1 / world_size``), apply the compressor's dense
    post-processing to whole tensors, remove what was sent from the memory and
-   write the result into the bucket. A failed collective raises
-   :class:`CommunicationError` naming the bucket, step and rank.
+   write the result into the bucket. A collective that fails in the transport
+   (a ``RuntimeError`` or ``OSError`` from the backend) raises
+   :class:`CommunicationError` naming the bucket, step and rank; gradsparse's own
+   errors and programming errors pass through unchanged.
 
 Loss scaling (AMP's GradScaler): pass ``loss_scale`` (the factor the gradients
 carry). When it changes, the memory is rescaled by new/old before the bucket is
@@ -75,29 +78,32 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import ops
-from ._validate import choice, instance, integer
+from ._validate import instance
 from .comm.base import Communicator, completed_future
 from .compressors.base import Compressor
 from .errors import (
     BucketError,
     CommunicationError,
+    GradSparseError,
     InvalidConfigError,
     NonFiniteGradientError,
     StateMismatchError,
     UnsupportedGradientError,
 )
+from .options import ReducerOptions
 from .payload import DTYPE_OF_CODE, FLAG_NONFINITE, INT32_MAX, VALUE_DTYPES, PayloadLayout
-from .stats import BucketStats
+from .stats import ALLGATHER, ALLREDUCE, BucketStats
+from .transport import FIELDS as TRANSPORT_FIELDS
+from .transport import TransportModel
 
 logger = logging.getLogger(__name__)
 
-OPS = ("average", "sum")
-GRANULARITIES = ("parameter", "bucket")
-NONFINITE_POLICIES = ("raise", "skip")
 PROTOCOL = 0x67730001  # descriptor format version; first field of every descriptor
 DESCRIPTOR_FIELDS = ("protocol version", "configuration (compressor and reducer options)", "bucket layout",
-                     "bucket size", "step", "epoch", "wire dtype", "dense warm-up phase", "payload size")
-DESCRIPTOR_BYTES = 8 * (len(DESCRIPTOR_FIELDS) + 1)  # the compared fields, then the health (int64 each)
+                     "bucket size", "step", "epoch", "wire dtype", "dense iteration", "payload size")
+# int64 each: the compared fields, then the health, then this rank's transport timings (gradsparse.transport)
+DESCRIPTOR_BYTES = 8 * (len(DESCRIPTOR_FIELDS) + 1 + len(TRANSPORT_FIELDS))
+HEALTH = len(DESCRIPTOR_FIELDS)  # the health's position in a descriptor
 # A rank's health, the descriptor's last field: what it found before compensating.
 HEALTHY, NONFINITE, OVERFLOW = 1, 0, 2
 
@@ -113,18 +119,18 @@ class Segment:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    compressed: tuple[Segment, ...]
-    whole: tuple[Segment, ...]
-    groups: tuple[tuple[Segment, ...], ...]
-    n_dense: int
-    crc: int                     # of the layout, compared across ranks
+    compressed: tuple[Segment, ...]  # segments selected from (each with its memory)
+    whole: tuple[Segment, ...]       # whole tensors: sent as they are, no memory
+    groups: tuple[tuple[Segment, ...], ...]  # what one selection call sees (granularity)
+    n_whole: int                     # elements in whole tensors
+    crc: int                         # of the layout, compared across ranks
 
 
 @dataclasses.dataclass(frozen=True)
 class _Selection:
     segment: Segment
     local: torch.Tensor          # int64 positions within the segment
-    sent: torch.Tensor           # fp32 values as they go on the wire
+    sent: torch.Tensor           # fp32 values as they go on the wire (allgather transport)
     complete: bool = False       # every coordinate of its group was selected (nothing dropped)
     bound: float = math.inf      # upper bound of |v| over what its group keeps after the update
 
@@ -137,12 +143,41 @@ class _Job:
     plan: _Plan
     wire: torch.dtype
     step: int
-    selections: list[_Selection]
+    selections: tuple[_Selection, ...]
     count: int                   # pairs this rank sends
     healthy: bool                # this rank compensated and selected (else it flags its payload)
     started: float
     control: int                 # bytes of descriptors and sizes this rank sent
     on_stats: Callable[[BucketStats], None] | None
+    sizes: list[int] | None = None  # every rank's payload bytes (variable-count methods)
+    largest: int = 0             # the largest rank's payload bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class _Landing:
+    """What a transport made of the collective's result, for the one completion path."""
+
+    out: torch.Tensor                            # the reduced bucket (the bucket itself, or an fp32 temporary)
+    sent: tuple[torch.Tensor, ...] | None = None  # values each selection actually carried (None: ``s.sent``)
+    problem: str | None = None                   # why the result must not be used (a rank was unhealthy)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Timing:
+    """When a bucket's collective was issued and what the transport's local work and size were."""
+
+    issued: float    # perf_counter when the collective was issued
+    local_s: float   # local work before it (packing, or scattering the selection)
+    nbytes: int      # the collective's size as the link model reads it (gradsparse.cost.collective_terms)
+    units: int       # what local work scales with: received payload bytes, or bucket elements
+
+
+@dataclasses.dataclass(frozen=True)
+class _Traffic:
+    """Bytes this rank handed to and got back from a bucket's collective (control exchanges excluded)."""
+
+    sent: int
+    received: int
 
 
 def _unhealthy_reason(health: Sequence[int], wire: torch.dtype) -> str:
@@ -201,28 +236,21 @@ def check_bucket(flat: torch.Tensor) -> None:
     if flat.numel() > INT32_MAX:
         raise BucketError(f"bucket of {flat.numel()} elements exceeds the int32 index limit of {INT32_MAX}; "
                           "use smaller buckets (DDP bucket_cap_mb)")
+    if not flat.is_contiguous():
+        raise BucketError("the bucket must be a contiguous tensor")
 
 
-def check_options(*, granularity="parameter", min_compress_numel=4096, value_dtype=None, nonfinite="skip",
-                  op="average", verify_every=1) -> dict:
-    """The :class:`SparseReducer` options, checked (typed errors naming each one) and normalised.
+def is_transport_failure(err: BaseException) -> bool:
+    """Whether an exception from a collective is the transport's (network, peer, timeout), not a bug or a check.
 
-    Example::
+    Backends raise ``RuntimeError`` subclasses (gloo/NCCL's ``DistBackendError``,
+    Horovod's ``HorovodInternalError``, ``mpi4py.MPI.Exception``) or ``OSError``;
+    gradsparse's own errors and other exceptions are not relabelled.
 
-        >>> check_options(min_compress_numel=100.0)["min_compress_numel"]
-        100
+    >>> is_transport_failure(RuntimeError("Connection closed by peer")), is_transport_failure(KeyError("x"))
+    (True, False)
     """
-    if isinstance(op, str) and op.lower() == "adasum" or getattr(op, "__name__", "") == "Adasum":
-        raise InvalidConfigError("Adasum cannot be applied to sparse index/value pairs; use op='average' or 'sum'")
-    instance(value_dtype, "value_dtype", torch.dtype, "torch.float16", allow_none=True)
-    if value_dtype is not None and value_dtype not in VALUE_DTYPES:
-        raise InvalidConfigError(f"value_dtype must be one of {list(VALUE_DTYPES)} or None, got {value_dtype}")
-    return {"granularity": choice(granularity, "granularity", GRANULARITIES),
-            "min_compress_numel": integer(min_compress_numel, "min_compress_numel", minimum=1),
-            "value_dtype": value_dtype,
-            "nonfinite": choice(nonfinite, "nonfinite", NONFINITE_POLICIES),
-            "op": choice(op, "op", OPS),
-            "verify_every": integer(verify_every, "verify_every", minimum=0)}
+    return isinstance(err, (RuntimeError, OSError)) and not isinstance(err, GradSparseError)
 
 
 class SparseReducer:
@@ -231,62 +259,43 @@ class SparseReducer:
     Args:
         compressor: a :class:`~gradsparse.compressors.Compressor`.
         communicator: a :class:`~gradsparse.comm.Communicator`.
-        granularity: ``"parameter"`` (each tensor its own top-k, as in DGC) or
-            ``"bucket"`` (one top-k over the bucket's compressed tensors).
-        min_compress_numel: tensors with fewer elements are sent whole.
-        value_dtype: dtype of the values on the wire (None: the gradient's dtype).
-        nonfinite: ``"raise"`` or ``"skip"`` (see module docstring).
-        op: ``"average"`` (divide by world size) or ``"sum"``.
-        verify_every: compare the ranks' bucket descriptors on every this many
-            calls (counted per reducer, so the same on every rank); 0 never does
-            for fixed-count methods (one small collective per bucket saved).
+        options: a :class:`~gradsparse.options.ReducerOptions` (None: the defaults).
+        **knobs: the fields of :class:`~gradsparse.options.ReducerOptions` as keywords
+            (``granularity``, ``min_compress_numel``, ``value_dtype``, ``nonfinite``,
+            ``op``, ``verify_every``), applied over ``options``.
     """
 
-    def __init__(
-        self,
-        compressor: Compressor,
-        communicator: Communicator,
-        *,
-        granularity: str = "parameter",
-        min_compress_numel: int = 4096,
-        value_dtype: torch.dtype | None = None,
-        nonfinite: str = "skip",
-        op: str = "average",
-        verify_every: int = 1,
-    ):
+    def __init__(self, compressor: Compressor, communicator: Communicator, options: ReducerOptions | None = None,
+                 **knobs):
         self.compressor = instance(compressor, "compressor", Compressor, "TopK(0.01)")
         self.communicator = instance(communicator, "communicator", Communicator, "LocalCommunicator()")
-        options = check_options(granularity=granularity, min_compress_numel=min_compress_numel,
-                                value_dtype=value_dtype, nonfinite=nonfinite, op=op, verify_every=verify_every)
-        self.granularity = options["granularity"]
-        self.min_compress_numel = options["min_compress_numel"]
-        self.value_dtype = options["value_dtype"]
-        self.nonfinite = options["nonfinite"]
-        self.op = options["op"]
-        self.verify_every = options["verify_every"]
+        self.options = ReducerOptions.of(options, **knobs)
         self.memory = compressor.make_memory()
         #: receives NonFiniteGradientError instead of raising it (see :meth:`_on_nonfinite`)
         self.defer_error: Callable[[Exception], None] | None = None
         self._loss_scale: float | None = None
-        self._config_crc = _crc((compressor.config(), granularity, self.min_compress_numel, nonfinite, op))
+        self._config_crc = _crc((compressor.config(), *self.options.signature()))
         self._calls = 0
         self._plans: dict[tuple, _Plan] = {}
-        self._dense_index: dict[tuple, torch.Tensor] = {}
+        self._whole_indices: dict[tuple, torch.Tensor] = {}
+        self._transport = TransportModel()
+        self._last_done = 0.0  # when this rank's previous bucket collective completed (perf_counter)
 
     # ----------------------------------------------------------------- planning
     def _plan(self, segments: Sequence[Segment], numel: int) -> _Plan:
         signature = tuple(segments)
         plan = self._plans.get(signature)
         if plan is None:
+            ordered = tuple(sorted(segments, key=lambda s: s.offset))
             end = 0
-            for s in sorted(segments, key=lambda s: s.offset):
+            for s in ordered:
                 if s.offset < end or s.numel < 1 or s.offset + s.numel > numel:
                     raise BucketError(f"segment {s} overlaps another or lies outside the bucket of {numel} elements")
                 end = s.offset + s.numel
-            ordered = tuple(sorted(segments, key=lambda s: s.offset))
-            compressed = tuple(s for s in ordered if s.numel >= self.min_compress_numel)
-            whole = tuple(s for s in ordered if s.numel < self.min_compress_numel)
-            if self.granularity == "parameter":
+            smallest = self.options.min_compress_numel
+            compressed = tuple(s for s in ordered if s.numel >= smallest)
+            whole = tuple(s for s in ordered if s.numel < smallest)
+            if self.options.granularity == "parameter":
                 groups = tuple((s,) for s in compressed)
             else:
                 groups = (compressed,) if compressed else ()
@@ -298,10 +307,10 @@ class SparseReducer:
         if not plan.whole:
             return None
         key = (plan.whole, str(device))
-        index = self._dense_index.get(key)
+        index = self._whole_indices.get(key)
         if index is None:
             index = torch.cat([torch.arange(s.offset, s.offset + s.numel, device=device) for s in plan.whole])
-            self._dense_index[key] = index
+            self._whole_indices[key] = index
         return index
 
     def fixed_count(self, plan: _Plan, step: int, epoch: int) -> int | None:
@@ -316,7 +325,8 @@ class SparseReducer:
 
     # ---------------------------------------------------------------- selection
     def _compensate(self, flat: torch.Tensor, plan: _Plan, grad_bound: float) -> dict[str, torch.Tensor]:
-        world, scale, average = self.communicator.world_size, self._loss_scale or 1.0, self.op == "average"
+        world, scale = self.communicator.world_size, self._loss_scale or 1.0
+        average = self.options.op == "average"
         return {s.key: self.memory.compensate(
                     s.key, self.compressor.preprocess(flat[s.offset:s.offset + s.numel], world, scale, average),
                     grad_bound)
@@ -334,7 +344,7 @@ class SparseReducer:
     def _limit(self, flat: torch.Tensor, wire: torch.dtype) -> float:
         """Magnitudes at or above this could overflow the wire, the bucket, fp32 memory or an fp32 sum."""
         limit = min(torch.finfo(wire).max, torch.finfo(flat.dtype).max, torch.finfo(torch.float32).max)
-        return limit if self.op == "average" else limit / self.communicator.world_size
+        return limit if self.options.op == "average" else limit / self.communicator.world_size
 
     def _health(self, flat: torch.Tensor, plan: _Plan, wire: torch.dtype) -> tuple[float, int]:
         """``(max|gradient|, HEALTHY | NONFINITE | OVERFLOW)`` of this rank's bucket, before anything changes.
@@ -397,158 +407,232 @@ class SparseReducer:
         step: int,
         epoch: int = 0,
         *,
-        force_dense: bool = False,
+        select_all: bool = False,
         on_stats: Callable[[BucketStats], None] | None = None,
         loss_scale: float | None = None,
     ) -> torch.futures.Future:
         """Reduce ``flat`` in place across ranks; returns a Future of ``flat``.
 
         ``segments`` lists the parameters in the bucket (None: one segment named
-        ``"bucket"``). ``force_dense`` selects every coordinate (the hook's first
-        iterations). ``loss_scale``: see :meth:`set_loss_scale`. Every rank must
-        call this with the same segments, step and epoch, in the same order.
+        ``"bucket"``). ``select_all`` selects every coordinate (a dense iteration:
+        the adapters' first iterations). ``loss_scale``: see :meth:`set_loss_scale`.
+        Every rank must call this with the same segments, step and epoch, in the
+        same order.
+
+        Phases: check and plan, health, verify (descriptors), compensate and
+        select, exchange sizes, transport (:meth:`_allgather` or :meth:`_allreduce`),
+        then one completion path (:meth:`_complete`).
         """
         check_bucket(flat)
-        if not flat.is_contiguous():
-            raise BucketError("the bucket must be a contiguous tensor")
         flat = flat.view(-1)
-        if segments is None:
-            segments = [Segment("bucket", 0, flat.numel())]
-        plan = self._plan(segments, flat.numel())
+        plan = self._plan([Segment("bucket", 0, flat.numel())] if segments is None else segments, flat.numel())
         if loss_scale is not None:
             self.set_loss_scale(loss_scale)
         started = time.perf_counter()
-        wire = self.value_dtype or flat.dtype
+        wire = self.options.value_dtype or flat.dtype
         grad_bound, health = self._health(flat, plan, wire)
-        same_size = force_dense or self.compressor.fixed_count
-        fixed = sum(s.numel for s in plan.compressed) if force_dense else self.fixed_count(plan, step, epoch)
-        self._calls += 1
-        control = 0  # bytes of descriptors and sizes this rank sent
-        if self.verify_every and (self._calls - 1) % self.verify_every == 0:
-            # before compensation: an unhealthy rank anywhere leaves every rank's memory untouched
-            mine = [PROTOCOL, self._config_crc, plan.crc, flat.numel(), step, epoch, VALUE_DTYPES[wire],
-                    int(force_dense), PayloadLayout(fixed, plan.n_dense, wire).nbytes if same_size else -1, health]
-            descriptors = self._collective(lambda: self.communicator.allgather_ints(mine, flat.device), flat, step)
-            check_descriptors(descriptors, same_size)
-            control += DESCRIPTOR_BYTES
-            if any(d[-1] != HEALTHY for d in descriptors):
-                return self._skip_unhealthy(flat, plan, started, control, on_stats, [d[-1] for d in descriptors], wire)
-        selections: list[_Selection] = []
-        if health == HEALTHY:
-            v = self._compensate(flat, plan, grad_bound)
-            selections = self._select_all(v, wire, plan) if force_dense else self._select(v, plan, step, epoch, wire)
-            count = sum(s.local.numel() for s in selections)
-        else:
-            count = fixed or 0
-        nbytes = PayloadLayout(count, plan.n_dense, wire).nbytes
-        sizes = None
-        if not same_size:
-            sizes = self._collective(lambda: self.communicator.exchange_sizes(nbytes, flat.device), flat, step)
-            control += 8
-        largest = nbytes if sizes is None else max(sizes)
-        job = _Job(flat, plan, wire, step, selections, count, health == HEALTHY, started, control, on_stats)
-        if not self._sparse_pays(largest, flat):
-            return self._allreduce(job)
-        return self._allgather(job, sizes, largest)
-
-    def _allgather(self, job: "_Job", sizes: list[int] | None, largest: int) -> torch.futures.Future:
-        """Sparse transport: pack this rank's pairs and whole tensors, allgather, unpack-add every rank's."""
-        flat, plan, wire = job.flat, job.plan, job.wire
-        whole_index = self._whole_index(plan, flat.device)
-        dense = flat[whole_index] if whole_index is not None else flat.new_empty(0)
+        fixed = sum(s.numel for s in plan.compressed) if select_all else self.fixed_count(plan, step, epoch)
+        same_size = select_all or self.compressor.fixed_count
+        job = _Job(flat, plan, wire, step, (), fixed or 0, health == HEALTHY, started, 0, on_stats)
+        descriptors = self._verify(job, epoch, select_all, fixed if same_size else None, health)
+        if descriptors is not None:
+            job = dataclasses.replace(job, control=DESCRIPTOR_BYTES)
+            if any(d[HEALTH] != HEALTHY for d in descriptors):
+                return self._skip_unhealthy(job, [d[HEALTH] for d in descriptors])
         if job.healthy:
-            selections = job.selections
-            indices = torch.cat([s.local + s.segment.offset for s in selections]) if selections else \
-                torch.empty(0, dtype=torch.int64, device=flat.device)
-            values = torch.cat([s.sent for s in selections]) if selections else flat.new_empty(0)
-            payload = ops.pack(indices, values, dense, flat.numel(), wire)
-        else:
-            payload = ops.pack(torch.arange(job.count, device=flat.device), flat.new_zeros(job.count),
-                               flat.new_zeros(plan.n_dense), flat.numel(), wire, flags=FLAG_NONFINITE)
-        prepared = time.perf_counter() - job.started
-        fut = self.communicator.allgather(payload, sizes)
+            v = self._compensate(flat, plan, grad_bound)
+            chosen = self._select_all(v, wire, plan) if select_all else self._select(v, plan, step, epoch, wire)
+            job = dataclasses.replace(job, selections=tuple(chosen), count=sum(s.local.numel() for s in chosen))
+        job = self._exchange_sizes(job, same_size)
+        if self._choose_transport(job) == ALLREDUCE:
+            return self._allreduce(job)
+        return self._allgather(job)
+
+    def _verify(self, job: _Job, epoch: int, select_all: bool, fixed: int | None, health: int) -> list | None:
+        """Every rank's descriptor of this bucket, compared (on verified calls; else None).
+
+        Runs before compensation, so an unhealthy rank anywhere leaves every rank's memory untouched.
+        """
+        self._calls += 1
+        every = self.options.verify_every
+        if not every or (self._calls - 1) % every:
+            return None
+        flat = job.flat
+        payload = PayloadLayout(fixed, job.plan.n_whole, job.wire).nbytes if fixed is not None else -1
+        mine = [PROTOCOL, self._config_crc, job.plan.crc, flat.numel(), job.step, epoch, VALUE_DTYPES[job.wire],
+                int(select_all), payload, health, *self._transport.descriptor()]
+        descriptors = self.collective(lambda: self.communicator.allgather_ints(mine, flat.device), flat, job.step)
+        check_descriptors(descriptors, fixed is not None)
+        self._transport.absorb([d[HEALTH + 1:] for d in descriptors], self.communicator.world_size)
+        return descriptors
+
+    def _exchange_sizes(self, job: _Job, same_size: bool) -> _Job:
+        """Every rank's payload size (variable-count methods: one small collective) and the largest."""
+        nbytes = PayloadLayout(job.count, job.plan.n_whole, job.wire).nbytes
+        if same_size:
+            return dataclasses.replace(job, largest=nbytes)
+        flat = job.flat
+        sizes = self.collective(lambda: self.communicator.exchange_sizes(nbytes, flat.device), flat, job.step)
+        return dataclasses.replace(job, sizes=sizes, largest=max(sizes), control=job.control + 8)
+
+    # --------------------------------------------------------------- transports
+    def _received_bytes(self, job: _Job) -> int:
+        """Bytes the allgather hands this rank: every rank's payload (padded to the largest where the
+        communicator pads)."""
         world = self.communicator.world_size
+        return job.largest * world if self.communicator.pads_to_largest or job.sizes is None else sum(job.sizes)
 
-        def finish(done: torch.futures.Future) -> torch.Tensor:
-            t0 = time.perf_counter()
-            try:
-                payloads = self._collective(done.value, flat, job.step)
-                # accumulate in fp32: in the bucket itself when it is fp32, else in a temporary
-                out = flat if flat.dtype == torch.float32 else flat.new_empty(flat.numel(), dtype=torch.float32)
-                alpha = 1.0 / world if self.op == "average" else 1.0
-                flags = ops.unpack_add(payloads, out, wire, whole_index, alpha=alpha, overwrite=True)
-                if flags & FLAG_NONFINITE:
-                    self._on_nonfinite(flat, "a rank flagged NaN/Inf gradients or an overflow in its payload")
-                    return flat
-                self._commit(job, out)
-                if out is not flat:
-                    flat.copy_(out)
-                return flat
-            finally:
-                if job.on_stats is not None:
-                    pads = self.communicator.pads_to_largest
-                    sent = largest if pads else payload.numel()
-                    received = largest * world if pads or sizes is None else sum(sizes)
-                    job.on_stats(BucketStats(flat.numel(), job.count, plan.n_dense, sent + job.control,
-                                             received + job.control * world, False,
-                                             prepared + time.perf_counter() - t0))
+    def _choose_transport(self, job: _Job) -> str:
+        """ALLGATHER or ALLREDUCE for this bucket, from values every rank has (the same choice everywhere).
 
-        return fut.then(finish)
+        Pairs that would cost more bytes than the allreduce always go by allreduce; otherwise, with
+        ``transport="auto"``, the link model's prediction decides once it has been measured.
+        """
+        mode = self.options.transport
+        if mode in (ALLGATHER, ALLREDUCE):
+            return mode
+        world = self.communicator.world_size
+        if not self._sparse_pays(job.largest, job.flat) or mode == "bytes" or world == 1:
+            return ALLGATHER if self._sparse_pays(job.largest, job.flat) else ALLREDUCE
+        choice = self._transport.choose(numel=job.flat.numel(), element_size=job.flat.element_size(),
+                                        payload_bytes=job.largest, received_bytes=self._received_bytes(job),
+                                        world=world)
+        if choice is None:
+            return ALLGATHER
+        transport, predicted = choice
+        if transport != ALLGATHER:
+            logger.debug("gradsparse: bucket of %d elements at step %d goes by %s (predicted %s)",
+                         job.flat.numel(), job.step, transport, predicted)
+        return transport
 
-    def _allreduce(self, job: "_Job") -> torch.futures.Future:
+    def _pack(self, job: _Job, whole_index: torch.Tensor | None) -> torch.Tensor:
+        """This rank's payload: its pairs and whole tensors, or a flagged one of the agreed size if unhealthy."""
+        flat, plan, wire = job.flat, job.plan, job.wire
+        if not job.healthy:
+            return ops.pack(torch.arange(job.count, device=flat.device), flat.new_zeros(job.count),
+                            flat.new_zeros(plan.n_whole), flat.numel(), wire, flags=FLAG_NONFINITE)
+        whole = flat[whole_index] if whole_index is not None else flat.new_empty(0)
+        selections = job.selections
+        indices = torch.cat([s.local + s.segment.offset for s in selections]) if selections else \
+            torch.empty(0, dtype=torch.int64, device=flat.device)
+        values = torch.cat([s.sent for s in selections]) if selections else flat.new_empty(0)
+        return ops.pack(indices, values, whole, flat.numel(), wire)
+
+    def _allgather(self, job: _Job) -> torch.futures.Future:
+        """Sparse transport: pack this rank's pairs and whole tensors, allgather, unpack-add every rank's."""
+        flat, world = job.flat, self.communicator.world_size
+        whole_index = self._whole_index(job.plan, flat.device)
+        packing = time.perf_counter()
+        payload = self._pack(job, whole_index)
+        issued = time.perf_counter()
+        traffic = _Traffic(job.largest if self.communicator.pads_to_largest else payload.numel(),
+                           self._received_bytes(job))
+
+        def land(payloads: list[torch.Tensor]) -> _Landing:
+            # accumulate in fp32: in the bucket itself when it is fp32, else in a temporary
+            out = flat if flat.dtype == torch.float32 else flat.new_empty(flat.numel(), dtype=torch.float32)
+            alpha = 1.0 / world if self.options.op == "average" else 1.0
+            flags = ops.unpack_add(payloads, out, job.wire, whole_index, alpha=alpha, overwrite=True)
+            problem = "a rank flagged NaN/Inf gradients or an overflow in its payload" \
+                if flags & FLAG_NONFINITE else None
+            return _Landing(out, problem=problem)
+
+        fut = self.communicator.allgather(payload, job.sizes)
+        return self._complete(job, fut, lambda done: done.value(), land, ALLGATHER, traffic,
+                              _Timing(issued, issued - packing, job.largest, traffic.received))
+
+    def _allreduce(self, job: _Job) -> torch.futures.Future:
         """Dense transport of the same selection: scatter it into the bucket and allreduce.
 
         Used when the sparse payload would cost more bytes than an allreduce; the
-        algorithm (what is selected, what the memory keeps) does not change. The
-        average multiplies by ``1 / world_size`` before the sum, as DDP does, so
-        with nothing dropped the result is DDP's bit for bit.
+        algorithm (what is selected, what the memory keeps) does not change, except
+        that the values travel in the bucket's dtype. The average multiplies by
+        ``1 / world_size`` before the sum, as DDP does, so with nothing dropped the
+        result is DDP's bit for bit.
         """
         flat = job.flat
+        scattering = time.perf_counter()
+        carried = None
         if not job.healthy:
             flat.fill_(float("nan"))  # every rank must see it: the sum carries the NaN to all of them
         else:
-            sent = []
+            carried = []
             for s in job.selections:
                 view = flat[s.segment.offset:s.segment.offset + s.segment.numel]
                 view.zero_()
                 view[s.local] = s.sent.to(flat.dtype)
-                sent.append(dataclasses.replace(s, sent=view[s.local].float()))
-            job = dataclasses.replace(job, selections=sent)
-        world = self.communicator.world_size
-        if self.op == "average":
-            flat.mul_(1.0 / world)
-        prepared = time.perf_counter() - job.started
+                carried.append(view[s.local].float())
+            carried = tuple(carried)
+        if self.options.op == "average":
+            flat.mul_(1.0 / self.communicator.world_size)
+        nbytes = flat.numel() * flat.element_size()
+        issued = time.perf_counter()
+
+        def land(_) -> _Landing:
+            finite = job.healthy and ops.all_finite(flat)
+            return _Landing(flat, carried, None if finite else "a rank produced NaN/Inf gradients or an overflow")
+
         fut = self.communicator.allreduce_sum(flat)
+        return self._complete(job, fut, lambda done: done.wait(), land, ALLREDUCE, _Traffic(nbytes, nbytes),
+                              _Timing(issued, issued - scattering, nbytes, flat.numel()))
+
+    def _complete(self, job: _Job, fut: torch.futures.Future, result: Callable, land: Callable[..., _Landing],
+                  transport: str, traffic: _Traffic, timing: _Timing) -> torch.futures.Future:
+        """The one completion path of both transports: wait, land, commit (or apply the nonfinite policy), report."""
+        flat = job.flat
+        blocking = timing.issued - job.started  # the hook's synchronous part: it stalls backward
 
         def finish(done: torch.futures.Future) -> torch.Tensor:
             t0 = time.perf_counter()
             try:
-                self._collective(done.wait, flat, job.step)
-                if not job.healthy or not ops.all_finite(flat):
-                    self._on_nonfinite(flat, "a rank produced NaN/Inf gradients or an overflow")
+                landing = land(self.collective(lambda: result(done), flat, job.step))
+                self._record_timing(transport, timing, t0, time.perf_counter())
+                if landing.problem is not None:
+                    self._on_nonfinite(flat, landing.problem)
                     return flat
-                self._commit(job, flat)
+                self._commit(job, landing)
+                if landing.out is not flat:
+                    flat.copy_(landing.out)
                 return flat
             finally:
-                if job.on_stats is not None:
-                    nbytes = flat.numel() * flat.element_size()
-                    job.on_stats(BucketStats(flat.numel(), job.count, job.plan.n_dense, nbytes + job.control,
-                                             nbytes + job.control * world, True, prepared + time.perf_counter() - t0))
+                self._report(job, transport, traffic, blocking + time.perf_counter() - t0, blocking)
 
         return fut.then(finish)
 
-    def _commit(self, job: "_Job", out: torch.Tensor) -> None:
-        """The reduction arrived: remove what was sent from the memory, post-process whole tensors."""
-        for s in job.selections:
-            self.memory.update(s.segment.key, s.local, s.sent, complete=s.complete, bound=s.bound)
-        for s in job.plan.whole:
-            self.memory.finish_whole(s.key, out[s.offset:s.offset + s.numel])
+    def _record_timing(self, transport: str, timing: _Timing, done: float, landed: float) -> None:
+        """Feed this rank's transport model: the collective's time (from when it could start: issued, or when
+        the previous bucket's collective completed) and the transport's local work."""
+        seconds = done - max(timing.issued, self._last_done)
+        self._last_done = done
+        self._transport.record(transport, timing.nbytes, seconds, timing.local_s + landed - done, timing.units)
 
-    def _collective(self, collective: Callable, flat: torch.Tensor, step: int):
-        """Run or wait for a collective; a failure becomes a :class:`CommunicationError` saying where."""
+    def _commit(self, job: _Job, landing: _Landing) -> None:
+        """The reduction arrived: remove what was sent from the memory, post-process whole tensors."""
+        sent = landing.sent or tuple(s.sent for s in job.selections)
+        for s, values in zip(job.selections, sent, strict=True):
+            self.memory.update(s.segment.key, s.local, values, complete=s.complete, bound=s.bound)
+        for s in job.plan.whole:
+            self.memory.finish_whole(s.key, landing.out[s.offset:s.offset + s.numel])
+
+    def _report(self, job: _Job, transport: str, traffic: _Traffic, compress_s: float, blocking_s: float) -> None:
+        if job.on_stats is not None:
+            world = self.communicator.world_size
+            job.on_stats(BucketStats(numel=job.flat.numel(), selected=job.count, whole=job.plan.n_whole,
+                                     bytes_sent=traffic.sent + job.control,
+                                     bytes_received=traffic.received + job.control * world,
+                                     transport=transport, compress_s=compress_s, blocking_s=blocking_s))
+
+    def collective(self, run: Callable, flat: torch.Tensor, step: int):
+        """Run or wait for a collective; a transport failure becomes a :class:`CommunicationError` saying where.
+
+        Only failures of the transport are relabelled (:func:`is_transport_failure`);
+        anything else propagates unchanged.
+        """
         try:
-            return collective()
+            return run()
         except Exception as err:
+            if not is_transport_failure(err):
+                raise
             cause = str(err).splitlines()[0] if str(err) else repr(err)
             raise CommunicationError(
                 f"gradsparse: a collective for the {flat.numel()}-element bucket at step {step} failed on rank "
@@ -556,15 +640,15 @@ class SparseReducer:
                 f"out (the timeout is set by init_process_group). Cause: {cause}"
             ) from err
 
-    def _skip_unhealthy(self, flat, plan, started, control, on_stats, health: list[int], wire) -> torch.futures.Future:
+    def _skip_unhealthy(self, job: _Job, health: list[int]) -> torch.futures.Future:
         """Some rank's bucket is not finite or could overflow (known from the descriptors): nothing was compensated."""
+        job = dataclasses.replace(job, count=0)
         try:
-            self._on_nonfinite(flat, _unhealthy_reason(health, wire))
+            self._on_nonfinite(job.flat, _unhealthy_reason(health, job.wire))
         finally:
-            if on_stats is not None:
-                on_stats(BucketStats(flat.numel(), 0, plan.n_dense, control, control * self.communicator.world_size,
-                                     False, time.perf_counter() - started))
-        return completed_future(flat)
+            elapsed = time.perf_counter() - job.started
+            self._report(job, ALLGATHER, _Traffic(0, 0), elapsed, elapsed)
+        return completed_future(job.flat)
 
     def _on_nonfinite(self, flat: torch.Tensor, reason: str) -> None:
         """Apply the ``nonfinite`` policy: a NaN bucket (skip), or NonFiniteGradientError (raise).
@@ -574,7 +658,7 @@ class SparseReducer:
         half-way through a backward pass, and the hook raises the error once
         backward has finished.
         """
-        if self.nonfinite == "raise":
+        if self.options.nonfinite == "raise":
             error = NonFiniteGradientError(f"{reason} (nonfinite='raise'); no residual or momentum was changed "
                                            "by them")
             if self.defer_error is None:
@@ -590,6 +674,10 @@ class SparseReducer:
         return {**self.__dict__, "defer_error": None}  # the adapter that set it sets it again
 
     # ------------------------------------------------------------ checkpoints
+    def reset_memory(self) -> None:
+        """Forget every residual and momentum (e.g. after the world size changed: they are per rank)."""
+        self.memory = self.compressor.make_memory()
+
     def state_dict(self) -> dict:
         """Plain tensors and numbers: loads with ``torch.load(weights_only=True)``."""
         return {"compressor": self.compressor.config(), "memory": self.memory.state_dict(),

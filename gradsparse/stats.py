@@ -7,12 +7,18 @@ path), plus the small control exchanges; ``bytes_received`` is what the
 collectives hand back (every rank's payload, or the reduced dense buffer). The
 compression ratio compares ``bytes_sent`` with the dense fp32 gradient.
 
+Words used once each: ``whole`` counts the elements of *whole tensors* (too
+small to compress, sent as they are); ``transport`` is how a bucket travelled,
+:data:`ALLGATHER` (index/value pairs) or :data:`ALLREDUCE` (the same selection
+moved densely, when pairs would cost more bytes); a *dense iteration* (every
+coordinate selected, the adapters' first iterations) is neither.
+
 Example::
 
-    >>> from gradsparse.stats import BucketStats, StepStats
+    >>> from gradsparse.stats import ALLGATHER, BucketStats, StepStats
     >>> s = StepStats(step=3)
     >>> s.add(BucketStats(numel=1000, selected=10, whole=0, bytes_sent=120,
-    ...                   bytes_received=240, dense=False, compress_s=0.001))
+    ...                   bytes_received=240, transport=ALLGATHER, compress_s=0.001))
     >>> round(s.compression_ratio, 1), s.density
     (33.3, 0.01)
 """
@@ -20,6 +26,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+
+ALLGATHER = "allgather"  # index/value pairs (and whole tensors) allgathered
+ALLREDUCE = "allreduce"  # the same selection scattered into the bucket and allreduced
+SPARSE_ALLREDUCE = "sparse_allreduce"  # a sparse gradient (nn.Embedding(sparse=True)) averaged as DDP does
+TRANSPORTS = (ALLGATHER, ALLREDUCE, SPARSE_ALLREDUCE)
 
 
 @dataclasses.dataclass
@@ -31,8 +42,9 @@ class BucketStats:
     whole: int
     bytes_sent: int
     bytes_received: int
-    dense: bool
-    compress_s: float
+    transport: str      # one of TRANSPORTS
+    compress_s: float   # this rank's work on the bucket: before the collective and after it
+    blocking_s: float = 0.0  # the part before the collective, inside the hook: it stalls backward
 
 
 @dataclasses.dataclass
@@ -46,8 +58,9 @@ class StepStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     buckets: int = 0
-    dense_buckets: int = 0
+    allreduce_buckets: int = 0  # buckets whose selection went by the dense transport
     compress_s: float = 0.0
+    blocking_s: float = 0.0
 
     def add(self, b: BucketStats) -> None:
         self.numel += b.numel
@@ -56,8 +69,9 @@ class StepStats:
         self.bytes_sent += b.bytes_sent
         self.bytes_received += b.bytes_received
         self.buckets += 1
-        self.dense_buckets += int(b.dense)
+        self.allreduce_buckets += int(b.transport == ALLREDUCE)
         self.compress_s += b.compress_s
+        self.blocking_s += b.blocking_s
 
     @property
     def density(self) -> float:
@@ -75,4 +89,4 @@ class StepStats:
     def __str__(self) -> str:
         return (f"step {self.step}: sent {self.bytes_sent} B, received {self.bytes_received} B, "
                 f"density {self.density:.5f}, ratio {self.compression_ratio:.1f}x, "
-                f"dense buckets {self.dense_buckets}/{self.buckets}, compress {1e3 * self.compress_s:.2f} ms")
+                f"allreduce buckets {self.allreduce_buckets}/{self.buckets}, compress {1e3 * self.compress_s:.2f} ms")

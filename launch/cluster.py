@@ -1,7 +1,10 @@
 """An emulated N-node cluster on one machine: network namespaces, veth links shaped by tc.
 
 Topology: every node is a network namespace with one interface ``eth0``
-(address ``10.55.0.<i+1>/24``). Two nodes are joined by one veth pair; more
+(address ``10.55.0.<i+1>/24``) and ``ranks_per_node`` ranks (one ``torchrun
+--nproc-per-node`` per node); the ranks of a node reach each other over the
+namespace's own loopback, unshaped, as over NVLink or PCIe inside a real node.
+Two nodes are joined by one veth pair; more
 than two by one veth pair per node into a bridge in a hub namespace (a switch).
 Every veth end is shaped with ``tc tbf`` (tbf shapes egress only, so both ends
 are shaped: each node gets a full-duplex link of ``rate`` to the switch), with
@@ -14,9 +17,10 @@ not when they are missing; the command line then falls back to one loopback
 ``torchrun`` without shaping, and says so.
 
 Run a script on 4 nodes with 1 Gbit/s links (one ``torchrun`` per node, through
-``launch/multinode.sh``, exactly as on a real cluster)::
+``launch/multinode.sh``, exactly as on a real cluster), or on 2 nodes of 2 ranks::
 
     python -m launch.cluster --nodes 4 --rate 1gbit -- benchmarks/comm_bench.py --sizes 1000000
+    python -m launch.cluster --nodes 2 --ranks-per-node 2 --rate 1gbit -- launch/check_job.py
 
 From Python::
 
@@ -28,6 +32,9 @@ Example (no root needed)::
 
     >>> EmulatedCluster(4, rate="1gbit").addresses
     ['10.55.0.1', '10.55.0.2', '10.55.0.3', '10.55.0.4']
+    >>> c = EmulatedCluster(2, rate="1gbit", ranks_per_node=2)
+    >>> c.world_size, c.node_of_rank(3)
+    (4, 1)
 """
 
 from __future__ import annotations
@@ -129,11 +136,17 @@ class EmulatedCluster:
         rate: link rate per direction, tc syntax (``"100mbit"``, ``"1gbit"``); None: unshaped.
         delay: optional one-way delay added on every shaped end (tc netem syntax, ``"0.5ms"``).
         burst: tbf bucket in bytes (None: :func:`default_burst`).
+        ranks_per_node: ranks each node's ``torchrun`` starts (``--nproc-per-node``); only the links
+            between nodes are shaped.
     """
 
-    def __init__(self, nodes: int, rate: str | None = None, delay: str | None = None, burst: int | None = None):
+    def __init__(self, nodes: int, rate: str | None = None, delay: str | None = None, burst: int | None = None,
+                 ranks_per_node: int = 1):
         if int(nodes) != nodes or nodes < 2:
             raise ValueError(f"an emulated cluster needs at least 2 nodes, got {nodes!r}")
+        if int(ranks_per_node) != ranks_per_node or ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node must be an integer >= 1, got {ranks_per_node!r}")
+        self.ranks_per_node = int(ranks_per_node)
         if nodes > 250:
             raise ValueError("at most 250 nodes fit the /24 subnet")
         self.nodes = int(nodes)
@@ -148,6 +161,14 @@ class EmulatedCluster:
         self.iface = IFACE
         self._up = False
         self._old_handlers: dict[int, object] = {}
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    def node_of_rank(self, rank: int) -> int:
+        """The node torchrun puts global rank ``rank`` on (ranks are numbered node by node)."""
+        return rank // self.ranks_per_node
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> EmulatedCluster:
@@ -209,8 +230,8 @@ class EmulatedCluster:
             _sh("ip", "-n", ns, "link", "set", IFACE, "up")
         for ns, dev in ends:
             self._shape(ns, dev)
-        logger.info("emulated cluster up: %d nodes %s, rate %s, delay %s, burst %s B%s", self.nodes,
-                    self.addresses, self.rate or "unshaped", self.delay or "none", self.burst,
+        logger.info("emulated cluster up: %d nodes x %d ranks %s, rate %s, delay %s, burst %s B%s", self.nodes,
+                    self.ranks_per_node, self.addresses, self.rate or "unshaped", self.delay or "none", self.burst,
                     f", bridge in {self.hub}" if self.hub else "")
 
     def _shape(self, ns: str, dev: str) -> None:
@@ -274,13 +295,15 @@ class EmulatedCluster:
                     self.rate or "unshaped")
         return result
 
-    def run_torchrun(self, script: str, args: list[str] | None = None, *, nproc_per_node: int = 1,
+    def run_torchrun(self, script: str, args: list[str] | None = None, *, nproc_per_node: int | None = None,
                      port: int = 29500, env: dict | None = None, timeout: float | None = None,
                      stdout=None, stderr=None) -> list[int]:
         """One ``launch/multinode.sh`` (so one ``torchrun``) per node; returns each node's exit code.
 
-        If a node fails, the others are stopped. A timeout kills every node and raises TimeoutError.
+        ``nproc_per_node`` defaults to the cluster's ``ranks_per_node``. If a node fails, the
+        others are stopped. A timeout kills every node and raises TimeoutError.
         """
+        nproc_per_node = self.ranks_per_node if nproc_per_node is None else nproc_per_node
         procs = []
         for i in range(self.nodes):
             argv = ["bash", MULTINODE, "--nnodes", str(self.nodes), "--node-rank", str(i),
@@ -327,7 +350,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", default="1gbit", help="link rate per direction, tc syntax; 'none' = unshaped")
     parser.add_argument("--delay", default=None, help="one-way delay per shaped end, e.g. 0.5ms")
     parser.add_argument("--burst", type=int, default=None, help="tbf burst in bytes (default: 2 ms at the rate)")
-    parser.add_argument("--nproc-per-node", type=int, default=1)
+    parser.add_argument("--ranks-per-node", "--nproc-per-node", dest="nproc_per_node", type=int, default=1,
+                        help="ranks per node (torchrun --nproc-per-node); only links between nodes are shaped")
     parser.add_argument("--port", type=int, default=29500)
     parser.add_argument("--no-measure", action="store_true", help="skip the link-rate measurement")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the job is killed")
@@ -353,15 +377,14 @@ def main(argv=None) -> int:
                        "WITHOUT link shaping: timings measure this machine's loopback, not a %s network.",
                        reason, args.nodes * args.nproc_per_node, rate)
         return run_loopback(args.nodes, args.nproc_per_node, command[0], command[1:], args.port)
-    with EmulatedCluster(args.nodes, rate, args.delay, args.burst) as cluster:
+    with EmulatedCluster(args.nodes, rate, args.delay, args.burst, ranks_per_node=args.nproc_per_node) as cluster:
         if not args.no_measure:
             link = cluster.measure_rate()
             print(json.dumps({"link": link}), flush=True)
         if command == ["probe"]:
             print(cluster.qdiscs())
             return 0
-        codes = cluster.run_torchrun(command[0], command[1:], nproc_per_node=args.nproc_per_node, port=args.port,
-                                     timeout=args.timeout)
+        codes = cluster.run_torchrun(command[0], command[1:], port=args.port, timeout=args.timeout)
     logger.info("node exit codes: %s", codes)
     return max(abs(c) for c in codes)
 

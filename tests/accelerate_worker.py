@@ -64,7 +64,7 @@ def main(folder):
             iters.append([s.iter for s in states])
     moved = states[0].state_dict()
     accelerator.load_state(os.path.join(folder, "state"))  # each rank takes its own state back
-    out["moved_on"] = moved["iter"]
+    out["moved_on"] = moved["step"]
     out["restored"] = states[0].state_dict()
     torch.save(out, os.path.join(folder, f"rank{accelerator.process_index}.pt"))
     accelerator.wait_for_everyone()

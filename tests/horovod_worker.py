@@ -71,7 +71,7 @@ def equivalence(hvd, gh, rank, steps=6):
             params[variant] = [p.detach().clone() for p in model.parameters()]
         worst = max(float((a.float() - b.float()).abs().max()) for a, b in zip(params["plain"], params["sparse"]))
         pairs = [(a, b) for plain, sparse in zip(grads["plain"], grads["sparse"]) for a, b in zip(plain, sparse)]
-        sparse_buckets = sum(s["buckets"] - s["dense_buckets"] for s in list(compression.history)[1:])
+        sparse_buckets = sum(s["buckets"] - s["allreduce_buckets"] for s in list(compression.history)[1:])
         out[name] = {"worst": worst, "close": all(is_close(b, a, dtype) for a, b in pairs),
                      "sensitive": all(rejects_planted_errors(a, dtype) for a, _ in pairs),
                      "sparse_buckets": sparse_buckets, "steps": len(compression.history)}

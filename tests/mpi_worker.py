@@ -48,7 +48,7 @@ def train(reducer, model, rank, steps, scale_of=lambda step: 1.0, start_iter=1, 
         (scale_of(step) * loss_of(model, "mlp", rank, step)).backward()
         for name, p in model.named_parameters():
             reducer.reduce(p.grad.view(-1), [Segment(name, 0, p.numel())], step,
-                           force_dense=step < start_iter, on_stats=on_stats).wait()
+                           select_all=step < start_iter, on_stats=on_stats).wait()
         opt.step()
 
 

@@ -98,6 +98,17 @@ class Compressor(abc.ABC):
         ``v`` carries the factor ``loss_scale`` (AMP); absolute thresholds scale with it.
         """
 
+    def optimizer_rule(self) -> str | None:
+        """What this compressor requires of the optimizer, in words; None when it accepts any.
+
+        Adapters log it when they cannot check the optimizer (no ``optimizer=`` given).
+
+        >>> from gradsparse import DGC, TopK
+        >>> TopK(0.01).optimizer_rule() is None, DGC(0.01).optimizer_rule()[:34]
+        (True, 'DGC(momentum=0.9) applies momentum')
+        """
+        return None
+
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Raise :class:`~gradsparse.errors.IncompatibleOptimizerError` if ``optimizer``
         cannot apply what this compressor delivers. The base accepts any optimizer.

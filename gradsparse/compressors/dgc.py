@@ -118,6 +118,12 @@ class DGC(Compressor):
         root = math.sqrt(world_size)
         return self.clip_norm * root if average else self.clip_norm / root
 
+    def optimizer_rule(self):
+        if not self.momentum_correction:
+            return None
+        return (f"DGC(momentum={self.momentum}) applies momentum itself: the optimizer must add none (use "
+                "gradsparse.DGCSGD, or SGD(momentum=0) without weight decay)")
+
     def check_optimizer(self, optimizer):
         """Refuse an optimizer that would apply momentum again, or weight decay without it.
 

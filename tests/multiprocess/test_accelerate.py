@@ -56,7 +56,7 @@ def test_dgc_with_gradient_accumulation_under_accelerate_launch(tmp_path):
         assert [it[0] for it in run["iters"]] == [(i + 1) // 4 for i in range(32)]
         assert run["iters"][-1] == [steps, steps] and run["hook_calls"] == [steps, steps]  # one bucket per step
         last = run["history"][-1]
-        assert last["dense_buckets"] == 0 and last["density"] < 0.1  # DGC compressed
+        assert last["allreduce_buckets"] == 0 and last["density"] < 0.1  # DGC compressed
         dgc, topk1, plain = run["params"]
         assert all(torch.equal(topk1[k], plain[k]) for k in plain)  # TopK(1.0) == DDP with the same accumulation
         assert not all(torch.equal(dgc[k], plain[k]) for k in plain)

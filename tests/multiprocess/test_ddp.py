@@ -71,7 +71,7 @@ def equivalence_worker(rank, world, names, steps=6):
                 opt.step()
         stats = list(state.history)[1:]
         report[name] = {"worst": worst, "sensitive": sensitive,
-                        "sparse_steps": sum(s["dense_buckets"] < s["buckets"] for s in stats), "steps": len(stats)}
+                        "sparse_steps": sum(s["allreduce_buckets"] < s["buckets"] for s in stats), "steps": len(stats)}
     return report
 
 
@@ -135,7 +135,7 @@ def test_ranks_end_bit_identical_world_3():
         hashes = {r[name]["hash"] for r in results}
         assert len(hashes) == 1, name
         last = results[0][name]["history"][-1]
-        assert last["buckets"] > 1 and last["dense_buckets"] == 0, (name, last)
+        assert last["buckets"] > 1 and last["allreduce_buckets"] == 0, (name, last)
         for r in results:
             assert [h["step"] for h in r[name]["history"]] == list(range(15))
     silent = results[2]["threshold"]["history"][-1]
@@ -279,7 +279,7 @@ def test_dgc_hook_equals_the_paper_at_world(world):
         layouts = results[0][name]["layouts"]
         assert all(r[name]["layouts"] == layouts for r in results), name
         # the sparse transport carried every step after the dense one (the reference sums in rank order)
-        sparse_steps = [h["dense_buckets"] == 0 for h in results[0][name]["history"][cfg.start_iter:]]
+        sparse_steps = [h["allreduce_buckets"] == 0 for h in results[0][name]["history"][cfg.start_iter:]]
         if cfg.warmup and cfg.warmup[0] == 1.0:  # a ratio-1.0 stage is moved by allreduce: a transport choice
             sparse_steps = sparse_steps[cfg.stage_steps - cfg.start_iter:]
         assert all(sparse_steps), (name, results[0][name]["history"])

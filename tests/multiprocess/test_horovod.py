@@ -176,7 +176,7 @@ def test_uneven_counts_and_empty_payloads_world_3(world3):
     for name in ("threshold", "topk", "dgc"):
         assert len({r["uneven"][name]["hash"] for r in results}) == 1, name
     silent = results[2]["uneven"]["threshold"]["history"][-1]
-    assert silent["selected"] == 0 and silent["buckets"] - silent["dense_buckets"] >= 2
+    assert silent["selected"] == 0 and silent["buckets"] - silent["allreduce_buckets"] >= 2
     assert results[0]["uneven"]["threshold"]["history"][-1]["selected"] > 0
 
 

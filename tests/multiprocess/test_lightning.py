@@ -50,9 +50,9 @@ def test_dgc_trains_under_the_lightning_trainer_on_cpu(trained):
     runs = [result(trained, "dgc", r) for r in range(2)]
     for run in runs:
         assert "error" not in run and run["global_step"] == 32
-        assert run["state"]["iter"] == 32 and len(run["history"]) == 32  # the hook ran every optimizer step
+        assert run["state"]["step"] == 32 and len(run["history"]) == 32  # the hook ran every optimizer step
         last = run["history"][-1]
-        assert last["dense_buckets"] == 0 and last["density"] < 0.1 and last["compression_ratio"] > 5
+        assert last["allreduce_buckets"] == 0 and last["density"] < 0.1 and last["compression_ratio"] > 5
         assert sum(run["losses"][-4:]) < 0.6 * sum(run["losses"][:4])
     assert equal(runs[0]["params"], runs[1]["params"])  # every rank applied the same update
     for rank in range(2):  # DGC's momentum rule meets configure_optimizers: SGD(momentum=0.9) is refused
@@ -64,7 +64,7 @@ def test_topk_ratio_1_equals_lightning_without_the_hook(trained):
     for rank in range(2):
         sparse, dense = result(trained, "topk1", rank), result(trained, "dense", rank)
         # accumulate_grad_batches=2: Lightning's no_sync on the other micro-batch, the hook once per optimizer step
-        assert sparse["global_step"] == dense["global_step"] == 16 and sparse["state"]["iter"] == 16
+        assert sparse["global_step"] == dense["global_step"] == 16 and sparse["state"]["step"] == 16
         assert equal(sparse["params"], dense["params"])
 
 

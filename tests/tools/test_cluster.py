@@ -43,6 +43,29 @@ def test_two_nodes_shaped_run_torchrun_across_and_tear_down(tmp_path):
 
 
 @needs_netns
+def test_two_nodes_of_two_ranks_shape_only_the_link_between_nodes(tmp_path):
+    """2 x 2: one torchrun --nproc-per-node 2 per namespace; ranks numbered node by node; inside a node unshaped."""
+    cluster = EmulatedCluster(2, rate="200mbit", ranks_per_node=2)
+    with cluster:
+        between = cluster.measure_rate(src=1, dst=0, seconds=0.8)["bits_per_s"]
+        inside = cluster.measure_rate(src=0, dst=0, seconds=0.8)["bits_per_s"]   # node 0 to its own address
+        out = tmp_path / "check.json"
+        codes = cluster.run_torchrun("launch/check_job.py", ["--out", str(out)], port=29613, timeout=120,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert codes == [0, 0]
+        report = json.loads(out.read_text())
+    assert not _ours(cluster), "namespaces left behind"
+    assert 0.7 * 200e6 < between < 1.1 * 200e6 and inside > 5 * 200e6, (between, inside)
+    assert report["world_size"] == 4 and report["allreduce"] == [4, 4, 4, 4]
+    assert [r["address"] for r in report["ranks"]] == ["10.55.0.1", "10.55.0.1", "10.55.0.2", "10.55.0.2"]
+    assert [cluster.node_of_rank(r) for r in range(4)] == [0, 0, 1, 1]
+    # a ring allreduce of 4 MB over ranks 0-1 | 2-3 crosses each node's link once per direction: 2 x 3/4 x 4 MB =
+    # 6 MB out of each node's eth0 (the counter is the node's, shared by its 2 ranks). Had the ranks of a node
+    # talked over eth0 too, each node would send 12 MB.
+    assert all(4.5e6 < b < 9e6 for b in report["tx_bytes_4MB_allreduce"]), report
+
+
+@needs_netns
 def test_bridge_for_three_nodes_is_shaped_both_ways():
     with EmulatedCluster(3, rate="100mbit") as cluster:
         up = cluster.measure_rate(src=2, dst=0, seconds=0.8)["bits_per_s"]
@@ -127,3 +150,5 @@ def test_cluster_refuses_impossible_sizes_and_rates():
         EmulatedCluster(1)
     with pytest.raises(ValueError, match="link rate"):
         EmulatedCluster(2, rate="fast")
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        EmulatedCluster(2, ranks_per_node=0)

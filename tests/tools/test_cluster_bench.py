@@ -64,6 +64,51 @@ def test_launch_and_benchmark_docstring_examples():
     import importlib
 
     for name in ("launch.cluster", "launch.linkrate", "benchmarks.bench_models", "benchmarks.wire",
+                 "benchmarks.cluster_bench",
                  "benchmarks.cluster_report"):
         result = doctest.testmod(importlib.import_module(name))
         assert result.attempted > 0 and result.failed == 0, (name, result)
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"emulated cluster unavailable: {REASON}")
+def test_cluster_bench_two_nodes_of_two_ranks(tmp_path):
+    """--shapes 2x2: one torchrun of 2 ranks per namespace, world 4; DDP runs across and the point says its shape."""
+    before = set(list_namespaces())
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cluster_bench", "--rates", "1gbit", "--shapes", "2x2", "--models", "mlp",
+         "--methods", "dense,dgc0.1", "--skip-comm", "--steps", "2", "--warmup", "1", "--out", str(tmp_path),
+         "--log-dir", str(tmp_path / "logs"), "--port", "29622"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(list_namespaces()) <= before, "the benchmark left namespaces behind"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert not results.get("failed"), results.get("failed")
+    (point,) = results["points"]
+    assert (point["nodes"], point["ranks_per_node"], point["world"]) == (2, 2, 4)
+    assert point["ddp"]["mlp"]["world_size"] == 4
+    methods = {m["method"]: m for m in point["ddp"]["mlp"]["methods"]}
+    assert len(methods["dense"]["wire_bytes_per_step_all_ranks"]) == 4
+    assert methods["dgc0.1"]["lib_bytes_sent_per_step"] < 4 * 133_898 / 5
+    assert "2 nodes x 2 ranks" in (tmp_path / "results.md").read_text()
+
+
+def test_shapes_and_the_equal_world_table():
+    from benchmarks.cluster_bench import parse_shapes
+    from benchmarks.cluster_report import equal_world_tables
+
+    assert parse_shapes("4x1,2x2,1x4") == [(4, 1), (2, 2), (1, 4)]
+    for bad in ("2", "2x0", "1x1", "axb"):
+        with pytest.raises(ValueError, match="shape"):
+            parse_shapes(bad)
+
+    def point(nodes, local, dense_s, dgc_s):
+        methods = [{"method": "dense", "label": "dense", "step_s": {"median": dense_s}},
+                   {"method": "dgc0.1", "label": "DGC", "step_s": {"median": dgc_s}}]
+        return {"rate": "1gbit", "world": nodes * local, "nodes": nodes, "ranks_per_node": local,
+                "ddp": {"resnet50": {"methods": methods}}}
+
+    lines = equal_world_tables({"points": [point(1, 4, 0.5, 0.6), point(4, 1, 2.0, 0.5), point(2, 2, 1.5, 0.5)]})
+    table = "\n".join(lines)
+    assert "| method | 4 nodes | 2 nodes x 2 ranks | 1 node x 4 ranks |" in table
+    assert "| DGC | 500.0 (4.00x) | 500.0 (3.00x) | 600.0 (0.83x) |" in table
+    assert equal_world_tables({"points": [point(2, 2, 1.0, 1.0)]}) == []     # one shape: nothing to compare

@@ -19,7 +19,7 @@ def test_ddp_doc_script_runs_under_torchrun(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(path)], capture_output=True, text=True, timeout=180, cwd=ROOT)
     # the two ranks print concurrently: their lines may interleave, so match records, not lines
-    reports = re.findall(r"rank (\d): step 1000: .*?ratio ([\d.]+)x, dense buckets 0/", proc.stdout)
+    reports = re.findall(r"rank (\d): step 1000: .*?ratio ([\d.]+)x, allreduce buckets 0/", proc.stdout)
     assert sorted(rank for rank, _ in reports) == ["0", "1"], proc.stdout + proc.stderr[-3000:]
     assert all(float(ratio) > 100 for _, ratio in reports), proc.stdout
     if proc.returncode != 0:
@@ -63,3 +63,19 @@ def test_integrations_doc_accelerate_script_runs_under_accelerate_launch(tmp_pat
     proc = accelerate_launch(tmp_path, str(tmp_path / "train.py"), cwd=tmp_path)
     _assert_ran_on_both_ranks(proc, 31)  # 64 micro-batches, 2 per optimizer step
     assert (tmp_path / "checkpoint" / "custom_checkpoint_0.pkl").exists()
+
+
+def test_scale_doc_examples_run():
+    """docs/scale.md's two python blocks, as written: the cost model's choice and advise in one process."""
+    choice = block_with("docs/scale.md", "choose(")
+    proc = subprocess.run([sys.executable, "-c", choice], cwd=ROOT, env=_integration_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    transport, predicted = proc.stdout.split(" ", 1)
+    assert transport == "hierarchical" and predicted.startswith("{'dense': 1.2003")
+    advise = block_with("docs/scale.md", "gradsparse.advise import main")
+    proc = subprocess.run([sys.executable, "-c", advise], cwd=ROOT, env=_integration_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    label, speedup = proc.stdout.strip().rsplit(" ", 1)
+    assert label and float(speedup) > 0

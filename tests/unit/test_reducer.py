@@ -8,6 +8,7 @@ from gradsparse.comm import LocalCommunicator
 from gradsparse.errors import BucketError, InvalidConfigError, UnsupportedGradientError
 from gradsparse.payload import PayloadLayout
 from gradsparse.reducer import DESCRIPTOR_BYTES, Segment, SparseReducer
+from gradsparse.stats import ALLGATHER, ALLREDUCE
 
 from ..oracles import count_for, threshold_oracle, topk_oracle
 from ..tolerances import close, rejects_planted_errors
@@ -170,7 +171,7 @@ def conservation_worker(rank, world, method, wire, granularity, steps=5):
             g.mul_(1e-3)  # below tau everywhere: this rank sends no pair, its residual grows
         stats = []
         outs.append(r.reduce(g.clone(), SEGMENTS, step, on_stats=stats.append).wait().clone())
-        transports.append(stats[0].dense)
+        transports.append(stats[0].transport == ALLREDUCE)
         contributions.append(own.step(g))
         own.assert_library_kept(r.memory, (rank, step))
     return {"contributions": contributions, "outs": outs, "dense": transports}
@@ -224,7 +225,7 @@ def test_dense_fallback_moves_the_same_selection_and_is_counted():
             sent = torch.zeros(1000).index_put_((idx,), v[idx].half().float())
             assert torch.equal(out, sent.half())  # same selection whichever transport
             residual = v - sent
-        assert all(st.dense == expect_dense for st in stats)
+        assert all((st.transport == ALLREDUCE) == expect_dense for st in stats)
         assert torch.equal(residual, r.memory.state["bucket"]["residual"])
 
 
@@ -238,11 +239,11 @@ def test_stats_count_the_payload_bytes():
     reducer(TopK(0.01), verify_every=0).reduce(torch.randn(10_000, generator=gen), segments, 1,
                                                on_stats=stats.append).wait()
     assert stats[1].bytes_sent == expected == stats[1].bytes_received
-    assert stats[0].selected == 100 and stats[0].whole == 50 and not stats[0].dense
+    assert stats[0].selected == 100 and stats[0].whole == 50 and stats[0].transport == ALLGATHER
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
-@pytest.mark.parametrize("how", ["force_dense", "ratio_1"])
+@pytest.mark.parametrize("how", ["select_all", "ratio_1"])
 def test_everything_sent_is_dense_momentum_sgd(how, nesterov):
     """Nothing dropped: no momentum factor masking, so the update is torch SGD's momentum buffer (in float64 here)."""
     r = reducer(DGC(1.0 if how == "ratio_1" else 0.01, nesterov=nesterov, warmup=None))
@@ -250,7 +251,7 @@ def test_everything_sent_is_dense_momentum_sgd(how, nesterov):
     buf = torch.zeros(1000, dtype=torch.float64)
     for step in range(20):
         g = torch.randn(1000, generator=gen)
-        out = r.reduce(g.clone(), None, step, force_dense=how == "force_dense").wait()
+        out = r.reduce(g.clone(), None, step, select_all=how == "select_all").wait()
         buf = 0.9 * buf + g.double()
         want = g.double() + 0.9 * buf if nesterov else buf
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)

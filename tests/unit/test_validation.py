@@ -112,8 +112,8 @@ def test_numpy_scalars_are_accepted_as_python_numbers():
     assert (topk.target_ratio, topk.error_feedback) == (0.5, False)
     assert (dgc.momentum, dgc.nesterov, dgc.clip_norm, dgc.seed, dgc.warmup.length) == (0.5, True, 2.0, 3, 2)
     assert dgc.warmup.ratios == (0.5, pytest.approx(0.1))
-    assert (s.start_iter, s.steps_per_epoch, s.history.maxlen, s.reducer.min_compress_numel) == (2, 10, 3, 10)
-    plain = [topk.target_ratio, dgc.momentum, dgc.clip_norm, dgc.seed, s.start_iter, s.reducer.verify_every]
+    assert (s.start_iter, s.steps_per_epoch, s.history.maxlen, s.options.min_compress_numel) == (2, 10, 3, 10)
+    plain = [topk.target_ratio, dgc.momentum, dgc.clip_norm, dgc.seed, s.start_iter, s.options.verify_every]
     assert all(type(x) in (int, float) for x in plain) and type(dgc.nesterov) is bool
     DGCSGD([nn.Parameter(torch.zeros(1))], lr=np.float32(0.1), momentum=np.float32(0.9), nesterov=np.bool_(True))
 

@@ -1,0 +1,439 @@
+"""A projection past this machine: step time of dense, fp16, PowerSGD, flat and hierarchical DGC at 8-1,024 nodes.
+
+    python -m benchmarks.scale measure     # emulated clusters here: fit the links, time the kernels (a few minutes)
+    python -m benchmarks.scale             # validate against the emulated points, project, write tables and plots
+
+The model is gradsparse's own (:mod:`gradsparse.cost`: alpha-beta links per level;
+:mod:`gradsparse.stepmodel`: DDP buckets, the hook's synchronous work, collectives queued
+behind the backward pass). Two uses of it:
+
+1. **Validation** on this machine. Inputs, all measured here: the links of the emulated
+   clusters (``measure``: ``python -m gradsparse.advise`` under ``launch/cluster.py`` at
+   1 and 10 Gbit/s, and 2 nodes x 2 ranks, fitted with ``cost.LinkModel``), PowerSGD's and
+   the fp16 cast's cost per element (one process, ResNet-50 shapes), and from each
+   measured run its own compute-only step and gradsparse's compression time
+   (``state.last_stats.compress_s``, as the hook reported it in that run). Output: the
+   predicted step of every emulated point and its error against the measured one.
+   The points are those published in ``/work/shared/DESIGN.md`` / issue 13 (quiet
+   machine, 2026-11-29) and any ``benchmarks/cluster_bench.py`` results given with
+   ``--emulated``. Several ranks sharing this machine's 2 cores: kernel costs are
+   multiplied by ranks / cores (at least 1); the compute time is the run's own.
+2. **Projection** to nodes of 8 GPUs, with the assumptions in :data:`GPU` (each with
+   where it comes from; none measured here: this machine has no GPU).
+
+Writes ``<out>/results.json`` and ``<out>/results.md`` (default docs/scale/) and
+``docs/img/scale_*.png``; docs/scale.md explains them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+from gradsparse.cost import KernelCost, LinkModel, Topology
+from gradsparse.model_shapes import BUILTIN, numel
+from gradsparse.stepmodel import METHODS, Algorithms, Kernels, ddp_buckets, step_time
+
+logger = logging.getLogger("scale")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORES = 2                      # this machine: the emulated ranks share them
+
+# ------------------------------------------------------------------------------------------- assumptions
+GPU = {
+    "ranks_per_node": {"value": 8, "source": "8 GPUs per node (DGX/HGX-class)"},
+    "intra": {"latency_s": 5e-6, "bytes_per_s": 150e9,
+              "source": "NVLink, 150 GB/s per direction: a conservative bus bandwidth for an NVLink node (below "
+                        "NVLink 3's 300 GB/s per direction per GPU); 5 us per step"},
+    "inter_efficiency": {"value": 0.9, "source": "achieved / line rate; the emulated 1 Gbit/s link gives 0.95"},
+    "inter_latency_s": {"tcp": 30e-6, "rdma": 10e-6,
+                        "source": "per message: ~30 us over TCP sockets at 10 and 25 Gbit/s, ~10 us with RDMA "
+                                  "(InfiniBand / RoCE) at 100 and 400 Gbit/s; assumed, not measured"},
+    "inter_rates_gbit": {"value": [10, 25, 100, 400], "source": "per node, shared by its 8 GPUs"},
+    "hbm_bytes_per_s": {"value": 1.5e12, "source": "achieved HBM bandwidth of an A100-class GPU (2.0 TB/s spec)"},
+    "passes": {"dgc": 8, "topk": 6, "fp16": 3, "powersgd": 10,
+               "source": "4-byte passes over the gradient per step: DGC's fused pipeline at issue 13's target "
+                         "(<= 8; 13 today on CPU), TopK <= 6 (its target); fp16: cast out and back (12 B); "
+                         "PowerSGD rank 4: error feedback, 3 matrix products, the new error (~10 passes; its "
+                         "24 flops per element are negligible)"},
+    "unpack_per_pair_s": {"value": 0.05e-9, "source": "scatter-add of one received (index, value) pair: ~40 B of "
+                                                      "random access at half the HBM bandwidth"},
+    "compute_s": {"resnet50": 0.100, "transformer1b": 0.66,
+                  "source": "ResNet-50: batch 256 per GPU at ~2,500 images/s (the order of published A100 "
+                            "mixed-precision throughput); 1B transformer: 6 x 1.01e9 parameters x 16,384 tokens "
+                            "per GPU (8 x 2,048) / 150 TFLOP/s achieved (48 % of A100 bf16 peak)"},
+    "algorithms": {"allreduce": "tree", "allgather": "ring",
+                   "source": "NCCL: trees for allreduce at scale (2 log2 p latency rounds), rings for allgather "
+                             "(p - 1 rounds); gradsparse's flat path pads payloads to the largest and allgathers"},
+}
+NODES = [8, 16, 32, 64, 128, 256, 512, 1024]
+PROJECTED = ["dense", "fp16", "powersgd4", "dgc0.1", "dgc0.1hier", "dgc0.1auto"]
+
+# Emulated points published without raw data (quiet machine, 2026-11-29; DESIGN.md and issue 13):
+# ResNet-50, batch 4 of 32x32, one thread per rank, median step over steps 3-11; compute = that run's
+# compute-only step; compress = the hook's reported compression per step (115-145 ms: the midpoint).
+PUBLISHED = [
+    {"nodes": 2, "local": 1, "rate": "1gbit", "compute_ms": 249, "compress_ms": 130,
+     "steps": {"dense": 926, "fp16": 547, "powersgd4": 635, "topk1": 388, "dgc0.1": 399}},
+    {"nodes": 2, "local": 1, "rate": "10gbit", "compute_ms": 249, "compress_ms": 130,
+     "steps": {"dense": 450, "fp16": 418, "dgc0.1": 391}},
+]
+# the 2 x 2 point of DESIGN.md (dense 1,542, DGC 798) has no compute-only step from its run: it is compared
+# only through a run of our own (--emulated), whose compute-only step is measured beside it.
+BENCH_TO_MODEL = {"dense": "dense", "fp16": "fp16", "powersgd4": "powersgd4_1b", "topk1": "topk1",
+                  "dgc0.1": "dgc0.1"}
+
+
+# ---------------------------------------------------------------------------------------------- measure
+def measure(out_path: str, port: int = 29680) -> dict:
+    """Fit the emulated links (advise under launch/cluster.py) and time the kernels (advise, one process)."""
+    from tqdm import tqdm
+
+    from launch.cluster import EmulatedCluster, unsupported_reason
+
+    reason = unsupported_reason()
+    if reason:
+        raise SystemExit(f"emulated cluster unavailable: {reason}")
+    configs = [(2, 1, "1gbit"), (2, 1, "10gbit"), (2, 2, "1gbit")]
+    inputs = {"links": {}, "load_before": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+              "host": platform.node()}
+    tmp = tempfile.mkdtemp(prefix="scale-advise-")
+    with tqdm(total=len(configs) + 1, desc="measure", unit="job") as bar:
+        for nodes, local, rate in configs:
+            key = f"{nodes}x{local}@{rate}"
+            bar.set_postfix_str(key)
+            path = os.path.join(tmp, f"{key}.json")
+            with EmulatedCluster(nodes, rate, ranks_per_node=local) as cluster:
+                achieved = cluster.measure_rate(seconds=1.0)["bits_per_s"]
+                codes = cluster.run_torchrun("-m", ["gradsparse.advise", "--model", "mlp", "--repeats", "5",
+                                                    "--json", path], port=port, timeout=600,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if any(codes):
+                raise RuntimeError(f"advise failed on {key}: exit codes {codes}")
+            with open(path) as f:
+                links = json.load(f)["links"]
+            inputs["links"][key] = {level: v["model"] for level, v in links.items()}
+            inputs["links"][key]["tcp_bits_per_s"] = achieved
+            inputs["links"][key]["timings"] = {level: v["timings"] for level, v in links.items()}
+            bar.update(1)
+        bar.set_postfix_str("kernels")
+        path = os.path.join(tmp, "kernels.json")
+        subprocess.run([sys.executable, "-m", "gradsparse.advise", "--model", "resnet50", "--link-gbit", "1",
+                        "--repeats", "5", "--json", path, "--quiet"], cwd=ROOT, check=True,
+                       env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+        with open(path) as f:
+            inputs["kernels_cpu"] = json.load(f)["kernels"]
+        bar.update(1)
+    inputs["load_after"] = list(os.getloadavg())
+    with open(out_path, "w") as f:
+        json.dump(inputs, f, indent=1)
+    return inputs
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _link(inputs: dict, rate: str, level: str) -> LinkModel:
+    links = inputs["links"]
+    if level == "inter":
+        m = links.get(f"2x1@{rate}", {}).get("flat") or links[f"2x2@{rate}"]["inter"]
+    else:
+        m = links["2x2@1gbit"]["intra"]
+    return LinkModel(m["latency_s"], m["bytes_per_s"])
+
+
+def emulated_points(paths: list[str]) -> list[dict]:
+    """Validation points from cluster_bench results: every method with its run's compute and compress time."""
+    points = []
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)
+        for p in results["points"]:
+            local = p.get("ranks_per_node", 1)
+            nodes = p.get("nodes", p["world"] // local)
+            for model, d in p.get("ddp", {}).items():
+                if model != "resnet50":
+                    continue
+                m = {r["method"]: r for r in d["methods"]}
+                if "compute" not in m:
+                    continue
+                compress = [r["compress_s"]["median"] for r in m.values() if r.get("compress_s")
+                            and r["method"].startswith("dgc")]
+                points.append({"nodes": nodes, "local": local, "rate": p["rate"],
+                               "compute_ms": 1e3 * m["compute"]["step_s"]["median"],
+                               "compress_ms": 1e3 * compress[0] if compress else None,
+                               "topk_compress_ms": 1e3 * m["topk1"]["compress_s"]["median"] if "topk1" in m else None,
+                               "steps": {k: 1e3 * r["step_s"]["median"] for k, r in m.items() if k in BENCH_TO_MODEL},
+                               "batch": d.get("batch"), "load": p.get("load_before"), "source": path})
+    return points
+
+
+def validate(inputs: dict, points: list[dict]) -> list[dict]:
+    shapes = BUILTIN["resnet50"]()
+    buckets = ddp_buckets(shapes)
+    compressed = sum(b.compressed for b in buckets)
+    cpu = inputs["kernels_cpu"]
+    rows = []
+    for pt in points:
+        nodes, local = pt["nodes"], pt["local"]
+        contention = max(1.0, nodes * local / CORES)
+        inter = _link(inputs, pt["rate"], "inter") if nodes > 1 else None
+        intra = _link(inputs, pt["rate"], "intra") if local > 1 else None
+        topo = Topology(nodes, inter, local=local, intra=intra)
+        for method_name, measured in pt["steps"].items():
+            method = METHODS[BENCH_TO_MODEL[method_name]]
+            compress_ms = pt.get("topk_compress_ms") if method_name == "topk1" else pt.get("compress_ms")
+            if method_name == "topk1" and compress_ms is None:
+                compress_ms = pt.get("compress_ms")
+            if compress_ms is not None:      # the run's own compression time (unpack included)
+                sparse = KernelCost(per_element_s=compress_ms / 1e3 / compressed)
+            else:
+                sparse = KernelCost(contention * cpu["dgc0.1"]["per_element_s"],
+                                    contention * cpu["unpack_per_pair_s"])
+            kernels = Kernels(sparse, contention * cpu["fp16_per_element_s"],
+                              contention * cpu["powersgd_per_element_s"])
+            t = step_time(method, buckets, topo, kernels, pt["compute_ms"] / 1e3)
+            predicted = 1e3 * t["step"]
+            serial = 1e3 * step_time(method, buckets, topo, kernels, pt["compute_ms"] / 1e3, backward_share=0)["step"]
+            rows.append({"shape": f"{nodes}x{local}", "rate": pt["rate"], "method": method_name,
+                         "measured_ms": measured, "predicted_ms": predicted,
+                         "error": predicted / measured - 1, "compute_ms": pt["compute_ms"],
+                         "no_overlap_ms": serial, "no_overlap_error": serial / measured - 1,
+                         "source": pt.get("source", "DESIGN.md / issue 13 (quiet, 2026-11-29)"),
+                         "load": pt.get("load")})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- projection
+def gpu_kernels(method: str) -> Kernels:
+    hbm, passes = GPU["hbm_bytes_per_s"]["value"], GPU["passes"]
+    sparse_passes = passes["topk"] if method.startswith("topk") else passes["dgc"]
+    return Kernels(KernelCost(4 * sparse_passes / hbm, GPU["unpack_per_pair_s"]["value"]),
+                   4 * passes["fp16"] / hbm, 4 * passes["powersgd"] / hbm)
+
+
+def gpu_topology(nodes: int, gbit: float) -> Topology:
+    eff, lat = GPU["inter_efficiency"]["value"], GPU["inter_latency_s"]
+    inter = LinkModel(lat["rdma"] if gbit >= 100 else lat["tcp"], eff * gbit * 1e9 / 8)
+    intra = LinkModel(GPU["intra"]["latency_s"], GPU["intra"]["bytes_per_s"])
+    return Topology(nodes, inter, local=GPU["ranks_per_node"]["value"], intra=intra)
+
+
+def project(models=("resnet50", "transformer1b"), nodes_list=NODES, rates=None) -> list[dict]:
+    from tqdm import tqdm
+
+    rates = rates or GPU["inter_rates_gbit"]["value"]
+    algorithms = Algorithms(GPU["algorithms"]["allreduce"], GPU["algorithms"]["allgather"])
+    rows = []
+    jobs = [(m, g, n) for m in models for g in rates for n in nodes_list]
+    buckets = {m: ddp_buckets(BUILTIN[m]()) for m in models}
+    for model, gbit, nodes in tqdm(jobs, desc="projection", unit="point", leave=False):
+        topo = gpu_topology(nodes, gbit)
+        compute = GPU["compute_s"][model]
+        for name in PROJECTED:
+            t = step_time(METHODS[name], buckets[model], topo, gpu_kernels(name), compute, algorithms=algorithms)
+            rows.append({"model": model, "gbit": gbit, "nodes": nodes, "gpus": nodes * topo.local, "method": name,
+                         "step_ms": 1e3 * t["step"], "hook_ms": 1e3 * t["hook"], "comm_ms": 1e3 * t["comm"],
+                         "transports": t["transports"]})
+    return rows
+
+
+def crossovers(rows: list[dict]) -> list[dict]:
+    """Per model and rate: the first node count at which each DGC variant is no faster than dense."""
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        for gbit in sorted({r["gbit"] for r in rows}):
+            sel = [r for r in rows if r["model"] == model and r["gbit"] == gbit]
+            dense = {r["nodes"]: r["step_ms"] for r in sel if r["method"] == "dense"}
+            entry = {"model": model, "gbit": gbit}
+            for name in ("dgc0.1", "dgc0.1hier"):
+                mine = {r["nodes"]: r["step_ms"] for r in sel if r["method"] == name}
+                lost = [n for n in sorted(mine) if mine[n] >= dense[n]]
+                entry[name] = lost[0] if lost else None
+                entry[f"{name}_pays_at_8"] = mine[min(mine)] < dense[min(mine)]
+            out.append(entry)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _pct(x: float) -> str:
+    return f"{100 * x:+.0f} %"
+
+
+def markdown(validation: list[dict], rows: list[dict], cross: list[dict], inputs: dict, command: str) -> str:
+    out = ["# Scale projection and its validation (generated)", "",
+           f"Generated by `{command}` from `docs/scale/inputs.json` (measured {inputs.get('date', '?')}, load "
+           f"average {inputs.get('load_before')} before, {inputs.get('load_after')} after, on {CORES} cores). "
+           "Prose, assumptions and conclusions: [../scale.md](../scale.md).", "",
+           "## Links fitted on the emulated clusters", "",
+           "| cluster | level | latency us | Gbit/s (fit of gloo collectives) | TCP stream Gbit/s |",
+           "|---|---|---:|---:|---:|"]
+    for key, levels in inputs["links"].items():
+        for level in ("flat", "intra", "inter"):
+            if level in levels:
+                m = levels[level]
+                tcp = f"{levels['tcp_bits_per_s'] / 1e9:.3f}" if level != "intra" else "— (inside a node)"
+                out.append(f"| {key} | {level} | {1e6 * m['latency_s']:.0f} | {m['gbit_per_s']:.3f} | {tcp} |")
+    k = inputs["kernels_cpu"]
+    out += ["", f"CPU kernel costs (one process, one thread, ResNet-50 shapes): DGC 0.1 % "
+            f"{1e9 * k['dgc0.1']['per_element_s']:.2f} ns/element, TopK 1 % {1e9 * k['topk1']['per_element_s']:.2f}, "
+            f"unpack {1e9 * k['unpack_per_pair_s']:.2f} ns/pair, fp16 cast {1e9 * k['fp16_per_element_s']:.2f} "
+            f"ns/element, PowerSGD rank 4 {1e9 * k['powersgd_per_element_s']:.2f} ns/element.", "",
+            "## Validation: predicted against measured step (ms)", "",
+            "The model lets communication overlap the backward pass; the last columns give the same model with no "
+            "overlap at all (every collective after the backward pass), a bound for where the collectives' CPU "
+            "work competes with the compute.", "",
+            "| cluster | link | method | measured | predicted | error | no overlap | error | compute (run's own) | "
+            "load | source |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for v in validation:
+        src = os.path.basename(v["source"]) if v["source"].endswith(".json") else v["source"]
+        load = f"{v['load'][0]:.1f}" if v.get("load") else "quiet"
+        out.append(f"| {v['shape']} | {v['rate']} | {v['method']} | {v['measured_ms']:,.0f} | {v['predicted_ms']:,.0f} "
+                   f"| {_pct(v['error'])} | {v['no_overlap_ms']:,.0f} | {_pct(v['no_overlap_error'])} | "
+                   f"{v['compute_ms']:.0f} | {load} | {src} |")
+    within = sum(abs(v["error"]) <= 0.2 for v in validation)
+    either = sum(min(abs(v["error"]), abs(v["no_overlap_error"])) <= 0.2 for v in validation)
+    n = len(validation)
+    out += ["", f"{within} of {n} points within 20 % (with overlap); {either} of {n} within 20 % with or without it.",
+            ""]
+    out += summary(rows)
+    out += ["## Projection (ms per step)", ""]
+    for model in sorted({r["model"] for r in rows}):
+        for gbit in sorted({r["gbit"] for r in rows}):
+            sel = [r for r in rows if r["model"] == model and r["gbit"] == gbit]
+            out += [f"### {model}, {gbit} Gbit/s per node, 8 GPUs per node", "",
+                    "| nodes (GPUs) | " + " | ".join(METHODS[m].label for m in PROJECTED) + " |",
+                    "|---|" + "---:|" * len(PROJECTED)]
+            for n in sorted({r["nodes"] for r in sel}):
+                by = {r["method"]: r for r in sel if r["nodes"] == n}
+                dense = by["dense"]["step_ms"]
+                cells = [f"{by[m]['step_ms']:,.0f} ({dense / by[m]['step_ms']:.2f}x)" for m in PROJECTED]
+                out.append(f"| {n} ({8 * n}) | " + " | ".join(cells) + " |")
+            out.append("")
+    out += ["## Where DGC stops paying (first node count at which it is no faster than dense)", "",
+            "| model | Gbit/s | flat DGC 0.1 % | hierarchical DGC 0.1 % |", "|---|---:|---|---|"]
+    for c in cross:
+        def cell(name):
+            if not c[f"{name}_pays_at_8"]:
+                return "never pays (from 8 nodes)"
+            return f"{c[name]} nodes" if c[name] else "pays up to 1,024 nodes"
+        out.append(f"| {c['model']} | {c['gbit']} | {cell('dgc0.1')} | {cell('dgc0.1hier')} |")
+    return "\n".join(out) + "\n"
+
+
+def summary(rows: list[dict], nodes=(8, 64, 256, 1024)) -> list[str]:
+    """Markdown: speed-up over dense per model, rate and node count, for every projected method."""
+    out = ["## Summary: predicted speed-up over dense fp32", "",
+           "| model | Gbit/s | nodes | " + " | ".join(METHODS[m].label.replace("gradsparse ", "")
+                                                      for m in PROJECTED[1:]) + " |",
+           "|---|---:|---:|" + "---:|" * (len(PROJECTED) - 1)]
+    by = {(r["model"], r["gbit"], r["nodes"], r["method"]): r["step_ms"] for r in rows}
+    for model in sorted({r["model"] for r in rows}):
+        for gbit in sorted({r["gbit"] for r in rows}):
+            for n in nodes:
+                if (model, gbit, n, "dense") not in by:
+                    continue
+                dense = by[model, gbit, n, "dense"]
+                cells = [f"{dense / by[model, gbit, n, m]:.2f}x" for m in PROJECTED[1:]]
+                out.append(f"| {model} | {gbit} | {n} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def plots(rows: list[dict], validation: list[dict], img_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(img_dir, exist_ok=True)
+    written = []
+    rates = sorted({r["gbit"] for r in rows})
+    for model in sorted({r["model"] for r in rows}):
+        fig, axes = plt.subplots(1, len(rates), figsize=(4.2 * len(rates), 4), sharey=True, squeeze=False)
+        for ax, gbit in zip(axes[0], rates):
+            for name in PROJECTED:
+                sel = sorted((r for r in rows if r["model"] == model and r["gbit"] == gbit and r["method"] == name),
+                             key=lambda r: r["nodes"])
+                ax.plot([r["nodes"] for r in sel], [r["step_ms"] for r in sel], marker="o", ms=3,
+                        label=METHODS[name].label, linestyle="--" if name == "dense" else "-")
+            ax.axhline(1e3 * GPU["compute_s"][model], color="gray", linestyle=":", label="compute only")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{gbit} Gbit/s per node", fontsize=10)
+            ax.set_xlabel("nodes (8 GPUs each)")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].set_ylabel("predicted step (ms)")
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(f"{model}: predicted step time (model: gradsparse.cost / stepmodel; assumptions in docs/scale.md)",
+                     fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(img_dir, f"scale_{model}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if validation:
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        for v in validation:
+            ax.scatter(v["measured_ms"], v["predicted_ms"], s=18)
+            ax.annotate(f"{v['shape']} {v['rate']} {v['method']}", (v["measured_ms"], v["predicted_ms"]), fontsize=6)
+        lo = min(min(v["measured_ms"], v["predicted_ms"]) for v in validation) * 0.8
+        hi = max(max(v["measured_ms"], v["predicted_ms"]) for v in validation) * 1.2
+        ax.plot([lo, hi], [lo, hi], color="gray")
+        ax.fill_between([lo, hi], [0.8 * lo, 0.8 * hi], [1.2 * lo, 1.2 * hi], color="gray", alpha=0.15,
+                        label="within 20 %")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("measured step (ms), emulated cluster")
+        ax.set_ylabel("predicted step (ms)")
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(img_dir, "scale_validation.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="report", choices=("report", "measure"))
+    parser.add_argument("--inputs", default="docs/scale/inputs.json")
+    parser.add_argument("--emulated", action="append", default=[],
+                        help="cluster_bench results.json with a ResNet-50 'compute' row (repeatable)")
+    parser.add_argument("--out", default="docs/scale")
+    parser.add_argument("--img", default="docs/img")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.makedirs(args.out, exist_ok=True)
+    if args.command == "measure":
+        measure(args.inputs)
+        logger.info("inputs written to %s", args.inputs)
+        return 0
+    with open(args.inputs) as f:
+        inputs = json.load(f)
+    validation = validate(inputs, PUBLISHED + emulated_points(args.emulated))
+    for v in validation:
+        logger.info("%-5s %-6s %-9s measured %7.0f ms predicted %7.0f ms error %s", v["shape"], v["rate"], v["method"],
+                    v["measured_ms"], v["predicted_ms"], _pct(v["error"]))
+    rows = project()
+    cross = crossovers(rows)
+    command = "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"command": command, "assumptions": GPU, "validation": validation, "projection": rows,
+                   "crossovers": cross, "parameters": {m: numel(BUILTIN[m]()) for m in ("resnet50", "transformer1b")}},
+                  f, indent=1)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(markdown(validation, rows, cross, inputs, command))
+    for path in plots(rows, validation, args.img):
+        logger.info("plot: %s", path)
+    logger.info("tables: %s", os.path.join(args.out, "results.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""Does gradsparse pay on my cluster? Measure the links and the compression cost, predict a step per method.
+
+Run it on your own nodes before adopting gradsparse, under torchrun, as the training job would run::
+
+    torchrun --nnodes 2 --nproc-per-node 8 --node-rank R --master-addr HOST -m gradsparse.advise \\
+        --model resnet50 --compute-ms 120 --json advice.json
+
+or in one process (no link to measure: pass the link you expect; only the compression cost is measured)::
+
+    python -m gradsparse.advise --model mypackage.models:build --link-gbit 10
+
+What it does:
+
+1. Links (under torchrun): times allreduce and allgather at a few sizes (``--sizes``, fp32
+   elements), the slowest rank per repetition, and fits :class:`gradsparse.cost.LinkModel`
+   (latency and bandwidth). With several ranks per node (``LOCAL_WORLD_SIZE``) it measures
+   the link inside a node (each node's ranks among themselves) and between nodes (rank 0
+   of every node) separately.
+2. Kernels: on your model's gradient shapes (``--model``: a built-in name of
+   :data:`gradsparse.model_shapes.BUILTIN` or ``module:factory`` returning an
+   ``nn.Module``), bucketed as DDP does, times gradsparse's pipeline (DGC 0.1 %, TopK 1 %)
+   on one process, the unpack-add of received pairs, the fp16 cast and PowerSGD's matrix
+   work (rank 4). Models above ``--max-measure`` elements are measured on their first
+   buckets and scaled per element.
+3. Prediction: :func:`gradsparse.stepmodel.step_time` per method for the cluster (the one
+   it runs on, or ``--nodes`` x ``--ranks-per-node``), with your compute time per step
+   (``--compute-ms``; without it, 0: the prediction is then what the exchange adds).
+   The recommendation is the method with the smallest predicted step.
+
+Rank 0 logs its progress, prints a table and writes ``--json``. Nothing here changes
+your job; gradsparse's hook itself does not read this output.
+
+Example (one process, a link given; measured numbers differ per machine)::
+
+    >>> from gradsparse.advise import main
+    >>> advice = main(["--model", "mlp", "--link-gbit", "1", "--quiet"])
+    >>> advice["recommendation"]["method"] == min(advice["predicted"], key=lambda m: advice["predicted"][m]["step_s"])
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from . import model_shapes
+from .cost import KernelCost, LinkModel, Observation, Topology
+from .errors import InvalidConfigError
+from .stepmodel import METHODS, Algorithms, Kernels, ddp_buckets, step_time
+
+logger = logging.getLogger("gradsparse.advise")
+
+DEFAULT_SIZES = "16384,131072,1048576,4194304"          # fp32 elements: 64 kB .. 16 MB
+SPARSE_METHODS = {"dgc0.1": ("DGC", 0.001), "topk1": ("TopK", 0.01)}
+
+
+# --------------------------------------------------------------------------------------------- the model
+def load_shapes(spec: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter shapes of a built-in model name or of ``module:factory()``'s trainable parameters.
+
+    >>> len(load_shapes("resnet50"))
+    161
+    """
+    if spec in model_shapes.BUILTIN:
+        return model_shapes.BUILTIN[spec]()
+    if ":" not in spec:
+        raise InvalidConfigError(f"--model must be one of {sorted(model_shapes.BUILTIN)} or module:factory "
+                                 f"(a function returning an nn.Module), got {spec!r}")
+    module, _, factory = spec.partition(":")
+    model = getattr(importlib.import_module(module), factory)()
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+    if not shapes:
+        raise InvalidConfigError(f"{spec}() has no trainable parameters")
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------------ links
+def _timed(fn, repeats: int, group) -> list[float]:
+    """The slowest rank's seconds per repetition (one untimed call first)."""
+    import torch.distributed as dist
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    t = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def measure_link(sizes: list[int], repeats: int, group=None) -> dict:
+    """Time allreduce (fp32) and allgather (bytes) at every size on ``group``; fit a LinkModel."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    observations, rows = [], []
+    for n in sizes:
+        buf = torch.ones(n)
+        payload = torch.zeros(n * 4 // world or 1, dtype=torch.uint8)   # the same bytes as the allreduce moves
+        outs = [torch.empty_like(payload) for _ in range(world)]
+        for kind, nbytes, fn in (("allreduce", 4 * n, lambda: dist.all_reduce(buf, group=group)),
+                                 ("allgather", payload.numel(), lambda: dist.all_gather(outs, payload, group=group))):
+            times = _timed(fn, repeats, group)
+            observations += [Observation.collective(kind, nbytes, world, t) for t in times]
+            rows.append({"op": kind, "bytes": nbytes, "median_s": statistics.median(times)})
+    model = LinkModel.fit(observations)
+    return {"world": world, "model": model.as_dict(), "timings": rows}
+
+
+def measure_links(sizes: list[int], repeats: int, local: int) -> dict:
+    """Every link level of the running job: ``flat`` (all ranks), ``intra`` and ``inter`` when nodes hold
+    several ranks. Every rank must call it."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    nodes = world // local
+    out = {"flat": measure_link(sizes, repeats)}
+    logger.info("all %d ranks: %s", world, _link_text(out["flat"]["model"]))
+    if local > 1 and nodes > 1:
+        node_groups = [dist.new_group(list(range(n * local, (n + 1) * local))) for n in range(nodes)]
+        index_groups = [dist.new_group(list(range(i, world, local))) for i in range(local)]
+        out["intra"] = measure_link(sizes, repeats, node_groups[rank // local])     # every node at once
+        logger.info("inside a node (%d ranks): %s", local, _link_text(out["intra"]["model"]))
+        if rank % local == 0:
+            out["inter"] = measure_link(sizes, repeats, index_groups[0])            # one rank per node
+        dist.barrier()
+        shared = [out.get("inter")]
+        dist.broadcast_object_list(shared, src=0)
+        out["inter"] = shared[0]
+        logger.info("between nodes (%d nodes, one rank each): %s", nodes, _link_text(out["inter"]["model"]))
+    return out
+
+
+def _link_text(m: dict) -> str:
+    return f"latency {1e6 * m['latency_s']:.1f} us, {m['gbit_per_s']:.3g} Gbit/s"
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_kernels(shapes, repeats: int = 3, max_measure: int = 2**25, seed: int = 0) -> dict:
+    """Per-element costs on this process of gradsparse (per sparse method), fp16 and PowerSGD (rank 4)."""
+    from .comm import LocalCommunicator
+    from .compressors import DGC, TopK
+    from .reducer import Segment, SparseReducer
+
+    gen = torch.Generator().manual_seed(seed)
+    buckets, measured = [], 0
+    for b in _shape_buckets(shapes):
+        if measured and measured + sum(math.prod(s) for _, s in b) > max_measure:
+            break
+        buckets.append(b)
+        measured += sum(math.prod(s) for _, s in b)
+    flats = [torch.randn(sum(math.prod(s) for _, s in b), generator=gen) for b in buckets]
+    work = [torch.empty_like(f) for f in flats]
+    segments = []
+    for b in buckets:
+        offset, segs = 0, []
+        for name, s in b:
+            segs.append(Segment(name, offset, math.prod(s)))
+            offset += math.prod(s)
+        segments.append(segs)
+    out = {"measured_elements": measured, "elements": model_shapes.numel(shapes)}
+    for name, (kind, density) in SPARSE_METHODS.items():
+        compressor = DGC(density, warmup=None) if kind == "DGC" else TopK(density)
+        reducer = SparseReducer(compressor, LocalCommunicator())
+        compressed = sum(s.numel for segs in segments for s in segs if s.numel >= reducer.options.min_compress_numel)
+        step = [1]
+
+        def run(reducer=reducer):
+            for flat, buf, segs in zip(flats, work, segments):
+                buf.copy_(flat)
+                reducer.reduce(buf, segs, step[0]).wait()
+            step[0] += 1
+
+        seconds = _median_time(run, repeats)
+        copy_s = _median_time(lambda: [buf.copy_(f) for f, buf in zip(flats, work)], repeats)  # not the reducer's
+        out[name] = {"per_element_s": max(seconds - copy_s, 0.0) / max(compressed, 1),
+                     "step_s": seconds - copy_s, "compressed_elements": compressed}
+        logger.info("%s: %.1f ms per step on %d elements", name, 1e3 * (seconds - copy_s), measured)
+    # unpack-add: 8 payloads against 1 of the largest bucket's 1 % pairs
+    from . import ops
+
+    big = max(flats, key=torch.Tensor.numel)
+    k = max(1, big.numel() // 100)
+    idx = torch.sort(torch.randperm(big.numel(), generator=gen)[:k]).values.to(torch.int32)
+    payload = ops.pack(idx, big[idx.long()], big.new_empty(0), big.numel(), torch.float32)
+    dest = torch.empty_like(big)
+    one = _median_time(lambda: ops.unpack_add([payload], dest, torch.float32, overwrite=True), repeats)
+    eight = _median_time(lambda: ops.unpack_add([payload] * 8, dest, torch.float32, overwrite=True), repeats)
+    out["unpack_per_pair_s"] = max(eight - one, 0.0) / (7 * k)
+    out["fp16_per_element_s"] = _median_time(lambda: [f.to(torch.float16).to(torch.float32) for f in flats],
+                                             repeats) / measured
+    out["powersgd_per_element_s"] = _powersgd_cost([s for b in buckets for _, s in b], 4, repeats, gen)
+    logger.info("unpack %.2f ns/pair, fp16 cast %.2f ns/element, PowerSGD rank 4 %.2f ns/element",
+                1e9 * out["unpack_per_pair_s"], 1e9 * out["fp16_per_element_s"], 1e9 * out["powersgd_per_element_s"])
+    return out
+
+
+def _shape_buckets(shapes, bucket_mb: float = 25.0, first_mb: float = 1.0):
+    """The parameters (name, shape) of each DDP bucket, in the order of gradsparse.stepmodel.ddp_buckets."""
+    out, current, size, cap = [], [], 0, first_mb * 2**20
+    for name, shape in reversed(shapes):
+        current.append((name, shape))
+        size += 4 * math.prod(shape)
+        if size >= cap:
+            out.append(current)
+            current, size, cap = [], 0, bucket_mb * 2**20
+    return out + ([current] if current else [])
+
+
+def _powersgd_cost(shapes, rank: int, repeats: int, gen) -> float:
+    """Seconds per compressed element of PowerSGD's local work: error feedback, M Q, orthogonalise, M^T P, P Q^T."""
+    mats = [(s[0], math.prod(s[1:])) for s in shapes if len(s) >= 2 and (s[0] + math.prod(s[1:])) * rank * 2 <
+            s[0] * math.prod(s[1:])]
+    if not mats:
+        return 0.0
+    ms = [torch.randn(m, k, generator=gen) for m, k in mats]
+    qs = [torch.randn(k, rank, generator=gen) for _, k in mats]
+    ps = [torch.empty(m, rank) for m, _ in mats]
+    errs = [torch.zeros(m, k) for m, k in mats]
+    outs = [torch.empty(m, k) for m, k in mats]
+
+    def run():  # as PyTorch's powerSGD_hook: in place, into preallocated P, Q and the output
+        for m, q, p, e, out in zip(ms, qs, ps, errs, outs):
+            m.add_(e)
+            torch.matmul(m, q, out=p)
+            p.copy_(torch.linalg.qr(p).Q)
+            torch.matmul(m.t(), p, out=q)
+            torch.matmul(p, q.t(), out=out)
+            torch.sub(m, out, out=e)
+
+    return _median_time(run, repeats) / sum(m * k for m, k in mats)
+
+
+# ------------------------------------------------------------------------------------------- prediction
+def predict(shapes, topology: Topology, kernels: dict, compute_s: float, algorithms: Algorithms = Algorithms()) -> dict:
+    """Predicted step per method (see :mod:`gradsparse.stepmodel`) from measured kernels."""
+    buckets = ddp_buckets(shapes)
+    names = ["dense", "fp16", "powersgd4", "topk1", "dgc0.1"]
+    if topology.nodes > 1 and topology.local > 1:
+        names.append("dgc0.1hier")
+    names.append("dgc0.1auto")
+    out = {}
+    for name in names:
+        method = METHODS[name]
+        sparse = kernels["dgc0.1" if name.startswith("dgc") else "topk1"]["per_element_s"]
+        k = Kernels(KernelCost(sparse, kernels["unpack_per_pair_s"]), kernels["fp16_per_element_s"],
+                    kernels["powersgd_per_element_s"])
+        t = step_time(method, buckets, topology, k, compute_s, algorithms=algorithms)
+        out[name] = {"label": method.label, "step_s": t["step"], "hook_s": t["hook"], "comm_s": t["comm"],
+                     "exposed_s": t["exposed"], "transports": t["transports"]}
+    return out
+
+
+def recommend(predicted: dict) -> dict:
+    best = min(predicted, key=lambda m: (predicted[m]["step_s"], list(predicted).index(m)))
+    dense = predicted["dense"]["step_s"]
+    sparse_best = min((m for m in predicted if m.startswith(("dgc", "topk"))), key=lambda m: predicted[m]["step_s"])
+    pays = predicted[sparse_best]["step_s"] < dense
+    if best.startswith("dgc"):
+        config = {"compressor": "DGC", "density": 0.001,
+                  "transport": {"dgc0.1": "flat allgather", "dgc0.1hier": "hierarchical",
+                                "dgc0.1auto": "chosen per bucket by cost"}[best]}
+    elif best.startswith("topk"):
+        config = {"compressor": "TopK", "density": 0.01, "transport": "flat allgather"}
+    else:
+        config = {"compressor": None, "hook": predicted[best]["label"]}
+    return {"method": best, "label": predicted[best]["label"], "speedup_vs_dense": dense / predicted[best]["step_s"],
+            "sparse_pays": pays, "config": config}
+
+
+def table(predicted: dict, compute_s: float) -> str:
+    dense = predicted["dense"]["step_s"]
+    head = f"{'method':<44}{'step ms':>10}{'hook ms':>10}{'comm ms':>10}{'vs dense':>10}"
+    lines = [head, "-" * len(head)]
+    for name, p in predicted.items():
+        lines.append(f"{p['label']:<44}{1e3 * p['step_s']:>10.1f}{1e3 * p['hook_s']:>10.1f}{1e3 * p['comm_s']:>10.1f}"
+                     f"{dense / p['step_s']:>9.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m gradsparse.advise", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="mlp", help=f"one of {sorted(model_shapes.BUILTIN)} or module:factory "
+                                                      "(default mlp: small and fast; pass your own)")
+    parser.add_argument("--compute-ms", type=float, default=0.0, help="your step's compute time (forward, backward, "
+                                                                      "optimizer) in ms; default 0")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="fp32 elements per timed collective")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-measure", type=int, default=2**25, help="elements timed at most (larger models scale)")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="predict for this many nodes (default: as run; 2 in one process)")
+    parser.add_argument("--ranks-per-node", type=int, default=None,
+                        help="ranks per node (default: LOCAL_WORLD_SIZE under torchrun, else 1)")
+    parser.add_argument("--link-gbit", type=float, default=None, help="link between nodes to assume (world 1)")
+    parser.add_argument("--latency-us", type=float, default=50.0, help="its latency (world 1)")
+    parser.add_argument("--intra-gbit", type=float, default=1200.0, help="link inside a node to assume if not "
+                                                                           "measured (default 1200 = 150 GB/s)")
+    parser.add_argument("--algorithm", default="ring", choices=("ring", "tree"),
+                        help="latency rounds of allreduce (gloo: ring; NCCL at scale: tree)")
+    parser.add_argument("--json", default=None, help="write the advice here (rank 0)")
+    parser.add_argument("--quiet", action="store_true", help="no table, no progress lines")
+    args = parser.parse_args(argv)
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    shapes = load_shapes(args.model)
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    links, rank = {}, 0
+    if distributed:
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        if rank != 0:
+            logging.getLogger("gradsparse").setLevel(logging.WARNING)
+        local = args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if dist.get_world_size() % local:
+            raise InvalidConfigError(f"world size {dist.get_world_size()} is not a multiple of {local} ranks per node")
+        links = measure_links(sizes, args.repeats, local)
+        nodes_run = dist.get_world_size() // local
+    else:
+        local, nodes_run = args.ranks_per_node or 1, 1
+        if args.link_gbit is None:
+            raise InvalidConfigError("in one process no link can be measured: pass --link-gbit (and --latency-us), "
+                                     "or run under torchrun on your nodes")
+    kernels = measure_kernels(shapes, args.repeats, args.max_measure) if rank == 0 else None
+    nodes = args.nodes or (nodes_run if distributed else 2)
+    given = LinkModel(args.latency_us * 1e-6, args.link_gbit * 1e9 / 8) if args.link_gbit else None
+    if links.get("inter"):
+        inter, intra = LinkModel(**_model(links["inter"])), LinkModel(**_model(links["intra"]))
+    elif links and local == 1:
+        inter, intra = LinkModel(**_model(links["flat"])), None
+    elif links:                          # one node of several ranks: the measured link is the one inside it
+        inter, intra = given, LinkModel(**_model(links["flat"]))
+    else:
+        inter, intra = given, None
+    if local > 1 and intra is None:
+        intra = LinkModel(5e-6, args.intra_gbit * 1e9 / 8)
+    if nodes > 1 and inter is None:
+        raise InvalidConfigError("no link between nodes was measured (one node): pass --link-gbit to predict for "
+                                 "--nodes > 1")
+    advice = None
+    if rank == 0:
+        topology = Topology(nodes, inter, local=local, intra=intra)
+        compute_s = args.compute_ms / 1e3
+        predicted = predict(shapes, topology, kernels, compute_s, Algorithms(allreduce=args.algorithm))
+        advice = {"model": args.model, "parameters": model_shapes.numel(shapes), "tensors": len(shapes),
+                  "measured_on": {"world": nodes_run * local if distributed else 1, "ranks_per_node": local},
+                  "predicted_for": {"nodes": nodes, "ranks_per_node": local,
+                                    "inter": inter.as_dict() if inter else None,
+                                    "intra": intra.as_dict() if intra else None,
+                                    "link_source": "measured" if links else "given (--link-gbit)"},
+                  "compute_s": compute_s, "links": links, "kernels": kernels, "predicted": predicted,
+                  "recommendation": recommend(predicted), "load_average": list(os.getloadavg()),
+                  "torch": torch.__version__}
+        if not args.quiet:
+            r = advice["recommendation"]
+            sys.stdout.write(f"\n{args.model}: {advice['parameters']:,} parameters; predicted for {nodes} node(s) x "
+                             f"{local} rank(s), compute {args.compute_ms:g} ms per step\n"
+                             f"{table(predicted, compute_s)}\n\nrecommended: {r['label']} "
+                             f"({r['speedup_vs_dense']:.2f}x dense); sparse "
+                             f"{'pays' if r['sparse_pays'] else 'does NOT pay'} here.\n")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(advice, f, indent=1)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return advice
+
+
+def _model(link: dict) -> dict:
+    return {"latency_s": link["model"]["latency_s"], "bytes_per_s": link["model"]["bytes_per_s"]}
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()
+    if "WORLD_SIZE" in os.environ:
+        os._exit(0)  # torch 2.13 + gloo can abort in interpreter teardown (docs/ddp.md, "Shutting down")

@@ -1,0 +1,45 @@
+"""benchmarks/scale.py: the validation and the projection use the step model as documented."""
+
+import pytest
+
+from benchmarks import scale
+from gradsparse.cost import LinkModel
+from gradsparse.model_shapes import BUILTIN
+from gradsparse.stepmodel import METHODS, ddp_buckets, step_time
+
+LINK = {"latency_s": 1e-4, "bytes_per_s": 1.1e8, "gbit_per_s": 0.88}
+INPUTS = {"links": {"2x1@1gbit": {"flat": LINK, "tcp_bits_per_s": 9.5e8},
+                    "2x2@1gbit": {"flat": LINK, "inter": LINK, "intra": {**LINK, "bytes_per_s": 1e9},
+                                  "tcp_bits_per_s": 9.5e8}},
+          "kernels_cpu": {"dgc0.1": {"per_element_s": 4e-9}, "topk1": {"per_element_s": 4e-9},
+                          "unpack_per_pair_s": 3e-9, "fp16_per_element_s": 1e-9, "powersgd_per_element_s": 2e-8}}
+
+
+def test_validation_predicts_each_point_with_its_own_compute_and_compression():
+    point = {"nodes": 2, "local": 2, "rate": "1gbit", "compute_ms": 500, "compress_ms": 200,
+             "steps": {"dense": 1500, "dgc0.1": 800}}
+    rows = scale.validate(INPUTS, [point])
+    assert [r["method"] for r in rows] == ["dense", "dgc0.1"]
+    for r in rows:
+        assert r["error"] == pytest.approx(r["predicted_ms"] / r["measured_ms"] - 1)
+        assert r["predicted_ms"] >= 500                      # never below the run's compute
+    dense = step_time(METHODS["dense"], ddp_buckets(BUILTIN["resnet50"]()),
+                      scale.Topology(2, LinkModel(1e-4, 1.1e8), local=2, intra=LinkModel(1e-4, 1e9)),
+                      scale.Kernels(), 0.5)
+    assert rows[0]["predicted_ms"] == pytest.approx(1e3 * dense["step"])
+
+
+def test_projection_covers_the_grid_and_crossovers_read_it():
+    rows = scale.project(models=("resnet50",), nodes_list=[8, 1024], rates=[10, 400])
+    assert len(rows) == 2 * 2 * len(scale.PROJECTED)
+    assert all(r["step_ms"] >= 1e3 * scale.GPU["compute_s"]["resnet50"] - 1e-9 for r in rows)
+    by = {(r["gbit"], r["nodes"], r["method"]): r["step_ms"] for r in rows}
+    # past density x world ~ 1 the flat allgather moves more than a ring allreduce: 0.001 x 8,192 GPUs = 8
+    assert by[10, 1024, "dgc0.1"] > by[10, 1024, "dense"]
+    assert by[10, 1024, "dgc0.1hier"] < by[10, 1024, "dgc0.1"]
+    cross = scale.crossovers(rows)
+    for c in cross:
+        mine = {n: by[c["gbit"], n, "dgc0.1"] for n in (8, 1024)}
+        dense = {n: by[c["gbit"], n, "dense"] for n in (8, 1024)}
+        expected = next((n for n in (8, 1024) if mine[n] >= dense[n]), None)
+        assert c["dgc0.1"] == expected and c["dgc0.1_pays_at_8"] == (mine[8] < dense[8])
