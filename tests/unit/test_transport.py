@@ -13,7 +13,7 @@ from gradsparse.reducer import DESCRIPTOR_BYTES, HEALTH, Segment, SparseReducer
 from gradsparse.stats import ALLGATHER, ALLREDUCE
 from gradsparse.transport import FIELDS, TransportModel
 
-from .distributed import run_world
+from ..distributed import run_world
 
 NUMEL = 40_000
 SEGMENTS = [Segment("a", 0, 30_000), Segment("b", 30_000, 10_000)]
@@ -91,6 +91,7 @@ def _auto_worker(rank, world, method):
                                 for k in ("a", "b"))}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("method", ["topk", "threshold"])
 def test_auto_transport_is_chosen_alike_on_every_rank_and_changes_nothing_kept(method):
     for r in run_world(_auto_worker, 3, method):
@@ -110,6 +111,7 @@ def _forced_worker(rank, world):
     return out
 
 
+@pytest.mark.multiprocess
 def test_forced_transports_move_the_same_selection():
     for r in run_world(_forced_worker, 2):
         (t_gather, out_gather, kept_gather), (t_reduce, out_reduce, kept_reduce) = r[ALLGATHER], r[ALLREDUCE]
