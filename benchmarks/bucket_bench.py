@@ -11,6 +11,9 @@ within 2x of that)::
     python -m benchmarks.bucket_bench                 # table; JSON in benchmarks/results/bucket_bench.json
     python -m benchmarks.bucket_bench --steps 5 --methods dgc0.1 topk1
 
+The last column is the part of the work done inside the hook before the collective
+is issued (``BucketStats.blocking_s``: compensate, select, pack), which stalls
+backward; the rest (unpack-add, memory update) runs when the collective completes.
 Median and spread (min-max) over ``--steps`` steps after one untimed step; ``uptime``'s
 load is printed beside the table: a number taken while other jobs run is not a result.
 """
@@ -70,20 +73,22 @@ def read_pass_s(grads: list[torch.Tensor], repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def time_method(name: str, buckets, steps: int) -> list[float]:
+def time_method(name: str, buckets, steps: int) -> tuple[list[float], list[float]]:
     compressor, select_all = METHODS[name]()
     reducer = SparseReducer(compressor, LocalCommunicator())
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(n, generator=gen) for n, _ in buckets]
-    times = []
+    times, blocking = [], []
     for step in range(steps + 1):
         work = [g.clone() for g in grads]  # the hook reduces the bucket in place
+        stats = []
         t0 = time.perf_counter()
         for flat, (_, segments) in zip(work, buckets):
-            reducer.reduce(flat, segments, step, select_all=select_all).wait()
+            reducer.reduce(flat, segments, step, select_all=select_all, on_stats=stats.append).wait()
         if step:  # the first step allocates the memory
             times.append(time.perf_counter() - t0)
-    return times
+            blocking.append(sum(s.blocking_s for s in stats))
+    return times, blocking
 
 
 def main(argv=None) -> dict:
@@ -99,19 +104,21 @@ def main(argv=None) -> dict:
     one_pass = read_pass_s(grads)
     rows = []
     for i, name in enumerate(args.methods, 1):
-        times = time_method(name, buckets, args.steps)
+        times, blocking = time_method(name, buckets, args.steps)
         med = statistics.median(times)
         rows.append({"method": name, "median_ms": 1e3 * med, "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
-                     "passes": med / one_pass})
+                     "passes": med / one_pass, "blocking_ms": 1e3 * statistics.median(blocking)})
         logger.info("[%d/%d] %s: %.1f ms (%.1f passes)", i, len(args.methods), name, 1e3 * med, med / one_pass)
     load = os.getloadavg()[0]
     result = {"read_pass_ms": 1e3 * one_pass, "elements": sum(n for n, _ in buckets), "buckets": len(buckets),
               "steps": args.steps, "load": load, "torch": torch.__version__, "rows": rows}
     print(f"one read pass of {result['elements']:,} fp32 gradients: {1e3 * one_pass:.2f} ms; "
           f"load average {load:.2f}{'  (loaded machine: not a result)' if load >= 1 else ''}")
-    print("| method | step ms (median) | min - max | read passes |\n|---|---:|---:|---:|")
+    print("| method | step ms (median) | min - max | read passes | in the hook (stalls backward) ms |")
+    print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['method']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} - {r['max_ms']:.1f} | {r['passes']:.1f} |")
+        print(f"| {r['method']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} - {r['max_ms']:.1f} | {r['passes']:.1f} | "
+              f"{r['blocking_ms']:.1f} |")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

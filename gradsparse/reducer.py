@@ -394,7 +394,7 @@ class SparseReducer:
     def _select_all(self, v: dict[str, torch.Tensor], wire: torch.dtype, plan: _Plan) -> list[_Selection]:
         selections = []
         for s in plan.compressed:
-            sent = v[s.key].to(wire).float()
+            sent = v[s.key].to(wire, copy=True).float()  # never the memory's own buffer (update subtracts it)
             rounding = torch.finfo(wire).eps * ops.absmax(sent) if wire != torch.float32 else 0.0
             selections.append(_Selection(s, torch.arange(s.numel, device=sent.device), sent, True, rounding))
         return selections

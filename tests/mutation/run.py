@@ -123,7 +123,7 @@ MUTANTS = [
            "gradsparse/reducer.py", "v[s.key].index_select(0, local).to(wire).float(), complete)",
            "v[s.key].index_select(0, local), complete)", REDUCER),
     Mutant("wire_rounding_not_kept_dense_step", "dense first step: memory removes the unrounded value",
-           "gradsparse/reducer.py", "sent = v[s.key].to(wire).float()\n", "sent = v[s.key].clone()\n", REDUCER),
+           "gradsparse/reducer.py", "sent = v[s.key].to(wire, copy=True).float()", "sent = v[s.key].clone()", REDUCER),
     Mutant("complete_never", "a group whose every coordinate is sent still masks momentum",
            "gradsparse/reducer.py", "complete = chosen.numel() == joined.numel()", "complete = False", REDUCER),
     Mutant("complete_always", "momentum never masked (every selection taken as complete)",

@@ -229,6 +229,26 @@ def test_dense_fallback_moves_the_same_selection_and_is_counted():
         assert torch.equal(residual, r.memory.state["bucket"]["residual"])
 
 
+@pytest.mark.parametrize("transport", [ALLGATHER, ALLREDUCE])
+@pytest.mark.parametrize("wire", [torch.float32, torch.float16])
+def test_every_transport_carries_a_dense_iteration_and_empties_the_memory(transport, wire):
+    # a dense iteration (select_all) forced through either transport: the sent values must not be the
+    # memory's own buffer (the update subtracts them from it), and nothing but the wire's rounding stays
+    segments = [Segment("w", 0, 9_950), Segment("b", 9_950, 50)]
+    for compressor in (TopK(0.01), DGC(0.01, warmup=None)):
+        r = reducer(compressor, transport=transport, value_dtype=wire)
+        g = torch.randn(10_000, generator=torch.Generator().manual_seed(1))
+        stats = []
+        out = r.reduce(g.clone(), segments, 0, select_all=True, on_stats=stats.append).wait()
+        assert stats[0].transport == transport and stats[0].selected == 9_950
+        expected = g[:9_950].to(wire).float()
+        # whole tensors travel in the payload at the wire dtype, in the bucket's dtype by allreduce
+        whole = g[9_950:].to(wire).float() if transport == ALLGATHER else g[9_950:]
+        assert torch.equal(out[:9_950], expected) and torch.equal(out[9_950:], whole)
+        kept = r.memory.state["w"]["residual" if "residual" in r.memory.state["w"] else "velocity"]
+        assert torch.equal(kept, g[:9_950] - expected)
+
+
 def test_stats_count_the_payload_bytes():
     stats = []
     segments = [Segment("w", 0, 9_950), Segment("b", 9_950, 50)]
