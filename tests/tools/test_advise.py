@@ -16,11 +16,6 @@ from tests.distributed import free_port
 from tests.docblocks import ROOT
 from tests.subprocesses import run_group
 
-<<<<<<<< HEAD:tests/multiprocess/test_advise.py
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-========
->>>>>>>> wire:tests/tools/test_advise.py
 
 def test_advise_at_world_two_measures_the_link_and_recommends_the_fastest(tmp_path):
     out = tmp_path / "advice.json"
