@@ -13,6 +13,7 @@ With GRADSPARSE_BACKEND=reference (the mutation run's reference mode) the extens
 not loaded and these tests are skipped.
 """
 
+import math
 import os
 
 import pytest
@@ -85,8 +86,8 @@ def test_topk_select_equals_reference_and_oracle(n, dtype, device):
 def test_large_input_over_2_pow_24(device):
     n = 2**24 + 3
     x = _inputs(n, torch.float32, 3)
-    k = n // 1000
-    assert torch.equal(_topk(x, k, device, seed=1), ref.topk_indices(x, k))
+    for k in (n // 1000, n // 4):  # a small k (positions kept by pass 1) and a large one (pass 2 reads x again)
+        assert torch.equal(_topk(x, k, device, seed=1), ref.topk_indices(x, k)), k
     assert torch.equal(_threshold(x, 0.7, device), ref.threshold_indices(x, 0.7))
     assert torch.equal(_threshold(x, 0.7, device), threshold_oracle(x, 0.7))
 
@@ -130,6 +131,43 @@ def test_topk_select_when_the_sample_misleads(device):
     x = torch.rand(n, generator=torch.Generator().manual_seed(0))
     x[seed % stride::stride] = 10.0
     for k in (2_000, 5_000, 60_000):
+        got = _topk(x, k, device, seed=seed)
+        assert torch.equal(got, ref.topk_indices(x, k)), k
+        assert torch.equal(got, topk_oracle(x, k)), k
+
+
+def _sample_positions(n, sample_ratio, seed):
+    """The positions topk_select samples: a stride of n // sample size from seed % stride (csrc/cpu/topk_core.h)."""
+    stride = n // min(n, max(1024, math.ceil(n * sample_ratio)))
+    return torch.arange(seed % stride, n, stride)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["sample_high", "sample_low", "crowded_bracket", "zeros_at_kth"])
+def test_topk_select_every_path(case, device):
+    """Inputs built so that the CPU kernel takes each of its ways to the k-th magnitude.
+
+    The sample brackets the k-th magnitude between two of its values. ``sample_high``: every
+    sampled value is larger than the rest (the bracket lies above the k-th: radix digits below
+    it); ``sample_low``: every sampled value is smaller (the bracket lies below: radix digits
+    above it); ``crowded_bracket``: the unsampled values crowd around the median, inside the
+    bracket, more than are kept (radix digits inside it) for k = n/2 and the bracket itself
+    for other k; ``zeros_at_kth``: 80 % zeros, so the k-th magnitude is the bracket's lower end
+    for large k (ties to the lower positions among the zeros). Checked in a C++ harness
+    against the kernel's counts when written; each is the exact top-k whatever the path.
+    """
+    n, seed = 2_000_003, 5
+    g = torch.Generator().manual_seed(1)
+    r = torch.rand(n, generator=g)
+    sampled = torch.zeros(n, dtype=torch.bool)
+    sampled[_sample_positions(n, 0.01, seed)] = True
+    x = {
+        "sample_high": torch.where(sampled, 10.0 + r, r),
+        "sample_low": torch.where(sampled, r * 1e-3, 1.0 + r),
+        "crowded_bracket": torch.where(sampled, r, 0.5 + (r - 0.5) * 1e-3),
+        "zeros_at_kth": torch.where(torch.arange(n) % 5 == 0, 1.0 + r, torch.zeros(n)),
+    }[case]
+    for k in (n // 1000, n // 10, n // 2, 3 * n // 10):
         got = _topk(x, k, device, seed=seed)
         assert torch.equal(got, ref.topk_indices(x, k)), k
         assert torch.equal(got, topk_oracle(x, k)), k
