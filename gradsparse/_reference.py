@@ -30,9 +30,15 @@ from .payload import (
     PayloadLayout,
 )
 
+# Tuning of the sampled top-k: they choose the path, never the result. The kernels read the same
+# values from csrc/select_params.h; tests/test_constants.py fails when the two drift apart.
 # Below this many elements a sampled estimate is not worth it: exact top-k is cheap.
 SAMPLED_MIN_NUMEL = 16384
 MIN_SAMPLE = 1024
+# The threshold estimate is the sample's ceil(SAMPLE_AIM * k * s / n) + SAMPLE_AIM_EXTRA -th
+# largest magnitude: a little below the k-th, so one pass usually finds enough candidates.
+SAMPLE_AIM = 1.25
+SAMPLE_AIM_EXTRA = 4
 
 
 _WIDE = (torch.float32, torch.float64)
@@ -126,7 +132,7 @@ def sampled_topk_indices(
     start = int(torch.randint(stride, (1,), generator=generator)) if stride > 1 else 0
     sample = _magnitude(flat[start::stride])
     # aim a little below the k-th magnitude so one pass usually yields at least k candidates
-    sample_k = min(sample.numel(), math.ceil(1.25 * k * sample.numel() / n) + 4)
+    sample_k = min(sample.numel(), math.ceil(SAMPLE_AIM * k * sample.numel() / n) + SAMPLE_AIM_EXTRA)
     for _ in range(10):
         threshold = float(torch.topk(sample, sample_k, sorted=False).values.min())
         candidates = torch.nonzero(_at_least(flat, threshold)).squeeze(1)

@@ -11,13 +11,11 @@
 #include <cmath>
 #include <tuple>
 
+#include "../select_params.h"
 #include "common.cuh"
 
 namespace gradsparse {
 namespace {
-
-constexpr int64_t kSampledMinNumel = 16384;  // keep in sync with _reference.SAMPLED_MIN_NUMEL
-constexpr int64_t kMinSample = 1024;         // keep in sync with _reference.MIN_SAMPLE
 
 template <typename scalar_t>
 __global__ void at_least_kernel(const scalar_t* __restrict__ x, int64_t n, mag_t<scalar_t> t, bool* __restrict__ mask) {
@@ -82,7 +80,8 @@ at::Tensor topk_select_cuda(const at::Tensor& x, int64_t k, double sample_ratio,
   const int64_t start = stride > 1 ? static_cast<int64_t>(static_cast<uint64_t>(seed) % stride) : 0;
   const at::Tensor sample = magnitude(flat.slice(0, start, n, stride));
   const int64_t s = sample.numel();
-  int64_t sample_k = std::min(s, static_cast<int64_t>(std::ceil(1.25 * static_cast<double>(k) * s / n)) + 4);
+  int64_t sample_k =
+      std::min(s, static_cast<int64_t>(std::ceil(kSampleAim * static_cast<double>(k) * s / n)) + kSampleAimExtra);
   for (int attempt = 0; attempt < 10; ++attempt) {
     const double threshold = std::get<0>(at::topk(sample, sample_k, 0, true, false)).min().item<double>();
     const at::Tensor cand = at_least(flat, threshold);
