@@ -6,7 +6,9 @@ sample ratio 0.01, a fresh start each call):
 - ``25M``: one 25,000,000-element fp32 tensor (``randn``);
 - ``resnet50``: every ResNet-50 parameter tensor that the reducer compresses (at least
   ``--min-numel`` elements, the reducer's default 4096), one call per tensor, as the
-  per-parameter path does; ``randn`` gradients of the parameters' shapes.
+  per-parameter path does; ``randn`` gradients of the parameters' shapes;
+- ``resnet50-segmented``: the same tensors end to end, every tensor's own top-k by one
+  ``ops.segmented_topk_indices`` call (a bucket's selection in one call).
 
 Rounds interleave the densities (one call of each per round), so load that drifts during the
 run hits every density alike. The table gives min / median / max wall ms per call (per step for
@@ -62,6 +64,13 @@ def _select_all(tensors: list[torch.Tensor], density: float, gen: torch.Generato
     return [ops.sampled_topk_indices(x, max(1, math.ceil(density * x.numel())), 0.01, gen) for x in tensors]
 
 
+def _select_segmented(flat: torch.Tensor, offsets: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+    """The same selections by one ``segmented_topk_select`` call over the tensors laid end to end (laid out
+    once, outside the timing: a bucket is laid out that way already)."""
+    ks = torch.tensor([max(1, math.ceil(density * int(n))) for n in offsets[1:] - offsets[:-1]])
+    return ops.segmented_topk_indices(flat, offsets, ks, 0.01, gen)
+
+
 def _time(fn) -> tuple[float, float]:
     """(wall ms, ms of CPU time of the calling thread): the second is less sensitive to other load."""
     t0, c0 = time.perf_counter(), time.thread_time()
@@ -70,6 +79,8 @@ def _time(fn) -> tuple[float, float]:
 
 
 def run(name: str, densities, rounds: int, min_numel: int, check: bool) -> list[dict]:
+    if name == "resnet50-segmented":
+        return run_segmented(densities, rounds, min_numel, check)
     tensors = _inputs(name, min_numel)
     gen = torch.Generator().manual_seed(1)
     if check:
@@ -77,22 +88,27 @@ def run(name: str, densities, rounds: int, min_numel: int, check: bool) -> list[
             for x, got in zip(tensors, _select_all(tensors, d, gen)):
                 want = _reference.topk_indices(x, max(1, math.ceil(d * x.numel())))
                 assert torch.equal(got, want), (name, d, x.numel())
+    return _table(name, tensors, densities, rounds, lambda d: _select_all(tensors, d, gen), len(tensors))
+
+
+def _table(name: str, tensors: list[torch.Tensor], densities, rounds: int, select, count: int) -> list[dict]:
+    """Times ``select(density)`` and one read of ``tensors``, interleaved over the rounds; one row per case."""
     cases = ["read", *(f"{d:g}" for d in densities)]
     wall: dict[str, list[float]] = {c: [] for c in cases}
     cpu: dict[str, list[float]] = {c: [] for c in cases}
-    _select_all(tensors, densities[0], gen)  # warm-up: first touch of the allocator and the threads
+    select(densities[0])  # warm-up: first touch of the allocator and the threads
     for _ in range(rounds):
         for case in cases:
             if case == "read":
                 w, c = _time(lambda: [x.sum() for x in tensors])
             else:
-                w, c = _time(lambda d=float(case): _select_all(tensors, d, gen))
+                w, c = _time(lambda d=float(case): select(d))
             wall[case].append(w)
             cpu[case].append(c)
     rows = []
     for case in cases:
         med, cpu_med = statistics.median(wall[case]), statistics.median(cpu[case])
-        rows.append({"input": name, "case": case, "tensors": len(tensors),
+        rows.append({"input": name, "case": case, "tensors": count,
                      "numel": sum(x.numel() for x in tensors), "min_ms": min(wall[case]), "median_ms": med,
                      "max_ms": max(wall[case]), "cpu_median_ms": cpu_med,
                      "vs_first_density": med / statistics.median(wall[cases[1]]),
@@ -101,9 +117,23 @@ def run(name: str, densities, rounds: int, min_numel: int, check: bool) -> list[
     return rows
 
 
+def run_segmented(densities, rounds: int, min_numel: int, check: bool) -> list[dict]:
+    """``resnet50`` as one bucket: every tensor's top-k by one segmented call."""
+    parts = _inputs("resnet50", min_numel)
+    flat = torch.cat(parts)
+    offsets = torch.tensor([0, *(x.numel() for x in parts)]).cumsum(0)
+    gen = torch.Generator().manual_seed(1)
+    if check:
+        for d in densities:
+            want = torch.cat([i + int(o) for i, o in zip(_select_all(parts, d, gen), offsets)])
+            assert torch.equal(_select_segmented(flat, offsets, d, gen), want), d
+    return _table("resnet50-segmented", [flat], densities, rounds, lambda d: _select_segmented(flat, offsets, d, gen),
+                  len(parts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inputs", default="25M,resnet50")
+    parser.add_argument("--inputs", default="25M,resnet50,resnet50-segmented")
     parser.add_argument("--densities", default=",".join(f"{d:g}" for d in DENSITIES))
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
@@ -120,10 +150,10 @@ def main() -> None:
     after = _uptime()
     print(f"backend {ops.BACKEND}, {args.threads} thread(s), {args.rounds} rounds")
     print(f"uptime before: {before}\nuptime after:  {after}")
-    print(f"{'input':<9} {'case':>7} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'x first':>8} {'x read':>7} "
+    print(f"{'input':<18} {'case':>7} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'x first':>8} {'x read':>7} "
           f"{'cpu ms':>8} {'cpu x first':>12}")
     for r in rows:
-        print(f"{r['input']:<9} {r['case']:>7} {r['min_ms']:9.2f} {r['median_ms']:10.2f} {r['max_ms']:9.2f} "
+        print(f"{r['input']:<18} {r['case']:>7} {r['min_ms']:9.2f} {r['median_ms']:10.2f} {r['max_ms']:9.2f} "
               f"{r['vs_first_density']:8.2f} {r['read_passes']:7.1f} {r['cpu_median_ms']:8.2f} "
               f"{r['cpu_vs_first_density']:12.2f}")
     if args.json:

@@ -8,7 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "output.h"
+#include "../common.h"
+#include "select_op.h"
 #include "select_core.h"
 #include "topk_core.h"
 
@@ -17,15 +18,8 @@ namespace {
 
 namespace core = select_core;
 
-// Workers for one selection: torch's intra-op thread count, one inside a parallel region.
-int workers() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
-
-void check_input(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_floating_point(), op, ": expected a floating-point tensor, got ", x.scalar_type());
-}
-
 at::Tensor threshold_select_cpu(const at::Tensor& x, double threshold) {
-  check_input(x, "threshold_select");
+  check_selection_input(x, "threshold_select");
   const at::Tensor flat = x.contiguous().view(-1);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "threshold_select", [&] {
@@ -40,8 +34,8 @@ at::Tensor threshold_select_cpu(const at::Tensor& x, double threshold) {
 }
 
 at::Tensor topk_select_cpu(const at::Tensor& x, int64_t k, double sample_ratio, int64_t seed) {
-  check_input(x, "topk_select");
-  TORCH_CHECK(sample_ratio > 0 && sample_ratio <= 1, "topk_select: sample_ratio must be in (0, 1], got ", sample_ratio);
+  check_selection_input(x, "topk_select");
+  check_sample_ratio(sample_ratio, "topk_select");
   const at::Tensor flat = x.contiguous().view(-1);
   const int64_t n = flat.numel();
   auto opts = at::TensorOptions().dtype(at::kLong);

@@ -178,7 +178,8 @@ __attribute__((target("avx2"))) inline int64_t* write_bits_dense(int64_t* out, i
 
 // write_top's full 64-element blocks of fp32 with AVX2. Returns the end of the blocks done.
 __attribute__((target("avx2"))) inline int64_t write_f32_avx2(const float* x, int64_t b, int64_t end, uint32_t kth,
-                                                              int64_t& allow, int64_t*& out, const int64_t* out_end) {
+                                                              int64_t& allow, int64_t base, int64_t*& out,
+                                                              const int64_t* out_end) {
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i kth_v = _mm256_set1_epi32(static_cast<int32_t>(kth));
   for (; b + 64 <= end; b += 64) {
@@ -201,27 +202,28 @@ __attribute__((target("avx2"))) inline int64_t write_f32_avx2(const float* x, in
       }
       gt |= lowest_bits(eq, allow);
     }
-    out = __builtin_popcountll(gt) >= kDenseBits && out + 64 <= out_end ? write_bits_dense(out, b, gt)
-                                                                         : write_bits(out, b, gt);
+    out = __builtin_popcountll(gt) >= kDenseBits && out + 64 <= out_end ? write_bits_dense(out, base + b, gt)
+                                                                         : write_bits(out, base + b, gt);
   }
   return b;
 }
 #endif
 
-// Pass 2 by scanning x: writes into [out, out_end), ascending, the position of every key > kth and of the first
-// `allow` keys == kth over [begin, end) (x holds no NaN). Returns the advanced output pointer.
+// Pass 2 by scanning x: writes into [out, out_end), ascending, base + the position of every key > kth
+// and of the first `allow` keys == kth over [begin, end) (x holds no NaN). Returns the advanced
+// output pointer.
 template <typename scalar_t>
 int64_t* write_top(const scalar_t* x, int64_t begin, int64_t end, typename Key<scalar_t>::bits_t kth, int64_t allow,
-                   int64_t* out, const int64_t* out_end) {
+                   int64_t base, int64_t* out, const int64_t* out_end) {
   using K = Key<scalar_t>;
   int64_t b = begin;
 #if defined(GRADSPARSE_AVX2_SCAN)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (has_avx2()) b = write_f32_avx2(x, b, end, kth, allow, out, out_end);
+    if (has_avx2()) b = write_f32_avx2(x, b, end, kth, allow, base, out, out_end);
   }
 #endif
   scan(x, b, end, kth, K::kInf, [&](int64_t i, typename K::bits_t key) {
-    if (key > kth || allow-- > 0) *out++ = i;
+    if (key > kth || allow-- > 0) *out++ = base + i;
   });
   return out;
 }
@@ -290,6 +292,7 @@ struct TopK {
   bits_t lo = 0, hi = K::kInf + 1;  // unsampled: everything in the bracket, all of it kept
   int64_t expect_hits, expect_keys, key_limit;
   bool keep_positions = true;
+  int64_t base = 0;  // added to every position written (a segment's offset in a larger tensor)
   std::vector<std::unique_ptr<Counts>> chunks;
 
   TopK(const scalar_t* x_, int64_t n_, int64_t k_, int threads_)
@@ -355,12 +358,23 @@ struct TopK {
       const int64_t first = ch.lo(ci), last = ch.hi(ci);
       const double share = static_cast<double>(last - first) * share_of;
       cc.key_limit = static_cast<int64_t>(static_cast<double>(key_limit) * share) + 64;
-      cc.keys.reserve(std::min(cc.key_limit, static_cast<int64_t>(static_cast<double>(expect_keys) * share * 1.2) + 64));
       int64_t above = 0, at_lo = 0, bracket = 0;
-      const auto keep_key = [&](bits_t key) {
+      const auto keep_key = [&](bits_t key) {  // no exception may leave a worker: out of memory = too many keys
         ++bracket;
-        if (static_cast<int64_t>(cc.keys.size()) < cc.key_limit) cc.keys.push_back(key);
+        if (static_cast<int64_t>(cc.keys.size()) < cc.key_limit) {
+          try {
+            cc.keys.push_back(key);
+          } catch (const std::bad_alloc&) {
+            cc.key_limit = 0;
+          }
+        }
       };
+      try {
+        cc.keys.reserve(
+            std::min(cc.key_limit, static_cast<int64_t>(static_cast<double>(expect_keys) * share * 1.2) + 64));
+      } catch (const std::bad_alloc&) {
+        cc.key_limit = 0;
+      }
       if (!keep_positions) {
         cc.nan = count_bracket(x, first, last, lo, hi, above, at_lo, [&](int64_t, bits_t key) { keep_key(key); });
       } else {
@@ -497,7 +511,7 @@ struct TopK {
     }
     for_chunks(ch.count, threads, [&](int64_t ci, int) {
       Counts& cc = *chunks[ci];
-      const int64_t first = ch.lo(ci);
+      const int64_t first = base + ch.lo(ci);
       int64_t* o = out + cc.offset;
       int64_t allow = cc.allow;
       if (cc.pos) {  // the chunk's kept positions, classified against lo and hi
@@ -524,7 +538,7 @@ struct TopK {
         cc.drop_positions();
         return;
       }
-      write_top(x, first, ch.hi(ci), kth, allow, o, out + cc.offset + cc.larger + cc.allow);
+      write_top(x, ch.lo(ci), ch.hi(ci), kth, allow, base, o, out + cc.offset + cc.larger + cc.allow);
     });
   }
 

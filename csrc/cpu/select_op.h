@@ -1,7 +1,9 @@
-// The int64 position outputs of the CPU selection kernels.
+// The ATen side shared by the CPU selection kernels (select.cpp, segmented.cpp): worker count and
+// the int64 position outputs.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -11,6 +13,9 @@
 #endif
 
 namespace gradsparse {
+
+// Workers for one selection: torch's intra-op thread count, one inside a parallel region.
+inline int workers() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
 
 // An uninitialized int64 tensor of `count` elements. From 32 MiB on (4M positions), glibc's
 // malloc serves an allocation with a fresh mmap (32 MiB is its largest mmap threshold) and unmaps
