@@ -6,12 +6,12 @@
 //    3 standard deviations of a sampled count plus 4 sample positions. (Below kSampledMinNumel
 //    elements, or when the sample says nothing: lo = 0, hi = above infinity: everything is
 //    bracketed.)
-// 2. Pass 1 over x, 64 elements at a time: three bit masks (key >= lo, key > lo, key >= hi).
-//    Per chunk it counts the keys >= hi ("above") and == lo ("at lo"), and keeps the keys in
-//    (lo, hi) (few: the bracket). For small k it also keeps every hit's position, flagged with its
-//    class, so that pass 2 need not read x again.
+// 2. Pass 1 over x, per chunk: counts the keys >= hi ("above", AVX2 lane counters for fp32) and
+//    == lo ("at lo"), and keeps the keys in (lo, hi) (few: the bracket). For small k it instead
+//    scans for every key >= lo and keeps its position, tagged with its class, so that pass 2 need
+//    not read x again.
 // 3. If above < k <= above + bracket + at lo, the k-th key is lo or one of the bracket's keys
-//    (nth_element over the bracket): exact. Each chunk's count of larger keys and of keys equal to
+//    (a histogram of the bracket, then nth_element in one bucket): exact. Each chunk's count of larger keys and of keys equal to
 //    the k-th follow from the same counts, so the ties allowed in each chunk (lower positions
 //    first) and each chunk's output offset are known before anything is written.
 // 4. Pass 2 writes each chunk's positions straight into the output: from its kept positions, or by
