@@ -25,9 +25,15 @@ import torch
 from .errors import PayloadError
 from .payload import HEADER_BYTES, MAGIC, VALUE_DTYPES, PayloadLayout, parse
 
+# Tuning of the sampled top-k: they choose the path, never the result. The kernels read the same
+# values from csrc/select_params.h; tests/tools/test_constants.py fails when the two drift apart.
 # Below this many elements a sampled estimate is not worth it: exact top-k is cheap.
 SAMPLED_MIN_NUMEL = 16384
 MIN_SAMPLE = 1024
+# The threshold estimate is the sample's ceil(SAMPLE_AIM * k * s / n) + SAMPLE_AIM_EXTRA -th
+# largest magnitude: a little below the k-th, so one pass usually finds enough candidates.
+SAMPLE_AIM = 1.25
+SAMPLE_AIM_EXTRA = 4
 
 
 _WIDE = (torch.float32, torch.float64)
@@ -102,7 +108,7 @@ def sampled_topk_indices(
     start = int(torch.randint(stride, (1,), generator=generator)) if stride > 1 else 0
     sample = _magnitude(flat[start::stride])
     # aim a little below the k-th magnitude so one pass usually yields at least k candidates
-    sample_k = min(sample.numel(), math.ceil(1.25 * k * sample.numel() / n) + 4)
+    sample_k = min(sample.numel(), math.ceil(SAMPLE_AIM * k * sample.numel() / n) + SAMPLE_AIM_EXTRA)
     for _ in range(10):
         threshold = float(torch.topk(sample, sample_k, sorted=False).values.min())
         candidates = torch.nonzero(_at_least(flat, threshold)).squeeze(1)
@@ -114,6 +120,32 @@ def sampled_topk_indices(
             break
         sample_k = min(sample.numel(), sample_k * 2)
     return topk_indices(flat, k)
+
+
+def segmented_topk_indices(
+    x: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, sample_ratio: float = 0.01,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Every segment's exact top-k, as positions in ``x`` (int64, ascending), segment after segment.
+
+    Segment ``i`` is ``x.reshape(-1)[offsets[i]:offsets[i+1]]`` and keeps ``clamp(ks[i], 0, its
+    length)`` positions: :func:`sampled_topk_indices` of the segment, shifted by ``offsets[i]``.
+    NaN in a segment with ``0 < k < length`` is refused, naming the segment.
+    """
+    flat = x.reshape(-1).detach()
+    offsets, ks = offsets.tolist(), ks.tolist()
+    if len(offsets) != len(ks) + 1 or offsets[0] < 0 or offsets[-1] > flat.numel() or \
+            any(a > b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"segmented_topk_select: offsets {offsets} do not describe segments of the {flat.numel()} "
+                         f"elements for {len(ks)} counts")
+    parts = [torch.empty(0, dtype=torch.int64, device=flat.device)]
+    for i, k in enumerate(ks):
+        piece = flat[offsets[i]:offsets[i + 1]]
+        try:
+            parts.append(sampled_topk_indices(piece, k, sample_ratio, generator) + offsets[i])
+        except ValueError as err:
+            raise ValueError(f"segmented_topk_select: segment {i} contains NaN") from err
+    return torch.cat(parts)
 
 
 def dgc_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool) -> None:
@@ -128,6 +160,22 @@ def dgc_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum:
     else:
         u.mul_(momentum).add_(g)
         v.add_(u)
+
+
+def _absmax_or_nan(t: torch.Tensor) -> torch.Tensor:
+    return t.abs().max().double() if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device)
+
+
+def dgc_compensate_into(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
+                        u_out: torch.Tensor, v_out: torch.Tensor) -> torch.Tensor:
+    """:func:`dgc_compensate_` into ``u_out``, ``v_out`` (which may be ``u``, ``v`` themselves).
+
+    Returns float64 ``[max|g|, max|u_out|, max|v_out|]``, each NaN if its tensor holds a NaN.
+    """
+    u_out.copy_(u)
+    v_out.copy_(v)
+    dgc_compensate_(u_out, v_out, g, momentum, nesterov)
+    return torch.stack([_absmax_or_nan(g.reshape(-1)), _absmax_or_nan(u_out), _absmax_or_nan(v_out)])
 
 
 def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int, value_dtype: torch.dtype,

@@ -100,6 +100,29 @@ def sampled_topk_indices(x: torch.Tensor, k: int, sample_ratio: float = 0.01,
     return _reference.sampled_topk_indices(x, k, sample_ratio, generator)
 
 
+def segmented_topk_indices(x: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, sample_ratio: float = 0.01,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Every segment's exact top-k in one call: positions in ``x`` (int64, ascending), segment after segment.
+
+    Segment ``i`` is ``x.reshape(-1)[offsets[i]:offsets[i+1]]`` (``offsets`` int64, non-decreasing)
+    and keeps ``clamp(ks[i], 0, its length)`` positions (``ks`` int64): the same positions as
+    ``sampled_topk_indices`` of each segment plus its offset, so a bucket's tensors keep their own
+    top-k. A ``k`` of 0 skips a segment. ``generator`` only picks where the samples start.
+
+    Example::
+
+        >>> import torch
+        >>> from gradsparse import ops
+        >>> x = torch.tensor([0.1, -3.0, 2.0, 5.0, 0.2, -0.3])
+        >>> ops.segmented_topk_indices(x, torch.tensor([0, 3, 6]), torch.tensor([1, 2])).tolist()
+        [1, 3, 5]
+    """
+    if _compiled(x):
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
+        return torch.ops.gradsparse.segmented_topk_select(x.detach(), offsets, ks, float(sample_ratio), seed)
+    return _reference.segmented_topk_indices(x, offsets, ks, sample_ratio, generator)
+
+
 def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     """Exact top-k positions (int64, ascending; ties to the lower index)."""
     if _compiled(x):
@@ -113,6 +136,30 @@ def dgc_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum:
         torch.ops.gradsparse.dgc_compensate(u, v, g.reshape(-1), float(momentum), bool(nesterov))
     else:
         _reference.dgc_compensate_(u, v, g, momentum, nesterov)
+
+
+def dgc_compensate_into(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
+                        u_out: torch.Tensor, v_out: torch.Tensor) -> torch.Tensor:
+    """:func:`dgc_compensate_` written into ``u_out``, ``v_out``; returns ``[max|g|, max|u_out|, max|v_out|]``.
+
+    One pass on the CPU. The outputs (fp32, ``g``'s size) are either ``u``, ``v`` themselves or
+    buffers overlapping none of them, so a caller can compensate into scratch buffers, check the
+    float64 maxima (NaN when a tensor holds a NaN, inf for an inf) and then keep the scratch as
+    the new state or drop it, the state untouched. The maxima stay on ``u``'s device.
+
+    Example::
+
+        >>> import torch
+        >>> from gradsparse import ops
+        >>> u, v, g = torch.zeros(3), torch.ones(3), torch.tensor([1.0, -4.0, 2.0])
+        >>> u2, v2 = torch.empty(3), torch.empty(3)
+        >>> ops.dgc_compensate_into(u, v, g, 0.9, False, u2, v2).tolist(), v2.tolist(), v.tolist()
+        ([4.0, 4.0, 3.0], [2.0, -3.0, 3.0], [1.0, 1.0, 1.0])
+    """
+    if _compiled(u) and g.device == u.device:
+        return torch.ops.gradsparse.dgc_compensate_into(u, v, g.reshape(-1), float(momentum), bool(nesterov),
+                                                        u_out, v_out)
+    return _reference.dgc_compensate_into(u, v, g, momentum, nesterov, u_out, v_out)
 
 
 def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int,
@@ -145,6 +192,14 @@ if BACKEND == "extension":
     def _topk_select_fake(x, k, sample_ratio, seed):
         return x.new_empty(min(max(k, 0), x.numel()), dtype=torch.int64)
 
+    @torch.library.register_fake("gradsparse::segmented_topk_select")
+    def _segmented_topk_select_fake(x, offsets, ks, sample_ratio, seed):
+        return x.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+
+    @torch.library.register_fake("gradsparse::dgc_compensate_into")
+    def _dgc_compensate_into_fake(u, v, g, momentum, nesterov, u_out, v_out):
+        return u.new_empty(3, dtype=torch.float64)
+
     @torch.library.register_fake("gradsparse::pack")
     def _pack_fake(indices, values, dense, numel, value_dtype, flags):
         return values.new_empty(PayloadLayout(indices.numel(), dense.numel(), value_dtype).nbytes, dtype=torch.uint8)
@@ -164,8 +219,10 @@ __all__ = [
     "absmin",
     "all_finite",
     "dgc_compensate_",
+    "dgc_compensate_into",
     "pack",
     "sampled_topk_indices",
+    "segmented_topk_indices",
     "threshold_indices",
     "topk_indices",
     "unpack_add",

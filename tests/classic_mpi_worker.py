@@ -1,4 +1,4 @@
-"""One rank of tests/test_classic.py's ``mpirun`` check: PerSignTopK and GradientDropping over MPICommunicator.
+"""One rank of tests/unit/test_classic.py's ``mpirun`` check: PerSignTopK and GradientDropping over MPICommunicator.
 
 ``python -m tests.classic_mpi_worker OUTDIR`` reduces four seeded gradients per compressor (per-bucket
 selection) and saves this rank's outputs to ``OUTDIR/rank{r}.pt``. mpi4py is imported inside ``main``

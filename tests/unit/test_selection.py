@@ -136,6 +136,22 @@ def test_sampled_topk_result_does_not_depend_on_the_sample(path):
         assert torch.equal(PATHS[path][1](x, 200, 0.01, torch.Generator().manual_seed(s)), expected), s
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["ops", "reference"])
+def test_segmented_topk_equals_oracle_per_segment(path, dtype, kind, seed):
+    """One call for a bucket of tensors: each segment's own oracle top-k, shifted by its offset."""
+    segmented = {"ops": ops.segmented_topk_indices, "reference": ref.segmented_topk_indices}[path]
+    lengths = [1, 7, 1000, 0, 20_011, 4097, LARGE]
+    x = torch.cat([_input(kind, n, dtype, seed + i) * 10.0 ** (i % 3) for i, n in enumerate(lengths)])
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    for ratio in (0.001, 0.01, 0.25):
+        ks = torch.tensor([count_for(ratio, n) if n else 0 for n in lengths])
+        expected = torch.cat([topk_oracle(x[a:b], k) + a for a, b, k in
+                              zip(offsets.tolist(), offsets[1:].tolist(), ks.tolist())])
+        assert torch.equal(segmented(x, offsets, ks, 0.01, torch.Generator().manual_seed(seed)), expected), ratio
+
+
 # ------------------------------------------------------------------------------------- compressors
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
