@@ -41,10 +41,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q --doctest-modules gradsparse tests
 
-# The fast layers of the suite (one process but for a few short world-2/3 runs of the reducer; docs/testing.md).
+# The unit layer on one process (tests/unit/ without its few world-2/3 runs, marked multiprocess) and the
+# package's doctests; docs/testing.md has the layers, the markers and how long each takes.
 test-fast: setup
-	$(PY) -m pytest -q --doctest-modules gradsparse tests/test_selection.py tests/test_kernels.py \
-		tests/test_compressors.py tests/test_reducer.py tests/test_payload.py tests/test_tolerances.py tests/test_validation.py
+	$(PY) -m pytest -q --doctest-modules gradsparse tests/unit -m "not multiprocess"
 
 # Mutation run, on demand (not in CI): targeted mutants of the algorithm applied one at a time to a copy of the
 # package, each followed by its fast tests, on the compiled and the reference kernels (docs/testing.md has the

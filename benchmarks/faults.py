@@ -34,7 +34,7 @@ import time
 import torch
 
 from tests.distributed import run_world_outcomes
-from tests.test_faults import disagreeing_rank, train_until_fault
+from tests.multiprocess.test_faults import disagreeing_rank, train_until_fault
 
 logger = logging.getLogger("benchmarks.faults")
 

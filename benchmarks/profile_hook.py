@@ -1,7 +1,8 @@
 """Profile one rank's DDP step with a comm hook, alone on the machine (world size 1, no network).
 
 Explains where a step's time goes when a cluster benchmark misses a target: the
-compute floor, gradsparse's compression time (``state.last_stats.compress_s``) and
+compute floor, gradsparse's compression time (``state.last_stats.compress_s``; of which
+``blocking_s`` is done inside the hook before each collective, stalling backward) and
 the torch.profiler table of the operators inside the step::
 
     python benchmarks/profile_hook.py --model resnet50 --method dgc0.1 --steps 5
@@ -42,7 +43,7 @@ def main() -> None:
     for method in ("compute", args.method):
         model, opt, timer, state = build(method, args.model)
         x, y = make_batch(args.model, args.batch, torch.Generator().manual_seed(0))
-        times, compress = [], []
+        times, compress, blocking = [], [], []
         prof = None
         for step in range(3 + args.steps):
             if step == 3 and method != "compute":
@@ -57,10 +58,13 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
                 if state is not None:
                     compress.append(state.last_stats.compress_s)
+                    blocking.append(state.last_stats.blocking_s)
         if prof is not None:
             prof.__exit__(None, None, None)
         results[method] = {"step_ms": 1e3 * statistics.median(times),
-                           "compress_ms": 1e3 * statistics.median(compress) if compress else None}
+                           "compress_ms": 1e3 * statistics.median(compress) if compress else None,
+                           # the part inside the hook, before each bucket's collective: it stalls backward
+                           "blocking_ms": 1e3 * statistics.median(blocking) if blocking else None}
     print(json.dumps({"model": args.model, "threads": args.threads, "load": os.getloadavg(), **results}))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     exit_without_teardown()

@@ -1,6 +1,6 @@
 """Soak benchmark: thousands of DDP steps at world size 3; RSS of every rank over time.
 
-Runs the worker of tests/test_long_run.py (DGC with warm-up, and Threshold with a rank
+Runs the worker of tests/multiprocess/test_long_run.py (DGC with warm-up, and Threshold with a rank
 that sends nothing every other step; several buckets of different sizes) and prints,
 per method, every rank's resident set size at each probe, plus the growth from the
 first probe to the end, both as is and after ``malloc_trim(0)`` (glibc keeps freed pages
@@ -21,7 +21,7 @@ import os
 import time
 
 from tests.distributed import run_world
-from tests.test_long_run import METHODS, long_run_worker
+from tests.multiprocess.test_long_run import METHODS, long_run_worker
 
 logger = logging.getLogger("benchmarks.soak")
 

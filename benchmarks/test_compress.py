@@ -8,6 +8,9 @@ Run: ``make bench`` (or ``pytest benchmarks --benchmark-only``). Each group
 - ``memory_write_zero``: one dense write (``zero_``) of an existing 25M array;
 - ``select_*``: the selection kernels from :mod:`gradsparse.ops` (the C++
   extension when built), ``ref_select_*`` the pure-PyTorch reference;
+- ``select_per_sign`` / ``select_gradient_dropping``: :class:`PerSignTopK` (0.5 x density of each
+  sign, so about the same count) and :class:`GradientDropping` (drop ``1 - density``) ``select``,
+  compositions of the same kernels (comparable with ``select_dgc_sampled``);
 - ``select_pack_*``: selection, gathering the values (``index_select``, as the
   reducer does) and packing the payload;
 - ``unpack_add_world4``: validating and scatter-adding 4 ranks' payloads of k
@@ -30,8 +33,9 @@ import numpy as np
 import pytest
 import torch
 
-from gradsparse import DGC, Threshold, TopK, _reference, ops
+from gradsparse import DGC, GradientDropping, PerSignTopK, Threshold, TopK, _reference, ops
 from gradsparse.comm import LocalCommunicator
+from gradsparse.payload import parse
 from gradsparse.reducer import SparseReducer
 from gradsparse.stats import ALLGATHER
 
@@ -77,7 +81,7 @@ def _run(benchmark, density, fn, *args, setup=None):
 
 def _assert_payload(payload, grad, expected):
     """The payload holds exactly the oracle's positions and the gradient's values there."""
-    flags, indices, values, dense = ops.parse(payload, N, torch.float32, 0)
+    flags, indices, values, dense = parse(payload, N, torch.float32, 0)
     assert flags == 0 and dense.numel() == 0
     assert torch.equal(indices.long(), expected)
     assert torch.equal(values, grad[expected])
@@ -178,6 +182,29 @@ def test_select_threshold(benchmark, grad, density):
     tau = _tau(grad, density)
     idx = _run(benchmark, density, ops.threshold_indices, grad, tau)
     assert torch.equal(idx, _threshold_oracle(grad, tau))
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_select_per_sign(benchmark, grad, density):
+    c = PerSignTopK(density)
+    idx = _run(benchmark, density, c.select, grad, 0, 0)
+    g = grad.numpy()
+    expected = []
+    for sign in (1, -1):  # the oracle: each sign's values by a stable sort, largest first, ties to the lower index
+        where = np.flatnonzero(sign * g > 0)
+        order = where[np.argsort(-sign * g[where], kind="stable")]
+        expected.append(order[:max(1, math.ceil(density * where.size))])
+    assert torch.equal(idx, torch.from_numpy(np.sort(np.concatenate(expected)).astype(np.int64)))
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_select_gradient_dropping(benchmark, grad, density):
+    c = GradientDropping(1.0 - density)
+    idx = _run(benchmark, density, c.select, grad, 0, 0)
+    mag = np.abs(grad.numpy())  # the oracle: 100,000 magnitudes at stride N // 100,000 from 0, sorted
+    sample = np.sort(mag[:N // 100_000 * 100_000:N // 100_000])
+    t = sample[math.floor(100_000 * (1.0 - density)) - 1]
+    assert torch.equal(idx, torch.from_numpy(np.flatnonzero(mag > t).astype(np.int64)))
 
 
 def _roundtrip(benchmark, grad, density, compressor, expected):

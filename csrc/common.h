@@ -1,5 +1,5 @@
-// Wire format and argument checks shared by the CPU and CUDA kernels; the layout is documented
-// in gradsparse/payload.py and must stay identical to it.
+// Wire format and argument checks shared by the CPU and CUDA kernels. The layout is documented in
+// gradsparse/payload.py; tests/tools/test_constants.py checks the constants below against it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace gradsparse {
 
@@ -55,6 +56,58 @@ inline int64_t check_header(const int32_t* h, int64_t payload_bytes, int64_t ran
   return count;
 }
 
+// A payload's tensor: contiguous 1-D uint8 holding at least a header.
+inline void check_payload_tensor(const at::Tensor& p, int64_t rank) {
+  TORCH_CHECK_VALUE(p.scalar_type() == c10::kByte && p.dim() == 1 && p.is_contiguous(),
+                    "unpack_add: payload ", rank, " must be a contiguous 1-D uint8 tensor");
+  TORCH_CHECK_VALUE(p.numel() >= kHeaderBytes, "unpack_add: payload ", rank, " of ", p.numel(),
+                    " bytes is shorter than the header");
+}
+
+// Selection inputs: any floating-point tensor.
+inline void check_selection_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.is_floating_point(), op, ": expected a floating-point tensor, got ", x.scalar_type());
+}
+
+// topk_select's sample_ratio.
+inline void check_sample_ratio(double sample_ratio, const char* op) {
+  TORCH_CHECK(sample_ratio > 0 && sample_ratio <= 1, op, ": sample_ratio must be in (0, 1], got ", sample_ratio);
+}
+
+// segmented_topk_select's segments, read on the host: segment i is [offset[i], offset[i+1]) of the
+// flat input and keeps count[i] = clamp(ks[i], 0, its length) positions, written from out[i].
+struct Segments {
+  std::vector<int64_t> offset, count, out;
+  int64_t size() const { return static_cast<int64_t>(count.size()); }
+  int64_t length(int64_t i) const { return offset[i + 1] - offset[i]; }
+  int64_t total() const { return out.back(); }
+};
+
+inline Segments check_segments(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& ks) {
+  const char* op = "segmented_topk_select";
+  TORCH_CHECK_VALUE(offsets.scalar_type() == c10::kLong && ks.scalar_type() == c10::kLong, op,
+                    ": offsets and ks must be int64, got ", offsets.scalar_type(), " and ", ks.scalar_type());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && ks.dim() == 1 && offsets.numel() == ks.numel() + 1, op,
+                    ": expected 1-D offsets with one more element than ks (segment i is [offsets[i], offsets[i+1])),",
+                    " got ", offsets.sizes(), " and ", ks.sizes());
+  const at::Tensor o = offsets.to(c10::kCPU).contiguous(), k = ks.to(c10::kCPU).contiguous();
+  const int64_t* off = o.data_ptr<int64_t>();
+  const int64_t* kp = k.data_ptr<int64_t>();
+  Segments seg;
+  seg.offset.assign(off, off + o.numel());
+  seg.count.resize(k.numel());
+  seg.out.assign(k.numel() + 1, 0);
+  TORCH_CHECK_VALUE(seg.offset.front() >= 0 && seg.offset.back() <= x.numel(), op, ": offsets must lie in [0, ",
+                    x.numel(), "], got ", seg.offset.front(), " .. ", seg.offset.back());
+  for (int64_t i = 0; i < k.numel(); ++i) {
+    TORCH_CHECK_VALUE(seg.offset[i] <= seg.offset[i + 1], op, ": offsets must not decrease, got ", seg.offset[i],
+                      " then ", seg.offset[i + 1], " at segment ", i);
+    seg.count[i] = std::min(std::max<int64_t>(kp[i], 0), seg.length(i));
+    seg.out[i + 1] = seg.out[i] + seg.count[i];
+  }
+  return seg;
+}
+
 // unpack_add's destination: float32/float64, contiguous, 1-D.
 inline void check_destination(const at::Tensor& out) {
   TORCH_CHECK_VALUE(out.scalar_type() == c10::kFloat || out.scalar_type() == c10::kDouble,
@@ -81,6 +134,25 @@ inline void check_dgc_args(const at::Tensor& u, const at::Tensor& v, const at::T
                     v.numel(), " elements, the gradient ", g.numel());
   TORCH_CHECK_VALUE(g.is_floating_point(), "dgc_compensate: expected a floating-point gradient, got ", g.scalar_type());
   TORCH_CHECK_VALUE(g.device() == u.device() && v.device() == u.device(), "dgc_compensate: tensors on different devices");
+}
+
+// dgc_compensate_into's arguments: as dgc_compensate's, plus fp32 contiguous outputs of the same
+// size and device, each either its input itself (in place) or not overlapping u or v or the other.
+inline void check_dgc_into_args(const at::Tensor& u, const at::Tensor& v, const at::Tensor& g, const at::Tensor& u_out,
+                                const at::Tensor& v_out) {
+  check_dgc_args(u, v, g);
+  check_dgc_args(u_out, v_out, g);
+  const auto overlap = [](const at::Tensor& a, const at::Tensor& b) {
+    const auto* a0 = static_cast<const char*>(a.data_ptr());
+    const auto* b0 = static_cast<const char*>(b.data_ptr());
+    return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+  };
+  const auto same = [](const at::Tensor& a, const at::Tensor& b) { return a.data_ptr() == b.data_ptr(); };
+  TORCH_CHECK_VALUE(!(u_out.numel() && overlap(u_out, v_out)), "dgc_compensate_into: u_out and v_out overlap");
+  TORCH_CHECK_VALUE(!(u_out.numel() && ((overlap(u_out, u) && !same(u_out, u)) || overlap(u_out, v))),
+                    "dgc_compensate_into: u_out must be u itself or not overlap u and v");
+  TORCH_CHECK_VALUE(!(v_out.numel() && ((overlap(v_out, v) && !same(v_out, v)) || overlap(v_out, u))),
+                    "dgc_compensate_into: v_out must be v itself or not overlap u and v");
 }
 
 }  // namespace gradsparse

@@ -1,5 +1,6 @@
 // Operator schemas of the gradsparse extension, registered once.
-// Kernels: csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(gradsparse, CPU, m)).
+// Kernels: csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(gradsparse, CPU, m)), csrc/cuda/*.cu (CUDA); pack is
+// device-neutral (csrc/pack.cpp). Contracts and costs: docs/kernels.md.
 // Reference semantics of every op: gradsparse/_reference.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -18,11 +19,27 @@ TORCH_LIBRARY(gradsparse, m) {
   // Positions (int64, ascending) of the exact top-k |x|, ties to the lower index, found through a
   // sampled threshold estimate. NaN input is refused.
   m.def("topk_select(Tensor x, int k, float sample_ratio, int seed) -> Tensor");
+  // Segment i of flat x is [offsets[i], offsets[i+1]) (offsets: int64, non-decreasing, within
+  // [0, numel]); ks (int64, one per segment) says how many of its elements to keep. Returns the
+  // positions in x (int64, ascending) of every segment's exact top-k by magnitude (ties to the
+  // lower index), segment after segment: the same as concatenating
+  // topk_select(x[offsets[i]:offsets[i+1]], ks[i], sample_ratio, seed) + offsets[i]. A segment
+  // keeps clamp(ks[i], 0, its length) positions, so the output's size is known from the inputs;
+  // a k of 0 skips a segment (a gap between selected tensors). NaN in a segment with
+  // 0 < k < length is refused, naming the segment. offsets and ks may be on any device.
+  m.def("segmented_topk_select(Tensor x, Tensor offsets, Tensor ks, float sample_ratio, int seed) -> Tensor");
   // One rank's payload: header | int32 indices | pad | values | dense | pad (gradsparse/payload.py).
   m.def("pack(Tensor indices, Tensor values, Tensor dense, int numel, ScalarType value_dtype, int flags) -> Tensor");
   // DGC momentum correction and accumulation in one pass, in place on fp32 u and v:
   // u = m*u + g; v = v + u   (nesterov: u = m*(u + g); v = v + u + g).
   m.def("dgc_compensate(Tensor(a!) u, Tensor(b!) v, Tensor g, float momentum, bool nesterov) -> ()");
+  // The same into u_out and v_out (fp32, g's size; each either its input itself, or overlapping
+  // none of u, v and the other), rounded identically, and in the same pass the largest magnitudes:
+  // returns float64 [max|g|, max|u_out|, max|v_out|], each NaN if its tensor holds a NaN (inf if
+  // an inf). For a health check before the state changes: compensate into scratch buffers, look
+  // at the three numbers (every rank's), then keep the scratch as the new state (swap) or drop it.
+  m.def("dgc_compensate_into(Tensor u, Tensor v, Tensor g, float momentum, bool nesterov, Tensor(a!) u_out, "
+        "Tensor(b!) v_out) -> Tensor");
   // Validate every payload, then (zero out if overwrite and) scatter-add alpha * values in rank order.
   // Returns the OR of the payloads' flags as a 0-dim int64 tensor.
   m.def("unpack_add(Tensor[] payloads, Tensor(a!) out, ScalarType value_dtype, Tensor? dense_index, "

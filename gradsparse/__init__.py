@@ -13,7 +13,7 @@ rank-0 checkpoint: :mod:`gradsparse.checkpoint`.
 """
 
 from . import checkpoint, ddp, errors, optim, watchdog
-from .compressors import DGC, REGISTRY, Compressor, Threshold, TopK
+from .compressors import DGC, REGISTRY, Compressor, GradientDropping, PerSignTopK, Threshold, TopK
 from .optim import DGCSGD
 from .options import ReducerOptions
 from .reducer import Segment, SparseReducer
@@ -29,6 +29,8 @@ __all__ = [
     "ReducerOptions",
     "BucketStats",
     "Compressor",
+    "GradientDropping",
+    "PerSignTopK",
     "Segment",
     "SparseReducer",
     "StepStats",

@@ -2,6 +2,9 @@
 
 This module is the fallback used by :mod:`gradsparse.ops` when the C++/CUDA
 extension is absent, and the oracle the extension's kernels are tested against.
+It holds one function per compiled op (``torch.ops.gradsparse.*``) and nothing
+the package calls directly: the wire format lives in :mod:`gradsparse.payload`,
+the reductions the pipeline reads gradients with in :mod:`gradsparse.ops`.
 Every function is deterministic: ties in magnitude are broken towards the lower
 index, and results come back in ascending index order.
 
@@ -20,19 +23,17 @@ import math
 import torch
 
 from .errors import PayloadError
-from .payload import (
-    DTYPE_OF_CODE,
-    FLAG_NONFINITE,
-    HEADER_BYTES,
-    HEADER_INTS,
-    MAGIC,
-    VALUE_DTYPES,
-    PayloadLayout,
-)
+from .payload import HEADER_BYTES, MAGIC, VALUE_DTYPES, PayloadLayout, parse
 
+# Tuning of the sampled top-k: they choose the path, never the result. The kernels read the same
+# values from csrc/select_params.h; tests/tools/test_constants.py fails when the two drift apart.
 # Below this many elements a sampled estimate is not worth it: exact top-k is cheap.
 SAMPLED_MIN_NUMEL = 16384
 MIN_SAMPLE = 1024
+# The threshold estimate is the sample's ceil(SAMPLE_AIM * k * s / n) + SAMPLE_AIM_EXTRA -th
+# largest magnitude: a little below the k-th, so one pass usually finds enough candidates.
+SAMPLE_AIM = 1.25
+SAMPLE_AIM_EXTRA = 4
 
 
 _WIDE = (torch.float32, torch.float64)
@@ -49,26 +50,6 @@ def _at_least(x: torch.Tensor, threshold) -> torch.Tensor:
     return x.float().abs() >= threshold
 
 
-def absmax(x: torch.Tensor) -> float:
-    """Largest ``|x|`` as a Python float; NaN when ``x`` holds a NaN, inf when it holds an inf. One read pass."""
-    if x.numel() == 0:
-        return 0.0
-    low, high = torch.aminmax(x.detach())
-    return max(-float(low), float(high))
-
-
-def absmin(x: torch.Tensor) -> float:
-    """Smallest ``|x|`` as a Python float (``x`` non-empty)."""
-    return float(x.detach().abs().min())
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """True when no element is NaN or Inf. One read-only pass (a float32 sum) unless the sum overflows."""
-    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(x).all())
-
-
 def _topk_of_magnitude(mag: torch.Tensor, k: int) -> torch.Tensor:
     """Exact top-k positions of a magnitude vector, ascending, ties to the lower index."""
     n = mag.numel()
@@ -83,7 +64,8 @@ def _topk_of_magnitude(mag: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _refuse_nan(x: torch.Tensor) -> None:
-    if not all_finite(x) and bool(torch.isnan(x).any()):
+    # a finite float32 sum proves there is no NaN in one read pass without a temporary; else look
+    if not bool(torch.isfinite(x.sum(dtype=torch.float32))) and bool(torch.isnan(x).any()):
         raise ValueError("topk_select: input contains NaN")
 
 
@@ -126,7 +108,7 @@ def sampled_topk_indices(
     start = int(torch.randint(stride, (1,), generator=generator)) if stride > 1 else 0
     sample = _magnitude(flat[start::stride])
     # aim a little below the k-th magnitude so one pass usually yields at least k candidates
-    sample_k = min(sample.numel(), math.ceil(1.25 * k * sample.numel() / n) + 4)
+    sample_k = min(sample.numel(), math.ceil(SAMPLE_AIM * k * sample.numel() / n) + SAMPLE_AIM_EXTRA)
     for _ in range(10):
         threshold = float(torch.topk(sample, sample_k, sorted=False).values.min())
         candidates = torch.nonzero(_at_least(flat, threshold)).squeeze(1)
@@ -138,6 +120,32 @@ def sampled_topk_indices(
             break
         sample_k = min(sample.numel(), sample_k * 2)
     return topk_indices(flat, k)
+
+
+def segmented_topk_indices(
+    x: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, sample_ratio: float = 0.01,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Every segment's exact top-k, as positions in ``x`` (int64, ascending), segment after segment.
+
+    Segment ``i`` is ``x.reshape(-1)[offsets[i]:offsets[i+1]]`` and keeps ``clamp(ks[i], 0, its
+    length)`` positions: :func:`sampled_topk_indices` of the segment, shifted by ``offsets[i]``.
+    NaN in a segment with ``0 < k < length`` is refused, naming the segment.
+    """
+    flat = x.reshape(-1).detach()
+    offsets, ks = offsets.tolist(), ks.tolist()
+    if len(offsets) != len(ks) + 1 or offsets[0] < 0 or offsets[-1] > flat.numel() or \
+            any(a > b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"segmented_topk_select: offsets {offsets} do not describe segments of the {flat.numel()} "
+                         f"elements for {len(ks)} counts")
+    parts = [torch.empty(0, dtype=torch.int64, device=flat.device)]
+    for i, k in enumerate(ks):
+        piece = flat[offsets[i]:offsets[i + 1]]
+        try:
+            parts.append(sampled_topk_indices(piece, k, sample_ratio, generator) + offsets[i])
+        except ValueError as err:
+            raise ValueError(f"segmented_topk_select: segment {i} contains NaN") from err
+    return torch.cat(parts)
 
 
 def dgc_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool) -> None:
@@ -154,15 +162,25 @@ def dgc_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum:
         v.add_(u)
 
 
-def pack(
-    indices: torch.Tensor,
-    values: torch.Tensor,
-    dense: torch.Tensor,
-    numel: int,
-    value_dtype: torch.dtype,
-    flags: int = 0,
-) -> torch.Tensor:
-    """Pack (indices, values) and the dense section into one ``uint8`` payload."""
+def _absmax_or_nan(t: torch.Tensor) -> torch.Tensor:
+    return t.abs().max().double() if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device)
+
+
+def dgc_compensate_into(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
+                        u_out: torch.Tensor, v_out: torch.Tensor) -> torch.Tensor:
+    """:func:`dgc_compensate_` into ``u_out``, ``v_out`` (which may be ``u``, ``v`` themselves).
+
+    Returns float64 ``[max|g|, max|u_out|, max|v_out|]``, each NaN if its tensor holds a NaN.
+    """
+    u_out.copy_(u)
+    v_out.copy_(v)
+    dgc_compensate_(u_out, v_out, g, momentum, nesterov)
+    return torch.stack([_absmax_or_nan(g.reshape(-1)), _absmax_or_nan(u_out), _absmax_or_nan(v_out)])
+
+
+def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int, value_dtype: torch.dtype,
+         flags: int = 0) -> torch.Tensor:
+    """Reference of :func:`gradsparse.payload.pack`: a zeroed buffer, each section copied into its view."""
     layout = PayloadLayout(indices.numel(), dense.numel(), value_dtype)
     out = torch.zeros(layout.nbytes, dtype=torch.uint8, device=values.device)
     header = torch.tensor(
@@ -177,56 +195,10 @@ def pack(
     return out
 
 
-def parse(payload: torch.Tensor, numel: int, value_dtype: torch.dtype, n_dense: int):
-    """Validate one payload and return ``(flags, indices, values, dense)`` views of it.
-
-    Raises :class:`PayloadError` naming the first problem found.
-    """
-    if payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise PayloadError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
-    if payload.numel() < HEADER_BYTES:
-        raise PayloadError(f"payload of {payload.numel()} bytes is shorter than the {HEADER_BYTES}-byte header")
-    magic, flags, count, got_dense, got_numel, code, _, _ = payload[:HEADER_BYTES].view(torch.int32).tolist()
-    if magic != MAGIC:
-        raise PayloadError(f"bad magic 0x{magic & 0xFFFFFFFF:08x}: not a gradsparse payload")
-    if DTYPE_OF_CODE.get(code) != value_dtype:
-        raise PayloadError(f"value dtype code {code} does not match the expected {value_dtype}")
-    if got_numel != numel:
-        raise PayloadError(f"payload is for a bucket of {got_numel} elements, expected {numel}")
-    if got_dense != n_dense:
-        raise PayloadError(f"payload carries {got_dense} dense values, expected {n_dense}")
-    if count < 0 or count > numel:
-        raise PayloadError(f"payload count {count} is outside [0, {numel}]")
-    layout = PayloadLayout(count, n_dense, value_dtype)
-    if payload.numel() < layout.nbytes:
-        raise PayloadError(f"payload truncated: {payload.numel()} bytes, its header needs {layout.nbytes}")
-    indices = payload[HEADER_BYTES : HEADER_BYTES + 4 * count].view(torch.int32)
-    if count:
-        if int(indices[0]) < 0 or int(indices[-1]) >= numel:
-            raise PayloadError(f"index out of range [0, {numel}): first {int(indices[0])}, last {int(indices[-1])}")
-        if count > 1 and not bool((indices[1:] > indices[:-1]).all()):
-            raise PayloadError("indices are not strictly ascending (duplicate or unordered index)")
-    values = payload[layout.values_offset : layout.dense_offset].view(value_dtype)
-    end = layout.dense_offset + layout.value_size * n_dense
-    dense = payload[layout.dense_offset : end].view(value_dtype)
-    return flags, indices, values, dense
-
-
-def unpack_add(
-    payloads: list[torch.Tensor],
-    out: torch.Tensor,
-    value_dtype: torch.dtype,
-    dense_index: torch.Tensor | None = None,
-    alpha: float = 1.0,
-    overwrite: bool = False,
-) -> int:
-    """Validate every payload, then scatter-add ``alpha * values`` into ``out`` in rank order.
-
-    ``dense_index`` (int64) gives the positions in ``out`` of each payload's dense
-    section. With ``overwrite`` the destination is zeroed first (after
-    validation). Returns the OR of all payloads' flags. On any malformed payload
-    a :class:`PayloadError` is raised before ``out`` is touched.
-    """
+def unpack_add(payloads: list[torch.Tensor], out: torch.Tensor, value_dtype: torch.dtype,
+               dense_index: torch.Tensor | None = None, alpha: float = 1.0, overwrite: bool = False) -> int:
+    """Reference of :func:`gradsparse.payload.unpack_add`: :func:`~gradsparse.payload.parse` every payload
+    (raising :class:`PayloadError` before any write), then ``index_add_`` each one's pairs in rank order."""
     n_dense = 0 if dense_index is None else dense_index.numel()
     parsed = []
     for rank, p in enumerate(payloads):
@@ -244,16 +216,3 @@ def unpack_add(
             out.index_add_(0, dense_index, dense.to(out.dtype), alpha=alpha)
     return flags
 
-
-__all__ = [
-    "FLAG_NONFINITE",
-    "all_finite",
-    "dgc_compensate_",
-    "HEADER_INTS",
-    "pack",
-    "parse",
-    "sampled_topk_indices",
-    "threshold_indices",
-    "topk_indices",
-    "unpack_add",
-]

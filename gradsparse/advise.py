@@ -184,7 +184,7 @@ def measure_kernels(shapes, repeats: int = 3, max_measure: int = 2**25, seed: in
     for name, (kind, density) in SPARSE_METHODS.items():
         compressor = DGC(density, warmup=None) if kind == "DGC" else TopK(density)
         reducer = SparseReducer(compressor, LocalCommunicator())
-        compressed = sum(s.numel for segs in segments for s in segs if s.numel >= reducer.min_compress_numel)
+        compressed = sum(s.numel for segs in segments for s in segs if s.numel >= reducer.options.min_compress_numel)
         step = [1]
 
         def run(reducer=reducer):
@@ -300,7 +300,7 @@ def table(predicted: dict, compute_s: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gradsparse.advise", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mlp", help=f"one of {sorted(model_shapes.BUILTIN)} or module:factory "
                                                       "(default mlp: small and fast; pass your own)")
@@ -321,33 +321,32 @@ def main(argv=None) -> dict:
                         help="latency rounds of allreduce (gloo: ring; NCCL at scale: tree)")
     parser.add_argument("--json", default=None, help="write the advice here (rank 0)")
     parser.add_argument("--quiet", action="store_true", help="no table, no progress lines")
-    args = parser.parse_args(argv)
-    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if not args.quiet:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    shapes = load_shapes(args.model)
-    sizes = [int(float(s)) for s in args.sizes.split(",")]
-    links, rank = {}, 0
-    if distributed:
-        import torch.distributed as dist
+    return parser
 
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo")
-        rank = dist.get_rank()
-        if rank != 0:
-            logging.getLogger("gradsparse").setLevel(logging.WARNING)
-        local = args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if dist.get_world_size() % local:
-            raise InvalidConfigError(f"world size {dist.get_world_size()} is not a multiple of {local} ranks per node")
-        links = measure_links(sizes, args.repeats, local)
-        nodes_run = dist.get_world_size() // local
-    else:
-        local, nodes_run = args.ranks_per_node or 1, 1
+
+def _measure(args, sizes: list[int]) -> tuple[dict, int, int, int, bool]:
+    """Join the job when under torchrun and time its links: ``(links, rank, ranks per node, nodes, distributed)``."""
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if not distributed:
         if args.link_gbit is None:
             raise InvalidConfigError("in one process no link can be measured: pass --link-gbit (and --latency-us), "
                                      "or run under torchrun on your nodes")
-    kernels = measure_kernels(shapes, args.repeats, args.max_measure) if rank == 0 else None
-    nodes = args.nodes or (nodes_run if distributed else 2)
+        return {}, 0, args.ranks_per_node or 1, 1, False
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if rank != 0:
+        logging.getLogger("gradsparse").setLevel(logging.WARNING)
+    local = args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if dist.get_world_size() % local:
+        raise InvalidConfigError(f"world size {dist.get_world_size()} is not a multiple of {local} ranks per node")
+    return measure_links(sizes, args.repeats, local), rank, local, dist.get_world_size() // local, True
+
+
+def _links_for(links: dict, local: int, nodes: int, args) -> tuple[LinkModel | None, LinkModel | None]:
+    """The (between nodes, inside a node) links to predict with: measured where they were, else given."""
     given = LinkModel(args.latency_us * 1e-6, args.link_gbit * 1e9 / 8) if args.link_gbit else None
     if links.get("inter"):
         inter, intra = LinkModel(**_model(links["inter"])), LinkModel(**_model(links["intra"]))
@@ -362,6 +361,27 @@ def main(argv=None) -> dict:
     if nodes > 1 and inter is None:
         raise InvalidConfigError("no link between nodes was measured (one node): pass --link-gbit to predict for "
                                  "--nodes > 1")
+    return inter, intra
+
+
+def _report(advice: dict, args) -> None:
+    r, target = advice["recommendation"], advice["predicted_for"]
+    sys.stdout.write(f"\n{args.model}: {advice['parameters']:,} parameters; predicted for {target['nodes']} node(s) x "
+                     f"{target['ranks_per_node']} rank(s), compute {args.compute_ms:g} ms per step\n"
+                     f"{table(advice['predicted'], advice['compute_s'])}\n\nrecommended: {r['label']} "
+                     f"({r['speedup_vs_dense']:.2f}x dense); sparse "
+                     f"{'pays' if r['sparse_pays'] else 'does NOT pay'} here.\n")
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    shapes = load_shapes(args.model)
+    links, rank, local, nodes_run, distributed = _measure(args, [int(float(s)) for s in args.sizes.split(",")])
+    kernels = measure_kernels(shapes, args.repeats, args.max_measure) if rank == 0 else None
+    nodes = args.nodes or (nodes_run if distributed else 2)
+    inter, intra = _links_for(links, local, nodes, args)
     advice = None
     if rank == 0:
         topology = Topology(nodes, inter, local=local, intra=intra)
@@ -377,12 +397,7 @@ def main(argv=None) -> dict:
                   "recommendation": recommend(predicted), "load_average": list(os.getloadavg()),
                   "torch": torch.__version__}
         if not args.quiet:
-            r = advice["recommendation"]
-            sys.stdout.write(f"\n{args.model}: {advice['parameters']:,} parameters; predicted for {nodes} node(s) x "
-                             f"{local} rank(s), compute {args.compute_ms:g} ms per step\n"
-                             f"{table(predicted, compute_s)}\n\nrecommended: {r['label']} "
-                             f"({r['speedup_vs_dense']:.2f}x dense); sparse "
-                             f"{'pays' if r['sparse_pays'] else 'does NOT pay'} here.\n")
+            _report(advice, args)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(advice, f, indent=1)

@@ -56,7 +56,7 @@ class GradSparseState(SparseAdapter):
     """State of the sparse DDP hook; picklable without its process group.
 
     Args:
-        compressor: a ``TopK``, ``Threshold`` or ``DGC`` instance.
+        compressor: a ``TopK``, ``Threshold``, ``PerSignTopK``, ``GradientDropping`` or ``DGC`` instance.
         process_group: group to reduce over (None: the default group).
         model: the module whose parameters are reduced (the DDP-wrapped module or
             the DDP model); used to key state by parameter name. Without it,

@@ -38,7 +38,14 @@ class BucketError(GradSparseError, ValueError):
 
 
 class PayloadError(GradSparseError, ValueError):
-    """A received payload is malformed; nothing was written to the destination."""
+    """A payload is malformed, or not the size agreed for it; nothing was written to the destination."""
+
+
+class PayloadTypeError(PayloadError, TypeError):
+    """A payload handed to a communicator is not a flat ``uint8`` tensor.
+
+    Catchable as ``TypeError`` and as :class:`PayloadError` / ``ValueError``.
+    """
 
 
 class NonFiniteGradientError(GradSparseError, FloatingPointError):
@@ -59,3 +66,11 @@ class StateMismatchError(GradSparseError, ValueError):
 
 class CommunicationError(GradSparseError, RuntimeError):
     """A collective failed: a peer exited, the network dropped, or the collective timed out."""
+
+
+class CollectiveOrderError(GradSparseError, RuntimeError):
+    """A communicator's collectives were started or completed out of order.
+
+    For example a second collective started under a tag still in flight, ``complete(tag)``
+    for a tag with nothing in flight, or a process set changed while collectives were pending.
+    """

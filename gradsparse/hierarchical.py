@@ -7,13 +7,13 @@ bucket, :class:`HierarchicalReducer`:
    *shard* (see below);
 2. compresses its shard and exchanges it with the ranks of local index ``l`` on the
    other nodes through an inner :class:`~gradsparse.reducer.SparseReducer` (error
-   feedback, DGC momentum, descriptors, health checks, the dense-transport rule and
+   feedback, DGC momentum, descriptors, health checks, the transport choice and
    stats apply per shard, unchanged);
 3. gathers the shards densely inside the node: every rank gets the whole bucket.
 
 Inside the node both steps are allreduces (the second of the zero-padded shards, an exact
 sum): gloo's reduce-scatter and allgather were about 10x slower than its allreduce here
-(docs/design.md, decision 25), at twice the ideal bytes.
+(docs/design.md, decision 27), at twice the ideal bytes.
 
 Shards are cut per *parameter*, not per bucket: a parameter of ``m`` elements is
 split into ``L`` contiguous pieces of ``ceil(m / L)`` (piece ``l`` to local rank
@@ -274,16 +274,6 @@ def measure(groups: Groups, compressor: Compressor, *, sizes=(1 << 14, 1 << 20),
     return topology, cost.KernelCost(per_element_s=seconds[-1] / (1 << 20))
 
 
-class _ShardReducer(SparseReducer):
-    """The inner reducer. Works around one case of :class:`SparseReducer` (to drop once it copies there):
-    in a dense iteration whose payload is allgathered (a shard that is mostly padding, or a single
-    node), ``_select_all``'s fp32 ``sent`` is the memory tensor itself, and removing it from the memory
-    (``index_add_`` of a tensor into itself) raises."""
-
-    def _select_all(self, v, wire, plan):
-        return [dataclasses.replace(s, sent=s.sent.clone()) for s in super()._select_all(v, wire, plan)]
-
-
 class HierarchicalReducer:
     """The reducer surface (:meth:`reduce`, checkpoints) over a node / cross-node hierarchy.
 
@@ -307,7 +297,7 @@ class HierarchicalReducer:
         self.options = ReducerOptions.of(options, **knobs)
         self.transport = choice(transport, "transport", TRANSPORTS)
         self.flat = SparseReducer(compressor, TorchDistCommunicator(groups.world), self.options)
-        self.inner = _ShardReducer(compressor, TorchDistCommunicator(groups.cross), self.options)
+        self.inner = SparseReducer(compressor, TorchDistCommunicator(groups.cross), self.options)
         if self.transport == "auto" and (topology is None or kernel is None):
             measured = measure(groups, compressor)
             topology, kernel = topology or measured[0], kernel or measured[1]
@@ -405,7 +395,7 @@ class HierarchicalReducer:
 
         Both steps inside the node are allreduces (every rank gets the node's average; then
         the zero-padded pieces are summed, exactly): gloo's reduce-scatter and allgather took
-        about 10x its allreduce of the same 100 MB here (docs/design.md, 25).
+        about 10x its allreduce of the same 100 MB here (docs/design.md, 27).
         """
         g, L = self.groups, self.groups.local
         if self.options.op == "average" and L > 1:

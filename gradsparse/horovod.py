@@ -62,7 +62,8 @@ class SparseCompression(SparseAdapter):
     """A Horovod ``compression=`` object that moves only index/value pairs.
 
     Args:
-        compressor: a gradsparse ``TopK``, ``Threshold`` or ``DGC`` instance (one per optimizer).
+        compressor: a gradsparse ``TopK``, ``Threshold``, ``PerSignTopK``, ``GradientDropping`` or ``DGC``
+            instance (one per optimizer).
         named_parameters: ``model.named_parameters()``; needed when passing this
             object to ``hvd.DistributedOptimizer`` directly (``DistributedOptimizer``
             of this module binds it itself). Checked to be the same on every rank.
@@ -73,7 +74,7 @@ class SparseCompression(SparseAdapter):
             (``min_compress_numel``, ``value_dtype``, ``nonfinite``, ``op``, ``verify_every``).
             Each parameter is its own bucket here. ``op`` (``"average"`` or ``"sum"``) must
             match the optimizer's op (checked every step); ``verify_every`` compares the
-            ranks' descriptors on every this many ``compress()`` calls: one blocking 80-byte
+            ranks' descriptors on every this many ``compress()`` calls: one blocking 120-byte
             allgather each; every call by default, 0 never (see docs/reliability.md).
 
     Example::
@@ -139,16 +140,14 @@ class SparseCompression(SparseAdapter):
             self._owner = owner
 
     def _check_same_on_every_rank(self, params: dict[str, torch.Tensor]) -> None:
-        hvd = self.communicator._hvd
         text = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in sorted(params.items()))
         digest = hashlib.sha256(text.encode()).digest()
-        mine = torch.tensor([len(params), *[int.from_bytes(digest[i:i + 7], "little") for i in range(0, 28, 7)]],
-                            dtype=torch.int64)
-        every = hvd.allgather(mine.view(1, -1), name="gradsparse.bind.parameters",
-                              process_set=self.communicator.process_set)
-        differ = [r for r in range(every.shape[0]) if not torch.equal(every[r], mine)]
+        mine = [len(params), *[int.from_bytes(digest[i:i + 7], "little") for i in range(0, 28, 7)]]
+        with self.communicator.tagged("gradsparse.bind.parameters"):
+            every = self.communicator.allgather_ints(mine, torch.device("cpu"))
+        differ = [r for r, row in enumerate(every) if row != mine]
         if differ:
-            counts = every[:, 0].tolist()
+            counts = [row[0] for row in every]
             raise StateMismatchError(
                 f"the ranks' parameter sets differ (names, shapes or dtypes): rank {self.communicator.rank} has "
                 f"{len(params)} parameters and differs from rank(s) {differ}; parameter counts by rank: {counts}. "
@@ -371,9 +370,10 @@ def _elastic_handler_class(base):
         def sync(self):
             # rank 0's counters as one int64 tensor (never a pickled object: peers are not trusted with
             # deserialisation); the parameter names are bound and checked to be equal on every rank
-            hvd, names = self.value.communicator._hvd, sorted(self.value._params or {})
-            counters = torch.tensor([self.value.epoch] + [self.value.steps.get(n, 0) for n in names], dtype=torch.int64)
-            counters = hvd.broadcast(counters, root_rank=0, name="gradsparse.elastic.sync").tolist()
+            comm, names = self.value.communicator, sorted(self.value._params or {})
+            counters = [self.value.epoch] + [self.value.steps.get(n, 0) for n in names]
+            with comm.tagged("gradsparse.elastic.sync"):
+                counters = comm.broadcast_ints(counters, torch.device("cpu"), root=0)
             self.value.epoch = int(counters[0])
             self.value.steps = {n: int(c) for n, c in zip(names, counters[1:], strict=True) if c}
             if self._saved["world_size"] != self.value.communicator.world_size:

@@ -59,7 +59,7 @@ class GradSparseStrategy(DDPStrategy):
     """``DDPStrategy`` with gradsparse's hook registered on CPU and GPU, its state in every checkpoint.
 
     Args:
-        compressor: ``TopK``, ``Threshold`` or ``DGC``.
+        compressor: ``TopK``, ``Threshold``, ``PerSignTopK``, ``GradientDropping`` or ``DGC``.
         state_kwargs: options of :class:`gradsparse.ddp.GradSparseState` (``start_iter``,
             ``min_compress_numel``, ``value_dtype``, ``nonfinite``, ...).
         **kwargs: ``DDPStrategy``'s own (``find_unused_parameters``, ``static_graph``,

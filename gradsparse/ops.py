@@ -1,10 +1,13 @@
-"""Entry points for the selection and payload kernels.
+"""Typed entry points for the selection, compensation and payload kernels.
 
-Every caller in the package goes through these functions. They use the compiled
-``torch.ops.gradsparse`` operators (csrc/) for tensors on a device the extension
-has kernels for, and the pure-PyTorch reference (:mod:`gradsparse._reference`)
-otherwise, with identical results. Which path is in use is logged once at INFO
-level and readable as :data:`BACKEND`. ``GRADSPARSE_BACKEND=reference`` in the
+Every caller in the package goes through these functions (the wire format's through
+:mod:`gradsparse.payload`, which calls :func:`pack` and :func:`unpack_add` here). They
+use the compiled ``torch.ops.gradsparse`` operators (csrc/) for tensors on a device
+the extension has kernels for, and the pure-PyTorch reference
+(:mod:`gradsparse._reference`) otherwise, with identical results. The one-pass
+reductions the pipeline reads gradients with (:func:`absmax`, :func:`absmin`,
+:func:`all_finite`) have no compiled kernel and are plain PyTorch. Which path is in
+use is logged once at INFO level and readable as :data:`BACKEND`. ``GRADSPARSE_BACKEND=reference`` in the
 environment (read at import) forces the reference path even where the extension is
 built: the test suite's mutation run (tests/mutation/run.py) uses it to test the
 reference kernels through the whole library.
@@ -42,16 +45,35 @@ def _load_backend() -> tuple[str, tuple[str, ...]]:
     except ImportError as err:
         logger.info("gradsparse: C++ extension not built (%s), using the pure-PyTorch reference kernels", err)
         return "reference", ()
-    devices = tuple(d for d in ("cpu", "cuda")
-                    if torch._C._dispatch_has_kernel_for_dispatch_key("gradsparse::threshold_select", d.upper()))
+    # the devices the extension registered kernels for (TORCH_LIBRARY_IMPL(gradsparse, CPU / CUDA, m))
+    select = torch.ops.gradsparse.threshold_select.default
+    keys = {"cpu": torch.DispatchKey.CPU, "cuda": torch.DispatchKey.CUDA}
+    devices = tuple(d for d, key in keys.items() if select.has_kernel_for_dispatch_key(key))
     logger.info("gradsparse: using the compiled C++ extension kernels on %s", ", ".join(devices))
     return "extension", devices
 
 
 BACKEND, KERNEL_DEVICES = _load_backend()
-all_finite = _reference.all_finite
-absmax = _reference.absmax
-absmin = _reference.absmin
+
+
+def absmax(x: torch.Tensor) -> float:
+    """Largest ``|x|`` as a Python float; NaN when ``x`` holds a NaN, inf when it holds an inf. One read pass."""
+    if x.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(x.detach())
+    return max(-float(low), float(high))
+
+
+def absmin(x: torch.Tensor) -> float:
+    """Smallest ``|x|`` as a Python float (``x`` non-empty)."""
+    return float(x.detach().abs().min())
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf. One read-only pass (a float32 sum) unless the sum overflows."""
+    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def _compiled(t: torch.Tensor) -> bool:
@@ -78,6 +100,29 @@ def sampled_topk_indices(x: torch.Tensor, k: int, sample_ratio: float = 0.01,
     return _reference.sampled_topk_indices(x, k, sample_ratio, generator)
 
 
+def segmented_topk_indices(x: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, sample_ratio: float = 0.01,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Every segment's exact top-k in one call: positions in ``x`` (int64, ascending), segment after segment.
+
+    Segment ``i`` is ``x.reshape(-1)[offsets[i]:offsets[i+1]]`` (``offsets`` int64, non-decreasing)
+    and keeps ``clamp(ks[i], 0, its length)`` positions (``ks`` int64): the same positions as
+    ``sampled_topk_indices`` of each segment plus its offset, so a bucket's tensors keep their own
+    top-k. A ``k`` of 0 skips a segment. ``generator`` only picks where the samples start.
+
+    Example::
+
+        >>> import torch
+        >>> from gradsparse import ops
+        >>> x = torch.tensor([0.1, -3.0, 2.0, 5.0, 0.2, -0.3])
+        >>> ops.segmented_topk_indices(x, torch.tensor([0, 3, 6]), torch.tensor([1, 2])).tolist()
+        [1, 3, 5]
+    """
+    if _compiled(x):
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
+        return torch.ops.gradsparse.segmented_topk_select(x.detach(), offsets, ks, float(sample_ratio), seed)
+    return _reference.segmented_topk_indices(x, offsets, ks, sample_ratio, generator)
+
+
 def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     """Exact top-k positions (int64, ascending; ties to the lower index)."""
     if _compiled(x):
@@ -93,15 +138,36 @@ def dgc_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum:
         _reference.dgc_compensate_(u, v, g, momentum, nesterov)
 
 
+def dgc_compensate_into(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
+                        u_out: torch.Tensor, v_out: torch.Tensor) -> torch.Tensor:
+    """:func:`dgc_compensate_` written into ``u_out``, ``v_out``; returns ``[max|g|, max|u_out|, max|v_out|]``.
+
+    One pass on the CPU. The outputs (fp32, ``g``'s size) are either ``u``, ``v`` themselves or
+    buffers overlapping none of them, so a caller can compensate into scratch buffers, check the
+    float64 maxima (NaN when a tensor holds a NaN, inf for an inf) and then keep the scratch as
+    the new state or drop it, the state untouched. The maxima stay on ``u``'s device.
+
+    Example::
+
+        >>> import torch
+        >>> from gradsparse import ops
+        >>> u, v, g = torch.zeros(3), torch.ones(3), torch.tensor([1.0, -4.0, 2.0])
+        >>> u2, v2 = torch.empty(3), torch.empty(3)
+        >>> ops.dgc_compensate_into(u, v, g, 0.9, False, u2, v2).tolist(), v2.tolist(), v.tolist()
+        ([4.0, 4.0, 3.0], [2.0, -3.0, 3.0], [1.0, 1.0, 1.0])
+    """
+    if _compiled(u) and g.device == u.device:
+        return torch.ops.gradsparse.dgc_compensate_into(u, v, g.reshape(-1), float(momentum), bool(nesterov),
+                                                        u_out, v_out)
+    return _reference.dgc_compensate_into(u, v, g, momentum, nesterov, u_out, v_out)
+
+
 def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int,
          value_dtype: torch.dtype, flags: int = 0) -> torch.Tensor:
-    """One rank's ``uint8`` payload (layout: :mod:`gradsparse.payload`)."""
+    """One rank's ``uint8`` payload (layout and entry point: :mod:`gradsparse.payload`)."""
     if _compiled(values):
         return torch.ops.gradsparse.pack(indices, values, dense, int(numel), value_dtype, int(flags))
     return _reference.pack(indices, values, dense, numel, value_dtype, flags)
-
-
-parse = _reference.parse
 
 
 def unpack_add(payloads: list[torch.Tensor], out: torch.Tensor, value_dtype: torch.dtype,
@@ -126,6 +192,14 @@ if BACKEND == "extension":
     def _topk_select_fake(x, k, sample_ratio, seed):
         return x.new_empty(min(max(k, 0), x.numel()), dtype=torch.int64)
 
+    @torch.library.register_fake("gradsparse::segmented_topk_select")
+    def _segmented_topk_select_fake(x, offsets, ks, sample_ratio, seed):
+        return x.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+
+    @torch.library.register_fake("gradsparse::dgc_compensate_into")
+    def _dgc_compensate_into_fake(u, v, g, momentum, nesterov, u_out, v_out):
+        return u.new_empty(3, dtype=torch.float64)
+
     @torch.library.register_fake("gradsparse::pack")
     def _pack_fake(indices, values, dense, numel, value_dtype, flags):
         return values.new_empty(PayloadLayout(indices.numel(), dense.numel(), value_dtype).nbytes, dtype=torch.uint8)
@@ -145,9 +219,10 @@ __all__ = [
     "absmin",
     "all_finite",
     "dgc_compensate_",
+    "dgc_compensate_into",
     "pack",
-    "parse",
     "sampled_topk_indices",
+    "segmented_topk_indices",
     "threshold_indices",
     "topk_indices",
     "unpack_add",

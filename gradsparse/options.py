@@ -31,6 +31,7 @@ from .payload import VALUE_DTYPES
 OPS = ("average", "sum")
 GRANULARITIES = ("parameter", "bucket")
 NONFINITE_POLICIES = ("raise", "skip")
+TRANSPORT_POLICIES = ("auto", "bytes", "allgather", "allreduce")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,13 @@ class ReducerOptions:
         verify_every: compare the ranks' bucket descriptors on every this many
             calls (counted per reducer, so the same on every rank); 0 never does
             for fixed-count methods (one small collective per bucket saved).
+        transport: how a bucket's selection travels. ``"auto"``: the transport the
+            link model predicts faster (allgather of pairs, or allreduce of the
+            selection scattered densely), from timings every rank has seen, and by
+            bytes until the link is measured; ``"bytes"``: by bytes only (pairs
+            unless they cost more bytes than the allreduce); ``"allgather"`` or
+            ``"allreduce"``: always that one. What is selected and what the memory
+            keeps never depend on it.
     """
 
     granularity: str = "parameter"
@@ -57,6 +65,7 @@ class ReducerOptions:
     nonfinite: str = "skip"
     op: str = "average"
     verify_every: int = 1
+    transport: str = "auto"
 
     def __post_init__(self):
         op = self.op
@@ -69,7 +78,8 @@ class ReducerOptions:
                    "min_compress_numel": integer(self.min_compress_numel, "min_compress_numel", minimum=1),
                    "nonfinite": choice(self.nonfinite, "nonfinite", NONFINITE_POLICIES),
                    "op": choice(op, "op", OPS),
-                   "verify_every": integer(self.verify_every, "verify_every", minimum=0)}
+                   "verify_every": integer(self.verify_every, "verify_every", minimum=0),
+                   "transport": choice(self.transport, "transport", TRANSPORT_POLICIES)}
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
@@ -94,4 +104,4 @@ class ReducerOptions:
     def signature(self) -> tuple:
         """What the ranks must agree on (compared through the bucket descriptor); ``value_dtype`` and
         ``verify_every`` are compared separately (the wire dtype) or need not agree."""
-        return (self.granularity, self.min_compress_numel, self.nonfinite, self.op)
+        return (self.granularity, self.min_compress_numel, self.nonfinite, self.op, self.transport)

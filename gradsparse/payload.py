@@ -1,4 +1,12 @@
-"""The wire format of one rank's contribution to one bucket.
+"""The wire format of one rank's contribution to one bucket: its layout and its entry points.
+
+Everything the rest of the package knows about the bytes on the wire is here: the
+layout (:class:`PayloadLayout`, the header constants, the value dtype codes),
+:func:`pack` (one rank's pairs and whole tensors into one payload), :func:`parse`
+(validate a payload and view its sections) and :func:`unpack_add` (validate every
+rank's payload, then scatter-add them into a dense output). :func:`pack` and
+:func:`unpack_add` run the compiled kernels through :mod:`gradsparse.ops` (which
+falls back to :mod:`gradsparse._reference`); :func:`parse` is plain PyTorch.
 
 A payload is a flat ``uint8`` tensor::
 
@@ -18,6 +26,15 @@ Example::
     >>> from gradsparse.payload import PayloadLayout
     >>> PayloadLayout(count=3, n_dense=2, value_dtype=torch.float32).nbytes
     72
+    >>> payload = pack(torch.tensor([1, 4]), torch.tensor([0.5, -2.0]), torch.empty(0), 6, torch.float32)
+    >>> flags, indices, values, dense = parse(payload, 6, torch.float32, 0)
+    >>> indices.tolist(), values.tolist()
+    ([1, 4], [0.5, -2.0])
+    >>> out = torch.zeros(6)
+    >>> unpack_add([payload, payload], out, torch.float32, alpha=0.5)
+    0
+    >>> out.tolist()
+    [0.0, 0.5, 0.0, 0.0, -2.0, 0.0]
 """
 
 from __future__ import annotations
@@ -25,6 +42,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
+from .errors import PayloadError
 
 MAGIC = 0x47535031  # "GSP1"
 HEADER_INTS = 8
@@ -69,3 +88,88 @@ class PayloadLayout:
     @property
     def nbytes(self) -> int:
         return _align8(self.dense_offset + self.value_size * self.n_dense)
+
+
+def pack(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    dense: torch.Tensor,
+    numel: int,
+    value_dtype: torch.dtype,
+    flags: int = 0,
+) -> torch.Tensor:
+    """One rank's payload: ``indices`` (strictly ascending, in ``[0, numel)``), their ``values`` and the
+    ``dense`` section (tensors sent whole), cast to ``value_dtype``; ``flags`` go into the header."""
+    from . import ops  # ops reads this module's layout: imported on first use
+
+    return ops.pack(indices, values, dense, numel, value_dtype, flags)
+
+
+def parse(payload: torch.Tensor, numel: int, value_dtype: torch.dtype, n_dense: int):
+    """Validate one payload and return ``(flags, indices, values, dense)`` views of it.
+
+    Raises :class:`~gradsparse.errors.PayloadError` naming the first problem found.
+    """
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise PayloadError(f"payload must be a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}")
+    if payload.numel() < HEADER_BYTES:
+        raise PayloadError(f"payload of {payload.numel()} bytes is shorter than the {HEADER_BYTES}-byte header")
+    magic, flags, count, got_dense, got_numel, code, _, _ = payload[:HEADER_BYTES].view(torch.int32).tolist()
+    if magic != MAGIC:
+        raise PayloadError(f"bad magic 0x{magic & 0xFFFFFFFF:08x}: not a gradsparse payload")
+    if DTYPE_OF_CODE.get(code) != value_dtype:
+        raise PayloadError(f"value dtype code {code} does not match the expected {value_dtype}")
+    if got_numel != numel:
+        raise PayloadError(f"payload is for a bucket of {got_numel} elements, expected {numel}")
+    if got_dense != n_dense:
+        raise PayloadError(f"payload carries {got_dense} dense values, expected {n_dense}")
+    if count < 0 or count > numel:
+        raise PayloadError(f"payload count {count} is outside [0, {numel}]")
+    layout = PayloadLayout(count, n_dense, value_dtype)
+    if payload.numel() < layout.nbytes:
+        raise PayloadError(f"payload truncated: {payload.numel()} bytes, its header needs {layout.nbytes}")
+    indices = payload[HEADER_BYTES : HEADER_BYTES + 4 * count].view(torch.int32)
+    if count:
+        if int(indices[0]) < 0 or int(indices[-1]) >= numel:
+            raise PayloadError(f"index out of range [0, {numel}): first {int(indices[0])}, last {int(indices[-1])}")
+        if count > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            raise PayloadError("indices are not strictly ascending (duplicate or unordered index)")
+    values = payload[layout.values_offset : layout.dense_offset].view(value_dtype)
+    end = layout.dense_offset + layout.value_size * n_dense
+    dense = payload[layout.dense_offset : end].view(value_dtype)
+    return flags, indices, values, dense
+
+
+def unpack_add(
+    payloads: list[torch.Tensor],
+    out: torch.Tensor,
+    value_dtype: torch.dtype,
+    dense_index: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    overwrite: bool = False,
+) -> int:
+    """Validate every payload, then scatter-add ``alpha * values`` into ``out`` in rank order.
+
+    ``dense_index`` (int64) gives the positions in ``out`` of each payload's dense
+    section. With ``overwrite`` the destination is zeroed first (after
+    validation). Returns the OR of all payloads' flags. On any malformed payload
+    a :class:`~gradsparse.errors.PayloadError` is raised before ``out`` is touched.
+    """
+    from . import ops  # ops reads this module's layout: imported on first use
+
+    return ops.unpack_add(payloads, out, value_dtype, dense_index, alpha, overwrite)
+
+
+__all__ = [
+    "DTYPE_OF_CODE",
+    "FLAG_NONFINITE",
+    "HEADER_BYTES",
+    "HEADER_INTS",
+    "INT32_MAX",
+    "MAGIC",
+    "VALUE_DTYPES",
+    "PayloadLayout",
+    "pack",
+    "parse",
+    "unpack_add",
+]

@@ -93,13 +93,17 @@ from .errors import (
 from .options import ReducerOptions
 from .payload import DTYPE_OF_CODE, FLAG_NONFINITE, INT32_MAX, VALUE_DTYPES, PayloadLayout
 from .stats import ALLGATHER, ALLREDUCE, BucketStats
+from .transport import FIELDS as TRANSPORT_FIELDS
+from .transport import TransportModel
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL = 0x67730001  # descriptor format version; first field of every descriptor
 DESCRIPTOR_FIELDS = ("protocol version", "configuration (compressor and reducer options)", "bucket layout",
                      "bucket size", "step", "epoch", "wire dtype", "dense iteration", "payload size")
-DESCRIPTOR_BYTES = 8 * (len(DESCRIPTOR_FIELDS) + 1)  # the compared fields, then the health (int64 each)
+# int64 each: the compared fields, then the health, then this rank's transport timings (gradsparse.transport)
+DESCRIPTOR_BYTES = 8 * (len(DESCRIPTOR_FIELDS) + 1 + len(TRANSPORT_FIELDS))
+HEALTH = len(DESCRIPTOR_FIELDS)  # the health's position in a descriptor
 # A rank's health, the descriptor's last field: what it found before compensating.
 HEALTHY, NONFINITE, OVERFLOW = 1, 0, 2
 
@@ -156,6 +160,16 @@ class _Landing:
     out: torch.Tensor                            # the reduced bucket (the bucket itself, or an fp32 temporary)
     sent: tuple[torch.Tensor, ...] | None = None  # values each selection actually carried (None: ``s.sent``)
     problem: str | None = None                   # why the result must not be used (a rank was unhealthy)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Timing:
+    """When a bucket's collective was issued and what the transport's local work and size were."""
+
+    issued: float    # perf_counter when the collective was issued
+    local_s: float   # local work before it (packing, or scattering the selection)
+    nbytes: int      # the collective's size as the link model reads it (gradsparse.cost.collective_terms)
+    units: int       # what local work scales with: received payload bytes, or bucket elements
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +278,8 @@ class SparseReducer:
         self._calls = 0
         self._plans: dict[tuple, _Plan] = {}
         self._whole_indices: dict[tuple, torch.Tensor] = {}
+        self._transport = TransportModel()
+        self._last_done = 0.0  # when this rank's previous bucket collective completed (perf_counter)
 
     # ----------------------------------------------------------------- planning
     def _plan(self, segments: Sequence[Segment], numel: int) -> _Plan:
@@ -353,11 +369,11 @@ class SparseReducer:
             complete = chosen.numel() == joined.numel()
             starts = torch.tensor([0] + [s.numel for s in group], device=chosen.device).cumsum(0)
             cuts = torch.searchsorted(chosen, starts).tolist()
+            values = self.compressor.sent_values(joined, chosen).to(wire).float()
             picked = []
             for i, s in enumerate(group):
                 local = chosen[cuts[i]:cuts[i + 1]] - int(starts[i])
-                # index_select: same values as v[s.key][local], 3-4x faster on CPU for 250k positions
-                picked.append(_Selection(s, local, v[s.key].index_select(0, local).to(wire).float(), complete))
+                picked.append(_Selection(s, local, values[cuts[i]:cuts[i + 1]], complete))
             bound = self._kept_bound(picked, joined, scale, wire, complete)
             selections += [dataclasses.replace(p, bound=bound) for p in picked]
         return selections
@@ -368,17 +384,17 @@ class SparseReducer:
         on the wire, and what the compressor left (see :meth:`Compressor.unsent_bound`)."""
         sent = torch.cat([p.sent for p in picked]) if len(picked) > 1 else picked[0].sent
         rounding = torch.finfo(wire).eps * ops.absmax(sent) if wire != torch.float32 else 0.0
-        if complete:
+        if complete and not self.compressor.quantizes:
             return rounding
         unsent = self.compressor.unsent_bound(sent, scale)
-        if unsent is None:
-            return ops.absmax(joined)
+        if unsent is None:  # |v - sent| <= max|v| (1 + eps) also where quantized values of v's sign were sent
+            return ops.absmax(joined) * (1 + torch.finfo(wire).eps)
         return max(unsent * (1 + torch.finfo(wire).eps), rounding)
 
     def _select_all(self, v: dict[str, torch.Tensor], wire: torch.dtype, plan: _Plan) -> list[_Selection]:
         selections = []
         for s in plan.compressed:
-            sent = v[s.key].to(wire).float()
+            sent = v[s.key].to(wire, copy=True).float()  # never the memory's own buffer (update subtracts it)
             rounding = torch.finfo(wire).eps * ops.absmax(sent) if wire != torch.float32 else 0.0
             selections.append(_Selection(s, torch.arange(s.numel, device=sent.device), sent, True, rounding))
         return selections
@@ -421,14 +437,14 @@ class SparseReducer:
         descriptors = self._verify(job, epoch, select_all, fixed if same_size else None, health)
         if descriptors is not None:
             job = dataclasses.replace(job, control=DESCRIPTOR_BYTES)
-            if any(d[-1] != HEALTHY for d in descriptors):
-                return self._skip_unhealthy(job, [d[-1] for d in descriptors])
+            if any(d[HEALTH] != HEALTHY for d in descriptors):
+                return self._skip_unhealthy(job, [d[HEALTH] for d in descriptors])
         if job.healthy:
             v = self._compensate(flat, plan, grad_bound)
             chosen = self._select_all(v, wire, plan) if select_all else self._select(v, plan, step, epoch, wire)
             job = dataclasses.replace(job, selections=tuple(chosen), count=sum(s.local.numel() for s in chosen))
         job = self._exchange_sizes(job, same_size)
-        if not self._sparse_pays(job.largest, flat):
+        if self._choose_transport(job) == ALLREDUCE:
             return self._allreduce(job)
         return self._allgather(job)
 
@@ -444,9 +460,10 @@ class SparseReducer:
         flat = job.flat
         payload = PayloadLayout(fixed, job.plan.n_whole, job.wire).nbytes if fixed is not None else -1
         mine = [PROTOCOL, self._config_crc, job.plan.crc, flat.numel(), job.step, epoch, VALUE_DTYPES[job.wire],
-                int(select_all), payload, health]
+                int(select_all), payload, health, *self._transport.descriptor()]
         descriptors = self.collective(lambda: self.communicator.allgather_ints(mine, flat.device), flat, job.step)
         check_descriptors(descriptors, fixed is not None)
+        self._transport.absorb([d[HEALTH + 1:] for d in descriptors], self.communicator.world_size)
         return descriptors
 
     def _exchange_sizes(self, job: _Job, same_size: bool) -> _Job:
@@ -459,6 +476,35 @@ class SparseReducer:
         return dataclasses.replace(job, sizes=sizes, largest=max(sizes), control=job.control + 8)
 
     # --------------------------------------------------------------- transports
+    def _received_bytes(self, job: _Job) -> int:
+        """Bytes the allgather hands this rank: every rank's payload (padded to the largest where the
+        communicator pads)."""
+        world = self.communicator.world_size
+        return job.largest * world if self.communicator.pads_to_largest or job.sizes is None else sum(job.sizes)
+
+    def _choose_transport(self, job: _Job) -> str:
+        """ALLGATHER or ALLREDUCE for this bucket, from values every rank has (the same choice everywhere).
+
+        Pairs that would cost more bytes than the allreduce always go by allreduce; otherwise, with
+        ``transport="auto"``, the link model's prediction decides once it has been measured.
+        """
+        mode = self.options.transport
+        if mode in (ALLGATHER, ALLREDUCE):
+            return mode
+        world = self.communicator.world_size
+        if not self._sparse_pays(job.largest, job.flat) or mode == "bytes" or world == 1:
+            return ALLGATHER if self._sparse_pays(job.largest, job.flat) else ALLREDUCE
+        choice = self._transport.choose(numel=job.flat.numel(), element_size=job.flat.element_size(),
+                                        payload_bytes=job.largest, received_bytes=self._received_bytes(job),
+                                        world=world)
+        if choice is None:
+            return ALLGATHER
+        transport, predicted = choice
+        if transport != ALLGATHER:
+            logger.debug("gradsparse: bucket of %d elements at step %d goes by %s (predicted %s)",
+                         job.flat.numel(), job.step, transport, predicted)
+        return transport
+
     def _pack(self, job: _Job, whole_index: torch.Tensor | None) -> torch.Tensor:
         """This rank's payload: its pairs and whole tensors, or a flagged one of the agreed size if unhealthy."""
         flat, plan, wire = job.flat, job.plan, job.wire
@@ -476,11 +522,11 @@ class SparseReducer:
         """Sparse transport: pack this rank's pairs and whole tensors, allgather, unpack-add every rank's."""
         flat, world = job.flat, self.communicator.world_size
         whole_index = self._whole_index(job.plan, flat.device)
+        packing = time.perf_counter()
         payload = self._pack(job, whole_index)
-        pads = self.communicator.pads_to_largest
-        traffic = _Traffic(job.largest if pads else payload.numel(),
-                           job.largest * world if pads or job.sizes is None else sum(job.sizes))
-        prepared = time.perf_counter() - job.started
+        issued = time.perf_counter()
+        traffic = _Traffic(job.largest if self.communicator.pads_to_largest else payload.numel(),
+                           self._received_bytes(job))
 
         def land(payloads: list[torch.Tensor]) -> _Landing:
             # accumulate in fp32: in the bucket itself when it is fp32, else in a temporary
@@ -492,7 +538,8 @@ class SparseReducer:
             return _Landing(out, problem=problem)
 
         fut = self.communicator.allgather(payload, job.sizes)
-        return self._complete(job, fut, lambda done: done.value(), land, ALLGATHER, traffic, prepared)
+        return self._complete(job, fut, lambda done: done.value(), land, ALLGATHER, traffic,
+                              _Timing(issued, issued - packing, job.largest, traffic.received))
 
     def _allreduce(self, job: _Job) -> torch.futures.Future:
         """Dense transport of the same selection: scatter it into the bucket and allreduce.
@@ -504,6 +551,7 @@ class SparseReducer:
         result is DDP's bit for bit.
         """
         flat = job.flat
+        scattering = time.perf_counter()
         carried = None
         if not job.healthy:
             flat.fill_(float("nan"))  # every rank must see it: the sum carries the NaN to all of them
@@ -518,24 +566,27 @@ class SparseReducer:
         if self.options.op == "average":
             flat.mul_(1.0 / self.communicator.world_size)
         nbytes = flat.numel() * flat.element_size()
-        prepared = time.perf_counter() - job.started
+        issued = time.perf_counter()
 
         def land(_) -> _Landing:
             finite = job.healthy and ops.all_finite(flat)
             return _Landing(flat, carried, None if finite else "a rank produced NaN/Inf gradients or an overflow")
 
         fut = self.communicator.allreduce_sum(flat)
-        return self._complete(job, fut, lambda done: done.wait(), land, ALLREDUCE, _Traffic(nbytes, nbytes), prepared)
+        return self._complete(job, fut, lambda done: done.wait(), land, ALLREDUCE, _Traffic(nbytes, nbytes),
+                              _Timing(issued, issued - scattering, nbytes, flat.numel()))
 
     def _complete(self, job: _Job, fut: torch.futures.Future, result: Callable, land: Callable[..., _Landing],
-                  transport: str, traffic: _Traffic, prepared: float) -> torch.futures.Future:
+                  transport: str, traffic: _Traffic, timing: _Timing) -> torch.futures.Future:
         """The one completion path of both transports: wait, land, commit (or apply the nonfinite policy), report."""
         flat = job.flat
+        blocking = timing.issued - job.started  # the hook's synchronous part: it stalls backward
 
         def finish(done: torch.futures.Future) -> torch.Tensor:
             t0 = time.perf_counter()
             try:
                 landing = land(self.collective(lambda: result(done), flat, job.step))
+                self._record_timing(transport, timing, t0, time.perf_counter())
                 if landing.problem is not None:
                     self._on_nonfinite(flat, landing.problem)
                     return flat
@@ -544,9 +595,16 @@ class SparseReducer:
                     flat.copy_(landing.out)
                 return flat
             finally:
-                self._report(job, transport, traffic, prepared + time.perf_counter() - t0)
+                self._report(job, transport, traffic, blocking + time.perf_counter() - t0, blocking)
 
         return fut.then(finish)
+
+    def _record_timing(self, transport: str, timing: _Timing, done: float, landed: float) -> None:
+        """Feed this rank's transport model: the collective's time (from when it could start: issued, or when
+        the previous bucket's collective completed) and the transport's local work."""
+        seconds = done - max(timing.issued, self._last_done)
+        self._last_done = done
+        self._transport.record(transport, timing.nbytes, seconds, timing.local_s + landed - done, timing.units)
 
     def _commit(self, job: _Job, landing: _Landing) -> None:
         """The reduction arrived: remove what was sent from the memory, post-process whole tensors."""
@@ -556,13 +614,13 @@ class SparseReducer:
         for s in job.plan.whole:
             self.memory.finish_whole(s.key, landing.out[s.offset:s.offset + s.numel])
 
-    def _report(self, job: _Job, transport: str, traffic: _Traffic, compress_s: float) -> None:
+    def _report(self, job: _Job, transport: str, traffic: _Traffic, compress_s: float, blocking_s: float) -> None:
         if job.on_stats is not None:
             world = self.communicator.world_size
             job.on_stats(BucketStats(numel=job.flat.numel(), selected=job.count, whole=job.plan.n_whole,
                                      bytes_sent=traffic.sent + job.control,
                                      bytes_received=traffic.received + job.control * world,
-                                     transport=transport, compress_s=compress_s))
+                                     transport=transport, compress_s=compress_s, blocking_s=blocking_s))
 
     def collective(self, run: Callable, flat: torch.Tensor, step: int):
         """Run or wait for a collective; a transport failure becomes a :class:`CommunicationError` saying where.
@@ -588,7 +646,8 @@ class SparseReducer:
         try:
             self._on_nonfinite(job.flat, _unhealthy_reason(health, job.wire))
         finally:
-            self._report(job, ALLGATHER, _Traffic(0, 0), time.perf_counter() - job.started)
+            elapsed = time.perf_counter() - job.started
+            self._report(job, ALLGATHER, _Traffic(0, 0), elapsed, elapsed)
         return completed_future(job.flat)
 
     def _on_nonfinite(self, flat: torch.Tensor, reason: str) -> None:

@@ -49,7 +49,8 @@ class BucketStats:
     bytes_sent: int
     bytes_received: int
     transport: str      # one of TRANSPORTS
-    compress_s: float
+    compress_s: float   # this rank's work on the bucket: before the collective and after it
+    blocking_s: float = 0.0  # the part before the collective, inside the hook: it stalls backward
     intra_bytes: int = 0  # sent inside the node (hierarchical transports)
 
 
@@ -66,6 +67,7 @@ class StepStats:
     buckets: int = 0
     allreduce_buckets: int = 0  # buckets whose selection went by the dense transport
     compress_s: float = 0.0
+    blocking_s: float = 0.0
     intra_bytes: int = 0
 
     def add(self, b: BucketStats) -> None:
@@ -77,6 +79,7 @@ class StepStats:
         self.buckets += 1
         self.allreduce_buckets += int(b.transport in (ALLREDUCE, HIERARCHICAL_ALLREDUCE))
         self.compress_s += b.compress_s
+        self.blocking_s += b.blocking_s
         self.intra_bytes += b.intra_bytes
 
     @property

@@ -45,8 +45,8 @@ from collections.abc import Sequence
 
 from .cost import KernelCost, Topology, collective_time, payload_bytes
 from .model_shapes import Shapes
+from .reducer import DESCRIPTOR_BYTES  # one blocking allgather per bucket (verify_every=1)
 
-DESCRIPTOR_BYTES = 80      # gradsparse.reducer.DESCRIPTOR_BYTES: one blocking allgather per bucket (verify_every=1)
 KINDS = ("compute", "dense", "fp16", "powersgd", "sparse", "hierarchical", "auto")
 
 
@@ -63,27 +63,37 @@ class Bucket:
         return self.numel - self.compressed
 
 
-def ddp_buckets(shapes: Shapes, *, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0, element_bytes: int = 4,
-                min_compress_numel: int = 4096) -> list[Bucket]:
-    """Buckets in the order DDP fills them: parameters in reverse, a small first bucket, then ``bucket_mb``.
+def ddp_bucket_shapes(shapes: Shapes, *, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0,
+                      element_bytes: int = 4) -> list[Shapes]:
+    """The parameters of each DDP bucket, in the order DDP fills them: in reverse, a small first bucket,
+    then ``bucket_mb``. ``bucket_mb=math.inf`` gives one bucket (as PowerSGD runs under gloo).
 
-    ``bucket_mb=math.inf`` gives one bucket (as PowerSGD runs under gloo).
+    >>> from gradsparse.model_shapes import resnet50
+    >>> [len(b) for b in ddp_bucket_shapes(resnet50())]
+    [2, 15, 12, 51, 81]
     """
     buckets, current, cap = [], [], first_bucket_mb * 2**20
     size = 0
-    for _, shape in reversed(shapes):
-        current.append(shape)
+    for name, shape in reversed(shapes):
+        current.append((name, shape))
         size += math.prod(shape) * element_bytes
         if size >= cap:
             buckets.append(current)
             current, size, cap = [], 0, bucket_mb * 2**20
     if current:
         buckets.append(current)
+    return buckets
+
+
+def ddp_buckets(shapes: Shapes, *, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0, element_bytes: int = 4,
+                min_compress_numel: int = 4096) -> list[Bucket]:
+    """:func:`ddp_bucket_shapes` as sizes: elements, compressed elements and PowerSGD's matrices per bucket."""
     out = []
-    for group in buckets:
-        sizes = [math.prod(s) for s in group]
+    for group in ddp_bucket_shapes(shapes, bucket_mb=bucket_mb, first_bucket_mb=first_bucket_mb,
+                                   element_bytes=element_bytes):
+        sizes = [math.prod(s) for _, s in group]
         out.append(Bucket(sum(sizes), sum(n for n in sizes if n >= min_compress_numel),
-                          tuple((s[0], math.prod(s[1:])) for s in group if len(s) >= 2)))
+                          tuple((s[0], math.prod(s[1:])) for _, s in group if len(s) >= 2)))
     return out
 
 

@@ -1,4 +1,6 @@
-"""gradsparse under ``accelerate launch`` (MULTI_CPU, gloo), with gradient accumulation; for tests/test_accelerate.py.
+"""gradsparse under ``accelerate launch`` (MULTI_CPU, gloo), with gradient accumulation.
+
+For tests/multiprocess/test_accelerate.py.
 
 ``accelerate launch --cpu --num_processes 2 --mpirun_hostfile HOSTFILE -m tests.accelerate_worker FOLDER``.
 Three copies of one model are prepared by the same Accelerator and trained on the same

@@ -1,4 +1,20 @@
-"""Seeds for every test, and the seed in the report of a failing one.
+"""The suite's layers and markers; seeds for every test, and the seed in the report of a failing one.
+
+Layers (folders, each test marked with its folder's name; docs/testing.md):
+
+- ``tests/unit/``: the library on one process (selection, kernels, compressors,
+  memories, the reducer, the wire format, validation, the Communicator contract).
+  ``make test-fast`` runs it with ``-m "not multiprocess"``.
+- ``tests/multiprocess/``: real process groups (gloo on loopback, ``horovodrun``,
+  ``mpirun``, Lightning and Accelerate launchers): the hook, the adapters, checkpoints,
+  faults, long runs.
+- ``tests/tools/``: the repository's tools and text: the README's and docs' blocks,
+  the demo, the cluster and convergence harnesses, and checks of the sources (CUDA
+  compiles, nothing unpickled).
+
+``multiprocess`` also marks the few unit tests that need a short world of 2-3 ranks.
+Helpers shared by the layers (``distributed.py``, ``models.py``, ``oracles.py``,
+``tolerances.py``, the ``*_worker.py`` scripts launched by module name) stay here.
 
 Each test starts with torch's, Python's and numpy's global generators seeded from
 its own node id (so a test's draws do not depend on which tests ran before it),
@@ -15,6 +31,7 @@ with another ``GRADSPARSE_TEST_SEED`` draws other inputs wherever a test uses
 from __future__ import annotations
 
 import os
+import pathlib
 import random
 import zlib
 
@@ -23,6 +40,25 @@ import pytest
 import torch
 
 BASE_SEED = int(os.environ.get("GRADSPARSE_TEST_SEED", "0"))
+LAYERS = {
+    "unit": "the library on one process (tests/unit/)",
+    "multiprocess": "starts a world of processes: tests/multiprocess/, and a few short world-2/3 unit tests",
+    "tools": "the README's and docs' blocks, the demo, launch and benchmark harnesses, source checks (tests/tools/)",
+}
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def pytest_configure(config):
+    for name, what in LAYERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its layer, the folder it lives in."""
+    for item in items:
+        folder = pathlib.Path(item.path).resolve().parent
+        if folder.parent == HERE and folder.name in LAYERS:
+            item.add_marker(folder.name)
 
 
 def test_seed(nodeid: str) -> int:

@@ -1,4 +1,4 @@
-"""One rank of the Horovod tests; launched by tests/test_horovod.py under ``horovodrun --gloo``.
+"""One rank of the Horovod tests; launched by tests/multiprocess/test_horovod.py under ``horovodrun --gloo``.
 
 ``python -m tests.horovod_worker SCENARIO OUTDIR``: runs the scenario's checks with real
 Horovod collectives and saves this rank's findings to ``OUTDIR/rank{r}.pt`` for the test to
@@ -17,7 +17,7 @@ from gradsparse import DGC, DGCSGD, Threshold, TopK
 
 from .docblocks import block_with
 from .models import loss_of, make_model, pairs_at, params_hash, train_past_default_warmup
-from .test_ddp import DGC_CFG, DGC_STEPS, LR, MIN_NUMEL
+from .multiprocess.test_ddp import DGC_CFG, DGC_STEPS, LR, MIN_NUMEL
 from .tolerances import is_close, rejects_planted_errors
 
 
@@ -79,7 +79,7 @@ def equivalence(hvd, gh, rank, steps=6):
 
 
 def dgc_run(gh, hvd, rank, timeline=None):
-    """The DGC configuration of tests/test_ddp.py through Horovod; optionally record a timeline."""
+    """The DGC configuration of tests/multiprocess/test_ddp.py through Horovod; optionally record a timeline."""
     model = make_model("mlp")
     compression = gh.SparseCompression(DGC(**DGC_CFG), min_compress_numel=MIN_NUMEL)
     opt = gh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
@@ -253,6 +253,32 @@ def uneven(hvd, gh, rank, world, steps=12):
     return out
 
 
+def communicator(rank, world):
+    """HorovodCommunicator's side of the Communicator contract: futures resolve only in complete(tag)."""
+    from gradsparse.comm.horovod import HorovodCommunicator
+
+    comm = HorovodCommunicator()
+    out = {"needs_complete": comm.needs_complete, "rank": comm.rank, "world_size": comm.world_size}
+    mine = ((torch.arange(3 + 5 * rank) * 7 + 31 * rank) % 251).to(torch.uint8)
+    with comm.tagged("contract"):
+        sizes = comm.exchange_sizes(mine.numel(), mine.device)
+        fut = comm.allgather(mine, sizes)
+        out["second_under_tag"] = _error(lambda: comm.allgather(mine, sizes))
+    out["pending"] = {"done": fut.done(), "in_flight": comm.in_flight()}
+    out["process_set_while_pending"] = _error(lambda: comm.use_process_set(None))
+    comm.complete("contract")
+    out["completed"] = {"done": fut.done(), "in_flight": comm.in_flight(),
+                        "got": [t.tolist() for t in fut.wait()], "sizes": sizes}
+    out["complete_again"] = _error(lambda: comm.complete("contract"))
+    out["float_payload"] = _error(lambda: comm.allgather(torch.zeros(4)))
+    with comm.tagged("contract.ints"):
+        out["ints"] = comm.allgather_ints([rank, 2**40 + rank], torch.device("cpu"))
+        out["broadcast"] = comm.broadcast_ints([10 + rank, -rank], torch.device("cpu"), root=world - 1)
+    comm.use_process_set(None)
+    out["after"] = comm.world_size
+    return out
+
+
 def readme(rank):
     """The README's Horovod lines, exactly as written, reach the target density with no other call."""
     import gradsparse
@@ -291,6 +317,7 @@ def main(scenario: str, outdir: str) -> None:
         result["refusals"] = refusals(hvd, gh, rank, world)
         result["checkpoint"] = checkpoint(hvd, gh, rank)
         result["readme"] = readme(rank)
+        result["communicator"] = communicator(rank, world)
     elif scenario == "world3":
         result["equivalence"] = equivalence(hvd, gh, rank, steps=4)
         model, _ = dgc_run(gh, hvd, rank)

@@ -1,4 +1,4 @@
-"""Real Lightning Trainer runs on CPU with 2 processes, for tests/test_lightning.py.
+"""Real Lightning Trainer runs on CPU with 2 processes, for tests/multiprocess/test_lightning.py.
 
 ``python -m tests.lightning_worker SCENARIO FOLDER``: Lightning starts rank 1 itself (it
 re-runs this module with LOCAL_RANK=1). Every rank saves what each fit left behind to

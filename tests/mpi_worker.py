@@ -1,4 +1,4 @@
-"""One rank of the MPI tests; launched by tests/test_mpi.py under ``mpirun``.
+"""One rank of the MPI tests; launched by tests/multiprocess/test_mpi.py under ``mpirun``.
 
 ``python -m tests.mpi_worker OUTDIR``: exercises :class:`gradsparse.comm.mpi.MPICommunicator`
 and the pipeline over it (no torch.distributed) and saves this rank's findings to
@@ -14,7 +14,7 @@ import torch
 from gradsparse import DGC, Segment, SparseReducer, Threshold, TopK
 
 from .models import loss_of, make_model, params_hash
-from .test_ddp import DGC_CFG, DGC_STEPS, LR, MIN_NUMEL
+from .multiprocess.test_ddp import DGC_CFG, DGC_STEPS, LR, MIN_NUMEL
 
 
 def payload_for(rank: int, length_of) -> torch.Tensor:

@@ -77,3 +77,44 @@ def heavy_tailed(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """Seeded heavy-tailed values (few ties), in ``dtype``."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 3).to(dtype)
+
+
+def per_sign_oracle(x: torch.Tensor, ratio: float, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dryden et al. (2016) by definition: ``(positions, values)`` sent from ``x`` (fp32).
+
+    The ``count_for(ratio, n+)`` largest positive values and the ``count_for(ratio, n-)`` most
+    negative ones, each side by a plain Python sort of ``(value, index)`` (ties to the lower
+    index; zeros belong to no side). Values: the selected values, or with ``quantize`` each
+    side's mean (``math.fsum`` / count, rounded once to fp32) at each of its positions.
+    """
+    vals = x.detach().reshape(-1).double().tolist()
+    positive = sorted((i for i, v in enumerate(vals) if v > 0), key=lambda i: (-vals[i], i))
+    negative = sorted((i for i, v in enumerate(vals) if v < 0), key=lambda i: (vals[i], i))
+    sent = {}
+    for side in (positive, negative):
+        if not side:
+            continue
+        chosen = side[:count_for(ratio, len(side))]
+        mean = float(np.float32(math.fsum(vals[i] for i in chosen) / len(chosen)))
+        for i in chosen:
+            sent[i] = mean if quantize else vals[i]
+    positions = sorted(sent)
+    return (torch.tensor(positions, dtype=torch.int64),
+            torch.tensor([sent[i] for i in positions], dtype=torch.float32))
+
+
+def gradient_dropping_oracle(x: torch.Tensor, drop_ratio: float, sample_size: int) -> torch.Tensor:
+    """Aji and Heafield (2017) as their code does it: positions sent from ``x`` (int64, ascending).
+
+    ``s = min(sample_size, n)`` magnitudes at stride ``n // s`` from 0, fully sorted; the
+    threshold is the ``floor(s * drop_ratio)``-th smallest (1-based); every ``|x|`` above it is
+    sent (all of ``x`` when that rank is 0).
+    """
+    mag = magnitudes(x)
+    n = mag.size
+    s = min(sample_size, n)
+    rank = math.floor(s * drop_ratio)
+    if rank == 0:
+        return torch.arange(n, dtype=torch.int64)
+    sample = sorted(mag[[j * (n // s) for j in range(s)]].tolist())
+    return torch.from_numpy(np.flatnonzero(mag > sample[rank - 1]).astype(np.int64))

@@ -17,7 +17,7 @@ which asserts, element by element, ``|actual - expected| <= ulps * eps(dtype) * 
 
 So fp32 allows 8 x 1.2e-7 ~ 1e-6 of the scale, fp16 8 x 9.8e-4 ~ 0.8 %, bf16 8 x
 7.8e-3 ~ 6 %. A gradient halved, or 15 % of its entries zeroed, is far outside
-either (tests/test_tolerances.py plants both). The rule it replaces, ``rtol=1e-2,
+either (tests/unit/test_tolerances.py plants both). The rule it replaces, ``rtol=1e-2,
 atol=1e-3`` on gradients of size ~1e-3, accepted both.
 """
 

@@ -1,4 +1,4 @@
-"""The five configurations compared: dense and four sparse ones at 0.1 % density.
+"""The configurations compared: dense and seven sparse ones at 0.1 % density.
 
 =============================  ==========================================================  =================
 method                         gradient exchange (gradsparse DDP hook)                      optimizer momentum
@@ -8,6 +8,12 @@ method                         gradient exchange (gradsparse DDP hook)          
 ``dgc``                        ``DGC(0.001, momentum=0.9)`` with sparsity warm-up           0 (in DGC)
 ``dgc_no_warmup``              ``DGC(0.001, momentum=0.9, warmup=None)``                   0 (in DGC)
 ``dgc_no_momentum_correction`` ``DGC(0.001, momentum=0)`` with warm-up                     0.9 (SGD)
+``per_sign``                   ``PerSignTopK(0.001)``: 0.1 % of each sign, sent as means   0.9 (SGD)
+                               (Dryden et al. 2016), residual
+``per_sign_values``            ``PerSignTopK(0.001, quantize=False)``: the same selection,  0.9 (SGD)
+                               the values themselves (ablation of the means)
+``aji_heafield``               ``GradientDropping(drop_ratio=0.999)``: sampled threshold    0.9 (SGD)
+                               per tensor (Aji and Heafield 2017), residual
 =============================  ==========================================================  =================
 
 DGC's local gradient clipping (``clip_norm``) is used where the task clips
@@ -25,9 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from gradsparse import DGC, Compressor, TopK, Warmup
+from gradsparse import DGC, Compressor, GradientDropping, PerSignTopK, TopK, Warmup
 
-METHODS = ("dense", "gradient_dropping", "dgc", "dgc_no_warmup", "dgc_no_momentum_correction")
+METHODS = ("dense", "gradient_dropping", "dgc", "dgc_no_warmup", "dgc_no_momentum_correction", "per_sign",
+           "per_sign_values", "aji_heafield")
 
 
 @dataclasses.dataclass
@@ -45,6 +52,12 @@ def make_method(name: str, *, ratio: float, momentum: float, warmup: Warmup | No
         return Method(name, None, momentum, False)
     if name == "gradient_dropping":
         return Method(name, TopK(ratio), momentum, False)
+    if name == "per_sign":
+        return Method(name, PerSignTopK(ratio), momentum, False)
+    if name == "per_sign_values":
+        return Method(name, PerSignTopK(ratio, quantize=False), momentum, False)
+    if name == "aji_heafield":
+        return Method(name, GradientDropping(drop_ratio=1.0 - ratio), momentum, False)
     dgc = dict(ratio=ratio, clip_norm=clip, seed=seed)
     if name == "dgc":
         return Method(name, DGC(momentum=momentum, warmup=warmup, **dgc), 0.0, clip is not None)

@@ -26,7 +26,9 @@ from .run import DEFAULT_OUT
 logger = logging.getLogger("convergence")
 LABELS = {"dense": "dense (allreduce)", "gradient_dropping": "gradient dropping (TopK 0.1 %, no MC)",
           "dgc": "DGC 99.9 % (MC + warm-up)", "dgc_no_warmup": "DGC without warm-up",
-          "dgc_no_momentum_correction": "DGC without momentum correction"}
+          "dgc_no_momentum_correction": "DGC without momentum correction",
+          "per_sign": "per-sign 0.1 % + means (Dryden et al.)", "per_sign_values": "per-sign 0.1 %, values (no means)",
+          "aji_heafield": "gradient dropping, sampled (Aji & Heafield)"}
 
 
 def load(folder: str) -> list[dict]:

@@ -1,51 +1,135 @@
-// CPU kernel for DGC's momentum correction + local accumulation, fused into one pass.
+// CPU kernels for DGC's momentum correction + local accumulation, fused into one pass:
+// dgc_compensate (in place) and dgc_compensate_into (into other buffers, with the largest
+// magnitudes of the gradient and of the results, for the reducer's health check).
 //
-// Rounds exactly like the torch ops it replaces (gradsparse/_reference.py::dgc_compensate_):
+// Both round exactly like the torch ops they replace (gradsparse/_reference.py::dgc_compensate_):
 // products in float, sums in the promoted type of (float, g's dtype), stored as float.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "../common.h"
 
 namespace gradsparse {
 namespace {
 
+// Magnitudes as keys: the bit pattern of |x| read as an unsigned integer (float for fp32, fp16 and
+// bf16 values, double for double). Their order is the order of the magnitudes, and NaN is every
+// key above infinity's, so one integer max (which vectorizes; a float max with NaN semantics
+// does not) gives the largest magnitude, or says that a NaN was there.
+inline int32_t key_of(float a) {  // below 2^31: a signed max is the unsigned one, and vectorizes with SSE2
+  int32_t b;
+  std::memcpy(&b, &a, sizeof(b));
+  return b & 0x7fffffff;
+}
+inline int64_t key_of(double a) {
+  int64_t b;
+  std::memcpy(&b, &a, sizeof(b));
+  return b & 0x7fffffffffffffffll;
+}
+template <typename mag_t>
+double magnitude_of_key(uint64_t key) {  // NaN for a NaN key
+  if constexpr (std::is_same_v<mag_t, double>) {
+    double d;
+    std::memcpy(&d, &key, sizeof(d));
+    return d;
+  } else {
+    const uint32_t b = static_cast<uint32_t>(key);
+    float f;
+    std::memcpy(&f, &b, sizeof(f));
+    return f;
+  }
+}
+
+// u_out = m*u + g; v_out = v + u_out (Nesterov: u_out = m*(u + g); v_out = v + u_out + g) over
+// [begin, end), reading u, v before writing u_out, v_out element by element (so each output may be
+// its input). With kMaxima, also the largest keys of g, u_out and v_out into maxima[0..2].
+template <typename scalar_t, bool kMaxima>
+void compensate_range(const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out, float m,
+                      bool nesterov, int64_t begin, int64_t end, uint64_t* maxima) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  decltype(key_of(acc_t())) g_max = 0;
+  int32_t u_max = 0, v_max = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t gi = static_cast<acc_t>(g[i]);
+    float ui, vi;
+    if (nesterov) {
+      ui = static_cast<float>(static_cast<acc_t>(u[i]) + gi) * m;
+      vi = static_cast<float>(static_cast<acc_t>(v[i] + ui) + gi);
+    } else {
+      ui = static_cast<float>(static_cast<acc_t>(u[i] * m) + gi);
+      vi = v[i] + ui;
+    }
+    u_out[i] = ui;
+    v_out[i] = vi;
+    if constexpr (kMaxima) {
+      g_max = std::max(g_max, key_of(gi));
+      u_max = std::max(u_max, key_of(ui));
+      v_max = std::max(v_max, key_of(vi));
+    }
+  }
+  if constexpr (kMaxima) {
+    maxima[0] = static_cast<uint64_t>(g_max);
+    maxima[1] = static_cast<uint32_t>(u_max);
+    maxima[2] = static_cast<uint32_t>(v_max);
+  }
+}
+
+constexpr int64_t kGrain = 1 << 14;
+
 void dgc_compensate_cpu(at::Tensor& u, at::Tensor& v, const at::Tensor& g, double momentum, bool nesterov) {
   check_dgc_args(u, v, g);
   const at::Tensor gc = g.contiguous();
   float* up = u.data_ptr<float>();
   float* vp = v.data_ptr<float>();
-  const float m = static_cast<float>(momentum);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "dgc_compensate", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* gp = gc.data_ptr<scalar_t>();
-    at::parallel_for(0, gc.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-      if (nesterov) {
-        for (int64_t i = begin; i < end; ++i) {
-          const acc_t gi = static_cast<acc_t>(gp[i]);
-          const float ui = static_cast<float>(static_cast<acc_t>(up[i]) + gi) * m;
-          up[i] = ui;
-          vp[i] = static_cast<float>(static_cast<acc_t>(vp[i] + ui) + gi);
-        }
-      } else {
-        for (int64_t i = begin; i < end; ++i) {
-          const float ui = static_cast<float>(static_cast<acc_t>(up[i] * m) + static_cast<acc_t>(gp[i]));
-          up[i] = ui;
-          vp[i] = vp[i] + ui;
-        }
-      }
+    at::parallel_for(0, gc.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      compensate_range<scalar_t, false>(up, vp, gp, up, vp, static_cast<float>(momentum), nesterov, begin, end,
+                                        nullptr);
     });
   });
+}
+
+at::Tensor dgc_compensate_into_cpu(const at::Tensor& u, const at::Tensor& v, const at::Tensor& g, double momentum,
+                                   bool nesterov, at::Tensor& u_out, at::Tensor& v_out) {
+  check_dgc_into_args(u, v, g, u_out, v_out);
+  const at::Tensor gc = g.contiguous();
+  const int64_t n = gc.numel(), chunks = (n + kGrain - 1) / kGrain;
+  std::vector<uint64_t> partial(static_cast<size_t>(chunks) * 3, 0);  // per chunk; a max is the same in any order
+  double maxima[3] = {0, 0, 0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "dgc_compensate_into", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        compensate_range<scalar_t, true>(u.data_ptr<float>(), v.data_ptr<float>(), gp, u_out.data_ptr<float>(),
+                                         v_out.data_ptr<float>(), static_cast<float>(momentum), nesterov, c * kGrain,
+                                         std::min(n, (c + 1) * kGrain), partial.data() + 3 * c);
+      }
+    });
+    uint64_t total[3] = {0, 0, 0};
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int t = 0; t < 3; ++t) total[t] = std::max(total[t], partial[3 * c + t]);
+    }
+    maxima[0] = magnitude_of_key<acc_t>(total[0]);
+    maxima[1] = magnitude_of_key<float>(total[1]);
+    maxima[2] = magnitude_of_key<float>(total[2]);
+  });
+  return at::tensor({maxima[0], maxima[1], maxima[2]}, at::TensorOptions().dtype(at::kDouble));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradsparse, CPU, m) {
   m.impl("dgc_compensate", &dgc_compensate_cpu);
+  m.impl("dgc_compensate_into", &dgc_compensate_into_cpu);
 }
 
 }  // namespace gradsparse

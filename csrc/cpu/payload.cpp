@@ -27,10 +27,7 @@ struct Parsed {
 };
 
 Parsed parse(const at::Tensor& p, int64_t rank, int64_t numel, at::ScalarType value_dtype, int64_t n_dense) {
-  TORCH_CHECK_VALUE(p.scalar_type() == at::kByte && p.dim() == 1 && p.is_contiguous(),
-                    "unpack_add: payload ", rank, " must be a contiguous 1-D uint8 tensor");
-  TORCH_CHECK_VALUE(p.numel() >= kHeaderBytes, "unpack_add: payload ", rank, " of ", p.numel(),
-                    " bytes is shorter than the header");
+  check_payload_tensor(p, rank);
   const uint8_t* base = p.data_ptr<uint8_t>();
   int32_t h[kHeaderInts];
   std::memcpy(h, base, kHeaderBytes);

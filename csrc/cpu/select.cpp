@@ -1,35 +1,32 @@
-// CPU selection kernels: threshold_select and topk_select. The machinery (one pass over the input
-// in parallel chunks, positions ascending without a sort, exact k-th magnitude by radix digits)
-// is in select_core.h. Magnitudes are compared in float (double for double inputs), as the
+// CPU selection kernels: threshold_select and topk_select. The machinery is plain C++:
+// select_core.h (one pass over the input in parallel chunks, positions ascending without a sort)
+// and topk_core.h (the exact top-k: a sampled bracket around the k-th magnitude, a counting pass,
+// a writing pass). Magnitudes are compared in float (double for double inputs), as the
 // reference does.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common.h"
+#include "select_op.h"
 #include "select_core.h"
+#include "topk_core.h"
 
 namespace gradsparse {
 namespace {
 
 namespace core = select_core;
 
-// Workers for one selection: torch's intra-op thread count, one inside a parallel region.
-int workers() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
-
-void check_input(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_floating_point(), op, ": expected a floating-point tensor, got ", x.scalar_type());
-}
-
 at::Tensor threshold_select_cpu(const at::Tensor& x, double threshold) {
-  check_input(x, "threshold_select");
+  check_selection_input(x, "threshold_select");
   const at::Tensor flat = x.contiguous().view(-1);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "threshold_select", [&] {
     using K = core::Key<scalar_t>;
     const auto lo = K::at_least(static_cast<typename K::mag_t>(threshold));
     core::select_at_least(flat.data_ptr<scalar_t>(), flat.numel(), lo, workers(), [&](int64_t count) {
-      out = at::empty({count}, at::TensorOptions().dtype(at::kLong));
+      out = positions_output(count);
       return out.data_ptr<int64_t>();
     });
   });
@@ -37,8 +34,8 @@ at::Tensor threshold_select_cpu(const at::Tensor& x, double threshold) {
 }
 
 at::Tensor topk_select_cpu(const at::Tensor& x, int64_t k, double sample_ratio, int64_t seed) {
-  check_input(x, "topk_select");
-  TORCH_CHECK(sample_ratio > 0 && sample_ratio <= 1, "topk_select: sample_ratio must be in (0, 1], got ", sample_ratio);
+  check_selection_input(x, "topk_select");
+  check_sample_ratio(sample_ratio, "topk_select");
   const at::Tensor flat = x.contiguous().view(-1);
   const int64_t n = flat.numel();
   auto opts = at::TensorOptions().dtype(at::kLong);
@@ -48,11 +45,10 @@ at::Tensor topk_select_cpu(const at::Tensor& x, int64_t k, double sample_ratio, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "topk_select", [&] {
     core::TopK<scalar_t> topk(flat.data_ptr<scalar_t>(), n, k, workers());
     const auto alloc = [&](int64_t count) {
-      out = at::empty({count}, opts);
+      out = positions_output(count);
       return out.data_ptr<int64_t>();
     };
-    const core::Status status =
-        n < core::kSampledMinNumel ? topk.run_exact(alloc) : topk.run_sampled(sample_ratio, seed, alloc);
+    const core::Status status = topk.run(n >= kSampledMinNumel, sample_ratio, seed, alloc);
     TORCH_CHECK_VALUE(status != core::Status::kNaN, "topk_select: input contains NaN");
   });
   return out;

@@ -1,4 +1,5 @@
-// Selection machinery shared by threshold_select and topk_select (csrc/cpu/select.cpp).
+// Selection machinery shared by threshold_select and topk_select (csrc/cpu/select.cpp; top-k's
+// own passes are in topk_core.h).
 // Plain C++ (std::thread), no ATen, so that it can also be timed outside torch.
 //
 // Magnitudes are compared as "keys": the IEEE bit pattern of |x| (float for fp32/fp16/bf16,
@@ -9,8 +10,8 @@
 //
 // One pass over the input (scan) finds every position whose key lies in a range, 64 elements at
 // a time: a 64-bit mask of the hits, then one step per hit. Chunks of the input are scanned in
-// parallel, each into its own small buffer of (position - chunk start) as uint32 (plus the key when
-// asked), so the hits come out in ascending order without a second pass.
+// parallel, each into its own small buffer of (position - chunk start) as uint32, so the hits
+// come out in ascending order without a second pass.
 #pragma once
 
 #include <algorithm>
@@ -217,14 +218,12 @@ bool scan(const scalar_t* x, int64_t begin, int64_t end, typename Key<scalar_t>:
   return nan != 0;
 }
 
-// A chunk's hits: positions relative to the chunk start, and their keys when asked. Stops storing
-// (but keeps counting) past `limit` entries or when memory runs out: `overflow`.
-template <typename bits_t>
+// A chunk's hits: positions relative to the chunk start. Stops storing (but keeps counting) past
+// `limit` entries or when memory runs out: `overflow`.
 struct alignas(64) Hits {  // own cache line: chunks side by side are filled by different workers
   uint32_t* pos = nullptr;
-  bits_t* keys = nullptr;
   int64_t size = 0, capacity = 0, limit = 0, count = 0;
-  bool with_keys = false, overflow = false, nan = false;
+  bool overflow = false, nan = false;
 
   Hits() = default;
   Hits(const Hits&) = delete;
@@ -232,26 +231,19 @@ struct alignas(64) Hits {  // own cache line: chunks side by side are filled by 
   ~Hits() { release(); }
   void release() {
     std::free(pos);
-    std::free(keys);
     pos = nullptr;
-    keys = nullptr;
     capacity = size = 0;
   }
   bool grow(int64_t want) {
     want = std::min(want, limit);
     if (want <= capacity) return false;
     auto* p = static_cast<uint32_t*>(std::realloc(pos, want * sizeof(uint32_t)));
-    if (p) pos = p;
-    if (p && with_keys) {
-      auto* k = static_cast<bits_t*>(std::realloc(keys, want * sizeof(bits_t)));
-      if (k) keys = k;
-      p = k ? p : nullptr;
-    }
     if (!p) return false;
+    pos = p;
     capacity = want;
     return true;
   }
-  void push(uint32_t p, bits_t key) {
+  void push(uint32_t p) {
     ++count;
     if (overflow) return;
     if (size == capacity && !grow(std::max<int64_t>(256, 2 * capacity))) {
@@ -259,9 +251,7 @@ struct alignas(64) Hits {  // own cache line: chunks side by side are filled by 
       release();
       return;
     }
-    pos[size] = p;
-    if (with_keys) keys[size] = key;
-    ++size;
+    pos[size++] = p;
   }
 };
 
@@ -274,36 +264,24 @@ inline void fold_histograms(std::vector<int64_t>& hist, int threads, int64_t dig
 
 // Scans every chunk for keys in [lo, hi] into per-chunk Hits. `expect` (total hits expected, for
 // the first allocation) and `limit` (total entries kept before overflow) are split over the chunks
-// in proportion to their length. With `top_hist`, also counts every hit's top 16-bit digit into
-// top_hist[thread * kTopDigits + digit] (cleared here).
+// in proportion to their length.
 template <typename scalar_t>
-std::vector<std::unique_ptr<Hits<typename Key<scalar_t>::bits_t>>> scan_chunks(
-    const scalar_t* x, const Chunking& ch, int threads, typename Key<scalar_t>::bits_t lo,
-    typename Key<scalar_t>::bits_t hi, bool with_keys, int64_t expect, int64_t limit,
-    std::vector<int64_t>* top_hist) {
-  using K = Key<scalar_t>;
-  using bits_t = typename K::bits_t;
-  std::vector<std::unique_ptr<Hits<bits_t>>> out(ch.count);
-  for (auto& h : out) h = std::make_unique<Hits<bits_t>>();
-  if (top_hist) top_hist->assign(static_cast<size_t>(threads) * K::kTopDigits, 0);
+std::vector<std::unique_ptr<Hits>> scan_chunks(const scalar_t* x, const Chunking& ch, int threads,
+                                               typename Key<scalar_t>::bits_t lo, typename Key<scalar_t>::bits_t hi,
+                                               int64_t expect, int64_t limit) {
+  std::vector<std::unique_ptr<Hits>> out(ch.count);
+  for (auto& h : out) h = std::make_unique<Hits>();
   const double n = static_cast<double>(std::max<int64_t>(1, ch.n));
-  for_chunks(ch.count, threads, [&](int64_t c, int tid) {
-    Hits<bits_t>& h = *out[c];
+  for_chunks(ch.count, threads, [&](int64_t c, int) {
+    Hits& h = *out[c];
     const int64_t lo_i = ch.lo(c), hi_i = ch.hi(c);
     const double share = static_cast<double>(hi_i - lo_i) / n;
-    h.with_keys = with_keys;
     h.limit = static_cast<int64_t>(static_cast<double>(limit) * share) + 64;
     h.grow(static_cast<int64_t>(static_cast<double>(expect) * share * 1.1) + 64);
-    int64_t* hist = top_hist ? top_hist->data() + static_cast<int64_t>(tid) * K::kTopDigits : nullptr;
-    h.nan = scan(x, lo_i, hi_i, lo, hi, [&](int64_t i, bits_t key) {
-      h.push(static_cast<uint32_t>(i - lo_i), key);
-      if (hist) ++hist[key >> K::kTopShift];
+    h.nan = scan(x, lo_i, hi_i, lo, hi, [&](int64_t i, typename Key<scalar_t>::bits_t) {
+      h.push(static_cast<uint32_t>(i - lo_i));
     });
   });
-  if (top_hist) {
-    fold_histograms(*top_hist, threads, K::kTopDigits);
-    top_hist->resize(K::kTopDigits);
-  }
   return out;
 }
 
@@ -349,7 +327,7 @@ void select_at_least(const scalar_t* x, int64_t n, typename Key<scalar_t>::bits_
   using K = Key<scalar_t>;
   threads = usable_threads(threads, n);
   const Chunking ch(n, threads);
-  auto hits = scan_chunks(x, ch, threads, lo, K::kInf, false, 0, n, nullptr);
+  auto hits = scan_chunks(x, ch, threads, lo, K::kInf, 0, n);
   std::vector<int64_t> offsets(ch.count + 1, 0);
   for (int64_t c = 0; c < ch.count; ++c) {
     if (hits[c]->overflow) throw std::bad_alloc();
@@ -365,202 +343,6 @@ void select_at_least(const scalar_t* x, int64_t n, typename Key<scalar_t>::bits_
   };
   for_chunks(ch.count, offsets[ch.count] >= (1 << 20) ? threads : 1, copy);
 }
-
-// ---------------------------------------------------------------------------------------------
-// topk_select: exact top-k by magnitude, ties to the lower position, through a sampled threshold.
-
-enum class Status { kOk, kNaN };
-
-constexpr int64_t kSampledMinNumel = 16384;  // keep in sync with _reference.SAMPLED_MIN_NUMEL
-constexpr int64_t kMinSample = 1024;         // keep in sync with _reference.MIN_SAMPLE
-
-template <typename scalar_t>
-struct TopK {
-  using K = Key<scalar_t>;
-  using bits_t = typename K::bits_t;
-  using HitList = std::vector<std::unique_ptr<Hits<bits_t>>>;
-
-  const scalar_t* x;
-  int64_t n, k;
-  int threads;
-  Chunking ch;
-  // kept candidates: at most one n-element float scratch (4 bytes per element) in all
-  int64_t limit;
-
-  TopK(const scalar_t* x_, int64_t n_, int64_t k_, int threads_)
-      : x(x_), n(n_), k(k_), threads(usable_threads(threads_, n_)), ch(n_, threads),
-        limit(std::max<int64_t>(4096, n_ * 4 / static_cast<int64_t>(sizeof(uint32_t) + sizeof(bits_t)))) {}
-
-  static bool any_nan(const HitList& hits) {
-    return std::any_of(hits.begin(), hits.end(), [](const auto& h) { return h->nan; });
-  }
-  static int64_t total(const HitList& hits) {
-    int64_t c = 0;
-    for (const auto& h : hits) c += h->count;
-    return c;
-  }
-
-  // The sample_k-th largest key of the sample, given the histogram of its valid (non-NaN) keys'
-  // top digits; 0 (everything) when there are fewer valid keys.
-  static bits_t sample_kth(const std::vector<bits_t>& keys, const std::vector<int64_t>& hist, int64_t valid,
-                           int64_t sample_k) {
-    if (sample_k > valid) return 0;
-    return kth_largest<bits_t, K::kTopShift>({keys.data()}, {static_cast<int64_t>(keys.size())}, hist.data(),
-                                             K::kTopDigits, sample_k).first;
-  }
-
-  static constexpr int64_t kPrefetch = 64;
-
-  template <typename Alloc>
-  Status run_sampled(double sample_ratio, int64_t seed, Alloc&& alloc) {
-    const int64_t wanted = static_cast<int64_t>(std::ceil(static_cast<double>(n) * sample_ratio));
-    const int64_t sample_size = std::min(n, std::max<int64_t>(kMinSample, wanted));
-    const int64_t stride = std::max<int64_t>(1, n / sample_size);
-    const int64_t start = stride > 1 ? static_cast<int64_t>(static_cast<uint64_t>(seed) % stride) : 0;
-    const int64_t s = (n - start + stride - 1) / stride;
-    // aim a little below the k-th magnitude (x1.25 + 4 sample positions) so that one pass usually
-    // yields at least k candidates; keep in sync with _reference.sampled_topk_indices
-    int64_t sample_k = std::min(s, static_cast<int64_t>(std::ceil(1.25 * static_cast<double>(k) * s / n)) + 4);
-    std::vector<bits_t> skeys(s);
-    std::vector<int64_t> shist(static_cast<size_t>(threads) * K::kTopDigits, 0);
-    std::vector<int64_t> top_hist;
-    std::vector<int64_t> svalid(threads, 0);
-    int64_t valid = 0;
-    const int64_t expect = static_cast<int64_t>(1.3 * static_cast<double>(k));
-    // the sample, in pieces of at least 16k positions, with one histogram per worker
-    const int64_t pieces = std::min<int64_t>(threads, std::max<int64_t>(1, s / 16384));
-    for_chunks(pieces, static_cast<int>(pieces), [&](int64_t piece, int worker) {
-      int64_t* sh = shist.data() + static_cast<int64_t>(worker) * K::kTopDigits;
-      int64_t v = 0;
-      for (int64_t j = s * piece / pieces, e = s * (piece + 1) / pieces; j < e; ++j) {
-        // one cache line per sampled element, too far apart for the hardware prefetcher
-        if (j + kPrefetch < e) __builtin_prefetch(x + start + (j + kPrefetch) * stride);
-        const bits_t key = K::of(x[start + j * stride]);
-        skeys[j] = key;
-        if (key <= K::kInf) {
-          ++sh[key >> K::kTopShift];
-          ++v;
-        }
-      }
-      svalid[worker] += v;
-    });
-    for (int u = 0; u < threads; ++u) valid += svalid[u];
-    fold_histograms(shist, threads, K::kTopDigits);
-    shist.resize(K::kTopDigits);
-    HitList hits = scan_chunks(x, ch, threads, sample_kth(skeys, shist, valid, sample_k), K::kInf, true, expect,
-                               limit, &top_hist);
-    if (any_nan(hits)) return Status::kNaN;
-    for (int attempt = 1; total(hits) < k && attempt < 10 && sample_k < s; ++attempt) {
-      sample_k = std::min(s, sample_k * 2);
-      hits.clear();  // free before the next scan
-      hits = scan_chunks(x, ch, threads, sample_kth(skeys, shist, valid, sample_k), K::kInf, true, expect, limit,
-                         &top_hist);
-    }
-    if (total(hits) < k) {
-      hits.clear();
-      hits = scan_chunks(x, ch, threads, 0, K::kInf, true, n, limit, &top_hist);
-    }
-    skeys = {};
-    return finish(hits, top_hist, alloc);
-  }
-
-  // Exact top-k without a sample: every element is a candidate.
-  template <typename Alloc>
-  Status run_exact(Alloc&& alloc) {
-    std::vector<int64_t> top_hist;
-    HitList hits = scan_chunks(x, ch, threads, 0, K::kInf, true, n, limit, &top_hist);
-    if (any_nan(hits)) return Status::kNaN;
-    return finish(hits, top_hist, alloc);
-  }
-
-  // hits: every key >= some threshold, at least k of them (top_hist counts them all).
-  template <typename Alloc>
-  Status finish(HitList& hits, const std::vector<int64_t>& top_hist, Alloc&& alloc) {
-    const int64_t c = total(hits);
-    int64_t* out = alloc(k);
-    const bool overflow = std::any_of(hits.begin(), hits.end(), [](const auto& h) { return h->overflow; });
-    if (!overflow) {
-      int64_t w = 0;
-      if (c == k) {
-        for (int64_t ci = 0; ci < ch.count; ++ci) {
-          const int64_t base = ch.lo(ci);
-          for (int64_t j = 0; j < hits[ci]->size; ++j) out[w++] = base + hits[ci]->pos[j];
-        }
-        return Status::kOk;
-      }
-      std::vector<const bits_t*> parts;
-      std::vector<int64_t> sizes;
-      for (const auto& h : hits) {
-        parts.push_back(h->keys);
-        sizes.push_back(h->size);
-      }
-      const auto [kth, above] = kth_largest<bits_t, K::kTopShift>(parts, sizes, top_hist.data(), K::kTopDigits, k);
-      int64_t ties = k - above;
-      for (int64_t ci = 0; ci < ch.count && w < k; ++ci) {
-        const int64_t base = ch.lo(ci);
-        const uint32_t* pos = hits[ci]->pos;
-        const bits_t* keys = hits[ci]->keys;
-        const int64_t size = hits[ci]->size;
-        for (int64_t j = 0; j < size; ++j) {
-          const bits_t key = keys[j];
-          const bool eq = key == kth;
-          const bool keep = (key > kth) | (eq & (ties > 0));
-          out[w] = base + pos[j];  // out has k entries and w < k here
-          w += keep;
-          ties -= eq & keep;
-          if (w == k) break;
-        }
-      }
-      return Status::kOk;
-    }
-    hits.clear();
-    // Too many candidates to keep: refine the k-th key digit by digit with passes over x, then
-    // write the top-k with a counting pass and a writing pass. No scratch but small histograms.
-    auto [bucket, above] = find_bucket(top_hist.data(), K::kTopDigits, k);
-    bits_t prefix = static_cast<bits_t>(bucket);
-    int64_t need = k - above;
-    std::vector<int64_t> hist;
-    for (int shift = K::kTopShift - 16; shift >= 0; shift -= 16) {
-      const bits_t lo = prefix << (shift + 16), hi = lo | ((bits_t(1) << (shift + 16)) - 1);
-      hist.assign(static_cast<size_t>(threads) << 16, 0);
-      for_chunks(ch.count, threads, [&](int64_t ci, int tid) {
-        int64_t* hh = hist.data() + (static_cast<int64_t>(tid) << 16);
-        scan(x, ch.lo(ci), ch.hi(ci), lo, hi, [&](int64_t, bits_t key) { ++hh[(key >> shift) & 0xffff]; });
-      });
-      fold_histograms(hist, threads, 1 << 16);
-      const auto [digit, ab] = find_bucket(hist.data(), 1 << 16, need);
-      need -= ab;
-      above += ab;
-      prefix = (prefix << 16) | static_cast<bits_t>(digit);
-    }
-    const bits_t kth = prefix;
-    std::vector<int64_t> gt(ch.count, 0), eq(ch.count, 0);
-    for_chunks(ch.count, threads, [&](int64_t ci, int) {
-      int64_t g = 0, e = 0;
-      scan(x, ch.lo(ci), ch.hi(ci), kth, K::kInf, [&](int64_t, bits_t key) {
-        g += key > kth;
-        e += key == kth;
-      });
-      gt[ci] = g;
-      eq[ci] = e;
-    });
-    std::vector<int64_t> offset(ch.count), allow(ch.count);
-    int64_t ties = k - above, w = 0;
-    for (int64_t ci = 0; ci < ch.count; ++ci) {
-      allow[ci] = std::min(eq[ci], ties);
-      ties -= allow[ci];
-      offset[ci] = w;
-      w += gt[ci] + allow[ci];
-    }
-    for_chunks(ch.count, threads, [&](int64_t ci, int) {
-      int64_t o = offset[ci], a = allow[ci];
-      scan(x, ch.lo(ci), ch.hi(ci), kth, K::kInf, [&](int64_t i, bits_t key) {
-        if (key > kth || a-- > 0) out[o++] = i;
-      });
-    });
-    return Status::kOk;
-  }
-};
 
 }  // namespace select_core
 }  // namespace gradsparse

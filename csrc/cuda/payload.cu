@@ -37,12 +37,9 @@ struct Parsed {
 };
 
 Parsed parse(const at::Tensor& p, int64_t rank, const at::Tensor& out, at::ScalarType value_dtype, int64_t n_dense) {
-  TORCH_CHECK_VALUE(p.scalar_type() == at::kByte && p.dim() == 1 && p.is_contiguous(),
-                    "unpack_add: payload ", rank, " must be a contiguous 1-D uint8 tensor");
+  check_payload_tensor(p, rank);
   TORCH_CHECK_VALUE(p.device() == out.device(), "unpack_add: payload ", rank, " is on ", p.device(),
                     ", the destination on ", out.device());
-  TORCH_CHECK_VALUE(p.numel() >= kHeaderBytes, "unpack_add: payload ", rank, " of ", p.numel(),
-                    " bytes is shorter than the header");
   const at::Tensor header = p.narrow(0, 0, kHeaderBytes).view(at::kInt).to(at::kCPU);
   const int32_t* h = header.data_ptr<int32_t>();
   const int64_t numel = out.numel();

@@ -3,21 +3,22 @@
 // |x| >= t is one elementwise pass writing a mask; at::nonzero compacts it into ascending int64
 // positions. topk_select samples, estimates a threshold a little below the k-th magnitude, selects
 // candidates with that pass, and takes the exact top-k of the candidates (ties to the lower index),
-// exactly as gradsparse/_reference.py::sampled_topk_indices does.
+// exactly as gradsparse/_reference.py::sampled_topk_indices does. segmented_topk_select runs it on
+// each segment in turn (a host loop).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <tuple>
+#include <vector>
 
+#include "../common.h"
+#include "../select_params.h"
 #include "common.cuh"
 
 namespace gradsparse {
 namespace {
-
-constexpr int64_t kSampledMinNumel = 16384;  // keep in sync with _reference.SAMPLED_MIN_NUMEL
-constexpr int64_t kMinSample = 1024;         // keep in sync with _reference.MIN_SAMPLE
 
 template <typename scalar_t>
 __global__ void at_least_kernel(const scalar_t* __restrict__ x, int64_t n, mag_t<scalar_t> t, bool* __restrict__ mask) {
@@ -55,26 +56,15 @@ at::Tensor topk_of_magnitude(const at::Tensor& mag, int64_t k) {
   return std::get<0>(at::cat({above, ties}).sort());
 }
 
-void check_input(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_floating_point(), op, ": expected a floating-point tensor, got ", x.scalar_type());
-}
-
 at::Tensor threshold_select_cuda(const at::Tensor& x, double threshold) {
-  check_input(x, "threshold_select");
+  check_selection_input(x, "threshold_select");
   c10::cuda::CUDAGuard guard(x.device());
   return at_least(x.contiguous().view(-1), threshold);
 }
 
-at::Tensor topk_select_cuda(const at::Tensor& x, int64_t k, double sample_ratio, int64_t seed) {
-  check_input(x, "topk_select");
-  TORCH_CHECK(sample_ratio > 0 && sample_ratio <= 1, "topk_select: sample_ratio must be in (0, 1], got ", sample_ratio);
-  c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor flat = x.contiguous().view(-1);
+// The exact top-k positions of flat (1-D, contiguous, no NaN, 0 < k < n), ascending.
+at::Tensor topk_positions(const at::Tensor& flat, int64_t k, double sample_ratio, int64_t seed) {
   const int64_t n = flat.numel();
-  const auto opts = flat.options().dtype(at::kLong);
-  if (k <= 0) return at::empty({0}, opts);
-  if (k >= n) return at::arange(n, opts);
-  TORCH_CHECK_VALUE(!at::isnan(flat).any().item<bool>(), "topk_select: input contains NaN");
   if (n < kSampledMinNumel) return topk_of_magnitude(magnitude(flat), k);
   const int64_t sample_size =
       std::min(n, std::max<int64_t>(kMinSample, static_cast<int64_t>(std::ceil(n * sample_ratio))));
@@ -82,7 +72,8 @@ at::Tensor topk_select_cuda(const at::Tensor& x, int64_t k, double sample_ratio,
   const int64_t start = stride > 1 ? static_cast<int64_t>(static_cast<uint64_t>(seed) % stride) : 0;
   const at::Tensor sample = magnitude(flat.slice(0, start, n, stride));
   const int64_t s = sample.numel();
-  int64_t sample_k = std::min(s, static_cast<int64_t>(std::ceil(1.25 * static_cast<double>(k) * s / n)) + 4);
+  int64_t sample_k =
+      std::min(s, static_cast<int64_t>(std::ceil(kSampleAim * static_cast<double>(k) * s / n)) + kSampleAimExtra);
   for (int attempt = 0; attempt < 10; ++attempt) {
     const double threshold = std::get<0>(at::topk(sample, sample_k, 0, true, false)).min().item<double>();
     const at::Tensor cand = at_least(flat, threshold);
@@ -94,11 +85,50 @@ at::Tensor topk_select_cuda(const at::Tensor& x, int64_t k, double sample_ratio,
   return topk_of_magnitude(magnitude(flat), k);
 }
 
+at::Tensor topk_select_cuda(const at::Tensor& x, int64_t k, double sample_ratio, int64_t seed) {
+  check_selection_input(x, "topk_select");
+  check_sample_ratio(sample_ratio, "topk_select");
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor flat = x.contiguous().view(-1);
+  const int64_t n = flat.numel();
+  const auto opts = flat.options().dtype(at::kLong);
+  if (k <= 0) return at::empty({0}, opts);
+  if (k >= n) return at::arange(n, opts);
+  TORCH_CHECK_VALUE(!at::isnan(flat).any().item<bool>(), "topk_select: input contains NaN");
+  return topk_positions(flat, k, sample_ratio, seed);
+}
+
+// One segment after the other on the host (each a topk_select), shifted by its offset, joined.
+at::Tensor segmented_topk_select_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& ks,
+                                      double sample_ratio, int64_t seed) {
+  const char* op = "segmented_topk_select";
+  check_selection_input(x, op);
+  check_sample_ratio(sample_ratio, op);
+  const Segments seg = check_segments(x, offsets, ks);
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor flat = x.contiguous().view(-1);
+  const auto opts = flat.options().dtype(at::kLong);
+  std::vector<at::Tensor> parts;
+  for (int64_t i = 0; i < seg.size(); ++i) {
+    const int64_t n = seg.length(i), k = seg.count[i], first = seg.offset[i];
+    if (k == 0) continue;
+    if (k == n) {
+      parts.push_back(at::arange(first, first + n, opts));
+      continue;
+    }
+    const at::Tensor piece = flat.narrow(0, first, n);
+    TORCH_CHECK_VALUE(!at::isnan(piece).any().item<bool>(), op, ": segment ", i, " contains NaN");
+    parts.push_back(topk_positions(piece, k, sample_ratio, seed).add_(first));
+  }
+  return parts.empty() ? at::empty({0}, opts) : at::cat(parts);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradsparse, CUDA, m) {
   m.impl("threshold_select", &threshold_select_cuda);
   m.impl("topk_select", &topk_select_cuda);
+  m.impl("segmented_topk_select", &segmented_topk_select_cuda);
 }
 
 }  // namespace gradsparse

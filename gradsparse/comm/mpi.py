@@ -29,7 +29,8 @@ class MPICommunicator(Communicator):
     """Allgatherv / Allreduce on an mpi4py communicator.
 
     Args:
-        comm: an ``mpi4py.MPI.Comm``; None means ``MPI.COMM_WORLD``.
+        comm: an ``mpi4py.MPI.Comm``; None means ``MPI.COMM_WORLD``. An MPI communicator's
+            rank and size never change, so they are read once, here.
     """
 
     pads_to_largest = False
@@ -39,17 +40,11 @@ class MPICommunicator(Communicator):
 
         self._mpi = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank = self.comm.Get_rank()
+        self.world_size = self.comm.Get_size()
         #: bytes this rank handed to collectives and got back, summed over calls
         self.bytes_sent = 0
         self.bytes_received = 0
-
-    @property
-    def rank(self) -> int:
-        return self.comm.Get_rank()
-
-    @property
-    def world_size(self) -> int:
-        return self.comm.Get_size()
 
     def allgather_ints(self, values, device):
         mine = np.array(list(values), dtype=np.int64)
@@ -60,12 +55,7 @@ class MPICommunicator(Communicator):
         return every.tolist()
 
     def allgather(self, payload, sizes=None):
-        if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise TypeError(f"payloads are flat uint8 tensors, got {payload.dtype} of shape {tuple(payload.shape)}")
-        if sizes is None:
-            sizes = [payload.numel()] * self.world_size
-        if sizes[self.rank] != payload.numel():
-            raise ValueError(f"this rank's payload has {payload.numel()} bytes, the exchanged size is {sizes[self.rank]}")
+        sizes = self._sizes(payload, sizes)
         host = payload.detach().cpu().contiguous()
         received = torch.empty(sum(sizes), dtype=torch.uint8)
         displacements = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)

@@ -4,7 +4,9 @@ Each allgather is one collective. When payload sizes differ, the sizes were
 exchanged first (a blocking allgather of one int64 per rank issued from the
 calling thread) and every payload is padded to the largest; receivers trim.
 No collective is ever issued from a future callback, so the order of
-collectives is the order of calls, identical on every rank.
+collectives is the order of calls, identical on every rank. Futures resolve
+when the collective finishes (``needs_complete`` is False): ``complete(tag)``
+has nothing to do.
 
 Example::
 
@@ -48,6 +50,7 @@ class TorchDistCommunicator(Communicator):
         return [t.tolist() for t in gathered]
 
     def allgather(self, payload, sizes=None):
+        self._sizes(payload, sizes)  # refuses a payload that is not flat uint8 or not its announced size
         if sizes is None:
             send = payload
         else:

@@ -9,9 +9,12 @@
 
 from .base import Compressor
 from .dgc import DGC
+from .gradient_dropping import GradientDropping
+from .per_sign import PerSignTopK
 from .threshold import Threshold
 from .topk import TopK
 
-REGISTRY: dict[str, type[Compressor]] = {cls.name: cls for cls in (TopK, Threshold, DGC)}
+REGISTRY: dict[str, type[Compressor]] = {
+    cls.name: cls for cls in (TopK, Threshold, PerSignTopK, GradientDropping, DGC)}
 
-__all__ = ["DGC", "REGISTRY", "Compressor", "Threshold", "TopK"]
+__all__ = ["DGC", "REGISTRY", "Compressor", "GradientDropping", "PerSignTopK", "Threshold", "TopK"]

@@ -40,11 +40,14 @@ class Compressor(abc.ABC):
     Attributes:
         fixed_count: True when every rank sends the same number of pairs for a
             given tensor size and step, so no count exchange is needed.
+        quantizes: True when :meth:`sent_values` sends something other than the
+            compensated values themselves (so sending every coordinate is not dense).
         error_feedback: keep what was not sent and add it to the next gradient.
     """
 
     name: str = "base"
     fixed_count: bool = True
+    quantizes: bool = False
 
     def __init__(self, error_feedback: bool = True):
         self.error_feedback = boolean(error_feedback, "error_feedback")
@@ -97,6 +100,20 @@ class Compressor(abc.ABC):
 
         ``v`` carries the factor ``loss_scale`` (AMP); absolute thresholds scale with it.
         """
+
+    def sent_values(self, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The fp32 values sent for ``positions`` (the output of :meth:`select`) of ``v``.
+
+        The default sends the compensated values themselves; a quantizing method
+        (:class:`~gradsparse.PerSignTopK`) sends reconstruction values instead. The
+        memory keeps ``v - sent`` either way.
+
+        >>> import torch
+        >>> from gradsparse import TopK
+        >>> TopK(0.5).sent_values(torch.tensor([0.1, 4.0, -3.0]), torch.tensor([1, 2])).tolist()
+        [4.0, -3.0]
+        """
+        return v.index_select(0, positions)
 
     def optimizer_rule(self) -> str | None:
         """What this compressor requires of the optimizer, in words; None when it accepts any.

@@ -5,7 +5,7 @@
     python -m tests.mutation.run                       # every mutant, both backends
     python -m tests.mutation.run --only masking_skipped --backend reference
     python -m tests.mutation.run --list
-    python -m tests.mutation.run --backend extension --tests tests/test_ddp.py::test_dgc_hook_equals_the_paper_at_world
+    python -m tests.mutation.run --backend extension --tests tests/multiprocess/test_ddp.py::test_dgc_hook_equals_the_paper_at_world
 
 Each mutant is a textual replacement in one file of the package (the original text must
 occur exactly once). The package and tests/ are copied to a temporary folder, the mutant is
@@ -39,19 +39,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BOTH = ("extension", "reference")
 
 # Fast test selections, most likely killers first (pytest stops at the first failure: -x).
-MEMORY = ("tests/test_compressors.py", "tests/test_reducer.py",
-          "tests/test_ddp.py::test_dgc_hook_equals_the_paper_at_world", "tests/test_optimizer_rules.py")
-REDUCER = ("tests/test_reducer.py", "tests/test_ddp.py::test_dgc_hook_equals_the_paper_at_world",
-           "tests/test_ddp.py::test_nothing_dropped_equals_plain_ddp", "tests/test_correct_by_default.py")
-HEALTH = ("tests/test_correct_by_default.py", "tests/test_reducer.py", "tests/test_amp.py")
-SELECTION = ("tests/test_selection.py", "tests/test_kernels.py", "tests/test_compressors.py", "tests/test_reducer.py")
-PAYLOAD = ("tests/test_payload.py", "tests/test_security.py", "tests/test_kernels.py", "tests/test_reducer.py")
-OPTIM = ("tests/test_optimizer_rules.py",)
+MEMORY = ("tests/unit/test_compressors.py", "tests/unit/test_reducer.py",
+          "tests/multiprocess/test_ddp.py::test_dgc_hook_equals_the_paper_at_world",
+          "tests/multiprocess/test_optimizer_rules.py")
+REDUCER = ("tests/unit/test_reducer.py", "tests/multiprocess/test_ddp.py::test_dgc_hook_equals_the_paper_at_world",
+           "tests/multiprocess/test_ddp.py::test_nothing_dropped_equals_plain_ddp",
+           "tests/multiprocess/test_correct_by_default.py")
+HEALTH = ("tests/multiprocess/test_correct_by_default.py", "tests/unit/test_reducer.py",
+          "tests/multiprocess/test_amp.py")
+SELECTION = ("tests/unit/test_selection.py", "tests/unit/test_kernels.py", "tests/unit/test_compressors.py",
+             "tests/unit/test_reducer.py")
+PAYLOAD = ("tests/unit/test_payload.py", "tests/tools/test_security.py", "tests/unit/test_kernels.py",
+           "tests/unit/test_reducer.py")
+OPTIM = ("tests/multiprocess/test_optimizer_rules.py",)
 # with the extension, the library never calls _reference's compensation: the kernel test compares the two
-KERNEL_DGC = ("tests/test_kernels.py::test_dgc_compensate_equals_reference",)
-DESCRIPTORS = ("tests/test_faults.py", "tests/test_ddp.py::test_errors_are_typed_and_reach_every_rank",
-               "tests/test_reducer.py")
-
+KERNEL_DGC = ("tests/unit/test_kernels.py::test_dgc_compensate_equals_reference",)
+DESCRIPTORS = ("tests/multiprocess/test_faults.py",
+               "tests/multiprocess/test_ddp.py::test_errors_are_typed_and_reach_every_rank",
+               "tests/unit/test_reducer.py")
 
 @dataclasses.dataclass(frozen=True)
 class Mutant:
@@ -118,7 +123,7 @@ MUTANTS = [
            "gradsparse/reducer.py", "v[s.key].index_select(0, local).to(wire).float(), complete)",
            "v[s.key].index_select(0, local), complete)", REDUCER),
     Mutant("wire_rounding_not_kept_dense_step", "dense first step: memory removes the unrounded value",
-           "gradsparse/reducer.py", "sent = v[s.key].to(wire).float()\n", "sent = v[s.key].clone()\n", REDUCER),
+           "gradsparse/reducer.py", "sent = v[s.key].to(wire, copy=True).float()", "sent = v[s.key].clone()", REDUCER),
     Mutant("complete_never", "a group whose every coordinate is sent still masks momentum",
            "gradsparse/reducer.py", "complete = chosen.numel() == joined.numel()", "complete = False", REDUCER),
     Mutant("complete_always", "momentum never masked (every selection taken as complete)",
@@ -149,7 +154,7 @@ MUTANTS = [
     Mutant("ref_sampled_truncation_by_index", "sampled top-k keeps the first k candidates, not the largest",
            "gradsparse/_reference.py", "return candidates[_topk_of_magnitude(_magnitude(flat[candidates]), k)]",
            "return candidates[:k]", SELECTION),
-    Mutant("ref_unpack_no_range_check", "unpack accepts indices outside [0, numel)", "gradsparse/_reference.py",
+    Mutant("ref_unpack_no_range_check", "unpack accepts indices outside [0, numel)", "gradsparse/payload.py",
            "if int(indices[0]) < 0 or int(indices[-1]) >= numel:", "if False:", PAYLOAD),
 ]
 
@@ -183,7 +188,7 @@ def _check_import(dest: str, backend: str) -> None:
 
 def _applicable(tests, backend: str) -> list[str]:
     """The kernel tests compare the extension with the reference: without the extension they do not apply."""
-    return [t for t in tests if backend == "extension" or not t.startswith("tests/test_kernels.py")]
+    return [t for t in tests if backend == "extension" or not t.startswith("tests/unit/test_kernels.py")]
 
 
 def _pytest(dest: str, backend: str, tests, timeout: float) -> tuple[str, str, float]:

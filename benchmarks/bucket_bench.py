@@ -1,0 +1,130 @@
+"""One rank's per-step work on ResNet-50's gradient buckets, in read passes of the gradients.
+
+The pipeline alone: one process, one thread, no network (a ``LocalCommunicator``),
+``SparseReducer`` over DDP's buckets of ResNet-50 (25 MB buckets, a 1 MB first one,
+the parameters' real shapes, 25.6M elements). A step reduces every bucket once. The
+unit is one read pass: the time of ``torch.sum`` over all the gradients, measured in
+the same run, so the ratio says how many passes over memory a step costs whatever the
+machine's speed (issue 13's targets: DGC 0.1 % <= 8, TopK 1 % <= 6, warm-up densities
+within 2x of that)::
+
+    python -m benchmarks.bucket_bench                 # table; JSON in benchmarks/results/bucket_bench.json
+    python -m benchmarks.bucket_bench --steps 5 --methods dgc0.1 topk1
+
+The last column is the part of the work done inside the hook before the collective
+is issued (``BucketStats.blocking_s``: compensate, select, pack), which stalls
+backward; the rest (unpack-add, memory update) runs when the collective completes.
+Median and spread (min-max) over ``--steps`` steps after one untimed step; ``uptime``'s
+load is printed beside the table: a number taken while other jobs run is not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+from gradsparse import DGC, TopK  # noqa: E402
+from gradsparse.comm import LocalCommunicator  # noqa: E402
+from gradsparse.model_shapes import resnet50  # noqa: E402
+from gradsparse.reducer import Segment, SparseReducer  # noqa: E402
+from gradsparse.stepmodel import ddp_bucket_shapes  # noqa: E402
+
+logger = logging.getLogger("benchmarks.bucket_bench")
+
+METHODS = {
+    "dense-iteration": lambda: (TopK(1.0), True),
+    "topk1": lambda: (TopK(0.01), False),
+    "topk10": lambda: (TopK(0.10), False),
+    "dgc0.1": lambda: (DGC(0.001, warmup=None), False),
+    "dgc-warmup25": lambda: (DGC(0.25, warmup=None), False),
+    "dgc-warmup6.25": lambda: (DGC(0.0625, warmup=None), False),
+}
+
+
+def buckets_of(shapes) -> list[tuple[int, list[Segment]]]:
+    """(numel, segments) of each DDP bucket."""
+    out = []
+    for group in ddp_bucket_shapes(shapes):
+        segments, offset = [], 0
+        for name, shape in group:
+            segments.append(Segment(name, offset, math.prod(shape)))
+            offset += math.prod(shape)
+        out.append((offset, segments))
+    return out
+
+
+def read_pass_s(grads: list[torch.Tensor], repeats: int = 7) -> float:
+    """Median seconds of one read of every gradient (torch.sum, fp32)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for g in grads:
+            g.sum()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_method(name: str, buckets, steps: int) -> tuple[list[float], list[float]]:
+    compressor, select_all = METHODS[name]()
+    reducer = SparseReducer(compressor, LocalCommunicator())
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) for n, _ in buckets]
+    times, blocking = [], []
+    for step in range(steps + 1):
+        work = [g.clone() for g in grads]  # the hook reduces the bucket in place
+        stats = []
+        t0 = time.perf_counter()
+        for flat, (_, segments) in zip(work, buckets):
+            reducer.reduce(flat, segments, step, select_all=select_all, on_stats=stats.append).wait()
+        if step:  # the first step allocates the memory
+            times.append(time.perf_counter() - t0)
+            blocking.append(sum(s.blocking_s for s in stats))
+    return times, blocking
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--json", default="benchmarks/results/bucket_bench.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(1)
+    buckets = buckets_of(resnet50())
+    grads = [torch.randn(n) for n, _ in buckets]
+    one_pass = read_pass_s(grads)
+    rows = []
+    for i, name in enumerate(args.methods, 1):
+        times, blocking = time_method(name, buckets, args.steps)
+        med = statistics.median(times)
+        rows.append({"method": name, "median_ms": 1e3 * med, "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
+                     "passes": med / one_pass, "blocking_ms": 1e3 * statistics.median(blocking)})
+        logger.info("[%d/%d] %s: %.1f ms (%.1f passes)", i, len(args.methods), name, 1e3 * med, med / one_pass)
+    load = os.getloadavg()[0]
+    result = {"read_pass_ms": 1e3 * one_pass, "elements": sum(n for n, _ in buckets), "buckets": len(buckets),
+              "steps": args.steps, "load": load, "torch": torch.__version__, "rows": rows}
+    print(f"one read pass of {result['elements']:,} fp32 gradients: {1e3 * one_pass:.2f} ms; "
+          f"load average {load:.2f}{'  (loaded machine: not a result)' if load >= 1 else ''}")
+    print("| method | step ms (median) | min - max | read passes | in the hook (stalls backward) ms |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} - {r['max_ms']:.1f} | {r['passes']:.1f} | "
+              f"{r['blocking_ms']:.1f} |")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

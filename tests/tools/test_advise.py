@@ -1,0 +1,64 @@
+"""python -m gradsparse.advise: for real at world 2 on gloo (torchrun), and in one process."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from gradsparse.advise import main
+from gradsparse.cost import LinkModel, Topology, collective_time
+from gradsparse.errors import InvalidConfigError
+from gradsparse.model_shapes import mlp
+from gradsparse.stepmodel import ddp_buckets
+from tests.distributed import free_port
+from tests.docblocks import ROOT
+from tests.subprocesses import run_group
+
+
+def test_advise_at_world_two_measures_the_link_and_recommends_the_fastest(tmp_path):
+    out = tmp_path / "advice.json"
+    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                      "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "gradsparse.advise",
+                      "--model", "mlp", "--sizes", "4096,65536,1048576", "--repeats", "3", "--ranks-per-node", "1",
+                      "--compute-ms", "5", "--json", str(out)],
+                     timeout=240, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("recommended:") == 1                      # the table comes from rank 0 only
+    advice = json.loads(out.read_text())
+    assert advice["measured_on"] == {"world": 2, "ranks_per_node": 1}
+    link = advice["links"]["flat"]
+    assert link["world"] == 2 and len(link["timings"]) == 6
+    model = link["model"]
+    assert math.isfinite(model["bytes_per_s"]) and model["bytes_per_s"] > 0
+    assert math.isfinite(model["latency_s"]) and model["latency_s"] >= 0
+    predicted = advice["predicted"]
+    assert set(predicted) == {"dense", "fp16", "powersgd4", "topk1", "dgc0.1", "dgc0.1auto"}
+    best = min(predicted, key=lambda m: predicted[m]["step_s"])
+    assert advice["recommendation"]["method"] == best
+    assert advice["recommendation"]["sparse_pays"] == (
+        min(predicted[m]["step_s"] for m in ("topk1", "dgc0.1", "dgc0.1auto")) < predicted["dense"]["step_s"])
+    assert all(p["step_s"] >= 0.005 for p in predicted.values())       # no method beats the compute time
+    # the dense prediction is the fitted link's allreduce of the model's buckets
+    fitted = LinkModel(model["latency_s"], model["bytes_per_s"])
+    comm = sum(collective_time("allreduce", 4 * b.numel, 2, fitted) for b in ddp_buckets(mlp()))
+    assert predicted["dense"]["comm_s"] == pytest.approx(comm)
+    k = advice["kernels"]
+    assert k["dgc0.1"]["per_element_s"] > 0
+    assert k["topk1"]["compressed_elements"] == 256 * 512  # 2.weight (2,560 elements) goes whole
+
+
+def test_advise_in_one_process_needs_a_link_and_takes_a_factory():
+    with pytest.raises(InvalidConfigError, match="--link-gbit"):
+        main(["--model", "mlp", "--quiet"])
+    with pytest.raises(InvalidConfigError, match="module:factory"):
+        main(["--model", "nosuchmodel", "--link-gbit", "1", "--quiet"])
+    advice = main(["--model", "benchmarks.bench_models:mlp", "--link-gbit", "1", "--latency-us", "50", "--quiet",
+                   "--nodes", "4", "--ranks-per-node", "2", "--compute-ms", "3"])
+    assert advice["parameters"] == 133_898
+    assert advice["predicted_for"]["nodes"] == 4 and "dgc0.1hier" in advice["predicted"]
+    assert advice["predicted_for"]["inter"]["gbit_per_s"] == pytest.approx(1.0)
+    topo = Topology(4, LinkModel(50e-6, 1.25e8), local=2, intra=LinkModel(5e-6, 1.5e11))
+    dense = sum(collective_time("allreduce", 4 * b.numel, 8, topo.flat_link) for b in ddp_buckets(mlp()))
+    assert advice["predicted"]["dense"]["comm_s"] == pytest.approx(dense)

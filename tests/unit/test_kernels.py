@@ -1,0 +1,471 @@
+"""The compiled kernels (csrc/) equal the pure-PyTorch reference bit for bit, and the selection
+kernels equal the brute-force oracle (tests/oracles.py), on every device.
+
+Every kernel test is parametrized by device: ``cpu`` always, ``cuda`` where
+``torch.cuda.is_available()`` (skipped otherwise, with the reason), so the same tests
+run the CUDA kernels on a GPU machine. Inputs are drawn on the CPU from seeded
+generators and moved to the device; results come back to the CPU to be compared
+with the reference (run on the CPU) and the oracle.
+
+`make test` builds the extension, so these tests require it; set
+GRADSPARSE_NO_EXTENSION=1 (which also skips building it) to run the suite without.
+With GRADSPARSE_BACKEND=reference (the mutation run's reference mode) the extension is
+not loaded and these tests are skipped.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+from gradsparse import _reference as ref
+from gradsparse import ops
+from gradsparse.errors import PayloadError
+
+from ..oracles import threshold_oracle, topk_oracle
+
+if os.environ.get("GRADSPARSE_NO_EXTENSION") == "1":
+    pytest.skip("extension disabled by GRADSPARSE_NO_EXTENSION=1", allow_module_level=True)
+if os.environ.get("GRADSPARSE_BACKEND") == "reference":
+    pytest.skip("GRADSPARSE_BACKEND=reference: the extension is not loaded", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SIZES = [0, 1, 2, 17, 1001, 16_383, 16_384, 65_537, 1_000_003]
+ORACLE_MAX = 3_000_017  # the oracle's full sort is run up to this size
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here (torch.cuda.is_available() is False): "
+    "the cuda cases run on a GPU machine"))]
+
+
+def test_extension_is_built_and_used():
+    assert ops.BACKEND == "extension"
+    assert hasattr(torch.ops.gradsparse, "threshold_select")
+    if torch.cuda.is_available():
+        assert "cuda" in ops.KERNEL_DEVICES, "a GPU is present but the extension has no CUDA kernels"
+
+
+def _topk(x, k, device, sample_ratio=0.01, seed=7):
+    """The compiled top-k on ``device``, back on the CPU."""
+    return torch.ops.gradsparse.topk_select(x.to(device), k, sample_ratio, seed).cpu()
+
+
+def _threshold(x, tau, device):
+    return torch.ops.gradsparse.threshold_select(x.to(device), tau).cpu()
+
+
+def _inputs(n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 3
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_threshold_select_equals_reference_and_oracle(n, dtype, device):
+    x = _inputs(n, dtype, n)
+    for tau in (0.0, 1e-3, 0.1, 0.5, 2.0):
+        got = _threshold(x, tau, device)
+        assert torch.equal(got, ref.threshold_indices(x, tau)), tau
+        assert torch.equal(got, threshold_oracle(x, tau)), tau
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_topk_select_equals_reference_and_oracle(n, dtype, device):
+    x = _inputs(n, dtype, n + 1)
+    for k in sorted({0, 1, max(1, n // 1000), max(1, n // 100), max(1, n // 3), n, n + 5}):
+        got = _topk(x, k, device)
+        assert torch.equal(got, ref.topk_indices(x, k)), (n, k)
+        assert torch.equal(got, topk_oracle(x, k)), (n, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_input_over_2_pow_24(device):
+    n = 2**24 + 3
+    x = _inputs(n, torch.float32, 3)
+    for k in (n // 1000, n // 4):  # a small k (positions kept by pass 1) and a large one (pass 2 reads x again)
+        assert torch.equal(_topk(x, k, device, seed=1), ref.topk_indices(x, k)), k
+    assert torch.equal(_threshold(x, 0.7, device), ref.threshold_indices(x, 0.7))
+    assert torch.equal(_threshold(x, 0.7, device), threshold_oracle(x, 0.7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_topk_select_parallel_sizes(dtype, device):
+    # above select_core's kMinParallelNumel (2**20): several workers, several chunks on the CPU
+    n = ORACLE_MAX
+    x = _inputs(n, dtype, 5)
+    for k in (1, n // 1000, n // 100, n // 3):
+        got = _topk(x, k, device, seed=3)
+        assert torch.equal(got, ref.topk_indices(x, k)), k
+        assert torch.equal(got, topk_oracle(x, k)), k
+    assert torch.equal(_threshold(x, 0.3, device), ref.threshold_indices(x, 0.3))
+    assert torch.equal(_threshold(x, 0.3, device), threshold_oracle(x, 0.3))
+
+
+def test_results_do_not_depend_on_threads():
+    """CPU only: the number of OpenMP threads must not change a result."""
+    x = _inputs(2_500_000, torch.float32, 9)
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            got.append((torch.ops.gradsparse.topk_select(x, 25_000, 0.01, 1),
+                        torch.ops.gradsparse.threshold_select(x, 0.5)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in got[1:]:
+        assert torch.equal(a, got[0][0]) and torch.equal(b, got[0][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_select_when_the_sample_misleads(device):
+    # every sampled position holds a large value: each threshold estimate finds too few candidates,
+    # the estimate is lowered until the sample is exhausted, then every element is a candidate
+    n, seed = 100_000, 5
+    stride = n // 1024
+    x = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    x[seed % stride::stride] = 10.0
+    for k in (2_000, 5_000, 60_000):
+        got = _topk(x, k, device, seed=seed)
+        assert torch.equal(got, ref.topk_indices(x, k)), k
+        assert torch.equal(got, topk_oracle(x, k)), k
+
+
+def _sample_positions(n, sample_ratio, seed):
+    """The positions topk_select samples: a stride of n // sample size from seed % stride (csrc/cpu/topk_core.h)."""
+    stride = n // min(n, max(1024, math.ceil(n * sample_ratio)))
+    return torch.arange(seed % stride, n, stride)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["sample_high", "sample_low", "crowded_bracket", "zeros_at_kth"])
+def test_topk_select_every_path(case, device):
+    """Inputs built so that the CPU kernel takes each of its ways to the k-th magnitude.
+
+    The sample brackets the k-th magnitude between two of its values. ``sample_high``: every
+    sampled value is larger than the rest (the bracket lies above the k-th: radix digits below
+    it); ``sample_low``: every sampled value is smaller (the bracket lies below: radix digits
+    above it); ``crowded_bracket``: the unsampled values crowd around the median, inside the
+    bracket, more than are kept (radix digits inside it) for k = n/2 and the bracket itself
+    for other k; ``zeros_at_kth``: 80 % zeros, so the k-th magnitude is the bracket's lower end
+    for large k (ties to the lower positions among the zeros). Checked in a C++ harness
+    against the kernel's counts when written; each is the exact top-k whatever the path.
+    """
+    n, seed = 2_000_003, 5
+    g = torch.Generator().manual_seed(1)
+    r = torch.rand(n, generator=g)
+    sampled = torch.zeros(n, dtype=torch.bool)
+    sampled[_sample_positions(n, 0.01, seed)] = True
+    x = {
+        "sample_high": torch.where(sampled, 10.0 + r, r),
+        "sample_low": torch.where(sampled, r * 1e-3, 1.0 + r),
+        "crowded_bracket": torch.where(sampled, r, 0.5 + (r - 0.5) * 1e-3),
+        "zeros_at_kth": torch.where(torch.arange(n) % 5 == 0, 1.0 + r, torch.zeros(n)),
+    }[case]
+    for k in (n // 1000, n // 10, n // 2, 3 * n // 10):
+        got = _topk(x, k, device, seed=seed)
+        assert torch.equal(got, ref.topk_indices(x, k)), k
+        assert torch.equal(got, topk_oracle(x, k)), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["all_equal", "few_distinct", "ties_at_kth", "with_inf", "zeros"])
+@pytest.mark.parametrize("n", [100, 50_000])
+def test_special_inputs(case, n, device):
+    g = torch.Generator().manual_seed(0)
+    x = {
+        "all_equal": torch.full((n,), -0.5),
+        "few_distinct": torch.randint(-2, 3, (n,), generator=g).float(),
+        "ties_at_kth": torch.cat([torch.full((n // 2,), 1.0), torch.full((n - n // 2,), -1.0)]),
+        "with_inf": torch.randn(n, generator=g).index_fill_(0, torch.tensor([3, n - 1]), float("inf")),
+        "zeros": torch.zeros(n),
+    }[case]
+    for k in (1, 2, n // 10, n // 2):
+        got = _topk(x, k, device, seed=0)
+        assert torch.equal(got, ref.topk_indices(x, k)), k
+        assert torch.equal(got, topk_oracle(x, k)), k
+    for tau in (0.0, 0.5, 1.0, float("inf")):
+        got = _threshold(x, tau, device)
+        assert torch.equal(got, ref.threshold_indices(x, tau)), tau
+        assert torch.equal(got, threshold_oracle(x, tau)), tau
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [100, 50_000, 2_000_003])
+def test_nan_is_refused_by_topk_and_skipped_by_threshold(n, device):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    x[n // 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        torch.ops.gradsparse.topk_select(x.to(device), 5, 0.01, 0)
+    with pytest.raises(ValueError, match="NaN"):
+        ref.sampled_topk_indices(x, 5)
+    got = _threshold(x, 0.5, device)
+    assert torch.equal(got, ref.threshold_indices(x, 0.5))
+    assert torch.equal(got, threshold_oracle(x, 0.5))
+
+
+# ------------------------------------------------------------------ segmented_topk_select
+
+SEGMENT_LENGTHS = [0, 1, 2, 17, 1001, 16_383, 16_384, 70_001, 1_100_003]  # the last above kMinParallelNumel
+
+
+def _segments(lengths, seed):
+    """Offsets of consecutive segments of the given lengths (in shuffled order) and a k for each:
+    0, 1, its length, beyond it, negative, or a density from 0.1 % to 50 %."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [lengths[i] for i in torch.randperm(len(lengths), generator=g).tolist()]
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    choices = [lambda n: 0, lambda n: 1, lambda n: n, lambda n: n + 3, lambda n: -2,
+               *[lambda n, d=d: max(1, math.ceil(d * n)) for d in (0.001, 0.01, 0.0625, 0.25, 0.5)]]
+    ks = torch.tensor([choices[int(torch.randint(len(choices), (1,), generator=g))](n) for n in lengths])
+    return offsets, ks
+
+
+def _segmented(x, offsets, ks, device, seed=7):
+    return torch.ops.gradsparse.segmented_topk_select(x.to(device), offsets.to(device), ks.to(device), 0.01,
+                                                      seed).cpu()
+
+
+def _per_segment(x, offsets, ks, device):
+    """The contract: each segment's topk_select, shifted by its offset, concatenated."""
+    parts = [torch.empty(0, dtype=torch.int64)]
+    for i, k in enumerate(ks.tolist()):
+        a, b = offsets[i].item(), offsets[i + 1].item()
+        parts.append(_topk(x[a:b], k, device) + a)
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_segmented_topk_select_equals_each_segments_topk(seed, dtype, device):
+    offsets, ks = _segments(SEGMENT_LENGTHS, seed)
+    x = _inputs(int(offsets[-1]), dtype, seed)
+    got = _segmented(x, offsets, ks, device)
+    assert torch.equal(got, _per_segment(x, offsets, ks, device))
+    assert torch.equal(got, ref.segmented_topk_indices(x, offsets, ks))
+    for i, k in enumerate(ks.tolist()):  # and each segment's part is the oracle's top-k of that segment
+        a, b = offsets[i].item(), offsets[i + 1].item()
+        part = got[(got >= a) & (got < b)] - a
+        assert torch.equal(part, topk_oracle(x[a:b], k)), (i, b - a, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_segmented_topk_select_ties_and_edges(device):
+    # ties everywhere (zeros, equal magnitudes of both signs), single-element segments, an empty
+    # segment between others, a segment beginning after 0 and one ending before the end of x
+    x = torch.cat([torch.zeros(40_000), torch.full((30_000,), -0.5), torch.full((30_000,), 0.5),
+                   torch.tensor([3.0, -3.0, 1.0]), torch.randint(-2, 3, (50_000,)).float()])
+    offsets = torch.tensor([5, 40_005, 40_005, 100_000, 100_001, 100_002, 100_003, 150_000])
+    for ks in (torch.tensor([100, 7, 30_000, 1, 1, 1, 20_000]), torch.tensor([40_000, 0, 59_995, 0, 1, 0, 49_997]),
+               torch.tensor([39_999, 3, 29_999, 2, 0, 5, 1])):
+        got = _segmented(x, offsets, ks, device)
+        assert torch.equal(got, _per_segment(x, offsets, ks, device)), ks
+        assert torch.equal(got, ref.segmented_topk_indices(x, offsets, ks)), ks
+    empty = _segmented(x, torch.tensor([0]), torch.empty(0, dtype=torch.int64), device)
+    assert empty.dtype == torch.int64 and empty.numel() == 0
+
+
+def test_segmented_topk_select_does_not_depend_on_threads():
+    """CPU only: the worker count changes which segments run side by side, never a result."""
+    offsets, ks = _segments(SEGMENT_LENGTHS + [2_500_000, 300, 40_000], 4)
+    x = _inputs(int(offsets[-1]), torch.float32, 4)
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            got.append(torch.ops.gradsparse.segmented_topk_select(x, offsets, ks, 0.01, 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+    assert torch.equal(got[0], ref.segmented_topk_indices(x, offsets, ks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_segmented_topk_select_refuses_nan_in_a_selected_segment(device):
+    x = torch.randn(60_000, generator=torch.Generator().manual_seed(0))
+    x[45_000] = float("nan")
+    offsets = torch.tensor([0, 20_000, 40_000, 60_000])
+    with pytest.raises(ValueError, match="segment 2 contains NaN"):
+        _segmented(x, offsets, torch.tensor([10, 10, 10]), device)
+    with pytest.raises(ValueError, match="segment 2 contains NaN"):
+        ref.segmented_topk_indices(x, offsets, torch.tensor([10, 10, 10]))
+    for ks in (torch.tensor([10, 10, 0]), torch.tensor([10, 10, 20_000])):  # not selected from, or all of it
+        assert torch.equal(_segmented(x, offsets, ks, device), ref.segmented_topk_indices(x, offsets, ks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offsets,ks,match", [
+    ([0, 10, 5], [1, 1], "must not decrease"),
+    ([0, 10, 101], [1, 1], r"must lie in \[0, 100\]"),
+    ([-1, 10], [1], r"must lie in \[0, 100\]"),
+    ([0, 10], [1, 1], "one more element"),
+])
+def test_segmented_topk_select_refuses_bad_segments(offsets, ks, match, device):
+    x = torch.randn(100).to(device)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.gradsparse.segmented_topk_select(x, torch.tensor(offsets, device=device),
+                                                   torch.tensor(ks, device=device), 0.01, 0)
+    with pytest.raises(ValueError, match="int64"):
+        torch.ops.gradsparse.segmented_topk_select(x, torch.tensor([0, 10], dtype=torch.int32, device=device),
+                                                   torch.tensor([1], device=device), 0.01, 0)
+    if match != "one more element":
+        with pytest.raises(ValueError, match="segmented_topk_select"):
+            ref.segmented_topk_indices(x.cpu(), torch.tensor(offsets), torch.tensor(ks))
+
+
+# ------------------------------------------------------------------ dgc_compensate_into
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 17, 100_003])
+def test_dgc_compensate_into_equals_in_place_and_reference(n, dtype, nesterov, device):
+    g = torch.Generator().manual_seed(n + 1)
+    u, v = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    for step in range(3):
+        grad = (torch.randn(n, generator=g) * 10.0 ** step).to(dtype)
+        u0, v0 = u.clone(), v.clone()
+        du, dv = u.clone().to(device), v.clone().to(device)
+        u_out, v_out = torch.full_like(du, 7.0), torch.full_like(dv, 7.0)
+        stats = torch.ops.gradsparse.dgc_compensate_into(du, dv, grad.to(device), 0.9, nesterov, u_out, v_out)
+        assert torch.equal(du.cpu(), u0) and torch.equal(dv.cpu(), v0), "inputs changed"
+        ref.dgc_compensate_(u, v, grad, 0.9, nesterov)  # the in-place reference, and the in-place kernel
+        assert torch.equal(u_out.cpu(), u) and torch.equal(v_out.cpu(), v), step
+        want = [float(grad.double().abs().max()), float(u.abs().max()), float(v.abs().max())]
+        assert stats.dtype == torch.float64 and stats.cpu().tolist() == want, step
+        iu, iv = u0.clone().to(device), v0.clone().to(device)
+        in_place = torch.ops.gradsparse.dgc_compensate_into(iu, iv, grad.to(device), 0.9, nesterov, iu, iv)
+        assert torch.equal(iu.cpu(), u) and torch.equal(iv.cpu(), v) and torch.equal(in_place, stats)
+        ru, rv = torch.empty(n), torch.empty(n)
+        assert torch.equal(ref.dgc_compensate_into(u0, v0, grad, 0.9, nesterov, ru, rv), stats.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dgc_compensate_into_reports_nan_and_inf(device):
+    n = 70_000
+    u, v = torch.zeros(n, device=device), torch.zeros(n, device=device)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    for bad, want in ((float("nan"), "nan"), (float("inf"), "inf")):
+        g = grad.clone()
+        g[n - 3] = bad
+        stats = torch.ops.gradsparse.dgc_compensate_into(u, v, g.to(device), 0.9, False, torch.empty_like(u),
+                                                         torch.empty_like(v)).cpu()
+        assert [str(s) for s in stats.tolist()] == [want] * 3
+    big = torch.full((n,), 3e38)  # finite, but u + g overflows fp32
+    stats = torch.ops.gradsparse.dgc_compensate_into(big.to(device), big.to(device), big.to(device), 1.0, False,
+                                                     torch.empty_like(u), torch.empty_like(v)).cpu()
+    assert stats[0].item() == float(torch.tensor(3e38)) and stats[1:].tolist() == [float("inf")] * 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dgc_compensate_into_refuses_overlapping_outputs(device):
+    state = torch.zeros(30, device=device)
+    u, v, g = state[:10], state[10:20], torch.zeros(10, device=device)
+    with pytest.raises(ValueError, match="u_out"):
+        torch.ops.gradsparse.dgc_compensate_into(u, v, g, 0.9, False, state[5:15], state[20:30])
+    with pytest.raises(ValueError, match="overlap"):
+        torch.ops.gradsparse.dgc_compensate_into(u, v, g, 0.9, False, state[20:30], state[20:30])
+    with pytest.raises(ValueError, match="v_out"):
+        torch.ops.gradsparse.dgc_compensate_into(u, v, g, 0.9, False, state[20:30], u)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value_dtype", DTYPES)
+@pytest.mark.parametrize("count,n_dense", [(0, 0), (1, 3), (50, 0), (257, 9)])
+def test_pack_equals_reference(value_dtype, count, n_dense, device):
+    numel, g = 1000, torch.Generator().manual_seed(count)
+    idx = torch.randperm(numel, generator=g)[:count].sort().values
+    values, dense = torch.randn(count, generator=g), torch.randn(n_dense, generator=g)
+    got = torch.ops.gradsparse.pack(idx.to(device), values.to(device), dense.to(device), numel, value_dtype, 1)
+    assert got.device.type == device
+    assert torch.equal(got.cpu(), ref.pack(idx, values, dense, numel, value_dtype, 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value_dtype", DTYPES)
+@pytest.mark.parametrize("world,alpha,overwrite", [(1, 1.0, False), (3, 1 / 3, True), (4, 0.25, True)])
+def test_unpack_add_equals_reference(out_dtype, value_dtype, world, alpha, overwrite, device):
+    numel, g = 40_000, torch.Generator().manual_seed(world)
+    dense_index = torch.tensor([39_999, 17, 20_000])  # unsorted, spread over several output chunks
+    payloads = []
+    for r in range(world):
+        # sparse indices may coincide with dense positions: the order of additions must still match
+        idx = torch.cat([torch.tensor([17, 20_000]), torch.randperm(numel, generator=g)[: 400 * (r + 1)]]).unique()
+        payloads.append(ref.pack(idx, torch.randn(idx.numel(), generator=g), torch.randn(3, generator=g), numel,
+                                 value_dtype, flags=r % 2))
+    start = torch.randn(numel, generator=g).to(out_dtype)
+    a, b = start.clone().to(device), start.clone()
+    fa = torch.ops.gradsparse.unpack_add([p.to(device) for p in payloads], a, value_dtype, dense_index.to(device),
+                                         alpha, overwrite)
+    fb = ref.unpack_add(payloads, b, value_dtype, dense_index, alpha, overwrite)
+    assert int(fa) == fb and torch.equal(a.cpu(), b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpack_add_errors_leave_destination_unchanged(device):
+    good = ref.pack(torch.tensor([1, 5]), torch.tensor([1.0, 2.0]), torch.empty(0), 10, torch.float32)
+    bad = good.clone()
+    bad[36:40].view(torch.int32).fill_(11)  # last index out of range
+    out = torch.arange(10.0, device=device)
+    with pytest.raises(PayloadError, match="out of range"):
+        ops.unpack_add([good.to(device), bad.to(device)], out, torch.float32, overwrite=True)
+    assert torch.equal(out.cpu(), torch.arange(10.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 17, 100_003])
+def test_dgc_compensate_equals_reference(n, dtype, nesterov, device):
+    g = torch.Generator().manual_seed(n)
+    u, v = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    a_u, a_v, b_u, b_v = u.clone().to(device), v.clone().to(device), u.clone(), v.clone()
+    for step in range(3):
+        grad = torch.randn(n, generator=g).to(dtype)
+        torch.ops.gradsparse.dgc_compensate(a_u, a_v, grad.to(device), 0.9, nesterov)
+        ref.dgc_compensate_(b_u, b_v, grad, 0.9, nesterov)
+        assert torch.equal(a_u.cpu(), b_u) and torch.equal(a_v.cpu(), b_v), step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dgc_compensate_refuses_mismatched_state(device):
+    def z(n, dtype=torch.float32):
+        return torch.zeros(n, dtype=dtype, device=device)
+
+    with pytest.raises(ValueError, match="elements"):
+        torch.ops.gradsparse.dgc_compensate(z(3), z(3), z(4), 0.9, False)
+    with pytest.raises(ValueError, match="float32"):
+        torch.ops.gradsparse.dgc_compensate(z(3, torch.float64), z(3), z(3), 0.9, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_op(device):
+    g = torch.Generator().manual_seed(0)
+
+    def randn(n):
+        return torch.randn(n, generator=g).to(device)
+
+    x = randn(40_000)
+    torch.library.opcheck(torch.ops.gradsparse.threshold_select.default, (x, 1.0))
+    torch.library.opcheck(torch.ops.gradsparse.topk_select.default, (x, 40, 0.01, 0))
+    torch.library.opcheck(torch.ops.gradsparse.segmented_topk_select.default,
+                          (x, torch.tensor([0, 100, 30_000, 40_000], device=device),
+                           torch.tensor([3, 0, 400], device=device), 0.01, 0))
+    idx, vals, dense = torch.tensor([1, 7, 9], device=device), randn(3), randn(2)
+    torch.library.opcheck(torch.ops.gradsparse.pack.default, (idx, vals, dense, 20, torch.float16, 0))
+    payload = ref.pack(idx.cpu(), vals.cpu(), dense.cpu(), 20, torch.float32).to(device)
+    torch.library.opcheck(torch.ops.gradsparse.dgc_compensate.default,
+                          (randn(100), randn(100), randn(100).half(), 0.9, True))
+    torch.library.opcheck(torch.ops.gradsparse.dgc_compensate_into.default,
+                          (randn(100), randn(100), randn(100).half(), 0.9, True, randn(100), randn(100)))
+    torch.library.opcheck(torch.ops.gradsparse.unpack_add.default,
+                          ([payload, payload], torch.zeros(20, device=device), torch.float32,
+                           torch.tensor([18, 19], device=device), 0.5, True))

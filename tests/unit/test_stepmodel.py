@@ -1,0 +1,107 @@
+"""gradsparse.stepmodel and gradsparse.model_shapes: buckets as DDP makes them, step times that obey their model."""
+
+import math
+
+import pytest
+import torch.distributed as dist
+
+from gradsparse.cost import KernelCost, LinkModel, Topology, collective_time, payload_bytes
+from gradsparse.model_shapes import BUILTIN, numel, transformer_1b
+from gradsparse.stepmodel import METHODS, Algorithms, Bucket, Kernels, bucket_cost, ddp_buckets, step_time
+from gradsparse.reducer import DESCRIPTOR_BYTES
+
+GBIT = LinkModel(50e-6, 1.25e8)
+NVLINK = LinkModel(5e-6, 1.5e11)
+KERNELS = Kernels(KernelCost(per_element_s=3e-9, per_pair_s=4e-9), fp16_per_element_s=1e-9,
+                  powersgd_per_element_s=5e-9)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mlp"])
+def test_builtin_shapes_are_the_benchmark_models(name):
+    from benchmarks.bench_models import make_model
+
+    model = make_model(name)
+    assert [(n, tuple(p.shape)) for n, p in model.named_parameters()] == BUILTIN[name]()
+
+
+def test_transformer_1b_counts_by_hand():
+    d, layers = 2048, 18
+    per_layer = 12 * d * d + 13 * d                       # qkv, proj, 4x MLP in and out, their biases, 2 LayerNorms
+    assert numel(transformer_1b()) == 50_304 * d + 2048 * d + layers * per_layer + 2 * d
+
+
+@pytest.mark.parametrize("bucket_mb", [25.0, 4.0])
+def test_ddp_buckets_match_torch_assignment_in_gradient_order(bucket_mb):
+    from benchmarks.bench_models import make_model
+
+    params = list(make_model("resnet50").parameters())[::-1]     # DDP's rebuilt buckets follow gradient order
+    groups, _ = dist._compute_bucket_assignment_by_size(params, [dist._DEFAULT_FIRST_BUCKET_BYTES,
+                                                                 int(bucket_mb * 2**20)])
+    ours = ddp_buckets(BUILTIN["resnet50"](), bucket_mb=bucket_mb)
+    assert [b.numel for b in ours] == [sum(params[i].numel() for i in g) for g in groups]
+
+
+def test_bucket_costs_by_hand():
+    b = Bucket(numel=1_000_000, compressed=990_000, matrices=((1000, 990),))
+    topo = Topology(4, GBIT)
+    dense = bucket_cost(METHODS["dense"], b, topo, KERNELS)
+    assert dense == {"control": 0.0, "sync": 0.0, "comm": collective_time("allreduce", 4e6, 4, GBIT)}
+    fp16 = bucket_cost(METHODS["fp16"], b, topo, KERNELS)
+    assert fp16["comm"] == collective_time("allreduce", 2e6, 4, GBIT) and fp16["sync"] == pytest.approx(1e-3)
+    dgc = bucket_cost(METHODS["dgc0.1"], b, topo, KERNELS)
+    assert dgc["control"] == collective_time("allgather", DESCRIPTOR_BYTES, 4, GBIT)
+    assert dgc["sync"] == pytest.approx(3e-9 * 990_000)
+    pairs = 990 + 10_000                                     # 0.1 % of the compressed part; the small tensors whole
+    assert dgc["comm"] == pytest.approx(collective_time("allgather", payload_bytes(990_000, 0.001, n_dense=10_000),
+                                                        4, GBIT) + 4e-9 * 4 * pairs)
+    psgd = bucket_cost(METHODS["powersgd4"], b, topo, KERNELS)
+    pq = (1000 + 990) * 4
+    assert psgd["sync"] == pytest.approx(5e-9 * 990_000)
+    assert psgd["comm"] == pytest.approx(collective_time("allreduce", 4 * 10_000, 4, GBIT)
+                                         + 2 * collective_time("allreduce", 4 * pq / 2, 4, GBIT))
+
+
+def test_step_is_never_below_compute_and_dense_at_world_one_is_compute():
+    buckets = ddp_buckets(BUILTIN["resnet50"]())
+    for nodes in (1, 2, 16):
+        topo = Topology(nodes, GBIT if nodes > 1 else None, local=1) if nodes > 1 else Topology(1, None)
+        for name, method in METHODS.items():
+            t = step_time(method, buckets, topo, KERNELS, compute_s=0.2)
+            assert t["step"] >= 0.2 - 1e-12, (nodes, name, t)
+    assert step_time(METHODS["dense"], buckets, Topology(1, None), KERNELS, 0.2)["step"] == pytest.approx(0.2)
+
+
+def test_overlap_hides_communication_behind_backward_but_one_bucket_does_not():
+    buckets = ddp_buckets(BUILTIN["resnet50"]())
+    topo = Topology(2, LinkModel(0.0, 1e12))                         # communication nearly free
+    many = step_time(METHODS["dense"], buckets, topo, Kernels(), compute_s=1.0)
+    assert many["step"] == pytest.approx(1.0, abs=1e-3)
+    slow = Topology(2, LinkModel(0.0, 1.25e8))
+    many = step_time(METHODS["dense"], buckets, slow, Kernels(), compute_s=1.0)
+    one = step_time(METHODS["dense"], [Bucket(sum(b.numel for b in buckets), 0, ())], slow, Kernels(), 1.0)
+    assert one["step"] == pytest.approx(1.0 + one["comm"])             # everything after the backward pass
+    assert many["step"] < one["step"] and many["comm"] == pytest.approx(one["comm"])
+
+
+def test_hierarchical_beats_flat_on_nodes_of_several_ranks_and_auto_is_the_cheapest():
+    buckets = ddp_buckets(BUILTIN["resnet50"]())
+    topo = Topology(8, GBIT, local=8, intra=NVLINK)
+    flat = step_time(METHODS["dgc0.1"], buckets, topo, KERNELS, 0.1)
+    hier = step_time(METHODS["dgc0.1hier"], buckets, topo, KERNELS, 0.1)
+    auto = step_time(METHODS["dgc0.1auto"], buckets, topo, KERNELS, 0.1)
+    assert hier["step"] < flat["step"]
+    assert auto["step"] <= min(hier["step"], flat["step"]) + 1e-9
+    assert sum(auto["transports"].values()) == len(buckets)
+    # one rank per node: hierarchical is the flat path
+    flat1 = Topology(8, GBIT)
+    assert step_time(METHODS["dgc0.1hier"], buckets, flat1, KERNELS, 0.1) == \
+        step_time(METHODS["dgc0.1"], buckets, flat1, KERNELS, 0.1)
+
+
+def test_tree_latency_helps_dense_at_scale():
+    buckets = ddp_buckets(BUILTIN["resnet50"]())
+    topo = Topology(512, LinkModel(20e-6, 1.25e10), local=8, intra=NVLINK)
+    ring = step_time(METHODS["dense"], buckets, topo, KERNELS, 0.1)["comm"]
+    tree = step_time(METHODS["dense"], buckets, topo, KERNELS, 0.1, algorithms=Algorithms(allreduce="tree"))["comm"]
+    rounds = 2 * (4096 - 1) - 2 * math.ceil(math.log2(4096))
+    assert ring - tree == pytest.approx(len(buckets) * rounds * 20e-6)
