@@ -272,21 +272,27 @@ def test_ddp_doc_hierarchical_script_runs_as_two_nodes_of_two_ranks(tmp_path):
     (tmp_path / "train.py").write_text("import torch\ntorch.set_num_threads(1)\n" + script)
     port = str(free_port())
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    logs = [open(tmp_path / f"node{n}.log", "w") for n in range(2)]
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
                                "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port,
-                               "train.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True) for n in range(2)]
-    deadline, outs = time.monotonic() + 240, []
+                               "train.py"], cwd=tmp_path, env=env, stdout=logs[n], stderr=subprocess.STDOUT,
+                              start_new_session=True) for n in range(2)]
+    # The job takes seconds. Now and then (2 of 14 runs here) node 0's torchrun agent stays on after every
+    # rank has finished (its exit barrier waits for node 1's agent, already gone): then it is killed and
+    # the ranks' reports decide.
+    deadline = time.monotonic() + 120
     for proc in nodes:
         try:
-            outs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic())))
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            for p in nodes:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-            outs.append(proc.communicate())
-            pytest.fail("the 2 x 2 job did not finish within 240 s: " + "".join(o + e for o, e in outs)[-6000:])
-    out = "".join(o + e for o, e in outs)
+            break
+    for proc in nodes:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    for proc, log in zip(nodes, logs):
+        proc.wait()
+        log.close()
+    out = "".join((tmp_path / f"node{n}.log").read_text() for n in range(2))
     reports = re.findall(r"rank (\d): step 4: .*?density ([\d.]+), ratio .*?paths \[([^\]]*)\]", out)
     assert sorted(rank for rank, _, _ in reports) == ["0", "1", "2", "3"], out[-5000:]
     assert all(float(density) < 0.05 and paths for _, density, paths in reports), reports
