@@ -136,11 +136,26 @@ def measure_links(sizes: list[int], repeats: int, local: int) -> dict:
         if rank % local == 0:
             out["inter"] = measure_link(sizes, repeats, index_groups[0])            # one rank per node
         dist.barrier()
-        shared = [out.get("inter")]
-        dist.broadcast_object_list(shared, src=0)
-        out["inter"] = shared[0]
+        out["inter"] = _broadcast_link(out.get("inter"), nodes, len(sizes))
         logger.info("between nodes (%d nodes, one rank each): %s", nodes, _link_text(out["inter"]["model"]))
     return out
+
+
+def _broadcast_link(link: dict | None, world: int, n_sizes: int) -> dict:
+    """Rank 0's measured link, sent to every rank as numbers (a float64 tensor: nothing is unpickled)."""
+    import torch.distributed as dist
+
+    kinds = ("allreduce", "allgather")
+    flat = torch.zeros(2 + 3 * 2 * n_sizes, dtype=torch.float64)
+    if link is not None:
+        rows = [x for r in link["timings"] for x in (kinds.index(r["op"]), r["bytes"], r["median_s"])]
+        flat[:2 + len(rows)] = torch.tensor([link["model"]["latency_s"], link["model"]["bytes_per_s"], *rows],
+                                            dtype=torch.float64)
+    dist.broadcast(flat, src=0)
+    values = flat.tolist()
+    rows = [{"op": kinds[int(values[i])], "bytes": int(values[i + 1]), "median_s": values[i + 2]}
+            for i in range(2, len(values), 3)]
+    return {"world": world, "model": LinkModel(values[0], values[1]).as_dict(), "timings": rows}
 
 
 def _link_text(m: dict) -> str:

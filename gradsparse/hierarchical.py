@@ -86,7 +86,9 @@ class Hierarchy:
     Args:
         local_size: ranks per node: ``"auto"`` (torchrun's ``LOCAL_WORLD_SIZE``) or a number;
             ranks ``r`` with the same ``r // local_size`` share a node.
-        transport: ``"auto"`` (per bucket, by cost), ``"flat"`` or ``"hierarchical"`` (always).
+        transport: ``"hierarchical"`` (always; the default), ``"flat"``, or ``"auto"``: per bucket, by
+            cost from links measured at registration (timings differ between runs, so choices may too;
+            give ``topology`` and ``kernel`` for reproducible runs).
         topology: the :class:`~gradsparse.cost.Topology` the choice uses (None: measured once).
         kernel: the compression cost (:class:`~gradsparse.cost.KernelCost`; None: measured once).
 
@@ -95,7 +97,7 @@ class Hierarchy:
     """
 
     local_size: int | str = "auto"
-    transport: str = "auto"
+    transport: str = "hierarchical"
     topology: cost.Topology | None = None
     kernel: cost.KernelCost | None = None
 
@@ -290,7 +292,7 @@ class HierarchicalReducer:
     """
 
     def __init__(self, compressor: Compressor, groups: Groups, options: ReducerOptions | None = None, *,
-                 transport: str = "auto", topology: cost.Topology | None = None,
+                 transport: str = "hierarchical", topology: cost.Topology | None = None,
                  kernel: cost.KernelCost | None = None, **knobs):
         self.compressor = instance(compressor, "compressor", Compressor, "TopK(0.01)")
         self.groups = groups

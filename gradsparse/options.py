@@ -50,11 +50,13 @@ class ReducerOptions:
         verify_every: compare the ranks' bucket descriptors on every this many
             calls (counted per reducer, so the same on every rank); 0 never does
             for fixed-count methods (one small collective per bucket saved).
-        transport: how a bucket's selection travels. ``"auto"``: the transport the
-            link model predicts faster (allgather of pairs, or allreduce of the
-            selection scattered densely), from timings every rank has seen, and by
-            bytes until the link is measured; ``"bytes"``: by bytes only (pairs
-            unless they cost more bytes than the allreduce); ``"allgather"`` or
+        transport: how a bucket's selection travels. ``"bytes"`` (default): pairs
+            by allgather unless they cost more bytes than the allreduce of the
+            selection scattered densely; ``"auto"``: the transport the link model
+            predicts faster, from timings every rank has seen (by bytes until the
+            link is measured) — the same choice on every rank, but it may differ
+            from run to run, and the two transports sum in different orders, so
+            a rerun matches only to float rounding; ``"allgather"`` or
             ``"allreduce"``: always that one. What is selected and what the memory
             keeps never depend on it.
     """
@@ -65,7 +67,7 @@ class ReducerOptions:
     nonfinite: str = "skip"
     op: str = "average"
     verify_every: int = 1
-    transport: str = "auto"
+    transport: str = "bytes"
 
     def __post_init__(self):
         op = self.op

@@ -206,9 +206,9 @@ def test_checkpoint_resumes_bit_exactly():
 # ------------------------------------------------------------------------------ the choice
 def choice_worker(rank, world):
     groups = hier.Groups.create(2)
-    measured = hier.HierarchicalReducer(DGC(0.001, warmup=None), groups)  # links and kernel measured here
+    measured = hier.HierarchicalReducer(DGC(0.001, warmup=None), groups, transport="auto")  # measures links
     slow = Topology(nodes=2, local=2, inter=LinkModel(5e-5, 1.25e8), intra=LinkModel(5e-6, 1e10))
-    given = hier.HierarchicalReducer(DGC(0.001, warmup=None), groups, topology=slow,
+    given = hier.HierarchicalReducer(DGC(0.001, warmup=None), groups, transport="auto", topology=slow,
                                      kernel=KernelCost(per_element_s=2e-9))
     picked = {}
     for reducer, name in ((measured, "measured"), (given, "given")):

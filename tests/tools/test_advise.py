@@ -62,3 +62,22 @@ def test_advise_in_one_process_needs_a_link_and_takes_a_factory():
     topo = Topology(4, LinkModel(50e-6, 1.25e8), local=2, intra=LinkModel(5e-6, 1.5e11))
     dense = sum(collective_time("allreduce", 4 * b.numel, 8, topo.flat_link) for b in ddp_buckets(mlp()))
     assert advice["predicted"]["dense"]["comm_s"] == pytest.approx(dense)
+
+
+def test_advise_on_two_nodes_of_two_ranks_shares_the_link_between_nodes(tmp_path):
+    # 4 ranks as 2 "nodes" of 2 (all on loopback here): the link inside a node and the one between nodes are
+    # timed on their own groups, and rank 0's link between nodes reaches every rank as plain numbers
+    out = tmp_path / "advice.json"
+    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4",
+                      "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "gradsparse.advise",
+                      "--model", "mlp", "--sizes", "4096,262144", "--repeats", "2", "--ranks-per-node", "2",
+                      "--json", str(out), "--quiet"],
+                     timeout=240, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    advice = json.loads(out.read_text())
+    assert advice["measured_on"] == {"world": 4, "ranks_per_node": 2}
+    links = advice["links"]
+    assert links["intra"]["world"] == 2 and links["inter"]["world"] == 2
+    assert [r["op"] for r in links["inter"]["timings"]] == ["allreduce", "allgather"] * 2
+    assert all(r["median_s"] > 0 for r in links["inter"]["timings"])
+    assert advice["predicted_for"]["inter"]["bytes_per_s"] == links["inter"]["model"]["bytes_per_s"] > 0

@@ -78,7 +78,7 @@ def _train(reducer, rank, steps, method):
 
 def _auto_worker(rank, world, method):
     compressor = TopK(0.05) if method == "topk" else Threshold(2.0)
-    auto = SparseReducer(compressor, TorchDistCommunicator(None), min_compress_numel=1)
+    auto = SparseReducer(compressor, TorchDistCommunicator(None), min_compress_numel=1, transport="auto")
     transports, outs = _train(auto, rank, 12, method)
     link = auto._transport.link.model
     mine = (transports, None if link is None else link.as_dict())
