@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(CSRC) $(HOROVOD_CMAKE)
 setup: $(VENV)/.installed
 
 # Main job: ResNet-50 shapes on 2 emulated nodes at 1 Gbit/s (root + iproute2; else loopback, said so):
-# dense, fp16, PowerSGD and gradsparse DGC side by side; 65 s on the 2 shared cores here (load average 5 to 8).
+# dense, fp16, PowerSGD and gradsparse DGC side by side; 45 s on the 2 cores here (quiet machine, 2026-11-30).
 # Table on screen, JSON and PNG in benchmarks/results/demo/.
 demo: setup
 	$(PY) -m benchmarks.demo

@@ -42,6 +42,14 @@ def loss_of(model, kind, rank, step):
     return nn.functional.cross_entropy(model(x).float(), y)
 
 
+def train_steps(model, opt, rank, steps, kind="mlp") -> None:
+    """One optimizer step per index in ``steps`` on ``rank``'s batches of ``kind`` (deterministic data)."""
+    for step in steps:
+        opt.zero_grad()
+        loss_of(model, kind, rank, step).backward()
+        opt.step()
+
+
 def params_hash(model) -> str:
     import hashlib
 

@@ -15,7 +15,7 @@ from gradsparse.errors import HookAlreadyRegisteredError, IncompatibleOptimizerE
 
 from .. import dgc_reference
 from ..distributed import run_world
-from ..models import loss_of, make_model, params_hash
+from ..models import loss_of, make_model, params_hash, train_steps
 from ..tolerances import close, rejects_planted_errors, tolerance
 
 # ----------------------------------------------------------------------------------------------
@@ -324,10 +324,7 @@ def checkpoint_worker(rank, world, compressor_name):
         return model, opt, gddp.register(model, factory(), optimizer=opt)
 
     def train(model, opt, steps):
-        for step in steps:
-            opt.zero_grad()
-            loss_of(model, "mlp", rank, step).backward()
-            opt.step()
+        train_steps(model, opt, rank, steps)
 
     model, opt, state = build()
     train(model, opt, range(4))

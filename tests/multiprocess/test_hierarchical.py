@@ -24,7 +24,7 @@ from gradsparse.reducer import Segment
 
 from ..distributed import free_port, run_world, run_world_outcomes
 from ..docblocks import ROOT, block_with
-from ..models import loss_of, make_model, params_hash
+from ..models import loss_of, make_model, params_hash, train_steps
 from ..tolerances import close, rejects_planted_errors
 
 FORCED = hier.Hierarchy(local_size=2, transport="hierarchical")
@@ -176,10 +176,7 @@ def checkpoint_worker(rank, world, save_at=5, after=6):
                                          hierarchy=FORCED)
 
     def train(model, opt, steps):
-        for step in steps:
-            opt.zero_grad()
-            loss_of(model, "mlp", rank, step).backward()
-            opt.step()
+        train_steps(model, opt, rank, steps)
 
     model, opt, state = build()
     train(model, opt, range(save_at))

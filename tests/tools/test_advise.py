@@ -70,7 +70,7 @@ def test_advise_on_two_nodes_of_two_ranks_shares_the_link_between_nodes(tmp_path
     out = tmp_path / "advice.json"
     proc = run_group([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4",
                       "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "gradsparse.advise",
-                      "--model", "mlp", "--sizes", "4096,262144", "--repeats", "2", "--ranks-per-node", "2",
+                      "--model", "mlp", "--sizes", "4096,1048576,4194304", "--repeats", "3", "--ranks-per-node", "2",
                       "--json", str(out), "--quiet"],
                      timeout=240, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -78,6 +78,6 @@ def test_advise_on_two_nodes_of_two_ranks_shares_the_link_between_nodes(tmp_path
     assert advice["measured_on"] == {"world": 4, "ranks_per_node": 2}
     links = advice["links"]
     assert links["intra"]["world"] == 2 and links["inter"]["world"] == 2
-    assert [r["op"] for r in links["inter"]["timings"]] == ["allreduce", "allgather"] * 2
+    assert [r["op"] for r in links["inter"]["timings"]] == ["allreduce", "allgather"] * 3
     assert all(r["median_s"] > 0 for r in links["inter"]["timings"])
     assert advice["predicted_for"]["inter"]["bytes_per_s"] == links["inter"]["model"]["bytes_per_s"] > 0

@@ -23,7 +23,7 @@ from gradsparse.comm import LocalCommunicator
 from gradsparse.errors import ConfigTypeError, InvalidConfigError, StateMismatchError
 
 from ..distributed import run_world
-from ..models import loss_of, make_model, params_hash
+from ..models import loss_of, make_model, params_hash, train_steps
 from ..oracles import count_for, gradient_dropping_oracle, heavy_tailed, per_sign_oracle, topk_oracle, with_ties
 from ..tolerances import close
 
@@ -243,10 +243,7 @@ def ddp_worker(rank, world):
         return model, opt, gddp.register(model, make(), optimizer=opt)
 
     def train(model, opt, steps):
-        for step in steps:
-            opt.zero_grad()
-            loss_of(model, "mlp", rank, step).backward()
-            opt.step()
+        train_steps(model, opt, rank, steps)
 
     for name, make in {"per_sign": lambda: PerSignTopK(0.02), "dropping": lambda: GradientDropping(0.98)}.items():
         model, opt, state = build(make)
