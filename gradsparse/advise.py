@@ -115,8 +115,20 @@ def measure_link(sizes: list[int], repeats: int, group=None) -> dict:
             times = _timed(fn, repeats, group)
             observations += [Observation.collective(kind, nbytes, world, t) for t in times]
             rows.append({"op": kind, "bytes": nbytes, "median_s": statistics.median(times)})
-    model = LinkModel.fit(observations)
-    return {"world": world, "model": model.as_dict(), "timings": rows}
+    try:
+        model, fit = LinkModel.fit(observations), "latency and bandwidth"
+    except InvalidConfigError as err:  # timings that do not grow with size (a loaded or very fast link)
+        model, fit = _bandwidth_only(observations), "bandwidth only"
+        logger.warning("link fit: %s; using the bandwidth of the largest transfers and no latency: %s", err,
+                       _link_text(model.as_dict()))
+    return {"world": world, "model": model.as_dict(), "fit": fit, "timings": rows}
+
+
+def _bandwidth_only(observations: list[Observation]) -> LinkModel:
+    """No latency, the median bandwidth of the largest transfers: what is left when no line fits the timings."""
+    largest = max(o.link_bytes for o in observations)
+    rates = [o.link_bytes / o.seconds for o in observations if o.link_bytes == largest]
+    return LinkModel(0.0, statistics.median(rates))
 
 
 def measure_links(sizes: list[int], repeats: int, local: int) -> dict:
@@ -146,16 +158,18 @@ def _broadcast_link(link: dict | None, world: int, n_sizes: int) -> dict:
     import torch.distributed as dist
 
     kinds = ("allreduce", "allgather")
-    flat = torch.zeros(2 + 3 * 2 * n_sizes, dtype=torch.float64)
+    fits = ("latency and bandwidth", "bandwidth only")
+    flat = torch.zeros(3 + 3 * 2 * n_sizes, dtype=torch.float64)
     if link is not None:
         rows = [x for r in link["timings"] for x in (kinds.index(r["op"]), r["bytes"], r["median_s"])]
-        flat[:2 + len(rows)] = torch.tensor([link["model"]["latency_s"], link["model"]["bytes_per_s"], *rows],
-                                            dtype=torch.float64)
+        head = [link["model"]["latency_s"], link["model"]["bytes_per_s"], fits.index(link["fit"])]
+        flat[:3 + len(rows)] = torch.tensor([*head, *rows], dtype=torch.float64)
     dist.broadcast(flat, src=0)
     values = flat.tolist()
     rows = [{"op": kinds[int(values[i])], "bytes": int(values[i + 1]), "median_s": values[i + 2]}
-            for i in range(2, len(values), 3)]
-    return {"world": world, "model": LinkModel(values[0], values[1]).as_dict(), "timings": rows}
+            for i in range(3, len(values), 3)]
+    return {"world": world, "model": LinkModel(values[0], values[1]).as_dict(), "fit": fits[int(values[2])],
+            "timings": rows}
 
 
 def _link_text(m: dict) -> str:

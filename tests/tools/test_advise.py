@@ -81,3 +81,16 @@ def test_advise_on_two_nodes_of_two_ranks_shares_the_link_between_nodes(tmp_path
     assert [r["op"] for r in links["inter"]["timings"]] == ["allreduce", "allgather"] * 3
     assert all(r["median_s"] > 0 for r in links["inter"]["timings"])
     assert advice["predicted_for"]["inter"]["bytes_per_s"] == links["inter"]["model"]["bytes_per_s"] > 0
+
+
+def test_timings_that_fit_no_line_give_the_bandwidth_of_the_largest_transfers():
+    from gradsparse.advise import _bandwidth_only
+    from gradsparse.cost import Observation
+
+    # a loaded machine: the larger transfer came back faster than the smaller one
+    obs = [Observation.collective("allreduce", 4e6, 2, 0.004), Observation.collective("allreduce", 4e6, 2, 0.006),
+           Observation.collective("allreduce", 4e4, 2, 0.005)]
+    with pytest.raises(InvalidConfigError, match="do not grow"):
+        LinkModel.fit(obs)
+    link = _bandwidth_only(obs)
+    assert link.latency_s == 0 and link.bytes_per_s == pytest.approx((4e6 / 0.004 + 4e6 / 0.006) / 2)  # median rate
