@@ -492,8 +492,9 @@ class SparseReducer:
         if mode in (ALLGATHER, ALLREDUCE):
             return mode
         world = self.communicator.world_size
-        if not self._sparse_pays(job.largest, job.flat) or mode == "bytes" or world == 1:
-            return ALLGATHER if self._sparse_pays(job.largest, job.flat) else ALLREDUCE
+        by_bytes = ALLGATHER if self._sparse_pays(job.largest, job.flat) else ALLREDUCE
+        if by_bytes == ALLREDUCE or mode == "bytes" or world == 1:
+            return by_bytes
         choice = self._transport.choose(numel=job.flat.numel(), element_size=job.flat.element_size(),
                                         payload_bytes=job.largest, received_bytes=self._received_bytes(job),
                                         world=world)
