@@ -63,7 +63,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from . import cost, ops
+from . import cost
 from ._validate import choice, instance, integer
 from .comm.base import completed_future
 from .comm.torch_dist import TorchDistCommunicator
@@ -506,7 +506,6 @@ class HierarchicalReducer:
             source = self.flat.memory if was == "flat" else self.inner.memory
             for key in [s.key] if was == "flat" else [p.key for p in pieces]:
                 source.state.pop(key, None)
-                source.bounds.pop(key, None)
             logger.debug("gradsparse: memory of %s moved from the %s path to the %s path", s.key, was, path)
 
     # ------------------------------------------------------------------ checkpoints
@@ -541,8 +540,7 @@ class HierarchicalReducer:
 
 
 def _put(memory, key: str, name: str, tensor: torch.Tensor) -> None:
-    memory.state.setdefault(key, {})[name] = tensor
-    memory.bounds.setdefault(key, {})[name] = ops.absmax(tensor) if tensor.numel() else 0.0
+    memory.state.setdefault(key, {})[name] = tensor  # the bucket's arena sees the new tensor and takes it in
 
 
 def create(compressor: Compressor, hierarchy, options: ReducerOptions | None = None, **knobs) -> HierarchicalReducer:

@@ -1,35 +1,36 @@
 """Per-parameter compensation state: error-feedback residuals and DGC momentum.
 
 A memory turns a fresh gradient ``g`` into the tensor a compressor selects from
-(``compensate``) and, once the selection has been sent, removes what was sent
-(``update``). State is kept in fp32 whatever the gradient dtype, one flat tensor
-per parameter key, so DDP's bucket rebuilds cannot mix it up.
+(compensation) and, once the selection has been sent, removes what was sent.
+State is kept in fp32 whatever the gradient dtype, one flat tensor per parameter
+key and state name (:attr:`Memory.names`), so checkpoints and DDP's bucket
+rebuilds cannot mix it up. The reducer works on whole buckets: an
+:class:`~gradsparse.arena.Arena` lays the state of a bucket's parameters out like
+the bucket and the per-key tensors are views into it.
 
-Invariant: after ``update``, ``state + sent == compensated`` exactly, where
+Invariant: after the update, ``state + sent == compensated`` exactly, where
 ``sent`` is the value actually put on the wire (its rounding error stays in the
 state).
 
-Overflow: each memory keeps, per key, an upper bound of the magnitude of its
-state (``bounds``), maintained from numbers the pipeline already has (the
-gradient's largest magnitude, the largest sent value), so :meth:`Memory.headroom`
-tells *before* compensating whether the compensated tensor could overflow fp32 or
-the wire dtype. The reducer then skips the step (or raises) on every rank instead
-of letting ``inf`` into the state.
+Compensation is one pass *into other buffers* (:meth:`Memory.compensate_into`)
+that also returns the largest magnitudes of the gradient and of the result, so
+the ranks can decide that a bucket is unhealthy (NaN/Inf, or a result that
+overflows the wire) before any state changes: the new state is kept only when the
+reduction lands.
 
 Example::
 
     >>> import torch
     >>> from gradsparse.memory import ResidualMemory
     >>> m = ResidualMemory()
-    >>> v = m.compensate("w", torch.tensor([1.0, 2.0]))
-    >>> m.update("w", torch.tensor([1]), torch.tensor([2.0]))
-    >>> m.state["w"]["residual"].tolist()
-    [1.0, 0.0]
+    >>> r, g, out = torch.zeros(2), torch.tensor([1.0, -2.0]), torch.empty(2)
+    >>> m.compensate_into((r,), g, (out,)).tolist(), out.tolist()
+    ([2.0, 2.0], [1.0, -2.0])
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 
 import torch
 
@@ -41,11 +42,13 @@ class Memory:
     """No compensation: select from the gradient itself (error feedback off)."""
 
     kind = "none"
+    #: the fp32 state tensors kept per key; compensation reads and writes all of them, and the
+    #: last is the one selection reads (the compensated gradient)
+    names: tuple[str, ...] = ()
 
     def __init__(self):
         self.state: dict[str, dict[str, torch.Tensor]] = {}
-        #: per key and state tensor: an upper bound of its largest magnitude
-        self.bounds: dict[str, dict[str, float]] = {}
+        self.arenas: dict[tuple, object] = {}  # gradsparse.arena.Arena per bucket layout (see Arena.of)
 
     def _buffer(self, key: str, name: str, like: torch.Tensor) -> torch.Tensor:
         slot = self.state.setdefault(key, {})
@@ -60,34 +63,25 @@ class Memory:
             slot[name] = buf
         return buf
 
-    def _bound(self, key: str, name: str) -> float:
-        return self.bounds.get(key, {}).get(name, 0.0)
+    def compensate_into(self, state: Sequence[torch.Tensor], grad: torch.Tensor,
+                        out: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Write the compensated state for ``grad`` into ``out``, leaving ``state`` as it is; one pass.
 
-    def _set_bound(self, key: str, name: str, value: float) -> None:
-        self.bounds.setdefault(key, {})[name] = float(value)
+        ``state`` and ``out`` hold one fp32 tensor per :attr:`names` entry, of ``grad``'s size
+        (``out`` overlaps neither ``state`` nor itself). Returns float64 ``[max|grad|,
+        max|out[0]|, ...]`` (NaN where a NaN is, inf for an inf) on ``grad``'s device.
 
-    def headroom(self, key: str, grad_bound: float) -> float:
-        """Upper bound of ``max|compensate(key, g)|`` for any ``g`` with ``max|g| <= grad_bound``.
-
-        >>> Memory().headroom("w", 3.0)
-        3.0
+        >>> Memory().compensate_into((), torch.tensor([3.0, -4.0]), ()).tolist()
+        [4.0]
         """
-        return float(grad_bound)
+        return torch.tensor([ops.absmax(grad)], dtype=torch.float64, device=grad.device)
 
-    def compensate(self, key: str, grad: torch.Tensor, grad_bound: float = math.inf) -> torch.Tensor:
-        """Return the fp32 tensor to select from for this parameter.
+    def apply_sent(self, state: Sequence[torch.Tensor], positions: torch.Tensor, sent: torch.Tensor,
+                   masked: torch.Tensor | None) -> None:
+        """Remove what was sent from the (new) state: ``sent`` (fp32, as carried) at ``positions`` (int64).
 
-        ``grad_bound`` is an upper bound of ``max|grad|`` (kept for :meth:`headroom`).
-        """
-        return grad.reshape(-1).float()
-
-    def update(self, key: str, indices: torch.Tensor, sent: torch.Tensor, *, complete: bool = False,
-               bound: float = math.inf) -> None:
-        """Remove the sent coordinates (``indices`` int64, ``sent`` fp32 as received).
-
-        ``complete``: every coordinate of the tensor was sent (nothing dropped);
-        ``bound``: an upper bound of what stays after the update (the largest
-        unsent magnitude, or the wire's rounding of what was sent).
+        ``masked``: the positions of tensors that were not sent completely (DGC masks their
+        momentum there); None when every coordinate of every tensor was sent.
         """
 
     def finish_whole(self, key: str, averaged: torch.Tensor) -> None:
@@ -101,37 +95,30 @@ class Memory:
         for slot in self.state.values():
             for buf in slot.values():
                 buf.mul_(factor)
-        for bounds in self.bounds.values():
-            for name in bounds:
-                bounds[name] *= abs(factor)
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "state": {k: dict(v) for k, v in self.state.items()}}
+        """The state per key, as copies (the buffers the reducer uses are swapped every step)."""
+        return {"kind": self.kind, "state": {k: {n: t.clone() for n, t in v.items()} for k, v in self.state.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("kind") != self.kind:
             raise StateMismatchError(f"checkpoint memory is {state_dict.get('kind')!r}, this compressor uses {self.kind!r}")
         self.state = {k: {n: t.clone() for n, t in v.items()} for k, v in state_dict["state"].items()}
-        self.bounds = {k: {n: ops.absmax(t) for n, t in v.items()} for k, v in self.state.items()}
+        self.arenas.clear()
 
 
 class ResidualMemory(Memory):
     """Error feedback: ``v = residual + g``; what was not sent stays for next time."""
 
     kind = "residual"
+    names = ("residual",)
 
-    def headroom(self, key, grad_bound):
-        return self._bound(key, "residual") + grad_bound
+    def compensate_into(self, state, grad, out):
+        return ops.residual_compensate_into(state[0], grad, out[0])
 
-    def compensate(self, key, grad, grad_bound=math.inf):
-        residual = self._buffer(key, "residual", grad)
-        residual.add_(grad.reshape(-1))
-        return residual
-
-    def update(self, key, indices, sent, *, complete=False, bound=math.inf):
-        # index_add_ with alpha -1 rounds exactly like ``residual[indices] -= sent`` (indices are unique), 1.6x faster
-        self.state[key]["residual"].index_add_(0, indices, sent, alpha=-1.0)
-        self._set_bound(key, "residual", bound)
+    def apply_sent(self, state, positions, sent, masked):
+        # index_add_ with alpha -1 rounds exactly like ``residual[positions] -= sent`` (positions are unique)
+        state[0].index_add_(0, positions, sent, alpha=-1.0)
 
 
 class DGCMemory(Memory):
@@ -150,34 +137,20 @@ class DGCMemory(Memory):
     """
 
     kind = "dgc"
+    names = ("momentum", "velocity")
 
     def __init__(self, momentum: float = 0.9, nesterov: bool = False):
         super().__init__()
         self.momentum = momentum
         self.nesterov = nesterov
 
-    def _momentum_bound(self, key: str, grad_bound: float) -> float:
-        u = self._bound(key, "momentum")
-        return self.momentum * (u + grad_bound) if self.nesterov else self.momentum * u + grad_bound
+    def compensate_into(self, state, grad, out):
+        return ops.dgc_compensate_into(state[0], state[1], grad, self.momentum, self.nesterov, out[0], out[1])
 
-    def headroom(self, key, grad_bound):
-        extra = grad_bound if self.nesterov else 0.0
-        return self._bound(key, "velocity") + self._momentum_bound(key, grad_bound) + extra
-
-    def compensate(self, key, grad, grad_bound=math.inf):
-        g = grad.reshape(-1)
-        u = self._buffer(key, "momentum", g)
-        v = self._buffer(key, "velocity", g)
-        ops.dgc_compensate_(u, v, g, self.momentum, self.nesterov)
-        self._set_bound(key, "momentum", self._momentum_bound(key, grad_bound))
-        return v
-
-    def update(self, key, indices, sent, *, complete=False, bound=math.inf):
-        slot = self.state[key]
-        if not complete:  # momentum factor masking (see the class docstring for the complete case)
-            slot["momentum"].index_fill_(0, indices, 0.0)
-        slot["velocity"].index_add_(0, indices, sent, alpha=-1.0)
-        self._set_bound(key, "velocity", bound)
+    def apply_sent(self, state, positions, sent, masked):
+        if masked is not None:  # momentum factor masking (see the class docstring for complete tensors)
+            state[0].index_fill_(0, masked, 0.0)
+        state[1].index_add_(0, positions, sent, alpha=-1.0)
 
     def finish_whole(self, key, averaged):
         """Plain (or Nesterov) momentum on the averaged gradient of a tensor sent whole.

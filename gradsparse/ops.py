@@ -227,3 +227,4 @@ __all__ = [
     "topk_indices",
     "unpack_add",
 ]
+

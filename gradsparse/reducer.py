@@ -6,17 +6,21 @@ parameter lives where, keyed by a stable name) and a communicator.
 
 Steps for one bucket on one rank:
 
-1. Check the bucket (floating dtype, 1 <= numel <= 2**31 - 1) and its health:
-   finite, and no risk that compensating it overflows (see below).
-2. Verify (every ``verify_every`` calls; default every call): gather every rank's
+1. Check the bucket (floating dtype, 1 <= numel <= 2**31 - 1).
+2. Compensate, one pass per run of adjacent compressed parameters: ``g =
+   compressor.preprocess(g)``, then the memory's compensation from the bucket's
+   :class:`~gradsparse.arena.Arena` (state laid out like the bucket) into its scratch
+   buffers, which also gives the largest magnitudes: the rank's *health* (finite, and
+   nothing at or above the range of the wire, the bucket's dtype or fp32). Segments
+   smaller than ``min_compress_numel`` are *whole tensors*: sent as they are, no memory.
+3. Verify (every ``verify_every`` calls; default every call): gather every rank's
    descriptor of the bucket (configuration, layout, step, epoch, wire dtype, fixed
    payload size, health) and compare them, so a rank that disagrees raises
    :class:`StateMismatchError` on every rank instead of sending a payload of
    another size (which aborts gloo). If any rank is unhealthy, stop here: see below.
-3. Per compressed segment: ``g = compressor.preprocess(g)``, ``v = memory.compensate(key, g)``.
-   Segments smaller than ``min_compress_numel`` are *whole tensors*: sent as they are, no memory.
-4. Select per parameter (each segment its own top-k) or per bucket (one top-k
-   over all compressed segments).
+4. Select per parameter (each segment its own top-k, one call for the bucket:
+   :meth:`Compressor.select_segments`) or per bucket (one top-k over all compressed
+   segments), in the bucket's coordinates.
 5. Variable-count methods exchange payload sizes. The *transport* is chosen: the
    sparse allgather, or, if the payload would cost more than a dense allreduce
    (``world_size * payload_bytes >= 2 * numel * element_size``), the allreduce of
@@ -28,8 +32,8 @@ Steps for one bucket on one rank:
 7. When the collective completes (one completion path for both transports): land
    the result (allgather: validate every rank's payload, then scatter-add them in
    rank order, each scaled by ``1 / world_size``), apply the compressor's dense
-   post-processing to whole tensors, remove what was sent from the memory and
-   write the result into the bucket. A collective that fails in the transport
+   post-processing to whole tensors, keep the compensated state less what was sent
+   (:meth:`Arena.commit`: one update per bucket) and write the result into the bucket. A collective that fails in the transport
    (a ``RuntimeError`` or ``OSError`` from the backend) raises
    :class:`CommunicationError` naming the bucket, step and rank; gradsparse's own
    errors and programming errors pass through unchanged.
@@ -41,17 +45,15 @@ powers of two: the rescaling is exact). DGC's clipping norm and Threshold's tau 
 compared unscaled.
 
 Non-finite gradients and overflow: a rank is unhealthy when its bucket holds
-NaN/Inf, or when compensating could overflow: the memory keeps a bound of its
-largest magnitude (:meth:`~gradsparse.memory.Memory.headroom`), and if that bound
-plus the gradient's largest magnitude reaches the range of the wire dtype, of the
-bucket's dtype or of fp32, ``inf`` could enter the memory or the wire. When the
-descriptors show an unhealthy rank, no rank compensates, selects or sends
-anything: all of them raise :class:`NonFiniteGradientError`
-(``nonfinite="raise"``) or return a NaN bucket (``nonfinite="skip"``: AMP's
-GradScaler then skips the step and lowers its scale), and every rank's memory is
-exactly as before the step. On calls that are not verified (``verify_every`` > 1
-or 0) the bad rank flags its payload instead: the outcome is the same except that
-healthy ranks keep that step's gradient in their memory.
+NaN/Inf, or when the compensated state reaches the range of the wire dtype, of
+the bucket's dtype or of fp32 (``inf`` would enter the memory or the wire). The
+compensation was written to scratch buffers, so nothing has changed yet. When the
+descriptors show an unhealthy rank, no rank selects or sends anything: all of them
+raise :class:`NonFiniteGradientError` (``nonfinite="raise"``) or return a NaN bucket
+(``nonfinite="skip"``: AMP's GradScaler then skips the step and lowers its scale),
+and every rank's memory is exactly as before the step. On calls that are not
+verified (``verify_every`` > 1 or 0) the bad rank flags its payload instead, with
+the same outcome.
 
 Example::
 
@@ -79,6 +81,7 @@ import torch
 
 from . import ops
 from ._validate import instance
+from .arena import Arena
 from .comm.base import Communicator, completed_future
 from .compressors.base import Compressor
 from .errors import (
@@ -121,18 +124,20 @@ class Segment:
 class _Plan:
     compressed: tuple[Segment, ...]  # segments selected from (each with its memory)
     whole: tuple[Segment, ...]       # whole tensors: sent as they are, no memory
-    groups: tuple[tuple[Segment, ...], ...]  # what one selection call sees (granularity)
+    groups: tuple[tuple[Segment, ...], ...]  # what one selection sees (granularity)
+    ranges: tuple[tuple[int, int], ...] | None  # each group's (start, numel); None: a group has gaps
+    runs: tuple[tuple[int, int], ...]  # (start, end) of adjacent compressed segments, ascending
     n_whole: int                     # elements in whole tensors
     crc: int                         # of the layout, compared across ranks
 
 
 @dataclasses.dataclass(frozen=True)
 class _Selection:
-    segment: Segment
-    local: torch.Tensor          # int64 positions within the segment
+    """A bucket's selection, in the bucket's coordinates."""
+
+    positions: torch.Tensor      # int64, ascending
     sent: torch.Tensor           # fp32 values as they go on the wire (allgather transport)
-    complete: bool = False       # every coordinate of its group was selected (nothing dropped)
-    bound: float = math.inf      # upper bound of |v| over what its group keeps after the update
+    masked: torch.Tensor | None  # positions of groups not sent completely (DGC masks momentum); None: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,12 +148,14 @@ class _Job:
     plan: _Plan
     wire: torch.dtype
     step: int
-    selections: tuple[_Selection, ...]
+    selection: _Selection | None  # None until selected, and on an unhealthy rank
     count: int                   # pairs this rank sends
     healthy: bool                # this rank compensated and selected (else it flags its payload)
     started: float
     control: int                 # bytes of descriptors and sizes this rank sent
     on_stats: Callable[[BucketStats], None] | None
+    whole: torch.Tensor          # the whole tensors' values (gathered from the bucket)
+    arena: Arena | None          # the bucket's memory (None: the memory keeps nothing)
     sizes: list[int] | None = None  # every rank's payload bytes (variable-count methods)
     largest: int = 0             # the largest rank's payload bytes
 
@@ -157,8 +164,8 @@ class _Job:
 class _Landing:
     """What a transport made of the collective's result, for the one completion path."""
 
-    out: torch.Tensor                            # the reduced bucket (the bucket itself, or an fp32 temporary)
-    sent: tuple[torch.Tensor, ...] | None = None  # values each selection actually carried (None: ``s.sent``)
+    out: torch.Tensor                    # the reduced bucket (the bucket itself, or an fp32 temporary)
+    sent: torch.Tensor | None = None     # values the selection actually carried (None: ``selection.sent``)
     problem: str | None = None                   # why the result must not be used (a rank was unhealthy)
 
 
@@ -277,7 +284,7 @@ class SparseReducer:
         self._config_crc = _crc((compressor.config(), *self.options.signature()))
         self._calls = 0
         self._plans: dict[tuple, _Plan] = {}
-        self._whole_indices: dict[tuple, torch.Tensor] = {}
+        self._indices: dict[tuple, torch.Tensor] = {}
         self._transport = TransportModel()
         self._last_done = 0.0  # when this rank's previous bucket collective completed (perf_counter)
 
@@ -295,22 +302,32 @@ class SparseReducer:
             smallest = self.options.min_compress_numel
             compressed = tuple(s for s in ordered if s.numel >= smallest)
             whole = tuple(s for s in ordered if s.numel < smallest)
+            runs: list[list[int]] = []
+            for s in compressed:
+                if runs and runs[-1][1] == s.offset:
+                    runs[-1][1] += s.numel
+                else:
+                    runs.append([s.offset, s.offset + s.numel])
             if self.options.granularity == "parameter":
                 groups = tuple((s,) for s in compressed)
             else:
                 groups = (compressed,) if compressed else ()
-            plan = _Plan(compressed, whole, groups, sum(s.numel for s in whole), _crc(ordered))
+            ranges = None if self.options.granularity == "bucket" and len(runs) > 1 else tuple(
+                (g[0].offset, sum(s.numel for s in g)) for g in groups)
+            plan = _Plan(compressed, whole, groups, ranges, tuple(map(tuple, runs)), sum(s.numel for s in whole),
+                         _crc(ordered))
             self._plans[signature] = plan
         return plan
 
-    def _whole_index(self, plan: _Plan, device: torch.device) -> torch.Tensor | None:
-        if not plan.whole:
-            return None
-        key = (plan.whole, str(device))
-        index = self._whole_indices.get(key)
+    def _index(self, plan: _Plan, what: str, device: torch.device) -> torch.Tensor:
+        """Cached int64 positions of the plan's whole tensors (``what="whole"``) or compressed ones."""
+        key = (id(plan), what, str(device))  # plans are kept for the reducer's life: ids stay theirs
+        index = self._indices.get(key)
         if index is None:
-            index = torch.cat([torch.arange(s.offset, s.offset + s.numel, device=device) for s in plan.whole])
-            self._whole_indices[key] = index
+            spans = [(s.offset, s.offset + s.numel) for s in plan.whole] if what == "whole" else plan.runs
+            index = torch.cat([torch.arange(a, b, device=device) for a, b in spans]) if spans else \
+                torch.empty(0, dtype=torch.int64, device=device)
+            self._indices[key] = index
         return index
 
     def fixed_count(self, plan: _Plan, step: int, epoch: int) -> int | None:
@@ -324,13 +341,41 @@ class SparseReducer:
         return self.communicator.world_size * payload_bytes < 2 * flat.numel() * flat.element_size()
 
     # ---------------------------------------------------------------- selection
-    def _compensate(self, flat: torch.Tensor, plan: _Plan, grad_bound: float) -> dict[str, torch.Tensor]:
+    def _pieces(self, flat: torch.Tensor, plan: _Plan) -> tuple[list[tuple[int, torch.Tensor]], bool]:
+        """The compressed gradient as (bucket offset, tensor) pieces, adjacent parameters joined into one piece
+        unless the compressor's preprocessing (DGC's clipping) replaced one; and whether any was replaced."""
         world, scale = self.communicator.world_size, self._loss_scale or 1.0
         average = self.options.op == "average"
-        return {s.key: self.memory.compensate(
-                    s.key, self.compressor.preprocess(flat[s.offset:s.offset + s.numel], world, scale, average),
-                    grad_bound)
-                for s in plan.compressed}
+        pieces, run, replaced = [], None, False
+        for s in plan.compressed:
+            view = flat[s.offset:s.offset + s.numel]
+            g = self.compressor.preprocess(view, world, scale, average)
+            if g is view and run is not None and run[1] == s.offset:
+                run[1] += s.numel
+                continue
+            if run is not None:
+                pieces.append((run[0], flat[run[0]:run[1]]))
+            run = [s.offset, s.offset + s.numel] if g is view else None
+            if g is not view:
+                pieces.append((s.offset, g.reshape(-1)))
+                replaced = True
+        if run is not None:
+            pieces.append((run[0], flat[run[0]:run[1]]))
+        return pieces, replaced
+
+    def _compensate(self, flat: torch.Tensor, plan: _Plan, arena: Arena | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over the compressed gradient into the arena's scratch: what to select from (laid out like
+        the bucket) and the float64 maxima ``[max|g|, max|state|, ...]`` (NaN where a NaN is)."""
+        pieces, replaced = self._pieces(flat, plan)
+        if arena is not None:
+            return arena.selectable, arena.compensate(pieces)
+        v = flat.float()  # the memory keeps nothing: select from the gradient itself
+        if replaced:
+            v = v.clone() if v is flat else v
+            for start, g in pieces:
+                v[start:start + g.numel()].copy_(g)
+        maxima = [self.memory.compensate_into((), g, ()) for _, g in pieces]
+        return v, torch.stack(maxima).amax(0) if maxima else torch.zeros(1, dtype=torch.float64, device=flat.device)
 
     def set_loss_scale(self, loss_scale: float) -> None:
         """Declare the factor the next gradients carry; rescales the memory when it changed."""
@@ -346,58 +391,62 @@ class SparseReducer:
         limit = min(torch.finfo(wire).max, torch.finfo(flat.dtype).max, torch.finfo(torch.float32).max)
         return limit if self.options.op == "average" else limit / self.communicator.world_size
 
-    def _health(self, flat: torch.Tensor, plan: _Plan, wire: torch.dtype) -> tuple[float, int]:
-        """``(max|gradient|, HEALTHY | NONFINITE | OVERFLOW)`` of this rank's bucket, before anything changes.
-
-        OVERFLOW: the memory's bound plus the gradient's could reach :meth:`_limit`, so
-        compensating could put ``inf`` into the memory or on the wire.
-        """
-        grad_bound = ops.absmax(flat)
-        if not math.isfinite(grad_bound):
-            return grad_bound, NONFINITE
+    def _health(self, maxima: torch.Tensor, whole: torch.Tensor, flat: torch.Tensor, wire: torch.dtype) -> int:
+        """HEALTHY, NONFINITE (a NaN/Inf gradient) or OVERFLOW (the gradient or the compensated state reaches
+        :meth:`_limit`) from the compensation's maxima and the whole tensors (one device-to-host copy)."""
+        if whole.numel():
+            maxima = torch.cat([maxima, whole.abs().max().to(maxima).reshape(1)])  # max propagates NaN
+        values = maxima.tolist()
+        grad = [values[0], values[-1]] if whole.numel() else values[:1]
+        if not all(math.isfinite(m) for m in grad):
+            return NONFINITE
         limit = self._limit(flat, wire)
-        if grad_bound >= limit or any(self.memory.headroom(s.key, grad_bound) >= limit for s in plan.compressed):
-            return grad_bound, OVERFLOW
-        return grad_bound, HEALTHY
+        return HEALTHY if all(m < limit for m in values) else OVERFLOW
 
-    def _select(self, v: dict[str, torch.Tensor], plan: _Plan, step: int, epoch: int, wire: torch.dtype) -> list[_Selection]:
-        selections = []
+    def _select(self, v: torch.Tensor, plan: _Plan, step: int, epoch: int, wire: torch.dtype) -> _Selection:
+        """Every group's selection from ``v`` (laid out like the bucket), the values to send and what to mask."""
+        if not plan.compressed:
+            return self._select_all(v, plan, wire)
         scale = self._loss_scale or 1.0
-        for group in plan.groups:
-            joined = v[group[0].key] if len(group) == 1 else torch.cat([v[s.key] for s in group])
-            chosen = self.compressor.select(joined, step, epoch, scale)
-            complete = chosen.numel() == joined.numel()
-            starts = torch.tensor([0] + [s.numel for s in group], device=chosen.device).cumsum(0)
-            cuts = torch.searchsorted(chosen, starts).tolist()
-            values = self.compressor.sent_values(joined, chosen).to(wire).float()
-            picked = []
-            for i, s in enumerate(group):
-                local = chosen[cuts[i]:cuts[i + 1]] - int(starts[i])
-                picked.append(_Selection(s, local, values[cuts[i]:cuts[i + 1]], complete))
-            bound = self._kept_bound(picked, joined, scale, wire, complete)
-            selections += [dataclasses.replace(p, bound=bound) for p in picked]
-        return selections
+        compressor = self.compressor
+        if plan.ranges is None:  # one group (granularity "bucket") with whole tensors between its parameters
+            return self._select_gathered(v, plan, step, epoch, wire)
+        positions = compressor.select_segments(v, plan.ranges, step, epoch, scale)
+        bounds = [a for a, _ in plan.ranges] + [plan.ranges[-1][0] + plan.ranges[-1][1]]
+        cuts = torch.searchsorted(positions, torch.tensor(bounds, device=positions.device)).tolist()
+        complete = [cuts[i + 1] - cuts[i] == n for i, (_, n) in enumerate(plan.ranges)]
+        if compressor.quantizes:
+            sent = torch.cat([compressor.sent_values(v[a:a + n], positions[cuts[i]:cuts[i + 1]] - a)
+                              for i, (a, n) in enumerate(plan.ranges)])
+        else:
+            sent = v.index_select(0, positions)
+        if all(complete):
+            masked = None
+        elif not any(complete):
+            masked = positions
+        else:
+            masked = torch.cat([positions[cuts[i]:cuts[i + 1]] for i, c in enumerate(complete) if not c])
+        return _Selection(positions, sent.to(wire).float(), masked)
 
-    def _kept_bound(self, picked: list[_Selection], joined: torch.Tensor, scale: float, wire: torch.dtype,
-                    complete: bool) -> float:
-        """An upper bound of ``|v|`` over what a group keeps after the update: the rounding of what was sent
-        on the wire, and what the compressor left (see :meth:`Compressor.unsent_bound`)."""
-        sent = torch.cat([p.sent for p in picked]) if len(picked) > 1 else picked[0].sent
-        rounding = torch.finfo(wire).eps * ops.absmax(sent) if wire != torch.float32 else 0.0
-        if complete and not self.compressor.quantizes:
-            return rounding
-        unsent = self.compressor.unsent_bound(sent, scale)
-        if unsent is None:  # |v - sent| <= max|v| (1 + eps) also where quantized values of v's sign were sent
-            return ops.absmax(joined) * (1 + torch.finfo(wire).eps)
-        return max(unsent * (1 + torch.finfo(wire).eps), rounding)
+    def _select_gathered(self, v: torch.Tensor, plan: _Plan, step: int, epoch: int, wire: torch.dtype) -> _Selection:
+        """One selection over the compressed parameters gathered into one tensor, mapped back to the bucket."""
+        joined = torch.cat([v[a:b] for a, b in plan.runs])
+        local = self.compressor.select(joined, step, epoch, self._loss_scale or 1.0)
+        sent = self.compressor.sent_values(joined, local).to(wire).float()
+        starts, shifts, at = [], [], 0
+        for a, b in plan.runs:
+            starts.append(at)
+            shifts.append(a - at)
+            at += b - a
+        counts = torch.searchsorted(local, torch.tensor(starts[1:] + [at], device=local.device)).diff(
+            prepend=local.new_zeros(1))
+        positions = local + torch.tensor(shifts, device=local.device).repeat_interleave(counts)
+        return _Selection(positions, sent, None if local.numel() == joined.numel() else positions)
 
-    def _select_all(self, v: dict[str, torch.Tensor], wire: torch.dtype, plan: _Plan) -> list[_Selection]:
-        selections = []
-        for s in plan.compressed:
-            sent = v[s.key].to(wire, copy=True).float()  # never the memory's own buffer (update subtracts it)
-            rounding = torch.finfo(wire).eps * ops.absmax(sent) if wire != torch.float32 else 0.0
-            selections.append(_Selection(s, torch.arange(s.numel, device=sent.device), sent, True, rounding))
-        return selections
+    def _select_all(self, v: torch.Tensor, plan: _Plan, wire: torch.dtype) -> _Selection:
+        """A dense iteration: every compressed coordinate, copied (the update subtracts it from the memory)."""
+        positions = self._index(plan, "compressed", v.device)
+        return _Selection(positions, v.index_select(0, positions).to(wire).float(), None)
 
     # ------------------------------------------------------------------ reduce
     def reduce(
@@ -419,9 +468,9 @@ class SparseReducer:
         Every rank must call this with the same segments, step and epoch, in the
         same order.
 
-        Phases: check and plan, health, verify (descriptors), compensate and
-        select, exchange sizes, transport (:meth:`_allgather` or :meth:`_allreduce`),
-        then one completion path (:meth:`_complete`).
+        Phases: check and plan, compensate (into scratch) and health, verify
+        (descriptors), select, exchange sizes, transport (:meth:`_allgather` or
+        :meth:`_allreduce`), then one completion path (:meth:`_complete`).
         """
         check_bucket(flat)
         flat = flat.view(-1)
@@ -430,19 +479,22 @@ class SparseReducer:
             self.set_loss_scale(loss_scale)
         started = time.perf_counter()
         wire = self.options.value_dtype or flat.dtype
-        grad_bound, health = self._health(flat, plan, wire)
+        whole = flat.index_select(0, self._index(plan, "whole", flat.device)) if plan.whole else flat.new_empty(0)
+        arena = Arena.of(self.memory, plan.compressed, flat.numel(), flat.device) \
+            if self.memory.names and plan.compressed else None
+        v, maxima = self._compensate(flat, plan, arena)
+        health = self._health(maxima, whole, flat, wire)
         fixed = sum(s.numel for s in plan.compressed) if select_all else self.fixed_count(plan, step, epoch)
         same_size = select_all or self.compressor.fixed_count
-        job = _Job(flat, plan, wire, step, (), fixed or 0, health == HEALTHY, started, 0, on_stats)
+        job = _Job(flat, plan, wire, step, None, fixed or 0, health == HEALTHY, started, 0, on_stats, whole, arena)
         descriptors = self._verify(job, epoch, select_all, fixed if same_size else None, health)
         if descriptors is not None:
             job = dataclasses.replace(job, control=DESCRIPTOR_BYTES)
             if any(d[HEALTH] != HEALTHY for d in descriptors):
                 return self._skip_unhealthy(job, [d[HEALTH] for d in descriptors])
         if job.healthy:
-            v = self._compensate(flat, plan, grad_bound)
-            chosen = self._select_all(v, wire, plan) if select_all else self._select(v, plan, step, epoch, wire)
-            job = dataclasses.replace(job, selections=tuple(chosen), count=sum(s.local.numel() for s in chosen))
+            chosen = self._select_all(v, plan, wire) if select_all else self._select(v, plan, step, epoch, wire)
+            job = dataclasses.replace(job, selection=chosen, count=chosen.positions.numel())
         job = self._exchange_sizes(job, same_size)
         if self._choose_transport(job) == ALLREDUCE:
             return self._allreduce(job)
@@ -506,25 +558,20 @@ class SparseReducer:
                          job.flat.numel(), job.step, transport, predicted)
         return transport
 
-    def _pack(self, job: _Job, whole_index: torch.Tensor | None) -> torch.Tensor:
+    def _pack(self, job: _Job) -> torch.Tensor:
         """This rank's payload: its pairs and whole tensors, or a flagged one of the agreed size if unhealthy."""
         flat, plan, wire = job.flat, job.plan, job.wire
         if not job.healthy:
             return ops.pack(torch.arange(job.count, device=flat.device), flat.new_zeros(job.count),
                             flat.new_zeros(plan.n_whole), flat.numel(), wire, flags=FLAG_NONFINITE)
-        whole = flat[whole_index] if whole_index is not None else flat.new_empty(0)
-        selections = job.selections
-        indices = torch.cat([s.local + s.segment.offset for s in selections]) if selections else \
-            torch.empty(0, dtype=torch.int64, device=flat.device)
-        values = torch.cat([s.sent for s in selections]) if selections else flat.new_empty(0)
-        return ops.pack(indices, values, whole, flat.numel(), wire)
+        return ops.pack(job.selection.positions, job.selection.sent, job.whole, flat.numel(), wire)
 
     def _allgather(self, job: _Job) -> torch.futures.Future:
         """Sparse transport: pack this rank's pairs and whole tensors, allgather, unpack-add every rank's."""
         flat, world = job.flat, self.communicator.world_size
-        whole_index = self._whole_index(job.plan, flat.device)
+        whole_index = self._index(job.plan, "whole", flat.device) if job.plan.whole else None
         packing = time.perf_counter()
-        payload = self._pack(job, whole_index)
+        payload = self._pack(job)
         issued = time.perf_counter()
         traffic = _Traffic(job.largest if self.communicator.pads_to_largest else payload.numel(),
                            self._received_bytes(job))
@@ -557,13 +604,11 @@ class SparseReducer:
         if not job.healthy:
             flat.fill_(float("nan"))  # every rank must see it: the sum carries the NaN to all of them
         else:
-            carried = []
-            for s in job.selections:
-                view = flat[s.segment.offset:s.segment.offset + s.segment.numel]
-                view.zero_()
-                view[s.local] = s.sent.to(flat.dtype)
-                carried.append(view[s.local].float())
-            carried = tuple(carried)
+            for a, b in job.plan.runs:
+                flat[a:b].zero_()
+            positions = job.selection.positions
+            flat.index_copy_(0, positions, job.selection.sent.to(flat.dtype))
+            carried = flat.index_select(0, positions).float()
         if self.options.op == "average":
             flat.mul_(1.0 / self.communicator.world_size)
         nbytes = flat.numel() * flat.element_size()
@@ -609,9 +654,10 @@ class SparseReducer:
 
     def _commit(self, job: _Job, landing: _Landing) -> None:
         """The reduction arrived: remove what was sent from the memory, post-process whole tensors."""
-        sent = landing.sent or tuple(s.sent for s in job.selections)
-        for s, values in zip(job.selections, sent, strict=True):
-            self.memory.update(s.segment.key, s.local, values, complete=s.complete, bound=s.bound)
+        chosen = job.selection
+        if job.arena is not None:
+            sent = chosen.sent if landing.sent is None else landing.sent
+            job.arena.commit(chosen.positions, sent, chosen.masked)
         for s in job.plan.whole:
             self.memory.finish_whole(s.key, landing.out[s.offset:s.offset + s.numel])
 

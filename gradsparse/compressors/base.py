@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -27,6 +28,26 @@ from ..memory import Memory, ResidualMemory
 def check_ratio(ratio: float, what: str = "ratio") -> float:
     """Return ``ratio`` as a float if it is a number in (0, 1]; else ConfigTypeError / InvalidConfigError."""
     return real(ratio, what, low=0.0, high=1.0, low_open=True)
+
+
+def segment_table(ranges: Sequence[tuple[int, int]], counts: Sequence[int],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(offsets, ks)`` for :func:`gradsparse.ops.segmented_topk_indices` from ascending ``(start, numel)``
+    ranges and their counts: the gaps between ranges become segments that keep nothing.
+
+    >>> offsets, ks = segment_table([(2, 3), (5, 2), (9, 4)], [1, 2, 3], torch.device("cpu"))
+    >>> offsets.tolist(), ks.tolist()
+    ([2, 5, 7, 9, 13], [1, 2, 0, 3])
+    """
+    bounds, ks = [ranges[0][0]] if ranges else [0], []
+    for (start, numel), k in zip(ranges, counts, strict=True):
+        if start != bounds[-1]:
+            bounds.append(start)
+            ks.append(0)
+        bounds.append(start + numel)
+        ks.append(k)
+    return (torch.tensor(bounds, dtype=torch.int64, device=device),
+            torch.tensor(ks, dtype=torch.int64, device=device))
 
 
 def count_for(ratio: float, numel: int) -> int:
@@ -84,22 +105,28 @@ class Compressor(abc.ABC):
         ratio = self.ratio(step, epoch)
         return None if ratio is None else count_for(ratio, numel)
 
-    def unsent_bound(self, sent: torch.Tensor, loss_scale: float = 1.0) -> float | None:
-        """An upper bound of ``|v|`` over the coordinates :meth:`select` left, given the ``sent`` values.
-
-        It bounds what stays in the memory, so the next step can tell whether
-        compensating could overflow. Top-k methods return the smallest sent
-        magnitude (nothing left is larger); a threshold returns itself; None (the
-        default) makes the reducer measure ``max|v|`` instead.
-        """
-        return None
-
     @abc.abstractmethod
     def select(self, v: torch.Tensor, step: int, epoch: int, loss_scale: float = 1.0) -> torch.Tensor:
         """Positions to send (int64, ascending) of the flat fp32 tensor ``v``.
 
         ``v`` carries the factor ``loss_scale`` (AMP); absolute thresholds scale with it.
         """
+
+    def select_segments(self, v: torch.Tensor, ranges: Sequence[tuple[int, int]], step: int, epoch: int,
+                        loss_scale: float = 1.0) -> torch.Tensor:
+        """Each range's own :meth:`select`, in one call: positions in ``v`` (int64, ascending).
+
+        ``ranges`` are ``(start, numel)`` slices of ``v``, ascending and not overlapping
+        (a bucket's parameters). The default selects range after range; top-k methods
+        override it with one kernel call for all of them (the same positions).
+
+        >>> import torch
+        >>> from gradsparse import Threshold
+        >>> Threshold(1.0).select_segments(torch.tensor([2.0, 0.1, 0.0, -3.0]), [(0, 2), (3, 1)], 0, 0).tolist()
+        [0, 3]
+        """
+        parts = [self.select(v[a:a + n], step, epoch, loss_scale) + a for a, n in ranges]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=v.device)
 
     def sent_values(self, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The fp32 values sent for ``positions`` (the output of :meth:`select`) of ``v``.

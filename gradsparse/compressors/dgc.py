@@ -41,7 +41,7 @@ from ..errors import IncompatibleOptimizerError, InvalidConfigError
 from ..memory import DGCMemory
 from ..optim import DGCSGD
 from ..schedule import Warmup
-from .base import Compressor, check_ratio
+from .base import Compressor, check_ratio, segment_table
 
 _DEFAULT = object()
 
@@ -152,12 +152,13 @@ class DGC(Compressor):
             return self.target_ratio
         return self.warmup.ratio(self.target_ratio, step, epoch)
 
-    def unsent_bound(self, sent, loss_scale=1.0):
-        return ops.absmin(sent) if sent.numel() else None  # exact top-k: nothing left exceeds what was sent
-
     def select(self, v, step, epoch, loss_scale=1.0):
         k = self.count(v.numel(), step, epoch)
         return ops.sampled_topk_indices(v, k, self.sample_ratio, self._generator)
+
+    def select_segments(self, v, ranges, step, epoch, loss_scale=1.0):
+        offsets, ks = segment_table(ranges, [self.count(n, step, epoch) for _, n in ranges], v.device)
+        return ops.segmented_topk_indices(v, offsets, ks, self.sample_ratio, self._generator)
 
     def config(self):
         warmup = None if self.warmup is None else {

@@ -81,8 +81,5 @@ class GradientDropping(Compressor):
         above = torch.nextafter(torch.tensor(t, dtype=torch.float32), torch.tensor(math.inf))
         return ops.threshold_indices(v, float(above))
 
-    def unsent_bound(self, sent, loss_scale=1.0):
-        return ops.absmin(sent) if sent.numel() else None  # everything sent exceeds t >= everything kept
-
     def config(self):
         return {**super().config(), "drop_ratio": self.drop_ratio, "sample_size": self.sample_size}

@@ -105,13 +105,5 @@ class PerSignTopK(Compressor):
                 out[mask] = (side.sum(dtype=torch.float64) / side.numel()).float()
         return out
 
-    def unsent_bound(self, sent, loss_scale=1.0):
-        if self.quantize or sent.numel() == 0:
-            return None  # the reducer measures max|v|: quantized positions keep v - mean
-        # exact per-sign top-k: nothing left of a sign exceeds the smallest value sent of that sign
-        positive, negative = sent[sent > 0], sent[sent < 0]
-        return max(float(positive.min()) if positive.numel() else 0.0,
-                   float(-negative.max()) if negative.numel() else 0.0)
-
     def config(self):
         return {**super().config(), "ratio": self.target_ratio, "quantize": self.quantize}

@@ -32,9 +32,6 @@ class Threshold(Compressor):
         super().__init__(error_feedback)
         self.threshold = real(threshold, "threshold", low=0.0)
 
-    def unsent_bound(self, sent, loss_scale=1.0):
-        return self.threshold * loss_scale  # what stays is below the threshold
-
     def select(self, v, step, epoch, loss_scale=1.0):
         return ops.threshold_indices(v, self.threshold * loss_scale)
 

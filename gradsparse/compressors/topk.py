@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import Compressor, check_ratio
+from .base import Compressor, check_ratio, segment_table
 
 
 class TopK(Compressor):
@@ -39,11 +39,12 @@ class TopK(Compressor):
     def ratio(self, step, epoch):
         return self.target_ratio
 
-    def unsent_bound(self, sent, loss_scale=1.0):
-        return ops.absmin(sent) if sent.numel() else None  # exact top-k: nothing left exceeds what was sent
-
     def select(self, v, step, epoch, loss_scale=1.0):
         return ops.sampled_topk_indices(v, self.count(v.numel(), step, epoch), 0.01, self._generator)
+
+    def select_segments(self, v, ranges, step, epoch, loss_scale=1.0):
+        offsets, ks = segment_table(ranges, [self.count(n, step, epoch) for _, n in ranges], v.device)
+        return ops.segmented_topk_indices(v, offsets, ks, 0.01, self._generator)
 
     def config(self):
         return {**super().config(), "ratio": self.target_ratio}

@@ -385,9 +385,10 @@ def errors_worker(rank, world):
     except ValueError as e:
         seen["adasum"] = str(e)
 
-    for policy in ("raise", "skip"):
+    for policy in ("raise", "skip", "unverified"):  # unverified: the bad rank flags its payload instead
         model = DDP(make_model("mlp"), bucket_cap_mb=0.05)
-        state = gddp.register(model, DGC(0.01, warmup=None), nonfinite=policy)
+        state = gddp.register(model, DGC(0.01, warmup=None), nonfinite="raise" if policy == "raise" else "skip",
+                              verify_every=0 if policy == "unverified" else 1)
         for step in range(3):
             model.zero_grad()
             loss = loss_of(model, "mlp", rank, step)
@@ -400,11 +401,11 @@ def errors_worker(rank, world):
                 seen[policy] = f"{type(e).__name__}: {e}"
                 seen[f"{policy}_memory_unchanged"] = _memory_equal(state, memory_before)
                 continue
-        if policy == "skip":
-            seen["skip_grads_nan"] = all(torch.isnan(p.grad).all() for p in model.parameters())
-            seen["skip_memory_unchanged"] = _memory_equal(state, memory_before)
-            seen["skip_memory_finite"] = all(torch.isfinite(t).all() for s in state.reducer.memory.state.values()
-                                             for t in s.values())
+        if policy != "raise":
+            seen[f"{policy}_grads_nan"] = all(torch.isnan(p.grad).all() for p in model.parameters())
+            seen[f"{policy}_memory_unchanged"] = _memory_equal(state, memory_before)
+            seen[f"{policy}_memory_finite"] = all(torch.isfinite(t).all() for s in state.reducer.memory.state.values()
+                                                  for t in s.values())
     return seen
 
 
@@ -418,6 +419,9 @@ def test_errors_are_typed_and_reach_every_rank():
         assert "skip" not in seen
         assert seen["raise_memory_unchanged"]
         assert seen["skip_grads_nan"] and seen["skip_memory_unchanged"] and seen["skip_memory_finite"]
+        # not verified: the NaN rank's flagged payload makes every rank skip, and (scratch buffers
+        # dropped) the finite rank keeps nothing of that step either
+        assert seen["unverified_grads_nan"] and seen["unverified_memory_unchanged"]
 
 
 def test_state_refuses_bad_start_iter_and_register_needs_ddp():

@@ -163,14 +163,18 @@ def test_pipeline_sends_and_keeps_what_the_paper_says(name, granularity, wire):
         own.assert_library_kept(r.memory, step)
 
 
-def test_quantized_memory_bound_covers_what_stays_where_every_coordinate_is_sent():
-    """Ratio 1 with means sends every coordinate but keeps v - mean: the overflow bound must say so."""
-    r = SparseReducer(PerSignTopK(1.0), LocalCommunicator(), min_compress_numel=1)
+def test_what_quantization_keeps_counts_in_the_next_overflow_check():
+    """Ratio 1 with means sends every coordinate but keeps v - mean; a gradient that would take that
+    past the wire's range on the next step skips the bucket and leaves the memory as it was."""
+    r = SparseReducer(PerSignTopK(1.0), LocalCommunicator(), min_compress_numel=1, value_dtype=torch.float16)
     v = torch.tensor([1.0, 2.0, 9.0, -4.0])
     r.reduce(v.clone(), None, 1).wait()
-    kept = r.memory.state["bucket"]["residual"]
+    kept = r.memory.state["bucket"]["residual"].clone()
     assert torch.equal(kept, v - torch.tensor([4.0, 4.0, 4.0, -4.0]))
-    assert r.memory.bounds["bucket"]["residual"] >= float(kept.abs().max())
+    g = torch.tensor([0.0, 0.0, 65_500.0, 0.0])  # itself below float16's 65,504; kept + g is not
+    out = r.reduce(g.clone(), None, 2).wait()
+    assert out.isnan().all()
+    assert torch.equal(r.memory.state["bucket"]["residual"], kept)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from gradsparse import DGC, Threshold, TopK, Warmup
-from gradsparse.errors import InvalidConfigError
+from gradsparse.arena import Arena
+from gradsparse.errors import InvalidConfigError, StateMismatchError
 from gradsparse.memory import DGCMemory, Memory, ResidualMemory
+from gradsparse.reducer import Segment
 
 from ..oracles import topk_oracle
 
@@ -100,6 +102,10 @@ def test_dgc_local_clipping_bounds_a_ranks_share_of_the_combined_gradient(op):
     assert norms[0] == norms[1] == pytest.approx(2.0 / 2 ** 0.5, rel=1e-4)
 
 
+def _arena(memory, numel=1000, key="w"):
+    return Arena.of(memory, (Segment(key, 0, numel),), numel, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("wire", [torch.float32, torch.float16, torch.bfloat16])
 def test_residual_conservation_is_exact(wire):
     m = ResidualMemory()
@@ -107,11 +113,14 @@ def test_residual_conservation_is_exact(wire):
     for _ in range(5):
         before = m.state.get("w", {}).get("residual", torch.zeros(1000)).clone()
         g = torch.randn(1000, generator=gen)
-        v = m.compensate("w", g).clone()
+        arena = _arena(m)
+        arena.compensate([(0, g)])
+        v = arena.selectable.clone()
         assert torch.equal(v, before + g)
+        assert torch.equal(m.state["w"]["residual"], before)  # nothing changes until the reduction lands
         idx = topk_oracle(v, 50)
         sent = v[idx].to(wire).float()
-        m.update("w", idx, sent)
+        arena.commit(idx, sent, masked=idx)
         scattered = torch.zeros(1000).index_put_((idx,), sent)
         assert torch.equal(m.state["w"]["residual"] + scattered, v)
 
@@ -129,10 +138,11 @@ def test_dgc_memory_follows_the_paper(nesterov):
         else:
             u = mom * u + g
             v = v + u
-        got = m.compensate("w", g)
-        torch.testing.assert_close(got, v, rtol=0, atol=0)
-        idx = torch.topk(v.abs(), 5).indices
-        m.update("w", idx, v[idx].clone())
+        arena = _arena(m, 50)
+        arena.compensate([(0, g)])
+        torch.testing.assert_close(arena.selectable, v, rtol=0, atol=0)
+        idx = torch.topk(v.abs(), 5).indices.sort().values
+        arena.commit(idx, v[idx].clone(), masked=idx)
         u[idx] = 0
         v[idx] = 0
         assert torch.equal(m.state["w"]["momentum"], u) and torch.equal(m.state["w"]["velocity"], v)
@@ -142,5 +152,31 @@ def test_memory_without_error_feedback_keeps_nothing():
     g = torch.randn(10, generator=torch.Generator().manual_seed(0))
     m = TopK(0.1, error_feedback=False).make_memory()
     assert type(m) is Memory
-    assert torch.equal(m.compensate("w", g), g)
+    assert m.compensate_into((), g, ()).tolist() == [float(g.abs().max())]
     assert m.state == {}
+
+
+def test_arena_carries_the_state_to_a_new_bucket_layout_and_takes_in_replaced_tensors():
+    """DDP's bucket rebuild puts parameters at other offsets; a checkpoint load or the hierarchical path
+    replaces a parameter's tensor: the next arena holds exactly the per-key state."""
+    m = DGCMemory(0.9)
+    gen = torch.Generator().manual_seed(2)
+    first = (Segment("a", 0, 30), Segment("b", 40, 20))
+    arena = Arena.of(m, first, 60, torch.device("cpu"))
+    arena.compensate([(0, torch.randn(30, generator=gen)), (40, torch.randn(20, generator=gen))])
+    arena.commit(torch.tensor([3, 45]), arena.selectable[[3, 45]].clone(), masked=torch.tensor([3, 45]))
+    before = {k: {n: t.clone() for n, t in slot.items()} for k, slot in m.state.items()}
+    assert Arena.of(m, first, 60, torch.device("cpu")) is arena  # unchanged: the same arena
+    moved = (Segment("b", 0, 20), Segment("a", 25, 30))
+    rebuilt = Arena.of(m, moved, 55, torch.device("cpu"))
+    assert rebuilt is not arena and list(m.arenas.values()) == [rebuilt]  # the old layout's is dropped
+    for k, slot in before.items():
+        for n, t in slot.items():
+            assert torch.equal(m.state[k][n], t)
+    assert torch.equal(rebuilt.current[1][20:25], torch.zeros(5))  # the gap stays zero
+    m.state["a"]["velocity"] = torch.full((30,), 7.0)  # e.g. gradsparse.hierarchical moving memory
+    again = Arena.of(m, moved, 55, torch.device("cpu"))
+    assert again is not rebuilt and torch.equal(again.current[1][25:], torch.full((30,), 7.0))
+    assert torch.equal(m.state["b"]["velocity"], before["b"]["velocity"])
+    with pytest.raises(StateMismatchError, match="has 30 elements"):
+        Arena.of(m, (Segment("a", 0, 31),), 31, torch.device("cpu"))
