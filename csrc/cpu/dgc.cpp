@@ -87,9 +87,11 @@ void compensate_range(const float* u, const float* v, const scalar_t* g, float* 
 
 // r_out = r + g over [begin, end): the sum in the promoted type of (float, g's dtype), stored as
 // float, reading r[i] before writing r_out[i] (so r_out may be r); the largest keys of g and r_out
-// into maxima[0..1].
+// into maxima[0..1]. Inlined into a default and an AVX2 build of the same loop (residual_range):
+// additions and integer maxima only, so both round and compare identically.
 template <typename scalar_t>
-void residual_range(const float* r, const scalar_t* g, float* r_out, int64_t begin, int64_t end, uint64_t* maxima) {
+__attribute__((always_inline)) inline void residual_loop(const float* r, const scalar_t* g, float* r_out,
+                                                         int64_t begin, int64_t end, uint64_t* maxima) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   decltype(key_of(acc_t())) g_max = 0;
   int32_t r_max = 0;
@@ -102,6 +104,26 @@ void residual_range(const float* r, const scalar_t* g, float* r_out, int64_t beg
   }
   maxima[0] = static_cast<uint64_t>(g_max);
   maxima[1] = static_cast<uint32_t>(r_max);
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+template <typename scalar_t>
+__attribute__((target("avx2"))) void residual_range_avx2(const float* r, const scalar_t* g, float* r_out,
+                                                        int64_t begin, int64_t end, uint64_t* maxima) {
+  residual_loop<scalar_t>(r, g, r_out, begin, end, maxima);
+}
+inline bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#endif
+
+template <typename scalar_t>
+void residual_range(const float* r, const scalar_t* g, float* r_out, int64_t begin, int64_t end, uint64_t* maxima) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if (cpu_has_avx2()) return residual_range_avx2<scalar_t>(r, g, r_out, begin, end, maxima);
+#endif
+  residual_loop<scalar_t>(r, g, r_out, begin, end, maxima);
 }
 
 constexpr int64_t kGrain = 1 << 14;
