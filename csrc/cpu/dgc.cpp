@@ -54,9 +54,12 @@ double magnitude_of_key(uint64_t key) {  // NaN for a NaN key
 // u_out = m*u + g; v_out = v + u_out (Nesterov: u_out = m*(u + g); v_out = v + u_out + g) over
 // [begin, end), reading u, v before writing u_out, v_out element by element (so each output may be
 // its input). With kMaxima, also the largest keys of g, u_out and v_out into maxima[0..2].
+// Inlined into a default and an AVX2 build (compensate_range); AVX2 does not enable FMA, so
+// products and sums round as in the default build.
 template <typename scalar_t, bool kMaxima>
-void compensate_range(const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out, float m,
-                      bool nesterov, int64_t begin, int64_t end, uint64_t* maxima) {
+__attribute__((always_inline)) inline void compensate_loop(const float* u, const float* v, const scalar_t* g,
+                                                           float* u_out, float* v_out, float m, bool nesterov,
+                                                           int64_t begin, int64_t end, uint64_t* maxima) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   decltype(key_of(acc_t())) g_max = 0;
   int32_t u_max = 0, v_max = 0;
@@ -87,8 +90,8 @@ void compensate_range(const float* u, const float* v, const scalar_t* g, float* 
 
 // r_out = r + g over [begin, end): the sum in the promoted type of (float, g's dtype), stored as
 // float, reading r[i] before writing r_out[i] (so r_out may be r); the largest keys of g and r_out
-// into maxima[0..1]. Inlined into a default and an AVX2 build of the same loop (residual_range):
-// additions and integer maxima only, so both round and compare identically.
+// into maxima[0..1]. Inlined into a default and an AVX2 build (residual_range), like
+// compensate_loop: the SSE2 build has no 32-bit integer max, AVX2 has (vpmaxsd).
 template <typename scalar_t>
 __attribute__((always_inline)) inline void residual_loop(const float* r, const scalar_t* g, float* r_out,
                                                          int64_t begin, int64_t end, uint64_t* maxima) {
@@ -107,20 +110,38 @@ __attribute__((always_inline)) inline void residual_loop(const float* r, const s
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define GRADSPARSE_AVX2_COMPENSATE 1
+inline bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+template <typename scalar_t, bool kMaxima>
+__attribute__((target("avx2"))) void compensate_range_avx2(const float* u, const float* v, const scalar_t* g,
+                                                          float* u_out, float* v_out, float m, bool nesterov,
+                                                          int64_t begin, int64_t end, uint64_t* maxima) {
+  compensate_loop<scalar_t, kMaxima>(u, v, g, u_out, v_out, m, nesterov, begin, end, maxima);
+}
 template <typename scalar_t>
 __attribute__((target("avx2"))) void residual_range_avx2(const float* r, const scalar_t* g, float* r_out,
                                                         int64_t begin, int64_t end, uint64_t* maxima) {
   residual_loop<scalar_t>(r, g, r_out, begin, end, maxima);
 }
-inline bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
 #endif
+
+template <typename scalar_t, bool kMaxima>
+void compensate_range(const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out, float m,
+                      bool nesterov, int64_t begin, int64_t end, uint64_t* maxima) {
+#if defined(GRADSPARSE_AVX2_COMPENSATE)
+  if (cpu_has_avx2()) {
+    return compensate_range_avx2<scalar_t, kMaxima>(u, v, g, u_out, v_out, m, nesterov, begin, end, maxima);
+  }
+#endif
+  compensate_loop<scalar_t, kMaxima>(u, v, g, u_out, v_out, m, nesterov, begin, end, maxima);
+}
 
 template <typename scalar_t>
 void residual_range(const float* r, const scalar_t* g, float* r_out, int64_t begin, int64_t end, uint64_t* maxima) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(GRADSPARSE_AVX2_COMPENSATE)
   if (cpu_has_avx2()) return residual_range_avx2<scalar_t>(r, g, r_out, begin, end, maxima);
 #endif
   residual_loop<scalar_t>(r, g, r_out, begin, end, maxima);
