@@ -136,23 +136,40 @@ inline void check_dgc_args(const at::Tensor& u, const at::Tensor& v, const at::T
   TORCH_CHECK_VALUE(g.device() == u.device() && v.device() == u.device(), "dgc_compensate: tensors on different devices");
 }
 
+// Whether two tensors' bytes overlap; whether they start at the same address.
+inline bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  const auto* a0 = static_cast<const char*>(a.data_ptr());
+  const auto* b0 = static_cast<const char*>(b.data_ptr());
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+inline bool same_start(const at::Tensor& a, const at::Tensor& b) { return a.data_ptr() == b.data_ptr(); }
+
 // dgc_compensate_into's arguments: as dgc_compensate's, plus fp32 contiguous outputs of the same
 // size and device, each either its input itself (in place) or not overlapping u or v or the other.
 inline void check_dgc_into_args(const at::Tensor& u, const at::Tensor& v, const at::Tensor& g, const at::Tensor& u_out,
                                 const at::Tensor& v_out) {
   check_dgc_args(u, v, g);
   check_dgc_args(u_out, v_out, g);
-  const auto overlap = [](const at::Tensor& a, const at::Tensor& b) {
-    const auto* a0 = static_cast<const char*>(a.data_ptr());
-    const auto* b0 = static_cast<const char*>(b.data_ptr());
-    return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
-  };
-  const auto same = [](const at::Tensor& a, const at::Tensor& b) { return a.data_ptr() == b.data_ptr(); };
-  TORCH_CHECK_VALUE(!(u_out.numel() && overlap(u_out, v_out)), "dgc_compensate_into: u_out and v_out overlap");
-  TORCH_CHECK_VALUE(!(u_out.numel() && ((overlap(u_out, u) && !same(u_out, u)) || overlap(u_out, v))),
+  TORCH_CHECK_VALUE(!(u_out.numel() && overlaps(u_out, v_out)), "dgc_compensate_into: u_out and v_out overlap");
+  TORCH_CHECK_VALUE(!(u_out.numel() && ((overlaps(u_out, u) && !same_start(u_out, u)) || overlaps(u_out, v))),
                     "dgc_compensate_into: u_out must be u itself or not overlap u and v");
-  TORCH_CHECK_VALUE(!(v_out.numel() && ((overlap(v_out, v) && !same(v_out, v)) || overlap(v_out, u))),
+  TORCH_CHECK_VALUE(!(v_out.numel() && ((overlaps(v_out, v) && !same_start(v_out, v)) || overlaps(v_out, u))),
                     "dgc_compensate_into: v_out must be v itself or not overlap u and v");
+}
+
+// residual_compensate_into's arguments: fp32 contiguous residual r and output r_out of the
+// gradient's size, on its device; r_out is r itself (in place) or does not overlap it.
+inline void check_residual_into_args(const at::Tensor& r, const at::Tensor& g, const at::Tensor& r_out) {
+  const char* op = "residual_compensate_into";
+  TORCH_CHECK_VALUE(r.scalar_type() == c10::kFloat && r_out.scalar_type() == c10::kFloat, op,
+                    ": the residual and r_out must be float32, got ", r.scalar_type(), " and ", r_out.scalar_type());
+  TORCH_CHECK_VALUE(r.is_contiguous() && r_out.is_contiguous(), op, ": the residual and r_out must be contiguous");
+  TORCH_CHECK_VALUE(r.numel() == g.numel() && r_out.numel() == g.numel(), op, ": the residual and r_out have ",
+                    r.numel(), " and ", r_out.numel(), " elements, the gradient ", g.numel());
+  TORCH_CHECK_VALUE(g.is_floating_point(), op, ": expected a floating-point gradient, got ", g.scalar_type());
+  TORCH_CHECK_VALUE(g.device() == r.device() && r_out.device() == r.device(), op, ": tensors on different devices");
+  TORCH_CHECK_VALUE(!(r_out.numel() && overlaps(r_out, r) && !same_start(r_out, r)), op,
+                    ": r_out must be r itself or not overlap r");
 }
 
 }  // namespace gradsparse

@@ -40,6 +40,12 @@ TORCH_LIBRARY(gradsparse, m) {
   // at the three numbers (every rank's), then keep the scratch as the new state (swap) or drop it.
   m.def("dgc_compensate_into(Tensor u, Tensor v, Tensor g, float momentum, bool nesterov, Tensor(a!) u_out, "
         "Tensor(b!) v_out) -> Tensor");
+  // Error feedback's compensation r_out = r + g (fp32 r and r_out of g's size; r_out is r itself
+  // or does not overlap it), rounded like torch's in-place r.add_(g) (the sum in the promoted type
+  // of float and g's dtype, stored as float), and in the same pass the largest magnitudes: returns
+  // float64 [max|g|, max|r_out|], NaN where a tensor holds a NaN (inf for an inf). The residual
+  // memories' twin of dgc_compensate_into, for the same health check before the state changes.
+  m.def("residual_compensate_into(Tensor r, Tensor g, Tensor(a!) r_out) -> Tensor");
   // Validate every payload, then (zero out if overwrite and) scatter-add alpha * values in rank order.
   // Returns the OR of the payloads' flags as a 0-dim int64 tensor.
   m.def("unpack_add(Tensor[] payloads, Tensor(a!) out, ScalarType value_dtype, Tensor? dense_index, "

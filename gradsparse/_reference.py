@@ -178,6 +178,16 @@ def dgc_compensate_into(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momen
     return torch.stack([_absmax_or_nan(g.reshape(-1)), _absmax_or_nan(u_out), _absmax_or_nan(v_out)])
 
 
+def residual_compensate_into(r: torch.Tensor, g: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
+    """Error feedback's ``r + g`` into fp32 ``r_out`` (which may be ``r`` itself), as ``r_out.add_(g)`` rounds.
+
+    Returns float64 ``[max|g|, max|r_out|]``, each NaN if its tensor holds a NaN.
+    """
+    r_out.copy_(r)
+    r_out.add_(g.reshape(-1))
+    return torch.stack([_absmax_or_nan(g.reshape(-1)), _absmax_or_nan(r_out)])
+
+
 def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int, value_dtype: torch.dtype,
          flags: int = 0) -> torch.Tensor:
     """Reference of :func:`gradsparse.payload.pack`: a zeroed buffer, each section copied into its view."""

@@ -162,6 +162,28 @@ def dgc_compensate_into(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momen
     return _reference.dgc_compensate_into(u, v, g, momentum, nesterov, u_out, v_out)
 
 
+def residual_compensate_into(r: torch.Tensor, g: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
+    """Error feedback's ``r + g`` written into ``r_out``; returns ``[max|g|, max|r_out|]``.
+
+    One pass on the CPU, rounded like ``r_out.copy_(r); r_out.add_(g)``. ``r_out`` (fp32, ``g``'s
+    size) is ``r`` itself or a buffer not overlapping it, so a caller can compensate into a
+    scratch buffer, check the float64 maxima (NaN when a tensor holds a NaN, inf for an inf) and
+    then keep the scratch as the new residual or drop it, the residual untouched. The maxima stay
+    on ``r``'s device.
+
+    Example::
+
+        >>> import torch
+        >>> from gradsparse import ops
+        >>> r, g, r2 = torch.tensor([0.5, 1.0, -1.0]), torch.tensor([1.0, -4.0, 2.0]), torch.empty(3)
+        >>> ops.residual_compensate_into(r, g, r2).tolist(), r2.tolist(), r.tolist()
+        ([4.0, 3.0], [1.5, -3.0, 1.0], [0.5, 1.0, -1.0])
+    """
+    if _compiled(r) and g.device == r.device:
+        return torch.ops.gradsparse.residual_compensate_into(r, g.reshape(-1), r_out)
+    return _reference.residual_compensate_into(r, g, r_out)
+
+
 def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int,
          value_dtype: torch.dtype, flags: int = 0) -> torch.Tensor:
     """One rank's ``uint8`` payload (layout and entry point: :mod:`gradsparse.payload`)."""
@@ -200,6 +222,10 @@ if BACKEND == "extension":
     def _dgc_compensate_into_fake(u, v, g, momentum, nesterov, u_out, v_out):
         return u.new_empty(3, dtype=torch.float64)
 
+    @torch.library.register_fake("gradsparse::residual_compensate_into")
+    def _residual_compensate_into_fake(r, g, r_out):
+        return r.new_empty(2, dtype=torch.float64)
+
     @torch.library.register_fake("gradsparse::pack")
     def _pack_fake(indices, values, dense, numel, value_dtype, flags):
         return values.new_empty(PayloadLayout(indices.numel(), dense.numel(), value_dtype).nbytes, dtype=torch.uint8)
@@ -221,6 +247,7 @@ __all__ = [
     "dgc_compensate_",
     "dgc_compensate_into",
     "pack",
+    "residual_compensate_into",
     "sampled_topk_indices",
     "segmented_topk_indices",
     "threshold_indices",

@@ -1,15 +1,19 @@
-// CPU kernels for DGC's momentum correction + local accumulation, fused into one pass:
-// dgc_compensate (in place) and dgc_compensate_into (into other buffers, with the largest
-// magnitudes of the gradient and of the results, for the reducer's health check).
+// CPU kernels for the memories' compensation passes, each fused into one pass:
+// DGC's momentum correction + local accumulation, dgc_compensate (in place) and
+// dgc_compensate_into (into other buffers, with the largest magnitudes of the gradient and of the
+// results, for the reducer's health check); error feedback's residual add, residual_compensate_into
+// (the same for r = r + g).
 //
-// Both round exactly like the torch ops they replace (gradsparse/_reference.py::dgc_compensate_):
-// products in float, sums in the promoted type of (float, g's dtype), stored as float.
+// All round exactly like the torch ops they replace (gradsparse/_reference.py::dgc_compensate_,
+// residual_compensate_into): products in float, sums in the promoted type of (float, g's dtype),
+// stored as float.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -50,9 +54,12 @@ double magnitude_of_key(uint64_t key) {  // NaN for a NaN key
 // u_out = m*u + g; v_out = v + u_out (Nesterov: u_out = m*(u + g); v_out = v + u_out + g) over
 // [begin, end), reading u, v before writing u_out, v_out element by element (so each output may be
 // its input). With kMaxima, also the largest keys of g, u_out and v_out into maxima[0..2].
+// Inlined into a default and an AVX2 build (compensate_range); AVX2 does not enable FMA, so
+// products and sums round as in the default build.
 template <typename scalar_t, bool kMaxima>
-void compensate_range(const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out, float m,
-                      bool nesterov, int64_t begin, int64_t end, uint64_t* maxima) {
+__attribute__((always_inline)) inline void compensate_loop(const float* u, const float* v, const scalar_t* g,
+                                                           float* u_out, float* v_out, float m, bool nesterov,
+                                                           int64_t begin, int64_t end, uint64_t* maxima) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   decltype(key_of(acc_t())) g_max = 0;
   int32_t u_max = 0, v_max = 0;
@@ -81,7 +88,83 @@ void compensate_range(const float* u, const float* v, const scalar_t* g, float* 
   }
 }
 
+// r_out = r + g over [begin, end): the sum in the promoted type of (float, g's dtype), stored as
+// float, reading r[i] before writing r_out[i] (so r_out may be r); the largest keys of g and r_out
+// into maxima[0..1]. Inlined into a default and an AVX2 build (residual_range), like
+// compensate_loop: the SSE2 build has no 32-bit integer max, AVX2 has (vpmaxsd).
+template <typename scalar_t>
+__attribute__((always_inline)) inline void residual_loop(const float* r, const scalar_t* g, float* r_out,
+                                                         int64_t begin, int64_t end, uint64_t* maxima) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  decltype(key_of(acc_t())) g_max = 0;
+  int32_t r_max = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t gi = static_cast<acc_t>(g[i]);
+    const float ri = static_cast<float>(static_cast<acc_t>(r[i]) + gi);
+    r_out[i] = ri;
+    g_max = std::max(g_max, key_of(gi));
+    r_max = std::max(r_max, key_of(ri));
+  }
+  maxima[0] = static_cast<uint64_t>(g_max);
+  maxima[1] = static_cast<uint32_t>(r_max);
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define GRADSPARSE_AVX2_COMPENSATE 1
+inline bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+template <typename scalar_t, bool kMaxima>
+__attribute__((target("avx2"))) void compensate_range_avx2(const float* u, const float* v, const scalar_t* g,
+                                                          float* u_out, float* v_out, float m, bool nesterov,
+                                                          int64_t begin, int64_t end, uint64_t* maxima) {
+  compensate_loop<scalar_t, kMaxima>(u, v, g, u_out, v_out, m, nesterov, begin, end, maxima);
+}
+template <typename scalar_t>
+__attribute__((target("avx2"))) void residual_range_avx2(const float* r, const scalar_t* g, float* r_out,
+                                                        int64_t begin, int64_t end, uint64_t* maxima) {
+  residual_loop<scalar_t>(r, g, r_out, begin, end, maxima);
+}
+#endif
+
+template <typename scalar_t, bool kMaxima>
+void compensate_range(const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out, float m,
+                      bool nesterov, int64_t begin, int64_t end, uint64_t* maxima) {
+#if defined(GRADSPARSE_AVX2_COMPENSATE)
+  if (cpu_has_avx2()) {
+    return compensate_range_avx2<scalar_t, kMaxima>(u, v, g, u_out, v_out, m, nesterov, begin, end, maxima);
+  }
+#endif
+  compensate_loop<scalar_t, kMaxima>(u, v, g, u_out, v_out, m, nesterov, begin, end, maxima);
+}
+
+template <typename scalar_t>
+void residual_range(const float* r, const scalar_t* g, float* r_out, int64_t begin, int64_t end, uint64_t* maxima) {
+#if defined(GRADSPARSE_AVX2_COMPENSATE)
+  if (cpu_has_avx2()) return residual_range_avx2<scalar_t>(r, g, r_out, begin, end, maxima);
+#endif
+  residual_loop<scalar_t>(r, g, r_out, begin, end, maxima);
+}
+
 constexpr int64_t kGrain = 1 << 14;
+
+// Runs range(begin, end, keys) over the kGrain chunks of [0, n) in parallel, each chunk writing
+// K keys, and returns each key's maximum over the chunks: the same for any thread count, since a
+// max does not depend on the order.
+template <int K, typename Range>
+std::array<uint64_t, K> chunked_max_keys(int64_t n, const Range& range) {
+  const int64_t chunks = (n + kGrain - 1) / kGrain;
+  std::vector<uint64_t> partial(static_cast<size_t>(chunks) * K, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) range(c * kGrain, std::min(n, (c + 1) * kGrain), partial.data() + K * c);
+  });
+  std::array<uint64_t, K> total{};
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int t = 0; t < K; ++t) total[t] = std::max(total[t], partial[K * c + t]);
+  }
+  return total;
+}
 
 void dgc_compensate_cpu(at::Tensor& u, at::Tensor& v, const at::Tensor& g, double momentum, bool nesterov) {
   check_dgc_args(u, v, g);
@@ -101,23 +184,15 @@ at::Tensor dgc_compensate_into_cpu(const at::Tensor& u, const at::Tensor& v, con
                                    bool nesterov, at::Tensor& u_out, at::Tensor& v_out) {
   check_dgc_into_args(u, v, g, u_out, v_out);
   const at::Tensor gc = g.contiguous();
-  const int64_t n = gc.numel(), chunks = (n + kGrain - 1) / kGrain;
-  std::vector<uint64_t> partial(static_cast<size_t>(chunks) * 3, 0);  // per chunk; a max is the same in any order
   double maxima[3] = {0, 0, 0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "dgc_compensate_into", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* gp = gc.data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-      for (int64_t c = first; c < last; ++c) {
-        compensate_range<scalar_t, true>(u.data_ptr<float>(), v.data_ptr<float>(), gp, u_out.data_ptr<float>(),
-                                         v_out.data_ptr<float>(), static_cast<float>(momentum), nesterov, c * kGrain,
-                                         std::min(n, (c + 1) * kGrain), partial.data() + 3 * c);
-      }
+    const float *up = u.data_ptr<float>(), *vp = v.data_ptr<float>();
+    float *uo = u_out.data_ptr<float>(), *vo = v_out.data_ptr<float>();
+    const auto total = chunked_max_keys<3>(gc.numel(), [&](int64_t begin, int64_t end, uint64_t* keys) {
+      compensate_range<scalar_t, true>(up, vp, gp, uo, vo, static_cast<float>(momentum), nesterov, begin, end, keys);
     });
-    uint64_t total[3] = {0, 0, 0};
-    for (int64_t c = 0; c < chunks; ++c) {
-      for (int t = 0; t < 3; ++t) total[t] = std::max(total[t], partial[3 * c + t]);
-    }
     maxima[0] = magnitude_of_key<acc_t>(total[0]);
     maxima[1] = magnitude_of_key<float>(total[1]);
     maxima[2] = magnitude_of_key<float>(total[2]);
@@ -125,11 +200,30 @@ at::Tensor dgc_compensate_into_cpu(const at::Tensor& u, const at::Tensor& v, con
   return at::tensor({maxima[0], maxima[1], maxima[2]}, at::TensorOptions().dtype(at::kDouble));
 }
 
+at::Tensor residual_compensate_into_cpu(const at::Tensor& r, const at::Tensor& g, at::Tensor& r_out) {
+  check_residual_into_args(r, g, r_out);
+  const at::Tensor gc = g.contiguous();
+  double maxima[2] = {0, 0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "residual_compensate_into", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    const float* rp = r.data_ptr<float>();
+    float* ro = r_out.data_ptr<float>();
+    const auto total = chunked_max_keys<2>(gc.numel(), [&](int64_t begin, int64_t end, uint64_t* keys) {
+      residual_range<scalar_t>(rp, gp, ro, begin, end, keys);
+    });
+    maxima[0] = magnitude_of_key<acc_t>(total[0]);
+    maxima[1] = magnitude_of_key<float>(total[1]);
+  });
+  return at::tensor({maxima[0], maxima[1]}, at::TensorOptions().dtype(at::kDouble));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradsparse, CPU, m) {
   m.impl("dgc_compensate", &dgc_compensate_cpu);
   m.impl("dgc_compensate_into", &dgc_compensate_into_cpu);
+  m.impl("residual_compensate_into", &residual_compensate_into_cpu);
 }
 
 }  // namespace gradsparse

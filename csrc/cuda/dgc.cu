@@ -1,7 +1,8 @@
-// CUDA kernels for DGC's momentum correction + local accumulation in one pass, on the current
-// stream: dgc_compensate (in place) and dgc_compensate_into (into other buffers; its largest
-// magnitudes come from three ATen reductions after the kernel, not from the same pass). Rounds
-// like csrc/cpu/dgc.cpp and the torch ops of gradsparse/_reference.py.
+// CUDA kernels for the memories' compensation passes, on the current stream: DGC's momentum
+// correction + local accumulation, dgc_compensate (in place) and dgc_compensate_into (into other
+// buffers; its largest magnitudes come from three ATen reductions after the kernel, not from the
+// same pass), and error feedback's residual_compensate_into (r_out = r + g, maxima likewise).
+// Rounds like csrc/cpu/dgc.cpp and the torch ops of gradsparse/_reference.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -67,11 +68,39 @@ at::Tensor dgc_compensate_into_cuda(const at::Tensor& u, const at::Tensor& v, co
   return at::cat({absmax(gc), absmax(u_out), absmax(v_out)});
 }
 
+// r_out = r + g, the sum in mag_t (double for a double gradient, else float), stored as float.
+// Reads r[i] and writes r_out[i] in the same thread: r_out may be r.
+template <typename scalar_t>
+__global__ void residual_compensate_kernel(const float* r, const scalar_t* __restrict__ g, float* r_out, int64_t n) {
+  using acc_t = mag_t<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    r_out[i] = static_cast<float>(static_cast<acc_t>(r[i]) + static_cast<acc_t>(g[i]));
+  }
+}
+
+at::Tensor residual_compensate_into_cuda(const at::Tensor& r, const at::Tensor& g, at::Tensor& r_out) {
+  check_residual_into_args(r, g, r_out);
+  c10::cuda::CUDAGuard guard(r.device());
+  const at::Tensor gc = g.contiguous();
+  const int64_t n = gc.numel();
+  if (n > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "residual_compensate_into", [&] {
+      residual_compensate_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+          r.data_ptr<float>(), gc.data_ptr<scalar_t>(), r_out.data_ptr<float>(), n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return at::cat({absmax(gc), absmax(r_out)});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradsparse, CUDA, m) {
   m.impl("dgc_compensate", &dgc_compensate_cuda);
   m.impl("dgc_compensate_into", &dgc_compensate_into_cuda);
+  m.impl("residual_compensate_into", &residual_compensate_into_cuda);
 }
 
 }  // namespace gradsparse

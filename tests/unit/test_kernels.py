@@ -376,6 +376,120 @@ def test_dgc_compensate_into_refuses_overlapping_outputs(device):
         torch.ops.gradsparse.dgc_compensate_into(u, v, g, 0.9, False, state[20:30], u)
 
 
+# ------------------------------------------------------------------ residual_compensate_into
+
+def _residual_case(n, dtype, seed):
+    """A residual (fp32) and a gradient (``dtype``, drawn in float64 so an fp64 one has bits fp32
+    cannot hold) whose magnitudes overlap, so sums round."""
+    g = torch.Generator().manual_seed(seed)
+    grad = torch.randn(n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64) ** 2
+    return torch.randn(n, generator=g), grad.to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_residual_compensate_into_equals_reference(n, dtype, device):
+    r0, grad = _residual_case(n, dtype, n + 3)
+    want_r = torch.empty(n)
+    want_stats = ref.residual_compensate_into(r0, grad, want_r)
+    if n:  # the maxima the reference returns are the plain ones
+        assert want_stats.tolist() == [float(grad.double().abs().max()), float(want_r.abs().max())]
+    if dtype == torch.float64 and n >= 1001:  # the case is one where the double sum's rounding matters
+        assert not torch.equal(want_r, r0 + grad.float())
+    r, g = r0.clone().to(device), grad.to(device)  # a copy also on the CPU: r is written in place below
+    r_out = torch.full_like(r, 7.0)
+    stats = torch.ops.gradsparse.residual_compensate_into(r, g, r_out)
+    assert stats.dtype == torch.float64 and stats.device == r.device and stats.shape == (2,)
+    assert torch.equal(r.cpu(), r0), "the residual changed"
+    assert torch.equal(r_out.cpu(), want_r) and torch.equal(stats.cpu(), want_stats)
+    in_place = torch.ops.gradsparse.residual_compensate_into(r, g, r)  # r_out is r itself
+    assert torch.equal(r.cpu(), want_r) and torch.equal(in_place.cpu(), want_stats)
+    ref_in_place = r0.clone()
+    assert torch.equal(ref.residual_compensate_into(ref_in_place, grad, ref_in_place), want_stats)
+    assert torch.equal(ref_in_place, want_r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_residual_compensate_into_takes_any_gradient_layout(device):
+    r0, grad = _residual_case(2 * 40_000, torch.bfloat16, 11)
+    strided = grad.to(device)[::2]  # 1-D, not contiguous: the op's own argument
+    r = r0[:40_000].to(device)
+    out, want = torch.empty_like(r), torch.empty(40_000)
+    assert torch.equal(torch.ops.gradsparse.residual_compensate_into(r, strided, out).cpu(),
+                       ref.residual_compensate_into(r0[:40_000], grad[::2], want))
+    assert torch.equal(out.cpu(), want)
+    matrix = grad.to(device).reshape(200, 400).t()  # 2-D transposed, through ops
+    out, want = torch.empty(80_000, device=device), torch.empty(80_000)
+    assert torch.equal(ops.residual_compensate_into(r0.to(device), matrix, out).cpu(),
+                       ref.residual_compensate_into(r0, grad.reshape(200, 400).t(), want))
+    assert torch.equal(out.cpu(), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_residual_compensate_into_reports_nan_and_inf(dtype, device):
+    n = 70_000
+    r0, grad = _residual_case(n, dtype, 1)
+    for bad, want in ((float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "inf")):
+        g = grad.clone()
+        g[n - 3] = bad
+        stats = torch.ops.gradsparse.residual_compensate_into(r0.to(device), g.to(device),
+                                                              torch.empty(n, device=device)).cpu()
+        assert [str(s) for s in stats.tolist()] == [want] * 2
+        assert [str(s) for s in ref.residual_compensate_into(r0, g, torch.empty(n)).tolist()] == [want] * 2
+    big = {torch.float32: 3e38, torch.bfloat16: 3e38, torch.float64: 1e300}.get(dtype)
+    if big is not None:  # finite gradients whose sum with r overflows fp32 (fp16's cannot)
+        g = torch.full((n,), big, dtype=dtype)
+        stats = torch.ops.gradsparse.residual_compensate_into(torch.full((n,), 3e38, device=device), g.to(device),
+                                                              torch.empty(n, device=device)).cpu()
+        assert stats.tolist() == [float(g[0]), float("inf")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_residual_compensate_into_refuses_bad_arguments(device):
+    def z(n, dtype=torch.float32):
+        return torch.zeros(n, dtype=dtype, device=device)
+
+    op = torch.ops.gradsparse.residual_compensate_into
+    with pytest.raises(ValueError, match="float32"):
+        op(z(3, torch.float64), z(3), z(3))
+    with pytest.raises(ValueError, match="float32"):
+        op(z(3), z(3), z(3, torch.float16))
+    with pytest.raises(ValueError, match="elements"):
+        op(z(3), z(4), z(4))
+    with pytest.raises(ValueError, match="elements"):
+        op(z(4), z(4), z(3))
+    with pytest.raises(ValueError, match="contiguous"):
+        op(z(8)[::2], z(4), z(4))
+    with pytest.raises(ValueError, match="floating-point"):
+        op(z(3), z(3, torch.int32), z(3))
+    state = z(30)
+    with pytest.raises(ValueError, match="r_out must be r itself or not overlap r"):
+        op(state[:10], z(10), state[5:15])
+    with pytest.raises(ValueError, match="r_out must be r itself or not overlap r"):
+        op(state[5:15], z(10), state[:10])
+    op(state[:10], z(10), state[10:20])  # adjacent, not overlapping
+    op(state[:10], z(10), state[:10])  # in place
+
+
+def test_residual_compensate_into_does_not_depend_on_threads():
+    """CPU only: the worker count changes which chunks run side by side, never a result or a maximum."""
+    r, grad = _residual_case(2_500_003, torch.float32, 5)
+    grad[1_234_567] = -40.0  # the largest |g| in a middle chunk
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            out = torch.empty_like(r)
+            got.append((out, torch.ops.gradsparse.residual_compensate_into(r, grad, out)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    assert got[0][1][0].item() == 40.0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("value_dtype", DTYPES)
 @pytest.mark.parametrize("count,n_dense", [(0, 0), (1, 3), (50, 0), (257, 9)])
@@ -466,6 +580,8 @@ def test_opcheck_every_op(device):
                           (randn(100), randn(100), randn(100).half(), 0.9, True))
     torch.library.opcheck(torch.ops.gradsparse.dgc_compensate_into.default,
                           (randn(100), randn(100), randn(100).half(), 0.9, True, randn(100), randn(100)))
+    torch.library.opcheck(torch.ops.gradsparse.residual_compensate_into.default,
+                          (randn(100), randn(100).half(), randn(100)))
     torch.library.opcheck(torch.ops.gradsparse.unpack_add.default,
                           ([payload, payload], torch.zeros(20, device=device), torch.float32,
                            torch.tensor([18, 19], device=device), 0.5, True))
