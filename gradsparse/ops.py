@@ -254,4 +254,3 @@ __all__ = [
     "topk_indices",
     "unpack_add",
 ]
-
