@@ -46,6 +46,9 @@ TORCH_LIBRARY(gradsparse, m) {
   // float64 [max|g|, max|r_out|], NaN where a tensor holds a NaN (inf for an inf). The residual
   // memories' twin of dgc_compensate_into, for the same health check before the state changes.
   m.def("residual_compensate_into(Tensor r, Tensor g, Tensor(a!) r_out) -> Tensor");
+  // The largest |x| of a floating-point tensor as a 0-dim float64 tensor on x's device: NaN if x
+  // holds a NaN, inf for an inf, 0 when empty. One read pass (the reducer's health check).
+  m.def("absmax(Tensor x) -> Tensor");
   // Validate every payload, then (zero out if overwrite and) scatter-add alpha * values in rank order.
   // Returns the OR of the payloads' flags as a 0-dim int64 tensor.
   m.def("unpack_add(Tensor[] payloads, Tensor(a!) out, ScalarType value_dtype, Tensor? dense_index, "

@@ -166,6 +166,11 @@ def _absmax_or_nan(t: torch.Tensor) -> torch.Tensor:
     return t.abs().max().double() if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device)
 
 
+def absmax(x: torch.Tensor) -> torch.Tensor:
+    """Reference of the ``absmax`` op: the largest ``|x|`` as a 0-dim float64 tensor (NaN if x holds one)."""
+    return _absmax_or_nan(x.reshape(-1))
+
+
 def dgc_compensate_into(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
                         u_out: torch.Tensor, v_out: torch.Tensor) -> torch.Tensor:
     """:func:`dgc_compensate_` into ``u_out``, ``v_out`` (which may be ``u``, ``v`` themselves).

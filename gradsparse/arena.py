@@ -1,25 +1,23 @@
-"""One bucket's memory laid out like the bucket, double-buffered, so a bucket is compensated in one pass.
+"""One bucket's memory laid out like the bucket, so a bucket is compensated and updated in one pass each.
 
 An :class:`Arena` holds, per state name of its :class:`~gradsparse.memory.Memory`
-(``"residual"``; ``"momentum"`` and ``"velocity"``), two fp32 tensors of the
-bucket's size: the *current* state and a *scratch* one. Element ``i`` belongs to
-the bucket's element ``i``, so the kernels read the gradient, the state and the
-selection's positions in the same coordinates; the slots of tensors sent whole are
-zero and never written. The per-parameter tensors the memory shows
-(``memory.state[key][name]``: checkpoints, the hierarchical path's moves, loss-scale
-rescaling) are views of the current state.
+(``"residual"``; ``"momentum"`` and ``"velocity"``), one fp32 tensor of the bucket's
+size. Element ``i`` belongs to the bucket's element ``i``, so the kernels read the
+gradient, the state and the selection's positions in the same coordinates; the slots
+of tensors sent whole are zero and never written. The per-parameter tensors the
+memory shows (``memory.state[key][name]``: checkpoints, the hierarchical path's
+moves, loss-scale rescaling) are views of these.
 
-A step compensates every run of adjacent compressed parameters from the current
-state into the scratch (:meth:`Arena.compensate`: one kernel call per run, which
-also returns the largest magnitudes for the health check), the ranks compare their
-health, the selection reads the scratch, and only when the reduction lands does the
-scratch become the current state (:meth:`Arena.commit`, which also removes what was
-sent). A bucket that is skipped (NaN/Inf, overflow, a failed collective) leaves the
-state exactly as it was, at the cost of a second copy of the state.
+A step compensates every run of adjacent compressed parameters in place
+(:meth:`Arena.compensate`: one kernel call per run), and the same pass returns the
+largest magnitude of each state tensor: the arena keeps them as :attr:`Arena.bounds`,
+which is what the next step's overflow check reads (``Memory.headroom``), before it
+compensates anything. The update (:meth:`Arena.commit`) only removes what was sent
+or zeroes momentum, so the bounds still hold after it.
 
-The arena of a layout is rebuilt (the state copied over) when the layout is new,
-after DDP's bucket rebuild, or when something replaced a parameter's state tensor
-(a checkpoint load, the hierarchical path moving memory between paths).
+The arena of a layout is rebuilt (the state copied over, the bounds measured) when the
+layout is new, after DDP's bucket rebuild, or when something replaced a parameter's
+state tensor (a checkpoint load, the hierarchical path moving memory between paths).
 
 Example::
 
@@ -29,8 +27,8 @@ Example::
     >>> from gradsparse.reducer import Segment
     >>> m = ResidualMemory()
     >>> arena = Arena.of(m, (Segment("w", 0, 3),), 3, torch.device("cpu"))
-    >>> arena.compensate([(0, torch.tensor([1.0, -5.0, 2.0]))]).tolist()
-    [5.0, 5.0]
+    >>> arena.compensate([(0, torch.tensor([1.0, -5.0, 2.0]))]).tolist(), arena.bounds
+    ([5.0, 5.0], [5.0])
     >>> arena.commit(torch.tensor([1]), torch.tensor([-5.0]), masked=torch.tensor([1]))
     >>> m.state["w"]["residual"].tolist()
     [1.0, 0.0, 2.0]
@@ -42,6 +40,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import ops
 from .errors import StateMismatchError
 
 
@@ -60,11 +59,10 @@ class Arena:
         self.segments = tuple(segments)
         self.numel = numel
         names = memory.names
-        self.current = tuple(torch.zeros(numel, dtype=torch.float32, device=device) for _ in names)
-        self.scratch = tuple(torch.zeros(numel, dtype=torch.float32, device=device) for _ in names)
+        self.state = tuple(torch.zeros(numel, dtype=torch.float32, device=device) for _ in names)
         for s in self.segments:
             slot = memory.state.get(s.key, {})
-            for name, buf in zip(names, self.current):
+            for name, buf in zip(names, self.state):
                 old = slot.get(name)
                 if old is None:
                     continue
@@ -72,8 +70,15 @@ class Arena:
                     raise StateMismatchError(f"state {s.key!r}.{name} has {old.numel()} elements, the gradient has "
                                              f"{s.numel}")
                 buf[s.offset:s.offset + s.numel].copy_(old.reshape(-1))
+        #: per state tensor, an upper bound of its largest magnitude (exact after each compensation)
+        self.bounds = [ops.absmax(buf) for buf in self.state]
         self._views: list[torch.Tensor] = []
-        self._bind()
+        for s in self.segments:
+            slot = memory.state.setdefault(s.key, {})
+            for name, buf in zip(names, self.state):
+                view = buf[s.offset:s.offset + s.numel]
+                slot[name] = view
+                self._views.append(view)
 
     @classmethod
     def of(cls, memory, segments: Sequence, numel: int, device: torch.device) -> Arena:
@@ -91,42 +96,33 @@ class Arena:
         memory.arenas[layout] = arena
         return arena
 
-    def _bind(self) -> None:
-        """Point the memory's per-key tensors at the current state."""
-        self._views = []
-        for s in self.segments:
-            slot = self.memory.state.setdefault(s.key, {})
-            for name, buf in zip(self.memory.names, self.current):
-                view = buf[s.offset:s.offset + s.numel]
-                slot[name] = view
-                self._views.append(view)
-
     def _valid(self) -> bool:
         state, names, views = self.memory.state, self.memory.names, iter(self._views)
         return all(state.get(s.key, {}).get(name) is next(views) for s in self.segments for name in names)
 
     def compensate(self, pieces: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """Compensate ``pieces`` (bucket offset, gradient) from the current state into the scratch.
+        """Compensate ``pieces`` (bucket offset, gradient; together every segment) into the state, in place.
 
-        Returns float64 ``[max|gradient|, max|scratch state|, ...]`` over the pieces (NaN
-        where a NaN is). The compensated gradient is then :attr:`selectable`.
+        Returns float64 ``[max|gradient|, max|state|, ...]`` over the pieces (NaN where a NaN
+        is) and keeps the state maxima as :attr:`bounds`. The compensated gradient is then
+        :attr:`selectable`.
         """
         maxima = []
         for start, grad in pieces:
-            end = start + grad.numel()
-            maxima.append(self.memory.compensate_into(tuple(b[start:end] for b in self.current), grad,
-                                                      tuple(b[start:end] for b in self.scratch)))
+            views = tuple(b[start:start + grad.numel()] for b in self.state)
+            maxima.append(self.memory.compensate_into(views, grad, views))
         if not maxima:
-            return torch.zeros(1 + len(self.current), dtype=torch.float64)
-        return maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax(0)
+            return torch.zeros(1 + len(self.state), dtype=torch.float64)
+        total = maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax(0)
+        self.bounds = total.tolist()[1:]  # the pieces cover every segment: exact
+        return total
 
     @property
     def selectable(self) -> torch.Tensor:
-        """The compensated gradient (the scratch's last state tensor), laid out like the bucket."""
-        return self.scratch[-1]
+        """The compensated gradient (the last state tensor), laid out like the bucket."""
+        return self.state[-1]
 
     def commit(self, positions: torch.Tensor, sent: torch.Tensor, masked: torch.Tensor | None) -> None:
-        """The reduction landed: the scratch becomes the state, less what was sent (see ``Memory.apply_sent``)."""
-        self.current, self.scratch = self.scratch, self.current
-        self._bind()
-        self.memory.apply_sent(self.current, positions, sent, masked)
+        """The reduction landed: remove what was sent (see ``Memory.apply_sent``). Sent coordinates keep at
+        most their rounding on the wire and masking zeroes: :attr:`bounds` still hold."""
+        self.memory.apply_sent(self.state, positions, sent, masked)

@@ -540,7 +540,7 @@ class HierarchicalReducer:
 
 
 def _put(memory, key: str, name: str, tensor: torch.Tensor) -> None:
-    memory.state.setdefault(key, {})[name] = tensor  # the bucket's arena sees the new tensor and takes it in
+    memory.state.setdefault(key, {})[name] = tensor  # the bucket's arena sees a new tensor and takes it in
 
 
 def create(compressor: Compressor, hierarchy, options: ReducerOptions | None = None, **knobs) -> HierarchicalReducer:

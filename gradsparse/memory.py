@@ -12,11 +12,11 @@ Invariant: after the update, ``state + sent == compensated`` exactly, where
 ``sent`` is the value actually put on the wire (its rounding error stays in the
 state).
 
-Compensation is one pass *into other buffers* (:meth:`Memory.compensate_into`)
-that also returns the largest magnitudes of the gradient and of the result, so
-the ranks can decide that a bucket is unhealthy (NaN/Inf, or a result that
-overflows the wire) before any state changes: the new state is kept only when the
-reduction lands.
+Compensation is one pass (:meth:`Memory.compensate_into`, in place in the
+pipeline) that also returns the largest magnitudes of the gradient and of the
+result: the arena keeps them as bounds, so the next step can tell from the
+gradient's largest magnitude alone (:meth:`Memory.headroom`) whether compensating
+could overflow the wire dtype or fp32, before anything changes.
 
 Example::
 
@@ -65,16 +65,25 @@ class Memory:
 
     def compensate_into(self, state: Sequence[torch.Tensor], grad: torch.Tensor,
                         out: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Write the compensated state for ``grad`` into ``out``, leaving ``state`` as it is; one pass.
+        """Write the compensated state for ``grad`` into ``out``; one pass.
 
         ``state`` and ``out`` hold one fp32 tensor per :attr:`names` entry, of ``grad``'s size
-        (``out`` overlaps neither ``state`` nor itself). Returns float64 ``[max|grad|,
+        (``out`` is ``state`` itself, in place, or overlaps none of it). Returns float64 ``[max|grad|,
         max|out[0]|, ...]`` (NaN where a NaN is, inf for an inf) on ``grad``'s device.
 
         >>> Memory().compensate_into((), torch.tensor([3.0, -4.0]), ()).tolist()
         [4.0]
         """
         return torch.tensor([ops.absmax(grad)], dtype=torch.float64, device=grad.device)
+
+    def headroom(self, bounds: Sequence[float], grad_bound: float) -> float:
+        """Upper bound of the compensated state's largest magnitude for a gradient with ``max|g| <= grad_bound``,
+        given ``bounds`` of the state tensors (:attr:`names` order).
+
+        >>> DGCMemory(0.5).headroom([2.0, 10.0], 1.0)
+        12.0
+        """
+        return float(grad_bound)
 
     def apply_sent(self, state: Sequence[torch.Tensor], positions: torch.Tensor, sent: torch.Tensor,
                    masked: torch.Tensor | None) -> None:
@@ -95,9 +104,11 @@ class Memory:
         for slot in self.state.values():
             for buf in slot.values():
                 buf.mul_(factor)
+        for arena in self.arenas.values():
+            arena.bounds = [b * abs(factor) for b in arena.bounds]
 
     def state_dict(self) -> dict:
-        """The state per key, as copies (the buffers the reducer uses are swapped every step)."""
+        """The state per key, as copies (the reducer keeps working in the buffers)."""
         return {"kind": self.kind, "state": {k: {n: t.clone() for n, t in v.items()} for k, v in self.state.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -112,6 +123,9 @@ class ResidualMemory(Memory):
 
     kind = "residual"
     names = ("residual",)
+
+    def headroom(self, bounds, grad_bound):
+        return bounds[0] + grad_bound
 
     def compensate_into(self, state, grad, out):
         return ops.residual_compensate_into(state[0], grad, out[0])
@@ -143,6 +157,11 @@ class DGCMemory(Memory):
         super().__init__()
         self.momentum = momentum
         self.nesterov = nesterov
+
+    def headroom(self, bounds, grad_bound):
+        u, v = bounds
+        momentum = self.momentum * (u + grad_bound) if self.nesterov else self.momentum * u + grad_bound
+        return v + momentum + (grad_bound if self.nesterov else 0.0)
 
     def compensate_into(self, state, grad, out):
         return ops.dgc_compensate_into(state[0], state[1], grad, self.momentum, self.nesterov, out[0], out[1])

@@ -4,9 +4,9 @@ Every caller in the package goes through these functions (the wire format's thro
 :mod:`gradsparse.payload`, which calls :func:`pack` and :func:`unpack_add` here). They
 use the compiled ``torch.ops.gradsparse`` operators (csrc/) for tensors on a device
 the extension has kernels for, and the pure-PyTorch reference
-(:mod:`gradsparse._reference`) otherwise, with identical results. The one-pass
-reductions the pipeline reads gradients with (:func:`absmax`, :func:`absmin`,
-:func:`all_finite`) have no compiled kernel and are plain PyTorch. Which path is in
+(:mod:`gradsparse._reference`) otherwise, with identical results. Of the one-pass
+reductions the pipeline reads gradients with, :func:`absmax` (the health check) has a
+compiled kernel; :func:`absmin` and :func:`all_finite` are plain PyTorch. Which path is in
 use is logged once at INFO level and readable as :data:`BACKEND`. ``GRADSPARSE_BACKEND=reference`` in the
 environment (read at import) forces the reference path even where the extension is
 built: the test suite's mutation run (tests/mutation/run.py) uses it to test the
@@ -57,9 +57,16 @@ BACKEND, KERNEL_DEVICES = _load_backend()
 
 
 def absmax(x: torch.Tensor) -> float:
-    """Largest ``|x|`` as a Python float; NaN when ``x`` holds a NaN, inf when it holds an inf. One read pass."""
+    """Largest ``|x|`` as a Python float; NaN when ``x`` holds a NaN, inf when it holds an inf. One read pass
+    (the compiled ``absmax`` op where there is one, else ``aminmax``).
+
+    >>> absmax(torch.tensor([1.0, -3.0, 2.0]))
+    3.0
+    """
     if x.numel() == 0:
         return 0.0
+    if _compiled(x) and x.is_floating_point():
+        return float(torch.ops.gradsparse.absmax(x.detach()))
     low, high = torch.aminmax(x.detach())
     return max(-float(low), float(high))
 
@@ -221,6 +228,10 @@ if BACKEND == "extension":
     @torch.library.register_fake("gradsparse::dgc_compensate_into")
     def _dgc_compensate_into_fake(u, v, g, momentum, nesterov, u_out, v_out):
         return u.new_empty(3, dtype=torch.float64)
+
+    @torch.library.register_fake("gradsparse::absmax")
+    def _absmax_fake(x):
+        return x.new_empty((), dtype=torch.float64)
 
     @torch.library.register_fake("gradsparse::residual_compensate_into")
     def _residual_compensate_into_fake(r, g, r_out):

@@ -6,18 +6,18 @@ parameter lives where, keyed by a stable name) and a communicator.
 
 Steps for one bucket on one rank:
 
-1. Check the bucket (floating dtype, 1 <= numel <= 2**31 - 1).
-2. Compensate, one pass per run of adjacent compressed parameters: ``g =
-   compressor.preprocess(g)``, then the memory's compensation from the bucket's
-   :class:`~gradsparse.arena.Arena` (state laid out like the bucket) into its scratch
-   buffers, which also gives the largest magnitudes: the rank's *health* (finite, and
-   nothing at or above the range of the wire, the bucket's dtype or fp32). Segments
-   smaller than ``min_compress_numel`` are *whole tensors*: sent as they are, no memory.
-3. Verify (every ``verify_every`` calls; default every call): gather every rank's
+1. Check the bucket (floating dtype, 1 <= numel <= 2**31 - 1) and its *health*:
+   finite, and no risk that compensating it overflows (see below).
+2. Verify (every ``verify_every`` calls; default every call): gather every rank's
    descriptor of the bucket (configuration, layout, step, epoch, wire dtype, fixed
    payload size, health) and compare them, so a rank that disagrees raises
    :class:`StateMismatchError` on every rank instead of sending a payload of
    another size (which aborts gloo). If any rank is unhealthy, stop here: see below.
+3. Compensate in place, one pass per run of adjacent compressed parameters: ``g =
+   compressor.preprocess(g)``, then the memory's compensation in the bucket's
+   :class:`~gradsparse.arena.Arena` (state laid out like the bucket); the pass also
+   measures the state's largest magnitudes (the next step's overflow bounds). Segments
+   smaller than ``min_compress_numel`` are *whole tensors*: sent as they are, no memory.
 4. Select per parameter (each segment its own top-k, one call for the bucket:
    :meth:`Compressor.select_segments`) or per bucket (one top-k over all compressed
    segments), in the bucket's coordinates.
@@ -32,7 +32,7 @@ Steps for one bucket on one rank:
 7. When the collective completes (one completion path for both transports): land
    the result (allgather: validate every rank's payload, then scatter-add them in
    rank order, each scaled by ``1 / world_size``), apply the compressor's dense
-   post-processing to whole tensors, keep the compensated state less what was sent
+   post-processing to whole tensors, remove what was sent from the memory
    (:meth:`Arena.commit`: one update per bucket) and write the result into the bucket. A collective that fails in the transport
    (a ``RuntimeError`` or ``OSError`` from the backend) raises
    :class:`CommunicationError` naming the bucket, step and rank; gradsparse's own
@@ -45,15 +45,18 @@ powers of two: the rescaling is exact). DGC's clipping norm and Threshold's tau 
 compared unscaled.
 
 Non-finite gradients and overflow: a rank is unhealthy when its bucket holds
-NaN/Inf, or when the compensated state reaches the range of the wire dtype, of
-the bucket's dtype or of fp32 (``inf`` would enter the memory or the wire). The
-compensation was written to scratch buffers, so nothing has changed yet. When the
-descriptors show an unhealthy rank, no rank selects or sends anything: all of them
-raise :class:`NonFiniteGradientError` (``nonfinite="raise"``) or return a NaN bucket
-(``nonfinite="skip"``: AMP's GradScaler then skips the step and lowers its scale),
-and every rank's memory is exactly as before the step. On calls that are not
-verified (``verify_every`` > 1 or 0) the bad rank flags its payload instead, with
-the same outcome.
+NaN/Inf (one read pass over the bucket), or when compensating could overflow: the
+arena keeps the state's largest magnitudes, measured by the previous compensation
+pass (:attr:`~gradsparse.arena.Arena.bounds`), and if the memory's bound for this
+gradient (:meth:`~gradsparse.memory.Memory.headroom`) reaches the range of the wire
+dtype, of the bucket's dtype or of fp32, ``inf`` could enter the memory or the
+wire. When the descriptors show an unhealthy rank, no rank compensates, selects or
+sends anything: all of them raise :class:`NonFiniteGradientError`
+(``nonfinite="raise"``) or return a NaN bucket (``nonfinite="skip"``: AMP's
+GradScaler then skips the step and lowers its scale), and every rank's memory is
+exactly as before the step. On calls that are not verified (``verify_every`` > 1
+or 0) the bad rank flags its payload instead: the outcome is the same except that
+healthy ranks keep that step's gradient in their memory.
 
 Example::
 
@@ -363,19 +366,19 @@ class SparseReducer:
             pieces.append((run[0], flat[run[0]:run[1]]))
         return pieces, replaced
 
-    def _compensate(self, flat: torch.Tensor, plan: _Plan, arena: Arena | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass over the compressed gradient into the arena's scratch: what to select from (laid out like
-        the bucket) and the float64 maxima ``[max|g|, max|state|, ...]`` (NaN where a NaN is)."""
+    def _compensate(self, flat: torch.Tensor, plan: _Plan, arena: Arena | None) -> torch.Tensor:
+        """One pass over the compressed gradient into the arena (in place): what to select from, laid out like
+        the bucket."""
         pieces, replaced = self._pieces(flat, plan)
         if arena is not None:
-            return arena.selectable, arena.compensate(pieces)
+            arena.compensate(pieces)
+            return arena.selectable
         v = flat.float()  # the memory keeps nothing: select from the gradient itself
         if replaced:
             v = v.clone() if v is flat else v
             for start, g in pieces:
                 v[start:start + g.numel()].copy_(g)
-        maxima = [self.memory.compensate_into((), g, ()) for _, g in pieces]
-        return v, torch.stack(maxima).amax(0) if maxima else torch.zeros(1, dtype=torch.float64, device=flat.device)
+        return v
 
     def set_loss_scale(self, loss_scale: float) -> None:
         """Declare the factor the next gradients carry; rescales the memory when it changed."""
@@ -391,17 +394,16 @@ class SparseReducer:
         limit = min(torch.finfo(wire).max, torch.finfo(flat.dtype).max, torch.finfo(torch.float32).max)
         return limit if self.options.op == "average" else limit / self.communicator.world_size
 
-    def _health(self, maxima: torch.Tensor, whole: torch.Tensor, flat: torch.Tensor, wire: torch.dtype) -> int:
-        """HEALTHY, NONFINITE (a NaN/Inf gradient) or OVERFLOW (the gradient or the compensated state reaches
-        :meth:`_limit`) from the compensation's maxima and the whole tensors (one device-to-host copy)."""
-        if whole.numel():
-            maxima = torch.cat([maxima, whole.abs().max().to(maxima).reshape(1)])  # max propagates NaN
-        values = maxima.tolist()
-        grad = [values[0], values[-1]] if whole.numel() else values[:1]
-        if not all(math.isfinite(m) for m in grad):
+    def _health(self, flat: torch.Tensor, arena: Arena | None, wire: torch.dtype) -> int:
+        """HEALTHY, NONFINITE (a NaN/Inf gradient) or OVERFLOW (the gradient, or the bound of what compensating
+        it gives, reaches :meth:`_limit`), before anything changes: one read pass over the bucket."""
+        grad_bound = ops.absmax(flat)
+        if not math.isfinite(grad_bound):
             return NONFINITE
         limit = self._limit(flat, wire)
-        return HEALTHY if all(m < limit for m in values) else OVERFLOW
+        if grad_bound >= limit or (arena is not None and self.memory.headroom(arena.bounds, grad_bound) >= limit):
+            return OVERFLOW
+        return HEALTHY
 
     def _select(self, v: torch.Tensor, plan: _Plan, step: int, epoch: int, wire: torch.dtype) -> _Selection:
         """Every group's selection from ``v`` (laid out like the bucket), the values to send and what to mask."""
@@ -468,9 +470,9 @@ class SparseReducer:
         Every rank must call this with the same segments, step and epoch, in the
         same order.
 
-        Phases: check and plan, compensate (into scratch) and health, verify
-        (descriptors), select, exchange sizes, transport (:meth:`_allgather` or
-        :meth:`_allreduce`), then one completion path (:meth:`_complete`).
+        Phases: check and plan, health, verify (descriptors), compensate and
+        select, exchange sizes, transport (:meth:`_allgather` or :meth:`_allreduce`),
+        then one completion path (:meth:`_complete`).
         """
         check_bucket(flat)
         flat = flat.view(-1)
@@ -482,8 +484,7 @@ class SparseReducer:
         whole = flat.index_select(0, self._index(plan, "whole", flat.device)) if plan.whole else flat.new_empty(0)
         arena = Arena.of(self.memory, plan.compressed, flat.numel(), flat.device) \
             if self.memory.names and plan.compressed else None
-        v, maxima = self._compensate(flat, plan, arena)
-        health = self._health(maxima, whole, flat, wire)
+        health = self._health(flat, arena, wire)
         fixed = sum(s.numel for s in plan.compressed) if select_all else self.fixed_count(plan, step, epoch)
         same_size = select_all or self.compressor.fixed_count
         job = _Job(flat, plan, wire, step, None, fixed or 0, health == HEALTHY, started, 0, on_stats, whole, arena)
@@ -493,6 +494,7 @@ class SparseReducer:
             if any(d[HEALTH] != HEALTHY for d in descriptors):
                 return self._skip_unhealthy(job, [d[HEALTH] for d in descriptors])
         if job.healthy:
+            v = self._compensate(flat, plan, arena)
             chosen = self._select_all(v, plan, wire) if select_all else self._select(v, plan, step, epoch, wire)
             job = dataclasses.replace(job, selection=chosen, count=chosen.positions.numel())
         job = self._exchange_sizes(job, same_size)

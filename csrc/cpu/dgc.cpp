@@ -110,6 +110,16 @@ __attribute__((always_inline)) inline void residual_loop(const float* r, const s
   maxima[1] = static_cast<uint32_t>(r_max);
 }
 
+// The largest key of x over [begin, end) into keys[0]: the reducer's health check (one read pass).
+template <typename scalar_t>
+__attribute__((always_inline)) inline void absmax_loop(const scalar_t* x, int64_t begin, int64_t end,
+                                                       uint64_t* keys) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  decltype(key_of(acc_t())) m = 0;
+  for (int64_t i = begin; i < end; ++i) m = std::max(m, key_of(static_cast<acc_t>(x[i])));
+  keys[0] = static_cast<uint64_t>(m);
+}
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define GRADSPARSE_AVX2_COMPENSATE 1
 inline bool cpu_has_avx2() {
@@ -121,6 +131,10 @@ __attribute__((target("avx2"))) void compensate_range_avx2(const float* u, const
                                                           float* u_out, float* v_out, float m, int64_t begin,
                                                           int64_t end, uint64_t* maxima) {
   compensate_loop<scalar_t, kMaxima, kNesterov>(u, v, g, u_out, v_out, m, begin, end, maxima);
+}
+template <typename scalar_t>
+__attribute__((target("avx2"))) void absmax_range_avx2(const scalar_t* x, int64_t begin, int64_t end, uint64_t* keys) {
+  absmax_loop<scalar_t>(x, begin, end, keys);
 }
 template <typename scalar_t>
 __attribute__((target("avx2"))) void residual_range_avx2(const float* r, const scalar_t* g, float* r_out,
@@ -156,6 +170,14 @@ void residual_range(const float* r, const scalar_t* g, float* r_out, int64_t beg
   if (cpu_has_avx2()) return residual_range_avx2<scalar_t>(r, g, r_out, begin, end, maxima);
 #endif
   residual_loop<scalar_t>(r, g, r_out, begin, end, maxima);
+}
+
+template <typename scalar_t>
+void absmax_range(const scalar_t* x, int64_t begin, int64_t end, uint64_t* keys) {
+#if defined(GRADSPARSE_AVX2_COMPENSATE)
+  if (cpu_has_avx2()) return absmax_range_avx2<scalar_t>(x, begin, end, keys);
+#endif
+  absmax_loop<scalar_t>(x, begin, end, keys);
 }
 
 constexpr int64_t kGrain = 1 << 14;
@@ -229,9 +251,25 @@ at::Tensor residual_compensate_into_cpu(const at::Tensor& r, const at::Tensor& g
   return at::tensor({maxima[0], maxima[1]}, at::TensorOptions().dtype(at::kDouble));
 }
 
+at::Tensor absmax_cpu(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_floating_point(), "absmax: expected a floating-point tensor, got ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  double result = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "absmax", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* p = xc.data_ptr<scalar_t>();
+    const auto total = chunked_max_keys<1>(xc.numel(), [&](int64_t begin, int64_t end, uint64_t* keys) {
+      absmax_range<scalar_t>(p, begin, end, keys);
+    });
+    result = magnitude_of_key<acc_t>(total[0]);
+  });
+  return at::scalar_tensor(result, at::TensorOptions().dtype(at::kDouble));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradsparse, CPU, m) {
+  m.impl("absmax", &absmax_cpu);
   m.impl("dgc_compensate", &dgc_compensate_cpu);
   m.impl("dgc_compensate_into", &dgc_compensate_into_cpu);
   m.impl("residual_compensate_into", &residual_compensate_into_cpu);

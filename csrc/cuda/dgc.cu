@@ -95,9 +95,16 @@ at::Tensor residual_compensate_into_cuda(const at::Tensor& r, const at::Tensor& 
   return at::cat({absmax(gc), absmax(r_out)});
 }
 
+at::Tensor absmax_cuda(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_floating_point(), "absmax: expected a floating-point tensor, got ", x.scalar_type());
+  c10::cuda::CUDAGuard guard(x.device());
+  return absmax(x.reshape(-1)).reshape({});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradsparse, CUDA, m) {
+  m.impl("absmax", &absmax_cuda);
   m.impl("dgc_compensate", &dgc_compensate_cuda);
   m.impl("dgc_compensate_into", &dgc_compensate_into_cuda);
   m.impl("residual_compensate_into", &residual_compensate_into_cuda);

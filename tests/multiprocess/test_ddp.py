@@ -363,7 +363,7 @@ def _memory_equal(state, before) -> bool:
 
 
 def errors_worker(rank, world):
-    seen = {}
+    seen = {"rank": rank}
     model = DDP(make_model("mlp"))
     gddp.register(model, TopK(0.01))
     try:
@@ -419,9 +419,10 @@ def test_errors_are_typed_and_reach_every_rank():
         assert "skip" not in seen
         assert seen["raise_memory_unchanged"]
         assert seen["skip_grads_nan"] and seen["skip_memory_unchanged"] and seen["skip_memory_finite"]
-        # not verified: the NaN rank's flagged payload makes every rank skip, and (scratch buffers
-        # dropped) the finite rank keeps nothing of that step either
-        assert seen["unverified_grads_nan"] and seen["unverified_memory_unchanged"]
+        # not verified: the NaN rank's flagged payload makes every rank skip; the NaN rank's memory is
+        # unchanged (the finite one keeps that step's gradient), and no memory holds a NaN
+        assert seen["unverified_grads_nan"] and seen["unverified_memory_finite"]
+        assert seen["unverified_memory_unchanged"] == (seen["rank"] == 1)
 
 
 def test_state_refuses_bad_start_iter_and_register_needs_ddp():

@@ -389,6 +389,38 @@ def _residual_case(n, dtype, seed):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", SIZES)
+def test_absmax_equals_reference_and_ops_uses_it(n, dtype, device):
+    x = _inputs(n, dtype, n + 5)
+    got = torch.ops.gradsparse.absmax(x.to(device))
+    want = ref.absmax(x)
+    assert got.dtype == torch.float64 and got.shape == () and got.device == x.to(device).device
+    assert torch.equal(got.cpu(), want) and float(want) == (float(x.double().abs().max()) if n else 0.0)
+    assert ops.absmax(x.to(device)) == float(want)
+    if n >= 2:
+        for bad, expected in ((float("nan"), math.isnan), (float("-inf"), math.isinf)):
+            y = x.clone()
+            y[n // 2] = bad
+            assert expected(float(torch.ops.gradsparse.absmax(y.to(device)))) and expected(float(ref.absmax(y)))
+
+
+def test_absmax_does_not_depend_on_threads_and_refuses_integers():
+    x = _inputs(2_500_003, torch.float32, 3)
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(torch.ops.gradsparse.absmax(x))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], ref.absmax(x))
+    with pytest.raises(ValueError, match="floating-point"):
+        torch.ops.gradsparse.absmax(torch.arange(5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
 def test_residual_compensate_into_equals_reference(n, dtype, device):
     r0, grad = _residual_case(n, dtype, n + 3)
     want_r = torch.empty(n)
@@ -569,6 +601,7 @@ def test_opcheck_every_op(device):
 
     x = randn(40_000)
     torch.library.opcheck(torch.ops.gradsparse.threshold_select.default, (x, 1.0))
+    torch.library.opcheck(torch.ops.gradsparse.absmax.default, (x,))
     torch.library.opcheck(torch.ops.gradsparse.topk_select.default, (x, 40, 0.01, 0))
     torch.library.opcheck(torch.ops.gradsparse.segmented_topk_select.default,
                           (x, torch.tensor([0, 100, 30_000, 40_000], device=device),
