@@ -44,8 +44,8 @@ node allreduce runs on its own process group and is issued from future callbacks
 chained in bucket order. Every group therefore sees the same sequence on every rank.
 
 The groups are :class:`~gradsparse.comm.Communicator` s (:class:`Groups`): torch.distributed
-subgroups (:meth:`Groups.create`, the DDP hook) or Horovod process sets
-(:func:`gradsparse.horovod.hierarchy_groups`, the ``compression=`` adapter). Where collectives
+subgroups (:meth:`Groups.create`, the DDP hook), MPI sub-communicators (:meth:`Groups.from_mpi`)
+or Horovod process sets (:func:`gradsparse.horovod.hierarchy_groups`, the ``compression=`` adapter). Where collectives
 are matched by name (Horovod: ``Groups.ordered`` is False) nothing is chained; each is
 named after the tag the caller set with :meth:`HierarchicalReducer.tagged`, and
 :meth:`HierarchicalReducer.complete` drives the bucket to its end.
@@ -216,8 +216,12 @@ class Groups:
     from future callbacks), this column (the same local index on every node); and its shape.
 
     ``ordered``: whether collectives must be issued in one order on every rank (torch.distributed);
-    False where they are matched by name (Horovod). Build with :meth:`create` (torch.distributed) or
-    :func:`gradsparse.horovod.hierarchy_groups` (Horovod process sets).
+    False where they are matched by name (Horovod). Build with :meth:`create` (torch.distributed),
+    :meth:`from_mpi` (mpi4py) or :func:`gradsparse.horovod.hierarchy_groups` (Horovod process sets).
+
+    Example (under ``mpirun -np 4``: 2 nodes x 2 ranks)::
+
+        reducer = HierarchicalReducer(TopK(0.01), Groups.from_mpi(2))
     """
 
     world: Communicator
@@ -251,6 +255,35 @@ class Groups:
         return cls(TorchDistCommunicator(None), TorchDistCommunicator(mine["node"]),
                    TorchDistCommunicator(mine["node_gather"]), TorchDistCommunicator(mine["cross"]),
                    nodes, local, rank // local, rank % local)
+
+
+    @classmethod
+    def from_mpi(cls, local: int | str, comm=None) -> Groups:
+        """Sub-communicators of the mpi4py communicator ``comm`` (None: ``MPI.COMM_WORLD``), by ``Split``;
+        ``"auto"``: the ranks sharing this rank's memory (``Split_type(COMM_TYPE_SHARED)``), which must be
+        numbered node by node (``mpirun``'s default mapping). Collective: every rank of ``comm`` calls it."""
+        from mpi4py import MPI
+
+        from .comm.mpi import MPICommunicator
+
+        world = MPICommunicator(comm)
+        comm, rank = world.comm, world.rank
+        shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank) if local == "auto" else None
+        size = local_size_of(local, world.world_size, auto=None if shared is None else shared.Get_size())
+        agree_local_size(size, world)
+        if shared is not None:
+            placed = world.allgather_ints([shared.Get_rank()], torch.device("cpu"))
+            if any(row[0] != r % size for r, row in enumerate(placed)):
+                raise InvalidConfigError(f"MPI placed ranks on nodes other than node by node (local ranks by rank: "
+                                         f"{[row[0] for row in placed]}): launch with mpirun's default --map-by "
+                                         "slot/core, or pass Hierarchy(local_size=...) for ranks r sharing a node "
+                                         "when r // local_size is equal")
+            shared.Free()
+        node = comm.Split(color=rank // size, key=rank)
+        node_gather = comm.Split(color=rank // size, key=rank)
+        cross = comm.Split(color=rank % size, key=rank)
+        return cls(world, MPICommunicator(node), MPICommunicator(node_gather), MPICommunicator(cross),
+                   world.world_size // size, size, rank // size, rank % size)
 
 
 def _sum_now(comm: Communicator, tensor: torch.Tensor, tag: str) -> torch.Tensor:
