@@ -381,6 +381,7 @@ class HierarchicalReducer:
         self._layouts: dict[tuple, _Layout] = {}
         self._chain: torch.futures.Future = completed_future(None)
         self._tag = "gradsparse"
+        self._gathers: dict[str, Callable[[], None]] = {}  # unordered groups: the node gathers complete() runs
 
     # ------------------------------------------------------------------ surface of SparseReducer
     @property
@@ -415,12 +416,16 @@ class HierarchicalReducer:
             self._tag = previous
 
     def complete(self, tag: str) -> None:
-        """Drive the reduction started under ``tag`` to its end (in this thread), where the communicators need
-        it (Horovod; a no-op for torch.distributed): the flat exchange, or the column exchange and then the
-        node's gather. Waiting on the reduction's future afterwards returns at once."""
+        """Drive the reduction started under ``tag`` to its end (in this thread), where the groups need it
+        (Horovod: ``Groups.ordered`` False; a no-op for torch.distributed and MPI): the flat exchange, or the
+        column exchange and then the node's gather. Waiting on the reduction's future afterwards returns at
+        once; without this call it never resolves there."""
         for comm in (self.groups.world, self.groups.cross):
             if tag in comm.in_flight():
                 comm.complete(tag)
+        gather = self._gathers.pop(tag, None)
+        if gather is not None:
+            gather()
 
     def _node_sum(self, tensor: torch.Tensor, what: str, flat: torch.Tensor, step: int) -> None:
         """Blocking in-place sum of ``tensor`` over this node, issued from the calling thread."""
@@ -512,11 +517,6 @@ class HierarchicalReducer:
 
         inner = self.inner.reduce(shard, layout.segments, step, epoch, select_all=select_all, on_stats=report)
         issued: torch.futures.Future = torch.futures.Future()
-        if g.ordered:  # the node_gather group sees the buckets in the order they were reduced
-            ready = torch.futures.collect_all([inner, self._chain])
-            self._chain = issued
-        else:  # matched by name (Horovod): each bucket's gather goes as soon as its exchange landed
-            ready = inner
         out: torch.futures.Future = torch.futures.Future()
         gather_tag = f"{self._tag}.node_gather"
 
@@ -550,7 +550,12 @@ class HierarchicalReducer:
             else:
                 work.add_done_callback(land)
 
-        ready.add_done_callback(gather)
+        if g.ordered:  # the node_gather group sees the buckets in the order they were reduced
+            torch.futures.collect_all([inner, self._chain]).add_done_callback(gather)
+            self._chain = issued
+        else:  # matched by name (Horovod): the gather runs in complete(tag), on every rank of the node alike (a
+            # column that skipped a non-finite step is done at once, another only once complete() drives it)
+            self._gathers[self._tag] = lambda: gather(inner)
         return out
 
     # ------------------------------------------------------------------ memory between paths
@@ -635,6 +640,7 @@ class HierarchicalReducer:
         state = dict(self.__dict__)
         state["groups"] = None  # process groups belong to this process
         state["_chain"] = None
+        state["_gathers"] = {}
         return state
 
     def __setstate__(self, state):

@@ -57,6 +57,75 @@ def equivalence(hvd, gh, rank, steps=4):
     return out
 
 
+def switching(hvd, gh, rank, steps=6):
+    """DGC(1.0, momentum 0.9) equals dense momentum SGD only if the momentum follows every switch of path
+    (hierarchical -> flat -> hierarchical: the memory moves inside the node, named after the parameter)."""
+    plain, sparse = make_model("mlp"), make_model("mlp")
+    opt_plain = hvd.DistributedOptimizer(torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9),
+                                         named_parameters=plain.named_parameters())
+    compression = gh.SparseCompression(DGC(1.0, momentum=0.9, warmup=None), hierarchy=HIER, log_every=0)
+    opt = gh.DistributedOptimizer(torch.optim.SGD(sparse.parameters(), lr=0.1),
+                                  named_parameters=sparse.named_parameters(), compression=compression)
+    close, intra = True, []
+    for step in range(steps):
+        compression.reducer.transport = ("hierarchical", "flat", "hierarchical")[step // 2]
+        for model, o in ((plain, opt_plain), (sparse, opt)):
+            o.zero_grad()
+            loss_of(model, "mlp", rank, step).backward()
+            o.step()
+        for a, b in zip(plain.parameters(), sparse.parameters(), strict=True):
+            # the compression's result is DGC's momentum: the dense optimizer's buffer (16 ulps: sums over 2 paths)
+            close = close and is_close(b.grad, opt_plain.state[a]["momentum_buffer"], torch.float32, ulps=16)
+        intra.append(compression.last_stats.intra_bytes)
+    return {"close": close, "intra": intra, "flat_keys": sorted(compression.reducer.flat.memory.state),
+            "piece_keys": sorted(compression.reducer.memory.state)}
+
+
+def by_cost(gh, rank, steps=3):
+    """transport="auto": links measured over the process sets at construction, the choice the same on every rank."""
+    model = make_model("mlp")
+    compression = gh.SparseCompression(DGC(0.01, warmup=None), hierarchy=Hierarchy(local_size=LOCAL, transport="auto"),
+                                       log_every=0)
+    opt = gh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                  named_parameters=model.named_parameters(), compression=compression)
+    _train(model, opt, "mlp", rank, steps)
+    topology = compression.reducer.topology
+    return {"hash": params_hash(model), "shape": (topology.nodes, topology.local),
+            "links": (topology.inter is not None, topology.intra is not None),
+            "paths": dict(compression.reducer.paths)}
+
+
+def nonfinite(hvd, gh, rank, steps=3):
+    """A NaN gradient on the last rank at step 1: NaN gradients on every rank, no memory changed, training goes on
+    (the flat path, hierarchy=None, too: its decompress once raised CollectiveOrderError there)."""
+    out = {}
+    for name, hierarchy in (("flat", None), ("hierarchical", HIER)):
+        model = make_model("mlp")
+        compression = gh.SparseCompression(TopK(0.05), hierarchy=hierarchy, log_every=0)
+        opt = gh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                      named_parameters=model.named_parameters(), compression=compression)
+        seen, memory = [], None
+        for step in range(steps):
+            opt.zero_grad()
+            loss = loss_of(model, "mlp", rank, step)
+            if step == 1 and rank == hvd.size() - 1:
+                loss = loss * float("nan")
+            loss.backward()
+            if step == 1:
+                memory = {k: {n: t.clone() for n, t in v.items()} for k, v in compression.reducer.memory.state.items()}
+            seen.append(_error(opt.synchronize))
+            nan = [bool(torch.isnan(p.grad).all()) for p in model.parameters()]
+            with opt.skip_synchronize():
+                if not any(nan):
+                    opt.step()
+            seen.append(nan)
+            if step == 1:
+                unchanged = all(torch.equal(t, memory[k][n]) for k, v in compression.reducer.memory.state.items()
+                                for n, t in v.items())
+        out[name] = {"seen": seen, "memory_unchanged": unchanged, "hash": params_hash(model)}
+    return out
+
+
 def dgc(gh, rank, steps=8):
     """DGC 1 %: trains, every rank ends with the same bits."""
     model = make_model("mlp")
@@ -148,6 +217,7 @@ def main(outdir: str) -> None:
     rank = hvd.rank()
     result.update(rank=rank, world=hvd.size(), equivalence=equivalence(hvd, gh, rank), dgc=dgc(gh, rank),
                   conservation=conservation(hvd, gh, rank), checkpoint=checkpoint(gh, rank),
+                  switching=switching(hvd, gh, rank), by_cost=by_cost(gh, rank), nonfinite=nonfinite(hvd, gh, rank),
                   refusals=refusals(hvd, gh, rank))
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
     hvd.barrier()

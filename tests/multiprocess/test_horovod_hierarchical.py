@@ -57,6 +57,32 @@ def test_dgc_at_one_percent_trains_with_every_rank_bit_identical(ranks):
         assert set(r["steps"].values()) == {8}
 
 
+def test_switching_paths_moves_residuals_and_momentum_exactly(ranks):
+    for r in ranks:
+        s = r["switching"]
+        assert s["close"], s
+        assert [b > 0 for b in s["intra"]] == [True, True, False, False, True, True], s["intra"]
+        assert s["flat_keys"] == [] and s["piece_keys"] and all("@" in k for k in s["piece_keys"]), s
+
+
+def test_transport_by_cost_measures_the_process_sets_and_agrees_on_every_rank(ranks):
+    reports = [r["by_cost"] for r in ranks]
+    assert all(r["shape"] == (NODES, LOCAL) and r["links"] == (True, True) for r in reports), reports
+    assert all(r["paths"] == reports[0]["paths"] and r["hash"] == reports[0]["hash"] for r in reports[1:])
+    assert len(reports[0]["paths"]) == 6
+
+
+@pytest.mark.parametrize("path", ["flat", "hierarchical"])
+def test_a_nan_on_one_rank_gives_nan_everywhere_and_changes_no_memory(ranks, path):
+    reports = [r["nonfinite"][path] for r in ranks]
+    for r in reports:
+        errors, nans = r["seen"][0::2], r["seen"][1::2]
+        assert errors == ["no error"] * 3, errors
+        assert [all(n) for n in nans] == [False, True, False] and not any(nans[0]) and not any(nans[2]), nans
+        assert r["memory_unchanged"]
+    assert len({r["hash"] for r in reports}) == 1
+
+
 def test_what_leaves_each_piece_reaches_every_rank(ranks):
     """Over all steps: results + what every piece still keeps (scaled as reduced) = the average of the gradients."""
     reports = [r["conservation"] for r in ranks]
