@@ -43,6 +43,13 @@ the flat reducer's are issued from the calling thread in bucket order; the secon
 node allreduce runs on its own process group and is issued from future callbacks
 chained in bucket order. Every group therefore sees the same sequence on every rank.
 
+The groups are :class:`~gradsparse.comm.Communicator` s (:class:`Groups`): torch.distributed
+subgroups (:meth:`Groups.create`, the DDP hook), MPI sub-communicators (:meth:`Groups.from_mpi`)
+or Horovod process sets (:func:`gradsparse.horovod.hierarchy_groups`, the ``compression=`` adapter). Where collectives
+are matched by name (Horovod: ``Groups.ordered`` is False) nothing is chained; each is
+named after the tag the caller set with :meth:`HierarchicalReducer.tagged`, and
+:meth:`HierarchicalReducer.complete` drives the bucket to its end.
+
 Example::
 
     state = gradsparse.ddp.register(ddp_model, DGC(0.001), optimizer=opt,
@@ -51,11 +58,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import statistics
+import struct
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -65,7 +74,7 @@ import torch.distributed as dist
 
 from . import cost
 from ._validate import choice, instance, integer
-from .comm.base import completed_future
+from .comm.base import Communicator, completed_future
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
 from .errors import InvalidConfigError, StateMismatchError
@@ -117,9 +126,12 @@ class Hierarchy:
         return cls(local_size=value)
 
 
-def local_size_of(value: int | str, world: int) -> int:
-    """Ranks per node: ``value``, or torchrun's ``LOCAL_WORLD_SIZE`` for ``"auto"``; must divide ``world``."""
-    if value == "auto":
+def local_size_of(value: int | str, world: int, auto: int | None = None) -> int:
+    """Ranks per node: ``value``, or for ``"auto"`` the launcher's count (``auto``: Horovod's
+    ``local_size()``; None: torchrun's ``LOCAL_WORLD_SIZE``); must divide ``world``."""
+    if value == "auto" and auto is not None:
+        value = auto
+    elif value == "auto":
         env = os.environ.get("LOCAL_WORLD_SIZE")
         if env is None:
             raise InvalidConfigError("hierarchy local_size='auto' needs torchrun's LOCAL_WORLD_SIZE; pass "
@@ -130,6 +142,14 @@ def local_size_of(value: int | str, world: int) -> int:
         raise InvalidConfigError(f"local_size {local} does not divide the world size {world}: every node must hold "
                                  "the same number of ranks")
     return local
+
+
+def agree_local_size(local: int, world: Communicator) -> None:
+    """Raise :class:`StateMismatchError` on every rank unless every rank of ``world`` has this ``local``."""
+    seen = [v[0] for v in world.allgather_ints([local], torch.device("cpu"))]
+    if len(set(seen)) > 1:
+        raise StateMismatchError(f"ranks disagree on the ranks per node: {seen} (by rank); set the same "
+                                 "LOCAL_WORLD_SIZE / local_size on every rank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,27 +212,35 @@ def plan_layout(segments: Sequence[Segment], local: int, local_rank: int, min_co
 
 @dataclasses.dataclass(frozen=True)
 class Groups:
-    """The process groups of a hierarchy: the world, this node (two: from the hook's thread, from callbacks),
-    this column (the same local index on every node)."""
+    """The communicators of a hierarchy: the world, this node (two: one used from the calling thread, one
+    from future callbacks), this column (the same local index on every node); and its shape.
 
-    world: dist.ProcessGroup | None
-    node: dist.ProcessGroup
-    node_gather: dist.ProcessGroup
-    cross: dist.ProcessGroup
+    ``ordered``: whether collectives must be issued in one order on every rank (torch.distributed);
+    False where they are matched by name (Horovod). Build with :meth:`create` (torch.distributed),
+    :meth:`from_mpi` (mpi4py) or :func:`gradsparse.horovod.hierarchy_groups` (Horovod process sets).
+
+    Example (under ``mpirun -np 4``: 2 nodes x 2 ranks)::
+
+        reducer = HierarchicalReducer(TopK(0.01), Groups.from_mpi(2))
+    """
+
+    world: Communicator
+    node: Communicator
+    node_gather: Communicator
+    cross: Communicator
     nodes: int
     local: int
     node_index: int
     local_rank: int
+    ordered: bool = True
 
     @classmethod
-    def create(cls, local: int) -> Groups:
-        """Create every subgroup on every rank, in one order (``dist.new_group`` must be called by all ranks)."""
+    def create(cls, local: int | str) -> Groups:
+        """torch.distributed subgroups of the default group; every rank creates every subgroup, in one order
+        (``dist.new_group`` must be called by all ranks)."""
         world, rank = dist.get_world_size(), dist.get_rank()
         local = local_size_of(local, world)
-        seen = TorchDistCommunicator().allgather_ints([local], torch.device("cpu"))
-        if len({v[0] for v in seen}) > 1:
-            raise StateMismatchError(f"ranks disagree on the ranks per node: {[v[0] for v in seen]} (by rank); set "
-                                     "the same LOCAL_WORLD_SIZE / local_size on every rank")
+        agree_local_size(local, TorchDistCommunicator())
         nodes = world // local
         mine = {}
         for kind in ("node", "node_gather"):
@@ -224,14 +252,55 @@ class Groups:
             group = dist.new_group(list(range(l, world, local)))
             if rank % local == l:
                 mine["cross"] = group
-        return cls(None, mine["node"], mine["node_gather"], mine["cross"], nodes, local, rank // local, rank % local)
+        return cls(TorchDistCommunicator(None), TorchDistCommunicator(mine["node"]),
+                   TorchDistCommunicator(mine["node_gather"]), TorchDistCommunicator(mine["cross"]),
+                   nodes, local, rank // local, rank % local)
 
 
-def _slowest(seconds: list[float], group=None) -> list[float]:
-    """Every rank's timings replaced by the slowest rank's (so every rank fits the same model)."""
-    t = torch.tensor(seconds, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()
+    @classmethod
+    def from_mpi(cls, local: int | str, comm=None) -> Groups:
+        """Sub-communicators of the mpi4py communicator ``comm`` (None: ``MPI.COMM_WORLD``), by ``Split``;
+        ``"auto"``: the ranks sharing this rank's memory (``Split_type(COMM_TYPE_SHARED)``), which must be
+        numbered node by node (``mpirun``'s default mapping). Collective: every rank of ``comm`` calls it."""
+        from mpi4py import MPI
+
+        from .comm.mpi import MPICommunicator
+
+        world = MPICommunicator(comm)
+        comm, rank = world.comm, world.rank
+        shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank) if local == "auto" else None
+        size = local_size_of(local, world.world_size, auto=None if shared is None else shared.Get_size())
+        agree_local_size(size, world)
+        if shared is not None:
+            placed = world.allgather_ints([shared.Get_rank()], torch.device("cpu"))
+            if any(row[0] != r % size for r, row in enumerate(placed)):
+                raise InvalidConfigError(f"MPI placed ranks on nodes other than node by node (local ranks by rank: "
+                                         f"{[row[0] for row in placed]}): launch with mpirun's default --map-by "
+                                         "slot/core, or pass Hierarchy(local_size=...) for ranks r sharing a node "
+                                         "when r // local_size is equal")
+            shared.Free()
+        node = comm.Split(color=rank // size, key=rank)
+        node_gather = comm.Split(color=rank // size, key=rank)
+        cross = comm.Split(color=rank % size, key=rank)
+        return cls(world, MPICommunicator(node), MPICommunicator(node_gather), MPICommunicator(cross),
+                   world.world_size // size, size, rank // size, rank % size)
+
+
+def _sum_now(comm: Communicator, tensor: torch.Tensor, tag: str) -> torch.Tensor:
+    """Blocking in-place sum of ``tensor`` over ``comm``'s ranks, named ``tag`` where names matter."""
+    with comm.tagged(tag):
+        fut = comm.allreduce_sum(tensor)
+    comm.complete(tag)
+    return fut.wait()
+
+
+def _slowest(seconds: list[float], world: Communicator) -> list[float]:
+    """Every rank's timings replaced by the slowest rank's (so every rank fits the same model); the float64
+    bits travel as int64, exactly."""
+    bits = [struct.unpack("<q", struct.pack("<d", t))[0] for t in seconds]
+    with world.tagged("gradsparse.measure.slowest"):
+        every = world.allgather_ints(bits, torch.device("cpu"))
+    return [max(struct.unpack("<d", struct.pack("<q", row[i]))[0] for row in every) for i in range(len(seconds))]
 
 
 def _fit(observations: list[cost.Observation]) -> cost.LinkModel:
@@ -248,13 +317,14 @@ def measure(groups: Groups, compressor: Compressor, *, sizes=(1 << 14, 1 << 20),
             ) -> tuple[cost.Topology, cost.KernelCost]:
     """Fit the links (allreduces inside the node, and between nodes with every column at once) and the
     compression cost per element; the slowest rank's times, so the result is the same on every rank."""
-    def timed(group, n):
+    def timed(comm, n):
         buf = torch.ones(n)
-        dist.all_reduce(buf, group=group)  # warm the connection
+        tag = f"gradsparse.measure.{n}"
+        _sum_now(comm, buf, tag)  # warm the connection
         runs = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            dist.all_reduce(buf, group=group)
+            _sum_now(comm, buf, tag)
             runs.append(time.perf_counter() - t0)
         return statistics.median(runs)
 
@@ -263,7 +333,7 @@ def measure(groups: Groups, compressor: Compressor, *, sizes=(1 << 14, 1 << 20),
     t0 = time.perf_counter()
     compressor.select(v, 1 << 30, 1 << 30)
     seconds.append(time.perf_counter() - t0)
-    seconds = _slowest(seconds)
+    seconds = _slowest(seconds, groups.world)
     k = len(sizes)
     intra = inter = None
     if groups.local > 1:
@@ -298,8 +368,8 @@ class HierarchicalReducer:
         self.groups = groups
         self.options = ReducerOptions.of(options, **knobs)
         self.transport = choice(transport, "transport", TRANSPORTS)
-        self.flat = SparseReducer(compressor, TorchDistCommunicator(groups.world), self.options)
-        self.inner = SparseReducer(compressor, TorchDistCommunicator(groups.cross), self.options)
+        self.flat = SparseReducer(compressor, groups.world, self.options)
+        self.inner = SparseReducer(compressor, groups.cross, self.options)
         if self.transport == "auto" and (topology is None or kernel is None):
             measured = measure(groups, compressor)
             topology, kernel = topology or measured[0], kernel or measured[1]
@@ -310,6 +380,8 @@ class HierarchicalReducer:
         self.choices: dict[int, cost.Choice] = {}
         self._layouts: dict[tuple, _Layout] = {}
         self._chain: torch.futures.Future = completed_future(None)
+        self._tag = "gradsparse"
+        self._gathers: dict[str, Callable[[], None]] = {}  # unordered groups: the node gathers complete() runs
 
     # ------------------------------------------------------------------ surface of SparseReducer
     @property
@@ -330,6 +402,34 @@ class HierarchicalReducer:
 
     def collective(self, run: Callable, flat: torch.Tensor, step: int):
         return self.flat.collective(run, flat, step)
+
+    @contextlib.contextmanager
+    def tagged(self, tag: str):
+        """Start the collectives of the reductions issued inside the block under ``tag`` (on the world and
+        column communicators; the node's are named ``tag.node`` / ``tag.node_gather`` / ``tag.move...``): what
+        :meth:`complete` takes, and the names by which Horovod pairs them across ranks."""
+        previous, self._tag = self._tag, tag
+        try:
+            with self.groups.world.tagged(tag), self.groups.cross.tagged(tag):
+                yield
+        finally:
+            self._tag = previous
+
+    def complete(self, tag: str) -> None:
+        """Drive the reduction started under ``tag`` to its end (in this thread), where the groups need it
+        (Horovod: ``Groups.ordered`` False; a no-op for torch.distributed and MPI): the flat exchange, or the
+        column exchange and then the node's gather. Waiting on the reduction's future afterwards returns at
+        once; without this call it never resolves there."""
+        for comm in (self.groups.world, self.groups.cross):
+            if tag in comm.in_flight():
+                comm.complete(tag)
+        gather = self._gathers.pop(tag, None)
+        if gather is not None:
+            gather()
+
+    def _node_sum(self, tensor: torch.Tensor, what: str, flat: torch.Tensor, step: int) -> None:
+        """Blocking in-place sum of ``tensor`` over this node, issued from the calling thread."""
+        self.collective(lambda: _sum_now(self.groups.node, tensor, f"{self._tag}.{what}"), flat, step)
 
     def set_loss_scale(self, loss_scale: float) -> None:
         self.flat.set_loss_scale(loss_scale)
@@ -403,7 +503,7 @@ class HierarchicalReducer:
         if self.options.op == "average" and L > 1:
             flat.mul_(1.0 / L)
         if L > 1:
-            self.collective(lambda: dist.all_reduce(flat, group=g.node), flat, step)
+            self._node_sum(flat, "node", flat, step)
         shard = flat.new_zeros(max(1, layout.mine))
         for src, dst, n in layout.runs:
             shard[dst:dst + n].copy_(flat[src:src + n])
@@ -416,10 +516,9 @@ class HierarchicalReducer:
                                              else HIERARCHICAL))
 
         inner = self.inner.reduce(shard, layout.segments, step, epoch, select_all=select_all, on_stats=report)
-        ready = torch.futures.collect_all([inner, self._chain])
         issued: torch.futures.Future = torch.futures.Future()
-        self._chain = issued
         out: torch.futures.Future = torch.futures.Future()
+        gather_tag = f"{self._tag}.node_gather"
 
         def gather(done: torch.futures.Future) -> None:
             try:
@@ -427,8 +526,11 @@ class HierarchicalReducer:
                 flat.zero_()
                 for src, dst, n in layout.runs:
                     flat[src:src + n].copy_(shard[dst:dst + n])
-                work = self.collective(lambda: dist.all_reduce(flat, group=g.node_gather, async_op=True), flat,
-                                       step) if L > 1 else None
+                work = None
+                if L > 1:
+                    with g.node_gather.tagged(gather_tag):
+                        work = self.collective(lambda: g.node_gather.allreduce_sum(flat), flat, step)
+                    self.collective(lambda: g.node_gather.complete(gather_tag), flat, step)
             except BaseException as err:  # noqa: BLE001 - handed to the caller's future
                 issued.set_result(None)
                 out.set_exception(err)
@@ -446,9 +548,14 @@ class HierarchicalReducer:
             if work is None:
                 land(None)
             else:
-                work.get_future().add_done_callback(land)
+                work.add_done_callback(land)
 
-        ready.add_done_callback(gather)
+        if g.ordered:  # the node_gather group sees the buckets in the order they were reduced
+            torch.futures.collect_all([inner, self._chain]).add_done_callback(gather)
+            self._chain = issued
+        else:  # matched by name (Horovod): the gather runs in complete(tag), on every rank of the node alike (a
+            # column that skipped a non-finite step is done at once, another only once complete() drives it)
+            self._gathers[self._tag] = lambda: gather(inner)
         return out
 
     # ------------------------------------------------------------------ memory between paths
@@ -487,7 +594,7 @@ class HierarchicalReducer:
                     if buf is not None:
                         full.copy_(buf)
                     if not whole and L > 1:
-                        self.collective(lambda: dist.all_reduce(full, group=self.groups.node), flat, step)
+                        self._node_sum(full, f"move.{s.key}.{name}", flat, step)
                         if average:
                             full.mul_(1.0 / L)
                     for p in pieces:
@@ -499,7 +606,7 @@ class HierarchicalReducer:
                         if buf is not None and p.owner == self.groups.local_rank:
                             full[p.start:p.start + p.numel] = buf
                     if L > 1:
-                        self.collective(lambda: dist.all_reduce(full, group=self.groups.node), flat, step)
+                        self._node_sum(full, f"move.{s.key}.{name}", flat, step)
                     if not whole and not average:
                         full.mul_(1.0 / L)
                     _put(self.flat.memory, s.key, name, full)
@@ -532,6 +639,7 @@ class HierarchicalReducer:
         state = dict(self.__dict__)
         state["groups"] = None  # process groups belong to this process
         state["_chain"] = None
+        state["_gathers"] = {}
         return state
 
     def __setstate__(self, state):
@@ -543,13 +651,15 @@ def _put(memory, key: str, name: str, tensor: torch.Tensor) -> None:
     memory.state.setdefault(key, {})[name] = tensor  # the bucket's arena sees a new tensor and takes it in
 
 
-def create(compressor: Compressor, hierarchy, options: ReducerOptions | None = None, **knobs) -> HierarchicalReducer:
-    """A :class:`HierarchicalReducer` over the default (world) group for ``hierarchy`` (see :class:`Hierarchy`)."""
+def create(compressor: Compressor, hierarchy, options: ReducerOptions | None = None, *,
+           groups: Callable[[int | str], Groups] | None = None, **knobs) -> HierarchicalReducer:
+    """A :class:`HierarchicalReducer` for ``hierarchy`` (see :class:`Hierarchy`) over the groups
+    ``groups(local_size)`` builds (default :meth:`Groups.create`: torch.distributed's default group)."""
     h = Hierarchy.of(hierarchy)
-    groups = Groups.create(h.local_size)
+    groups = (groups or Groups.create)(h.local_size)
     return HierarchicalReducer(compressor, groups, options, transport=h.transport, topology=h.topology,
                                kernel=h.kernel, **knobs)
 
 
-__all__ = ["Groups", "HierarchicalReducer", "Hierarchy", "create", "local_size_of", "measure", "plan_layout",
-           "split_parameter"]
+__all__ = ["Groups", "HierarchicalReducer", "Hierarchy", "agree_local_size", "create", "local_size_of", "measure",
+           "plan_layout", "split_parameter"]

@@ -21,6 +21,11 @@ anything runs. Passing a :class:`SparseCompression` built with
 ``named_parameters=`` straight to ``hvd.DistributedOptimizer`` works too, for
 ``op=hvd.Average`` (see docs/horovod.md for what that path cannot check).
 
+Several ranks per node: ``SparseCompression(..., hierarchy=Hierarchy(local_size=...))`` reduces
+each gradient densely inside the node and sends only the node's compressed pieces between
+nodes (:mod:`gradsparse.hierarchical`), over Horovod process sets
+(:func:`hierarchy_groups`; needs ``hvd.init(process_sets="dynamic")``).
+
 Example (under ``horovodrun -np 2 -H localhost:2 --gloo python train.py``)::
 
     import horovod.torch as hvd, gradsparse, gradsparse.horovod
@@ -39,6 +44,7 @@ import logging
 
 import torch
 
+from . import hierarchical
 from .adapter import SparseAdapter, upgrade_checkpoint
 from .compressors.base import Compressor
 from .errors import InvalidConfigError, StateMismatchError
@@ -70,6 +76,12 @@ class SparseCompression(SparseAdapter):
         start_iter, steps_per_epoch, log_every, history_size: see
             :class:`~gradsparse.adapter.SparseAdapter`.
         process_set: Horovod process set (None: global).
+        hierarchy: None (flat: every rank exchanges with every other), or ranks per node (a number,
+            ``"auto"``: Horovod's ``local_size()``) / a :class:`~gradsparse.hierarchical.Hierarchy`:
+            dense inside each node, only the node's compressed pieces between nodes (see
+            :mod:`gradsparse.hierarchical`). Needs Horovod's dynamic process sets
+            (``hvd.init(process_sets="dynamic")``) and the global process set; collective: every rank
+            builds its ``SparseCompression`` in the same order.
         options, **knobs: the reducer's :class:`~gradsparse.options.ReducerOptions`
             (``min_compress_numel``, ``value_dtype``, ``nonfinite``, ``op``, ``verify_every``).
             Each parameter is its own bucket here. ``op`` (``"average"`` or ``"sum"``) must
@@ -93,6 +105,7 @@ class SparseCompression(SparseAdapter):
         log_every: int = 100,
         history_size: int = 10_000,
         options: ReducerOptions | None = None,
+        hierarchy=None,
         **knobs,
     ):
         from .comm.horovod import HorovodCommunicator
@@ -100,6 +113,11 @@ class SparseCompression(SparseAdapter):
         super().__init__(compressor, HorovodCommunicator(process_set), start_iter=start_iter,
                          steps_per_epoch=steps_per_epoch, log_every=log_every, history_size=history_size,
                          options=options, **knobs)
+        if hierarchy is not None:  # the same surface, over node and column process sets
+            if process_set is not None and process_set is not _hvd().global_process_set:
+                raise InvalidConfigError("hierarchy= reduces over Horovod's global process set; leave process_set "
+                                         "unset or use hierarchy=None")
+            self.reducer = hierarchical.create(compressor, hierarchy, self.reducer.options, groups=hierarchy_groups)
         #: compress() calls so far, per parameter name (the step each parameter is at)
         self.steps: dict[str, int] = {}
         self._params: dict[str, torch.Tensor] | None = None
@@ -169,6 +187,15 @@ class SparseCompression(SparseAdapter):
             return
         if self.steps:
             raise InvalidConfigError("the reduction op or process set cannot change after training started")
+        old = self.reducer
+        if isinstance(old, hierarchical.HierarchicalReducer):
+            if process_set is not self.communicator.process_set:
+                raise InvalidConfigError("a SparseCompression with hierarchy= reduces over Horovod's global "
+                                         "process set; leave the optimizer's process_set unset")
+            self.reducer = hierarchical.HierarchicalReducer(
+                self.compressor, old.groups, old.options.replace(op=op), transport=old.transport,
+                topology=old.topology, kernel=old.kernel)
+            return
         communicator = self.communicator
         if process_set is not communicator.process_set:
             communicator = HorovodCommunicator(process_set)
@@ -214,7 +241,7 @@ class SparseCompression(SparseAdapter):
         grad = tensor if tensor.is_contiguous() else tensor.contiguous()
         flat = grad.view(-1)
         tag = f"gradsparse.{name}"
-        with self.communicator.tagged(tag):
+        with self._collectives.tagged(tag):
             fut = self.reducer.reduce(flat, [Segment(name, 0, flat.numel())], step, self.current_epoch(step),
                                       select_all=self.dense_iteration(step), on_stats=lambda s: self._record(step, s))
         self.steps[name] = step + 1
@@ -225,7 +252,10 @@ class SparseCompression(SparseAdapter):
         """Finish the reduction started by :meth:`compress`; returns the averaged gradient."""
         name, tag, fut, grad = ctx
         try:
-            self.communicator.complete(tag)
+            if isinstance(self.reducer, hierarchical.HierarchicalReducer):
+                self.reducer.complete(tag)  # completes what is in flight under the tag
+            elif tag in self.communicator.in_flight():  # nothing is when the descriptors said to skip the step
+                self.communicator.complete(tag)
             self._check_marker(tensor)
             out = fut.wait()
         finally:
@@ -233,6 +263,12 @@ class SparseCompression(SparseAdapter):
             if step is not None and step not in self._inflight.values():
                 self._close(step)
         return out.view(grad.shape)
+
+    @property
+    def _collectives(self):
+        """What names and completes this object's collectives: the communicator, or the hierarchical reducer
+        (which names those of its node and column process sets after the same tag)."""
+        return self.reducer if isinstance(self.reducer, hierarchical.HierarchicalReducer) else self.communicator
 
     def _check_marker(self, marker: torch.Tensor) -> None:
         world = self.communicator.world_size
@@ -276,6 +312,61 @@ class SparseCompression(SparseAdapter):
 
 
 _UNSET = object()
+
+#: process sets gradsparse added, by their ranks (Horovod refuses a second set of the same ranks)
+_PROCESS_SETS: dict[tuple[int, ...], object] = {}
+
+
+def _process_set(hvd, ranks: tuple[int, ...]):
+    """The Horovod process set of these ``ranks``: the global one, one gradsparse added before, or a new one
+    (collective: every rank adds every set, in one order)."""
+    if ranks == tuple(range(hvd.size())):
+        return hvd.global_process_set
+    known = _PROCESS_SETS.get(ranks)
+    if known is not None and known.process_set_id is not None:
+        return known
+    try:
+        added = hvd.add_process_set(list(ranks))
+    except ValueError as err:
+        if "DYNAMIC" in str(err):
+            raise InvalidConfigError('hierarchy= adds Horovod process sets for the nodes and the columns: call '
+                                     'hvd.init(process_sets="dynamic") (or set HOROVOD_DYNAMIC_PROCESS_SETS=1 '
+                                     'before hvd.init())') from err
+        raise InvalidConfigError(f"a Horovod process set of ranks {list(ranks)} exists already and was not added "
+                                 "by gradsparse; remove it (hvd.remove_process_set) or use hierarchy=None") from err
+    _PROCESS_SETS[ranks] = added
+    return added
+
+
+def hierarchy_groups(local_size: int | str = "auto") -> hierarchical.Groups:
+    """The :class:`~gradsparse.hierarchical.Groups` of ``local_size`` ranks per node over Horovod process sets.
+
+    Ranks ``r`` with the same ``r // local_size`` share a node (horovodrun numbers ranks host
+    by host); ``"auto"`` takes Horovod's ``local_size()`` and checks that numbering. Collective:
+    every rank calls it; every rank must give the same ``local_size`` (else
+    ``StateMismatchError`` on every rank), which must divide the world size (else
+    ``InvalidConfigError``). Process sets of the same ranks are reused.
+
+    Example (after ``hvd.init(process_sets="dynamic")``)::
+
+        groups = gradsparse.horovod.hierarchy_groups(2)
+    """
+    from .comm.horovod import HorovodCommunicator
+
+    hvd = _hvd()
+    world, rank = hvd.size(), hvd.rank()
+    local = hierarchical.local_size_of(local_size, world, auto=hvd.local_size())
+    hierarchical.agree_local_size(local, HorovodCommunicator())
+    if local_size == "auto" and (hvd.local_rank(), hvd.cross_rank()) != (rank % local, rank // local):
+        raise InvalidConfigError(f"Horovod placed rank {rank} as local rank {hvd.local_rank()} of node "
+                                 f"{hvd.cross_rank()}, not host by host: pass Hierarchy(local_size=...) for ranks "
+                                 "r sharing a node when r // local_size is equal")
+    nodes = world // local
+    node_sets = [_process_set(hvd, tuple(range(n * local, (n + 1) * local))) for n in range(nodes)]
+    column_sets = [_process_set(hvd, tuple(range(l, world, local))) for l in range(local)]
+    node, column = node_sets[rank // local], column_sets[rank % local]
+    return hierarchical.Groups(HorovodCommunicator(), HorovodCommunicator(node), HorovodCommunicator(node),
+                               HorovodCommunicator(column), nodes, local, rank // local, rank % local, ordered=False)
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, backward_passes_per_step=1,
@@ -385,4 +476,4 @@ def _elastic_handler_class(base):
     return SparseCompressionHandler
 
 
-__all__ = ["DistributedOptimizer", "SparseCompression", "register_elastic"]
+__all__ = ["DistributedOptimizer", "SparseCompression", "hierarchy_groups", "register_elastic"]

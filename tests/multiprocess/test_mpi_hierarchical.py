@@ -1,0 +1,97 @@
+"""HierarchicalReducer over MPI sub-communicators (``Groups.from_mpi``): 4 ranks under real ``mpirun`` as 2 x 2.
+
+One launch of tests/mpi_hierarchical_worker.py runs every scenario; nodes are emulated by rank
+numbers (``local_size=2``), the collectives are Open MPI's own on ``Split`` communicators.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ..docblocks import ROOT, block_with
+from ..tolerances import close
+from .test_mpi import MPIRUN
+
+WORLD, LOCAL = 4, 2
+NODES = WORLD // LOCAL
+
+
+def mpirun(args, cwd, timeout):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", str(WORLD), sys.executable, *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mpi_hier")
+    mpirun(["-m", "tests.mpi_hierarchical_worker", str(folder)], ROOT, timeout=300)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_ranks_sharing_rank_div_local_size_form_a_node(ranks):
+    assert [r["shape"] for r in ranks] == [(NODES, LOCAL, r // LOCAL, r % LOCAL) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", ["topk_1", "dgc_1_no_momentum"])
+def test_nothing_dropped_equals_mpis_own_allreduce_average(ranks, case):
+    reports = [r["equivalence"][case] for r in ranks]
+    for r in reports:
+        assert r["close"] and r["sensitive"] and r["done"], r  # done: blocking MPI, nothing left to a callback
+        assert r["pieces"] and all("@" in k for k in r["pieces"]), r
+    assert len({r["hash"] for r in reports}) == 1
+
+
+def test_dgc_at_one_percent_trains_with_every_rank_bit_identical(ranks):
+    reports = [r["dgc"] for r in ranks]
+    assert len({r["hash"] for r in reports}) == 1 and reports[0]["hash"] != reports[0]["start"]
+    for r in reports:
+        assert set(r["transports"]) <= {"hierarchical", "hierarchical_allreduce"} and r["intra"] > 0, r
+        assert 0 < r["selected"] < 0.02 * (r["numel"] - r["whole"]), r
+
+
+def test_what_leaves_each_piece_reaches_every_rank(ranks):
+    reports = [r["conservation"] for r in ranks]
+    for rep in reports[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(rep["outs"], reports[0]["outs"], strict=True))
+    delivered = sum(o.double() for o in reports[0]["outs"])
+    kept = torch.zeros_like(delivered)
+    for rep in reports:
+        for key, residual in rep["memory"].items():
+            name, span = key.split("@")
+            start, end = map(int, span.split(":"))
+            offset = {"w": 0, "b": 12_000}[name]
+            kept[offset + start:offset + end] += residual.double() / NODES
+    compensated = sum(g.double() for rep in reports for g in rep["grads"]) / WORLD
+    close(delivered + kept, compensated, torch.float32, ulps=16)  # 16: 5 steps of fp32 sums
+    assert float(kept.abs().max()) > 0  # TopK 5 % kept something back: the check above is not vacuous
+
+
+def test_checkpoint_resumes_bit_exactly(ranks):
+    for r in ranks:
+        c = r["checkpoint"]
+        assert c["resumed"] == c["uninterrupted"] and c["pieces"] and all("@" in k for k in c["pieces"])
+
+
+def test_what_cannot_work_is_a_typed_error_on_every_rank(ranks):
+    for r in ranks:
+        seen = r["refusals"]
+        assert seen["not_dividing"].startswith("InvalidConfigError") and "does not divide" in seen["not_dividing"]
+        assert seen["disagreeing"].startswith("StateMismatchError") and "[1, 2, 2, 2]" in seen["disagreeing"]
+        assert seen["auto"] == (1, WORLD)  # "auto": the ranks sharing memory (one machine here)
+
+
+def test_doc_hierarchical_mpi_script_runs_as_two_nodes_of_two_ranks(tmp_path):
+    script = block_with("docs/horovod.md", "Groups.from_mpi(")
+    (tmp_path / "train_mpi.py").write_text("import torch\ntorch.set_num_threads(1)\n" + script)
+    proc = mpirun(["train_mpi.py"], tmp_path, timeout=180)
+    sent = re.findall(r"rank (\d): (\d+) bytes between nodes, (\d+) inside the node in 20 steps", proc.stdout)
+    assert sorted(rank for rank, _, _ in sent) == ["0", "1", "2", "3"], proc.stdout
+    dense = 20 * 4 * (256 * 1024 + 1024 + 1024 * 10 + 10)
+    assert all(0 < int(between) < dense / 5 and int(inside) > dense for _, between, inside in sent), (sent, dense)
