@@ -23,7 +23,7 @@ import sys
 
 from launch.linkrate import parse_rate
 
-ORDER = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1", "dgc0.1warm")
+ORDER = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime")
 
 
 def fmt_bytes(n: float) -> str:
@@ -385,7 +385,7 @@ def point_plot(point: dict, model: str, path: str, title: str, labels: dict | No
     ticks = [r["label"].replace("gradsparse ", "gradsparse\n").replace(" (", "\n(") for r in rows]
     ys = range(len(rows))
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 0.7 * len(rows) + 2), sharey=True)
-    colors = ["tab:olive" if r["method"] == "dgc0.1warm" else "tab:green" if r["method"].startswith(("dgc", "topk"))
+    colors = ["tab:olive" if r["method"].startswith("dgc0.1warm") else "tab:green" if r["method"].startswith(("dgc", "topk"))
               else "tab:gray" if r["method"] == "compute" else "tab:blue" for r in rows]
     ax_t.barh(ys, [r["step_ms"] for r in rows], color=colors,
               xerr=[[r["step_ms"] - r["min_ms"] for r in rows], [r["max_ms"] - r["step_ms"] for r in rows]], capsize=3)

@@ -57,14 +57,15 @@ from gradsparse.hierarchical import Hierarchy
 
 logger = logging.getLogger("ddp_bench")
 
-METHODS = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1", "dgc0.1warm", "dgc0.1hier",
-           "dgc0.1auto", "topk1hier", "topk1auto")
+METHODS = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime",
+           "dgc0.1hier", "dgc0.1auto", "topk1hier", "topk1auto")
 LABELS = {"compute": "compute only (no comm)", "dense": "dense fp32 (no hook)", "fp16": "fp16_compress_hook",
           "powersgd1": "PowerSGD rank 1", "powersgd4": "PowerSGD rank 4", "topk1": "gradsparse TopK 1 %",
           "dgc0.1": "gradsparse DGC 0.1 %", "dgc0.1warm": "gradsparse DGC, warm-up stage 1 (25 %)",
+          "dgc0.1warmtime": "gradsparse DGC, warm-up stage 1, transport by time",
           "dgc0.1hier": "gradsparse DGC 0.1 % (hierarchical)", "dgc0.1auto": "gradsparse DGC 0.1 % (by cost)",
           "topk1hier": "gradsparse TopK 1 % (hierarchical)", "topk1auto": "gradsparse TopK 1 % (by cost)"}
-GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm", "dgc0.1hier", "dgc0.1auto", "topk1hier", "topk1auto")
+GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime", "dgc0.1hier", "dgc0.1auto", "topk1hier", "topk1auto")
 HIERARCHY = {f"{m}{kind}": Hierarchy(transport={"hier": "hierarchical", "auto": "auto"}[kind])
              for m in ("dgc0.1", "topk1") for kind in ("hier", "auto")}
 
@@ -104,10 +105,12 @@ def build(method: str, model_kind: str, powersgd_bucket_mb: float = 4096):
         state = PowerSGDState(None, matrix_approximation_rank=int(method[-1]), start_powerSGD_iter=2)
         model.register_comm_hook(state, timer.hook)
     elif method in GRADSPARSE:
-        compressor = TopK(0.01) if method.startswith("topk1") else DGC(0.001) if method == "dgc0.1warm" else \
-            DGC(0.001, warmup=None)
+        compressor = TopK(0.01) if method.startswith("topk1") else DGC(0.001) if method.startswith("dgc0.1warm") \
+            else DGC(0.001, warmup=None)
         gddp.check_optimizer(opt, compressor)
-        state = gddp.GradSparseState(compressor, model=model, log_every=0, hierarchy=HIERARCHY.get(method))
+        transport = {"transport": "auto"} if method == "dgc0.1warmtime" else {}  # sparse or dense by predicted time
+        state = gddp.GradSparseState(compressor, model=model, log_every=0, hierarchy=HIERARCHY.get(method),
+                                     **transport)
         timer = HookTimer(gddp.sparse_hook)
         model.register_comm_hook(state, timer.hook)
     elif method != "dense":

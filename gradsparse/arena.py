@@ -49,42 +49,51 @@ class Arena:
 
     Args:
         memory: the :class:`~gradsparse.memory.Memory` whose state this holds.
-        segments: the compressed parameters (``Segment``: key, offset, numel), ascending offsets.
+        segments: the parameters (``Segment``: key, offset, numel), ascending offsets.
         numel: the bucket's size.
         device: where the bucket lives.
+        names: the state tensors (default: ``memory.names``, the compressed parameters' state).
+        compact: lay the segments out one after the other (``numel`` is then ignored) instead of
+            at their bucket offsets: the whole tensors' DGC momentum (``memory.whole_names``).
     """
 
-    def __init__(self, memory, segments: Sequence, numel: int, device: torch.device):
+    def __init__(self, memory, segments: Sequence, numel: int, device: torch.device,
+                 names: tuple[str, ...] | None = None, compact: bool = False):
         self.memory = memory
         self.segments = tuple(segments)
-        self.numel = numel
-        names = memory.names
-        self.state = tuple(torch.zeros(numel, dtype=torch.float32, device=device) for _ in names)
+        self.names = memory.names if names is None else names
+        starts, at = [], 0
         for s in self.segments:
+            starts.append(at if compact else s.offset)
+            at += s.numel
+        self.numel = at if compact else numel
+        self.state = tuple(torch.zeros(self.numel, dtype=torch.float32, device=device) for _ in self.names)
+        for s, a in zip(self.segments, starts):
             slot = memory.state.get(s.key, {})
-            for name, buf in zip(names, self.state):
+            for name, buf in zip(self.names, self.state):
                 old = slot.get(name)
                 if old is None:
                     continue
                 if old.numel() != s.numel:
                     raise StateMismatchError(f"state {s.key!r}.{name} has {old.numel()} elements, the gradient has "
                                              f"{s.numel}")
-                buf[s.offset:s.offset + s.numel].copy_(old.reshape(-1))
+                buf[a:a + s.numel].copy_(old.reshape(-1))
         #: per state tensor, an upper bound of its largest magnitude (exact after each compensation)
         self.bounds = [ops.absmax(buf) for buf in self.state]
         self._views: list[torch.Tensor] = []
-        for s in self.segments:
+        for s, a in zip(self.segments, starts):
             slot = memory.state.setdefault(s.key, {})
-            for name, buf in zip(names, self.state):
-                view = buf[s.offset:s.offset + s.numel]
+            for name, buf in zip(self.names, self.state):
+                view = buf[a:a + s.numel]
                 slot[name] = view
                 self._views.append(view)
 
     @classmethod
-    def of(cls, memory, segments: Sequence, numel: int, device: torch.device) -> Arena:
+    def of(cls, memory, segments: Sequence, numel: int, device: torch.device, names: tuple[str, ...] | None = None,
+           compact: bool = False) -> Arena:
         """The memory's arena for this layout: the cached one if the per-key state is still its own, else a new
         one built from the per-key state (older arenas holding any of these keys are dropped)."""
-        layout = (tuple(segments), numel, str(device))
+        layout = (tuple(segments), numel, str(device), names, compact)
         arena = memory.arenas.get(layout)
         if arena is not None and arena._valid():
             return arena
@@ -92,13 +101,13 @@ class Arena:
         for other, old in list(memory.arenas.items()):
             if keys.intersection(s.key for s in old.segments):
                 del memory.arenas[other]
-        arena = cls(memory, segments, numel, device)
+        arena = cls(memory, segments, numel, device, names, compact)
         memory.arenas[layout] = arena
         return arena
 
     def _valid(self) -> bool:
-        state, names, views = self.memory.state, self.memory.names, iter(self._views)
-        return all(state.get(s.key, {}).get(name) is next(views) for s in self.segments for name in names)
+        state, views = self.memory.state, iter(self._views)
+        return all(state.get(s.key, {}).get(name) is next(views) for s in self.segments for name in self.names)
 
     def compensate(self, pieces: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """Compensate ``pieces`` (bucket offset, gradient; together every segment) into the state, in place.

@@ -45,23 +45,12 @@ class Memory:
     #: the fp32 state tensors kept per key; compensation reads and writes all of them, and the
     #: last is the one selection reads (the compensated gradient)
     names: tuple[str, ...] = ()
+    #: the fp32 state tensors kept per tensor sent whole (DGC's momentum)
+    whole_names: tuple[str, ...] = ()
 
     def __init__(self):
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.arenas: dict[tuple, object] = {}  # gradsparse.arena.Arena per bucket layout (see Arena.of)
-
-    def _buffer(self, key: str, name: str, like: torch.Tensor) -> torch.Tensor:
-        slot = self.state.setdefault(key, {})
-        buf = slot.get(name)
-        if buf is None or buf.numel() != like.numel() or buf.device != like.device:
-            if buf is not None:
-                raise StateMismatchError(
-                    f"state {key!r}.{name} has {buf.numel()} elements on {buf.device}, "
-                    f"the gradient has {like.numel()} on {like.device}"
-                )
-            buf = torch.zeros(like.numel(), dtype=torch.float32, device=like.device)
-            slot[name] = buf
-        return buf
 
     def compensate_into(self, state: Sequence[torch.Tensor], grad: torch.Tensor,
                         out: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -93,8 +82,9 @@ class Memory:
         momentum there); None when every coordinate of every tensor was sent.
         """
 
-    def finish_whole(self, key: str, averaged: torch.Tensor) -> None:
-        """Post-process, in place, the averaged gradient of a tensor that was sent whole."""
+    def finish_whole(self, state: Sequence[torch.Tensor], averaged: torch.Tensor) -> None:
+        """Post-process, in place, the averaged gradients of the tensors sent whole, gathered into ``averaged``
+        (``state``: their :attr:`whole_names` tensors, laid out alike)."""
 
     def rescale(self, factor: float) -> None:
         """Multiply every state tensor by ``factor`` (all of them are linear in the gradient).
@@ -152,6 +142,7 @@ class DGCMemory(Memory):
 
     kind = "dgc"
     names = ("momentum", "velocity")
+    whole_names = ("momentum",)
 
     def __init__(self, momentum: float = 0.9, nesterov: bool = False):
         super().__init__()
@@ -171,16 +162,15 @@ class DGCMemory(Memory):
             state[0].index_fill_(0, masked, 0.0)
         state[1].index_add_(0, positions, sent, alpha=-1.0)
 
-    def finish_whole(self, key, averaged):
-        """Plain (or Nesterov) momentum on the averaged gradient of a tensor sent whole.
+    def finish_whole(self, state, averaged):
+        """Plain (or Nesterov) momentum on the averaged gradients of the tensors sent whole.
 
         So every parameter sees the same optimizer. The momentum is kept in fp32;
         ``averaged`` (any float dtype, contiguous) is updated in place.
         """
-        flat = averaged.view(-1)
-        u = self._buffer(key, "momentum", flat)
-        u.mul_(self.momentum).add_(flat)
+        u = state[0]
+        u.mul_(self.momentum).add_(averaged)
         if self.nesterov:
-            flat.add_(u, alpha=self.momentum)
+            averaged.add_(u, alpha=self.momentum)
         else:
-            flat.copy_(u)
+            averaged.copy_(u)

@@ -660,8 +660,14 @@ class SparseReducer:
         if job.arena is not None:
             sent = chosen.sent if landing.sent is None else landing.sent
             job.arena.commit(chosen.positions, sent, chosen.masked)
-        for s in job.plan.whole:
-            self.memory.finish_whole(s.key, landing.out[s.offset:s.offset + s.numel])
+        if job.plan.whole and self.memory.whole_names:  # one gather, update and scatter for the bucket
+            out = landing.out
+            arena = Arena.of(self.memory, job.plan.whole, job.plan.n_whole, out.device, self.memory.whole_names,
+                             compact=True)
+            index = self._index(job.plan, "whole", out.device)
+            averaged = out.index_select(0, index)
+            self.memory.finish_whole(arena.state, averaged)
+            out.index_copy_(0, index, averaged)
 
     def _report(self, job: _Job, transport: str, traffic: _Traffic, compress_s: float, blocking_s: float) -> None:
         if job.on_stats is not None:
