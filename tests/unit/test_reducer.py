@@ -281,19 +281,25 @@ def test_everything_sent_is_dense_momentum_sgd(how, nesterov):
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_dgc_whole_tensors_get_momentum_on_the_averaged_gradient(nesterov):
-    """A tensor sent whole gets torch.optim.SGD's momentum (and Nesterov) on its averaged gradient."""
+    """Tensors sent whole (here two, around a compressed one) get torch.optim.SGD's momentum (and Nesterov) on
+    their averaged gradient, each its own, kept per parameter name."""
     r = reducer(DGC(0.01, nesterov=nesterov, warmup=None), min_compress_numel=10_000)
-    w = torch.nn.Parameter(torch.zeros(1000, dtype=torch.float64))
-    sgd = torch.optim.SGD([w], lr=1.0, momentum=0.9, nesterov=nesterov)  # the oracle, in float64
+    segments = [Segment("bias", 0, 1000), Segment("w", 1000, 20_000), Segment("gain", 21_000, 300)]
+    whole = [segments[0], segments[2]]
+    params = [torch.nn.Parameter(torch.zeros(s.numel, dtype=torch.float64)) for s in whole]
+    sgd = torch.optim.SGD(params, lr=1.0, momentum=0.9, nesterov=nesterov)  # the oracle, in float64
     gen = torch.Generator().manual_seed(0)
     for step in range(1, 6):
-        g = torch.randn(1000, generator=gen)
-        out = r.reduce(g.clone(), [Segment("bias", 0, 1000)], step).wait()
-        before = w.detach().clone()
-        w.grad = g.double()
+        g = torch.randn(21_300, generator=gen)
+        out = r.reduce(g.clone(), segments, step).wait()
+        before = [p.detach().clone() for p in params]
+        for p, s in zip(params, whole):
+            p.grad = g[s.offset:s.offset + s.numel].double()
         sgd.step()
-        close(out, before - w.detach(), torch.float32, what=f"step {step}")
-        assert rejects_planted_errors(before - w.detach(), torch.float32)
+        for p, b, s in zip(params, before, whole):
+            close(out[s.offset:s.offset + s.numel], b - p.detach(), torch.float32, what=f"{s.key} step {step}")
+            assert rejects_planted_errors(b - p.detach(), torch.float32)
+            close(r.memory.state[s.key]["momentum"], sgd.state[p]["momentum_buffer"], torch.float32)
 
 
 class CountingCommunicator(LocalCommunicator):
