@@ -262,28 +262,23 @@ class Groups:
         """Sub-communicators of the mpi4py communicator ``comm`` (None: ``MPI.COMM_WORLD``), by ``Split``;
         ``"auto"``: the ranks sharing this rank's memory (``Split_type(COMM_TYPE_SHARED)``), which must be
         numbered node by node (``mpirun``'s default mapping). Collective: every rank of ``comm`` calls it."""
-        from mpi4py import MPI
-
-        from .comm.mpi import MPICommunicator
+        from .comm.mpi import MPICommunicator  # the one module that imports mpi4py
 
         world = MPICommunicator(comm)
-        comm, rank = world.comm, world.rank
-        shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank) if local == "auto" else None
-        size = local_size_of(local, world.world_size, auto=None if shared is None else shared.Get_size())
+        rank = world.rank
+        shared = world.split_shared() if local == "auto" else None
+        size = local_size_of(local, world.world_size, auto=None if shared is None else shared.world_size)
         agree_local_size(size, world)
         if shared is not None:
-            placed = world.allgather_ints([shared.Get_rank()], torch.device("cpu"))
+            placed = world.allgather_ints([shared.rank], torch.device("cpu"))
             if any(row[0] != r % size for r, row in enumerate(placed)):
                 raise InvalidConfigError(f"MPI placed ranks on nodes other than node by node (local ranks by rank: "
                                          f"{[row[0] for row in placed]}): launch with mpirun's default --map-by "
                                          "slot/core, or pass Hierarchy(local_size=...) for ranks r sharing a node "
                                          "when r // local_size is equal")
-            shared.Free()
-        node = comm.Split(color=rank // size, key=rank)
-        node_gather = comm.Split(color=rank // size, key=rank)
-        cross = comm.Split(color=rank % size, key=rank)
-        return cls(world, MPICommunicator(node), MPICommunicator(node_gather), MPICommunicator(cross),
-                   world.world_size // size, size, rank // size, rank % size)
+            shared.free()
+        node, node_gather, cross = world.split(rank // size), world.split(rank // size), world.split(rank % size)
+        return cls(world, node, node_gather, cross, world.world_size // size, size, rank // size, rank % size)
 
 
 def _sum_now(comm: Communicator, tensor: torch.Tensor, tag: str) -> torch.Tensor:

@@ -46,6 +46,18 @@ class MPICommunicator(Communicator):
         self.bytes_sent = 0
         self.bytes_received = 0
 
+    def split(self, color: int) -> MPICommunicator:
+        """The ranks of this communicator with the same ``color``, ordered by rank (``Comm.Split``). Collective."""
+        return MPICommunicator(self.comm.Split(color=color, key=self.rank))
+
+    def split_shared(self) -> MPICommunicator:
+        """The ranks sharing this rank's memory (a node: ``Split_type(COMM_TYPE_SHARED)``). Collective."""
+        return MPICommunicator(self.comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank))
+
+    def free(self) -> None:
+        """Release the underlying communicator (one made by :meth:`split` or :meth:`split_shared`)."""
+        self.comm.Free()
+
     def allgather_ints(self, values, device):
         mine = np.array(list(values), dtype=np.int64)
         every = np.empty((self.world_size, mine.size), dtype=np.int64)
