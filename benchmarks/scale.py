@@ -58,8 +58,9 @@ GPU = {
     "inter_rates_gbit": {"value": [10, 25, 100, 400], "source": "per node, shared by its 8 GPUs"},
     "hbm_bytes_per_s": {"value": 1.5e12, "source": "achieved HBM bandwidth of an A100-class GPU (2.0 TB/s spec)"},
     "passes": {"dgc": 8, "topk": 6, "fp16": 3, "powersgd": 10,
-               "source": "4-byte passes over the gradient per step: DGC's fused pipeline at issue 13's target "
-                         "(<= 8; 13 today on CPU), TopK <= 6 (its target); fp16: cast out and back (12 B); "
+               "source": "4-byte passes over the gradient per step: DGC at issue 13's target (<= 8; 10-11 on "
+                         "CPU with the fused bucket pipeline, 2026-11-30), TopK <= 6 (its target; 12-13 on CPU); "
+                         "fp16: cast out and back (12 B); "
                          "PowerSGD rank 4: error feedback, 3 matrix products, the new error (~10 passes; its "
                          "24 flops per element are negligible)"},
     "unpack_per_pair_s": {"value": 0.05e-9, "source": "scatter-add of one received (index, value) pair: ~40 B of "
