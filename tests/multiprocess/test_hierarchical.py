@@ -41,13 +41,15 @@ def test_split_parameter_keeps_pieces_compressible_and_owners_stable():
 
 
 # ------------------------------------------------------------------------------ nothing dropped
-def equals_dense_worker(rank, world, local, compressor, steps=4):
+def equals_dense_worker(rank, world, local, compressor, steps=4, op="average"):
     plain = DDP(make_model("mlp"), bucket_cap_mb=0.05)
     hooked = DDP(make_model("mlp"), bucket_cap_mb=0.05)
-    state = gddp.GradSparseState(COMPRESSORS[compressor](), model=hooked, log_every=0,
+    state = gddp.GradSparseState(COMPRESSORS[compressor](), model=hooked, log_every=0, op=op,
                                  hierarchy=hier.Hierarchy(local_size=local, transport="hierarchical"))
     hooked.register_comm_hook(state, gddp.sparse_hook)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, hooked)]
+    # op="sum" hands the optimizer world x the average: a learning rate world x smaller keeps the models equal
+    opts = [torch.optim.SGD(plain.parameters(), lr=0.125),
+            torch.optim.SGD(hooked.parameters(), lr=0.125 / world if op == "sum" else 0.125)]
     sensitive = True
     for step in range(steps):
         for model, opt in zip((plain, hooked), opts):
@@ -55,9 +57,11 @@ def equals_dense_worker(rank, world, local, compressor, steps=4):
             loss_of(model, "mlp", rank, step).backward()
         for (name, a), b in zip(plain.named_parameters(), hooked.parameters()):
             # DDP divides by the world and sums in a ring; here: 1/L, the node's reduce-scatter, 1/N,
-            # the sum over nodes: a few more roundings of fp32 terms, within the suite's 8 ulps
-            close(b.grad, a.grad, torch.float32, what=f"{name} at step {step}")
-            sensitive = sensitive and rejects_planted_errors(a.grad, torch.float32)
+            # the sum over nodes: a few more roundings of fp32 terms, within the suite's 8 ulps.
+            # op="sum": the sum, DDP's average times the world (a power of two here: exact)
+            want = a.grad * world if op == "sum" else a.grad
+            close(b.grad, want, torch.float32, what=f"{name} at step {step}")
+            sensitive = sensitive and rejects_planted_errors(want, torch.float32)
         for opt in opts:
             opt.step()
     transports = {s["buckets"] - s["allreduce_buckets"] for s in list(state.history)[1:]}
@@ -76,6 +80,51 @@ def test_nothing_dropped_equals_dense_ddp(world, local):
 def test_dgc_without_momentum_at_ratio_1_equals_dense_ddp():
     reports = run_world(equals_dense_worker, 4, 2, "dgc_1_no_momentum")
     assert all(r["sensitive"] for r in reports)
+
+
+def test_op_sum_with_nothing_dropped_is_the_sum_of_the_gradients():
+    reports = run_world(equals_dense_worker, 4, 2, "topk_1", 3, "sum")
+    assert all(r["sensitive"] for r in reports) and len({r["hash"] for r in reports}) == 1
+
+
+# ------------------------------------------------------------------------------ non-finite
+def nonfinite_worker(rank, world):
+    """Rank 1 (node 0) produces NaN at step 2: every rank's gradients are NaN (GradScaler would skip the
+    step), no rank's memory changes on either path, and step 3 goes on with finite gradients."""
+    model = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+    state = gddp.GradSparseState(DGC(0.01, warmup=None), model=model, log_every=0, nonfinite="skip",
+                                 hierarchy=FORCED)
+    model.register_comm_hook(state, gddp.sparse_hook)
+
+    def memory():
+        return {f"{path}:{k}": {n: t.clone() for n, t in slot.items()}
+                for path, r in (("flat", state.reducer.flat), ("pieces", state.reducer.inner))
+                for k, slot in r.memory.state.items()}
+
+    seen = {}
+    for step in range(4):
+        model.zero_grad()
+        loss = loss_of(model, "mlp", rank, step)
+        if step == 2 and rank == 1:
+            loss = loss * float("nan")
+        before = memory()
+        loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        if step == 2:
+            after = memory()
+            seen["nan"] = all(torch.isnan(g).all() for g in grads)
+            seen["unchanged"] = before.keys() == after.keys() and all(
+                torch.equal(t, after[k][n]) for k, slot in before.items() for n, t in slot.items())
+            seen["pieces"] = sum(1 for k in before if k.startswith("pieces:"))
+        if step == 3:
+            seen["finite_after"] = all(torch.isfinite(g).all() for g in grads)
+    return seen
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank_and_changes_no_memory():
+    for seen in run_world(nonfinite_worker, 4):
+        assert seen["nan"] and seen["unchanged"] and seen["finite_after"], seen
+        assert seen["pieces"] > 0  # the hierarchical path's memory was there to be kept
 
 
 # --------------------------------------------------------------- memory moved between the paths
