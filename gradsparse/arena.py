@@ -45,7 +45,7 @@ from .errors import StateMismatchError
 
 
 class Arena:
-    """The state of one bucket's compressed parameters, laid out like the bucket (see the module docstring).
+    """The state of one bucket's parameters, laid out like the bucket (see the module docstring).
 
     Args:
         memory: the :class:`~gradsparse.memory.Memory` whose state this holds.

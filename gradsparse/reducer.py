@@ -33,8 +33,9 @@ Steps for one bucket on one rank:
    the result (allgather: validate every rank's payload, then scatter-add them in
    rank order, each scaled by ``1 / world_size``), apply the compressor's dense
    post-processing to whole tensors, remove what was sent from the memory
-   (:meth:`Arena.commit`: one update per bucket) and write the result into the bucket. A collective that fails in the transport
-   (a ``RuntimeError`` or ``OSError`` from the backend) raises
+   (:meth:`Arena.commit`: one update per bucket) and write the result into the
+   bucket. A collective that fails in the transport (a ``RuntimeError`` or
+   ``OSError`` from the backend) raises
    :class:`CommunicationError` naming the bucket, step and rank; gradsparse's own
    errors and programming errors pass through unchanged.
 
