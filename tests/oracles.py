@@ -118,3 +118,20 @@ def gradient_dropping_oracle(x: torch.Tensor, drop_ratio: float, sample_size: in
         return torch.arange(n, dtype=torch.int64)
     sample = sorted(mag[[j * (n // s) for j in range(s)]].tolist())
     return torch.from_numpy(np.flatnonzero(mag > sample[rank - 1]).astype(np.int64))
+
+
+def kept_in_pieces(memories, nodes: int, numel: int, offsets: dict[str, int]) -> torch.Tensor:
+    """What the hierarchical path's per-piece memories still keep, laid out flat (float64), scaled as the
+    reduction scales it (1 / nodes): every key of every memory is ``"name@start:end"``, a piece of the
+    parameter placed at ``offsets[name]`` (a name not in ``offsets`` raises KeyError).
+
+    >>> kept_in_pieces([{"w@0:2": torch.tensor([2.0, 4.0])}, {"w@2:3": torch.tensor([6.0])}], 2, 3, {"w": 0})
+    tensor([1., 2., 3.], dtype=torch.float64)
+    """
+    kept = torch.zeros(numel, dtype=torch.float64)
+    for memory in memories:
+        for key, residual in memory.items():
+            name, span = key.split("@")
+            start, end = map(int, span.split(":"))
+            kept[offsets[name] + start:offsets[name] + end] += residual.double() / nodes
+    return kept

@@ -1,8 +1,11 @@
-"""Run a launcher (Lightning, accelerate launch) in its own process group; a timeout kills every process it started."""
+"""Run a launcher (Lightning, accelerate launch, horovodrun, mpirun) in its own process group; a timeout kills every
+process it started."""
 
 import os
 import signal
 import subprocess
+
+import torch
 
 
 def run_group(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
@@ -16,3 +19,15 @@ def run_group(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
             proc.communicate()
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def launch(cmd, timeout, cwd, env=None) -> subprocess.CompletedProcess:
+    """:func:`run_group`, asserting that the launcher succeeded (the tails of its output in the message)."""
+    proc = run_group(cmd, timeout, cwd=cwd, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def rank_results(folder, world: int) -> list:
+    """What each of ``world`` ranks saved as ``folder/rank{r}.pt`` (the workers' convention)."""
+    return [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False) for r in range(world)]

@@ -25,6 +25,7 @@ from gradsparse.reducer import Segment
 from ..distributed import free_port, run_world, run_world_outcomes
 from ..docblocks import ROOT, block_with
 from ..models import loss_of, make_model, params_hash, train_steps
+from ..oracles import kept_in_pieces
 from ..tolerances import close, rejects_planted_errors
 
 FORCED = hier.Hierarchy(local_size=2, transport="hierarchical")
@@ -181,13 +182,7 @@ def test_what_leaves_each_shard_memory_reaches_every_rank():
     for rep in reports[1:]:
         assert all(torch.equal(a, b) for a, b in zip(rep["outs"], reports[0]["outs"]))
     delivered = sum(o.double() for o in reports[0]["outs"])
-    kept = torch.zeros_like(delivered)
-    for rep in reports:
-        for key, residual in rep["memory"].items():
-            name, span = key.split("@")
-            start, end = map(int, span.split(":"))
-            offset = {"w": 0, "b": 12_000}[name]
-            kept[offset + start:offset + end] += residual.double() / nodes
+    kept = kept_in_pieces([rep["memory"] for rep in reports], nodes, delivered.numel(), {"w": 0, "b": 12_000})
     compensated = sum(g.double() for rep in reports for g in rep["grads"]) / world
     close(delivered + kept, compensated, torch.float32, ulps=16)  # 16: 5 steps of fp32 sums
     # the small tensor went whole: nothing kept for it, and it arrived as the plain average

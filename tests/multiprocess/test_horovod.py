@@ -9,7 +9,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -21,6 +20,7 @@ from gradsparse.reducer import DESCRIPTOR_BYTES
 
 from ..distributed import free_port
 from ..docblocks import ROOT, block_with
+from ..subprocesses import launch, rank_results
 from .test_ddp import DGC_CFG, reference_dgc
 
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
@@ -28,14 +28,16 @@ if not os.path.exists(HOROVODRUN):
     HOROVODRUN = shutil.which("horovodrun") or HOROVODRUN
 
 
+def horovod_cmd(np_: int, *args: str) -> list[str]:
+    """``horovodrun`` of ``np_`` ranks on this machine (gloo) running ``python *args``."""
+    return [HOROVODRUN, "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", sys.executable, *args]
+
+
 def horovodrun(np_, scenario, folder, timeout=240):
     env = dict(os.environ, PYTHONPATH=ROOT, GS_TEST_PORT=str(free_port()), HOROVOD_TIMELINE="DYNAMIC",
                OMP_NUM_THREADS="1")
-    cmd = [HOROVODRUN, "-np", str(np_),
-           "-H", f"localhost:{np_}", "--gloo", sys.executable, "-m", "tests.horovod_worker", scenario, str(folder)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(np_)]
+    launch(horovod_cmd(np_, "-m", "tests.horovod_worker", scenario, str(folder)), timeout, ROOT, env)
+    return rank_results(folder, np_)
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +186,7 @@ def test_doc_quick_start_runs_under_horovodrun(tmp_path):
     script = block_with("docs/horovod.md", "hvd.init()")
     path = tmp_path / "train.py"
     path.write_text("import torch\ntorch.set_num_threads(1)\n" + script)
-    proc = subprocess.run([HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(path)],
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch(horovod_cmd(2, str(path)), 180, ROOT, dict(os.environ, PYTHONPATH=ROOT))
     reports = re.findall(r"rank (\d): step 1000: .*?ratio ([\d.]+)x", proc.stdout)
     assert sorted(rank for rank, _ in reports) == ["0", "1"], proc.stdout[-3000:]
     assert all(float(ratio) > 100 for _, ratio in reports), proc.stdout[-3000:]

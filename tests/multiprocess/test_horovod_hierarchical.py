@@ -7,33 +7,29 @@ collectives are Horovod's own on real process sets.
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from ..docblocks import ROOT, block_with
 from ..tolerances import close
-from .test_horovod import HOROVODRUN
+from ..oracles import kept_in_pieces
+from ..subprocesses import launch, rank_results
+from .test_horovod import horovod_cmd
 
 WORLD, LOCAL = 4, 2
 NODES = WORLD // LOCAL
 
 
 def horovodrun(args, cwd, timeout):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [HOROVODRUN, "-np", str(WORLD), "-H", f"localhost:{WORLD}", "--gloo", sys.executable, *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+    return launch(horovod_cmd(WORLD, *args), timeout, cwd, dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("horovod_hier")
     horovodrun(["-m", "tests.horovod_hierarchical_worker", str(folder)], ROOT, timeout=400)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return rank_results(folder, WORLD)
 
 
 @pytest.mark.parametrize("case", ["topk_1", "dgc_1_no_momentum"])
@@ -93,13 +89,8 @@ def test_what_leaves_each_piece_reaches_every_rank(ranks):
         assert rep["flat_memory"] == {} and set(rep["memory"]) and not any(k.startswith("tiny") for k in rep["memory"])
     for name in ("w", "b", "tiny"):
         delivered = sum(step[name].double() for step in reports[0]["outs"])
-        kept = torch.zeros_like(delivered)
-        for rep in reports:
-            for key, residual in rep["memory"].items():
-                param, span = key.split("@")
-                if param == name:
-                    start, end = map(int, span.split(":"))
-                    kept[start:end] += residual.double() / NODES
+        mine = [{k: t for k, t in rep["memory"].items() if k.split("@")[0] == name} for rep in reports]
+        kept = kept_in_pieces(mine, NODES, delivered.numel(), {name: 0})
         compensated = sum(step[name].double() for rep in reports for step in rep["grads"]) / WORLD
         close(delivered + kept, compensated, torch.float32, ulps=16, what=name)  # 16: 5 steps of fp32 sums
         if name != "tiny":

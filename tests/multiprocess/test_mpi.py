@@ -3,13 +3,13 @@
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from ..docblocks import ROOT, block_with
+from ..subprocesses import launch, rank_results
 from .test_ddp import reference_dgc
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
@@ -17,13 +17,15 @@ if not os.path.exists(MPIRUN):
     MPIRUN = shutil.which("mpirun") or MPIRUN
 
 
+def mpi_cmd(np_: int, *args: str) -> list[str]:
+    """``mpirun`` of ``np_`` ranks on this machine running ``python *args``."""
+    return [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", str(np_), sys.executable, *args]
+
+
 def mpirun(np_, folder, timeout=120):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe",
-           "-np", str(np_), sys.executable, "-m", "tests.mpi_worker", str(folder)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(np_)]
+    launch(mpi_cmd(np_, "-m", "tests.mpi_worker", str(folder)), timeout, ROOT, env)
+    return rank_results(folder, np_)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -52,9 +54,7 @@ def test_doc_quick_start_runs_under_mpirun(tmp_path):
     script = block_with("docs/horovod.md", "MPICommunicator()")
     path = tmp_path / "train_mpi.py"
     path.write_text("import torch\ntorch.set_num_threads(1)\n" + script)
-    proc = subprocess.run([MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, str(path)],
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch(mpi_cmd(2, str(path)), 120, ROOT, dict(os.environ, PYTHONPATH=ROOT))
     sent = dict(re.findall(r"rank (\d): sent (\d+) bytes in 20 steps", proc.stdout))
     assert sorted(sent) == ["0", "1"], proc.stdout
     dense = 20 * 4 * (256 * 1024 + 1024 + 1024 * 10 + 10)

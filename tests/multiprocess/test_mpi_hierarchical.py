@@ -6,33 +6,29 @@ numbers (``local_size=2``), the collectives are Open MPI's own on ``Split`` comm
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from ..docblocks import ROOT, block_with
 from ..tolerances import close
-from .test_mpi import MPIRUN
+from ..oracles import kept_in_pieces
+from ..subprocesses import launch, rank_results
+from .test_mpi import mpi_cmd
 
 WORLD, LOCAL = 4, 2
 NODES = WORLD // LOCAL
 
 
 def mpirun(args, cwd, timeout):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", str(WORLD), sys.executable, *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+    return launch(mpi_cmd(WORLD, *args), timeout, cwd, dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mpi_hier")
     mpirun(["-m", "tests.mpi_hierarchical_worker", str(folder)], ROOT, timeout=300)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return rank_results(folder, WORLD)
 
 
 def test_ranks_sharing_rank_div_local_size_form_a_node(ranks):
@@ -61,13 +57,7 @@ def test_what_leaves_each_piece_reaches_every_rank(ranks):
     for rep in reports[1:]:
         assert all(torch.equal(a, b) for a, b in zip(rep["outs"], reports[0]["outs"], strict=True))
     delivered = sum(o.double() for o in reports[0]["outs"])
-    kept = torch.zeros_like(delivered)
-    for rep in reports:
-        for key, residual in rep["memory"].items():
-            name, span = key.split("@")
-            start, end = map(int, span.split(":"))
-            offset = {"w": 0, "b": 12_000}[name]
-            kept[offset + start:offset + end] += residual.double() / NODES
+    kept = kept_in_pieces([rep["memory"] for rep in reports], NODES, delivered.numel(), {"w": 0, "b": 12_000})
     compensated = sum(g.double() for rep in reports for g in rep["grads"]) / WORLD
     close(delivered + kept, compensated, torch.float32, ulps=16)  # 16: 5 steps of fp32 sums
     assert float(kept.abs().max()) > 0  # TopK 5 % kept something back: the check above is not vacuous

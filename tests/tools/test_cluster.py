@@ -22,6 +22,15 @@ def _ours(cluster):
 
 
 @needs_netns
+def _check_job(cluster, tmp_path, port: int) -> dict:
+    """launch/check_job.py under torchrun on every node of ``cluster``; its report."""
+    out = tmp_path / "check.json"
+    codes = cluster.run_torchrun("launch/check_job.py", ["--out", str(out)], port=port, timeout=120,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert codes == [0, 0]
+    return json.loads(out.read_text())
+
+
 def test_two_nodes_shaped_run_torchrun_across_and_tear_down(tmp_path):
     cluster = EmulatedCluster(2, rate="200mbit")
     with cluster:
@@ -29,11 +38,7 @@ def test_two_nodes_shaped_run_torchrun_across_and_tear_down(tmp_path):
         link = cluster.measure_rate(seconds=1.0)
         # shaped: close to the configured rate, and far below what an unshaped veth carries (>2 Gbit/s here)
         assert 0.7 * 200e6 < link["bits_per_s"] < 1.1 * 200e6, link
-        out = tmp_path / "check.json"
-        codes = cluster.run_torchrun("launch/check_job.py", ["--out", str(out)], port=29611, timeout=120,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert codes == [0, 0]
-        report = json.loads(out.read_text())
+        report = _check_job(cluster, tmp_path, 29611)
     assert not _ours(cluster), "namespaces left behind"
     assert report["world_size"] == 2 and report["allreduce"] == [2, 2]
     assert [r["address"] for r in report["ranks"]] == ["10.55.0.1", "10.55.0.2"]
@@ -49,11 +54,7 @@ def test_two_nodes_of_two_ranks_shape_only_the_link_between_nodes(tmp_path):
     with cluster:
         between = cluster.measure_rate(src=1, dst=0, seconds=0.8)["bits_per_s"]
         inside = cluster.measure_rate(src=0, dst=0, seconds=0.8)["bits_per_s"]   # node 0 to its own address
-        out = tmp_path / "check.json"
-        codes = cluster.run_torchrun("launch/check_job.py", ["--out", str(out)], port=29613, timeout=120,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert codes == [0, 0]
-        report = json.loads(out.read_text())
+        report = _check_job(cluster, tmp_path, 29613)
     assert not _ours(cluster), "namespaces left behind"
     assert 0.7 * 200e6 < between < 1.1 * 200e6 and inside > 5 * 200e6, (between, inside)
     assert report["world_size"] == 4 and report["allreduce"] == [4, 4, 4, 4]

@@ -24,20 +24,26 @@ def test_bench_models_have_resnet50_shapes():
     assert params["fc.weight"].shape == (1000, 2048)
 
 
-@pytest.mark.skipif(REASON is not None, reason=f"emulated cluster unavailable: {REASON}")
-def test_cluster_bench_small_run_writes_results_tables_and_plots(tmp_path):
+def _bench(tmp_path, args: list[str], port: int) -> dict:
+    """``benchmarks.cluster_bench --rates 1gbit`` with ``args`` (2 steps after 1): its one point, checked to
+    have failed nothing and left no namespace behind."""
     before = set(list_namespaces())
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cluster_bench", "--rates", "1gbit", "--worlds", "2", "--models", "lstm",
-         "--methods", "dense,dgc0.1", "--comm-sizes", "1000000", "--densities", "0.01", "--comm-repeats", "2",
-         "--steps", "2", "--warmup", "1", "--out", str(tmp_path), "--log-dir", str(tmp_path / "logs"),
-         "--port", "29621"],
+        [sys.executable, "-m", "benchmarks.cluster_bench", "--rates", "1gbit", *args, "--steps", "2", "--warmup", "1",
+         "--out", str(tmp_path), "--log-dir", str(tmp_path / "logs"), "--port", str(port)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(list_namespaces()) <= before, "the benchmark left namespaces behind"
     results = json.loads((tmp_path / "results.json").read_text())
     assert not results.get("failed"), results.get("failed")
     (point,) = results["points"]
+    return point
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"emulated cluster unavailable: {REASON}")
+def test_cluster_bench_small_run_writes_results_tables_and_plots(tmp_path):
+    point = _bench(tmp_path, ["--worlds", "2", "--models", "lstm", "--methods", "dense,dgc0.1", "--comm-sizes",
+                              "1000000", "--densities", "0.01", "--comm-repeats", "2"], 29621)
     assert 0.7e9 < point["link"]["bits_per_s"] < 1.05e9, point["link"]
     rows = {(r["op"], r["density"]): r for r in point["comm"]["rows"]}
     # bytes on the wire, per node: a ring allreduce of 4 MB sends about 4 MB, an allgather one payload (W - 1 = 1)
@@ -73,17 +79,7 @@ def test_launch_and_benchmark_docstring_examples():
 @pytest.mark.skipif(REASON is not None, reason=f"emulated cluster unavailable: {REASON}")
 def test_cluster_bench_two_nodes_of_two_ranks(tmp_path):
     """--shapes 2x2: one torchrun of 2 ranks per namespace, world 4; DDP runs across and the point says its shape."""
-    before = set(list_namespaces())
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cluster_bench", "--rates", "1gbit", "--shapes", "2x2", "--models", "mlp",
-         "--methods", "dense,dgc0.1", "--skip-comm", "--steps", "2", "--warmup", "1", "--out", str(tmp_path),
-         "--log-dir", str(tmp_path / "logs"), "--port", "29622"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert set(list_namespaces()) <= before, "the benchmark left namespaces behind"
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert not results.get("failed"), results.get("failed")
-    (point,) = results["points"]
+    point = _bench(tmp_path, ["--shapes", "2x2", "--models", "mlp", "--methods", "dense,dgc0.1", "--skip-comm"], 29622)
     assert (point["nodes"], point["ranks_per_node"], point["world"]) == (2, 2, 4)
     assert point["ddp"]["mlp"]["world_size"] == 4
     methods = {m["method"]: m for m in point["ddp"]["mlp"]["methods"]}
