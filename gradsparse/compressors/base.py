@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import ops
 from .._validate import boolean, real
 from ..memory import Memory, ResidualMemory
 
@@ -169,3 +170,27 @@ class Compressor(abc.ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
         return f"{type(self).__name__}({args})"
+
+
+class ExactTopK(Compressor):
+    """A compressor that sends each tensor's exact top-k by magnitude (``k`` from :meth:`count`), found by
+    sampling ``sample_ratio`` of it (the sample's start is drawn from ``_generator``; the selected set
+    depends on neither): :class:`~gradsparse.TopK` and :class:`~gradsparse.DGC`.
+
+    >>> from gradsparse import TopK
+    >>> TopK(0.5).select_segments(torch.tensor([3.0, -1.0, 0.5, 0.0, -2.0, 1.0]), [(0, 2), (3, 3)], 0, 0).tolist()
+    [0, 4, 5]
+    """
+
+    sample_ratio: float = 0.01
+
+    def __init__(self, error_feedback: bool = True):
+        super().__init__(error_feedback)
+        self._generator = torch.Generator().manual_seed(0)
+
+    def select(self, v, step, epoch, loss_scale=1.0):
+        return ops.sampled_topk_indices(v, self.count(v.numel(), step, epoch), self.sample_ratio, self._generator)
+
+    def select_segments(self, v, ranges, step, epoch, loss_scale=1.0):
+        offsets, ks = segment_table(ranges, [self.count(n, step, epoch) for _, n in ranges], v.device)
+        return ops.segmented_topk_indices(v, offsets, ks, self.sample_ratio, self._generator)

@@ -35,18 +35,17 @@ import math
 
 import torch
 
-from .. import ops
 from .._validate import boolean, instance, integer, real
 from ..errors import IncompatibleOptimizerError, InvalidConfigError
 from ..memory import DGCMemory
 from ..optim import DGCSGD
 from ..schedule import Warmup
-from .base import Compressor, check_ratio, segment_table
+from .base import ExactTopK, check_ratio
 
 _DEFAULT = object()
 
 
-class DGC(Compressor):
+class DGC(ExactTopK):
     """Deep Gradient Compression.
 
     Args:
@@ -151,14 +150,6 @@ class DGC(Compressor):
         if self.warmup is None:
             return self.target_ratio
         return self.warmup.ratio(self.target_ratio, step, epoch)
-
-    def select(self, v, step, epoch, loss_scale=1.0):
-        k = self.count(v.numel(), step, epoch)
-        return ops.sampled_topk_indices(v, k, self.sample_ratio, self._generator)
-
-    def select_segments(self, v, ranges, step, epoch, loss_scale=1.0):
-        offsets, ks = segment_table(ranges, [self.count(n, step, epoch) for _, n in ranges], v.device)
-        return ops.segmented_topk_indices(v, offsets, ks, self.sample_ratio, self._generator)
 
     def config(self):
         warmup = None if self.warmup is None else {

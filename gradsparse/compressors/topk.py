@@ -14,13 +14,11 @@ Example::
 
 from __future__ import annotations
 
-import torch
 
-from .. import ops
-from .base import Compressor, check_ratio, segment_table
+from .base import ExactTopK, check_ratio
 
 
-class TopK(Compressor):
+class TopK(ExactTopK):
     """Top-k ratio sparsification with error feedback (on by default).
 
     Args:
@@ -34,17 +32,9 @@ class TopK(Compressor):
     def __init__(self, ratio: float, error_feedback: bool = True):
         super().__init__(error_feedback)
         self.target_ratio = check_ratio(ratio)
-        self._generator = torch.Generator().manual_seed(0)
 
     def ratio(self, step, epoch):
         return self.target_ratio
-
-    def select(self, v, step, epoch, loss_scale=1.0):
-        return ops.sampled_topk_indices(v, self.count(v.numel(), step, epoch), 0.01, self._generator)
-
-    def select_segments(self, v, ranges, step, epoch, loss_scale=1.0):
-        offsets, ks = segment_table(ranges, [self.count(n, step, epoch) for _, n in ranges], v.device)
-        return ops.segmented_topk_indices(v, offsets, ks, 0.01, self._generator)
 
     def config(self):
         return {**super().config(), "ratio": self.target_ratio}
