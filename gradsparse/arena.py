@@ -15,6 +15,15 @@ which is what the next step's overflow check reads (``Memory.headroom``), before
 compensates anything. The update (:meth:`Arena.commit`) only removes what was sent
 or zeroes momentum, so the bounds still hold after it.
 
+The same pass can also collect the next selection's candidates
+(:meth:`Arena.compensate_collecting`): per parameter, every position whose compensated
+magnitude is at least a floor a little below the k-th largest magnitude the previous
+selection found (:attr:`Arena.floors`, learnt by :meth:`Arena.learn`). When a
+parameter's list is complete and holds at least k positions, its exact top-k is the
+top-k of the list (the k-th largest is above the floor, and so is every tie of it), and
+the selection need not read the parameter again; otherwise the selection reads it as
+before. The floors only decide how fast the selection is, never what it selects.
+
 The arena of a layout is rebuilt (the state copied over, the bounds measured) when the
 layout is new, after DDP's bucket rebuild, or when something replaced a parameter's
 state tensor (a checkpoint load, the hierarchical path moving memory between paths).
@@ -36,12 +45,35 @@ Example::
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
 
 from . import ops
 from .errors import StateMismatchError
+
+
+#: a parameter's next floor, as a fraction of the k-th largest magnitude its selection found: where it
+#: starts, and the range it adapts in (up when the list was cut at its cap, down when it held fewer than k)
+FLOOR_START, FLOOR_LOW, FLOOR_HIGH = 0.9, 0.5, 0.99
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+    """Selection candidates collected by a compensation pass (:meth:`Arena.compensate_collecting`).
+
+    Per compressed segment of the arena: ``counts[s]`` positions had a magnitude at or above the
+    segment's floor; ``positions`` (int64, bucket coordinates, ascending) holds the first
+    ``min(counts[s], caps[s])`` of each, segment after segment. A segment's list is complete when
+    ``counts[s] <= caps[s]``.
+    """
+
+    positions: torch.Tensor
+    counts: torch.Tensor
+    caps: torch.Tensor
 
 
 class Arena:
@@ -80,6 +112,13 @@ class Arena:
                 buf[a:a + s.numel].copy_(old.reshape(-1))
         #: per state tensor, an upper bound of its largest magnitude (exact after each compensation)
         self.bounds = [ops.absmax(buf) for buf in self.state]
+        #: per segment, the magnitude from which the next compensation collects selection candidates (+inf: none)
+        self.floors = torch.full((len(self.segments),), math.inf, dtype=torch.float64, device=device)
+        self._fraction = torch.full_like(self.floors, FLOOR_START)  # floor / the last k-th magnitude, per segment
+        #: segments selected from their candidates alone, and segments that collected candidates (since built)
+        self.candidate_hits = self.candidate_tries = 0
+        self._offsets = [s.offset for s in self.segments]
+        self._piece_segments: dict[tuple[int, int], tuple[int, int, torch.Tensor]] = {}
         self._views: list[torch.Tensor] = []
         for s, a in zip(self.segments, starts):
             slot = memory.state.setdefault(s.key, {})
@@ -125,6 +164,61 @@ class Arena:
         total = maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax(0)
         self.bounds = total.tolist()[1:]  # the pieces cover every segment: exact
         return total
+
+    def compensate_collecting(self, pieces: Sequence[tuple[int, torch.Tensor]], caps: torch.Tensor) -> Candidates:
+        """:meth:`compensate`, and in the same pass every segment's selection candidates at its :attr:`floors`,
+        keeping at most ``caps[s]`` (int64, per segment) positions each. Needs ``memory.collects_candidates`` and
+        pieces that each cover whole segments (runs of adjacent ones, as the reducer's are)."""
+        maxima, positions, counts = [], [], []
+        for start, grad in pieces:
+            first, end, offsets = self._segments_of(start, grad.numel())
+            views = tuple(b[start:start + grad.numel()] for b in self.state)
+            m, p, c = self.memory.compensate_candidates(views, grad, views, offsets, self.floors[first:end],
+                                                        caps[first:end])
+            maxima.append(m)
+            positions.append(p + start if start else p)
+            counts.append(c)
+        self.bounds = (maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax(0)).tolist()[1:]
+        return Candidates(torch.cat(positions), torch.cat(counts), caps)
+
+    def _segments_of(self, start: int, numel: int) -> tuple[int, int, torch.Tensor]:
+        """The segments ``[first, end)`` a piece ``[start, start + numel)`` covers, and their offsets in it."""
+        key = (start, numel)
+        hit = self._piece_segments.get(key)
+        if hit is None:
+            first = bisect.bisect_left(self._offsets, start)
+            end = bisect.bisect_left(self._offsets, start + numel)
+            bounds = [o - start for o in self._offsets[first:end]] + [numel]
+            last = self.segments[end - 1] if end > first else None
+            if bounds[0] != 0 or last is None or last.offset + last.numel != start + numel:
+                raise ValueError(f"piece [{start}, {start + numel}) does not cover whole segments of this arena")
+            hit = (first, end, torch.tensor(bounds, dtype=torch.int64, device=self.floors.device))
+            self._piece_segments[key] = hit
+        return hit
+
+    def learn(self, kth: torch.Tensor, candidates: Candidates | None, ks: torch.Tensor) -> None:
+        """Set the next :attr:`floors` from this selection's ``kth`` (float64, the k-th largest magnitude per
+        segment) and what the candidates were (None: none were collected); ``ks`` the counts selected.
+
+        A segment whose list was cut at its cap gets a floor nearer its k-th magnitude, one whose list
+        held fewer than k a lower one; segments with no cap collect nothing."""
+        caps = candidates.caps if candidates is not None else None
+        if candidates is not None:
+            counts = candidates.counts
+            cut = counts > caps
+            short = (counts < ks) & torch.isfinite(self.floors)
+            self.candidate_hits += int(((counts >= ks) & ~cut & (ks > 0)).sum())
+            self.candidate_tries += int((caps > 0).sum())
+            fraction = torch.where(cut, (1 + self._fraction) / 2, torch.where(short, self._fraction * 0.8,
+                                                                              self._fraction))
+            self._fraction = fraction.clamp(FLOOR_LOW, FLOOR_HIGH)
+        floors = kth * self._fraction
+        self.floors = floors if caps is None else torch.where(caps > 0, floors, math.inf)
+
+    def rescale(self, factor: float) -> None:
+        """The state was multiplied by ``factor``: so are the bounds and floors."""
+        self.bounds = [b * abs(factor) for b in self.bounds]
+        self.floors = self.floors * abs(factor)
 
     @property
     def selectable(self) -> torch.Tensor:

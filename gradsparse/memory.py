@@ -47,6 +47,8 @@ class Memory:
     names: tuple[str, ...] = ()
     #: the fp32 state tensors kept per tensor sent whole (DGC's momentum)
     whole_names: tuple[str, ...] = ()
+    #: whether :meth:`compensate_candidates` can collect selection candidates in the compensation pass
+    collects_candidates = False
 
     def __init__(self):
         self.state: dict[str, dict[str, torch.Tensor]] = {}
@@ -64,6 +66,16 @@ class Memory:
         [4.0]
         """
         return torch.tensor([ops.absmax(grad)], dtype=torch.float64, device=grad.device)
+
+    def compensate_candidates(self, state: Sequence[torch.Tensor], grad: torch.Tensor, out: Sequence[torch.Tensor],
+                              offsets: torch.Tensor, floors: torch.Tensor,
+                              caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`compensate_into`, and in the same pass the selection candidates of the compensated gradient
+        (``out[-1]``): per segment ``[offsets[s], offsets[s+1])``, every position whose magnitude is at least
+        ``floors[s]``. Returns ``(maxima, positions, counts)``: ``counts[s]`` how many there were, ``positions``
+        (int64, ascending) the first ``caps[s]`` of each (:func:`gradsparse.ops.dgc_compensate_candidates`).
+        Only where :attr:`collects_candidates`."""
+        raise NotImplementedError(f"{type(self).__name__} collects no selection candidates")
 
     def headroom(self, bounds: Sequence[float], grad_bound: float) -> float:
         """Upper bound of the compensated state's largest magnitude for a gradient with ``max|g| <= grad_bound``,
@@ -95,7 +107,7 @@ class Memory:
             for buf in slot.values():
                 buf.mul_(factor)
         for arena in self.arenas.values():
-            arena.bounds = [b * abs(factor) for b in arena.bounds]
+            arena.rescale(factor)
 
     def state_dict(self) -> dict:
         """The state per key, as copies (the reducer keeps working in the buffers)."""
@@ -117,8 +129,13 @@ class ResidualMemory(Memory):
     def headroom(self, bounds, grad_bound):
         return bounds[0] + grad_bound
 
+    collects_candidates = True
+
     def compensate_into(self, state, grad, out):
         return ops.residual_compensate_into(state[0], grad, out[0])
+
+    def compensate_candidates(self, state, grad, out, offsets, floors, caps):
+        return ops.residual_compensate_candidates(state[0], grad, out[0], offsets, floors, caps)
 
     def apply_sent(self, state, positions, sent, masked):
         # index_add_ with alpha -1 rounds exactly like ``residual[positions] -= sent`` (positions are unique)
@@ -154,8 +171,14 @@ class DGCMemory(Memory):
         momentum = self.momentum * (u + grad_bound) if self.nesterov else self.momentum * u + grad_bound
         return v + momentum + (grad_bound if self.nesterov else 0.0)
 
+    collects_candidates = True
+
     def compensate_into(self, state, grad, out):
         return ops.dgc_compensate_into(state[0], state[1], grad, self.momentum, self.nesterov, out[0], out[1])
+
+    def compensate_candidates(self, state, grad, out, offsets, floors, caps):
+        return ops.dgc_compensate_candidates(state[0], state[1], grad, self.momentum, self.nesterov, out[0], out[1],
+                                             offsets, floors, caps)
 
     def apply_sent(self, state, positions, sent, masked):
         if masked is not None:  # momentum factor masking (see the class docstring for complete tensors)

@@ -85,7 +85,7 @@ import torch
 
 from . import ops
 from ._validate import instance
-from .arena import Arena
+from .arena import Arena, Candidates
 from .comm.base import Communicator, completed_future
 from .compressors.base import Compressor
 from .errors import (
@@ -113,6 +113,10 @@ DESCRIPTOR_BYTES = 8 * (len(DESCRIPTOR_FIELDS) + 1 + len(TRANSPORT_FIELDS))
 HEALTH = len(DESCRIPTOR_FIELDS)  # the health's position in a descriptor
 # A rank's health, the descriptor's last field: what it found before compensating.
 HEALTHY, NONFINITE, OVERFLOW = 1, 0, 2
+# Selection candidates (gradsparse.arena): a parameter keeps at most CANDIDATES_PER_K * k + CANDIDATES_SLACK of
+# them, and collects them only while k <= its size / CANDIDATES_BELOW (past that the list costs about as much as
+# the read it saves).
+CANDIDATES_PER_K, CANDIDATES_SLACK, CANDIDATES_BELOW = 8, 256, 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +293,7 @@ class SparseReducer:
         self._calls = 0
         self._plans: dict[tuple, _Plan] = {}
         self._indices: dict[tuple, torch.Tensor] = {}
+        self._caps: dict[tuple, torch.Tensor | None] = {}
         self._transport = TransportModel()
         self._last_done = 0.0  # when this rank's previous bucket collective completed (perf_counter)
 
@@ -367,19 +372,38 @@ class SparseReducer:
             pieces.append((run[0], flat[run[0]:run[1]]))
         return pieces, replaced
 
-    def _compensate(self, flat: torch.Tensor, plan: _Plan, arena: Arena | None) -> torch.Tensor:
+    def _compensate(self, flat: torch.Tensor, plan: _Plan, arena: Arena | None,
+                    caps: torch.Tensor | None) -> tuple[torch.Tensor, Candidates | None]:
         """One pass over the compressed gradient into the arena (in place): what to select from, laid out like
-        the bucket."""
+        the bucket, and the selection candidates the pass collected (with ``caps``: see :meth:`_candidate_caps`)."""
         pieces, replaced = self._pieces(flat, plan)
         if arena is not None:
+            if caps is not None:
+                return arena.selectable, arena.compensate_collecting(pieces, caps)
             arena.compensate(pieces)
-            return arena.selectable
+            return arena.selectable, None
         v = flat.float()  # the memory keeps nothing: select from the gradient itself
         if replaced:
             v = v.clone() if v is flat else v
             for start, g in pieces:
                 v[start:start + g.numel()].copy_(g)
-        return v
+        return v, None
+
+    def _candidate_caps(self, plan: _Plan, step: int, epoch: int, arena: Arena | None) -> torch.Tensor | None:
+        """Per compressed parameter, how many selection candidates the compensation pass keeps (int64), or None
+        to collect none: the memory or compressor cannot, one selection spans several parameters, or every
+        parameter's k is a large part of it (there one more read costs less than keeping the list)."""
+        if (arena is None or self.options.granularity != "parameter" or not self.compressor.selects_from_candidates
+                or not self.memory.collects_candidates):
+            return None
+        key = (id(plan), self.compressor.ratio(step, epoch), str(arena.floors.device))
+        if key not in self._caps:
+            caps = []
+            for s in plan.compressed:
+                k = self.compressor.count(s.numel, step, epoch)
+                caps.append(CANDIDATES_PER_K * k + CANDIDATES_SLACK if 0 < k <= s.numel // CANDIDATES_BELOW else 0)
+            self._caps[key] = torch.tensor(caps, dtype=torch.int64, device=arena.floors.device) if any(caps) else None
+        return self._caps[key]
 
     def set_loss_scale(self, loss_scale: float) -> None:
         """Declare the factor the next gradients carry; rescales the memory when it changed."""
@@ -406,15 +430,24 @@ class SparseReducer:
             return OVERFLOW
         return HEALTHY
 
-    def _select(self, v: torch.Tensor, plan: _Plan, step: int, epoch: int, wire: torch.dtype) -> _Selection:
-        """Every group's selection from ``v`` (laid out like the bucket), the values to send and what to mask."""
+    def _select(self, v: torch.Tensor, plan: _Plan, step: int, epoch: int, wire: torch.dtype,
+                arena: Arena | None = None, candidates: Candidates | None = None) -> _Selection:
+        """Every group's selection from ``v`` (laid out like the bucket), the values to send and what to mask.
+
+        With ``candidates`` (one group per parameter), the selection reads them instead of ``v`` where it can,
+        and the ``arena`` learns the next floors from it."""
         if not plan.compressed:
             return self._select_all(v, plan, wire)
         scale = self._loss_scale or 1.0
         compressor = self.compressor
         if plan.ranges is None:  # one group (granularity "bucket") with whole tensors between its parameters
             return self._select_gathered(v, plan, step, epoch, wire)
-        positions = compressor.select_segments(v, plan.ranges, step, epoch, scale)
+        if candidates is not None:
+            positions, kth = compressor.select_segments_from(v, plan.ranges, step, epoch, candidates, scale)
+            ks = torch.tensor([compressor.count(n, step, epoch) for _, n in plan.ranges], device=kth.device)
+            arena.learn(kth, candidates, ks)
+        else:
+            positions = compressor.select_segments(v, plan.ranges, step, epoch, scale)
         bounds = [a for a, _ in plan.ranges] + [plan.ranges[-1][0] + plan.ranges[-1][1]]
         cuts = torch.searchsorted(positions, torch.tensor(bounds, device=positions.device)).tolist()
         complete = [cuts[i + 1] - cuts[i] == n for i, (_, n) in enumerate(plan.ranges)]
@@ -495,8 +528,10 @@ class SparseReducer:
             if any(d[HEALTH] != HEALTHY for d in descriptors):
                 return self._skip_unhealthy(job, [d[HEALTH] for d in descriptors])
         if job.healthy:
-            v = self._compensate(flat, plan, arena)
-            chosen = self._select_all(v, plan, wire) if select_all else self._select(v, plan, step, epoch, wire)
+            caps = None if select_all else self._candidate_caps(plan, step, epoch, arena)
+            v, candidates = self._compensate(flat, plan, arena, caps)
+            chosen = self._select_all(v, plan, wire) if select_all else \
+                self._select(v, plan, step, epoch, wire, arena, candidates)
             job = dataclasses.replace(job, selection=chosen, count=chosen.positions.numel())
         job = self._exchange_sizes(job, same_size)
         if self._choose_transport(job) == ALLREDUCE:

@@ -51,6 +51,21 @@ def segment_table(ranges: Sequence[tuple[int, int]], counts: Sequence[int],
             torch.tensor(ks, dtype=torch.int64, device=device))
 
 
+def range_slots(ranges: Sequence[tuple[int, int]]) -> list[int]:
+    """Where each range's own segment is among :func:`segment_table`'s segments (the gaps come between).
+
+    >>> range_slots([(2, 3), (5, 2), (9, 4)])
+    [0, 1, 3]
+    """
+    slots, at, end = [], 0, ranges[0][0] if ranges else 0
+    for start, numel in ranges:
+        at += start != end
+        slots.append(at)
+        at += 1
+        end = start + numel
+    return slots
+
+
 def count_for(ratio: float, numel: int) -> int:
     """k = max(1, ceil(ratio * n)), never more than n."""
     return min(numel, max(1, math.ceil(ratio * numel)))
@@ -70,6 +85,8 @@ class Compressor(abc.ABC):
     name: str = "base"
     fixed_count: bool = True
     quantizes: bool = False
+    #: whether :meth:`select_segments_from` uses the candidates a compensation pass collected
+    selects_from_candidates: bool = False
 
     def __init__(self, error_feedback: bool = True):
         self.error_feedback = boolean(error_feedback, "error_feedback")
@@ -129,6 +146,14 @@ class Compressor(abc.ABC):
         parts = [self.select(v[a:a + n], step, epoch, loss_scale) + a for a, n in ranges]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=v.device)
 
+    def select_segments_from(self, v: torch.Tensor, ranges: Sequence[tuple[int, int]], step: int, epoch: int,
+                             candidates, loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`select_segments` (the same positions) helped by the ``candidates``
+        (:class:`gradsparse.arena.Candidates`, one entry per range) the compensation pass collected, and the
+        k-th largest magnitude of each range (float64), from which the next floors are set. Only where
+        :attr:`selects_from_candidates`."""
+        raise NotImplementedError(f"{type(self).__name__} does not select from candidates")
+
     def sent_values(self, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The fp32 values sent for ``positions`` (the output of :meth:`select`) of ``v``.
 
@@ -183,6 +208,7 @@ class ExactTopK(Compressor):
     """
 
     sample_ratio: float = 0.01
+    selects_from_candidates = True
 
     def __init__(self, error_feedback: bool = True):
         super().__init__(error_feedback)
@@ -194,3 +220,13 @@ class ExactTopK(Compressor):
     def select_segments(self, v, ranges, step, epoch, loss_scale=1.0):
         offsets, ks = segment_table(ranges, [self.count(n, step, epoch) for _, n in ranges], v.device)
         return ops.segmented_topk_indices(v, offsets, ks, self.sample_ratio, self._generator)
+
+    def select_segments_from(self, v, ranges, step, epoch, candidates, loss_scale=1.0):
+        ks = [self.count(n, step, epoch) for _, n in ranges]
+        offsets, table_ks = segment_table(ranges, ks, v.device)
+        slots = torch.tensor(range_slots(ranges), dtype=torch.int64, device=v.device)
+        counts = torch.zeros_like(table_ks).index_copy_(0, slots, candidates.counts)
+        caps = torch.zeros_like(table_ks).index_copy_(0, slots, candidates.caps)
+        positions, kth = ops.segmented_topk_indices_from(v, offsets, table_ks, candidates.positions, counts, caps,
+                                                         self.sample_ratio, self._generator)
+        return positions, kth.index_select(0, slots)
