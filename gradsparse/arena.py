@@ -225,7 +225,8 @@ class Arena:
         """The compensated gradient (the last state tensor), laid out like the bucket."""
         return self.state[-1]
 
-    def commit(self, positions: torch.Tensor, sent: torch.Tensor, masked: torch.Tensor | None) -> None:
+    def commit(self, positions: torch.Tensor, sent: torch.Tensor, masked: torch.Tensor | None,
+               exact: bool = False) -> None:
         """The reduction landed: remove what was sent (see ``Memory.apply_sent``). Sent coordinates keep at
         most their rounding on the wire and masking zeroes: :attr:`bounds` still hold."""
-        self.memory.apply_sent(self.state, positions, sent, masked)
+        self.memory.apply_sent(self.state, positions, sent, masked, exact)

@@ -87,11 +87,15 @@ class Memory:
         return float(grad_bound)
 
     def apply_sent(self, state: Sequence[torch.Tensor], positions: torch.Tensor, sent: torch.Tensor,
-                   masked: torch.Tensor | None) -> None:
+                   masked: torch.Tensor | None, exact: bool = False) -> None:
         """Remove what was sent from the (new) state: ``sent`` (fp32, as carried) at ``positions`` (int64).
 
         ``masked``: the positions of tensors that were not sent completely (DGC masks their
-        momentum there); None when every coordinate of every tensor was sent.
+        momentum there); None when every coordinate of every tensor was sent. ``exact``: ``sent``
+        is bit for bit the compensated gradient at ``positions`` (fp32 on the wire, no
+        quantization), so what stays there is exactly zero: written as zeros, which torch does
+        several times faster than the subtraction at some sizes (``index_add_`` of 256K positions
+        into 25M elements: 7 ms against 1.2 ms for ``index_fill_``, one thread).
         """
 
     def finish_whole(self, state: Sequence[torch.Tensor], averaged: torch.Tensor) -> None:
@@ -120,6 +124,14 @@ class Memory:
         self.arenas.clear()
 
 
+def _remove_sent(compensated: torch.Tensor, positions: torch.Tensor, sent: torch.Tensor, exact: bool) -> None:
+    """``compensated[positions] -= sent`` (see :meth:`Memory.apply_sent`; ``exact``: the difference is zero)."""
+    if exact:  # x - x is +0.0 for every finite x: the same bits
+        compensated.index_fill_(0, positions, 0.0)
+    else:  # index_add_ with alpha -1 rounds exactly like the subtraction (positions are unique)
+        compensated.index_add_(0, positions, sent, alpha=-1.0)
+
+
 class ResidualMemory(Memory):
     """Error feedback: ``v = residual + g``; what was not sent stays for next time."""
 
@@ -137,9 +149,8 @@ class ResidualMemory(Memory):
     def compensate_candidates(self, state, grad, out, offsets, floors, caps):
         return ops.residual_compensate_candidates(state[0], grad, out[0], offsets, floors, caps)
 
-    def apply_sent(self, state, positions, sent, masked):
-        # index_add_ with alpha -1 rounds exactly like ``residual[positions] -= sent`` (positions are unique)
-        state[0].index_add_(0, positions, sent, alpha=-1.0)
+    def apply_sent(self, state, positions, sent, masked, exact=False):
+        _remove_sent(state[0], positions, sent, exact)
 
 
 class DGCMemory(Memory):
@@ -180,10 +191,10 @@ class DGCMemory(Memory):
         return ops.dgc_compensate_candidates(state[0], state[1], grad, self.momentum, self.nesterov, out[0], out[1],
                                              offsets, floors, caps)
 
-    def apply_sent(self, state, positions, sent, masked):
+    def apply_sent(self, state, positions, sent, masked, exact=False):
         if masked is not None:  # momentum factor masking (see the class docstring for complete tensors)
             state[0].index_fill_(0, masked, 0.0)
-        state[1].index_add_(0, positions, sent, alpha=-1.0)
+        _remove_sent(state[1], positions, sent, exact)
 
     def finish_whole(self, state, averaged):
         """Plain (or Nesterov) momentum on the averaged gradients of the tensors sent whole.

@@ -695,7 +695,10 @@ class SparseReducer:
         chosen = job.selection
         if job.arena is not None:
             sent = chosen.sent if landing.sent is None else landing.sent
-            job.arena.commit(chosen.positions, sent, chosen.masked)
+            # the values went out as they were selected: fp32, unquantized, and (dense transport) an fp32 bucket
+            exact = job.wire == torch.float32 and not self.compressor.quantizes and (
+                landing.sent is None or job.flat.dtype == torch.float32)
+            job.arena.commit(chosen.positions, sent, chosen.masked, exact)
         if job.plan.whole and self.memory.whole_names:  # one gather, update and scatter for the bucket
             out = landing.out
             arena = Arena.of(self.memory, job.plan.whole, job.plan.n_whole, out.device, self.memory.whole_names,
