@@ -227,6 +227,6 @@ class ExactTopK(Compressor):
         slots = torch.tensor(range_slots(ranges), dtype=torch.int64, device=v.device)
         counts = torch.zeros_like(table_ks).index_copy_(0, slots, candidates.counts)
         caps = torch.zeros_like(table_ks).index_copy_(0, slots, candidates.caps)
-        positions, kth = ops.segmented_topk_indices_from(v, offsets, table_ks, candidates.positions, counts, caps,
+        positions, kth = ops.segmented_topk_candidates(v, offsets, table_ks, candidates.positions, counts, caps,
                                                          self.sample_ratio, self._generator)
         return positions, kth.index_select(0, slots)
