@@ -15,10 +15,15 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../common.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
 
 namespace gradsparse {
 namespace {
@@ -57,6 +62,20 @@ double magnitude_of_key(uint64_t key) {  // NaN for a NaN key
 // Inlined into a default and an AVX2 build (compensate_range); AVX2 does not enable FMA, so
 // products and sums round as in the default build. Nesterov is a template argument: a branch in the
 // loop kept gcc from vectorizing the kMaxima loop (2x slower, measured).
+// One element of the DGC pass: u_out and v_out of u_i, v_i, g_i (acc_t: the promoted type of float
+// and g's dtype). Shared by every loop below, so that they all round alike.
+template <typename acc_t, bool kNesterov>
+__attribute__((always_inline)) inline void compensate_one(float u_i, float v_i, acc_t g_i, float m, float& u_o,
+                                                          float& v_o) {
+  if constexpr (kNesterov) {
+    u_o = static_cast<float>(static_cast<acc_t>(u_i) + g_i) * m;
+    v_o = static_cast<float>(static_cast<acc_t>(v_i + u_o) + g_i);
+  } else {
+    u_o = static_cast<float>(static_cast<acc_t>(u_i * m) + g_i);
+    v_o = v_i + u_o;
+  }
+}
+
 template <typename scalar_t, bool kMaxima, bool kNesterov>
 __attribute__((always_inline)) inline void compensate_loop(const float* u, const float* v, const scalar_t* g,
                                                            float* u_out, float* v_out, float m, int64_t begin,
@@ -67,13 +86,7 @@ __attribute__((always_inline)) inline void compensate_loop(const float* u, const
   for (int64_t i = begin; i < end; ++i) {
     const acc_t gi = static_cast<acc_t>(g[i]);
     float ui, vi;
-    if constexpr (kNesterov) {
-      ui = static_cast<float>(static_cast<acc_t>(u[i]) + gi) * m;
-      vi = static_cast<float>(static_cast<acc_t>(v[i] + ui) + gi);
-    } else {
-      ui = static_cast<float>(static_cast<acc_t>(u[i] * m) + gi);
-      vi = v[i] + ui;
-    }
+    compensate_one<acc_t, kNesterov>(u[i], v[i], gi, m, ui, vi);
     u_out[i] = ui;
     v_out[i] = vi;
     if constexpr (kMaxima) {
@@ -180,6 +193,197 @@ void absmax_range(const scalar_t* x, int64_t begin, int64_t end, uint64_t* keys)
   absmax_loop<scalar_t>(x, begin, end, keys);
 }
 
+// ---- the same passes collecting selection candidates (dgc_compensate_candidates,
+// residual_compensate_candidates)
+//
+// Blocks of up to 64 elements: the block's results are computed and stored as above, and in the
+// same vectorized loop an "any key >= lo" flag is or-ed together; only a block with a hit is looked
+// at again (its 64 stored results, still in L1) for the positions. Keys are int32 bit patterns of
+// |v| as above; NaN keys lie above infinity's and so count as candidates (the selection then
+// sees them and refuses the segment, as segmented_topk_select would).
+
+// A chunk's candidates: for each segment the chunk overlaps (in order), the true count and the
+// positions kept (absolute in the piece, at most the segment's cap per chunk).
+struct ChunkCandidates {
+  struct Part {
+    int64_t segment, count, stored;
+  };
+  std::vector<Part> parts;
+  std::vector<int64_t> positions;
+};
+
+// Appends the hits of block [b, e) (results in out[b..e), keys >= lo) to part, keeping at most cap.
+inline void record_block(const float* out, int64_t b, int64_t e, int32_t lo, int64_t cap,
+                         ChunkCandidates::Part& part, std::vector<int64_t>& positions) {
+  for (int64_t i = b; i < e; ++i) {
+    if (key_of(out[i]) >= lo) {
+      ++part.count;
+      if (part.stored < cap) {
+        positions.push_back(i);
+        ++part.stored;
+      }
+    }
+  }
+}
+
+#if defined(GRADSPARSE_AVX2_COMPENSATE)
+// record_block for a full block with AVX2: a 64-bit mask of the hits, then one step per hit.
+__attribute__((target("avx2"))) inline void record_block_avx2(const float* out, int64_t b, int32_t lo, int64_t cap,
+                                                              ChunkCandidates::Part& part,
+                                                              std::vector<int64_t>& positions) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i lo_m1 = _mm256_set1_epi32(lo - 1);  // key >= lo as key > lo - 1 (lo - 1 >= -1)
+  uint64_t mask = 0;
+  for (int j = 0; j < 64; j += 8) {
+    const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + b + j)), abs_mask);
+    mask |= static_cast<uint64_t>(static_cast<uint32_t>(
+                _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, lo_m1)))))
+            << j;
+  }
+  part.count += __builtin_popcountll(mask);
+  for (; mask && part.stored < cap; mask &= mask - 1, ++part.stored) positions.push_back(b + __builtin_ctzll(mask));
+}
+#endif
+
+template <bool kAvx2>
+__attribute__((always_inline)) inline void record(const float* out, int64_t b, int64_t e, int32_t lo, int64_t cap,
+                                                  ChunkCandidates::Part& part, std::vector<int64_t>& positions) {
+#if defined(GRADSPARSE_AVX2_COMPENSATE)
+  if constexpr (kAvx2) {
+    if (e - b == 64) return record_block_avx2(out, b, lo, cap, part, positions);
+  }
+#endif
+  record_block(out, b, e, lo, cap, part, positions);
+}
+
+// compensate_loop with kMaxima over [begin, end) of one segment, the running maxima in and out of
+// maxima[0..2], and the candidates (keys of v_out >= lo) into part and positions.
+template <typename scalar_t, bool kNesterov, bool kAvx2>
+__attribute__((always_inline)) inline void compensate_candidates_loop(
+    const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out, float m, int64_t begin,
+    int64_t end, uint64_t* maxima, int32_t lo, int64_t cap, ChunkCandidates::Part& part,
+    std::vector<int64_t>& positions) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using gkey_t = decltype(key_of(acc_t()));
+  gkey_t g_max = static_cast<gkey_t>(maxima[0]);
+  int32_t u_max = static_cast<int32_t>(maxima[1]), v_max = static_cast<int32_t>(maxima[2]);
+  for (int64_t b = begin; b < end; b += 64) {
+    const int64_t e = std::min(end, b + 64);
+    int32_t any = 0;
+    for (int64_t i = b; i < e; ++i) {  // vectorized
+      const acc_t gi = static_cast<acc_t>(g[i]);
+      float ui, vi;
+      compensate_one<acc_t, kNesterov>(u[i], v[i], gi, m, ui, vi);
+      u_out[i] = ui;
+      v_out[i] = vi;
+      g_max = std::max(g_max, key_of(gi));
+      u_max = std::max(u_max, key_of(ui));
+      const int32_t vk = key_of(vi);
+      v_max = std::max(v_max, vk);
+      any |= static_cast<int32_t>(vk >= lo);
+    }
+    if (any) record<kAvx2>(v_out, b, e, lo, cap, part, positions);
+  }
+  maxima[0] = static_cast<uint64_t>(g_max);
+  maxima[1] = static_cast<uint32_t>(u_max);
+  maxima[2] = static_cast<uint32_t>(v_max);
+}
+
+// residual_loop over [begin, end) of one segment, likewise (candidates: keys of r_out >= lo).
+template <typename scalar_t, bool kAvx2>
+__attribute__((always_inline)) inline void residual_candidates_loop(const float* r, const scalar_t* g, float* r_out,
+                                                                    int64_t begin, int64_t end, uint64_t* maxima,
+                                                                    int32_t lo, int64_t cap,
+                                                                    ChunkCandidates::Part& part,
+                                                                    std::vector<int64_t>& positions) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using gkey_t = decltype(key_of(acc_t()));
+  gkey_t g_max = static_cast<gkey_t>(maxima[0]);
+  int32_t r_max = static_cast<int32_t>(maxima[1]);
+  for (int64_t b = begin; b < end; b += 64) {
+    const int64_t e = std::min(end, b + 64);
+    int32_t any = 0;
+    for (int64_t i = b; i < e; ++i) {  // vectorized
+      const acc_t gi = static_cast<acc_t>(g[i]);
+      const float ri = static_cast<float>(static_cast<acc_t>(r[i]) + gi);
+      r_out[i] = ri;
+      g_max = std::max(g_max, key_of(gi));
+      const int32_t rk = key_of(ri);
+      r_max = std::max(r_max, rk);
+      any |= static_cast<int32_t>(rk >= lo);
+    }
+    if (any) record<kAvx2>(r_out, b, e, lo, cap, part, positions);
+  }
+  maxima[0] = static_cast<uint64_t>(g_max);
+  maxima[1] = static_cast<uint32_t>(r_max);
+}
+
+#if defined(GRADSPARSE_AVX2_COMPENSATE)
+template <typename scalar_t, bool kNesterov>
+__attribute__((target("avx2"))) void compensate_candidates_avx2(const float* u, const float* v, const scalar_t* g,
+                                                               float* u_out, float* v_out, float m, int64_t begin,
+                                                               int64_t end, uint64_t* maxima, int32_t lo,
+                                                               int64_t cap, ChunkCandidates::Part& part,
+                                                               std::vector<int64_t>& positions) {
+  compensate_candidates_loop<scalar_t, kNesterov, true>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap, part,
+                                                        positions);
+}
+template <typename scalar_t>
+__attribute__((target("avx2"))) void residual_candidates_avx2(const float* r, const scalar_t* g, float* r_out,
+                                                             int64_t begin, int64_t end, uint64_t* maxima,
+                                                             int32_t lo, int64_t cap, ChunkCandidates::Part& part,
+                                                             std::vector<int64_t>& positions) {
+  residual_candidates_loop<scalar_t, true>(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
+}
+#endif
+
+// Per segment, default or AVX2 build. A segment that collects nothing (floor +inf) runs the plain
+// loops (no test) and merges their maxima.
+template <typename scalar_t>
+void compensate_candidates_range(const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out,
+                                 float m, bool nesterov, int64_t begin, int64_t end, uint64_t* maxima, bool collect,
+                                 int32_t lo, int64_t cap, ChunkCandidates::Part& part,
+                                 std::vector<int64_t>& positions) {
+  if (!collect) {
+    uint64_t keys[3];
+    compensate_range<scalar_t, true>(u, v, g, u_out, v_out, m, nesterov, begin, end, keys);
+    for (int t = 0; t < 3; ++t) maxima[t] = std::max(maxima[t], keys[t]);
+    return;
+  }
+#if defined(GRADSPARSE_AVX2_COMPENSATE)
+  if (cpu_has_avx2()) {
+    if (nesterov) {
+      return compensate_candidates_avx2<scalar_t, true>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap, part,
+                                                        positions);
+    }
+    return compensate_candidates_avx2<scalar_t, false>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap, part,
+                                                       positions);
+  }
+#endif
+  if (nesterov) {
+    return compensate_candidates_loop<scalar_t, true, false>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap,
+                                                             part, positions);
+  }
+  compensate_candidates_loop<scalar_t, false, false>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap, part,
+                                                     positions);
+}
+
+template <typename scalar_t>
+void residual_candidates_range(const float* r, const scalar_t* g, float* r_out, int64_t begin, int64_t end,
+                               uint64_t* maxima, bool collect, int32_t lo, int64_t cap, ChunkCandidates::Part& part,
+                               std::vector<int64_t>& positions) {
+  if (!collect) {
+    uint64_t keys[2];
+    residual_range<scalar_t>(r, g, r_out, begin, end, keys);
+    for (int t = 0; t < 2; ++t) maxima[t] = std::max(maxima[t], keys[t]);
+    return;
+  }
+#if defined(GRADSPARSE_AVX2_COMPENSATE)
+  if (cpu_has_avx2()) return residual_candidates_avx2<scalar_t>(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
+#endif
+  residual_candidates_loop<scalar_t, false>(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
+}
+
 constexpr int64_t kGrain = 1 << 14;
 
 // Runs range(begin, end, keys) over the kGrain chunks of [0, n) in parallel, each chunk writing
@@ -195,6 +399,56 @@ std::array<uint64_t, K> chunked_max_keys(int64_t n, const Range& range) {
   std::array<uint64_t, K> total{};
   for (int64_t c = 0; c < chunks; ++c) {
     for (int t = 0; t < K; ++t) total[t] = std::max(total[t], partial[K * c + t]);
+  }
+  return total;
+}
+
+// Runs range(begin, end, keys, s, part, positions) over every (kGrain chunk x segment) piece of
+// [0, n), chunks in parallel, each chunk writing K maximum keys and its candidates; returns the
+// maxima's keys over the chunks, and fills positions (each segment's first cap[s] candidates, in
+// order) and counts (each segment's true count). The same for any thread count: a max does not
+// depend on the order, and the chunks' candidates are joined in chunk order.
+template <int K, typename Range>
+std::array<uint64_t, K> chunked_candidates(int64_t n, const CandidateSegments& seg, const Range& range,
+                                           at::Tensor& positions, at::Tensor& counts) {
+  const int64_t chunks = (n + kGrain - 1) / kGrain, segments = seg.size();
+  std::vector<uint64_t> partial(static_cast<size_t>(chunks) * K, 0);
+  std::vector<ChunkCandidates> found(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const int64_t cb = c * kGrain, ce = std::min(n, (c + 1) * kGrain);
+      // the first segment that ends after cb
+      int64_t s = std::upper_bound(seg.offset.begin() + 1, seg.offset.end(), cb) - (seg.offset.begin() + 1);
+      ChunkCandidates& cc = found[c];
+      for (; s < segments && seg.offset[s] < ce; ++s) {
+        const int64_t b = std::max(cb, seg.offset[s]), e = std::min(ce, seg.offset[s + 1]);
+        if (b >= e) continue;
+        cc.parts.push_back({s, 0, 0});
+        range(b, e, partial.data() + K * c, s, cc.parts.back(), cc.positions);
+      }
+    }
+  });
+  std::array<uint64_t, K> total{};
+  counts = at::zeros({segments}, at::TensorOptions().dtype(at::kLong));
+  int64_t* count = counts.data_ptr<int64_t>();
+  std::vector<int64_t> taken(segments, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int t = 0; t < K; ++t) total[t] = std::max(total[t], partial[K * c + t]);
+    for (const auto& p : found[c].parts) count[p.segment] += p.count;
+  }
+  int64_t kept = 0;
+  for (int64_t s = 0; s < segments; ++s) kept += std::min(count[s], seg.cap[s]);
+  positions = at::empty({kept}, at::TensorOptions().dtype(at::kLong));
+  int64_t* out = positions.data_ptr<int64_t>();
+  for (const auto& cc : found) {  // chunk after chunk, each its segments in order: segment after segment
+    const int64_t* from = cc.positions.data();
+    for (const auto& p : cc.parts) {
+      const int64_t take = std::min(p.stored, seg.cap[p.segment] - taken[p.segment]);
+      std::copy(from, from + take, out);
+      out += take;
+      taken[p.segment] += take;
+      from += p.stored;
+    }
   }
   return total;
 }
@@ -251,6 +505,63 @@ at::Tensor residual_compensate_into_cpu(const at::Tensor& r, const at::Tensor& g
   return at::tensor({maxima[0], maxima[1]}, at::TensorOptions().dtype(at::kDouble));
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dgc_compensate_candidates_cpu(
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& g, double momentum, bool nesterov, at::Tensor& u_out,
+    at::Tensor& v_out, const at::Tensor& offsets, const at::Tensor& floors, const at::Tensor& caps) {
+  check_dgc_into_args(u, v, g, u_out, v_out);
+  const CandidateSegments seg = check_candidate_segments(g.numel(), offsets, floors, caps, "dgc_compensate_candidates");
+  const at::Tensor gc = g.contiguous();
+  double maxima[3] = {0, 0, 0};
+  at::Tensor positions, counts;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "dgc_compensate_candidates", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    const float *up = u.data_ptr<float>(), *vp = v.data_ptr<float>();
+    float *uo = u_out.data_ptr<float>(), *vo = v_out.data_ptr<float>();
+    const float m = static_cast<float>(momentum);
+    const auto total = chunked_candidates<3>(
+        gc.numel(), seg,
+        [&](int64_t begin, int64_t end, uint64_t* keys, int64_t s, ChunkCandidates::Part& part,
+            std::vector<int64_t>& found) {
+          compensate_candidates_range<scalar_t>(up, vp, gp, uo, vo, m, nesterov, begin, end, keys, seg.collect[s],
+                                                static_cast<int32_t>(seg.floor_key[s]), seg.cap[s], part, found);
+        },
+        positions, counts);
+    maxima[0] = magnitude_of_key<acc_t>(total[0]);
+    maxima[1] = magnitude_of_key<float>(total[1]);
+    maxima[2] = magnitude_of_key<float>(total[2]);
+  });
+  return {at::tensor({maxima[0], maxima[1], maxima[2]}, at::TensorOptions().dtype(at::kDouble)), positions, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_compensate_candidates_cpu(
+    const at::Tensor& r, const at::Tensor& g, at::Tensor& r_out, const at::Tensor& offsets, const at::Tensor& floors,
+    const at::Tensor& caps) {
+  check_residual_into_args(r, g, r_out);
+  const CandidateSegments seg =
+      check_candidate_segments(g.numel(), offsets, floors, caps, "residual_compensate_candidates");
+  const at::Tensor gc = g.contiguous();
+  double maxima[2] = {0, 0};
+  at::Tensor positions, counts;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "residual_compensate_candidates", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    const float* rp = r.data_ptr<float>();
+    float* ro = r_out.data_ptr<float>();
+    const auto total = chunked_candidates<2>(
+        gc.numel(), seg,
+        [&](int64_t begin, int64_t end, uint64_t* keys, int64_t s, ChunkCandidates::Part& part,
+            std::vector<int64_t>& found) {
+          residual_candidates_range<scalar_t>(rp, gp, ro, begin, end, keys, seg.collect[s],
+                                              static_cast<int32_t>(seg.floor_key[s]), seg.cap[s], part, found);
+        },
+        positions, counts);
+    maxima[0] = magnitude_of_key<acc_t>(total[0]);
+    maxima[1] = magnitude_of_key<float>(total[1]);
+  });
+  return {at::tensor({maxima[0], maxima[1]}, at::TensorOptions().dtype(at::kDouble)), positions, counts};
+}
+
 at::Tensor absmax_cpu(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_floating_point(), "absmax: expected a floating-point tensor, got ", x.scalar_type());
   const at::Tensor xc = x.contiguous();
@@ -273,6 +584,8 @@ TORCH_LIBRARY_IMPL(gradsparse, CPU, m) {
   m.impl("dgc_compensate", &dgc_compensate_cpu);
   m.impl("dgc_compensate_into", &dgc_compensate_into_cpu);
   m.impl("residual_compensate_into", &residual_compensate_into_cpu);
+  m.impl("dgc_compensate_candidates", &dgc_compensate_candidates_cpu);
+  m.impl("residual_compensate_candidates", &residual_compensate_candidates_cpu);
 }
 
 }  // namespace gradsparse
