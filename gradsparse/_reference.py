@@ -285,7 +285,8 @@ def segmented_topk_candidates(
     segment = torch.repeat_interleave(torch.arange(len(ks_)), torch.tensor(stored, dtype=torch.int64))
     lo, hi = torch.tensor(bounds[:-1])[segment], torch.tensor(bounds[1:])[segment]
     if bool(((cand < lo) | (cand >= hi)).any()) or bool((cand[1:] <= cand[:-1]).any()):
-        raise ValueError(f"{op}: a candidate is outside its segment or not above the one before it: candidates "
+        raise ValueError(f"{op}: a candidate is outside the segment it is listed for, or not above the one before "
+                         "it: candidates "
                          "must be ascending positions in x, segment after segment")
     flat = x.reshape(-1).detach()
     kth, start = [], 0
