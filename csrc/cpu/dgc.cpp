@@ -212,22 +212,31 @@ struct ChunkCandidates {
   std::vector<int64_t> positions;
 };
 
-// Appends the hits of block [b, e) (results in out[b..e), keys >= lo) to part, keeping at most cap.
+// Appends b + j for every set bit j of mask (a block's hits) to part and positions: counts all,
+// keeps at most cap in all. One resize per block, the bits written through a local pointer.
+inline void record_mask(uint64_t mask, int64_t b, int64_t cap, ChunkCandidates::Part& part,
+                        std::vector<int64_t>& positions) {
+  const int64_t hits = __builtin_popcountll(mask);
+  part.count += hits;
+  const int64_t take = std::min(hits, cap - part.stored);
+  if (take <= 0) return;
+  const size_t old = positions.size();
+  positions.resize(old + static_cast<size_t>(take));
+  int64_t* o = positions.data() + old;
+  for (int64_t t = 0; t < take; ++t, mask &= mask - 1) o[t] = b + __builtin_ctzll(mask);
+  part.stored += take;
+}
+
+// The hits of block [b, e) (results in out[b..e), keys >= lo), kept as record_mask keeps them.
 inline void record_block(const float* out, int64_t b, int64_t e, int32_t lo, int64_t cap,
                          ChunkCandidates::Part& part, std::vector<int64_t>& positions) {
-  for (int64_t i = b; i < e; ++i) {
-    if (key_of(out[i]) >= lo) {
-      ++part.count;
-      if (part.stored < cap) {
-        positions.push_back(i);
-        ++part.stored;
-      }
-    }
-  }
+  uint64_t mask = 0;
+  for (int64_t i = b; i < e; ++i) mask |= static_cast<uint64_t>(key_of(out[i]) >= lo) << (i - b);
+  record_mask(mask, b, cap, part, positions);
 }
 
 #if defined(GRADSPARSE_AVX2_COMPENSATE)
-// record_block for a full block with AVX2: a 64-bit mask of the hits, then one step per hit.
+// record_block for a full block with AVX2: the 64-bit mask from 8 compares.
 __attribute__((target("avx2"))) inline void record_block_avx2(const float* out, int64_t b, int32_t lo, int64_t cap,
                                                               ChunkCandidates::Part& part,
                                                               std::vector<int64_t>& positions) {
@@ -240,8 +249,7 @@ __attribute__((target("avx2"))) inline void record_block_avx2(const float* out, 
                 _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, lo_m1)))))
             << j;
   }
-  part.count += __builtin_popcountll(mask);
-  for (; mask && part.stored < cap; mask &= mask - 1, ++part.stored) positions.push_back(b + __builtin_ctzll(mask));
+  record_mask(mask, b, cap, part, positions);
 }
 #endif
 
@@ -335,6 +343,90 @@ __attribute__((target("avx2"))) void residual_candidates_avx2(const float* r, co
                                                              std::vector<int64_t>& positions) {
   residual_candidates_loop<scalar_t, true>(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
 }
+
+// The fp32-gradient passes with AVX2 intrinsics: the generic block loop above, compiled, checks
+// its pointers for aliasing and folds its maxima once per 64-element block; here the maxima stay in
+// vector registers over the whole range, and the block's hit mask comes from the same registers
+// (one compare and one movemask per 8 elements). Products and sums round as the scalar code rounds
+// them (a multiply, then an add: no FMA). The partial block at the end goes to the generic loop.
+inline int32_t horizontal_max(__m256i a) __attribute__((target("avx2")));
+inline int32_t horizontal_max(__m256i a) {
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), a);
+  return *std::max_element(lanes, lanes + 8);
+}
+
+template <bool kNesterov>
+__attribute__((target("avx2"))) void compensate_candidates_f32_avx2(const float* u, const float* v, const float* g,
+                                                                   float* u_out, float* v_out, float m, int64_t begin,
+                                                                   int64_t end, uint64_t* maxima, int32_t lo,
+                                                                   int64_t cap, ChunkCandidates::Part& part,
+                                                                   std::vector<int64_t>& positions) {
+  const __m256 m_v = _mm256_set1_ps(m);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), lo_m1 = _mm256_set1_epi32(lo - 1);
+  __m256i g_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[0]));
+  __m256i u_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[1]));
+  __m256i v_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[2]));
+  int64_t b = begin;
+  for (; b + 64 <= end; b += 64) {
+    uint64_t mask = 0;  // the block's hits
+    for (int j = 0; j < 64; j += 8) {
+      const __m256 gi = _mm256_loadu_ps(g + b + j), u0 = _mm256_loadu_ps(u + b + j), v0 = _mm256_loadu_ps(v + b + j);
+      __m256 ui, vi;
+      if constexpr (kNesterov) {
+        ui = _mm256_mul_ps(_mm256_add_ps(u0, gi), m_v);
+        vi = _mm256_add_ps(_mm256_add_ps(v0, ui), gi);
+      } else {
+        ui = _mm256_add_ps(_mm256_mul_ps(u0, m_v), gi);
+        vi = _mm256_add_ps(v0, ui);
+      }
+      _mm256_storeu_ps(u_out + b + j, ui);
+      _mm256_storeu_ps(v_out + b + j, vi);
+      const __m256i vk = _mm256_and_si256(_mm256_castps_si256(vi), abs_mask);
+      g_max = _mm256_max_epi32(g_max, _mm256_and_si256(_mm256_castps_si256(gi), abs_mask));
+      u_max = _mm256_max_epi32(u_max, _mm256_and_si256(_mm256_castps_si256(ui), abs_mask));
+      v_max = _mm256_max_epi32(v_max, vk);
+      mask |= static_cast<uint64_t>(static_cast<uint32_t>(
+                  _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(vk, lo_m1)))))
+              << j;
+    }
+    if (mask) record_mask(mask, b, cap, part, positions);
+  }
+  maxima[0] = static_cast<uint32_t>(horizontal_max(g_max));
+  maxima[1] = static_cast<uint32_t>(horizontal_max(u_max));
+  maxima[2] = static_cast<uint32_t>(horizontal_max(v_max));
+  compensate_candidates_loop<float, kNesterov, true>(u, v, g, u_out, v_out, m, b, end, maxima, lo, cap, part,
+                                                     positions);
+}
+
+__attribute__((target("avx2"))) inline void residual_candidates_f32_avx2(const float* r, const float* g, float* r_out,
+                                                                         int64_t begin, int64_t end, uint64_t* maxima,
+                                                                         int32_t lo, int64_t cap,
+                                                                         ChunkCandidates::Part& part,
+                                                                         std::vector<int64_t>& positions) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), lo_m1 = _mm256_set1_epi32(lo - 1);
+  __m256i g_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[0]));
+  __m256i r_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[1]));
+  int64_t b = begin;
+  for (; b + 64 <= end; b += 64) {
+    uint64_t mask = 0;  // the block's hits
+    for (int j = 0; j < 64; j += 8) {
+      const __m256 gi = _mm256_loadu_ps(g + b + j);
+      const __m256 ri = _mm256_add_ps(_mm256_loadu_ps(r + b + j), gi);
+      _mm256_storeu_ps(r_out + b + j, ri);
+      const __m256i rk = _mm256_and_si256(_mm256_castps_si256(ri), abs_mask);
+      g_max = _mm256_max_epi32(g_max, _mm256_and_si256(_mm256_castps_si256(gi), abs_mask));
+      r_max = _mm256_max_epi32(r_max, rk);
+      mask |= static_cast<uint64_t>(static_cast<uint32_t>(
+                  _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(rk, lo_m1)))))
+              << j;
+    }
+    if (mask) record_mask(mask, b, cap, part, positions);
+  }
+  maxima[0] = static_cast<uint32_t>(horizontal_max(g_max));
+  maxima[1] = static_cast<uint32_t>(horizontal_max(r_max));
+  residual_candidates_loop<float, true>(r, g, r_out, b, end, maxima, lo, cap, part, positions);
+}
 #endif
 
 // Per segment, default or AVX2 build. A segment that collects nothing (floor +inf) runs the plain
@@ -351,6 +443,16 @@ void compensate_candidates_range(const float* u, const float* v, const scalar_t*
     return;
   }
 #if defined(GRADSPARSE_AVX2_COMPENSATE)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (cpu_has_avx2()) {
+      if (nesterov) {
+        return compensate_candidates_f32_avx2<true>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap, part,
+                                                    positions);
+      }
+      return compensate_candidates_f32_avx2<false>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap, part,
+                                                   positions);
+    }
+  }
   if (cpu_has_avx2()) {
     if (nesterov) {
       return compensate_candidates_avx2<scalar_t, true>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap, part,
@@ -379,7 +481,12 @@ void residual_candidates_range(const float* r, const scalar_t* g, float* r_out, 
     return;
   }
 #if defined(GRADSPARSE_AVX2_COMPENSATE)
-  if (cpu_has_avx2()) return residual_candidates_avx2<scalar_t>(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (cpu_has_avx2()) return residual_candidates_f32_avx2(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
+  }
+  if (cpu_has_avx2()) {
+    return residual_candidates_avx2<scalar_t>(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
+  }
 #endif
   residual_candidates_loop<scalar_t, false>(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
 }

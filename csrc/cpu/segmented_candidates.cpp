@@ -3,7 +3,7 @@
 // residual_compensate_candidates). A segment whose candidate list is complete and holds at least
 // its k entries has every element at or above its k-th largest magnitude among them (that k-th is
 // >= the floor the candidates were collected at), so its exact top-k (ties to the lower position)
-// is the top-k of the candidates: found from their keys alone (nth_element, then one pass in
+// is the top-k of the candidates: found from their keys alone (a histogram, then one pass in
 // position order), on the calling thread, without reading the rest of the segment. The other
 // segments run exactly as segmented_topk_select runs them (topk_core.h's TopK).
 #include <ATen/ATen.h>
@@ -57,23 +57,45 @@ void check_candidate_positions(const Segments& seg, const CandidateLists& lists,
 // The exact top-k of the c candidates at cand (positions in x, ascending, every position of the
 // segment whose key is >= the k-th largest among them; 0 < k <= c) into out, ascending, ties to the
 // lower position. Returns the k-th largest key, or kInf + 1 if a candidate is NaN (nothing written).
+// The k-th key: a histogram of (key - smallest) cut to at most 2^11 buckets, then nth_element
+// inside the one bucket that holds it (the candidates lie close above the floor: few per bucket).
 template <typename scalar_t>
 typename core::Key<scalar_t>::bits_t top_of_candidates(const scalar_t* x, const int64_t* cand, int64_t c, int64_t k,
                                                        int64_t* out,
                                                        std::vector<typename core::Key<scalar_t>::bits_t>& keys,
-                                                       std::vector<typename core::Key<scalar_t>::bits_t>& scratch) {
+                                                       std::vector<typename core::Key<scalar_t>::bits_t>& scratch,
+                                                       std::vector<int64_t>& hist) {
   using K = core::Key<scalar_t>;
   using bits_t = typename K::bits_t;
   keys.resize(c);
-  bits_t top = 0;
+  bits_t top = 0, bottom = ~bits_t(0);
   for (int64_t j = 0; j < c; ++j) {
-    keys[j] = K::of(x[cand[j]]);
-    top = std::max(top, keys[j]);
+    const bits_t key = K::of(x[cand[j]]);
+    keys[j] = key;
+    top = std::max(top, key);
+    bottom = std::min(bottom, key);
   }
   if (top > K::kInf) return K::kInf + 1;
-  scratch.assign(keys.begin(), keys.end());
-  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<>());
-  const bits_t kth = scratch[k - 1];
+  const bits_t span = top - bottom;
+  const int width = span == 0 ? 0
+                    : sizeof(bits_t) == 8 ? 64 - __builtin_clzll(static_cast<uint64_t>(span))
+                                          : 32 - __builtin_clz(static_cast<uint32_t>(span));
+  const int shift = std::max(0, width - 11);
+  hist.assign(static_cast<size_t>(span >> shift) + 1, 0);
+  for (const bits_t key : keys) ++hist[(key - bottom) >> shift];
+  const auto [bucket, above] = core::find_bucket(hist.data(), static_cast<int64_t>(hist.size()), k);
+  bits_t kth;
+  if (shift == 0) {
+    kth = bottom + static_cast<bits_t>(bucket);
+  } else {
+    scratch.clear();
+    for (const bits_t key : keys) {
+      if (static_cast<int64_t>((key - bottom) >> shift) == bucket) scratch.push_back(key);
+    }
+    const int64_t r = k - above - 1;
+    std::nth_element(scratch.begin(), scratch.begin() + r, scratch.end(), std::greater<>());
+    kth = scratch[r];
+  }
   int64_t larger = 0;
   for (const bits_t key : keys) larger += key > kth;
   int64_t allow = k - larger;
@@ -83,11 +105,9 @@ typename core::Key<scalar_t>::bits_t top_of_candidates(const scalar_t* x, const 
   return kth;
 }
 
-std::tuple<at::Tensor, at::Tensor> segmented_topk_select_candidates_cpu(const at::Tensor& x, const at::Tensor& offsets,
-                                                                        const at::Tensor& ks,
-                                                                        const at::Tensor& candidates,
-                                                                        const at::Tensor& counts, const at::Tensor& caps,
-                                                                        double sample_ratio, int64_t seed) {
+std::tuple<at::Tensor, at::Tensor> segmented_topk_select_candidates_cpu(
+    const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& ks, const at::Tensor& candidates,
+    const at::Tensor& counts, const at::Tensor& caps, double sample_ratio, int64_t seed) {
   check_selection_input(x, kOp);
   check_sample_ratio(sample_ratio, kOp);
   const Segments seg = check_segments(x, offsets, ks);
@@ -114,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor> segmented_topk_select_candidates_cpu(const at
       kp[i] = magnitude_of<scalar_t>(topk.selected_kth);
     };
     std::vector<typename K::bits_t> keys, scratch;
+    std::vector<int64_t> hist;
     std::vector<int64_t> side_by_side;
     for (int64_t i = 0; i < seg.size(); ++i) {
       const int64_t n = seg.length(i), k = seg.count[i], first = seg.offset[i];
@@ -123,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor> segmented_topk_select_candidates_cpu(const at
         for (int64_t j = 0; j < n; ++j) o[seg.out[i] + j] = first + j;
         kp[i] = 0.0;
       } else if (lists.complete[i] && lists.count[i] >= k) {
-        const auto key = top_of_candidates(xp, cand + lists.start[i], lists.stored[i], k, o + seg.out[i], keys, scratch);
+        const auto key = top_of_candidates(xp, cand + lists.start[i], lists.stored[i], k, o + seg.out[i], keys, scratch,
+                                                hist);
         nan[i] = key > K::kInf;
         kp[i] = magnitude_of<scalar_t>(key);
       } else if (n >= core::kMinParallelNumel && threads > 1) {

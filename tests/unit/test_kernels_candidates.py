@@ -132,7 +132,8 @@ def test_dgc_compensate_candidates_equals_reference_and_oracle(n, dtype, nestero
 def test_residual_compensate_candidates_equals_reference_and_oracle(n, dtype, device):
     g = torch.Generator().manual_seed(n + 5)
     r = torch.randn(n, generator=g)
-    grad = (torch.randn(n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64)).to(dtype)
+    grad = torch.randn(n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64)
+    grad = grad.to(dtype)
     for trial in range(4):
         offsets = _cuts(n, g)
         want_r = torch.empty(n)
