@@ -14,7 +14,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -202,6 +204,30 @@ void absmax_range(const scalar_t* x, int64_t begin, int64_t end, uint64_t* keys)
 // |v| as above; NaN keys lie above infinity's and so count as candidates (the selection then
 // sees them and refuses the segment, as segmented_topk_select would).
 
+// A growing int64 buffer whose append is a capacity test and a pointer bump (a std::vector's
+// resize per block cost about 10 ns a block with a hit: a call, a fill and a size update).
+struct Positions {
+  int64_t* data = nullptr;
+  int64_t size = 0, capacity = 0;
+  Positions() = default;
+  Positions(const Positions&) = delete;
+  Positions& operator=(const Positions&) = delete;
+  ~Positions() { std::free(data); }
+  // Room for `more` entries at data + size (size grows by more).
+  int64_t* extend(int64_t more) {
+    if (size + more > capacity) {
+      const int64_t want = std::max<int64_t>({256, 2 * capacity, size + more});
+      void* p = std::realloc(data, static_cast<size_t>(want) * sizeof(int64_t));
+      if (!p) throw std::bad_alloc();
+      data = static_cast<int64_t*>(p);
+      capacity = want;
+    }
+    int64_t* at = data + size;
+    size += more;
+    return at;
+  }
+};
+
 // A chunk's candidates: for each segment the chunk overlaps (in order), the true count and the
 // positions kept (absolute in the piece, at most the segment's cap per chunk).
 struct ChunkCandidates {
@@ -209,27 +235,25 @@ struct ChunkCandidates {
     int64_t segment, count, stored;
   };
   std::vector<Part> parts;
-  std::vector<int64_t> positions;
+  Positions positions;
 };
 
 // Appends b + j for every set bit j of mask (a block's hits) to part and positions: counts all,
-// keeps at most cap in all. One resize per block, the bits written through a local pointer.
+// keeps at most cap in all: one extend per block, the bits written through a local pointer.
 inline void record_mask(uint64_t mask, int64_t b, int64_t cap, ChunkCandidates::Part& part,
-                        std::vector<int64_t>& positions) {
+                        Positions& positions) {
   const int64_t hits = __builtin_popcountll(mask);
   part.count += hits;
   const int64_t take = std::min(hits, cap - part.stored);
   if (take <= 0) return;
-  const size_t old = positions.size();
-  positions.resize(old + static_cast<size_t>(take));
-  int64_t* o = positions.data() + old;
+  int64_t* o = positions.extend(take);
   for (int64_t t = 0; t < take; ++t, mask &= mask - 1) o[t] = b + __builtin_ctzll(mask);
   part.stored += take;
 }
 
 // The hits of block [b, e) (results in out[b..e), keys >= lo), kept as record_mask keeps them.
 inline void record_block(const float* out, int64_t b, int64_t e, int32_t lo, int64_t cap,
-                         ChunkCandidates::Part& part, std::vector<int64_t>& positions) {
+                         ChunkCandidates::Part& part, Positions& positions) {
   uint64_t mask = 0;
   for (int64_t i = b; i < e; ++i) mask |= static_cast<uint64_t>(key_of(out[i]) >= lo) << (i - b);
   record_mask(mask, b, cap, part, positions);
@@ -239,7 +263,7 @@ inline void record_block(const float* out, int64_t b, int64_t e, int32_t lo, int
 // record_block for a full block with AVX2: the 64-bit mask from 8 compares.
 __attribute__((target("avx2"))) inline void record_block_avx2(const float* out, int64_t b, int32_t lo, int64_t cap,
                                                               ChunkCandidates::Part& part,
-                                                              std::vector<int64_t>& positions) {
+                                                              Positions& positions) {
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i lo_m1 = _mm256_set1_epi32(lo - 1);  // key >= lo as key > lo - 1 (lo - 1 >= -1)
   uint64_t mask = 0;
@@ -255,7 +279,7 @@ __attribute__((target("avx2"))) inline void record_block_avx2(const float* out, 
 
 template <bool kAvx2>
 __attribute__((always_inline)) inline void record(const float* out, int64_t b, int64_t e, int32_t lo, int64_t cap,
-                                                  ChunkCandidates::Part& part, std::vector<int64_t>& positions) {
+                                                  ChunkCandidates::Part& part, Positions& positions) {
 #if defined(GRADSPARSE_AVX2_COMPENSATE)
   if constexpr (kAvx2) {
     if (e - b == 64) return record_block_avx2(out, b, lo, cap, part, positions);
@@ -270,7 +294,7 @@ template <typename scalar_t, bool kNesterov, bool kAvx2>
 __attribute__((always_inline)) inline void compensate_candidates_loop(
     const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out, float m, int64_t begin,
     int64_t end, uint64_t* maxima, int32_t lo, int64_t cap, ChunkCandidates::Part& part,
-    std::vector<int64_t>& positions) {
+    Positions& positions) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   using gkey_t = decltype(key_of(acc_t()));
   gkey_t g_max = static_cast<gkey_t>(maxima[0]);
@@ -303,7 +327,7 @@ __attribute__((always_inline)) inline void residual_candidates_loop(const float*
                                                                     int64_t begin, int64_t end, uint64_t* maxima,
                                                                     int32_t lo, int64_t cap,
                                                                     ChunkCandidates::Part& part,
-                                                                    std::vector<int64_t>& positions) {
+                                                                    Positions& positions) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   using gkey_t = decltype(key_of(acc_t()));
   gkey_t g_max = static_cast<gkey_t>(maxima[0]);
@@ -332,7 +356,7 @@ __attribute__((target("avx2"))) void compensate_candidates_avx2(const float* u, 
                                                                float* u_out, float* v_out, float m, int64_t begin,
                                                                int64_t end, uint64_t* maxima, int32_t lo,
                                                                int64_t cap, ChunkCandidates::Part& part,
-                                                               std::vector<int64_t>& positions) {
+                                                               Positions& positions) {
   compensate_candidates_loop<scalar_t, kNesterov, true>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap, part,
                                                         positions);
 }
@@ -340,7 +364,7 @@ template <typename scalar_t>
 __attribute__((target("avx2"))) void residual_candidates_avx2(const float* r, const scalar_t* g, float* r_out,
                                                              int64_t begin, int64_t end, uint64_t* maxima,
                                                              int32_t lo, int64_t cap, ChunkCandidates::Part& part,
-                                                             std::vector<int64_t>& positions) {
+                                                             Positions& positions) {
   residual_candidates_loop<scalar_t, true>(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
 }
 
@@ -361,7 +385,7 @@ __attribute__((target("avx2"))) void compensate_candidates_f32_avx2(const float*
                                                                    float* u_out, float* v_out, float m, int64_t begin,
                                                                    int64_t end, uint64_t* maxima, int32_t lo,
                                                                    int64_t cap, ChunkCandidates::Part& part,
-                                                                   std::vector<int64_t>& positions) {
+                                                                   Positions& positions) {
   const __m256 m_v = _mm256_set1_ps(m);
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), lo_m1 = _mm256_set1_epi32(lo - 1);
   __m256i g_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[0]));
@@ -403,7 +427,7 @@ __attribute__((target("avx2"))) inline void residual_candidates_f32_avx2(const f
                                                                          int64_t begin, int64_t end, uint64_t* maxima,
                                                                          int32_t lo, int64_t cap,
                                                                          ChunkCandidates::Part& part,
-                                                                         std::vector<int64_t>& positions) {
+                                                                         Positions& positions) {
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), lo_m1 = _mm256_set1_epi32(lo - 1);
   __m256i g_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[0]));
   __m256i r_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[1]));
@@ -435,7 +459,7 @@ template <typename scalar_t>
 void compensate_candidates_range(const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out,
                                  float m, bool nesterov, int64_t begin, int64_t end, uint64_t* maxima, bool collect,
                                  int32_t lo, int64_t cap, ChunkCandidates::Part& part,
-                                 std::vector<int64_t>& positions) {
+                                 Positions& positions) {
   if (!collect) {
     uint64_t keys[3];
     compensate_range<scalar_t, true>(u, v, g, u_out, v_out, m, nesterov, begin, end, keys);
@@ -473,7 +497,7 @@ void compensate_candidates_range(const float* u, const float* v, const scalar_t*
 template <typename scalar_t>
 void residual_candidates_range(const float* r, const scalar_t* g, float* r_out, int64_t begin, int64_t end,
                                uint64_t* maxima, bool collect, int32_t lo, int64_t cap, ChunkCandidates::Part& part,
-                               std::vector<int64_t>& positions) {
+                               Positions& positions) {
   if (!collect) {
     uint64_t keys[2];
     residual_range<scalar_t>(r, g, r_out, begin, end, keys);
@@ -548,7 +572,7 @@ std::array<uint64_t, K> chunked_candidates(int64_t n, const CandidateSegments& s
   positions = at::empty({kept}, at::TensorOptions().dtype(at::kLong));
   int64_t* out = positions.data_ptr<int64_t>();
   for (const auto& cc : found) {  // chunk after chunk, each its segments in order: segment after segment
-    const int64_t* from = cc.positions.data();
+    const int64_t* from = cc.positions.data;
     for (const auto& p : cc.parts) {
       const int64_t take = std::min(p.stored, seg.cap[p.segment] - taken[p.segment]);
       std::copy(from, from + take, out);
@@ -629,7 +653,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dgc_compensate_candidates_cpu(
     const auto total = chunked_candidates<3>(
         gc.numel(), seg,
         [&](int64_t begin, int64_t end, uint64_t* keys, int64_t s, ChunkCandidates::Part& part,
-            std::vector<int64_t>& found) {
+            Positions& found) {
           compensate_candidates_range<scalar_t>(up, vp, gp, uo, vo, m, nesterov, begin, end, keys, seg.collect[s],
                                                 static_cast<int32_t>(seg.floor_key[s]), seg.cap[s], part, found);
         },
@@ -658,7 +682,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_compensate_candidates_cp
     const auto total = chunked_candidates<2>(
         gc.numel(), seg,
         [&](int64_t begin, int64_t end, uint64_t* keys, int64_t s, ChunkCandidates::Part& part,
-            std::vector<int64_t>& found) {
+            Positions& found) {
           residual_candidates_range<scalar_t>(rp, gp, ro, begin, end, keys, seg.collect[s],
                                               static_cast<int32_t>(seg.floor_key[s]), seg.cap[s], part, found);
         },

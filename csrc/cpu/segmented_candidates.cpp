@@ -69,7 +69,9 @@ typename core::Key<scalar_t>::bits_t top_of_candidates(const scalar_t* x, const 
   using bits_t = typename K::bits_t;
   keys.resize(c);
   bits_t top = 0, bottom = ~bits_t(0);
+  constexpr int64_t kAhead = 32;  // candidates lie a cache line or more apart: prefetch the gather
   for (int64_t j = 0; j < c; ++j) {
+    if (j + kAhead < c) __builtin_prefetch(x + cand[j + kAhead]);
     const bits_t key = K::of(x[cand[j]]);
     keys[j] = key;
     top = std::max(top, key);
