@@ -25,6 +25,7 @@ times much less. ``uptime`` is printed before and after; compare ratios within o
     python -m benchmarks.select_bench                 # both inputs, 1 thread, 9 rounds
     python -m benchmarks.select_bench --inputs 25M --rounds 5 --json out.json
     python -m benchmarks.select_bench --inputs resnet50-candidates --densities 0.001,0.01 --check
+    python -m benchmarks.select_bench --inputs resnet50-candidates --densities 0.001,0.01 --grad-dtype bfloat16
 
 ``--check`` also compares every result with ``gradsparse._reference`` once (slow: the
 reference runs torch.topk at each density).
@@ -136,18 +137,24 @@ def run_segmented(densities, rounds: int, min_numel: int, check: bool) -> list[d
                   len(parts))
 
 
-def run_candidates(densities, rounds: int, min_numel: int, check: bool) -> list[dict]:
+def run_candidates(densities, rounds: int, min_numel: int, check: bool,
+                   grad_dtype: torch.dtype = torch.float32) -> list[dict]:
     """``resnet50-candidates``: the compressed ResNet-50 tensors (``gradsparse.model_shapes.resnet50``, at least
     ``min_numel`` elements) laid end to end as one bucket, DGC's compensation and selection with and without
     the candidates collected in the compensation pass. Per density: ``dgc_compensate_into`` alone against
     ``dgc_compensate_candidates`` (floors at 0.9x each segment's true k-th magnitude, caps 4k + 64), and
     ``segmented_topk_select`` against ``segmented_topk_select_candidates`` on the same compensated buffer.
-    The state is not advanced (outputs into scratch buffers), so every call sees the same input."""
+    ``into+cand@inf`` is the candidate pass with every floor +inf (collects nothing: the driver's own cost).
+    The gradient is ``grad_dtype``. The state is not advanced (outputs into scratch buffers), so every call
+    sees the same input."""
     sizes = [math.prod(shape) for _, shape in model_shapes.resnet50() if math.prod(shape) >= min_numel]
     offsets = torch.tensor([0, *sizes]).cumsum(0)
     n = int(offsets[-1])
     g = torch.Generator().manual_seed(0)
     u, v, grad = torch.randn(n, generator=g) * 0.1, torch.randn(n, generator=g), torch.randn(n, generator=g)
+    grad = grad.to(grad_dtype)
+    no_floors, no_caps = torch.full((len(sizes),), math.inf, dtype=torch.float64), torch.zeros(len(sizes),
+                                                                                               dtype=torch.int64)
     u_out, v_out = torch.empty(n), torch.empty(n)
     ops.dgc_compensate_into(u, v, grad, 0.9, False, u_out, v_out)
     plans = {}
@@ -169,6 +176,9 @@ def run_candidates(densities, rounds: int, min_numel: int, check: bool) -> list[
             return lambda: v_out.sum()
         if kind == "into":
             return lambda: ops.dgc_compensate_into(u, v, grad, 0.9, False, u_out, v_out)
+        if name == "into+cand@inf":
+            return lambda: ops.dgc_compensate_candidates(u, v, grad, 0.9, False, u_out, v_out, offsets, no_floors,
+                                                         no_caps)
         ks, floors, caps, cand, counts = plans[float(density)]
         if kind == "into+cand":
             return lambda: ops.dgc_compensate_candidates(u, v, grad, 0.9, False, u_out, v_out, offsets, floors, caps)
@@ -177,7 +187,8 @@ def run_candidates(densities, rounds: int, min_numel: int, check: bool) -> list[
         return lambda: torch.ops.gradsparse.segmented_topk_select_candidates(v_out, offsets, ks, cand, counts, caps,
                                                                              0.01, 0)
 
-    names = ["read", "into", *(f"{k}@{d:g}" for d in densities for k in ("into+cand", "select", "select+cand"))]
+    names = ["read", "into", "into+cand@inf",
+             *(f"{k}@{d:g}" for d in densities for k in ("into+cand", "select", "select+cand"))]
     wall: dict[str, list[float]] = {c: [] for c in names}
     cpu: dict[str, list[float]] = {c: [] for c in names}
     for name in names:  # warm-up
@@ -194,7 +205,7 @@ def run_candidates(densities, rounds: int, min_numel: int, check: bool) -> list[
         kind = name.partition("@")[0]
         base = {"into+cand": into, "select+cand": statistics.median(wall[name.replace("select+cand", "select")])
                 if kind == "select+cand" else None}.get(kind)
-        rows.append({"input": "resnet50-candidates", "case": name, "tensors": len(sizes), "numel": n,
+        rows.append({"input": f"resnet50-candidates-{str(grad_dtype).removeprefix('torch.')}", "case": name, "tensors": len(sizes), "numel": n,
                      "min_ms": min(wall[name]), "median_ms": med, "max_ms": max(wall[name]),
                      "cpu_median_ms": statistics.median(cpu[name]), "read_passes": med / read,
                      "vs_plain": med / base if base else None})
@@ -202,11 +213,11 @@ def run_candidates(densities, rounds: int, min_numel: int, check: bool) -> list[
 
 
 def _print_candidates(rows: list[dict]) -> None:
-    print(f"{'input':<20} {'case':>17} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'x read':>7} {'cpu ms':>8} "
+    print(f"{'input':<29} {'case':>17} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'x read':>7} {'cpu ms':>8} "
           f"{'x plain':>8}")
     for r in rows:
         plain = f"{r['vs_plain']:8.2f}" if r["vs_plain"] else f"{'':>8}"
-        print(f"{r['input']:<20} {r['case']:>17} {r['min_ms']:9.2f} {r['median_ms']:10.2f} {r['max_ms']:9.2f} "
+        print(f"{r['input']:<29} {r['case']:>17} {r['min_ms']:9.2f} {r['median_ms']:10.2f} {r['max_ms']:9.2f} "
               f"{r['read_passes']:7.1f} {r['cpu_median_ms']:8.2f} {plain}")
 
 
@@ -218,6 +229,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-numel", type=int, default=4096)
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--grad-dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                        help="the gradient's dtype in resnet50-candidates")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -227,7 +240,8 @@ def main() -> None:
     candidate_rows = []
     for name in args.inputs.split(","):
         if name == "resnet50-candidates":
-            candidate_rows += run_candidates(densities, args.rounds, args.min_numel, args.check)
+            candidate_rows += run_candidates(densities, args.rounds, args.min_numel, args.check,
+                                             getattr(torch, args.grad_dtype))
         else:
             rows += run(name, densities, args.rounds, args.min_numel, args.check)
     after = _uptime()
