@@ -368,7 +368,7 @@ __attribute__((target("avx2"))) void residual_candidates_avx2(const float* r, co
   residual_candidates_loop<scalar_t, true>(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
 }
 
-// The fp32-gradient passes with AVX2 intrinsics: the generic block loop above, compiled, checks
+// The fp32- and bf16-gradient passes with AVX2 intrinsics: the generic block loop above, compiled, checks
 // its pointers for aliasing and folds its maxima once per 64-element block; here the maxima stay in
 // vector registers over the whole range, and the block's hit mask comes from the same registers
 // (one compare and one movemask per 8 elements). Products and sums round as the scalar code rounds
@@ -380,8 +380,15 @@ inline int32_t horizontal_max(__m256i a) {
   return *std::max_element(lanes, lanes + 8);
 }
 
-template <bool kNesterov>
-__attribute__((target("avx2"))) void compensate_candidates_f32_avx2(const float* u, const float* v, const float* g,
+// 8 gradient values as floats: fp32 loaded, bf16 widened (its bits are a float's top half: exact).
+__attribute__((target("avx2"))) inline __m256 load8(const float* g) { return _mm256_loadu_ps(g); }
+__attribute__((target("avx2"))) inline __m256 load8(const c10::BFloat16* g) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(g));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+template <typename scalar_t, bool kNesterov>
+__attribute__((target("avx2"))) void compensate_candidates_f32_avx2(const float* u, const float* v, const scalar_t* g,
                                                                    float* u_out, float* v_out, float m, int64_t begin,
                                                                    int64_t end, uint64_t* maxima, int32_t lo,
                                                                    int64_t cap, ChunkCandidates::Part& part,
@@ -395,7 +402,7 @@ __attribute__((target("avx2"))) void compensate_candidates_f32_avx2(const float*
   for (; b + 64 <= end; b += 64) {
     uint64_t mask = 0;  // the block's hits
     for (int j = 0; j < 64; j += 8) {
-      const __m256 gi = _mm256_loadu_ps(g + b + j), u0 = _mm256_loadu_ps(u + b + j), v0 = _mm256_loadu_ps(v + b + j);
+      const __m256 gi = load8(g + b + j), u0 = _mm256_loadu_ps(u + b + j), v0 = _mm256_loadu_ps(v + b + j);
       __m256 ui, vi;
       if constexpr (kNesterov) {
         ui = _mm256_mul_ps(_mm256_add_ps(u0, gi), m_v);
@@ -419,11 +426,12 @@ __attribute__((target("avx2"))) void compensate_candidates_f32_avx2(const float*
   maxima[0] = static_cast<uint32_t>(horizontal_max(g_max));
   maxima[1] = static_cast<uint32_t>(horizontal_max(u_max));
   maxima[2] = static_cast<uint32_t>(horizontal_max(v_max));
-  compensate_candidates_loop<float, kNesterov, true>(u, v, g, u_out, v_out, m, b, end, maxima, lo, cap, part,
-                                                     positions);
+  compensate_candidates_loop<scalar_t, kNesterov, true>(u, v, g, u_out, v_out, m, b, end, maxima, lo, cap, part,
+                                                        positions);
 }
 
-__attribute__((target("avx2"))) inline void residual_candidates_f32_avx2(const float* r, const float* g, float* r_out,
+template <typename scalar_t>
+__attribute__((target("avx2"))) void residual_candidates_f32_avx2(const float* r, const scalar_t* g, float* r_out,
                                                                          int64_t begin, int64_t end, uint64_t* maxima,
                                                                          int32_t lo, int64_t cap,
                                                                          ChunkCandidates::Part& part,
@@ -435,7 +443,7 @@ __attribute__((target("avx2"))) inline void residual_candidates_f32_avx2(const f
   for (; b + 64 <= end; b += 64) {
     uint64_t mask = 0;  // the block's hits
     for (int j = 0; j < 64; j += 8) {
-      const __m256 gi = _mm256_loadu_ps(g + b + j);
+      const __m256 gi = load8(g + b + j);
       const __m256 ri = _mm256_add_ps(_mm256_loadu_ps(r + b + j), gi);
       _mm256_storeu_ps(r_out + b + j, ri);
       const __m256i rk = _mm256_and_si256(_mm256_castps_si256(ri), abs_mask);
@@ -449,7 +457,7 @@ __attribute__((target("avx2"))) inline void residual_candidates_f32_avx2(const f
   }
   maxima[0] = static_cast<uint32_t>(horizontal_max(g_max));
   maxima[1] = static_cast<uint32_t>(horizontal_max(r_max));
-  residual_candidates_loop<float, true>(r, g, r_out, b, end, maxima, lo, cap, part, positions);
+  residual_candidates_loop<scalar_t, true>(r, g, r_out, b, end, maxima, lo, cap, part, positions);
 }
 #endif
 
@@ -467,14 +475,14 @@ void compensate_candidates_range(const float* u, const float* v, const scalar_t*
     return;
   }
 #if defined(GRADSPARSE_AVX2_COMPENSATE)
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (cpu_has_avx2()) {
       if (nesterov) {
-        return compensate_candidates_f32_avx2<true>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap, part,
-                                                    positions);
+        return compensate_candidates_f32_avx2<scalar_t, true>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap,
+                                                              part, positions);
       }
-      return compensate_candidates_f32_avx2<false>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap, part,
-                                                   positions);
+      return compensate_candidates_f32_avx2<scalar_t, false>(u, v, g, u_out, v_out, m, begin, end, maxima, lo, cap,
+                                                             part, positions);
     }
   }
   if (cpu_has_avx2()) {
@@ -505,8 +513,10 @@ void residual_candidates_range(const float* r, const scalar_t* g, float* r_out, 
     return;
   }
 #if defined(GRADSPARSE_AVX2_COMPENSATE)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cpu_has_avx2()) return residual_candidates_f32_avx2(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (cpu_has_avx2()) {
+      return residual_candidates_f32_avx2<scalar_t>(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
+    }
   }
   if (cpu_has_avx2()) {
     return residual_candidates_avx2<scalar_t>(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
