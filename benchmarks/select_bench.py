@@ -11,8 +11,8 @@ sample ratio 0.01, a fresh start each call):
   ``ops.segmented_topk_indices`` call (a bucket's selection in one call);
 - ``resnet50-candidates`` (not in the default list): the same bucket, the compensation pass with and
   without collecting selection candidates (``dgc_compensate_candidates``, floors at 0.9x the true k-th
-  magnitudes) and the segmented selection with and without them; ``x plain`` is each one's median as
-  a multiple of the plain op's in the same run.
+  magnitudes) and the segmented selection with and without them; ``x plain`` and ``cpu x plain`` are
+  each one's median (wall, CPU time) as a multiple of the plain op's in the same run.
 
 Rounds interleave the densities (one call of each per round), so load that drifts during the
 run hits every density alike. The table gives min / median / max wall ms per call (per step for
@@ -198,27 +198,29 @@ def run_candidates(densities, rounds: int, min_numel: int, check: bool,
             w, c = _time(case(name))
             wall[name].append(w)
             cpu[name].append(c)
-    read, into = statistics.median(wall["read"]), statistics.median(wall["into"])
+    read = statistics.median(wall["read"])
     rows = []
     for name in names:
-        med = statistics.median(wall[name])
+        med, cpu_med = statistics.median(wall[name]), statistics.median(cpu[name])
         kind = name.partition("@")[0]
-        base = {"into+cand": into, "select+cand": statistics.median(wall[name.replace("select+cand", "select")])
-                if kind == "select+cand" else None}.get(kind)
-        rows.append({"input": f"resnet50-candidates-{str(grad_dtype).removeprefix('torch.')}", "case": name, "tensors": len(sizes), "numel": n,
+        plain = {"into+cand": "into", "select+cand": name.replace("select+cand", "select")}.get(kind)
+        rows.append({"input": f"resnet50-candidates-{str(grad_dtype).removeprefix('torch.')}", "case": name,
+                     "tensors": len(sizes), "numel": n,
                      "min_ms": min(wall[name]), "median_ms": med, "max_ms": max(wall[name]),
-                     "cpu_median_ms": statistics.median(cpu[name]), "read_passes": med / read,
-                     "vs_plain": med / base if base else None})
+                     "cpu_median_ms": cpu_med, "read_passes": med / read,
+                     "vs_plain": med / statistics.median(wall[plain]) if plain else None,
+                     "cpu_vs_plain": cpu_med / statistics.median(cpu[plain]) if plain else None})
     return rows
 
 
 def _print_candidates(rows: list[dict]) -> None:
-    print(f"{'input':<29} {'case':>17} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'x read':>7} {'cpu ms':>8} "
-          f"{'x plain':>8}")
+    print(f"{'input':<29} {'case':>17} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'x read':>7} {'x plain':>8} "
+          f"{'cpu ms':>8} {'cpu x plain':>12}")
     for r in rows:
         plain = f"{r['vs_plain']:8.2f}" if r["vs_plain"] else f"{'':>8}"
+        cpu_plain = f"{r['cpu_vs_plain']:12.2f}" if r["cpu_vs_plain"] else f"{'':>12}"
         print(f"{r['input']:<29} {r['case']:>17} {r['min_ms']:9.2f} {r['median_ms']:10.2f} {r['max_ms']:9.2f} "
-              f"{r['read_passes']:7.1f} {r['cpu_median_ms']:8.2f} {plain}")
+              f"{r['read_passes']:7.1f} {plain} {r['cpu_median_ms']:8.2f} {cpu_plain}")
 
 
 def main() -> None:
