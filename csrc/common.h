@@ -6,7 +6,10 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -106,6 +109,106 @@ inline Segments check_segments(const at::Tensor& x, const at::Tensor& offsets, c
     seg.out[i + 1] = seg.out[i] + seg.count[i];
   }
   return seg;
+}
+
+// The segments of a compensation pass with candidates (dgc_compensate_candidates,
+// residual_compensate_candidates), read on the host: segment s is [offset[s], offset[s+1]) of the
+// piece (offset[0] == 0, offset[S] == numel), its candidates are the positions with a magnitude key
+// >= floor_key[s] (the smallest float at or above floors[s]; collect[s] false for a floor of +inf:
+// nothing), of which the first cap[s] are kept.
+struct CandidateSegments {
+  std::vector<int64_t> offset, cap;
+  std::vector<uint32_t> floor_key;
+  std::vector<char> collect;
+  int64_t size() const { return static_cast<int64_t>(cap.size()); }
+};
+
+// The float key (bit pattern of the magnitude) at and above which |v| >= floor holds exactly for
+// every float v: the smallest float at or above floor (rounded up, so no float below the floor
+// passes); 0 for floor <= 0. NaN and +inf floors are the caller's.
+inline uint32_t floor_key_of(double floor) {
+  if (!(floor > 0)) return 0;
+  if (floor > static_cast<double>(std::numeric_limits<float>::max())) return 0x7f800000u;  // only inf (and NaN)
+  float f = static_cast<float>(floor);  // nearest; may be below the floor
+  if (static_cast<double>(f) < floor) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+}
+
+inline CandidateSegments check_candidate_segments(int64_t numel, const at::Tensor& offsets, const at::Tensor& floors,
+                                                  const at::Tensor& caps, const char* op) {
+  TORCH_CHECK_VALUE(offsets.scalar_type() == c10::kLong && caps.scalar_type() == c10::kLong &&
+                        floors.scalar_type() == c10::kDouble,
+                    op, ": offsets and caps must be int64 and floors float64, got ", offsets.scalar_type(), ", ",
+                    caps.scalar_type(), " and ", floors.scalar_type());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && floors.dim() == 1 && caps.dim() == 1 && offsets.numel() >= 1 &&
+                        floors.numel() == offsets.numel() - 1 && caps.numel() == floors.numel(),
+                    op, ": expected 1-D offsets with one more element than floors and caps (one per segment), got ",
+                    offsets.sizes(), ", ", floors.sizes(), " and ", caps.sizes());
+  const at::Tensor o = offsets.to(c10::kCPU).contiguous(), f = floors.to(c10::kCPU).contiguous(),
+                   c = caps.to(c10::kCPU).contiguous();
+  const int64_t segments = f.numel();
+  CandidateSegments seg;
+  seg.offset.assign(o.data_ptr<int64_t>(), o.data_ptr<int64_t>() + o.numel());
+  seg.cap.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + segments);
+  seg.floor_key.resize(segments);
+  seg.collect.resize(segments);
+  TORCH_CHECK_VALUE(seg.offset.front() == 0 && seg.offset.back() == numel, op,
+                    ": offsets must run from 0 to the gradient's ", numel, " elements, got ", seg.offset.front(),
+                    " .. ", seg.offset.back());
+  const double* fp = f.data_ptr<double>();
+  for (int64_t s = 0; s < segments; ++s) {
+    TORCH_CHECK_VALUE(seg.offset[s] <= seg.offset[s + 1], op, ": offsets must not decrease, got ", seg.offset[s],
+                      " then ", seg.offset[s + 1], " at segment ", s);
+    TORCH_CHECK_VALUE(seg.cap[s] >= 0, op, ": caps must be >= 0, got ", seg.cap[s], " at segment ", s);
+    TORCH_CHECK_VALUE(!std::isnan(fp[s]), op, ": floor of segment ", s, " is NaN (use +inf to collect nothing)");
+    seg.collect[s] = fp[s] != std::numeric_limits<double>::infinity();
+    seg.floor_key[s] = seg.collect[s] ? floor_key_of(fp[s]) : 0;
+  }
+  return seg;
+}
+
+// segmented_topk_select_candidates' candidate lists, sizes read on the host: segment s has
+// stored[s] = min(counts[s], caps[s]) entries of `candidates` from start[s], and is complete (they
+// are all of its candidates) when counts[s] <= caps[s]. The positions themselves are checked by
+// the kernels (inside the segment, ascending) before they are used.
+struct CandidateLists {
+  std::vector<int64_t> count, start, stored;
+  std::vector<char> complete;
+};
+
+inline CandidateLists check_candidate_lists(const Segments& seg, const at::Tensor& x, const at::Tensor& candidates,
+                                            const at::Tensor& counts, const at::Tensor& caps, const char* op) {
+  const int64_t segments = seg.size();
+  TORCH_CHECK_VALUE(candidates.scalar_type() == c10::kLong && counts.scalar_type() == c10::kLong &&
+                        caps.scalar_type() == c10::kLong,
+                    op, ": candidates, counts and caps must be int64, got ", candidates.scalar_type(), ", ",
+                    counts.scalar_type(), " and ", caps.scalar_type());
+  TORCH_CHECK_VALUE(candidates.dim() == 1 && counts.dim() == 1 && caps.dim() == 1 && counts.numel() == segments &&
+                        caps.numel() == segments,
+                    op, ": expected 1-D candidates and one count and one cap per segment (", segments, "), got ",
+                    candidates.sizes(), ", ", counts.sizes(), " and ", caps.sizes());
+  TORCH_CHECK_VALUE(candidates.device() == x.device(), op, ": candidates must be on x's device (", x.device(),
+                    "), got ", candidates.device());
+  const at::Tensor n = counts.to(c10::kCPU).contiguous(), c = caps.to(c10::kCPU).contiguous();
+  const int64_t *np = n.data_ptr<int64_t>(), *cp = c.data_ptr<int64_t>();
+  CandidateLists lists;
+  lists.count.assign(np, np + segments);
+  lists.start.assign(segments + 1, 0);
+  lists.stored.resize(segments);
+  lists.complete.resize(segments);
+  for (int64_t s = 0; s < segments; ++s) {
+    TORCH_CHECK_VALUE(np[s] >= 0 && cp[s] >= 0, op, ": counts and caps must be >= 0, got ", np[s], " and ", cp[s],
+                      " at segment ", s);
+    lists.stored[s] = std::min(np[s], cp[s]);
+    lists.complete[s] = np[s] <= cp[s];
+    lists.start[s + 1] = lists.start[s] + lists.stored[s];
+  }
+  TORCH_CHECK_VALUE(candidates.numel() == lists.start[segments], op, ": expected min(counts[s], caps[s]) summed = ",
+                    lists.start[segments], " candidates, got ", candidates.numel(),
+                    " (pass the compensation pass's positions, shifted by the piece's offset in x)");
+  return lists;
 }
 
 // unpack_add's destination: float32/float64, contiguous, 1-D.

@@ -22,4 +22,4 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 PYTHONPATH="$work" "$py" -c "import gradsparse.ops as o; assert o.BACKEND == 'extension', o.BACKEND; \
 import gradsparse, sys; assert gradsparse.__file__.startswith(sys.argv[1]), gradsparse.__file__" "$work"
 PYTHONPATH="$work" "$py" -m pytest -q -p no:cacheprovider tests/unit/test_payload.py tests/unit/test_kernels.py \
-    tests/unit/test_selection.py "$@"
+    tests/unit/test_selection.py tests/unit/test_kernels_candidates.py "$@"

@@ -193,6 +193,116 @@ def residual_compensate_into(r: torch.Tensor, g: torch.Tensor, r_out: torch.Tens
     return torch.stack([_absmax_or_nan(g.reshape(-1)), _absmax_or_nan(r_out)])
 
 
+def _floor_as_float(floor: float) -> torch.Tensor:
+    """The smallest float32 at or above ``floor`` (0 for ``floor <= 0``): ``|v| >= floor`` holds exactly for every
+    float32 ``v`` at or above it, the kernels' rule (csrc/common.h::floor_key_of)."""
+    if not floor > 0:
+        return torch.tensor(0.0)
+    f = torch.tensor(floor, dtype=torch.float32)  # nearest, inf past the largest float
+    if float(f) < floor:
+        f = torch.nextafter(f, torch.tensor(math.inf))
+    return f
+
+
+def _candidate_segments(numel: int, offsets: torch.Tensor, floors: torch.Tensor, caps: torch.Tensor, op: str):
+    if offsets.dtype != torch.int64 or caps.dtype != torch.int64 or floors.dtype != torch.float64:
+        raise ValueError(f"{op}: offsets and caps must be int64 and floors float64, got {offsets.dtype}, "
+                         f"{caps.dtype} and {floors.dtype}")
+    offsets, floors, caps = offsets.tolist(), floors.tolist(), caps.tolist()
+    if len(offsets) != len(floors) + 1 or len(caps) != len(floors):
+        raise ValueError(f"{op}: expected 1-D offsets with one more element than floors and caps (one per segment)")
+    if offsets[0] != 0 or offsets[-1] != numel:
+        raise ValueError(f"{op}: offsets must run from 0 to the gradient's {numel} elements, got "
+                         f"{offsets[0]} .. {offsets[-1]}")
+    for s, (a, b) in enumerate(zip(offsets, offsets[1:])):
+        if a > b:
+            raise ValueError(f"{op}: offsets must not decrease, got {a} then {b} at segment {s}")
+        if caps[s] < 0:
+            raise ValueError(f"{op}: caps must be >= 0, got {caps[s]} at segment {s}")
+        if math.isnan(floors[s]):
+            raise ValueError(f"{op}: floor of segment {s} is NaN (use +inf to collect nothing)")
+    return offsets, floors, caps
+
+
+def _candidates(out: torch.Tensor, offsets, floors, caps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each segment's positions with ``|out| >=`` its floor (NaN counted; a floor of +inf: none): the first
+    ``caps[s]`` of them, segment after segment, and every segment's count."""
+    parts, counts = [torch.empty(0, dtype=torch.int64, device=out.device)], []
+    for s, floor in enumerate(floors):
+        piece = out[offsets[s]:offsets[s + 1]]
+        if floor == math.inf:
+            counts.append(0)
+            continue
+        hits = torch.nonzero((piece.abs() >= _floor_as_float(floor).to(out.device)) | piece.isnan()).squeeze(1)
+        counts.append(hits.numel())
+        parts.append(hits[: caps[s]] + offsets[s])
+    return torch.cat(parts), torch.tensor(counts, dtype=torch.int64, device=out.device)
+
+
+def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
+                              u_out: torch.Tensor, v_out: torch.Tensor, offsets: torch.Tensor, floors: torch.Tensor,
+                              caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`dgc_compensate_into`, then the selection candidates of ``v_out``: returns ``(maxima, positions,
+    counts)``. Segment ``s`` is ``[offsets[s], offsets[s+1])``; ``counts[s]`` is how many of its positions have
+    ``|v_out| >= floors[s]`` (the floor rounded up to float32; NaN counted; a floor of +inf collects nothing) and
+    ``positions`` (ascending, segment after segment) holds the first ``min(counts[s], caps[s])`` of them."""
+    segs = _candidate_segments(g.numel(), offsets, floors, caps, "dgc_compensate_candidates")
+    maxima = dgc_compensate_into(u, v, g, momentum, nesterov, u_out, v_out)
+    return (maxima, *_candidates(v_out, *segs))
+
+
+def residual_compensate_candidates(r: torch.Tensor, g: torch.Tensor, r_out: torch.Tensor, offsets: torch.Tensor,
+                                   floors: torch.Tensor, caps: torch.Tensor
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`residual_compensate_into`, then the candidates of ``r_out`` as in :func:`dgc_compensate_candidates`."""
+    segs = _candidate_segments(g.numel(), offsets, floors, caps, "residual_compensate_candidates")
+    maxima = residual_compensate_into(r, g, r_out)
+    return (maxima, *_candidates(r_out, *segs))
+
+
+def segmented_topk_candidates(
+    x: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor,
+    caps: torch.Tensor, sample_ratio: float = 0.01, generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``segmented_topk_select_candidates``: the candidates are checked (sizes, inside their
+    segments, ascending) and then not needed: :func:`segmented_topk_indices` gives the same positions. Returns
+    ``(positions, kth)``, ``kth[s]`` the smallest selected magnitude of segment ``s`` as float64 (+inf where it
+    keeps nothing, 0 where it keeps all of it)."""
+    op = "segmented_topk_select_candidates"
+    positions = segmented_topk_indices(x, offsets, ks, sample_ratio, generator)
+    if candidates.dtype != torch.int64 or counts.dtype != torch.int64 or caps.dtype != torch.int64:
+        raise ValueError(f"{op}: candidates, counts and caps must be int64")
+    bounds, ks_, counts_, caps_ = offsets.tolist(), ks.tolist(), counts.tolist(), caps.tolist()
+    if candidates.dim() != 1 or len(counts_) != len(ks_) or len(caps_) != len(ks_):
+        raise ValueError(f"{op}: expected 1-D candidates and one count and one cap per segment ({len(ks_)})")
+    if any(c < 0 for c in counts_ + caps_):
+        raise ValueError(f"{op}: counts and caps must be >= 0")
+    stored = [min(c, cap) for c, cap in zip(counts_, caps_)]
+    if candidates.numel() != sum(stored):
+        raise ValueError(f"{op}: expected min(counts[s], caps[s]) summed = {sum(stored)} candidates, got "
+                         f"{candidates.numel()}")
+    cand = candidates.cpu()
+    segment = torch.repeat_interleave(torch.arange(len(ks_)), torch.tensor(stored, dtype=torch.int64))
+    lo, hi = torch.tensor(bounds[:-1])[segment], torch.tensor(bounds[1:])[segment]
+    if bool(((cand < lo) | (cand >= hi)).any()) or bool((cand[1:] <= cand[:-1]).any()):
+        raise ValueError(f"{op}: a candidate is outside the segment it is listed for, or not above the one before "
+                         "it: candidates "
+                         "must be ascending positions in x, segment after segment")
+    flat = x.reshape(-1).detach()
+    kth, start = [], 0
+    for s, k in enumerate(ks_):
+        n = bounds[s + 1] - bounds[s]
+        k = min(max(k, 0), n)
+        if k == 0:
+            kth.append(math.inf)
+        elif k == n:
+            kth.append(0.0)
+        else:
+            kth.append(float(_magnitude(flat[positions[start:start + k]]).min()))
+        start += k
+    return positions, torch.tensor(kth, dtype=torch.float64, device=x.device)
+
+
 def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int, value_dtype: torch.dtype,
          flags: int = 0) -> torch.Tensor:
     """Reference of :func:`gradsparse.payload.pack`: a zeroed buffer, each section copied into its view."""

@@ -191,6 +191,90 @@ def residual_compensate_into(r: torch.Tensor, g: torch.Tensor, r_out: torch.Tens
     return _reference.residual_compensate_into(r, g, r_out)
 
 
+def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
+                              u_out: torch.Tensor, v_out: torch.Tensor, offsets: torch.Tensor, floors: torch.Tensor,
+                              caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`dgc_compensate_into` that also collects the selection's candidates in the same pass.
+
+    Segment ``s`` of the piece is ``[offsets[s], offsets[s+1])`` (``offsets`` int64, from 0 to ``g``'s numel).
+    Returns ``(maxima, positions, counts)``: the maxima of :func:`dgc_compensate_into`; ``counts[s]`` (int64) how
+    many positions of segment ``s`` have ``|v_out| >= floors[s]`` (``floors`` float64, rounded up to float32 so
+    the comparison is exact; NaN counted; a floor of +inf collects nothing); ``positions`` (int64, relative to the
+    piece, ascending, segment after segment) the first ``min(counts[s], caps[s])`` of them. A segment whose
+    count is at most its cap is complete: :func:`segmented_topk_candidates` selects it from these alone.
+
+    Example::
+
+        >>> import torch
+        >>> from gradsparse import ops
+        >>> u, v, g = torch.zeros(4), torch.zeros(4), torch.tensor([1.0, -4.0, 2.0, 0.5])
+        >>> maxima, pos, counts = ops.dgc_compensate_candidates(
+        ...     u, v, g, 0.9, False, torch.empty(4), torch.empty(4), torch.tensor([0, 2, 4]),
+        ...     torch.tensor([2.0, 0.1], dtype=torch.float64), torch.tensor([4, 1]))
+        >>> pos.tolist(), counts.tolist()
+        ([1, 2], [1, 2])
+    """
+    if _compiled(u) and g.device == u.device:
+        return torch.ops.gradsparse.dgc_compensate_candidates(u, v, g.reshape(-1), float(momentum), bool(nesterov),
+                                                              u_out, v_out, offsets, floors, caps)
+    return _reference.dgc_compensate_candidates(u, v, g, momentum, nesterov, u_out, v_out, offsets, floors, caps)
+
+
+def residual_compensate_candidates(r: torch.Tensor, g: torch.Tensor, r_out: torch.Tensor, offsets: torch.Tensor,
+                                   floors: torch.Tensor, caps: torch.Tensor
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`residual_compensate_into` that also collects the candidates of ``r_out``, as
+    :func:`dgc_compensate_candidates` does for ``v_out``; returns ``(maxima, positions, counts)``.
+
+    Example::
+
+        >>> import torch
+        >>> from gradsparse import ops
+        >>> r, g = torch.tensor([0.5, 1.0, -1.0]), torch.tensor([1.0, -4.0, 2.0])
+        >>> maxima, pos, counts = ops.residual_compensate_candidates(
+        ...     r, g, torch.empty(3), torch.tensor([0, 3]), torch.tensor([1.5], dtype=torch.float64),
+        ...     torch.tensor([8]))
+        >>> maxima.tolist(), pos.tolist(), counts.tolist()
+        ([4.0, 3.0], [0, 1], [2])
+    """
+    if _compiled(r) and g.device == r.device:
+        return torch.ops.gradsparse.residual_compensate_candidates(r, g.reshape(-1), r_out, offsets, floors, caps)
+    return _reference.residual_compensate_candidates(r, g, r_out, offsets, floors, caps)
+
+
+def segmented_topk_candidates(x: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, candidates: torch.Tensor,
+                              counts: torch.Tensor, caps: torch.Tensor, sample_ratio: float = 0.01,
+                              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`segmented_topk_indices`, helped by the candidates of the compensation pass.
+
+    ``candidates`` (int64 positions in ``x``, ascending, segment after segment) holds ``min(counts[s], caps[s])``
+    positions of segment ``s``: what :func:`dgc_compensate_candidates` or :func:`residual_compensate_candidates`
+    returned for the same ``x``, shifted by the piece's offset. The caller guarantees they are that; the kernel
+    checks only that each lies inside its segment, ascending. A segment with ``counts[s] <= caps[s]`` and at
+    least its ``k`` candidates is selected from them alone (its k-th largest magnitude is at or above the floor,
+    so every element tied with it is a candidate); the others as :func:`segmented_topk_indices` does. Returns
+    ``(positions, kth)``: the positions are exactly :func:`segmented_topk_indices`'s; ``kth`` (float64, one per
+    segment) the smallest selected magnitude (+inf where a segment keeps nothing, 0 where it keeps all), from
+    which the caller sets next step's floors.
+
+    Example::
+
+        >>> import torch
+        >>> from gradsparse import ops
+        >>> x = torch.tensor([0.1, -3.0, 2.0, 5.0, 0.2, -0.3])
+        >>> pos, kth = ops.segmented_topk_candidates(x, torch.tensor([0, 3, 6]), torch.tensor([1, 2]),
+        ...                                          torch.tensor([1, 2, 3, 5]), torch.tensor([2, 2]),
+        ...                                          torch.tensor([2, 2]))
+        >>> pos.tolist(), kth.tolist()
+        ([1, 3, 5], [3.0, 0.30000001192092896])
+    """
+    if _compiled(x):
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
+        return torch.ops.gradsparse.segmented_topk_select_candidates(x.detach(), offsets, ks, candidates, counts,
+                                                                     caps, float(sample_ratio), seed)
+    return _reference.segmented_topk_candidates(x, offsets, ks, candidates, counts, caps, sample_ratio, generator)
+
+
 def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int,
          value_dtype: torch.dtype, flags: int = 0) -> torch.Tensor:
     """One rank's ``uint8`` payload (layout and entry point: :mod:`gradsparse.payload`)."""
@@ -237,6 +321,21 @@ if BACKEND == "extension":
     def _residual_compensate_into_fake(r, g, r_out):
         return r.new_empty(2, dtype=torch.float64)
 
+    @torch.library.register_fake("gradsparse::dgc_compensate_candidates")
+    def _dgc_compensate_candidates_fake(u, v, g, momentum, nesterov, u_out, v_out, offsets, floors, caps):
+        positions = u.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+        return u.new_empty(3, dtype=torch.float64), positions, u.new_empty(floors.numel(), dtype=torch.int64)
+
+    @torch.library.register_fake("gradsparse::residual_compensate_candidates")
+    def _residual_compensate_candidates_fake(r, g, r_out, offsets, floors, caps):
+        positions = r.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+        return r.new_empty(2, dtype=torch.float64), positions, r.new_empty(floors.numel(), dtype=torch.int64)
+
+    @torch.library.register_fake("gradsparse::segmented_topk_select_candidates")
+    def _segmented_topk_select_candidates_fake(x, offsets, ks, candidates, counts, caps, sample_ratio, seed):
+        positions = x.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+        return positions, x.new_empty(ks.numel(), dtype=torch.float64)
+
     @torch.library.register_fake("gradsparse::pack")
     def _pack_fake(indices, values, dense, numel, value_dtype, flags):
         return values.new_empty(PayloadLayout(indices.numel(), dense.numel(), value_dtype).nbytes, dtype=torch.uint8)
@@ -256,10 +355,13 @@ __all__ = [
     "absmin",
     "all_finite",
     "dgc_compensate_",
+    "dgc_compensate_candidates",
     "dgc_compensate_into",
     "pack",
+    "residual_compensate_candidates",
     "residual_compensate_into",
     "sampled_topk_indices",
+    "segmented_topk_candidates",
     "segmented_topk_indices",
     "threshold_indices",
     "topk_indices",

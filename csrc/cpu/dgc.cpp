@@ -2,11 +2,8 @@
 // DGC's momentum correction + local accumulation, dgc_compensate (in place) and
 // dgc_compensate_into (into other buffers, with the largest magnitudes of the gradient and of the
 // results, for the reducer's health check); error feedback's residual add, residual_compensate_into
-// (the same for r = r + g).
-//
-// All round exactly like the torch ops they replace (gradsparse/_reference.py::dgc_compensate_,
-// residual_compensate_into): products in float, sums in the promoted type of (float, g's dtype),
-// stored as float.
+// (the same for r = r + g); absmax. The loops: compensate_core.h. The same passes collecting
+// selection candidates: compensate_candidates.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,173 +11,16 @@
 
 #include <algorithm>
 #include <array>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "../common.h"
+#include "compensate_core.h"
 
 namespace gradsparse {
 namespace {
 
-// Magnitudes as keys: the bit pattern of |x| read as an unsigned integer (float for fp32, fp16 and
-// bf16 values, double for double). Their order is the order of the magnitudes, and NaN is every
-// key above infinity's, so one integer max (which vectorizes; a float max with NaN semantics
-// does not) gives the largest magnitude, or says that a NaN was there.
-inline int32_t key_of(float a) {  // below 2^31: a signed max is the unsigned one, and vectorizes with SSE2
-  int32_t b;
-  std::memcpy(&b, &a, sizeof(b));
-  return b & 0x7fffffff;
-}
-inline int64_t key_of(double a) {
-  int64_t b;
-  std::memcpy(&b, &a, sizeof(b));
-  return b & 0x7fffffffffffffffll;
-}
-template <typename mag_t>
-double magnitude_of_key(uint64_t key) {  // NaN for a NaN key
-  if constexpr (std::is_same_v<mag_t, double>) {
-    double d;
-    std::memcpy(&d, &key, sizeof(d));
-    return d;
-  } else {
-    const uint32_t b = static_cast<uint32_t>(key);
-    float f;
-    std::memcpy(&f, &b, sizeof(f));
-    return f;
-  }
-}
-
-// u_out = m*u + g; v_out = v + u_out (Nesterov: u_out = m*(u + g); v_out = v + u_out + g) over
-// [begin, end), reading u, v before writing u_out, v_out element by element (so each output may be
-// its input). With kMaxima, also the largest keys of g, u_out and v_out into maxima[0..2].
-// Inlined into a default and an AVX2 build (compensate_range); AVX2 does not enable FMA, so
-// products and sums round as in the default build. Nesterov is a template argument: a branch in the
-// loop kept gcc from vectorizing the kMaxima loop (2x slower, measured).
-template <typename scalar_t, bool kMaxima, bool kNesterov>
-__attribute__((always_inline)) inline void compensate_loop(const float* u, const float* v, const scalar_t* g,
-                                                           float* u_out, float* v_out, float m, int64_t begin,
-                                                           int64_t end, uint64_t* maxima) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  decltype(key_of(acc_t())) g_max = 0;
-  int32_t u_max = 0, v_max = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    const acc_t gi = static_cast<acc_t>(g[i]);
-    float ui, vi;
-    if constexpr (kNesterov) {
-      ui = static_cast<float>(static_cast<acc_t>(u[i]) + gi) * m;
-      vi = static_cast<float>(static_cast<acc_t>(v[i] + ui) + gi);
-    } else {
-      ui = static_cast<float>(static_cast<acc_t>(u[i] * m) + gi);
-      vi = v[i] + ui;
-    }
-    u_out[i] = ui;
-    v_out[i] = vi;
-    if constexpr (kMaxima) {
-      g_max = std::max(g_max, key_of(gi));
-      u_max = std::max(u_max, key_of(ui));
-      v_max = std::max(v_max, key_of(vi));
-    }
-  }
-  if constexpr (kMaxima) {
-    maxima[0] = static_cast<uint64_t>(g_max);
-    maxima[1] = static_cast<uint32_t>(u_max);
-    maxima[2] = static_cast<uint32_t>(v_max);
-  }
-}
-
-// r_out = r + g over [begin, end): the sum in the promoted type of (float, g's dtype), stored as
-// float, reading r[i] before writing r_out[i] (so r_out may be r); the largest keys of g and r_out
-// into maxima[0..1]. Inlined into a default and an AVX2 build (residual_range), like
-// compensate_loop: the SSE2 build has no 32-bit integer max, AVX2 has (vpmaxsd).
-template <typename scalar_t>
-__attribute__((always_inline)) inline void residual_loop(const float* r, const scalar_t* g, float* r_out,
-                                                         int64_t begin, int64_t end, uint64_t* maxima) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  decltype(key_of(acc_t())) g_max = 0;
-  int32_t r_max = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    const acc_t gi = static_cast<acc_t>(g[i]);
-    const float ri = static_cast<float>(static_cast<acc_t>(r[i]) + gi);
-    r_out[i] = ri;
-    g_max = std::max(g_max, key_of(gi));
-    r_max = std::max(r_max, key_of(ri));
-  }
-  maxima[0] = static_cast<uint64_t>(g_max);
-  maxima[1] = static_cast<uint32_t>(r_max);
-}
-
-// The largest key of x over [begin, end) into keys[0]: the reducer's health check (one read pass).
-template <typename scalar_t>
-__attribute__((always_inline)) inline void absmax_loop(const scalar_t* x, int64_t begin, int64_t end,
-                                                       uint64_t* keys) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  decltype(key_of(acc_t())) m = 0;
-  for (int64_t i = begin; i < end; ++i) m = std::max(m, key_of(static_cast<acc_t>(x[i])));
-  keys[0] = static_cast<uint64_t>(m);
-}
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define GRADSPARSE_AVX2_COMPENSATE 1
-inline bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-}
-template <typename scalar_t, bool kMaxima, bool kNesterov>
-__attribute__((target("avx2"))) void compensate_range_avx2(const float* u, const float* v, const scalar_t* g,
-                                                          float* u_out, float* v_out, float m, int64_t begin,
-                                                          int64_t end, uint64_t* maxima) {
-  compensate_loop<scalar_t, kMaxima, kNesterov>(u, v, g, u_out, v_out, m, begin, end, maxima);
-}
-template <typename scalar_t>
-__attribute__((target("avx2"))) void absmax_range_avx2(const scalar_t* x, int64_t begin, int64_t end, uint64_t* keys) {
-  absmax_loop<scalar_t>(x, begin, end, keys);
-}
-template <typename scalar_t>
-__attribute__((target("avx2"))) void residual_range_avx2(const float* r, const scalar_t* g, float* r_out,
-                                                        int64_t begin, int64_t end, uint64_t* maxima) {
-  residual_loop<scalar_t>(r, g, r_out, begin, end, maxima);
-}
-#endif
-
-template <typename scalar_t, bool kMaxima, bool kNesterov>
-void compensate_build(const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out, float m,
-                      int64_t begin, int64_t end, uint64_t* maxima) {
-#if defined(GRADSPARSE_AVX2_COMPENSATE)
-  if (cpu_has_avx2()) {
-    return compensate_range_avx2<scalar_t, kMaxima, kNesterov>(u, v, g, u_out, v_out, m, begin, end, maxima);
-  }
-#endif
-  compensate_loop<scalar_t, kMaxima, kNesterov>(u, v, g, u_out, v_out, m, begin, end, maxima);
-}
-
-template <typename scalar_t, bool kMaxima>
-void compensate_range(const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out, float m,
-                      bool nesterov, int64_t begin, int64_t end, uint64_t* maxima) {
-  if (nesterov) {
-    compensate_build<scalar_t, kMaxima, true>(u, v, g, u_out, v_out, m, begin, end, maxima);
-  } else {
-    compensate_build<scalar_t, kMaxima, false>(u, v, g, u_out, v_out, m, begin, end, maxima);
-  }
-}
-
-template <typename scalar_t>
-void residual_range(const float* r, const scalar_t* g, float* r_out, int64_t begin, int64_t end, uint64_t* maxima) {
-#if defined(GRADSPARSE_AVX2_COMPENSATE)
-  if (cpu_has_avx2()) return residual_range_avx2<scalar_t>(r, g, r_out, begin, end, maxima);
-#endif
-  residual_loop<scalar_t>(r, g, r_out, begin, end, maxima);
-}
-
-template <typename scalar_t>
-void absmax_range(const scalar_t* x, int64_t begin, int64_t end, uint64_t* keys) {
-#if defined(GRADSPARSE_AVX2_COMPENSATE)
-  if (cpu_has_avx2()) return absmax_range_avx2<scalar_t>(x, begin, end, keys);
-#endif
-  absmax_loop<scalar_t>(x, begin, end, keys);
-}
-
-constexpr int64_t kGrain = 1 << 14;
+using namespace compensate;
 
 // Runs range(begin, end, keys) over the kGrain chunks of [0, n) in parallel, each chunk writing
 // K keys, and returns each key's maximum over the chunks: the same for any thread count, since a

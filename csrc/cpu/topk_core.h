@@ -293,6 +293,7 @@ struct TopK {
   int64_t expect_hits, expect_keys, key_limit;
   bool keep_positions = true;
   int64_t base = 0;  // added to every position written (a segment's offset in a larger tensor)
+  bits_t selected_kth = 0;  // after run: the k-th largest key, the smallest selected
   std::vector<std::unique_ptr<Counts>> chunks;
 
   TopK(const scalar_t* x_, int64_t n_, int64_t k_, int threads_)
@@ -559,6 +560,7 @@ struct TopK {
     plan(sampled, sample_ratio, seed);
     if (!count()) return Status::kNaN;
     const bits_t kth = kth_key();
+    selected_kth = kth;
     write(kth, alloc(k));
     return Status::kOk;
   }

@@ -2,10 +2,16 @@
 // correction + local accumulation, dgc_compensate (in place) and dgc_compensate_into (into other
 // buffers; its largest magnitudes come from three ATen reductions after the kernel, not from the
 // same pass), and error feedback's residual_compensate_into (r_out = r + g, maxima likewise).
+// dgc/residual_compensate_candidates run the same kernels, then collect the selection candidates
+// with ATen ops (candidates_of: a second pass here, fused into the compensation only on the CPU).
 // Rounds like csrc/cpu/dgc.cpp and the torch ops of gradsparse/_reference.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
+
+#include <cstring>
+#include <tuple>
+#include <vector>
 
 #include "../common.h"
 #include "common.cuh"
@@ -95,6 +101,68 @@ at::Tensor residual_compensate_into_cuda(const at::Tensor& r, const at::Tensor& 
   return at::cat({absmax(gc), absmax(r_out)});
 }
 
+// The candidates of out (the compensated fp32 buffer, on the device) for the segments of seg, by
+// ATen ops after the compensation kernel (one more pass, not fused as on the CPU): a per-element
+// floor (repeat_interleave of each segment's floor rounded up to float), a mask (NaN counted, none
+// where the floor is +inf), its per-segment counts (a cumsum read at the offsets), nonzero, and
+// each position's rank in its segment against the segment's cap.
+std::tuple<at::Tensor, at::Tensor> candidates_of(const at::Tensor& out, const CandidateSegments& seg) {
+  const int64_t segments = seg.size();
+  const auto long_opts = out.options().dtype(at::kLong);
+  if (segments == 0) return {at::empty({0}, long_opts), at::zeros({0}, long_opts)};
+  std::vector<float> floor(segments);
+  std::vector<int64_t> lengths(segments);
+  std::vector<uint8_t> collect(segments);
+  for (int64_t s = 0; s < segments; ++s) {
+    const uint32_t key = seg.floor_key[s];
+    std::memcpy(&floor[s], &key, sizeof(key));
+    lengths[s] = seg.offset[s + 1] - seg.offset[s];
+    collect[s] = seg.collect[s];
+  }
+  const auto host_long = at::TensorOptions().dtype(at::kLong);
+  const at::Tensor lengths_d = at::tensor(lengths, host_long).to(out.device());
+  const at::Tensor floor_d =
+      at::tensor(at::ArrayRef<float>(floor), at::TensorOptions().dtype(at::kFloat)).to(out.device());
+  const at::Tensor collect_d =
+      at::tensor(at::ArrayRef<uint8_t>(collect), at::TensorOptions().dtype(at::kByte)).to(out.device(), at::kBool);
+  const at::Tensor segment_of = at::arange(segments, long_opts).repeat_interleave(lengths_d);
+  const at::Tensor mask = ((out.abs() >= floor_d.index_select(0, segment_of)) | out.isnan()) &
+                          collect_d.index_select(0, segment_of);
+  const at::Tensor offsets_d = at::tensor(seg.offset, host_long).to(out.device());
+  const at::Tensor running = at::cat({at::zeros({1}, long_opts), mask.cumsum(0, at::kLong)});
+  const at::Tensor counts =
+      running.index_select(0, offsets_d.slice(0, 1)) - running.index_select(0, offsets_d.slice(0, 0, segments));
+  const at::Tensor hits = at::nonzero(mask).view(-1);
+  const at::Tensor hit_segment = segment_of.index_select(0, hits);
+  const at::Tensor first = counts.cumsum(0) - counts;  // index in hits of each segment's first hit
+  const at::Tensor rank = at::arange(hits.numel(), long_opts) - first.index_select(0, hit_segment);
+  const at::Tensor caps_d = at::tensor(seg.cap, host_long).to(out.device());
+  return {hits.masked_select(rank < caps_d.index_select(0, hit_segment)), counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dgc_compensate_candidates_cuda(
+    const at::Tensor& u, const at::Tensor& v, const at::Tensor& g, double momentum, bool nesterov, at::Tensor& u_out,
+    at::Tensor& v_out, const at::Tensor& offsets, const at::Tensor& floors, const at::Tensor& caps) {
+  check_dgc_into_args(u, v, g, u_out, v_out);
+  const CandidateSegments seg = check_candidate_segments(g.numel(), offsets, floors, caps, "dgc_compensate_candidates");
+  c10::cuda::CUDAGuard guard(u.device());
+  const at::Tensor gc = g.contiguous();
+  launch(u, v, gc, momentum, nesterov, u_out, v_out);
+  auto [positions, counts] = candidates_of(v_out, seg);
+  return {at::cat({absmax(gc), absmax(u_out), absmax(v_out)}), positions, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_compensate_candidates_cuda(
+    const at::Tensor& r, const at::Tensor& g, at::Tensor& r_out, const at::Tensor& offsets, const at::Tensor& floors,
+    const at::Tensor& caps) {
+  const CandidateSegments seg =
+      check_candidate_segments(g.numel(), offsets, floors, caps, "residual_compensate_candidates");
+  at::Tensor maxima = residual_compensate_into_cuda(r, g, r_out);  // checks its arguments
+  c10::cuda::CUDAGuard guard(r.device());
+  auto [positions, counts] = candidates_of(r_out, seg);
+  return {maxima, positions, counts};
+}
+
 at::Tensor absmax_cuda(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_floating_point(), "absmax: expected a floating-point tensor, got ", x.scalar_type());
   c10::cuda::CUDAGuard guard(x.device());
@@ -108,6 +176,8 @@ TORCH_LIBRARY_IMPL(gradsparse, CUDA, m) {
   m.impl("dgc_compensate", &dgc_compensate_cuda);
   m.impl("dgc_compensate_into", &dgc_compensate_into_cuda);
   m.impl("residual_compensate_into", &residual_compensate_into_cuda);
+  m.impl("dgc_compensate_candidates", &dgc_compensate_candidates_cuda);
+  m.impl("residual_compensate_candidates", &residual_compensate_candidates_cuda);
 }
 
 }  // namespace gradsparse

@@ -4,12 +4,14 @@
 // positions. topk_select samples, estimates a threshold a little below the k-th magnitude, selects
 // candidates with that pass, and takes the exact top-k of the candidates (ties to the lower index),
 // exactly as gradsparse/_reference.py::sampled_topk_indices does. segmented_topk_select runs it on
-// each segment in turn (a host loop).
+// each segment in turn (a host loop); segmented_topk_select_candidates checks its candidates and
+// runs segmented_topk_select (the same positions by definition), then computes kth with ATen.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -123,12 +125,57 @@ at::Tensor segmented_topk_select_cuda(const at::Tensor& x, const at::Tensor& off
   return parts.empty() ? at::empty({0}, opts) : at::cat(parts);
 }
 
+// segmented_topk_select_candidates on the GPU: the candidates are checked (inside the segment they
+// are listed for, ascending: one device reduction) and then not used, since
+// segmented_topk_select_cuda gives the identical positions by definition; kth is each segment's
+// smallest selected magnitude by a scatter_reduce (amin) over the selected positions.
+std::tuple<at::Tensor, at::Tensor> segmented_topk_select_candidates_cuda(
+    const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& ks, const at::Tensor& candidates,
+    const at::Tensor& counts, const at::Tensor& caps, double sample_ratio, int64_t seed) {
+  const char* op = "segmented_topk_select_candidates";
+  check_selection_input(x, op);
+  check_sample_ratio(sample_ratio, op);
+  const Segments seg = check_segments(x, offsets, ks);
+  const CandidateLists lists = check_candidate_lists(seg, x, candidates, counts, caps, op);
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t segments = seg.size();
+  const auto long_opts = x.options().dtype(at::kLong);
+  const auto host_long = at::TensorOptions().dtype(at::kLong);
+  const at::Tensor offsets_d = at::tensor(seg.offset, host_long).to(x.device());
+  if (candidates.numel() > 0) {
+    const at::Tensor c = candidates.contiguous();
+    const at::Tensor listed_in =
+        at::arange(segments, long_opts).repeat_interleave(at::tensor(lists.stored, host_long).to(x.device()));
+    const at::Tensor outside =
+        (c < offsets_d.index_select(0, listed_in)) | (c >= offsets_d.index_select(0, listed_in + 1));
+    const at::Tensor bad = outside.any() | (c.slice(0, 1) <= c.slice(0, 0, c.numel() - 1)).any();
+    TORCH_CHECK_VALUE(!bad.item<bool>(), op,
+                      ": a candidate is outside the segment it is listed for, or not above the one before it: "
+                      "candidates must be ascending positions in x, segment after segment");
+  }
+  const at::Tensor positions = segmented_topk_select_cuda(x, offsets, ks, sample_ratio, seed);
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<uint8_t> everything(segments);
+  for (int64_t s = 0; s < segments; ++s) everything[s] = seg.count[s] > 0 && seg.count[s] == seg.length(s);
+  at::Tensor kth = at::full({segments}, inf, x.options().dtype(at::kDouble));
+  if (positions.numel() > 0) {
+    const at::Tensor selected_in =
+        at::arange(segments, long_opts).repeat_interleave(at::tensor(seg.count, host_long).to(x.device()));
+    const at::Tensor mags = magnitude(x.contiguous().view(-1).index_select(0, positions)).to(at::kDouble);
+    kth = kth.scatter_reduce(0, selected_in, mags, "amin", /*include_self=*/true);
+  }
+  const at::Tensor all_kept =
+      at::tensor(at::ArrayRef<uint8_t>(everything), at::TensorOptions().dtype(at::kByte)).to(x.device(), at::kBool);
+  return {positions, kth.masked_fill(all_kept, 0.0)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradsparse, CUDA, m) {
   m.impl("threshold_select", &threshold_select_cuda);
   m.impl("topk_select", &topk_select_cuda);
   m.impl("segmented_topk_select", &segmented_topk_select_cuda);
+  m.impl("segmented_topk_select_candidates", &segmented_topk_select_candidates_cuda);
 }
 
 }  // namespace gradsparse

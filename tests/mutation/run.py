@@ -54,6 +54,7 @@ PAYLOAD = ("tests/unit/test_payload.py", "tests/tools/test_security.py", "tests/
 OPTIM = ("tests/multiprocess/test_optimizer_rules.py",)
 # with the extension, the library never calls _reference's compensation: the kernel test compares the two
 KERNEL_DGC = ("tests/unit/test_kernels.py::test_dgc_compensate_equals_reference",)
+CANDIDATES = ("tests/unit/test_kernels_candidates.py",)
 DESCRIPTORS = ("tests/multiprocess/test_faults.py",
                "tests/multiprocess/test_ddp.py::test_errors_are_typed_and_reach_every_rank",
                "tests/unit/test_reducer.py")
@@ -154,6 +155,16 @@ MUTANTS = [
     Mutant("ref_sampled_truncation_by_index", "sampled top-k keeps the first k candidates, not the largest",
            "gradsparse/_reference.py", "return candidates[_topk_of_magnitude(_magnitude(flat[candidates]), k)]",
            "return candidates[:k]", SELECTION),
+    # the candidate ops' reference: the compiled kernels and a float64 oracle are compared with it
+    Mutant("ref_candidates_floor_nearest", "reference candidates round the floor to the nearest float, not up",
+           "gradsparse/_reference.py", "    if float(f) < floor:\n        f = torch.nextafter",
+           "    if False:\n        f = torch.nextafter", CANDIDATES, ("extension",)),
+    Mutant("ref_candidates_caps_ignored", "reference candidates keep every hit past the cap",
+           "gradsparse/_reference.py", "parts.append(hits[: caps[s]] + offsets[s])", "parts.append(hits + offsets[s])",
+           CANDIDATES, ("extension",)),
+    Mutant("ref_candidates_kth_largest", "reference kth is the largest selected magnitude, not the smallest",
+           "gradsparse/_reference.py", "kth.append(float(_magnitude(flat[positions[start:start + k]]).min()))",
+           "kth.append(float(_magnitude(flat[positions[start:start + k]]).max()))", CANDIDATES, ("extension",)),
     Mutant("ref_unpack_no_range_check", "unpack accepts indices outside [0, numel)", "gradsparse/payload.py",
            "if int(indices[0]) < 0 or int(indices[-1]) >= numel:", "if False:", PAYLOAD),
 ]
