@@ -62,6 +62,10 @@ def upgrade_checkpoint(state_dict: dict) -> dict:
     return old
 
 
+_SAME_MODEL = ("load it into the model it was saved from (the same parameter names and sizes), or do not load it "
+               "and start this state from zero")
+
+
 def all_slots(cls: type) -> list[str]:
     """Every ``__slots__`` name of ``cls`` and its bases (for ``__getstate__``)."""
     return [name for klass in reversed(cls.__mro__) for name in getattr(klass, "__slots__", ())]
@@ -184,12 +188,13 @@ class SparseAdapter:
         memory = state_dict["memory"]["state"]
         unknown = set(memory) - set(numels)
         if unknown:
-            raise StateMismatchError(f"checkpoint holds state for parameters this model lacks: {sorted(unknown)[:5]}")
+            raise StateMismatchError(f"checkpoint holds state for parameters this model lacks: {sorted(unknown)[:5]}; "
+                                     f"{_SAME_MODEL}")
         for name, slot in memory.items():
             for buf_name, buf in slot.items():
                 if buf.numel() != numels[name]:
                     raise StateMismatchError(f"checkpoint state {name}.{buf_name} has {buf.numel()} elements, "
-                                             f"the model's {name} has {numels[name]}")
+                                             f"the model's {name} has {numels[name]}; {_SAME_MODEL}")
 
     def _restore(self, state_dict: dict) -> None:
         """Restore the reducer's state and the epoch (after :meth:`_check_checkpoint`)."""

@@ -45,8 +45,10 @@ import logging
 import torch
 
 from . import hierarchical
+from ._validate import instance
 from .adapter import SparseAdapter, upgrade_checkpoint
 from .compressors.base import Compressor
+from .ddp import _loss_scale
 from .errors import InvalidConfigError, StateMismatchError
 from .optim import guard
 from .options import ReducerOptions
@@ -82,6 +84,9 @@ class SparseCompression(SparseAdapter):
             :mod:`gradsparse.hierarchical`). Needs Horovod's dynamic process sets
             (``hvd.init(process_sets="dynamic")``) and the global process set; collective: every rank
             builds its ``SparseCompression`` in the same order.
+        grad_scaler: the ``torch.amp.GradScaler`` scaling the loss (Horovod's AMP recipe), if any:
+            residuals and momentum are then kept in one scale (rescaled when the scale changes)
+            and thresholds compared with the unscaled gradient. Without it they mix scales.
         options, **knobs: the reducer's :class:`~gradsparse.options.ReducerOptions`
             (``min_compress_numel``, ``value_dtype``, ``nonfinite``, ``op``, ``verify_every``).
             Each parameter is its own bucket here. ``op`` (``"average"`` or ``"sum"``) must
@@ -106,9 +111,12 @@ class SparseCompression(SparseAdapter):
         history_size: int = 10_000,
         options: ReducerOptions | None = None,
         hierarchy=None,
+        grad_scaler: "torch.amp.GradScaler | None" = None,
         **knobs,
     ):
         from .comm.horovod import HorovodCommunicator
+
+        instance(grad_scaler, "grad_scaler", torch.amp.GradScaler, 'torch.amp.GradScaler("cuda")', allow_none=True)
 
         super().__init__(compressor, HorovodCommunicator(process_set), start_iter=start_iter,
                          steps_per_epoch=steps_per_epoch, log_every=log_every, history_size=history_size,
@@ -118,6 +126,7 @@ class SparseCompression(SparseAdapter):
                 raise InvalidConfigError("hierarchy= reduces over Horovod's global process set; leave process_set "
                                          "unset or use hierarchy=None")
             self.reducer = hierarchical.create(compressor, hierarchy, self.reducer.options, groups=hierarchy_groups)
+        self.grad_scaler = grad_scaler
         #: compress() calls so far, per parameter name (the step each parameter is at)
         self.steps: dict[str, int] = {}
         self._params: dict[str, torch.Tensor] | None = None
@@ -243,7 +252,8 @@ class SparseCompression(SparseAdapter):
         tag = f"gradsparse.{name}"
         with self._collectives.tagged(tag):
             fut = self.reducer.reduce(flat, [Segment(name, 0, flat.numel())], step, self.current_epoch(step),
-                                      select_all=self.dense_iteration(step), on_stats=lambda s: self._record(step, s))
+                                      select_all=self.dense_iteration(step), on_stats=lambda s: self._record(step, s),
+                                      loss_scale=_loss_scale(self.grad_scaler))
         self.steps[name] = step + 1
         self._inflight[name] = step
         return torch.ones(1, dtype=torch.float32, device=tensor.device), (name, tag, fut, grad)

@@ -279,6 +279,50 @@ def communicator(rank, world):
     return out
 
 
+def amp(gh, rank, steps=8, overflow_step=5, cut_step=3):
+    """Horovod's AMP recipe with a real CPU GradScaler whose scale grows, is cut, and skips one overflowing step.
+
+    Returns the parameter hashes of the unscaled run (which skips the same step), the scaled run told
+    the scaler (``grad_scaler=``) and the scaled run not told, per compressor, plus the scales seen.
+    """
+    from torch.amp import GradScaler
+
+    def run(make, scaled, tell):
+        model = make_model("mlp")
+        scaler = GradScaler("cpu", init_scale=2.0**8, growth_interval=1) if scaled else None
+        compression = gh.SparseCompression(make(), min_compress_numel=MIN_NUMEL,
+                                           grad_scaler=scaler if tell else None)
+        opt = gh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
+                                      named_parameters=model.named_parameters(), compression=compression)
+        scales = []
+        for step in range(steps):
+            opt.zero_grad()
+            loss = loss_of(model, "mlp", rank, step)
+            if step == overflow_step and rank == 1:
+                loss = loss * float("inf")  # one rank overflows: every rank must skip the step
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            opt.synchronize()  # docs/horovod.md's recipe
+            if scaler is not None:
+                scaler.unscale_(opt)
+            with opt.skip_synchronize():
+                if scaler is not None:
+                    scaler.step(opt)
+                    scales.append(scaler.get_scale())
+                    scaler.update(2.0**4 if step == cut_step else None)
+                elif step != overflow_step:
+                    opt.step()
+        return params_hash(model), scales
+
+    out = {}
+    for name, make in {"dgc": lambda: DGC(0.01, warmup=None), "topk": lambda: TopK(0.02),
+                       "threshold": lambda: Threshold(2e-3)}.items():
+        plain, _ = run(make, False, False)
+        told, scales = run(make, True, True)
+        untold, _ = run(make, True, False)
+        out[name] = {"plain": plain, "told": told, "untold": untold, "scales": scales}
+    return out
+
+
 def readme(rank):
     """The README's Horovod lines, exactly as written, reach the target density with no other call."""
     import gradsparse
@@ -317,6 +361,7 @@ def main(scenario: str, outdir: str) -> None:
         result["refusals"] = refusals(hvd, gh, rank, world)
         result["checkpoint"] = checkpoint(hvd, gh, rank)
         result["readme"] = readme(rank)
+        result["amp"] = amp(gh, rank)
         result["communicator"] = communicator(rank, world)
     elif scenario == "world3":
         result["equivalence"] = equivalence(hvd, gh, rank, steps=4)

@@ -173,6 +173,16 @@ def test_checkpoint_and_elastic_state_per_rank(world2):
         assert c["wrong_world"].startswith("StateMismatchError")
 
 
+def test_grad_scaler_under_horovod_keeps_one_loss_scale_in_the_memory(world2):
+    """Horovod's AMP recipe with SparseCompression(grad_scaler=scaler): bit for bit the unscaled run
+    that skips the same step (residuals and momentum rescaled when the scale changes); not told, it drifts."""
+    for r in world2[1]:
+        for name, run in r["amp"].items():
+            assert len(set(run["scales"])) >= 3, run["scales"]  # the scale grew and was cut
+            assert run["told"] == run["plain"], name
+            assert run["untold"] != run["plain"], name  # the test can see scales mixing in the memory
+
+
 def test_uneven_counts_and_empty_payloads_world_3(world3):
     results = world3[1]
     for name in ("threshold", "topk", "dgc"):

@@ -87,7 +87,7 @@ def test_bad_argument_raises_a_typed_error_naming_it(constructor, argument, valu
 SPARSE_COMPRESSION_BAD = [("compressor", TopK, T), ("start_iter", "1", T), ("steps_per_epoch", 1.5, T),
                           ("log_every", None, T), ("history_size", -1, V), ("verify_every", "1", T),
                           ("op", None, T), ("nonfinite", 1, T), ("min_compress_numel", "1", T),
-                          ("value_dtype", "float16", T)]
+                          ("value_dtype", "float16", T), ("grad_scaler", 2.0**16, T)]
 
 
 @pytest.mark.parametrize("argument, value, error", SPARSE_COMPRESSION_BAD,
