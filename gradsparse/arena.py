@@ -56,9 +56,12 @@ from . import ops
 from .errors import StateMismatchError
 
 
-#: a parameter's next floor, as a fraction of the k-th largest magnitude its selection found: where it
-#: starts, and the range it adapts in (up when the list was cut at its cap, down when it held fewer than k)
-FLOOR_START, FLOOR_LOW, FLOOR_HIGH = 0.9, 0.5, 0.99
+#: a parameter's next floor, as a fraction of the k-th largest magnitude predicted for it (this step's times its
+#: growth since the last): where it starts, and the range it adapts in (up by FLOOR_UP when the list was cut at
+#: its cap, down by FLOOR_DOWN when it held fewer than k)
+FLOOR_START, FLOOR_LOW, FLOOR_HIGH, FLOOR_UP, FLOOR_DOWN = 0.9, 0.3, 2.0, 1.15, 0.8
+#: the growth of the k-th magnitude from one step to the next is taken within these bounds
+GROWTH_LOW, GROWTH_HIGH = 0.25, 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +117,8 @@ class Arena:
         self.bounds = [ops.absmax(buf) for buf in self.state]
         #: per segment, the magnitude from which the next compensation collects selection candidates (+inf: none)
         self.floors = torch.full((len(self.segments),), math.inf, dtype=torch.float64, device=device)
-        self._fraction = torch.full_like(self.floors, FLOOR_START)  # floor / the last k-th magnitude, per segment
+        self._fraction = torch.full_like(self.floors, FLOOR_START)  # floor / the predicted k-th magnitude
+        self._last_kth = self.floors.clone()  # the k-th magnitudes the last selection found (+inf: none yet)
         #: segments selected from their candidates alone, and segments that collected candidates (since built)
         self.candidate_hits = self.candidate_tries = 0
         self._offsets = [s.offset for s in self.segments]
@@ -200,8 +204,10 @@ class Arena:
         """Set the next :attr:`floors` from this selection's ``kth`` (float64, the k-th largest magnitude per
         segment) and what the candidates were (None: none were collected); ``ks`` the counts selected.
 
-        A segment whose list was cut at its cap gets a floor nearer its k-th magnitude, one whose list
-        held fewer than k a lower one; segments with no cap collect nothing."""
+        The floor predicts the next k-th magnitude from this one and its growth since the last
+        selection (DGC's accumulation makes it grow step after step), times a fraction that rises
+        when a list was cut at its cap and falls when a list held fewer than k; segments with no cap
+        collect nothing."""
         caps = candidates.caps if candidates is not None else None
         if candidates is not None:
             counts = candidates.counts
@@ -209,16 +215,20 @@ class Arena:
             short = (counts < ks) & torch.isfinite(self.floors)
             self.candidate_hits += int(((counts >= ks) & ~cut & (ks > 0)).sum())
             self.candidate_tries += int((caps > 0).sum())
-            fraction = torch.where(cut, (1 + self._fraction) / 2, torch.where(short, self._fraction * 0.8,
-                                                                              self._fraction))
+            fraction = torch.where(cut, self._fraction * FLOOR_UP, torch.where(short, self._fraction * FLOOR_DOWN,
+                                                                               self._fraction))
             self._fraction = fraction.clamp(FLOOR_LOW, FLOOR_HIGH)
-        floors = kth * self._fraction
+        known = torch.isfinite(self._last_kth) & (self._last_kth > 0) & torch.isfinite(kth)
+        growth = torch.where(known, kth / self._last_kth, 1.0).clamp(GROWTH_LOW, GROWTH_HIGH).sqrt()
+        self._last_kth = kth
+        floors = kth * growth * self._fraction
         self.floors = floors if caps is None else torch.where(caps > 0, floors, math.inf)
 
     def rescale(self, factor: float) -> None:
         """The state was multiplied by ``factor``: so are the bounds and floors."""
         self.bounds = [b * abs(factor) for b in self.bounds]
         self.floors = self.floors * abs(factor)
+        self._last_kth = self._last_kth * abs(factor)
 
     @property
     def selectable(self) -> torch.Tensor:

@@ -114,9 +114,9 @@ HEALTH = len(DESCRIPTOR_FIELDS)  # the health's position in a descriptor
 # A rank's health, the descriptor's last field: what it found before compensating.
 HEALTHY, NONFINITE, OVERFLOW = 1, 0, 2
 # Selection candidates (gradsparse.arena): a parameter keeps at most CANDIDATES_PER_K * k + CANDIDATES_SLACK of
-# them, and collects them only while k <= its size / CANDIDATES_BELOW (past that the list costs about as much as
-# the read it saves).
-CANDIDATES_PER_K, CANDIDATES_SLACK, CANDIDATES_BELOW = 8, 256, 32
+# them, and collects them only while k <= its size / CANDIDATES_BELOW: at 0.1 % a DGC step on ResNet-50's buckets
+# gained, at 1 % TopK's lost (docs/benchmarks.md), the list then costing more than the read it saves.
+CANDIDATES_PER_K, CANDIDATES_SLACK, CANDIDATES_BELOW = 8, 256, 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,13 +373,13 @@ class SparseReducer:
         return pieces, replaced
 
     def _compensate(self, flat: torch.Tensor, plan: _Plan, arena: Arena | None,
-                    caps: torch.Tensor | None) -> tuple[torch.Tensor, Candidates | None]:
+                    caps: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, Candidates | None]:
         """One pass over the compressed gradient into the arena (in place): what to select from, laid out like
         the bucket, and the selection candidates the pass collected (with ``caps``: see :meth:`_candidate_caps`)."""
         pieces, replaced = self._pieces(flat, plan)
         if arena is not None:
             if caps is not None:
-                return arena.selectable, arena.compensate_collecting(pieces, caps)
+                return arena.selectable, arena.compensate_collecting(pieces, caps[0])
             arena.compensate(pieces)
             return arena.selectable, None
         v = flat.float()  # the memory keeps nothing: select from the gradient itself
@@ -389,20 +389,22 @@ class SparseReducer:
                 v[start:start + g.numel()].copy_(g)
         return v, None
 
-    def _candidate_caps(self, plan: _Plan, step: int, epoch: int, arena: Arena | None) -> torch.Tensor | None:
-        """Per compressed parameter, how many selection candidates the compensation pass keeps (int64), or None
-        to collect none: the memory or compressor cannot, one selection spans several parameters, or every
-        parameter's k is a large part of it (there one more read costs less than keeping the list)."""
+    def _candidate_caps(self, plan: _Plan, step: int, epoch: int,
+                        arena: Arena | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per compressed parameter, how many selection candidates the compensation pass keeps and its k (int64
+        each), or None to collect none: the memory or compressor cannot, one selection spans several parameters,
+        the bucket is not on the CPU (the CUDA ops select the same positions without being faster), or every
+        parameter's k is a large part of it (there the list costs more than the read it saves)."""
         if (arena is None or self.options.granularity != "parameter" or not self.compressor.selects_from_candidates
-                or not self.memory.collects_candidates):
+                or not self.memory.collects_candidates or arena.floors.device.type != "cpu"):
             return None
-        key = (id(plan), self.compressor.ratio(step, epoch), str(arena.floors.device))
+        key = (id(plan), self.compressor.ratio(step, epoch))
         if key not in self._caps:
-            caps = []
-            for s in plan.compressed:
-                k = self.compressor.count(s.numel, step, epoch)
-                caps.append(CANDIDATES_PER_K * k + CANDIDATES_SLACK if 0 < k <= s.numel // CANDIDATES_BELOW else 0)
-            self._caps[key] = torch.tensor(caps, dtype=torch.int64, device=arena.floors.device) if any(caps) else None
+            ks = [self.compressor.count(s.numel, step, epoch) for s in plan.compressed]
+            caps = [CANDIDATES_PER_K * k + CANDIDATES_SLACK if 0 < k <= s.numel // CANDIDATES_BELOW else 0
+                    for k, s in zip(ks, plan.compressed)]
+            self._caps[key] = (torch.tensor(caps, dtype=torch.int64), torch.tensor(ks, dtype=torch.int64)) \
+                if any(caps) else None
         return self._caps[key]
 
     def set_loss_scale(self, loss_scale: float) -> None:
@@ -431,11 +433,12 @@ class SparseReducer:
         return HEALTHY
 
     def _select(self, v: torch.Tensor, plan: _Plan, step: int, epoch: int, wire: torch.dtype,
-                arena: Arena | None = None, candidates: Candidates | None = None) -> _Selection:
+                arena: Arena | None = None, candidates: Candidates | None = None,
+                ks: torch.Tensor | None = None) -> _Selection:
         """Every group's selection from ``v`` (laid out like the bucket), the values to send and what to mask.
 
-        With ``candidates`` (one group per parameter), the selection reads them instead of ``v`` where it can,
-        and the ``arena`` learns the next floors from it."""
+        With ``candidates`` (one group per parameter, ``ks`` their k), the selection reads them instead of
+        ``v`` where it can, and the ``arena`` learns the next floors from it."""
         if not plan.compressed:
             return self._select_all(v, plan, wire)
         scale = self._loss_scale or 1.0
@@ -444,7 +447,6 @@ class SparseReducer:
             return self._select_gathered(v, plan, step, epoch, wire)
         if candidates is not None:
             positions, kth = compressor.select_segments_from(v, plan.ranges, step, epoch, candidates, scale)
-            ks = torch.tensor([compressor.count(n, step, epoch) for _, n in plan.ranges], device=kth.device)
             arena.learn(kth, candidates, ks)
         else:
             positions = compressor.select_segments(v, plan.ranges, step, epoch, scale)
@@ -531,7 +533,7 @@ class SparseReducer:
             caps = None if select_all else self._candidate_caps(plan, step, epoch, arena)
             v, candidates = self._compensate(flat, plan, arena, caps)
             chosen = self._select_all(v, plan, wire) if select_all else \
-                self._select(v, plan, step, epoch, wire, arena, candidates)
+                self._select(v, plan, step, epoch, wire, arena, candidates, None if caps is None else caps[1])
             job = dataclasses.replace(job, selection=chosen, count=chosen.positions.numel())
         job = self._exchange_sizes(job, same_size)
         if self._choose_transport(job) == ALLREDUCE:

@@ -1,7 +1,7 @@
 // CPU dgc_compensate_candidates and residual_compensate_candidates: the compensation passes of
 // dgc.cpp (the same loops, compensate_core.h; the same checks, values and maxima) collecting, in
 // the same pass, each segment's selection candidates: the positions whose result has a magnitude at
-// or above the segment's floor (docs/kernels.md). Chunks of kGrain elements run in parallel, each
+// or above the segment's floor (docs/kernels.md). Chunks (candidate_chunk) run in parallel, each
 // over the segments it overlaps, into its own position buffer; the buffers are joined in chunk
 // order, so the result does not depend on the thread count.
 #include <ATen/ATen.h>
@@ -359,20 +359,30 @@ void residual_candidates_range(const float* r, const scalar_t* g, float* r_out, 
   residual_candidates_loop<scalar_t, false>(r, g, r_out, begin, end, maxima, lo, cap, part, positions);
 }
 
-// Runs range(begin, end, keys, s, part, positions) over every (kGrain chunk x segment) piece of
+// Runs range(begin, end, keys, s, part, positions) over every (chunk x segment) piece of
 // [0, n), chunks in parallel, each chunk writing K maximum keys and its candidates; returns the
 // maxima's keys over the chunks, and fills positions (each segment's first cap[s] candidates, in
 // order) and counts (each segment's true count). The same for any thread count: a max does not
 // depend on the order, and the chunks' candidates are joined in chunk order.
+// Chunks are at least kGrain elements and at most a few per thread: each chunk costs two small
+// allocations and a join step, which at kGrain over 25M elements (1,560 chunks) cost about 1 ms of
+// a 10 ms pass with one thread.
+inline int64_t candidate_chunk(int64_t n) {
+  const int threads = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  const int64_t per = (n + 4 * threads - 1) / (4 * threads);
+  return std::max<int64_t>(kGrain, (per + 63) / 64 * 64);
+}
+
 template <int K, typename Range>
 std::array<uint64_t, K> chunked_candidates(int64_t n, const CandidateSegments& seg, const Range& range,
                                            at::Tensor& positions, at::Tensor& counts) {
-  const int64_t chunks = (n + kGrain - 1) / kGrain, segments = seg.size();
+  const int64_t grain = candidate_chunk(n);
+  const int64_t chunks = (n + grain - 1) / grain, segments = seg.size();
   std::vector<uint64_t> partial(static_cast<size_t>(chunks) * K, 0);
   std::vector<ChunkCandidates> found(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
-      const int64_t cb = c * kGrain, ce = std::min(n, (c + 1) * kGrain);
+      const int64_t cb = c * grain, ce = std::min(n, (c + 1) * grain);
       // the first segment that ends after cb
       int64_t s = std::upper_bound(seg.offset.begin() + 1, seg.offset.end(), cb) - (seg.offset.begin() + 1);
       ChunkCandidates& cc = found[c];

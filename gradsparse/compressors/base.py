@@ -213,6 +213,7 @@ class ExactTopK(Compressor):
     def __init__(self, error_feedback: bool = True):
         super().__init__(error_feedback)
         self._generator = torch.Generator().manual_seed(0)
+        self._table_cache: dict[tuple, tuple] = {}
 
     def select(self, v, step, epoch, loss_scale=1.0):
         return ops.sampled_topk_indices(v, self.count(v.numel(), step, epoch), self.sample_ratio, self._generator)
@@ -222,11 +223,27 @@ class ExactTopK(Compressor):
         return ops.segmented_topk_indices(v, offsets, ks, self.sample_ratio, self._generator)
 
     def select_segments_from(self, v, ranges, step, epoch, candidates, loss_scale=1.0):
-        ks = [self.count(n, step, epoch) for _, n in ranges]
-        offsets, table_ks = segment_table(ranges, ks, v.device)
-        slots = torch.tensor(range_slots(ranges), dtype=torch.int64, device=v.device)
-        counts = torch.zeros_like(table_ks).index_copy_(0, slots, candidates.counts)
-        caps = torch.zeros_like(table_ks).index_copy_(0, slots, candidates.caps)
-        positions, kth = ops.segmented_topk_candidates(v, offsets, table_ks, candidates.positions, counts, caps,
-                                                         self.sample_ratio, self._generator)
-        return positions, kth.index_select(0, slots)
+        offsets, ks, slots = self._tables(ranges, step, epoch, v.device)
+        if slots is None:  # no gaps between the ranges: the candidates' tables are the kernel's
+            counts, caps = candidates.counts, candidates.caps
+        else:
+            counts = torch.zeros_like(ks).index_copy_(0, slots, candidates.counts)
+            caps = torch.zeros_like(ks).index_copy_(0, slots, candidates.caps)
+        positions, kth = ops.segmented_topk_candidates(v, offsets, ks, candidates.positions, counts, caps,
+                                                       self.sample_ratio, self._generator)
+        return positions, kth if slots is None else kth.index_select(0, slots)
+
+    def _tables(self, ranges, step, epoch, device):
+        """:func:`segment_table` of ``ranges`` at this step's k, and :func:`range_slots` (None: no gaps), cached
+        per ranges and density (the reducer asks for the same few bucket layouts every step)."""
+        key = (tuple(ranges), self.ratio(step, epoch), str(device))
+        hit = self._table_cache.get(key)
+        if hit is None:
+            offsets, ks = segment_table(ranges, [self.count(n, step, epoch) for _, n in ranges], device)
+            slots = range_slots(ranges)
+            gaps = slots != list(range(len(slots)))
+            hit = (offsets, ks, torch.tensor(slots, dtype=torch.int64, device=device) if gaps else None)
+            if len(self._table_cache) > 256:  # a schedule of densities and rebuilt buckets: keep it bounded
+                self._table_cache.clear()
+            self._table_cache[key] = hit
+        return hit
