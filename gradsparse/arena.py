@@ -62,6 +62,8 @@ from .errors import StateMismatchError
 FLOOR_START, FLOOR_LOW, FLOOR_HIGH, FLOOR_UP, FLOOR_DOWN = 0.9, 0.3, 2.0, 1.15, 0.8
 #: the growth of the k-th magnitude from one step to the next is taken within these bounds
 GROWTH_LOW, GROWTH_HIGH = 0.25, 4.0
+#: lists shorter than LIST_LOW x k (or longer than LIST_HIGH x k) nudge the fraction down (up) by these factors
+LIST_LOW, LIST_HIGH, FLOOR_NUDGE_DOWN, FLOOR_NUDGE_UP = 1.5, 6.0, 0.93, 1.03
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,9 +217,11 @@ class Arena:
             short = (counts < ks) & torch.isfinite(self.floors)
             self.candidate_hits += int(((counts >= ks) & ~cut & (ks > 0)).sum())
             self.candidate_tries += int((caps > 0).sum())
-            fraction = torch.where(cut, self._fraction * FLOOR_UP, torch.where(short, self._fraction * FLOOR_DOWN,
-                                                                               self._fraction))
-            self._fraction = fraction.clamp(FLOOR_LOW, FLOOR_HIGH)
+            # steer the count into [LIST_LOW, LIST_HIGH] x k: a miss either way costs the selection's full read
+            step = torch.where(cut, FLOOR_UP, torch.where(short, FLOOR_DOWN, 1.0))
+            step = torch.where(~cut & (counts > LIST_HIGH * ks), FLOOR_NUDGE_UP, step)
+            step = torch.where(~short & (counts < LIST_LOW * ks) & torch.isfinite(self.floors), FLOOR_NUDGE_DOWN, step)
+            self._fraction = (self._fraction * step).clamp(FLOOR_LOW, FLOOR_HIGH)
         known = torch.isfinite(self._last_kth) & (self._last_kth > 0) & torch.isfinite(kth)
         growth = torch.where(known, kth / self._last_kth, 1.0).clamp(GROWTH_LOW, GROWTH_HIGH).sqrt()
         self._last_kth = kth

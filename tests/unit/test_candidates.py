@@ -34,7 +34,7 @@ def _run(compressor, steps, wire=None, with_candidates=True):
     gen = torch.Generator().manual_seed(1)
     outs = []
     for step in range(steps):
-        g = torch.randn(NUMEL, generator=gen) * (1 + step % 3)
+        g = torch.randn(NUMEL, generator=gen) * (1 + 0.2 * (step % 3))
         scale = 2.0 ** (step // 5)  # the loss scale changes: the memory and the floors are rescaled
         outs.append(r.reduce(g * scale, SEGMENTS, step, epoch=step // 4, loss_scale=scale).wait().clone())
     return r, outs
