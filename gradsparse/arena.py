@@ -208,8 +208,8 @@ class Arena:
 
         The floor predicts the next k-th magnitude from this one and its growth since the last
         selection (DGC's accumulation makes it grow step after step), times a fraction that rises
-        when a list was cut at its cap and falls when a list held fewer than k; segments with no cap
-        collect nothing."""
+        when a list was cut at its cap, falls when a list held fewer than k, and is nudged to keep the
+        lists within ``LIST_LOW``-``LIST_HIGH`` x k; segments with no cap collect nothing."""
         caps = candidates.caps if candidates is not None else None
         if candidates is not None:
             counts = candidates.counts

@@ -137,11 +137,10 @@ class ResidualMemory(Memory):
 
     kind = "residual"
     names = ("residual",)
+    collects_candidates = True
 
     def headroom(self, bounds, grad_bound):
         return bounds[0] + grad_bound
-
-    collects_candidates = True
 
     def compensate_into(self, state, grad, out):
         return ops.residual_compensate_into(state[0], grad, out[0])
@@ -171,6 +170,7 @@ class DGCMemory(Memory):
     kind = "dgc"
     names = ("momentum", "velocity")
     whole_names = ("momentum",)
+    collects_candidates = True
 
     def __init__(self, momentum: float = 0.9, nesterov: bool = False):
         super().__init__()
@@ -181,8 +181,6 @@ class DGCMemory(Memory):
         u, v = bounds
         momentum = self.momentum * (u + grad_bound) if self.nesterov else self.momentum * u + grad_bound
         return v + momentum + (grad_bound if self.nesterov else 0.0)
-
-    collects_candidates = True
 
     def compensate_into(self, state, grad, out):
         return ops.dgc_compensate_into(state[0], state[1], grad, self.momentum, self.nesterov, out[0], out[1])

@@ -293,7 +293,7 @@ class SparseReducer:
         self._calls = 0
         self._plans: dict[tuple, _Plan] = {}
         self._indices: dict[tuple, torch.Tensor] = {}
-        self._caps: dict[tuple, torch.Tensor | None] = {}
+        self._caps: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._transport = TransportModel()
         self._last_done = 0.0  # when this rank's previous bucket collective completed (perf_counter)
 
