@@ -432,8 +432,8 @@ class HierarchicalReducer:
     def failed_at(self, level: str, err: CommunicationError, flat: torch.Tensor, step: int) -> CommunicationError:
         """A transport failure ``"inside"`` this node or ``"between"`` nodes, as a :class:`CommunicationError`
         naming the bucket, the step, this rank's world rank and place, and the ranks it was exchanging with
-        (the dead or unreachable one is among them; the column reducer's own message numbers ranks within
-        the column). ``err`` becomes its ``__cause__``; its message ends with the backend's.
+        (the dead or unreachable one is among them, unless one of them failed first and left; the column
+        reducer's own message numbers ranks within the column). ``err`` becomes its ``__cause__``; its message ends with the backend's.
 
         Example: ``... failed between nodes on rank 1 (node 0, local rank 1) ... with ranks [1, 3] ...``
         """
