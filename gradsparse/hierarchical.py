@@ -77,7 +77,7 @@ from ._validate import choice, instance, integer
 from .comm.base import Communicator, completed_future
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
-from .errors import InvalidConfigError, StateMismatchError
+from .errors import CommunicationError, InvalidConfigError, StateMismatchError
 from .options import ReducerOptions
 from .reducer import Segment, SparseReducer, check_bucket
 from .stats import ALLREDUCE, HIERARCHICAL, HIERARCHICAL_ALLREDUCE, BucketStats
@@ -424,7 +424,33 @@ class HierarchicalReducer:
 
     def _node_sum(self, tensor: torch.Tensor, what: str, flat: torch.Tensor, step: int) -> None:
         """Blocking in-place sum of ``tensor`` over this node, issued from the calling thread."""
-        self.collective(lambda: _sum_now(self.groups.node, tensor, f"{self._tag}.{what}"), flat, step)
+        try:
+            self.collective(lambda: _sum_now(self.groups.node, tensor, f"{self._tag}.{what}"), flat, step)
+        except CommunicationError as err:
+            raise self.failed_at("inside", err, flat, step) from err
+
+    def failed_at(self, level: str, err: CommunicationError, flat: torch.Tensor, step: int) -> CommunicationError:
+        """A transport failure ``"inside"`` this node or ``"between"`` nodes, as a :class:`CommunicationError`
+        naming the bucket, the step, this rank's world rank and place, and the ranks it was exchanging with
+        (the dead or unreachable one is among them, unless one of them failed first and left; the column
+        reducer's own message numbers ranks within the column). ``err`` becomes its ``__cause__``; its message ends with the backend's.
+
+        Example: ``... failed between nodes on rank 1 (node 0, local rank 1) ... with ranks [1, 3] ...``
+        """
+        g = self.groups
+        if level == "inside":
+            peers, where = [g.node_index * g.local + i for i in range(g.local)], f"inside node {g.node_index}"
+        else:
+            peers, where = [n * g.local + g.local_rank for n in range(g.nodes)], "between nodes"
+        root = err.__cause__ if err.__cause__ is not None else err
+        cause = str(root).splitlines()[0] if str(root) else repr(root)
+        error = CommunicationError(
+            f"gradsparse: the hierarchical reduction of the {flat.numel()}-element bucket at step {step} failed "
+            f"{where} on rank {g.world.rank} (node {g.node_index}, local rank {g.local_rank}) while exchanging "
+            f"with ranks {peers} (by world rank): one of them may have exited, or the link failed or timed out. "
+            f"Cause: {cause}")
+        error.__cause__ = err
+        return error
 
     def set_loss_scale(self, loss_scale: float) -> None:
         self.flat.set_loss_scale(loss_scale)
@@ -510,22 +536,31 @@ class HierarchicalReducer:
                                              transport=HIERARCHICAL_ALLREDUCE if s.transport == ALLREDUCE
                                              else HIERARCHICAL))
 
-        inner = self.inner.reduce(shard, layout.segments, step, epoch, select_all=select_all, on_stats=report)
+        try:  # blocking communicators (MPI) raise here, the others through the future
+            inner = self.inner.reduce(shard, layout.segments, step, epoch, select_all=select_all, on_stats=report)
+        except CommunicationError as err:
+            raise self.failed_at("between", err, flat, step) from err
         issued: torch.futures.Future = torch.futures.Future()
         out: torch.futures.Future = torch.futures.Future()
         gather_tag = f"{self._tag}.node_gather"
 
         def gather(done: torch.futures.Future) -> None:
             try:
-                inner.wait()  # raises what the inner reduction raised
+                try:
+                    inner.wait()  # raises what the inner reduction raised
+                except CommunicationError as err:
+                    raise self.failed_at("between", err, flat, step) from err
                 flat.zero_()
                 for src, dst, n in layout.runs:
                     flat[src:src + n].copy_(shard[dst:dst + n])
                 work = None
                 if L > 1:
-                    with g.node_gather.tagged(gather_tag):
-                        work = self.collective(lambda: g.node_gather.allreduce_sum(flat), flat, step)
-                    self.collective(lambda: g.node_gather.complete(gather_tag), flat, step)
+                    try:
+                        with g.node_gather.tagged(gather_tag):
+                            work = self.collective(lambda: g.node_gather.allreduce_sum(flat), flat, step)
+                        self.collective(lambda: g.node_gather.complete(gather_tag), flat, step)
+                    except CommunicationError as err:
+                        raise self.failed_at("inside", err, flat, step) from err
             except BaseException as err:  # noqa: BLE001 - handed to the caller's future
                 issued.set_result(None)
                 out.set_exception(err)
@@ -537,6 +572,8 @@ class HierarchicalReducer:
                     if done_work is not None:
                         self.collective(done_work.wait, flat, step)
                     out.set_result(flat)
+                except CommunicationError as err:
+                    out.set_exception(self.failed_at("inside", err, flat, step))
                 except BaseException as err:  # noqa: BLE001
                     out.set_exception(err)
 

@@ -4,6 +4,7 @@ process it started."""
 import os
 import signal
 import subprocess
+import time
 
 import torch
 
@@ -31,3 +32,19 @@ def launch(cmd, timeout, cwd, env=None) -> subprocess.CompletedProcess:
 def rank_results(folder, world: int) -> list:
     """What each of ``world`` ranks saved as ``folder/rank{r}.pt`` (the workers' convention)."""
     return [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def launch_with_a_dead_rank(cmd, folder, timeout, cwd, env=None) -> tuple[subprocess.CompletedProcess, float, dict]:
+    """:func:`run_group` of a job one of whose ranks SIGKILLs itself, recording the time in ``folder/killed.pt``
+    (tests/dead_rank_worker.py): the launcher's result, the seconds from the kill to the launcher's exit, and
+    what each rank that recorded an outcome saved, by rank."""
+    proc = run_group(cmd, timeout, cwd=cwd, env=env)
+    ended = time.time()
+    killed = torch.load(os.path.join(folder, "killed.pt"))
+    outcomes = {}
+    for name in os.listdir(folder):
+        if name.startswith("rank") and name.endswith(".pt"):
+            outcome = torch.load(os.path.join(folder, name), weights_only=False)
+            outcome["after_kill_s"] = outcome["time"] - killed
+            outcomes[outcome["rank"]] = outcome
+    return proc, ended - killed, outcomes

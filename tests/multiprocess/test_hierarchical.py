@@ -301,9 +301,12 @@ def test_a_dead_rank_ends_in_an_error_inside_its_node_and_across_nodes(tmp_path,
                                   collective_timeout=COLLECTIVE_TIMEOUT)
     assert outcomes[3]["exitcode"] == -signal.SIGKILL
     killed_at = torch.load(kill_file)
-    for survivor in outcomes[:3]:  # rank 2 shares the victim's node; ranks 0 and 1 are on the other node
+    for rank, survivor in enumerate(outcomes[:3]):  # rank 2 shares the victim's node; 0 and 1 are on the other
         assert survivor["exitcode"] == 1, survivor
         assert "CommunicationError" in survivor["error"], survivor["error"]
+        # the level and this rank's place in the world, not its rank within the column (#15)
+        place = f"on rank {rank} (node {rank // 2}, local rank {rank % 2}) while exchanging with ranks"
+        assert place in survivor["error"] and " at step 3 failed " in survivor["error"], survivor["error"]
         assert survivor["time"] - killed_at < COLLECTIVE_TIMEOUT + 5
 
 

@@ -20,7 +20,7 @@ from gradsparse.reducer import DESCRIPTOR_BYTES
 
 from ..distributed import free_port
 from ..docblocks import ROOT, block_with
-from ..subprocesses import launch, rank_results
+from ..subprocesses import launch, launch_with_a_dead_rank, rank_results
 from .test_ddp import DGC_CFG, reference_dgc
 
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
@@ -205,3 +205,12 @@ def test_doc_quick_start_runs_under_horovodrun(tmp_path):
 def test_readme_horovod_lines_reach_the_target_density_by_themselves(world2):
     for r in world2[1]:
         assert r["readme"]["selected"] == r["readme"]["expected"], r["readme"]
+
+
+def test_a_dead_rank_ends_the_job_on_the_flat_path(tmp_path):
+    """Rank 1 of 4 SIGKILLed at step 3 of DGC (hierarchy=None): the same end as through the hierarchy."""
+    from .test_horovod_hierarchical import assert_horovodrun_ends_the_job
+
+    cmd = horovod_cmd(4, "-m", "tests.dead_rank_worker", "horovod", "flat", "1", str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    assert_horovodrun_ends_the_job(*launch_with_a_dead_rank(cmd, tmp_path, 90, ROOT, env), victim=1, world=4)

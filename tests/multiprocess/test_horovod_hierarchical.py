@@ -14,7 +14,7 @@ import torch
 from ..docblocks import ROOT, block_with
 from ..tolerances import close
 from ..oracles import kept_in_pieces
-from ..subprocesses import launch, rank_results
+from ..subprocesses import launch, launch_with_a_dead_rank, rank_results
 from .test_horovod import horovod_cmd
 
 WORLD, LOCAL = 4, 2
@@ -124,3 +124,35 @@ def test_doc_hierarchical_script_runs_as_two_nodes_of_two_ranks(tmp_path):
     reports = re.findall(r"rank (\d): step 4: .*?density ([\d.]+), .*?inside the node (\d+) B", proc.stdout)
     assert sorted(rank for rank, _, _ in reports) == ["0", "1", "2", "3"], proc.stdout[-4000:]
     assert all(float(density) < 0.05 and int(intra) > 0 for _, density, intra in reports), reports
+
+
+# ------------------------------------------------------------------------------ a dead rank
+BOUND_S = 30  # from the kill to the launcher's exit (measured: about 1 s)
+
+
+def assert_horovodrun_ends_the_job(proc, after_kill_s, outcomes, victim, world):
+    """horovodrun --gloo exits 1 within BOUND_S, every rank ended; the dead rank's line says it was killed.
+
+    Horovod decides how the survivors end, not gradsparse: its background thread meets gloo's
+    IoException ("Connection reset by peer"), shuts Horovod down and aborts the process
+    (std::terminate, status 134), or horovodrun terminates it first (143). A survivor whose training
+    code runs before that sees gradsparse's CommunicationError (cause: "Horovod has been shut down").
+    horovodrun's "first process" is the first exit it noticed: a survivor's abort as often as the kill.
+    """
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and after_kill_s < BOUND_S, (proc.returncode, after_kill_s, out[-3000:])
+    assert f"[{victim}]<stderr>:Killed" in out, out[-3000:]
+    assert "Horovod detected that one or more processes exited with non-zero status" in out, out[-3000:]
+    assert victim not in outcomes and set(outcomes) <= set(range(world)), outcomes
+    for rank, outcome in outcomes.items():  # the survivors that got back into Python before the end
+        assert outcome["type"] == "CommunicationError" and outcome["steps"] == 3, outcome
+        assert f"on rank {rank}" in outcome["error"] and "at step 3" in outcome["error"], outcome["error"]
+        assert "Horovod has been shut down" in outcome["error"], outcome["error"]
+        assert outcome["after_kill_s"] < BOUND_S, outcome
+
+
+def test_a_dead_rank_ends_the_job_inside_its_node_and_across_nodes(tmp_path):
+    """Rank 3 SIGKILLed at step 3 of DGC through the hierarchy: rank 2 shares its node, ranks 0 and 1 do not."""
+    cmd = horovod_cmd(WORLD, "-m", "tests.dead_rank_worker", "horovod", "hierarchical", "3", str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    assert_horovodrun_ends_the_job(*launch_with_a_dead_rank(cmd, tmp_path, 90, ROOT, env), victim=3, world=WORLD)

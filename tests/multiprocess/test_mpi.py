@@ -59,3 +59,14 @@ def test_doc_quick_start_runs_under_mpirun(tmp_path):
     assert sorted(sent) == ["0", "1"], proc.stdout
     dense = 20 * 4 * (256 * 1024 + 1024 + 1024 * 10 + 10)
     assert all(0 < int(n) < dense / 5 for n in sent.values()), (sent, dense)
+
+
+def test_a_dead_rank_is_a_communication_error_on_every_other_rank_under_ulfm(tmp_path):
+    """Rank 1 of 4 SIGKILLed at step 3 of DGC on the flat path under ``mpirun --with-ft ulfm``: every other
+    rank raises CommunicationError naming itself, the step and MPI's cause. (Without ``--with-ft``, mpirun
+    kills the job: test_mpi_hierarchical.py.)"""
+    from .test_mpi_hierarchical import dead_rank_job
+
+    _, outcomes = dead_rank_job(tmp_path, "flat", 1, 4, ulfm=True)
+    assert sorted(outcomes) == [0, 2, 3], outcomes
+    assert all("MPI_ERR_PROC_FAILED" in o["error"] for o in outcomes.values()), outcomes

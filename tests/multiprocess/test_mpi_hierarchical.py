@@ -85,3 +85,45 @@ def test_doc_hierarchical_mpi_script_runs_as_two_nodes_of_two_ranks(tmp_path):
     assert sorted(rank for rank, _, _ in sent) == ["0", "1", "2", "3"], proc.stdout
     dense = 20 * 4 * (256 * 1024 + 1024 + 1024 * 10 + 10)
     assert all(0 < int(between) < dense / 5 and int(inside) > dense for _, between, inside in sent), (sent, dense)
+
+
+# ------------------------------------------------------------------------------ a dead rank
+BOUND_S = 30  # from the kill to mpirun's exit, and to each survivor's error (measured: under 1 s)
+VICTIM = 3  # rank 2 shares its node; rank 1 its column (the exchange between nodes); rank 0 neither
+
+
+def dead_rank_job(tmp_path, path, victim, world, ulfm=False):
+    """mpirun of tests/dead_rank_worker.py (``--with-ft ulfm``: Open MPI's fault tolerance, survivors keep running)."""
+    from ..subprocesses import launch_with_a_dead_rank
+
+    cmd = mpi_cmd(world, "-m", "tests.dead_rank_worker", "mpi", path, str(victim), str(tmp_path))
+    if ulfm:
+        cmd[1:1] = ["--with-ft", "ulfm"]
+    proc, after_kill_s, outcomes = launch_with_a_dead_rank(cmd, tmp_path, 90, ROOT,
+                                                           dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and after_kill_s < BOUND_S, (proc.returncode, after_kill_s, out[-3000:])
+    assert victim not in outcomes and set(outcomes) <= set(range(world)), outcomes
+    for rank, outcome in outcomes.items():
+        assert outcome["type"] == "CommunicationError" and outcome["steps"] == 3, outcome
+        assert f"on rank {rank}" in outcome["error"] and "at step 3" in outcome["error"], outcome["error"]
+        assert outcome["after_kill_s"] < BOUND_S, outcome
+    return out, outcomes
+
+
+def test_a_dead_rank_ends_the_job_through_mpirun(tmp_path):
+    """Open MPI's default: mpirun sees the rank die, kills every other one and exits with its status."""
+    out, _ = dead_rank_job(tmp_path, "hierarchical", VICTIM, WORLD)
+    assert re.search(rf"process rank {VICTIM} with PID \d+ on node \S+ exited on\s+signal 9 \(Killed\)", out), out
+
+
+def test_a_dead_rank_is_a_communication_error_inside_its_node_and_across_nodes_under_ulfm(tmp_path):
+    """``mpirun --with-ft ulfm``: the ranks exchanging with the dead one raise CommunicationError saying at
+    which level, with which ranks (the dead one among them); rank 0 exchanges only with them and ends when
+    they exit (mpirun then ends the job) or raises the same way."""
+    _, outcomes = dead_rank_job(tmp_path, "hierarchical", VICTIM, WORLD, ulfm=True)
+    assert {1, 2} <= set(outcomes), outcomes
+    for rank, where, peers in ((2, "inside node 1", [2, 3]), (1, "between nodes", [1, 3])):
+        error = outcomes[rank]["error"]
+        assert f"failed {where} on rank {rank}" in error and f"with ranks {peers} (by world rank)" in error, error
+        assert "MPI_ERR_PROC_FAILED" in error, error
