@@ -625,7 +625,7 @@ class SparseReducer:
                 if flags & FLAG_NONFINITE else None
             return _Landing(out, problem=problem)
 
-        fut = self.communicator.allgather(payload, job.sizes)
+        fut = self.collective(lambda: self.communicator.allgather(payload, job.sizes), flat, job.step)
         return self._complete(job, fut, lambda done: done.value(), land, ALLGATHER, traffic,
                               _Timing(issued, issued - packing, job.largest, traffic.received))
 
@@ -658,7 +658,7 @@ class SparseReducer:
             finite = job.healthy and ops.all_finite(flat)
             return _Landing(flat, carried, None if finite else "a rank produced NaN/Inf gradients or an overflow")
 
-        fut = self.communicator.allreduce_sum(flat)
+        fut = self.collective(lambda: self.communicator.allreduce_sum(flat), flat, job.step)
         return self._complete(job, fut, lambda done: done.wait(), land, ALLREDUCE, _Traffic(nbytes, nbytes),
                               _Timing(issued, issued - scattering, nbytes, flat.numel()))
 
@@ -733,7 +733,7 @@ class SparseReducer:
             raise CommunicationError(
                 f"gradsparse: a collective for the {flat.numel()}-element bucket at step {step} failed on rank "
                 f"{self.communicator.rank}: a peer may have exited, the network failed, or the collective timed "
-                f"out (the timeout is set by init_process_group). Cause: {cause}"
+                f"out ({self.communicator.timeout_hint}). Cause: {cause}"
             ) from err
 
     def _skip_unhealthy(self, job: _Job, health: list[int]) -> torch.futures.Future:

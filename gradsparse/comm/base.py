@@ -54,6 +54,8 @@ class Communicator(abc.ABC):
     #: whether the futures of :meth:`allgather` and :meth:`allreduce_sum` resolve only once
     #: :meth:`complete` is called with their tag (Horovod), rather than on their own
     needs_complete: bool = False
+    #: what bounds a collective's wait on this backend, for the reducer's transport-failure message
+    timeout_hint: str = "the backend's own timeout"
     #: the name of the collectives being started (set with :meth:`tagged`)
     _tag: str = "gradsparse"
 

@@ -40,6 +40,8 @@ class HorovodCommunicator(Communicator):
             it later (between steps), call :meth:`use_process_set`.
     """
 
+    timeout_hint = "Horovod's gloo timeout: horovodrun --gloo-timeout-seconds, 30 s by default"
+
     pads_to_largest = False
     needs_complete = True
 

@@ -33,6 +33,9 @@ class MPICommunicator(Communicator):
             rank and size never change, so they are read once, here.
     """
 
+    timeout_hint = ("MPI collectives do not time out; mpirun ends the job when a rank dies, or with --with-ft ulfm "
+                    "the survivors see MPI_ERR_PROC_FAILED")
+
     pads_to_largest = False
 
     def __init__(self, comm=None):

@@ -32,6 +32,8 @@ class TorchDistCommunicator(Communicator):
         process_group: the group to use; None means the default (world) group.
     """
 
+    timeout_hint = "the timeout is set by init_process_group"
+
     def __init__(self, process_group: dist.ProcessGroup | None = None):
         self.process_group = process_group
 

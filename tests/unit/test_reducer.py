@@ -1,5 +1,7 @@
 """SparseReducer on one process (LocalCommunicator): errors, conservation, fallback, stats."""
 
+import re
+
 import pytest
 import torch
 
@@ -344,3 +346,48 @@ def test_half_precision_gradients_keep_fp32_memory(dtype, compressor):
         t = torch.tensor(float(g[1]))
         never_sent = int((slots["residual"] == (t + t) + t).sum())
         assert never_sent >= 5000 - 3 * 50
+
+
+class _ResetCommunicator(LocalCommunicator):
+    """A transport whose payload exchange fails as a dead peer's socket does: when issued (blocking backends)
+    or through its future (gloo, NCCL)."""
+
+    timeout_hint = "the hint of this transport"
+
+    def __init__(self, when):
+        super().__init__()
+        self.when = when
+
+    def _fail(self):
+        if self.when == "issue":
+            raise ConnectionResetError("Connection reset by peer")
+        fut = torch.futures.Future()
+        fut.set_exception(ConnectionResetError("Connection reset by peer"))
+        return fut
+
+    def allgather(self, payload, sizes=None):
+        return self._fail()
+
+    def allreduce_sum(self, tensor):
+        return self._fail()
+
+
+@pytest.mark.parametrize("transport", ["allgather", "allreduce"])
+@pytest.mark.parametrize("when", ["issue", "future"])
+def test_a_transport_failure_names_the_bucket_the_step_and_the_backends_timeout(when, transport):
+    from gradsparse.comm.horovod import HorovodCommunicator
+    from gradsparse.comm.mpi import MPICommunicator
+    from gradsparse.comm.torch_dist import TorchDistCommunicator
+    from gradsparse.errors import CommunicationError
+
+    r = SparseReducer(TopK(0.01), _ResetCommunicator(when), min_compress_numel=1, transport=transport)
+    # through a future, torch's Future.wait re-raises the callback's CommunicationError as a RuntimeError naming it
+    expected = CommunicationError if when == "issue" else RuntimeError
+    with pytest.raises(expected, match=r"CommunicationError|1000-element bucket") as info:
+        r.reduce(torch.randn(1000), [Segment("w", 0, 1000)], step=7).wait()
+    assert re.search(r"1000-element bucket at step 7 failed on rank 0.*\(the hint of this transport\)\. "
+                     r"Cause: Connection reset by peer", str(info.value)), str(info.value)
+    if when == "issue":
+        assert isinstance(info.value.__cause__, ConnectionResetError)
+    hints = {c.timeout_hint for c in (TorchDistCommunicator, HorovodCommunicator, MPICommunicator)}
+    assert len(hints) == 3 and any("init_process_group" in h for h in hints)
