@@ -6,8 +6,6 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <exception>
-#include <mutex>
 #include <vector>
 
 #include "../common.h"
@@ -55,17 +53,7 @@ at::Tensor segmented_topk_select_cpu(const at::Tensor& x, const at::Tensor& offs
         side_by_side.push_back(i);
       }
     }
-    std::exception_ptr error;  // no exception may leave a worker thread
-    std::mutex error_mutex;
-    core::for_chunks(static_cast<int64_t>(side_by_side.size()), threads, [&](int64_t j, int) {
-      try {
-        select(side_by_side[j], 1);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-      }
-    });
-    if (error) std::rethrow_exception(error);
+    core::for_each_rethrowing(side_by_side, threads, [&](int64_t i) { select(i, 1); });
   });
   for (int64_t i = 0; i < seg.size(); ++i) TORCH_CHECK_VALUE(!nan[i], kOp, ": segment ", i, " contains NaN");
   return out;

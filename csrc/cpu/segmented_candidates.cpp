@@ -12,10 +12,8 @@
 
 #include <algorithm>
 #include <cstring>
-#include <exception>
 #include <functional>
 #include <limits>
-#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -156,17 +154,7 @@ std::tuple<at::Tensor, at::Tensor> segmented_topk_select_candidates_cpu(
         side_by_side.push_back(i);
       }
     }
-    std::exception_ptr error;  // no exception may leave a worker thread
-    std::mutex error_mutex;
-    core::for_chunks(static_cast<int64_t>(side_by_side.size()), threads, [&](int64_t j, int) {
-      try {
-        select(side_by_side[j], 1);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-      }
-    });
-    if (error) std::rethrow_exception(error);
+    core::for_each_rethrowing(side_by_side, threads, [&](int64_t i) { select(i, 1); });
   });
   for (int64_t i = 0; i < seg.size(); ++i) {
     TORCH_CHECK_VALUE(!nan[i], "segmented_topk_select: segment ", i, " contains NaN");

@@ -20,8 +20,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <system_error>
 #include <new>
 #include <thread>
@@ -99,6 +101,23 @@ void for_chunks(int64_t chunks, int threads, F&& f) {
   }
   work(0);
   for (auto& h : helpers) h.join();
+}
+
+// Runs f(item) for every entry of items on `threads` workers (for_chunks, one item at a time), and
+// rethrows in the calling thread the first exception any call threw (none may leave a worker).
+template <typename F>
+void for_each_rethrowing(const std::vector<int64_t>& items, int threads, F&& f) {
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  for_chunks(static_cast<int64_t>(items.size()), threads, [&](int64_t j, int) {
+    try {
+      f(items[j]);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  });
+  if (error) std::rethrow_exception(error);
 }
 
 // Below this many elements one worker does the whole pass (starting a thread costs ~30 us).
