@@ -94,23 +94,19 @@ inline void record_block(const float* out, int64_t b, int64_t e, int32_t lo, int
 }
 
 #if defined(GRADSPARSE_AVX2_COMPENSATE)
-// The int32 keys (|x|'s bit patterns) of 8 floats, and their hits (key >= lo, given lo - 1) as bits j..j+7.
-__attribute__((target("avx2"))) inline __m256i key8(__m256 x) {
-  return _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff));
-}
-__attribute__((target("avx2"))) inline uint64_t hit_bits(__m256i key, __m256i lo_m1, int j) {
-  return static_cast<uint64_t>(
-             static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, lo_m1)))))
-         << j;
-}
-
 // record_block for a full block with AVX2: the 64-bit mask from 8 compares.
 __attribute__((target("avx2"))) inline void record_block_avx2(const float* out, int64_t b, int32_t lo, int64_t cap,
                                                               ChunkCandidates::Part& part,
                                                               Positions& positions) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i lo_m1 = _mm256_set1_epi32(lo - 1);  // key >= lo as key > lo - 1 (lo - 1 >= -1)
   uint64_t mask = 0;
-  for (int j = 0; j < 64; j += 8) mask |= hit_bits(key8(_mm256_loadu_ps(out + b + j)), lo_m1, j);
+  for (int j = 0; j < 64; j += 8) {
+    const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + b + j)), abs_mask);
+    mask |= static_cast<uint64_t>(static_cast<uint32_t>(
+                _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, lo_m1)))))
+            << j;
+  }
   record_mask(mask, b, cap, part, positions);
 }
 #endif
@@ -232,7 +228,7 @@ __attribute__((target("avx2"))) void compensate_candidates_f32_avx2(const float*
                                                                    int64_t cap, ChunkCandidates::Part& part,
                                                                    Positions& positions) {
   const __m256 m_v = _mm256_set1_ps(m);
-  const __m256i lo_m1 = _mm256_set1_epi32(lo - 1);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), lo_m1 = _mm256_set1_epi32(lo - 1);
   __m256i g_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[0]));
   __m256i u_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[1]));
   __m256i v_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[2]));
@@ -251,11 +247,13 @@ __attribute__((target("avx2"))) void compensate_candidates_f32_avx2(const float*
       }
       _mm256_storeu_ps(u_out + b + j, ui);
       _mm256_storeu_ps(v_out + b + j, vi);
-      const __m256i vk = key8(vi);
-      g_max = _mm256_max_epi32(g_max, key8(gi));
-      u_max = _mm256_max_epi32(u_max, key8(ui));
+      const __m256i vk = _mm256_and_si256(_mm256_castps_si256(vi), abs_mask);
+      g_max = _mm256_max_epi32(g_max, _mm256_and_si256(_mm256_castps_si256(gi), abs_mask));
+      u_max = _mm256_max_epi32(u_max, _mm256_and_si256(_mm256_castps_si256(ui), abs_mask));
       v_max = _mm256_max_epi32(v_max, vk);
-      mask |= hit_bits(vk, lo_m1, j);
+      mask |= static_cast<uint64_t>(static_cast<uint32_t>(
+                  _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(vk, lo_m1)))))
+              << j;
     }
     if (mask) record_mask(mask, b, cap, part, positions);
   }
@@ -272,7 +270,7 @@ __attribute__((target("avx2"))) void residual_candidates_f32_avx2(const float* r
                                                                          int32_t lo, int64_t cap,
                                                                          ChunkCandidates::Part& part,
                                                                          Positions& positions) {
-  const __m256i lo_m1 = _mm256_set1_epi32(lo - 1);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), lo_m1 = _mm256_set1_epi32(lo - 1);
   __m256i g_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[0]));
   __m256i r_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[1]));
   int64_t b = begin;
@@ -282,10 +280,12 @@ __attribute__((target("avx2"))) void residual_candidates_f32_avx2(const float* r
       const __m256 gi = load8(g + b + j);
       const __m256 ri = _mm256_add_ps(_mm256_loadu_ps(r + b + j), gi);
       _mm256_storeu_ps(r_out + b + j, ri);
-      const __m256i rk = key8(ri);
-      g_max = _mm256_max_epi32(g_max, key8(gi));
+      const __m256i rk = _mm256_and_si256(_mm256_castps_si256(ri), abs_mask);
+      g_max = _mm256_max_epi32(g_max, _mm256_and_si256(_mm256_castps_si256(gi), abs_mask));
       r_max = _mm256_max_epi32(r_max, rk);
-      mask |= hit_bits(rk, lo_m1, j);
+      mask |= static_cast<uint64_t>(static_cast<uint32_t>(
+                  _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(rk, lo_m1)))))
+              << j;
     }
     if (mask) record_mask(mask, b, cap, part, positions);
   }
