@@ -219,7 +219,7 @@ class ExactTopK(Compressor):
         return ops.sampled_topk_indices(v, self.count(v.numel(), step, epoch), self.sample_ratio, self._generator)
 
     def select_segments(self, v, ranges, step, epoch, loss_scale=1.0):
-        offsets, ks = segment_table(ranges, [self.count(n, step, epoch) for _, n in ranges], v.device)
+        offsets, ks, _ = self._tables(ranges, step, epoch, v.device)
         return ops.segmented_topk_indices(v, offsets, ks, self.sample_ratio, self._generator)
 
     def select_segments_from(self, v, ranges, step, epoch, candidates, loss_scale=1.0):
