@@ -11,9 +11,14 @@ bucket, :class:`HierarchicalReducer`:
    stats apply per shard, unchanged);
 3. gathers the shards densely inside the node: every rank gets the whole bucket.
 
-Inside the node both steps are allreduces (the second of the zero-padded shards, an exact
-sum): gloo's reduce-scatter and allgather were about 10x slower than its allreduce here
-(docs/design.md, decision 27), at twice the ideal bytes.
+Inside the node, CPU buckets move through shared memory where the node's ranks share
+``/dev/shm`` (:class:`~gradsparse.comm.shared_memory.NodeMemory`; docs/design.md, decision 30):
+each rank writes the pieces the others own, each owner sums its pieces into its shared region,
+which is the shard the inner reducer reduces in place, and each rank then copies the others'
+pieces from their regions. Otherwise (CUDA, Horovod, no shared ``/dev/shm``,
+``shared_memory=False``) both steps are the node's allreduces (the second of the zero-padded
+shards, an exact sum): gloo's reduce-scatter and allgather were about 10x slower than its
+allreduce here (decision 27), at twice the ideal bytes.
 
 Shards are cut per *parameter*, not per bucket: a parameter of ``m`` elements is
 split into ``L`` contiguous pieces of ``ceil(m / L)`` (piece ``l`` to local rank
@@ -73,8 +78,9 @@ import torch
 import torch.distributed as dist
 
 from . import cost
-from ._validate import choice, instance, integer
+from ._validate import boolean, choice, instance, integer
 from .comm.base import Communicator, completed_future
+from .comm.shared_memory import NodeMemory
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
 from .errors import CommunicationError, InvalidConfigError, StateMismatchError
@@ -100,6 +106,10 @@ class Hierarchy:
             give ``topology`` and ``kernel`` for reproducible runs).
         topology: the :class:`~gradsparse.cost.Topology` the choice uses (None: measured once).
         kernel: the compression cost (:class:`~gradsparse.cost.KernelCost`; None: measured once).
+        shared_memory: inside a node, move CPU buckets through shared memory (``/dev/shm``,
+            :class:`~gradsparse.comm.shared_memory.NodeMemory`) rather than the node's collectives, where
+            its ranks share it (checked at registration; otherwise the collectives, logged). False: always
+            the collectives.
 
     >>> Hierarchy(local_size=2, transport="hierarchical").transport
     'hierarchical'
@@ -109,8 +119,10 @@ class Hierarchy:
     transport: str = "hierarchical"
     topology: cost.Topology | None = None
     kernel: cost.KernelCost | None = None
+    shared_memory: bool = True
 
     def __post_init__(self):
+        boolean(self.shared_memory, "shared_memory")
         if self.local_size != "auto":
             integer(self.local_size, "local_size", minimum=1)
         choice(self.transport, "transport", TRANSPORTS)
@@ -170,6 +182,10 @@ class _Layout:
     segments: tuple[Segment, ...]           # this rank's pieces as segments of its shard
     runs: tuple[tuple[int, int, int], ...]  # (bucket offset, shard offset, length): its contiguous runs
     mine: int                               # real elements in this rank's shard
+    owners: tuple[tuple[int, int, int, int], ...] = ()  # every rank's runs: (local rank, bucket offset, shard offset,
+    #                                                      length)
+    shards: tuple[int, ...] = ()            # real elements in each local rank's shard
+    ident: int = 0                          # which of the reducer's layouts (names its shared memory)
 
 
 def split_parameter(key: str, numel: int, local: int, min_compress_numel: int) -> list[tuple[int, int, int]]:
@@ -194,20 +210,26 @@ def plan_layout(segments: Sequence[Segment], local: int, local_rank: int, min_co
     >>> [s.key for s in layout.segments], layout.runs
     (['w@5000:10000', 'v@5000:10000'], ((5000, 0, 5000), (15000, 5000, 5000)))
     """
-    pieces, segs, runs, fill = [], [], [], 0
+    pieces, segs, runs, owners, fills = [], [], [], [], [0] * local
     for s in sorted(segments, key=lambda s: s.offset):
         for owner, start, numel in split_parameter(s.key, s.numel, local, min_compress_numel):
             piece = _Piece(f"{s.key}@{start}:{start + numel}", s.key, start, numel, s.offset + start, owner)
             pieces.append(piece)
+            last = owners[-1] if owners else None
+            if last and last[0] == owner and last[1] + last[3] == piece.src and last[2] + last[3] == fills[owner]:
+                owners[-1] = (owner, last[1], last[2], last[3] + numel)
+            else:
+                owners.append((owner, piece.src, fills[owner], numel))
+            fills[owner] += numel
             if owner != local_rank:
                 continue
+            fill = fills[owner] - numel
             segs.append(Segment(piece.key, fill, numel))
             if runs and runs[-1][0] + runs[-1][2] == piece.src:  # contiguous with the last run: extend it
                 runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + numel)
             else:
                 runs.append((piece.src, fill, numel))
-            fill += numel
-    return _Layout(tuple(pieces), tuple(segs), tuple(runs), fill)
+    return _Layout(tuple(pieces), tuple(segs), tuple(runs), fills[local_rank], tuple(owners), tuple(fills))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,18 +330,21 @@ def _fit(observations: list[cost.Observation]) -> cost.LinkModel:
         return cost.LinkModel(0.0, largest.link_bytes / largest.seconds)
 
 
-def measure(groups: Groups, compressor: Compressor, *, sizes=(1 << 14, 1 << 20), repeats: int = 3
-            ) -> tuple[cost.Topology, cost.KernelCost]:
+def measure(groups: Groups, compressor: Compressor, *, sizes=(1 << 14, 1 << 20), repeats: int = 3,
+            node_round: Callable[[int], None] | None = None) -> tuple[cost.Topology, cost.KernelCost]:
     """Fit the links (allreduces inside the node, and between nodes with every column at once) and the
-    compression cost per element; the slowest rank's times, so the result is the same on every rank."""
+    compression cost per element; the slowest rank's times, so the result is the same on every rank.
+    ``node_round(n)``: what the node does with ``n`` elements instead of its allreduce (shared memory)."""
     def timed(comm, n):
         buf = torch.ones(n)
         tag = f"gradsparse.measure.{n}"
-        _sum_now(comm, buf, tag)  # warm the connection
+        run = (lambda: node_round(n)) if comm is groups.node and node_round is not None else \
+            (lambda: _sum_now(comm, buf, tag))
+        run()  # warm the connection
         runs = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            _sum_now(comm, buf, tag)
+            run()
             runs.append(time.perf_counter() - t0)
         return statistics.median(runs)
 
@@ -350,33 +375,43 @@ class HierarchicalReducer:
         options, **knobs: :class:`~gradsparse.options.ReducerOptions` (both paths use them).
         transport: ``"auto"``, ``"flat"`` or ``"hierarchical"``.
         topology, kernel: the cost inputs of ``"auto"`` (None: :func:`measure` them).
+        shared_memory: CPU buckets move inside the node through shared memory where its ranks share
+            ``/dev/shm`` (see :class:`Hierarchy`).
 
     ``flat`` is the :class:`SparseReducer` over every rank, ``inner`` the one over this
     rank's column (same local index on every node); ``memory`` is ``inner``'s (per piece).
+    ``shared``: the node's shared memory (None: its collectives carry CPU buckets too).
     ``choices`` holds the last :class:`~gradsparse.cost.Choice` per bucket size.
     """
 
     def __init__(self, compressor: Compressor, groups: Groups, options: ReducerOptions | None = None, *,
                  transport: str = "hierarchical", topology: cost.Topology | None = None,
-                 kernel: cost.KernelCost | None = None, **knobs):
+                 kernel: cost.KernelCost | None = None, shared_memory: bool = True, **knobs):
         self.compressor = instance(compressor, "compressor", Compressor, "TopK(0.01)")
         self.groups = groups
         self.options = ReducerOptions.of(options, **knobs)
         self.transport = choice(transport, "transport", TRANSPORTS)
         self.flat = SparseReducer(compressor, groups.world, self.options)
         self.inner = SparseReducer(compressor, groups.cross, self.options)
-        if self.transport == "auto" and (topology is None or kernel is None):
-            measured = measure(groups, compressor)
-            topology, kernel = topology or measured[0], kernel or measured[1]
-            logger.info("gradsparse: hierarchy %d nodes x %d ranks; links %s; compression %.3g ns/element",
-                        groups.nodes, groups.local, topology, 1e9 * kernel.per_element_s)
-        self.topology, self.kernel = topology, kernel
         self.paths: dict[str, str] = {}      # parameter -> "flat" | "hierarchical": where its memory lives
         self.choices: dict[int, cost.Choice] = {}
         self._layouts: dict[tuple, _Layout] = {}
         self._chain: torch.futures.Future = completed_future(None)
         self._tag = "gradsparse"
         self._gathers: dict[str, Callable[[], None]] = {}  # unordered groups: the node gathers complete() runs
+        self._landed: dict[int, torch.futures.Future] = {}  # layout -> its last gather through shared memory
+        self.shared: tuple[NodeMemory, NodeMemory] | None = None  # (reduce, gather) segments of the node
+        if boolean(shared_memory, "shared_memory") and groups.local > 1 and groups.ordered:
+            reduce_memory = NodeMemory.attach(groups.node, "reduce")
+            gather_memory = NodeMemory.attach(groups.node_gather, "gather")
+            if reduce_memory is not None and gather_memory is not None:
+                self.shared = (reduce_memory, gather_memory)
+        if self.transport == "auto" and (topology is None or kernel is None):
+            measured = measure(groups, compressor, node_round=self._node_round if self.shared else None)
+            topology, kernel = topology or measured[0], kernel or measured[1]
+            logger.info("gradsparse: hierarchy %d nodes x %d ranks; links %s; compression %.3g ns/element",
+                        groups.nodes, groups.local, topology, 1e9 * kernel.per_element_s)
+        self.topology, self.kernel = topology, kernel
 
     # ------------------------------------------------------------------ surface of SparseReducer
     @property
@@ -477,7 +512,7 @@ class HierarchicalReducer:
                                          element_bytes=flat.element_size(),
                                          value_dtype=self.options.value_dtype or flat.dtype,
                                          candidates=("sparse", "hierarchical"))
-        if "hierarchical" in predicted:  # node allreduces, not reduce-scatter + allgather: once more each
+        if "hierarchical" in predicted and not self._on_shared(flat):  # node allreduces: once more each
             nbytes, t = numel * flat.element_size(), self.topology
             predicted["hierarchical"] += (cost.collective_time("reduce_scatter", nbytes, t.local, t.intra)
                                           + cost.collective_time("allgather", nbytes / t.local, t.local, t.intra))
@@ -508,27 +543,40 @@ class HierarchicalReducer:
         key = (tuple(segments), str(device))
         layout = self._layouts.get(key)
         if layout is None:
-            layout = plan_layout(segments, self.groups.local, self.groups.local_rank, self.options.min_compress_numel)
+            layout = dataclasses.replace(plan_layout(segments, self.groups.local, self.groups.local_rank,
+                                                     self.options.min_compress_numel), ident=len(self._layouts))
             self._layouts[key] = layout
         return layout
 
+    def _on_shared(self, flat: torch.Tensor) -> bool:
+        """Whether this bucket moves inside the node through shared memory (CPU buckets, where attached)."""
+        return self.shared is not None and flat.device.type == "cpu"
+
     def _hierarchical(self, flat: torch.Tensor, layout: _Layout, step: int, epoch: int, select_all: bool,
                       on_stats) -> torch.futures.Future:
-        """Node allreduce, this rank's pieces through the inner reducer, node allreduce of the pieces.
+        """Node reduction, this rank's pieces through the inner reducer, node gather of the pieces.
 
-        Both steps inside the node are allreduces (every rank gets the node's average; then
-        the zero-padded pieces are summed, exactly): gloo's reduce-scatter and allgather took
-        about 10x its allreduce of the same 100 MB here (docs/design.md, 27).
+        Through shared memory (CPU buckets, :attr:`shared`): every rank writes its bucket, then
+        sums only its own pieces from every rank's copy; after the exchange it writes its pieces,
+        then copies every other rank's pieces. Otherwise both steps are the node's allreduces (every
+        rank gets the node's average; then the zero-padded pieces are summed, exactly): gloo's
+        reduce-scatter and allgather took about 10x its allreduce of the same 100 MB here
+        (docs/design.md, 27).
         """
         g, L = self.groups, self.groups.local
-        if self.options.op == "average" and L > 1:
-            flat.mul_(1.0 / L)
-        if L > 1:
-            self._node_sum(flat, "node", flat, step)
-        shard = flat.new_zeros(max(1, layout.mine))
-        for src, dst, n in layout.runs:
-            shard[dst:dst + n].copy_(flat[src:src + n])
-        intra = 2 * (2 * (L - 1) * flat.numel() * flat.element_size() // L)
+        shared = self._on_shared(flat)
+        if shared:
+            shard = self._shared_reduce(flat, layout, step)
+            intra = (flat.numel() - layout.mine) * flat.element_size()  # written for the others to read
+        else:
+            if self.options.op == "average" and L > 1:
+                flat.mul_(1.0 / L)
+            if L > 1:
+                self._node_sum(flat, "node", flat, step)
+            shard = flat.new_zeros(max(1, layout.mine))
+            for src, dst, n in layout.runs:
+                shard[dst:dst + n].copy_(flat[src:src + n])
+            intra = 2 * (2 * (L - 1) * flat.numel() * flat.element_size() // L)
 
         def report(s: BucketStats) -> None:
             if on_stats is not None:
@@ -543,6 +591,8 @@ class HierarchicalReducer:
         issued: torch.futures.Future = torch.futures.Future()
         out: torch.futures.Future = torch.futures.Future()
         gather_tag = f"{self._tag}.node_gather"
+        if shared:
+            self._landed[layout.ident] = out
 
         def gather(done: torch.futures.Future) -> None:
             try:
@@ -550,6 +600,13 @@ class HierarchicalReducer:
                     inner.wait()  # raises what the inner reduction raised
                 except CommunicationError as err:
                     raise self.failed_at("between", err, flat, step) from err
+                if shared:
+                    try:
+                        barrier = self.collective(self.shared[1].barrier, flat, step)
+                    except CommunicationError as err:
+                        raise self.failed_at("inside", err, flat, step) from err
+                    barrier.add_done_callback(lambda b: self._shared_land(b, flat, shard, layout, step, out, issued))
+                    return  # the next bucket's gather waits for this one's to have read its peers' pieces
                 flat.zero_()
                 for src, dst, n in layout.runs:
                     flat[src:src + n].copy_(shard[dst:dst + n])
@@ -562,7 +619,8 @@ class HierarchicalReducer:
                     except CommunicationError as err:
                         raise self.failed_at("inside", err, flat, step) from err
             except BaseException as err:  # noqa: BLE001 - handed to the caller's future
-                issued.set_result(None)
+                if not issued.done():
+                    issued.set_result(None)
                 out.set_exception(err)
                 return
             issued.set_result(None)  # the next bucket may now issue its node allreduce
@@ -589,6 +647,82 @@ class HierarchicalReducer:
             # column that skipped a non-finite step is done at once, another only once complete() drives it)
             self._gathers[self._tag] = lambda: gather(inner)
         return out
+
+    # ------------------------------------------------------------------ inside the node, shared memory
+    def _shared_reduce(self, flat: torch.Tensor, layout: _Layout, step: int) -> torch.Tensor:
+        """This rank's pieces of the node's sum of the terms times ``1 / L`` (``op="average"``; as the
+        collectives' path scales before its allreduce), in its shared region of this layout; blocks
+        until every rank of the node has written the pieces the others own.
+
+        Every piece is summed by its owner alone, so the node's ranks get the same bits after the
+        gather. The region is rewritten only once the last gather of this layout has landed here
+        and (the barrier) on every rank of the node.
+        """
+        memory, regions = self.shared
+        me, L, dtype, size = self.groups.local_rank, self.groups.local, flat.dtype, flat.element_size()
+        scale = 1.0 / L if self.options.op == "average" else 1.0
+        landed = self._landed.pop(layout.ident, None)
+        if landed is not None:  # its failure, if any, was its own future's
+            with contextlib.suppress(Exception):
+                landed.wait()
+        copy = memory.start(flat.numel() * size).view(dtype)
+        for owner, src, _, n in layout.owners:  # what the others sum: their pieces of this rank's bucket, scaled
+            if owner != me:
+                torch.mul(flat[src:src + n], scale, out=copy[src:src + n])
+        shard = regions.region(layout.ident, max(1, layout.mine) * size).view(dtype)
+        try:
+            self.collective(lambda: memory.barrier().wait(), flat, step)
+            others = [c.view(dtype) for r, c in enumerate(memory.peers()) if r != me]
+        except CommunicationError as err:
+            raise self.failed_at("inside", err, flat, step) from err
+        if layout.mine == 0:
+            shard.zero_()
+        for src, dst, n in layout.runs:  # the others' terms (in rank order), then this rank's, scaled on the way
+            piece = shard[dst:dst + n]
+            if len(others) == 1:
+                torch.add(others[0][src:src + n], flat[src:src + n], alpha=scale, out=piece)
+                continue
+            torch.add(others[0][src:src + n], others[1][src:src + n], out=piece)
+            for term in others[2:]:
+                piece.add_(term[src:src + n])
+            piece.add_(flat[src:src + n], alpha=scale)
+        return shard
+
+    def _shared_land(self, barrier: torch.futures.Future, flat: torch.Tensor, shard: torch.Tensor, layout: _Layout,
+                     step: int, out: torch.futures.Future, issued: torch.futures.Future | None) -> None:
+        """After the gather's barrier: every rank's reduced pieces from its region into ``flat`` (the rest of
+        ``flat`` zero), then ``out``."""
+        try:
+            try:
+                self.collective(barrier.wait, flat, step)
+                size, regions = flat.element_size(), self.shared[1]
+                sources = [shard if r == self.groups.local_rank else
+                           regions.region(layout.ident, max(1, n) * size, rank=r).view(flat.dtype)
+                           for r, n in enumerate(layout.shards)]
+            except CommunicationError as err:
+                raise self.failed_at("inside", err, flat, step) from err
+            end = 0
+            for owner, src, at, n in layout.owners:
+                if src > end:
+                    flat[end:src].zero_()
+                flat[src:src + n].copy_(sources[owner][at:at + n])
+                end = src + n
+            flat[end:].zero_()
+            out.set_result(flat)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's future
+            out.set_exception(err)
+        finally:
+            if issued is not None:
+                issued.set_result(None)
+
+    def _node_round(self, n: int) -> None:
+        """One bucket of ``n`` elements through the node's shared memory, both ways (what :func:`measure` times)."""
+        flat = torch.ones(n)
+        layout = self._layout([Segment("gradsparse.measure", 0, n)], flat.device)
+        shard = self._shared_reduce(flat, layout, 0)
+        out: torch.futures.Future = torch.futures.Future()
+        self._shared_land(self.shared[1].barrier(), flat, shard, layout, 0, out, None)
+        out.wait()
 
     # ------------------------------------------------------------------ memory between paths
     def _names(self, whole: bool) -> tuple[str, ...]:
@@ -672,6 +806,8 @@ class HierarchicalReducer:
         state["groups"] = None  # process groups belong to this process
         state["_chain"] = None
         state["_gathers"] = {}
+        state["shared"] = None  # mappings belong to this process
+        state["_landed"] = {}
         return state
 
     def __setstate__(self, state):
@@ -690,7 +826,7 @@ def create(compressor: Compressor, hierarchy, options: ReducerOptions | None = N
     h = Hierarchy.of(hierarchy)
     groups = (groups or Groups.create)(h.local_size)
     return HierarchicalReducer(compressor, groups, options, transport=h.transport, topology=h.topology,
-                               kernel=h.kernel, **knobs)
+                               kernel=h.kernel, shared_memory=h.shared_memory, **knobs)
 
 
 __all__ = ["Groups", "HierarchicalReducer", "Hierarchy", "agree_local_size", "create", "local_size_of", "measure",

@@ -15,7 +15,8 @@ coordinate selected, the adapters' first iterations) is neither. A bucket reduce
 by :mod:`gradsparse.hierarchical` reports :data:`HIERARCHICAL` (or
 :data:`HIERARCHICAL_ALLREDUCE`); its ``numel``, ``selected``, ``whole`` and bytes
 are this rank's shard and what crossed between nodes, and ``intra_bytes`` what it
-moved densely inside its node (reduce-scatter plus allgather).
+moved densely inside its node (handed to the node's two allreduces, or written into shared
+memory for the node's other ranks to read).
 
 Example::
 

@@ -4,6 +4,7 @@ Nodes are emulated by rank numbers (ranks r with the same r // local_size share 
 collectives are the real ones on real subgroups.
 """
 
+import glob
 import io
 import os
 import re
@@ -14,11 +15,13 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradsparse import DGC, TopK
 from gradsparse import ddp as gddp
 from gradsparse import hierarchical as hier
+from gradsparse.comm import shared_memory as shm
 from gradsparse.cost import KernelCost, LinkModel, Topology
 from gradsparse.reducer import Segment
 
@@ -42,11 +45,12 @@ def test_split_parameter_keeps_pieces_compressible_and_owners_stable():
 
 
 # ------------------------------------------------------------------------------ nothing dropped
-def equals_dense_worker(rank, world, local, compressor, steps=4, op="average"):
+def equals_dense_worker(rank, world, local, compressor, steps=4, op="average", shared_memory=True):
     plain = DDP(make_model("mlp"), bucket_cap_mb=0.05)
     hooked = DDP(make_model("mlp"), bucket_cap_mb=0.05)
     state = gddp.GradSparseState(COMPRESSORS[compressor](), model=hooked, log_every=0, op=op,
-                                 hierarchy=hier.Hierarchy(local_size=local, transport="hierarchical"))
+                                 hierarchy=hier.Hierarchy(local_size=local, transport="hierarchical",
+                                                          shared_memory=shared_memory))
     hooked.register_comm_hook(state, gddp.sparse_hook)
     # op="sum" hands the optimizer world x the average: a learning rate world x smaller keeps the models equal
     opts = [torch.optim.SGD(plain.parameters(), lr=0.125),
@@ -66,16 +70,21 @@ def equals_dense_worker(rank, world, local, compressor, steps=4, op="average"):
         for opt in opts:
             opt.step()
     transports = {s["buckets"] - s["allreduce_buckets"] for s in list(state.history)[1:]}
+    shared = state.reducer.shared
+    dist.barrier()  # every rank has mapped every file: none is left
+    left = [f for m in shared or () for f in glob.glob(os.path.join(shm.ROOT, f"{m.prefix}*"))]
     return {"sensitive": sensitive, "hash": params_hash(hooked), "transports": transports,
-            "compressed": list(state.history)[-1]["selected"]}
+            "compressed": list(state.history)[-1]["selected"], "shared": shared is not None, "left": left}
 
 
-@pytest.mark.parametrize("world, local", [(4, 2), (2, 2), (2, 1)])
-def test_nothing_dropped_equals_dense_ddp(world, local):
-    reports = run_world(equals_dense_worker, world, local, "topk_1")
+@pytest.mark.parametrize("world, local, shared_memory", [(4, 2, True), (4, 2, False), (2, 2, True), (2, 1, True)])
+def test_nothing_dropped_equals_dense_ddp(world, local, shared_memory):
+    reports = run_world(equals_dense_worker, world, local, "topk_1", 4, "average", shared_memory)
     assert all(r["sensitive"] for r in reports)
     assert len({r["hash"] for r in reports}) == 1
     assert all(r["compressed"] > 0 for r in reports)  # pairs went through the compressed path
+    # inside a node the buckets went through shared memory (one process per rank, one /dev/shm), unless disabled
+    assert all(r["shared"] == (shared_memory and local > 1) and r["left"] == [] for r in reports)
 
 
 def test_dgc_without_momentum_at_ratio_1_equals_dense_ddp():
@@ -275,9 +284,11 @@ def test_the_choice_is_the_same_on_every_rank_and_follows_the_cost_model():
 COLLECTIVE_TIMEOUT = 20
 
 
-def dying_worker(rank, world, victim, kill_step):
+def dying_worker(rank, world, victim, kill_step, shared_memory=True):
     model = DDP(make_model("mlp"), bucket_cap_mb=0.01)
-    state = gddp.GradSparseState(DGC(0.01, warmup=None), model=model, hierarchy=FORCED)
+    state = gddp.GradSparseState(DGC(0.01, warmup=None), model=model,
+                                 hierarchy=hier.Hierarchy(local_size=2, transport="hierarchical",
+                                                          shared_memory=shared_memory))
 
     def hook(state, bucket):
         if rank == victim and state.iter == kill_step:
@@ -294,10 +305,11 @@ def dying_worker(rank, world, victim, kill_step):
     return {"steps": 6}
 
 
-def test_a_dead_rank_ends_in_an_error_inside_its_node_and_across_nodes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "node-collectives"])
+def test_a_dead_rank_ends_in_an_error_inside_its_node_and_across_nodes(tmp_path, monkeypatch, shared_memory):
     kill_file = tmp_path / "killed.pt"
     monkeypatch.setenv("GRADSPARSE_KILL_FILE", str(kill_file))
-    outcomes = run_world_outcomes(dying_worker, 4, 3, 3, timeout=COLLECTIVE_TIMEOUT + 90,
+    outcomes = run_world_outcomes(dying_worker, 4, 3, 3, shared_memory, timeout=COLLECTIVE_TIMEOUT + 90,
                                   collective_timeout=COLLECTIVE_TIMEOUT)
     assert outcomes[3]["exitcode"] == -signal.SIGKILL
     killed_at = torch.load(kill_file)

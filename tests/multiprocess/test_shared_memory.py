@@ -1,0 +1,81 @@
+"""Shared memory inside a node (gradsparse.comm.shared_memory) on real gloo worlds: the segments, their
+files, and the hierarchical reducer falling back to the node's collectives where ranks do not share it."""
+
+import glob
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gradsparse import TopK
+from gradsparse import ddp as gddp
+from gradsparse import hierarchical as hier
+from gradsparse.comm import TorchDistCommunicator
+from gradsparse.comm import shared_memory as shm
+
+from ..distributed import run_world
+from ..models import loss_of, make_model
+from ..tolerances import close
+
+
+def test_capacity_is_the_next_power_of_two_of_at_least_one_mib():
+    assert shm.capacity(1) == 1 << 20 and shm.capacity(1 << 20) == 1 << 20
+    assert shm.capacity((1 << 20) + 1) == 2 << 20 and shm.capacity(100_000_000) == 1 << 27
+
+
+def segments_worker(rank, world):
+    """Operations of growing, shrinking and growing sizes: every rank reads every peer's values of this operation
+    (not a stale slot or generation); regions persist; and no file is left once every rank mapped them."""
+    memory = shm.NodeMemory.attach(TorchDistCommunicator(), "test")
+    seen = []
+    for op, n in enumerate([10, 300_000, 50, 1_000_000, 7, 2_000_000, 3]):
+        mine = memory.start(8 * n).view(torch.float64)
+        mine.fill_(1000 * op + rank)
+        memory.barrier().wait()
+        peers = [p.view(torch.float64) for p in memory.peers()]
+        seen.append(all(bool((p == 1000 * op + r).all()) for r, p in enumerate(peers)))
+    region = memory.region(0, 8 * (rank + 1)).view(torch.float64)
+    region.fill_(rank + 0.5)
+    memory.barrier().wait()
+    theirs = [memory.region(0, 8 * (r + 1), rank=r).view(torch.float64) for r in range(world)]
+    regions = all(t.numel() == r + 1 and bool((t == r + 0.5).all()) for r, t in enumerate(theirs))
+    memory.barrier().wait()
+    left = sorted(glob.glob(os.path.join(shm.ROOT, f"{memory.prefix}*")))
+    return {"seen": seen, "regions": regions, "left": left, "prefix": memory.prefix}
+
+
+def test_every_rank_reads_each_operations_values_and_no_file_is_left():
+    reports = run_world(segments_worker, 3)
+    for r in reports:
+        assert all(r["seen"]) and r["regions"]
+        assert r["left"] == []  # every file is removed by the last rank to map it
+    assert len({r["prefix"] for r in reports}) == 1  # one name agreed on by the node
+
+
+def private_root_worker(rank, world, roots):
+    """Each rank gets its own directory for shared files: not shared, so the node's collectives carry the
+    buckets, and the result is still dense DDP's."""
+    shm.ROOT = roots[rank]
+    assert shm.NodeMemory.attach(TorchDistCommunicator(), "private") is None
+    plain = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+    hooked = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+    state = gddp.GradSparseState(TopK(1.0), model=hooked, log_every=0,
+                                 hierarchy=hier.Hierarchy(local_size=2, transport="hierarchical"))
+    hooked.register_comm_hook(state, gddp.sparse_hook)
+    for model in (plain, hooked):
+        loss_of(model, "mlp", rank, 0).backward()
+        model.zero_grad()
+        loss_of(model, "mlp", rank, 1).backward()
+    for (name, a), b in zip(plain.named_parameters(), hooked.parameters()):
+        close(b.grad, a.grad, torch.float32, what=name)
+    dist.barrier()
+    return {"shared": state.reducer.shared is not None, "files": sorted(os.listdir(roots[rank]))}
+
+
+def test_ranks_that_do_not_share_the_directory_use_the_nodes_collectives(tmp_path):
+    roots = [str(tmp_path / f"rank{r}") for r in range(4)]
+    for root in roots:
+        os.makedirs(root)
+    for r in run_world(private_root_worker, 4, roots):
+        assert r == {"shared": False, "files": []}
