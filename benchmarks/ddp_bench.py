@@ -17,6 +17,8 @@ Methods (every one in the same run, same model seed, same data):
   sees it after the default warm-up's 1,000 optimizer steps (``gradsparse.schedule.DEFAULT_WARMUP_STEPS``).
 - ``dgc0.1hier`` / ``dgc0.1auto`` (and ``topk1hier`` / ``topk1auto``): ``dgc0.1`` (``topk1``) reduced hierarchically (dense inside the node, sparse
   between nodes; ranks per node from torchrun's ``LOCAL_WORLD_SIZE``), always / chosen per bucket by cost.
+  Inside a node the buckets move through shared memory; ``dgc0.1hiercoll`` is ``dgc0.1hier`` with
+  ``Hierarchy(shared_memory=False)``: through the node's gloo allreduces instead.
 - ``dgc0.1warm``: gradsparse ``DGC(0.001)`` with its default warm-up, which lasts longer than any
   run here: every step is in its first stage, density 25 % (a job's optimizer steps 1-250).
 
@@ -58,16 +60,19 @@ from gradsparse.hierarchical import Hierarchy
 logger = logging.getLogger("ddp_bench")
 
 METHODS = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime",
-           "dgc0.1hier", "dgc0.1auto", "topk1hier", "topk1auto")
+           "dgc0.1hier", "dgc0.1hiercoll", "dgc0.1auto", "topk1hier", "topk1auto")
 LABELS = {"compute": "compute only (no comm)", "dense": "dense fp32 (no hook)", "fp16": "fp16_compress_hook",
           "powersgd1": "PowerSGD rank 1", "powersgd4": "PowerSGD rank 4", "topk1": "gradsparse TopK 1 %",
           "dgc0.1": "gradsparse DGC 0.1 %", "dgc0.1warm": "gradsparse DGC, warm-up stage 1 (25 %)",
           "dgc0.1warmtime": "gradsparse DGC, warm-up stage 1, transport by time",
-          "dgc0.1hier": "gradsparse DGC 0.1 % (hierarchical)", "dgc0.1auto": "gradsparse DGC 0.1 % (by cost)",
+          "dgc0.1hier": "gradsparse DGC 0.1 % (hierarchical)",
+          "dgc0.1hiercoll": "gradsparse DGC 0.1 % (hierarchical, node allreduces)", "dgc0.1auto": "gradsparse DGC 0.1 % (by cost)",
           "topk1hier": "gradsparse TopK 1 % (hierarchical)", "topk1auto": "gradsparse TopK 1 % (by cost)"}
-GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime", "dgc0.1hier", "dgc0.1auto", "topk1hier", "topk1auto")
+GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime", "dgc0.1hier", "dgc0.1hiercoll", "dgc0.1auto",
+              "topk1hier", "topk1auto")
 HIERARCHY = {f"{m}{kind}": Hierarchy(transport={"hier": "hierarchical", "auto": "auto"}[kind])
              for m in ("dgc0.1", "topk1") for kind in ("hier", "auto")}
+HIERARCHY["dgc0.1hiercoll"] = Hierarchy(transport="hierarchical", shared_memory=False)
 
 
 class HookTimer:
