@@ -94,6 +94,38 @@ BENCH_TO_MODEL = {"dense": "dense", "fp16": "fp16", "powersgd4": "powersgd4_1b",
 
 
 # ---------------------------------------------------------------------------------------------- measure
+SIZES = "16384,131072,1048576,4194304,16777216"     # fp32 elements per timed collective: 64 kB .. 64 MB
+# ranks of the emulated cluster running collectives at once when advise times each level (all on this host)
+ACTIVE = {"flat": lambda nodes, local: nodes * local, "intra": lambda nodes, local: nodes * local,
+          "inter": lambda nodes, local: nodes}
+
+
+def host_cpu(timings: list[dict], world: int, active: int) -> dict:
+    """The host's CPU per rank and collective kind (busy CPU seconds of this whole host during each timed
+    collective of ``world`` ranks, from advise's rows, over the ``active`` ranks running collectives then), fitted as CPU seconds per round and
+    per byte through the busiest hop. On the emulated cluster every rank, and the kernel's packet work for the
+    emulated links, run on this host.
+
+    >>> rows = [{"op": "allreduce", "bytes": b, "host_cpu_s": 2 * (1e-4 + b / 1e9)} for b in (1e6, 4e6, 16e6)]
+    >>> m = host_cpu(rows, world=2, active=2)["allreduce"]   # per rank: 2 rounds of 1e-4 / 2, 1e-9 s per byte
+    >>> round(m["latency_s"] * 1e6, 1), round(m["bytes_per_s"] / 1e9, 3)
+    (50.0, 1.0)
+    """
+    from gradsparse.cost import LinkModel, Observation
+    from gradsparse.errors import InvalidConfigError
+
+    out = {}
+    for kind in ("allreduce", "allgather", "allreduce_fp16"):
+        ring = "allreduce" if kind == "allreduce_fp16" else kind
+        obs = [Observation.collective(ring, r["bytes"], world, r["host_cpu_s"] / active) for r in timings
+               if r["op"] == kind and r.get("host_cpu_s") is not None and r["host_cpu_s"] > 0]
+        try:
+            out[kind] = LinkModel.fit(obs).as_dict()
+        except InvalidConfigError:
+            out[kind] = None
+    return out
+
+
 def measure(out_path: str, port: int = 29680) -> dict:
     """Fit the emulated links (advise under launch/cluster.py) and time the kernels (advise, one process)."""
     from tqdm import tqdm
@@ -115,7 +147,7 @@ def measure(out_path: str, port: int = 29680) -> dict:
             with EmulatedCluster(nodes, rate, ranks_per_node=local) as cluster:
                 achieved = cluster.measure_rate(seconds=1.0)["bits_per_s"]
                 codes = cluster.run_torchrun("-m", ["gradsparse.advise", "--model", "mlp", "--repeats", "5",
-                                                    "--json", path], port=port, timeout=600,
+                                                    "--sizes", SIZES, "--json", path], port=port, timeout=600,
                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if any(codes):
                 raise RuntimeError(f"advise failed on {key}: exit codes {codes}")
@@ -125,6 +157,8 @@ def measure(out_path: str, port: int = 29680) -> dict:
             inputs["links"][key]["tcp_bits_per_s"] = achieved
             inputs["links"][key]["timings"] = {level: v["timings"] for level, v in links.items()}
             inputs["links"][key]["cpu"] = {level: v["cpu"] for level, v in links.items()}
+            inputs["links"][key]["host_cpu"] = {level: host_cpu(v["timings"], v["world"], ACTIVE[level](nodes, local))
+                                                for level, v in links.items()}
             bar.update(1)
         bar.set_postfix_str("kernels")
         inputs["kernels_cpu"] = _kernels(tmp, copies=1)[0]
@@ -164,16 +198,18 @@ def _link(inputs: dict, rate: str, level: str) -> LinkModel:
     return LinkModel(m["latency_s"], m["bytes_per_s"])
 
 
-def collective_cpu(inputs: dict, nodes: int, local: int, rate: str) -> CollectiveCpu | None:
+def collective_cpu(inputs: dict, nodes: int, local: int, rate: str, source: str = "host_cpu") -> CollectiveCpu | None:
     """The CPU work of gloo's collectives measured on the cluster most like this one: between nodes of one
     rank each (``2x1@rate``, flat), nodes of two ranks (``2x2@rate``, flat), or one node (``2x2@1gbit``, the
-    ranks inside a node: loopback). None if ``inputs`` predates the CPU measurement."""
+    ranks inside a node: loopback). ``source``: ``host_cpu`` (this host's busy CPU per rank, the kernel's
+    packet work included: what the emulation costs) or ``cpu`` (the ranks' own process time). None if
+    ``inputs`` predates the CPU measurement."""
     links = inputs["links"]
     if nodes == 1:
-        cpu = links.get("2x2@1gbit", {}).get("cpu", {}).get("intra")
+        cpu = links.get("2x2@1gbit", {}).get(source, {}).get("intra")
     else:
-        cpu = links.get(f"{'2x1' if local == 1 else '2x2'}@{rate}", {}).get("cpu", {}).get("flat")
-    if not cpu:
+        cpu = links.get(f"{'2x1' if local == 1 else '2x2'}@{rate}", {}).get(source, {}).get("flat")
+    if not cpu or not cpu.get("allreduce") or not cpu.get("allgather"):
         return None
     models = {k: LinkModel(v["latency_s"], v["bytes_per_s"]) if v else None for k, v in cpu.items()}
     return CollectiveCpu(models["allreduce"], models["allgather"], models.get("allreduce_fp16"))
@@ -369,14 +405,26 @@ def markdown(validation: list[dict], rows: list[dict], cross: list[dict], inputs
                 m = levels[level]
                 tcp = f"{levels['tcp_bits_per_s'] / 1e9:.3f}" if level != "intra" else "— (inside a node)"
                 out.append(f"| {key} | {level} | {1e6 * m['latency_s']:.0f} | {m['gbit_per_s']:.3f} | {tcp} |")
-    cpu_rows = [(key, level, kind, m) for key, levels in inputs["links"].items()
-                for level, kinds in levels.get("cpu", {}).items() for kind, m in kinds.items() if m]
+    cpu_rows = {}
+    for source in ("cpu", "host_cpu"):
+        for key, levels in inputs["links"].items():
+            for level, kinds in levels.get(source, {}).items():
+                for kind, m in kinds.items():
+                    if m:
+                        cpu_rows.setdefault((key, level, kind), {})[source] = m
+
+    def cell(m):
+        return f"{1e6 * m['latency_s']:.0f} | {1e9 / m['bytes_per_s']:.2f}" if m else "— | —"
+
     if cpu_rows:
-        out += ["", "CPU work of gloo's collectives per rank (`time.process_time` of the ranks during the same timed "
-                "collectives, fitted per kind as CPU seconds per latency round and per byte through the busiest "
-                "hop):", "", "| cluster | level | collective | CPU us per round | CPU ns per byte |", "|---|---|---|---:|---:|"]
-        out += [f"| {key} | {level} | {kind} | {1e6 * m['latency_s']:.0f} | {1e9 / m['bytes_per_s']:.2f} |"
-                for key, level, kind, m in cpu_rows]
+        out += ["", "CPU work of gloo's collectives per rank, during the same timed collectives, fitted per kind as CPU "
+                "seconds per latency round and per byte through the busiest hop: the ranks' own (`time.process_time`) "
+                "and this host's busy CPU (`/proc/stat`, every core, the kernel's packet work for the emulated links "
+                "included) over the ranks running collectives (the validation charges the host's):", "",
+                "| cluster | level | collective | ranks' us per round | ranks' ns per byte | host's us per round | "
+                "host's ns per byte |", "|---|---|---|---:|---:|---:|---:|"]
+        out += [f"| {key} | {level} | {kind} | {cell(v.get('cpu'))} | {cell(v.get('host_cpu'))} |"
+                for (key, level, kind), v in cpu_rows.items()]
     k = inputs["kernels_cpu"]
     psgd = k.get("powersgd")
     psgd_text = (f"PowerSGD rank 4 (PyTorch's powerSGD_hook itself, one process): "

@@ -84,28 +84,48 @@ def load_shapes(spec: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 # ------------------------------------------------------------------------------------------------ links
-def _timed(fn, repeats: int, group) -> tuple[list[float], list[float]]:
-    """Per repetition (one untimed call first): the slowest rank's seconds, and the ranks' mean CPU seconds.
+def _host_busy_s() -> float | None:
+    """Busy CPU seconds of the whole host so far (``/proc/stat``: every core, every process, the kernel's
+    threads and soft interrupts), or None where there is no ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    # cpu user nice system idle iowait irq softirq steal ...: all but idle and iowait, in clock ticks
+    ticks = [int(x) for x in fields[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed(fn, repeats: int, group) -> tuple[list[float], list[float], list[float]]:
+    """Per repetition (one untimed call first): the slowest rank's seconds, the ranks' mean CPU seconds, and
+    the host's busy CPU seconds (mean over the ranks' readings; nan without ``/proc/stat``; counted in clock
+    ticks, usually 10 ms: time collectives of tens of ms or more, and average them).
 
     The CPU seconds are this process's (``time.process_time``: every thread, gloo's included; user and
     system time, so the TCP stack's copies made in the ranks' system calls count): the work a collective
     takes from the cores, which on a machine whose ranks share cores competes with their backward pass.
+    The host's adds what is charged to no rank (soft interrupts and kernel threads moving packets, e.g.
+    through an emulated link's queue); it counts every rank on the host and anything else running there.
     """
     import torch.distributed as dist
 
     fn()
-    times, cpu = [], []
+    times, cpu, host = [], [], []
     for _ in range(repeats):
         dist.barrier(group=group)
-        c0, t0 = time.process_time(), time.perf_counter()
+        h0, c0, t0 = _host_busy_s(), time.process_time(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+        h1 = _host_busy_s()
+        host.append(h1 - h0 if h0 is not None and h1 is not None else math.nan)
     t = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    c = torch.tensor(cpu, dtype=torch.float64)
+    c = torch.tensor([cpu, host], dtype=torch.float64)
     dist.all_reduce(c, group=group)
-    return t.tolist(), (c / dist.get_world_size(group)).tolist()
+    c /= dist.get_world_size(group)
+    return t.tolist(), c[0].tolist(), c[1].tolist()
 
 
 CPU_KINDS = ("allreduce", "allgather", "allreduce_fp16")   # the collectives whose CPU work is fitted
@@ -131,13 +151,13 @@ def measure_link(sizes: list[int], repeats: int, group=None) -> dict:
         for kind, nbytes, fn in (("allreduce", 4 * n, lambda: dist.all_reduce(buf, group=group)),
                                  ("allgather", payload.numel(), lambda: dist.all_gather(outs, payload, group=group)),
                                  ("allreduce_fp16", 2 * n, lambda: dist.all_reduce(half, group=group))):
-            times, cpu = _timed(fn, repeats, group)
+            times, cpu, host = _timed(fn, repeats, group)
             ring = "allreduce" if kind == "allreduce_fp16" else kind
             if kind != "allreduce_fp16":                    # the link is fitted on fp32 and bytes, as before
                 observations += [Observation.collective(kind, nbytes, world, t) for t in times]
             cpu_obs[kind] += [Observation.collective(ring, nbytes, world, c) for c in cpu if c > 0]
             rows.append({"op": kind, "bytes": nbytes, "median_s": statistics.median(times),
-                         "cpu_s": statistics.median(cpu)})
+                         "cpu_s": statistics.median(cpu), "host_cpu_s": statistics.fmean(host)})  # mean: whole clock ticks
     try:
         model, fit = LinkModel.fit(observations), "latency and bandwidth"
     except InvalidConfigError as err:  # timings that do not grow with size (a loaded or very fast link)
@@ -196,9 +216,10 @@ def _broadcast_link(link: dict | None, world: int, n_sizes: int) -> dict:
     kinds = ("allreduce", "allgather", "allreduce_fp16")
     fits = ("latency and bandwidth", "bandwidth only")
     head_len = 3 + 2 * len(CPU_KINDS)                 # link model, fit, then each CPU model (nan: not resolved)
-    flat = torch.zeros(head_len + 4 * len(kinds) * n_sizes, dtype=torch.float64)
+    flat = torch.zeros(head_len + 5 * len(kinds) * n_sizes, dtype=torch.float64)
     if link is not None:
-        rows = [x for r in link["timings"] for x in (kinds.index(r["op"]), r["bytes"], r["median_s"], r["cpu_s"])]
+        rows = [x for r in link["timings"]
+                for x in (kinds.index(r["op"]), r["bytes"], r["median_s"], r["cpu_s"], r["host_cpu_s"])]
         cpu = [x for k in CPU_KINDS for x in ((link["cpu"][k]["latency_s"], link["cpu"][k]["bytes_per_s"])
                                               if link["cpu"].get(k) else (math.nan, math.nan))]
         head = [link["model"]["latency_s"], link["model"]["bytes_per_s"], fits.index(link["fit"]), *cpu]
@@ -206,7 +227,7 @@ def _broadcast_link(link: dict | None, world: int, n_sizes: int) -> dict:
     dist.broadcast(flat, src=0)
     values = flat.tolist()
     rows = [{"op": kinds[int(values[i])], "bytes": int(values[i + 1]), "median_s": values[i + 2],
-             "cpu_s": values[i + 3]} for i in range(head_len, len(values), 4)]
+             "cpu_s": values[i + 3], "host_cpu_s": values[i + 4]} for i in range(head_len, len(values), 5)]
     cpu = {k: None if math.isnan(values[3 + 2 * j]) else LinkModel(values[3 + 2 * j], values[4 + 2 * j]).as_dict()
            for j, k in enumerate(CPU_KINDS)}
     return {"world": world, "model": LinkModel(values[0], values[1]).as_dict(), "fit": fits[int(values[2])],
