@@ -165,11 +165,29 @@ def measure(out_path: str, port: int = 29680) -> dict:
         # the same, CORES copies at once: each rank of an emulated cluster shares the memory bandwidth and
         # caches with the others while it compresses (the compute-only step of each run already does)
         inputs["kernels_cpu_shared"] = {"copies": CORES, "runs": _kernels(tmp, copies=CORES)}
+        inputs["ddp_overhead"] = _ddp_overhead(tmp, port)
         bar.update(1)
     inputs["load_after"] = list(os.getloadavg())
     with open(out_path, "w") as f:
         json.dump(inputs, f, indent=1)
     return inputs
+
+
+def _ddp_overhead(tmp: str, port: int) -> dict:
+    """DDP's own work per step on ResNet-50 (copying the gradients into its buckets and back): a one-rank DDP
+    step with no hook against the same step without DDP (``benchmarks/ddp_bench.py``, one process, gloo; the
+    allreduce of one rank moves nothing), per gradient element."""
+    path = os.path.join(tmp, "ddp-world1.json")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr",
+                    "127.0.0.1", "--master-port", str(port + 1), "benchmarks/ddp_bench.py", "--model", "resnet50",
+                    "--methods", "compute,dense", "--steps", "7", "--warmup", "3", "--out", path], cwd=ROOT,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    with open(path) as f:
+        steps = {m["method"]: m["step_s"]["median"] for m in json.load(f)["methods"]}
+    n = numel(BUILTIN["resnet50"]())
+    return {"compute_s": steps["compute"], "ddp_s": steps["dense"],
+            "per_element_s": max(steps["dense"] - steps["compute"], 0.0) / n}
 
 
 def _kernels(tmp: str, copies: int) -> list[dict]:
@@ -279,6 +297,7 @@ def validate(inputs: dict, points: list[dict]) -> list[dict]:
     shapes = BUILTIN["resnet50"]()
     buckets = ddp_buckets(shapes)
     compressed = sum(b.compressed for b in buckets)
+    ddp = inputs.get("ddp_overhead", {}).get("per_element_s", 0.0)   # older inputs: not measured
     rows = []
     for pt in points:
         nodes, local = pt["nodes"], pt["local"]
@@ -299,7 +318,7 @@ def validate(inputs: dict, points: list[dict]) -> list[dict]:
             else:
                 sparse = KernelCost(contention * k["dgc_per_element_s"], contention * k["unpack_per_pair_s"])
             kernels = Kernels(sparse, contention * k["fp16_per_element_s"], contention * k["powersgd_per_element_s"],
-                              collective_cpu=gloo)
+                              collective_cpu=gloo, ddp_per_element_s=contention * ddp)
             compute_s = pt["compute_ms"] / 1e3
             cores = CORES / ranks if gloo is not None else None
             t = step_time(method, buckets, topo, kernels, compute_s, cores_per_rank=cores)

@@ -169,17 +169,21 @@ class Kernels:
     overhead), the fp16 cast per element, PowerSGD's work per element of the matrices it compresses (all of
     it counted as the hook's synchronous work: with one bucket, as PyTorch's hook runs under gloo, its
     callbacks run after the backward pass like the hook call itself); ``collective_cpu``: the CPU work of
-    the collectives (used only with ``cores_per_rank``, see :func:`step_time`)."""
+    the collectives (used only with ``cores_per_rank``, see :func:`step_time`); ``ddp_per_element_s``: DDP's
+    own work per gradient element on the training thread (copying gradients into its buckets and back),
+    which a compute-only step does not do."""
 
     sparse: KernelCost = KernelCost()
     fp16_per_element_s: float = 0.0
     powersgd_per_element_s: float = 0.0
     collective_cpu: CollectiveCpu | None = None
+    ddp_per_element_s: float = 0.0
 
     def as_dict(self) -> dict:
         return {"sparse": self.sparse.as_dict(), "fp16_per_element_s": self.fp16_per_element_s,
                 "powersgd_per_element_s": self.powersgd_per_element_s,
-                "collective_cpu": None if self.collective_cpu is None else self.collective_cpu.as_dict()}
+                "collective_cpu": None if self.collective_cpu is None else self.collective_cpu.as_dict(),
+                "ddp_per_element_s": self.ddp_per_element_s}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,9 +333,10 @@ def step_time(method: Method, buckets: Sequence[Bucket], topology: Topology, ker
             waited = max(t, comm_free) + cost["control"]
             hook += waited - t
             t = waited
-        t += cost["sync"]
+        work = cost["sync"] + kernels.ddp_per_element_s * b.numel
+        t += work
         hook += cost["sync"]
-        sync += cost["sync"]
+        sync += work
         comm_free = max(t, comm_free) + cost["comm"]
         comm += cost["comm"]
         cpu += cost["cpu"]

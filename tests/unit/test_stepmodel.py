@@ -154,3 +154,15 @@ def test_sparse_cpu_counts_descriptors_payloads_and_unpack():
     assert dgc["cpu"] == pytest.approx(collective_time("allgather", DESCRIPTOR_BYTES, 4, GLOO_CPU.allgather)
                                        + collective_time("allgather", payload, 4, GLOO_CPU.allgather)
                                        + 4e-9 * 4 * (990 + 10_000))
+
+
+def test_ddp_own_work_runs_on_the_training_thread_for_every_ddp_method():
+    buckets = ddp_buckets(BUILTIN["resnet50"]())
+    n = sum(b.numel for b in buckets)
+    topo = Topology(2, LinkModel(0.0, 1e13))                          # the network costs nothing
+    for name in ("dense", "dgc0.1", "powersgd4_1b"):
+        plain = step_time(METHODS[name], buckets, topo, KERNELS, 0.2)
+        ddp = step_time(METHODS[name], buckets, topo, Kernels(**{**KERNELS.__dict__, "ddp_per_element_s": 1e-9}), 0.2)
+        assert ddp["step"] == pytest.approx(plain["step"] + 1e-9 * n, rel=1e-6), name
+        assert ddp["hook"] == pytest.approx(plain["hook"]), name           # not the hook's work
+    assert step_time(METHODS["compute"], buckets, topo, Kernels(ddp_per_element_s=1e-9), 0.2)["step"] == 0.2
