@@ -216,7 +216,7 @@ def _link(inputs: dict, rate: str, level: str) -> LinkModel:
     return LinkModel(m["latency_s"], m["bytes_per_s"])
 
 
-def collective_cpu(inputs: dict, nodes: int, local: int, rate: str, source: str = "host_cpu") -> CollectiveCpu | None:
+def collective_cpu(inputs: dict, nodes: int, local: int, rate: str, source: str = "cpu") -> CollectiveCpu | None:
     """The CPU work of gloo's collectives measured on the cluster most like this one: between nodes of one
     rank each (``2x1@rate``, flat), nodes of two ranks (``2x2@rate``, flat), or one node (``2x2@1gbit``, the
     ranks inside a node: loopback). ``source``: ``host_cpu`` (this host's busy CPU per rank, the kernel's
@@ -439,7 +439,8 @@ def markdown(validation: list[dict], rows: list[dict], cross: list[dict], inputs
         out += ["", "CPU work of gloo's collectives per rank, during the same timed collectives, fitted per kind as CPU "
                 "seconds per latency round and per byte through the busiest hop: the ranks' own (`time.process_time`) "
                 "and this host's busy CPU (`/proc/stat`, every core, the kernel's packet work for the emulated links "
-                "included) over the ranks running collectives (the validation charges the host's):", "",
+                "included, and anything else running then) over the ranks running collectives (the validation charges "
+                "the ranks' own):", "",
                 "| cluster | level | collective | ranks' us per round | ranks' ns per byte | host's us per round | "
                 "host's ns per byte |", "|---|---|---|---:|---:|---:|---:|"]
         out += [f"| {key} | {level} | {kind} | {cell(v.get('cpu'))} | {cell(v.get('host_cpu'))} |"
