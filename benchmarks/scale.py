@@ -8,16 +8,18 @@ The model is gradsparse's own (:mod:`gradsparse.cost`: alpha-beta links per leve
 behind the backward pass). Two uses of it:
 
 1. **Validation** on this machine. Inputs, all measured here: the links of the emulated
-   clusters (``measure``: ``python -m gradsparse.advise`` under ``launch/cluster.py`` at
-   1 and 10 Gbit/s, and 2 nodes x 2 ranks, fitted with ``cost.LinkModel``), PowerSGD's and
-   the fp16 cast's cost per element (one process, ResNet-50 shapes), and from each
-   measured run its own compute-only step and gradsparse's compression time
-   (``state.last_stats.compress_s``, as the hook reported it in that run). Output: the
-   predicted step of every emulated point and its error against the measured one.
-   The points are those published in ``/work/shared/DESIGN.md`` / issue 13 (quiet
-   machine, 2026-11-29) and any ``benchmarks/cluster_bench.py`` results given with
-   ``--emulated``. Several ranks sharing this machine's 2 cores: kernel costs are
-   multiplied by ranks / cores (at least 1); the compute time is the run's own.
+   clusters and the CPU their collectives take per rank (``measure``: ``python -m
+   gradsparse.advise`` under ``launch/cluster.py`` at 1 and 10 Gbit/s, and 2 nodes x 2 ranks,
+   fitted with ``cost.LinkModel``), the kernels (one process, and ``CORES`` copies at once),
+   PyTorch's own PowerSGD hook on ResNet-50's shapes, DDP's own work (a one-rank DDP step against
+   the compute-only step), and from each measured run its own compute-only step and gradsparse's
+   compression time (``state.last_stats.compress_s``, as the hook reported it in that run).
+   Output: the predicted step of every emulated point and its error against the measured one.
+   The points are ``benchmarks/cluster_bench.py`` results given with ``--emulated``; the points
+   published in ``/work/shared/DESIGN.md`` / issue 13 (2026-11-29, no raw data) are predicted as
+   superseded and not counted. Several ranks sharing this machine's 2 cores: kernel costs are
+   multiplied by ranks / cores (at least 1), and the step is at least the cores' bound
+   (:func:`gradsparse.stepmodel.cpu_bound`); the compute time is the run's own.
 2. **Projection** to nodes of 8 GPUs, with the assumptions in :data:`GPU` (each with
    where it comes from; none measured here: this machine has no GPU).
 
@@ -454,8 +456,21 @@ def markdown(validation: list[dict], rows: list[dict], cross: list[dict], inputs
     out += ["", f"CPU kernel costs (one process, one thread, ResNet-50 shapes): DGC 0.1 % "
             f"{1e9 * k['dgc0.1']['per_element_s']:.2f} ns/element, TopK 1 % {1e9 * k['topk1']['per_element_s']:.2f}, "
             f"unpack {1e9 * k['unpack_per_pair_s']:.2f} ns/pair, fp16 cast {1e9 * k['fp16_per_element_s']:.2f} "
-            f"ns/element; {psgd_text}.", "",
-            "## Validation: predicted against measured step (ms)", "",
+            f"ns/element; {psgd_text}.", ""]
+    shared = inputs.get("kernels_cpu_shared")
+    if shared:
+        runs = [kernel_inputs({"kernels_cpu": r}, 1) for r in shared["runs"]]
+        out += [f"The same with {shared['copies']} copies at once (used for the runs of 2 ranks or more: their ranks "
+                "share the memory bandwidth and caches while they compute): DGC 0.1 % "
+                + " / ".join(f"{1e9 * r['dgc_per_element_s']:.2f}" for r in runs) + " ns/element, fp16 cast "
+                + " / ".join(f"{1e9 * r['fp16_per_element_s']:.2f}" for r in runs) + ", PowerSGD (one bucket) "
+                + " / ".join(f"{1e9 * r['powersgd_per_element_s']:.2f}" for r in runs) + ".", ""]
+    ddp = inputs.get("ddp_overhead")
+    if ddp:
+        out += [f"DDP's own work (a one-rank DDP step with no hook against the compute-only step, ResNet-50): "
+                f"{1e3 * ddp['ddp_s']:.1f} against {1e3 * ddp['compute_s']:.1f} ms, "
+                f"{1e9 * ddp['per_element_s']:.2f} ns per gradient element.", ""]
+    out += ["## Validation: predicted against measured step (ms)", "",
             f"Predicted: the step model (links, DDP's buckets, the overlap with the backward pass) and, because the "
             f"emulated ranks share this machine's {CORES} cores, at least the cores' bound "
             "(`gradsparse.stepmodel.cpu_bound`: the training thread's compute and hook work plus the collectives' "

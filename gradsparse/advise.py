@@ -352,25 +352,45 @@ class _HookBucket:
         return self._last
 
 
-_GROUP: list = []
-
-
 def _one_rank_group():
-    """One gloo group of this process alone, kept for the life of the process: the hook's future callbacks hold
-    it, and a gloo group whose last reference drops on its own worker thread aborts ("Resource deadlock
-    avoided")."""
+    """A process group of this process alone, for PyTorch's hook to run on without moving bytes: its allreduce
+    returns the tensors as they are (the sum over one rank) through an already completed future. Plain Python:
+    no gloo threads (a gloo group kept for the hook's callbacks can abort the interpreter as it exits)."""
     import torch.distributed as dist
 
-    if not _GROUP:
-        _GROUP.append(dist.ProcessGroupGloo(dist.HashStore(), 0, 1))
-    return _GROUP[0]
+    class Done(dist._Work):
+        def __init__(self, tensors):
+            super().__init__()
+            self._future = torch.futures.Future()
+            self._future.set_result(tensors)
+
+        def wait(self, timeout=None):
+            return True
+
+        def get_future(self):
+            return self._future
+
+    class OneRank(dist.ProcessGroup):
+        def __init__(self):
+            super().__init__(0, 1)
+
+        def allreduce(self, tensors, opts=None):
+            return Done(tensors)
+
+        def size(self):
+            return 1
+
+        def getBackendName(self):
+            return "one-rank"
+
+    return OneRank()
 
 
 def _powersgd_cost(shapes, rank: int, repeats: int, gen, bucket_mb: float = math.inf) -> dict:
     """Seconds of PyTorch's own ``powerSGD_hook`` (rank ``rank``, error feedback, warm start) per step on these
     gradient shapes, bucketed as DDP does (``bucket_mb=inf``: one bucket, as the benchmarks run it under gloo).
 
-    Run in this process on a one-rank gloo group, after the two dense steps of ``start_powerSGD_iter=2`` and
+    Run in this process on a one-rank group (:func:`_one_rank_group`), after the two dense steps of ``start_powerSGD_iter=2`` and
     one PowerSGD step (which allocates P and Q): everything the hook does (error feedback, copying the
     bucket, orthogonalising Q and P one matrix at a time, the three products, the new error) but moving
     bytes. Its allreduces complete at once on one rank, so the callbacks run inside the call: ``step_s`` is
