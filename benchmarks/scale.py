@@ -104,9 +104,9 @@ ACTIVE = {"flat": lambda nodes, local: nodes * local, "intra": lambda nodes, loc
 
 def host_cpu(timings: list[dict], world: int, active: int) -> dict:
     """The host's CPU per rank and collective kind (busy CPU seconds of this whole host during each timed
-    collective of ``world`` ranks, from advise's rows, over the ``active`` ranks running collectives then), fitted as CPU seconds per round and
-    per byte through the busiest hop. On the emulated cluster every rank, and the kernel's packet work for the
-    emulated links, run on this host.
+    collective of ``world`` ranks, from advise's rows, over the ``active`` ranks running collectives then),
+    fitted as CPU seconds per round and per byte through the busiest hop. On the emulated cluster every rank,
+    and the kernel's packet work for the emulated links, run on this host.
 
     >>> rows = [{"op": "allreduce", "bytes": b, "host_cpu_s": 2 * (1e-4 + b / 1e9)} for b in (1e6, 4e6, 16e6)]
     >>> m = host_cpu(rows, world=2, active=2)["allreduce"]   # per rank: 2 rounds of 1e-4 / 2, 1e-9 s per byte
@@ -438,7 +438,8 @@ def markdown(validation: list[dict], rows: list[dict], cross: list[dict], inputs
         return f"{1e6 * m['latency_s']:.0f} | {1e9 / m['bytes_per_s']:.2f}" if m else "— | —"
 
     if cpu_rows:
-        out += ["", "CPU work of gloo's collectives per rank, during the same timed collectives, fitted per kind as CPU "
+        out += ["", "CPU work of gloo's collectives per rank, during the same timed collectives, fitted per kind as "
+                "CPU "
                 "seconds per latency round and per byte through the busiest hop: the ranks' own (`time.process_time`) "
                 "and this host's busy CPU (`/proc/stat`, every core, the kernel's packet work for the emulated links "
                 "included, and anything else running then) over the ranks running collectives (the validation charges "
@@ -449,7 +450,7 @@ def markdown(validation: list[dict], rows: list[dict], cross: list[dict], inputs
                 for (key, level, kind), v in cpu_rows.items()]
     k = inputs["kernels_cpu"]
     psgd = k.get("powersgd")
-    psgd_text = (f"PowerSGD rank 4 (PyTorch's powerSGD_hook itself, one process): "
+    psgd_text = ("PowerSGD rank 4 (PyTorch's powerSGD_hook itself, one process): "
                  + ", ".join(f"{v['buckets']} bucket(s) {1e3 * v['step_s']:.0f} ms per step "
                              f"({1e9 * v['per_element_s']:.2f} ns per compressed element)" for v in psgd.values())
                  if psgd else f"PowerSGD rank 4 {1e9 * k['powersgd_per_element_s']:.2f} ns/element (its matrix work)")

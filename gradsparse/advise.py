@@ -157,7 +157,8 @@ def measure_link(sizes: list[int], repeats: int, group=None) -> dict:
                 observations += [Observation.collective(kind, nbytes, world, t) for t in times]
             cpu_obs[kind] += [Observation.collective(ring, nbytes, world, c) for c in cpu if c > 0]
             rows.append({"op": kind, "bytes": nbytes, "median_s": statistics.median(times),
-                         "cpu_s": statistics.median(cpu), "host_cpu_s": statistics.fmean(host)})  # mean: whole clock ticks
+                         "cpu_s": statistics.median(cpu),
+                         "host_cpu_s": statistics.fmean(host)})              # mean: whole clock ticks
     try:
         model, fit = LinkModel.fit(observations), "latency and bandwidth"
     except InvalidConfigError as err:  # timings that do not grow with size (a loaded or very fast link)
@@ -302,8 +303,8 @@ def measure_kernels(shapes, repeats: int = 3, max_measure: int = 2**25, seed: in
     out["unpack_per_pair_s"] = max(eight - one, 0.0) / (7 * k)
     # fp16_compress_hook's own work: cast into a new fp16 tensor, divide by the world size, and (after the
     # allreduce) copy back into the bucket
-    out["fp16_per_element_s"] = _median_time(lambda: [w.copy_(f.to(torch.float16).div_(2)) for f, w in zip(flats, work)],
-                                             repeats) / measured
+    out["fp16_per_element_s"] = _median_time(
+        lambda: [w.copy_(f.to(torch.float16).div_(2)) for f, w in zip(flats, work)], repeats) / measured
     measured_shapes = [(n, s) for b in buckets for n, s in b]
     # PowerSGD: PyTorch's hook itself, on DDP's buckets and on one bucket (how it runs under gloo)
     out["powersgd"] = {layout: _powersgd_cost(measured_shapes, 4, repeats, gen, bucket_mb)
@@ -390,13 +391,12 @@ def _powersgd_cost(shapes, rank: int, repeats: int, gen, bucket_mb: float = math
     """Seconds of PyTorch's own ``powerSGD_hook`` (rank ``rank``, error feedback, warm start) per step on these
     gradient shapes, bucketed as DDP does (``bucket_mb=inf``: one bucket, as the benchmarks run it under gloo).
 
-    Run in this process on a one-rank group (:func:`_one_rank_group`), after the two dense steps of ``start_powerSGD_iter=2`` and
-    one PowerSGD step (which allocates P and Q): everything the hook does (error feedback, copying the
+    Run in this process on a one-rank group (:func:`_one_rank_group`), after the two dense steps of
+    ``start_powerSGD_iter=2`` and one PowerSGD step (which allocates P and Q): everything the hook does (error feedback, copying the
     bucket, orthogonalising Q and P one matrix at a time, the three products, the new error) but moving
     bytes. Its allreduces complete at once on one rank, so the callbacks run inside the call: ``step_s`` is
     the whole, ``per_element_s`` per element of the matrices it compresses.
     """
-    import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 
     groups = _shape_buckets(shapes, bucket_mb=bucket_mb, first_mb=1.0 if bucket_mb == 25.0 else bucket_mb)  # as DDP

@@ -7,8 +7,8 @@ import torch.distributed as dist
 
 from gradsparse.cost import KernelCost, LinkModel, Topology, collective_time, payload_bytes
 from gradsparse.model_shapes import BUILTIN, numel, transformer_1b
-from gradsparse.stepmodel import (METHODS, Algorithms, Bucket, CollectiveCpu, Kernels, bucket_cost, cpu_bound, ddp_buckets,
-                                  step_time)
+from gradsparse.stepmodel import (METHODS, Algorithms, Bucket, CollectiveCpu, Kernels, bucket_cost, cpu_bound,
+                                  ddp_buckets, step_time)
 from gradsparse.reducer import DESCRIPTOR_BYTES
 
 GBIT = LinkModel(50e-6, 1.25e8)
