@@ -392,10 +392,10 @@ def _powersgd_cost(shapes, rank: int, repeats: int, gen, bucket_mb: float = math
     gradient shapes, bucketed as DDP does (``bucket_mb=inf``: one bucket, as the benchmarks run it under gloo).
 
     Run in this process on a one-rank group (:func:`_one_rank_group`), after the two dense steps of
-    ``start_powerSGD_iter=2`` and one PowerSGD step (which allocates P and Q): everything the hook does (error
-    feedback, copying the bucket, orthogonalising Q and P one matrix at a time, the three products, the new error) but moving
-    bytes. Its allreduces complete at once on one rank, so the callbacks run inside the call: ``step_s`` is
-    the whole, ``per_element_s`` per element of the matrices it compresses.
+    ``start_powerSGD_iter=2`` and one PowerSGD step (which allocates P and Q): everything the hook does
+    (error feedback, copying the bucket, orthogonalising Q and P one matrix at a time, the three products,
+    the new error) but moving bytes. Its allreduces complete at once on one rank, so the callbacks run
+    inside the call: ``step_s`` is the whole, ``per_element_s`` per element of the matrices it compresses.
     """
     from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 
