@@ -68,3 +68,11 @@ def test_validation_charges_the_collectives_cpu_where_ranks_share_the_cores():
     assert row["bound_by"] == "cpu"                                # loopback at 1 GB/s: the cores bind
     # inputs without the CPU measurement: no bound, the schedule alone
     assert scale.validate(INPUTS, [point])[0]["cpu_bound_ms"] is None
+
+
+def test_scale_docstring_examples():
+    """benchmarks/ is outside `make test`'s doctest collection: its examples (host_cpu, kernel_inputs) run here."""
+    import doctest
+
+    result = doctest.testmod(scale)
+    assert result.attempted >= 2 and result.failed == 0, result
