@@ -84,44 +84,101 @@ def load_shapes(spec: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 # ------------------------------------------------------------------------------------------------ links
-def _timed(fn, repeats: int, group) -> list[float]:
-    """The slowest rank's seconds per repetition (one untimed call first)."""
+def _host_busy_s() -> float | None:
+    """Busy CPU seconds of the whole host so far (``/proc/stat``: every core, every process, the kernel's
+    threads and soft interrupts), or None where there is no ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    # cpu user nice system idle iowait irq softirq steal ...: all but idle and iowait, in clock ticks
+    ticks = [int(x) for x in fields[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed(fn, repeats: int, group) -> tuple[list[float], list[float], list[float]]:
+    """Per repetition (one untimed call first): the slowest rank's seconds, the ranks' mean CPU seconds, and
+    the host's busy CPU seconds (mean over the ranks' readings; nan without ``/proc/stat``; counted in clock
+    ticks, usually 10 ms: time collectives of tens of ms or more, and average them).
+
+    The CPU seconds are this process's (``time.process_time``: every thread, gloo's included; user and
+    system time, so the TCP stack's copies made in the ranks' system calls count): the work a collective
+    takes from the cores, which on a machine whose ranks share cores competes with their backward pass.
+    The host's adds what is charged to no rank (soft interrupts and kernel threads moving packets, e.g.
+    through an emulated link's queue); it counts every rank on the host and anything else running there.
+    """
     import torch.distributed as dist
 
     fn()
-    times = []
+    times, cpu, host = [], [], []
     for _ in range(repeats):
         dist.barrier(group=group)
-        t0 = time.perf_counter()
+        h0, c0, t0 = _host_busy_s(), time.process_time(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        h1 = _host_busy_s()
+        host.append(h1 - h0 if h0 is not None and h1 is not None else math.nan)
     t = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()
+    c = torch.tensor([cpu, host], dtype=torch.float64)
+    dist.all_reduce(c, group=group)
+    c /= dist.get_world_size(group)
+    return t.tolist(), c[0].tolist(), c[1].tolist()
+
+
+CPU_KINDS = ("allreduce", "allgather", "allreduce_fp16")   # the collectives whose CPU work is fitted
 
 
 def measure_link(sizes: list[int], repeats: int, group=None) -> dict:
-    """Time allreduce (fp32) and allgather (bytes) at every size on ``group``; fit a LinkModel."""
+    """Time allreduce (fp32) and allgather (bytes) at every size on ``group``; fit a LinkModel.
+
+    Also the CPU each collective takes per rank (:func:`_timed`), fp16 allreduces included (its
+    sums run on the CPU here), fitted per kind as a :class:`LinkModel` of CPU time: ``latency_s``
+    CPU seconds per round, ``bytes_per_s`` bytes through the busiest hop per CPU second (``cpu``;
+    :func:`gradsparse.stepmodel.step_time` charges it where the ranks share their cores).
+    """
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
-    observations, rows = [], []
+    observations, rows, cpu_obs = [], [], {k: [] for k in CPU_KINDS}
     for n in sizes:
         buf = torch.ones(n)
+        half = torch.ones(n, dtype=torch.float16)
         payload = torch.zeros(n * 4 // world or 1, dtype=torch.uint8)   # the same bytes as the allreduce moves
         outs = [torch.empty_like(payload) for _ in range(world)]
         for kind, nbytes, fn in (("allreduce", 4 * n, lambda: dist.all_reduce(buf, group=group)),
-                                 ("allgather", payload.numel(), lambda: dist.all_gather(outs, payload, group=group))):
-            times = _timed(fn, repeats, group)
-            observations += [Observation.collective(kind, nbytes, world, t) for t in times]
-            rows.append({"op": kind, "bytes": nbytes, "median_s": statistics.median(times)})
+                                 ("allgather", payload.numel(), lambda: dist.all_gather(outs, payload, group=group)),
+                                 ("allreduce_fp16", 2 * n, lambda: dist.all_reduce(half, group=group))):
+            times, cpu, host = _timed(fn, repeats, group)
+            ring = "allreduce" if kind == "allreduce_fp16" else kind
+            if kind != "allreduce_fp16":                    # the link is fitted on fp32 and bytes, as before
+                observations += [Observation.collective(kind, nbytes, world, t) for t in times]
+            cpu_obs[kind] += [Observation.collective(ring, nbytes, world, c) for c in cpu if c > 0]
+            rows.append({"op": kind, "bytes": nbytes, "median_s": statistics.median(times),
+                         "cpu_s": statistics.median(cpu),
+                         "host_cpu_s": statistics.fmean(host)})              # mean: whole clock ticks
     try:
         model, fit = LinkModel.fit(observations), "latency and bandwidth"
     except InvalidConfigError as err:  # timings that do not grow with size (a loaded or very fast link)
         model, fit = _bandwidth_only(observations), "bandwidth only"
         logger.warning("link fit: %s; using the bandwidth of the largest transfers and no latency: %s", err,
                        _link_text(model.as_dict()))
-    return {"world": world, "model": model.as_dict(), "fit": fit, "timings": rows}
+    cpu_models = {}
+    for kind, obs in cpu_obs.items():
+        try:
+            cpu_models[kind] = LinkModel.fit(obs).as_dict()
+        except InvalidConfigError:        # CPU times too small to resolve (or too few): bytes per CPU second only
+            cpu_models[kind] = _bandwidth_only(obs).as_dict() if obs else None
+    logger.info("CPU per rank: %s", ", ".join(f"{k} {_cpu_text(m)}" for k, m in cpu_models.items()))
+    return {"world": world, "model": model.as_dict(), "fit": fit, "timings": rows, "cpu": cpu_models}
+
+
+def _cpu_text(m: dict | None) -> str:
+    if m is None:
+        return "not resolved"
+    return f"{1e6 * m['latency_s']:.1f} us per round + {1e9 / m['bytes_per_s']:.2f} ns per byte"
 
 
 def _bandwidth_only(observations: list[Observation]) -> LinkModel:
@@ -157,19 +214,25 @@ def _broadcast_link(link: dict | None, world: int, n_sizes: int) -> dict:
     """Rank 0's measured link, sent to every rank as numbers (a float64 tensor: nothing is unpickled)."""
     import torch.distributed as dist
 
-    kinds = ("allreduce", "allgather")
+    kinds = ("allreduce", "allgather", "allreduce_fp16")
     fits = ("latency and bandwidth", "bandwidth only")
-    flat = torch.zeros(3 + 3 * 2 * n_sizes, dtype=torch.float64)
+    head_len = 3 + 2 * len(CPU_KINDS)                 # link model, fit, then each CPU model (nan: not resolved)
+    flat = torch.zeros(head_len + 5 * len(kinds) * n_sizes, dtype=torch.float64)
     if link is not None:
-        rows = [x for r in link["timings"] for x in (kinds.index(r["op"]), r["bytes"], r["median_s"])]
-        head = [link["model"]["latency_s"], link["model"]["bytes_per_s"], fits.index(link["fit"])]
-        flat[:3 + len(rows)] = torch.tensor([*head, *rows], dtype=torch.float64)
+        rows = [x for r in link["timings"]
+                for x in (kinds.index(r["op"]), r["bytes"], r["median_s"], r["cpu_s"], r["host_cpu_s"])]
+        cpu = [x for k in CPU_KINDS for x in ((link["cpu"][k]["latency_s"], link["cpu"][k]["bytes_per_s"])
+                                              if link["cpu"].get(k) else (math.nan, math.nan))]
+        head = [link["model"]["latency_s"], link["model"]["bytes_per_s"], fits.index(link["fit"]), *cpu]
+        flat[:head_len + len(rows)] = torch.tensor([*head, *rows], dtype=torch.float64)
     dist.broadcast(flat, src=0)
     values = flat.tolist()
-    rows = [{"op": kinds[int(values[i])], "bytes": int(values[i + 1]), "median_s": values[i + 2]}
-            for i in range(3, len(values), 3)]
+    rows = [{"op": kinds[int(values[i])], "bytes": int(values[i + 1]), "median_s": values[i + 2],
+             "cpu_s": values[i + 3], "host_cpu_s": values[i + 4]} for i in range(head_len, len(values), 5)]
+    cpu = {k: None if math.isnan(values[3 + 2 * j]) else LinkModel(values[3 + 2 * j], values[4 + 2 * j]).as_dict()
+           for j, k in enumerate(CPU_KINDS)}
     return {"world": world, "model": LinkModel(values[0], values[1]).as_dict(), "fit": fits[int(values[2])],
-            "timings": rows}
+            "timings": rows, "cpu": cpu}
 
 
 def _link_text(m: dict) -> str:
@@ -238,11 +301,19 @@ def measure_kernels(shapes, repeats: int = 3, max_measure: int = 2**25, seed: in
     one = _median_time(lambda: ops.unpack_add([payload], dest, torch.float32, overwrite=True), repeats)
     eight = _median_time(lambda: ops.unpack_add([payload] * 8, dest, torch.float32, overwrite=True), repeats)
     out["unpack_per_pair_s"] = max(eight - one, 0.0) / (7 * k)
-    out["fp16_per_element_s"] = _median_time(lambda: [f.to(torch.float16).to(torch.float32) for f in flats],
-                                             repeats) / measured
-    out["powersgd_per_element_s"] = _powersgd_cost([s for b in buckets for _, s in b], 4, repeats, gen)
-    logger.info("unpack %.2f ns/pair, fp16 cast %.2f ns/element, PowerSGD rank 4 %.2f ns/element",
-                1e9 * out["unpack_per_pair_s"], 1e9 * out["fp16_per_element_s"], 1e9 * out["powersgd_per_element_s"])
+    # fp16_compress_hook's own work: cast into a new fp16 tensor, divide by the world size, and (after the
+    # allreduce) copy back into the bucket
+    out["fp16_per_element_s"] = _median_time(
+        lambda: [w.copy_(f.to(torch.float16).div_(2)) for f, w in zip(flats, work)], repeats) / measured
+    measured_shapes = [(n, s) for b in buckets for n, s in b]
+    # PowerSGD: PyTorch's hook itself, on DDP's buckets and on one bucket (how it runs under gloo)
+    out["powersgd"] = {layout: _powersgd_cost(measured_shapes, 4, repeats, gen, bucket_mb)
+                       for layout, bucket_mb in (("ddp", 25.0), ("one_bucket", math.inf))}
+    out["powersgd_per_element_s"] = out["powersgd"]["ddp"]["per_element_s"]
+    logger.info("unpack %.2f ns/pair, fp16 cast %.2f ns/element, PowerSGD rank 4 (PyTorch's hook) %s",
+                1e9 * out["unpack_per_pair_s"], 1e9 * out["fp16_per_element_s"],
+                "; ".join(f"{k}: {1e3 * v['step_s']:.1f} ms ({1e9 * v['per_element_s']:.2f} ns/element)"
+                          for k, v in out["powersgd"].items()))
     return out
 
 
@@ -258,28 +329,106 @@ def _shape_buckets(shapes, bucket_mb: float = 25.0, first_mb: float = 1.0):
     return out + ([current] if current else [])
 
 
-def _powersgd_cost(shapes, rank: int, repeats: int, gen) -> float:
-    """Seconds per compressed element of PowerSGD's local work: error feedback, M Q, orthogonalise, M^T P, P Q^T."""
-    mats = [(s[0], math.prod(s[1:])) for s in shapes if len(s) >= 2 and (s[0] + math.prod(s[1:])) * rank * 2 <
-            s[0] * math.prod(s[1:])]
-    if not mats:
-        return 0.0
-    ms = [torch.randn(m, k, generator=gen) for m, k in mats]
-    qs = [torch.randn(k, rank, generator=gen) for _, k in mats]
-    ps = [torch.empty(m, rank) for m, _ in mats]
-    errs = [torch.zeros(m, k) for m, k in mats]
-    outs = [torch.empty(m, k) for m, k in mats]
+class _HookBucket:
+    """What PyTorch's ``powerSGD_hook`` reads of a DDP ``GradBucket`` (which Python cannot construct): the flat
+    buffer, the gradients as views of it, the bucket's index and whether it is the last of the step."""
 
-    def run():  # as PyTorch's powerSGD_hook: in place, into preallocated P, Q and the output
-        for m, q, p, e, out in zip(ms, qs, ps, errs, outs):
-            m.add_(e)
-            torch.matmul(m, q, out=p)
-            p.copy_(torch.linalg.qr(p).Q)
-            torch.matmul(m.t(), p, out=q)
-            torch.matmul(p, q.t(), out=out)
-            torch.sub(m, out, out=e)
+    def __init__(self, index: int, count: int, buffer: torch.Tensor, shapes):
+        self._index, self._last, self._buffer = index, index == count - 1, buffer
+        self._grads, offset = [], 0
+        for s in shapes:
+            self._grads.append(buffer[offset:offset + math.prod(s)].view(s))
+            offset += math.prod(s)
 
-    return _median_time(run, repeats) / sum(m * k for m, k in mats)
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def gradients(self) -> list[torch.Tensor]:
+        return self._grads
+
+    def index(self) -> int:
+        return self._index
+
+    def is_last(self) -> bool:
+        return self._last
+
+
+def _one_rank_group():
+    """A process group of this process alone, for PyTorch's hook to run on without moving bytes: its allreduce
+    returns the tensors as they are (the sum over one rank) through an already completed future. Plain Python:
+    no gloo threads (a gloo group kept for the hook's callbacks can abort the interpreter as it exits)."""
+    import torch.distributed as dist
+
+    class Done(dist._Work):
+        def __init__(self, tensors):
+            super().__init__()
+            self._future = torch.futures.Future()
+            self._future.set_result(tensors)
+
+        def wait(self, timeout=None):
+            return True
+
+        def get_future(self):
+            return self._future
+
+    class OneRank(dist.ProcessGroup):
+        def __init__(self):
+            super().__init__(0, 1)
+
+        def allreduce(self, tensors, opts=None):
+            return Done(tensors)
+
+        def size(self):
+            return 1
+
+        def getBackendName(self):
+            return "one-rank"
+
+    return OneRank()
+
+
+def _powersgd_cost(shapes, rank: int, repeats: int, gen, bucket_mb: float = math.inf) -> dict:
+    """Seconds of PyTorch's own ``powerSGD_hook`` (rank ``rank``, error feedback, warm start) per step on these
+    gradient shapes, bucketed as DDP does (``bucket_mb=inf``: one bucket, as the benchmarks run it under gloo).
+
+    Run in this process on a one-rank group (:func:`_one_rank_group`), after the two dense steps of
+    ``start_powerSGD_iter=2`` and one PowerSGD step (which allocates P and Q): everything the hook does
+    (error feedback, copying the bucket, orthogonalising Q and P one matrix at a time, the three products,
+    the new error) but moving bytes. Its allreduces complete at once on one rank, so the callbacks run
+    inside the call: ``step_s`` is the whole, ``per_element_s`` per element of the matrices it compresses.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
+
+    groups = _shape_buckets(shapes, bucket_mb=bucket_mb, first_mb=1.0 if bucket_mb == 25.0 else bucket_mb)  # as DDP
+    flats = [torch.randn(sum(math.prod(s) for _, s in g), generator=gen) for g in groups]
+    buffers = [torch.empty_like(f) for f in flats]
+    buckets = [_HookBucket(i, len(groups), buf, [s for _, s in g]) for i, (g, buf) in enumerate(zip(groups, buffers))]
+    group = _one_rank_group()
+    state = PowerSGDState(group, matrix_approximation_rank=rank, start_powerSGD_iter=2, random_seed=0)
+    hook_logger = logging.getLogger("torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook")
+    level, hook_logger.level = hook_logger.level, logging.WARNING       # its per-bucket allocation notes
+
+    def step() -> float:
+        total = 0.0
+        for flat, buf, bucket in zip(flats, buffers, buckets):
+            buf.copy_(flat)                                             # fresh gradients: not timed
+            t0 = time.perf_counter()
+            powerSGD_hook(state, bucket).wait()
+            total += time.perf_counter() - t0
+        return total
+
+    try:
+        for _ in range(3):                                              # 2 dense steps, then the first PowerSGD
+            step()
+        seconds = statistics.median(step() for _ in range(repeats))
+    finally:
+        hook_logger.level = level
+    compressed = sum(math.prod(s) for g in groups for _, s in g
+                     if len(s) >= 2 and (s[0] + math.prod(s[1:])) * min(rank, s[0], math.prod(s[1:])) * 2
+                     < s[0] * math.prod(s[1:]))
+    return {"buckets": len(groups), "bucket_mb": bucket_mb, "step_s": seconds, "compressed_elements": compressed,
+            "per_element_s": seconds / max(compressed, 1),
+            "compression_rate": state.total_numel_before_compression / max(state.total_numel_after_compression, 1)}
 
 
 # ------------------------------------------------------------------------------------------- prediction

@@ -29,7 +29,14 @@ def test_advise_at_world_two_measures_the_link_and_recommends_the_fastest(tmp_pa
     advice = json.loads(out.read_text())
     assert advice["measured_on"] == {"world": 2, "ranks_per_node": 1}
     link = advice["links"]["flat"]
-    assert link["world"] == 2 and len(link["timings"]) == 6
+    assert link["world"] == 2 and [r["op"] for r in link["timings"]] == ["allreduce", "allgather",
+                                                                         "allreduce_fp16"] * 3
+    # the CPU the collectives take per rank, fitted per kind: positive, finite, and below the wall time
+    assert set(link["cpu"]) == {"allreduce", "allgather", "allreduce_fp16"}
+    for r in link["timings"]:
+        assert 0 < r["cpu_s"] < 2 * r["median_s"] + 0.05, r
+    for kind, cpu in link["cpu"].items():
+        assert cpu is not None and math.isfinite(cpu["bytes_per_s"]) and cpu["bytes_per_s"] > 0, kind
     model = link["model"]
     assert math.isfinite(model["bytes_per_s"]) and model["bytes_per_s"] > 0
     assert math.isfinite(model["latency_s"]) and model["latency_s"] >= 0
@@ -78,8 +85,9 @@ def test_advise_on_two_nodes_of_two_ranks_shares_the_link_between_nodes(tmp_path
     assert advice["measured_on"] == {"world": 4, "ranks_per_node": 2}
     links = advice["links"]
     assert links["intra"]["world"] == 2 and links["inter"]["world"] == 2
-    assert [r["op"] for r in links["inter"]["timings"]] == ["allreduce", "allgather"] * 3
-    assert all(r["median_s"] > 0 for r in links["inter"]["timings"])
+    assert [r["op"] for r in links["inter"]["timings"]] == ["allreduce", "allgather", "allreduce_fp16"] * 3
+    assert all(r["median_s"] > 0 and r["cpu_s"] > 0 for r in links["inter"]["timings"])
+    assert links["inter"]["cpu"]["allreduce"]["bytes_per_s"] > 0         # rank 0's CPU fit reached every rank
     assert advice["predicted_for"]["inter"]["bytes_per_s"] == links["inter"]["model"]["bytes_per_s"] > 0
 
 
@@ -94,3 +102,22 @@ def test_timings_that_fit_no_line_give_the_bandwidth_of_the_largest_transfers():
         LinkModel.fit(obs)
     link = _bandwidth_only(obs)
     assert link.latency_s == 0 and link.bytes_per_s == pytest.approx((4e6 / 0.004 + 4e6 / 0.006) / 2)  # median rate
+
+
+@pytest.mark.parametrize("bucket_mb", [25.0, math.inf])
+def test_powersgd_cost_times_pytorchs_hook_on_ddps_buckets(bucket_mb):
+    import torch
+
+    from gradsparse.advise import _powersgd_cost
+    from gradsparse.stepmodel import _powersgd_split
+
+    shapes = mlp()
+    got = _powersgd_cost(shapes, 4, 2, torch.Generator().manual_seed(0), bucket_mb)
+    buckets = ddp_buckets(shapes, bucket_mb=bucket_mb, first_bucket_mb=1.0 if bucket_mb == 25.0 else bucket_mb)
+    assert got["buckets"] == len(buckets)
+    split = [_powersgd_split(b, 4) for b in buckets]
+    assert got["compressed_elements"] == sum(c for _, _, c in split)
+    # the hook compressed what the step model says it does: numel / (1-D tensors + P + Q)
+    numel = sum(b.numel for b in buckets)
+    assert got["compression_rate"] == pytest.approx(numel / sum(plain + pq for plain, pq, _ in split))
+    assert got["step_s"] > 0 and got["per_element_s"] == pytest.approx(got["step_s"] / got["compressed_elements"])

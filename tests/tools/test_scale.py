@@ -43,3 +43,36 @@ def test_projection_covers_the_grid_and_crossovers_read_it():
         dense = {n: by[c["gbit"], n, "dense"] for n in (8, 1024)}
         expected = next((n for n in (8, 1024) if mine[n] >= dense[n]), None)
         assert c["dgc0.1"] == expected and c["dgc0.1_pays_at_8"] == (mine[8] < dense[8])
+
+
+def test_validation_charges_the_collectives_cpu_where_ranks_share_the_cores():
+    import copy
+
+    from gradsparse.stepmodel import CollectiveCpu, cpu_bound
+
+    cpu = {"allreduce": {"latency_s": 1e-4, "bytes_per_s": 2e9}, "allgather": {"latency_s": 1e-4, "bytes_per_s": 1e9},
+           "allreduce_fp16": {"latency_s": 1e-4, "bytes_per_s": 1e9}}
+    inputs = copy.deepcopy(INPUTS)
+    inputs["links"]["2x2@1gbit"]["cpu"] = {"intra": cpu, "flat": cpu}
+    inputs["ddp_overhead"] = {"per_element_s": 1e-9}
+    point = {"nodes": 1, "local": 4, "rate": "1gbit", "compute_ms": 300, "compress_ms": None,
+             "steps": {"dense": 500}}
+    row = scale.validate(inputs, [point])[0]
+    buckets = ddp_buckets(BUILTIN["resnet50"]())
+    gloo = CollectiveCpu(LinkModel(1e-4, 2e9), LinkModel(1e-4, 1e9), LinkModel(1e-4, 1e9))
+    by_hand = sum(gloo.seconds("allreduce", 4 * b.numel, 4) for b in buckets)
+    assert row["collective_cpu_ms"] == pytest.approx(1e3 * by_hand)
+    busy = 0.3 + 2 * 1e-9 * sum(b.numel for b in buckets)        # DDP's work at 4 ranks on 2 cores: x 2
+    assert row["cpu_bound_ms"] == pytest.approx(1e3 * cpu_bound(busy, by_hand, 0.5))
+    assert row["predicted_ms"] == pytest.approx(max(row["schedule_ms"], row["cpu_bound_ms"]))
+    assert row["bound_by"] == "cpu"                                # loopback at 1 GB/s: the cores bind
+    # inputs without the CPU measurement: no bound, the schedule alone
+    assert scale.validate(INPUTS, [point])[0]["cpu_bound_ms"] is None
+
+
+def test_scale_docstring_examples():
+    """benchmarks/ is outside `make test`'s doctest collection: its examples (host_cpu, kernel_inputs) run here."""
+    import doctest
+
+    result = doctest.testmod(scale)
+    assert result.attempted >= 2 and result.failed == 0, result

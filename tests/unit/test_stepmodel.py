@@ -7,7 +7,8 @@ import torch.distributed as dist
 
 from gradsparse.cost import KernelCost, LinkModel, Topology, collective_time, payload_bytes
 from gradsparse.model_shapes import BUILTIN, numel, transformer_1b
-from gradsparse.stepmodel import METHODS, Algorithms, Bucket, Kernels, bucket_cost, ddp_buckets, step_time
+from gradsparse.stepmodel import (METHODS, Algorithms, Bucket, CollectiveCpu, Kernels, bucket_cost, cpu_bound,
+                                  ddp_buckets, step_time)
 from gradsparse.reducer import DESCRIPTOR_BYTES
 
 GBIT = LinkModel(50e-6, 1.25e8)
@@ -45,7 +46,7 @@ def test_bucket_costs_by_hand():
     b = Bucket(numel=1_000_000, compressed=990_000, matrices=((1000, 990),))
     topo = Topology(4, GBIT)
     dense = bucket_cost(METHODS["dense"], b, topo, KERNELS)
-    assert dense == {"control": 0.0, "sync": 0.0, "comm": collective_time("allreduce", 4e6, 4, GBIT)}
+    assert dense == {"control": 0.0, "sync": 0.0, "comm": collective_time("allreduce", 4e6, 4, GBIT), "cpu": 0.0}
     fp16 = bucket_cost(METHODS["fp16"], b, topo, KERNELS)
     assert fp16["comm"] == collective_time("allreduce", 2e6, 4, GBIT) and fp16["sync"] == pytest.approx(1e-3)
     dgc = bucket_cost(METHODS["dgc0.1"], b, topo, KERNELS)
@@ -105,3 +106,63 @@ def test_tree_latency_helps_dense_at_scale():
     tree = step_time(METHODS["dense"], buckets, topo, KERNELS, 0.1, algorithms=Algorithms(allreduce="tree"))["comm"]
     rounds = 2 * (4096 - 1) - 2 * math.ceil(math.log2(4096))
     assert ring - tree == pytest.approx(len(buckets) * rounds * 20e-6)
+
+
+# ------------------------------------------------------------------ the collectives' CPU on ranks that share cores
+LOOPBACK = LinkModel(1e-4, 1.2e9)                                 # a fast "link": the CPU, not the wire, sets the pace
+GLOO_CPU = CollectiveCpu(allreduce=LinkModel(2e-5, 1.5e9), allgather=LinkModel(2e-5, 2e9),
+                         allreduce_fp16=LinkModel(2e-5, 0.8e9))
+
+
+def test_cpu_bound_by_hand():
+    assert cpu_bound(0.3, 0.1, 1.0) == pytest.approx(0.4)                # 2 threads a rank on one core each
+    assert cpu_bound(0.4, 0.1, 0.5) == pytest.approx(0.4 + 0.1 / 0.5)    # 4 ranks on 2 cores
+    assert cpu_bound(0.3, 0.1, 2.0) == pytest.approx(0.3)                # a core for each thread: nothing added
+    assert cpu_bound(0.1, 0.3, 4.0) == pytest.approx(0.3)                # the collectives' thread alone
+    assert cpu_bound(0.3, 0.3, 1.5) == pytest.approx(0.6 / 1.5)          # between: the work over the cores
+
+
+def test_collective_cpu_is_summed_per_bucket_and_binds_only_where_cores_are_short():
+    buckets = ddp_buckets(BUILTIN["resnet50"]())
+    topo = Topology(2, LOOPBACK)
+    kernels = Kernels(collective_cpu=GLOO_CPU)
+    free = step_time(METHODS["dense"], buckets, topo, kernels, 0.25)                       # default: own cores
+    assert free["cpu_bound"] is None and free["step"] == free["schedule"]
+    shared = step_time(METHODS["dense"], buckets, topo, kernels, 0.25, cores_per_rank=1.0)
+    by_hand = sum(collective_time("allreduce", 4 * b.numel, 2, GLOO_CPU.allreduce) for b in buckets)
+    assert shared["cpu"] == pytest.approx(by_hand)
+    assert shared["schedule"] == pytest.approx(free["step"])
+    assert shared["step"] == pytest.approx(0.25 + by_hand)
+    assert shared["step"] > free["step"]                                     # the fast link hid it all before
+    # fp16: half the bytes at the fp16 allreduce's own CPU cost, the cast on the training thread
+    fp16 = step_time(METHODS["fp16"], buckets, topo, Kernels(fp16_per_element_s=1e-9, collective_cpu=GLOO_CPU),
+                     0.25, cores_per_rank=1.0)
+    cast = 1e-9 * sum(b.numel for b in buckets)
+    assert fp16["cpu"] == pytest.approx(sum(collective_time("allreduce", 2 * b.numel, 2, GLOO_CPU.allreduce_fp16)
+                                            for b in buckets))
+    assert fp16["step"] == pytest.approx(max(fp16["schedule"], 0.25 + cast + fp16["cpu"]))
+    # a slow link: the collectives' CPU is spread over their transfer, the schedule binds
+    slow = step_time(METHODS["dense"], buckets, Topology(2, GBIT), kernels, 0.25, cores_per_rank=1.0)
+    assert slow["step"] == slow["schedule"] > slow["cpu_bound"]
+
+
+def test_sparse_cpu_counts_descriptors_payloads_and_unpack():
+    b = Bucket(numel=1_000_000, compressed=990_000, matrices=((1000, 990),))
+    kernels = Kernels(KernelCost(per_element_s=3e-9, per_pair_s=4e-9), collective_cpu=GLOO_CPU)
+    dgc = bucket_cost(METHODS["dgc0.1"], b, Topology(4, GBIT), kernels)
+    payload = payload_bytes(990_000, 0.001, n_dense=10_000)
+    assert dgc["cpu"] == pytest.approx(collective_time("allgather", DESCRIPTOR_BYTES, 4, GLOO_CPU.allgather)
+                                       + collective_time("allgather", payload, 4, GLOO_CPU.allgather)
+                                       + 4e-9 * 4 * (990 + 10_000))
+
+
+def test_ddp_own_work_runs_on_the_training_thread_for_every_ddp_method():
+    buckets = ddp_buckets(BUILTIN["resnet50"]())
+    n = sum(b.numel for b in buckets)
+    topo = Topology(2, LinkModel(0.0, 1e13))                          # the network costs nothing
+    for name in ("dense", "dgc0.1", "powersgd4_1b"):
+        plain = step_time(METHODS[name], buckets, topo, KERNELS, 0.2)
+        ddp = step_time(METHODS[name], buckets, topo, Kernels(**{**KERNELS.__dict__, "ddp_per_element_s": 1e-9}), 0.2)
+        assert ddp["step"] == pytest.approx(plain["step"] + 1e-9 * n, rel=1e-6), name
+        assert ddp["hook"] == pytest.approx(plain["hook"]), name           # not the hook's work
+    assert step_time(METHODS["compute"], buckets, topo, Kernels(ddp_per_element_s=1e-9), 0.2)["step"] == 0.2
