@@ -10,6 +10,13 @@ within 2x of that)::
 
     python -m benchmarks.bucket_bench                 # table; JSON in benchmarks/results/bucket_bench.json
     python -m benchmarks.bucket_bench --steps 5 --methods dgc0.1 topk1
+    python -m benchmarks.bucket_bench --methods dgc0.1 dgc0.1-nocandidates --rounds 3   # A/B, alternating
+
+``*-nocandidates`` is the same method with the selection candidates of the compensation
+pass turned off (``selects_from_candidates = False``: every selection reads the whole
+parameter; docs/design.md, decision 28). ``--rounds R`` runs the methods' list R times
+in turn, each a fresh reducer, so an A/B alternates within one process; the row is the
+median over every round's steps, with each round's median beside it.
 
 The last column is the part of the work done inside the hook before the collective
 is issued (``BucketStats.blocking_s``: compensate, select, pack), which stalls
@@ -40,6 +47,11 @@ from gradsparse.stepmodel import ddp_bucket_shapes  # noqa: E402
 
 logger = logging.getLogger("benchmarks.bucket_bench")
 
+def _without_candidates(compressor):
+    compressor.selects_from_candidates = False
+    return compressor
+
+
 METHODS = {
     "dense-iteration": lambda: (TopK(1.0), True),
     "topk1": lambda: (TopK(0.01), False),
@@ -47,6 +59,8 @@ METHODS = {
     "dgc0.1": lambda: (DGC(0.001, warmup=None), False),
     "dgc-warmup25": lambda: (DGC(0.25, warmup=None), False),
     "dgc-warmup6.25": lambda: (DGC(0.0625, warmup=None), False),
+    "topk1-nocandidates": lambda: (_without_candidates(TopK(0.01)), False),
+    "dgc0.1-nocandidates": lambda: (_without_candidates(DGC(0.001, warmup=None)), False),
 }
 
 
@@ -95,6 +109,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--rounds", type=int, default=1, help="run the methods' list this many times in turn")
     parser.add_argument("--json", default="benchmarks/results/bucket_bench.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -102,23 +117,31 @@ def main(argv=None) -> dict:
     buckets = buckets_of(resnet50())
     grads = [torch.randn(n) for n, _ in buckets]
     one_pass = read_pass_s(grads)
-    rows = []
-    for i, name in enumerate(args.methods, 1):
+    timed: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name in args.methods}
+    runs = [(r, name) for r in range(args.rounds) for name in args.methods]
+    for i, (_, name) in enumerate(runs, 1):
         times, blocking = time_method(name, buckets, args.steps)
+        timed[name].append((times, blocking))
+        med = statistics.median(times)
+        logger.info("[%d/%d] %s: %.1f ms (%.1f passes)", i, len(runs), name, 1e3 * med, med / one_pass)
+    rows = []
+    for name, rounds in timed.items():
+        times = [t for ts, _ in rounds for t in ts]
         med = statistics.median(times)
         rows.append({"method": name, "median_ms": 1e3 * med, "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
-                     "passes": med / one_pass, "blocking_ms": 1e3 * statistics.median(blocking)})
-        logger.info("[%d/%d] %s: %.1f ms (%.1f passes)", i, len(args.methods), name, 1e3 * med, med / one_pass)
+                     "passes": med / one_pass,
+                     "blocking_ms": 1e3 * statistics.median([b for _, bs in rounds for b in bs]),
+                     "round_medians_ms": [1e3 * statistics.median(ts) for ts, _ in rounds]})
     load = os.getloadavg()[0]
     result = {"read_pass_ms": 1e3 * one_pass, "elements": sum(n for n, _ in buckets), "buckets": len(buckets),
-              "steps": args.steps, "load": load, "torch": torch.__version__, "rows": rows}
+              "steps": args.steps, "rounds": args.rounds, "load": load, "torch": torch.__version__, "rows": rows}
     print(f"one read pass of {result['elements']:,} fp32 gradients: {1e3 * one_pass:.2f} ms; "
           f"load average {load:.2f}{'  (loaded machine: not a result)' if load >= 1 else ''}")
-    print("| method | step ms (median) | min - max | read passes | in the hook (stalls backward) ms |")
-    print("|---|---:|---:|---:|---:|")
+    print("| method | step ms (median) | min - max | read passes | in the hook (stalls backward) ms | per round |")
+    print("|---|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['method']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} - {r['max_ms']:.1f} | {r['passes']:.1f} | "
-              f"{r['blocking_ms']:.1f} |")
+              f"{r['blocking_ms']:.1f} | {' / '.join(f'{m:.1f}' for m in r['round_medians_ms'])} |")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
