@@ -556,9 +556,10 @@ class HierarchicalReducer:
                       on_stats) -> torch.futures.Future:
         """Node reduction, this rank's pieces through the inner reducer, node gather of the pieces.
 
-        Through shared memory (CPU buckets, :attr:`shared`): every rank writes its bucket, then
-        sums only its own pieces from every rank's copy; after the exchange it writes its pieces,
-        then copies every other rank's pieces. Otherwise both steps are the node's allreduces (every
+        Through shared memory (CPU buckets, :attr:`shared`): every rank writes the pieces the others
+        own, then sums its own pieces into its region of this layout (the shard, reduced there in
+        place); after the exchange it copies every other rank's pieces from their regions
+        (:meth:`_shared_reduce`, :meth:`_shared_land`). Otherwise both steps are the node's allreduces (every
         rank gets the node's average; then the zero-padded pieces are summed, exactly): gloo's
         reduce-scatter and allgather took about 10x its allreduce of the same 100 MB here
         (docs/design.md, 27).
