@@ -32,14 +32,16 @@ Example (every rank of the node, in the same order)::
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
 import random
+import shutil
 
 import torch
 
-from ..errors import CommunicationError
+from ..errors import CommunicationError, InvalidConfigError
 from .base import Communicator
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ class _Segment:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, header + nbytes)
+                _allocate(fd, path, header + nbytes)
             self.map = mmap.mmap(fd, header + nbytes)
         finally:
             os.close(fd)
@@ -86,6 +88,25 @@ class _Segment:
             _remove(self.path)
             self.path = None
         return self.path is None
+
+
+def _allocate(fd: int, path: str, nbytes: int) -> None:
+    """Give the new file ``nbytes`` of pages now: a full ``/dev/shm`` is a typed error here, not a SIGBUS
+    at the first write (Docker's default ``/dev/shm`` holds 64 MB)."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: a sparse file
+            os.ftruncate(fd, nbytes)
+            return
+        _remove(path)
+        root = os.path.dirname(path)
+        free = shutil.disk_usage(root).free
+        raise InvalidConfigError(
+            f"gradsparse: no room for {nbytes:,} bytes of shared memory in {root} ({free:,} free; {err.strerror}): "
+            f"the hierarchical reduction keeps about two of the largest buckets plus 1/local_size of the model's "
+            f"gradients there per rank. Give {root} more room (docker run --shm-size=2g, or a larger tmpfs), or "
+            "pass Hierarchy(shared_memory=False) to send them through the node's collectives") from err
 
 
 def _header(ranks: int) -> int:
@@ -138,7 +159,7 @@ class NodeMemory:
             mine = _Segment(probe, 8, True, comm.rank, size)
             mine.data.view(torch.int64)[0] = token ^ comm.rank
             wrote = 1
-        except OSError as err:
+        except (OSError, InvalidConfigError) as err:
             logger.info("gradsparse: no shared memory in %s (%s); the node's collectives go through %s", root, err,
                         type(comm).__name__)
         read = 0
