@@ -104,8 +104,8 @@ def _allocate(fd: int, path: str, nbytes: int) -> None:
         free = shutil.disk_usage(root).free
         raise InvalidConfigError(
             f"gradsparse: no room for {nbytes:,} bytes of shared memory in {root} ({free:,} free; {err.strerror}): "
-            f"the hierarchical reduction keeps about two of the largest buckets plus 1/local_size of the model's "
-            f"gradients there per rank. Give {root} more room (docker run --shm-size=2g, or a larger tmpfs), or "
+            f"the hierarchical reduction keeps two of the largest buckets plus 1/local_size of the model's "
+            f"gradients per bucket layout there, per rank (docs/ddp.md). Give {root} more room (docker run --shm-size=2g, or a larger tmpfs), or "
             "pass Hierarchy(shared_memory=False) to send them through the node's collectives") from err
 
 
