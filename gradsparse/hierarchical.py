@@ -400,6 +400,7 @@ class HierarchicalReducer:
         self._tag = "gradsparse"
         self._gathers: dict[str, Callable[[], None]] = {}  # unordered groups: the node gathers complete() runs
         self._landed: dict[int, torch.futures.Future] = {}  # layout -> its last gather through shared memory
+        self._used: dict[int, int] = {}  # layout -> the last step it was reduced through shared memory
         self.shared: tuple[NodeMemory, NodeMemory] | None = None  # (reduce, gather) segments of the node
         if boolean(shared_memory, "shared_memory") and groups.local > 1 and groups.ordered:
             reduce_memory = NodeMemory.attach(groups.node, "reduce")
@@ -666,6 +667,11 @@ class HierarchicalReducer:
         if landed is not None:  # its failure, if any, was its own future's
             with contextlib.suppress(Exception):
                 landed.wait()
+        for ident, last in list(self._used.items()):  # layouts no bucket used last step (DDP's first iteration)
+            if ident != layout.ident and step >= last + 2:
+                regions.drop(ident)
+                del self._used[ident]
+        self._used[layout.ident] = step
         copy = memory.start(flat.numel() * size).view(dtype)
         for owner, src, _, n in layout.owners:  # what the others sum: their pieces of this rank's bucket, scaled
             if owner != me:
@@ -809,6 +815,7 @@ class HierarchicalReducer:
         state["_gathers"] = {}
         state["shared"] = None  # mappings belong to this process
         state["_landed"] = {}
+        state["_used"] = {}
         return state
 
     def __setstate__(self, state):

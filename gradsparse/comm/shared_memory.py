@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 ROOT = "/dev/shm"
 SLOTS = 2
 MIN_BYTES = 1 << 20
+WINDOW = 8  # operations per slot over which a slot's size may shrink
 
 
 def capacity(nbytes: int) -> int:
@@ -134,6 +135,7 @@ class NodeMemory:
         self._nbytes = 0
         self._gen = [0] * SLOTS                       # generation of each slot's segments (grows with the size)
         self._cap = [0] * SLOTS
+        self._recent: list[list[int]] = [[] for _ in range(SLOTS)]  # each slot's last needs (capacities)
         self._mine: list[_Segment | None] = [None] * SLOTS
         self._theirs: dict[tuple[int, int, int], _Segment] = {}
         self._regions: dict[tuple[int, int], _Segment] = {}   # (rank, region): regions, this rank's and its peers'
@@ -179,13 +181,27 @@ class NodeMemory:
         return cls(comm, prefix, root)
 
     def start(self, nbytes: int) -> torch.Tensor:
-        """Begin the next operation: this rank's segment (``nbytes`` of it) to write before the barrier."""
+        """Begin the next operation: this rank's segment (``nbytes`` of it) to write before the barrier.
+
+        A slot grows to what the operation needs, and shrinks to the largest need of its last
+        :data:`WINDOW` operations once that is a quarter of its size or less (DDP's first
+        iteration reduces the whole model as one bucket; later buckets are far smaller).
+        """
         slot = self.ops % SLOTS
         self.ops += 1
-        if capacity(nbytes) > self._cap[slot]:
+        recent, need = self._recent[slot], capacity(nbytes)
+        recent.append(need)
+        del recent[:-WINDOW]
+        if need > self._cap[slot]:
+            size = need
+        elif len(recent) == WINDOW and 4 * max(recent) <= self._cap[slot]:
+            size = max(recent)
+        else:
+            size = None
+        if size is not None:
             if self._mine[slot] is not None:
                 self._gen[slot] += 1
-            self._cap[slot] = capacity(nbytes)
+            self._cap[slot] = size
             self._mine[slot] = _Segment(self._path(self.rank, slot, self._gen[slot]), self._cap[slot], True,
                                         self.rank, self.size)
             for key in [k for k in self._theirs if k[1] == slot]:  # peers' older generations of this slot
@@ -228,6 +244,8 @@ class NodeMemory:
         seg = self._regions.get(key)
         if seg is None:
             path = os.path.join(self.root, f"{self.prefix}-r{key[0]}-b{ident}")
+            if mine:  # a dropped region of this name that some rank never mapped: this one replaces it
+                _remove(path)
             try:
                 seg = _Segment(path, max(1, nbytes), mine, self.rank, self.size)
             except OSError as err:
@@ -235,6 +253,12 @@ class NodeMemory:
                                          f"({err}): it may have exited") from err
             self._regions[key] = seg
         return seg.data[:nbytes]
+
+    def drop(self, ident: int) -> None:
+        """Forget region ``ident`` of every rank (this rank's mapping of them; the memory goes with the last
+        mapping). Call it on every rank alike, once no rank reads or writes that region any more."""
+        for key in [k for k in self._regions if k[1] == ident]:
+            self._regions.pop(key).remove_if_mapped()
 
     def close(self) -> None:
         """Remove this rank's files that every rank has mapped (the others are left for the last peer to map)."""

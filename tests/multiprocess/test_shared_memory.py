@@ -29,12 +29,15 @@ def segments_worker(rank, world):
     (not a stale slot or generation); regions persist; and no file is left once every rank mapped them."""
     memory = shm.NodeMemory.attach(TorchDistCommunicator(), "test")
     seen = []
-    for op, n in enumerate([10, 300_000, 50, 1_000_000, 7, 2_000_000, 3]):
+    sizes = [10, 300_000, 50, 1_000_000, 7, 2_000_000, 3] + [5] * (2 * shm.WINDOW) + [400_000, 9]
+    caps = []
+    for op, n in enumerate(sizes):
         mine = memory.start(8 * n).view(torch.float64)
         mine.fill_(1000 * op + rank)
         memory.barrier().wait()
         peers = [p.view(torch.float64) for p in memory.peers()]
         seen.append(all(bool((p == 1000 * op + r).all()) for r, p in enumerate(peers)))
+        caps.append(list(memory._cap))
     region = memory.region(0, 8 * (rank + 1)).view(torch.float64)
     region.fill_(rank + 0.5)
     memory.barrier().wait()
@@ -42,7 +45,7 @@ def segments_worker(rank, world):
     regions = all(t.numel() == r + 1 and bool((t == r + 0.5).all()) for r, t in enumerate(theirs))
     memory.barrier().wait()
     left = sorted(glob.glob(os.path.join(shm.ROOT, f"{memory.prefix}*")))
-    return {"seen": seen, "regions": regions, "left": left, "prefix": memory.prefix}
+    return {"seen": seen, "regions": regions, "left": left, "prefix": memory.prefix, "caps": caps}
 
 
 def test_every_rank_reads_each_operations_values_and_no_file_is_left():
@@ -50,6 +53,9 @@ def test_every_rank_reads_each_operations_values_and_no_file_is_left():
     for r in reports:
         assert all(r["seen"]) and r["regions"]
         assert r["left"] == []  # every file is removed by the last rank to map it
+        # slots grew to 16 MiB (2M doubles), shrank back to 1 MiB after a window of small operations, grew again
+        assert max(max(c) for c in r["caps"]) == 16 << 20
+        assert r["caps"][6 + 2 * shm.WINDOW] == [1 << 20, 1 << 20] and r["caps"][-2][1] == 4 << 20
     assert len({r["prefix"] for r in reports}) == 1  # one name agreed on by the node
 
 
