@@ -402,7 +402,8 @@ class HierarchicalReducer:
         self._landed: dict[int, torch.futures.Future] = {}  # layout -> its last gather through shared memory
         self._used: dict[int, int] = {}  # layout -> the last step it was reduced through shared memory
         self.shared: tuple[NodeMemory, NodeMemory] | None = None  # (reduce, gather) segments of the node
-        if boolean(shared_memory, "shared_memory") and groups.local > 1 and groups.ordered:
+        if (boolean(shared_memory, "shared_memory") and groups.local > 1 and groups.ordered
+                and groups.node.carries_cpu_tensors and groups.node_gather.carries_cpu_tensors):
             reduce_memory = NodeMemory.attach(groups.node, "reduce")
             gather_memory = NodeMemory.attach(groups.node_gather, "gather")
             if reduce_memory is not None and gather_memory is not None:

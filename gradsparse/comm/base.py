@@ -59,6 +59,11 @@ class Communicator(abc.ABC):
     #: the name of the collectives being started (set with :meth:`tagged`)
     _tag: str = "gradsparse"
 
+    @property
+    def carries_cpu_tensors(self) -> bool:
+        """Whether its collectives take CPU tensors (False for an NCCL process group)."""
+        return True
+
     @contextlib.contextmanager
     def tagged(self, tag: str):
         """Start the collectives issued inside the block under ``tag``.

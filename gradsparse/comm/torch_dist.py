@@ -45,6 +45,11 @@ class TorchDistCommunicator(Communicator):
     def world_size(self) -> int:
         return dist.get_world_size(self.process_group)
 
+    @property
+    def carries_cpu_tensors(self) -> bool:
+        """False for a group whose only backend is NCCL (``"cpu:gloo,cuda:nccl"`` and gloo carry them)."""
+        return dist.get_backend(self.process_group) != "nccl"
+
     def allgather_ints(self, values, device):
         mine = torch.tensor(list(values), dtype=torch.int64, device=device)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]

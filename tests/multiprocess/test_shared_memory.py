@@ -27,6 +27,7 @@ def test_capacity_is_the_next_power_of_two_of_at_least_one_mib():
 def segments_worker(rank, world):
     """Operations of growing, shrinking and growing sizes: every rank reads every peer's values of this operation
     (not a stale slot or generation); regions persist; and no file is left once every rank mapped them."""
+    assert TorchDistCommunicator().carries_cpu_tensors  # gloo (an NCCL-only group would not be probed)
     memory = shm.NodeMemory.attach(TorchDistCommunicator(), "test")
     seen = []
     sizes = [10, 300_000, 50, 1_000_000, 7, 2_000_000, 3] + [5] * (2 * shm.WINDOW) + [400_000, 9]
