@@ -15,7 +15,9 @@ What it does:
    elements), the slowest rank per repetition, and fits :class:`gradsparse.cost.LinkModel`
    (latency and bandwidth). With several ranks per node (``LOCAL_WORLD_SIZE``) it measures
    the link inside a node (each node's ranks among themselves) and between nodes (rank 0
-   of every node) separately.
+   of every node) separately, and where the node's ranks share ``/dev/shm`` the round a
+   CPU bucket takes through shared memory inside the node, which the hierarchical
+   prediction then uses as the node's link (as the reducer does).
 2. Kernels: on your model's gradient shapes (``--model``: a built-in name of
    :data:`gradsparse.model_shapes.BUILTIN` or ``module:factory`` returning an
    ``nn.Module``), bucketed as DDP does, times gradsparse's pipeline (DGC 0.1 %, TopK 1 %)
@@ -207,7 +209,41 @@ def measure_links(sizes: list[int], repeats: int, local: int) -> dict:
         dist.barrier()
         out["inter"] = _broadcast_link(out.get("inter"), nodes, len(sizes))
         logger.info("between nodes (%d nodes, one rank each): %s", nodes, _link_text(out["inter"]["model"]))
+        shared = measure_shared_memory(sizes, repeats, local)
+        if shared is not None:
+            out["intra_shared"] = shared
+            logger.info("inside a node through shared memory: %s", _link_text(shared["model"]))
     return out
+
+
+def measure_shared_memory(sizes: list[int], repeats: int, local: int) -> dict | None:
+    """What the hierarchical reducer does inside a node with a CPU bucket of each size (through shared memory,
+    :meth:`~gradsparse.hierarchical.HierarchicalReducer.node_round`), every node at once, timed as the node's
+    allreduce of it and fitted as its link; None where the node's ranks do not share ``/dev/shm``. Every rank
+    must call it."""
+    import torch.distributed as dist
+
+    from .compressors import TopK
+    from .hierarchical import Groups, HierarchicalReducer
+
+    reducer = HierarchicalReducer(TopK(0.01), Groups.create(local), transport="hierarchical")
+    if reducer.shared is None:  # the same answer on every rank of a node; the nodes must agree too
+        agreed = torch.zeros(1)
+    else:
+        agreed = torch.ones(1)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    if not agreed.item():
+        return None
+    observations, rows = [], []
+    for n in sizes:
+        times, _, _ = _timed(lambda: reducer.node_round(n), repeats, None)
+        observations += [Observation.collective("allreduce", 4 * n, local, t) for t in times]
+        rows.append({"op": "shared_memory_round", "bytes": 4 * n, "median_s": statistics.median(times)})
+    try:
+        model, fit = LinkModel.fit(observations), "latency and bandwidth"
+    except InvalidConfigError:
+        model, fit = _bandwidth_only(observations), "bandwidth only"
+    return {"world": local, "model": model.as_dict(), "fit": fit, "timings": rows}
 
 
 def _broadcast_link(link: dict | None, world: int, n_sizes: int) -> dict:
@@ -526,8 +562,9 @@ def _measure(args, sizes: list[int]) -> tuple[dict, int, int, int, bool]:
 def _links_for(links: dict, local: int, nodes: int, args) -> tuple[LinkModel | None, LinkModel | None]:
     """The (between nodes, inside a node) links to predict with: measured where they were, else given."""
     given = LinkModel(args.latency_us * 1e-6, args.link_gbit * 1e9 / 8) if args.link_gbit else None
-    if links.get("inter"):
-        inter, intra = LinkModel(**_model(links["inter"])), LinkModel(**_model(links["intra"]))
+    if links.get("inter"):  # inside a node: shared memory where the reducer will use it, else the collectives
+        inter = LinkModel(**_model(links["inter"]))
+        intra = LinkModel(**_model(links.get("intra_shared") or links["intra"]))
     elif links and local == 1:
         inter, intra = LinkModel(**_model(links["flat"])), None
     elif links:                          # one node of several ranks: the measured link is the one inside it

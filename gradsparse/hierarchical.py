@@ -409,7 +409,7 @@ class HierarchicalReducer:
             if reduce_memory is not None and gather_memory is not None:
                 self.shared = (reduce_memory, gather_memory)
         if self.transport == "auto" and (topology is None or kernel is None):
-            measured = measure(groups, compressor, node_round=self._node_round if self.shared else None)
+            measured = measure(groups, compressor, node_round=self.node_round if self.shared else None)
             topology, kernel = topology or measured[0], kernel or measured[1]
             logger.info("gradsparse: hierarchy %d nodes x %d ranks; links %s; compression %.3g ns/element",
                         groups.nodes, groups.local, topology, 1e9 * kernel.per_element_s)
@@ -723,8 +723,9 @@ class HierarchicalReducer:
             if issued is not None:
                 issued.set_result(None)
 
-    def _node_round(self, n: int) -> None:
-        """One bucket of ``n`` elements through the node's shared memory, both ways (what :func:`measure` times)."""
+    def node_round(self, n: int) -> None:
+        """One bucket of ``n`` elements through the node's shared memory, both ways (what :func:`measure` and
+        ``gradsparse.advise`` time); collective over the node, needs :attr:`shared`."""
         flat = torch.ones(n)
         layout = self._layout([Segment("gradsparse.measure", 0, n)], flat.device)
         shard = self._shared_reduce(flat, layout, 0)

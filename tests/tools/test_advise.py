@@ -89,6 +89,10 @@ def test_advise_on_two_nodes_of_two_ranks_shares_the_link_between_nodes(tmp_path
     assert all(r["median_s"] > 0 and r["cpu_s"] > 0 for r in links["inter"]["timings"])
     assert links["inter"]["cpu"]["allreduce"]["bytes_per_s"] > 0         # rank 0's CPU fit reached every rank
     assert advice["predicted_for"]["inter"]["bytes_per_s"] == links["inter"]["model"]["bytes_per_s"] > 0
+    # inside a node the hierarchical prediction uses the round through shared memory, as the reducer does
+    shared = links["intra_shared"]
+    assert shared["world"] == 2 and [r["op"] for r in shared["timings"]] == ["shared_memory_round"] * 3
+    assert advice["predicted_for"]["intra"] == shared["model"] and shared["model"]["bytes_per_s"] > 0
 
 
 def test_timings_that_fit_no_line_give_the_bandwidth_of_the_largest_transfers():
