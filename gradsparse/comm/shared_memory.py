@@ -138,7 +138,7 @@ class NodeMemory:
         self._recent: list[list[int]] = [[] for _ in range(SLOTS)]  # each slot's last needs (capacities)
         self._mine: list[_Segment | None] = [None] * SLOTS
         self._theirs: dict[tuple[int, int, int], _Segment] = {}
-        self._regions: dict[tuple[int, int], _Segment] = {}   # (rank, region): regions, this rank's and its peers'
+        self._regions: dict[tuple[int, int, int], _Segment] = {}  # (rank, region, bytes): this rank's and peers'
 
     def _path(self, rank: int, slot: int, gen: int) -> str:
         return os.path.join(self.root, f"{self.prefix}-r{rank}-s{slot}-g{gen}")
@@ -233,17 +233,17 @@ class NodeMemory:
         return out
 
     def region(self, ident: int, nbytes: int, rank: int | None = None) -> torch.Tensor:
-        """Region ``ident`` of ``rank`` (None: this rank; created at its first use), ``nbytes`` long.
+        """Region ``ident`` of ``rank`` (None: this rank; created at its first use) of ``nbytes``.
 
-        Unlike the slots a region lives as long as this object: the caller says when its
-        contents may change. A peer's region exists once that peer has passed a barrier
-        after creating it.
+        Unlike the slots a region lives as long as this object (or until :meth:`drop`): the
+        caller says when its contents may change. A peer's region exists once that peer has
+        passed a barrier after creating it. The same ``ident`` at another size is another region.
         """
         mine = rank is None or rank == self.rank
-        key = (self.rank if mine else rank, ident)
+        key = (self.rank if mine else rank, ident, nbytes)
         seg = self._regions.get(key)
         if seg is None:
-            path = os.path.join(self.root, f"{self.prefix}-r{key[0]}-b{ident}")
+            path = os.path.join(self.root, f"{self.prefix}-r{key[0]}-b{ident}-n{nbytes}")
             if mine:  # a dropped region of this name that some rank never mapped: this one replaces it
                 _remove(path)
             try:
@@ -262,7 +262,7 @@ class NodeMemory:
 
     def close(self) -> None:
         """Remove this rank's files that every rank has mapped (the others are left for the last peer to map)."""
-        for seg in [*self._mine, *(seg for (r, _), seg in self._regions.items() if r == self.rank)]:
+        for seg in [*self._mine, *(seg for (r, _, _), seg in self._regions.items() if r == self.rank)]:
             if seg is not None:
                 seg.remove_if_mapped()
 

@@ -86,3 +86,29 @@ def test_ranks_that_do_not_share_the_directory_use_the_nodes_collectives(tmp_pat
         os.makedirs(root)
     for r in run_world(private_root_worker, 4, roots):
         assert r == {"shared": False, "files": []}
+
+
+def half_buckets_worker(rank, world, shared_memory):
+    """2 nodes x 2 ranks, fp16 and bf16 buckets of several parameters (one too small to split), nothing dropped:
+    the node's ranks end with the same bits, and the result is the average of every rank's bucket."""
+    from gradsparse.reducer import Segment
+
+    reducer = hier.HierarchicalReducer(TopK(1.0), hier.Groups.create(2), transport="hierarchical",
+                                       shared_memory=shared_memory)
+    out = {}
+    segments = [Segment("a", 0, 9_000), Segment("b", 9_000, 100), Segment("c", 9_100, 20_001)]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        grads = [torch.randn(29_101, generator=torch.Generator().manual_seed(r)).to(dtype) for r in range(world)]
+        flat = grads[rank].clone()
+        reducer.reduce(flat, segments, step=1).wait()
+        out[str(dtype)] = flat
+        close(flat, sum(g.double() for g in grads) / world, dtype, what=str(dtype), ulps=16)
+    return {"shared": reducer.shared is not None, "out": out}
+
+
+def test_half_precision_buckets_through_shared_memory_equal_the_average_with_one_result_per_node():
+    for shared_memory in (True, False):
+        reports = run_world(half_buckets_worker, 4, shared_memory)
+        assert all(r["shared"] == shared_memory for r in reports)
+        for node in (0, 2):
+            assert all(torch.equal(reports[node]["out"][k], reports[node + 1]["out"][k]) for k in reports[node]["out"])
