@@ -76,3 +76,15 @@ def test_scale_docstring_examples():
 
     result = doctest.testmod(scale)
     assert result.attempted >= 2 and result.failed == 0, result
+
+
+def test_the_link_between_nodes_is_at_most_the_measured_stream():
+    def inputs(fit_gbit, stream_gbit):
+        flat = {"latency_s": 5e-5, "bytes_per_s": fit_gbit * 1e9 / 8}
+        return {"links": {"2x1@1gbit": {"flat": flat, "tcp_bits_per_s": stream_gbit * 1e9},
+                          "2x2@1gbit": {"intra": {"latency_s": 1e-5, "bytes_per_s": 1e9}}}}
+    above = scale._link(inputs(1.027, 0.956), "1gbit", "inter")  # small messages within tbf's burst lift the fit
+    assert above.bytes_per_s == 0.956e9 / 8 and above.latency_s == 5e-5
+    below = scale._link(inputs(0.925, 0.956), "1gbit", "inter")
+    assert below.bytes_per_s == 0.925e9 / 8
+    assert scale._link(inputs(1.027, 0.956), "1gbit", "intra").bytes_per_s == 1e9  # inside a node: no stream
