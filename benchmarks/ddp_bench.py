@@ -66,7 +66,8 @@ LABELS = {"compute": "compute only (no comm)", "dense": "dense fp32 (no hook)", 
           "dgc0.1": "gradsparse DGC 0.1 %", "dgc0.1warm": "gradsparse DGC, warm-up stage 1 (25 %)",
           "dgc0.1warmtime": "gradsparse DGC, warm-up stage 1, transport by time",
           "dgc0.1hier": "gradsparse DGC 0.1 % (hierarchical)",
-          "dgc0.1hiercoll": "gradsparse DGC 0.1 % (hierarchical, node allreduces)", "dgc0.1auto": "gradsparse DGC 0.1 % (by cost)",
+          "dgc0.1hiercoll": "gradsparse DGC 0.1 % (hierarchical, node allreduces)",
+          "dgc0.1auto": "gradsparse DGC 0.1 % (by cost)",
           "topk1hier": "gradsparse TopK 1 % (hierarchical)", "topk1auto": "gradsparse TopK 1 % (by cost)"}
 GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime", "dgc0.1hier", "dgc0.1hiercoll", "dgc0.1auto",
               "topk1hier", "topk1auto")

@@ -11,8 +11,9 @@ Segments are POSIX shared memory files (``/dev/shm``), one per rank and *slot*: 
 operations alternate between two slots, so a rank may write the next operation while a slower
 peer still reads the last one (a rank starts operation ``i + 2`` only after the barrier of
 ``i + 1``, which no peer enters before it has finished reading ``i``). A segment grows to the
-next power of two of the largest operation (every rank sees the same sizes in the same order,
-so every rank names and sizes its peers' segments alike). A segment's header holds one flag per
+next power of two of what an operation needs, and shrinks after a run of much smaller ones
+(every rank sees the same sizes in the same order, so every rank names and sizes its peers'
+segments alike). A segment's header holds one flag per
 rank, set once that rank has mapped it; whichever rank sets the last flag removes the file (the
 mappings stay valid), so a finished job leaves nothing in ``/dev/shm`` (a rank killed after
 creating a segment and before every peer mapped it leaves that file).
@@ -106,8 +107,9 @@ def _allocate(fd: int, path: str, nbytes: int) -> None:
         raise InvalidConfigError(
             f"gradsparse: no room for {nbytes:,} bytes of shared memory in {root} ({free:,} free; {err.strerror}): "
             f"the hierarchical reduction keeps two of the largest buckets plus 1/local_size of the model's "
-            f"gradients per bucket layout there, per rank (docs/ddp.md). Give {root} more room (docker run --shm-size=2g, or a larger tmpfs), or "
-            "pass Hierarchy(shared_memory=False) to send them through the node's collectives") from err
+            f"gradients per bucket layout there, per rank (docs/ddp.md). Give {root} more room (docker run "
+            "--shm-size=2g, or a larger tmpfs), or pass Hierarchy(shared_memory=False) to send them through the "
+            "node's collectives") from err
 
 
 def _header(ranks: int) -> int:
