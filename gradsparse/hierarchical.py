@@ -401,6 +401,7 @@ class HierarchicalReducer:
         self._gathers: dict[str, Callable[[], None]] = {}  # unordered groups: the node gathers complete() runs
         self._landed: dict[int, torch.futures.Future] = {}  # layout -> its last gather through shared memory
         self._used: dict[int, int] = {}  # layout -> the last step it was reduced through shared memory
+        self._round_bucket = torch.empty(0)  # node_round's bucket
         self.shared: tuple[NodeMemory, NodeMemory] | None = None  # (reduce, gather) segments of the node
         if (boolean(shared_memory, "shared_memory") and groups.local > 1 and groups.ordered
                 and groups.node.carries_cpu_tensors and groups.node_gather.carries_cpu_tensors):
@@ -725,8 +726,11 @@ class HierarchicalReducer:
 
     def node_round(self, n: int) -> None:
         """One bucket of ``n`` elements through the node's shared memory, both ways (what :func:`measure` and
-        ``gradsparse.advise`` time); collective over the node, needs :attr:`shared`."""
-        flat = torch.ones(n)
+        ``gradsparse.advise`` time); collective over the node, needs :attr:`shared`. The bucket is kept
+        between calls of one size, as DDP keeps its buckets: allocating it is not part of the round."""
+        if self._round_bucket.numel() != n:
+            self._round_bucket = torch.ones(n)
+        flat = self._round_bucket
         layout = self._layout([Segment("gradsparse.measure", 0, n)], flat.device)
         shard = self._shared_reduce(flat, layout, 0)
         out: torch.futures.Future = torch.futures.Future()
