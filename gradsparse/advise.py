@@ -161,12 +161,7 @@ def measure_link(sizes: list[int], repeats: int, group=None) -> dict:
             rows.append({"op": kind, "bytes": nbytes, "median_s": statistics.median(times),
                          "cpu_s": statistics.median(cpu),
                          "host_cpu_s": statistics.fmean(host)})              # mean: whole clock ticks
-    try:
-        model, fit = LinkModel.fit(observations), "latency and bandwidth"
-    except InvalidConfigError as err:  # timings that do not grow with size (a loaded or very fast link)
-        model, fit = _bandwidth_only(observations), "bandwidth only"
-        logger.warning("link fit: %s; using the bandwidth of the largest transfers and no latency: %s", err,
-                       _link_text(model.as_dict()))
+    model, fit = _fit_link(observations)
     cpu_models = {}
     for kind, obs in cpu_obs.items():
         try:
@@ -181,6 +176,18 @@ def _cpu_text(m: dict | None) -> str:
     if m is None:
         return "not resolved"
     return f"{1e6 * m['latency_s']:.1f} us per round + {1e9 / m['bytes_per_s']:.2f} ns per byte"
+
+
+def _fit_link(observations: list[Observation]) -> tuple[LinkModel, str]:
+    """Latency and bandwidth fitted to the timings, or, where no line fits them (timings that do not grow
+    with size: a loaded or very fast link), the bandwidth of the largest transfers (logged); and which."""
+    try:
+        return LinkModel.fit(observations), "latency and bandwidth"
+    except InvalidConfigError as err:
+        model = _bandwidth_only(observations)
+        logger.warning("link fit: %s; using the bandwidth of the largest transfers and no latency: %s", err,
+                       _link_text(model.as_dict()))
+        return model, "bandwidth only"
 
 
 def _bandwidth_only(observations: list[Observation]) -> LinkModel:
@@ -227,10 +234,7 @@ def measure_shared_memory(sizes: list[int], repeats: int, local: int) -> dict | 
     from .hierarchical import Groups, HierarchicalReducer
 
     reducer = HierarchicalReducer(TopK(0.01), Groups.create(local), transport="hierarchical")
-    if reducer.shared is None:  # the same answer on every rank of a node; the nodes must agree too
-        agreed = torch.zeros(1)
-    else:
-        agreed = torch.ones(1)
+    agreed = torch.tensor([float(reducer.shared is not None)])  # the same on a node's ranks; nodes must agree
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
     if not agreed.item():
         return None
@@ -239,10 +243,7 @@ def measure_shared_memory(sizes: list[int], repeats: int, local: int) -> dict | 
         times, _, _ = _timed(lambda: reducer.node_round(n), repeats, None)
         observations += [Observation.collective("allreduce", 4 * n, local, t) for t in times]
         rows.append({"op": "shared_memory_round", "bytes": 4 * n, "median_s": statistics.median(times)})
-    try:
-        model, fit = LinkModel.fit(observations), "latency and bandwidth"
-    except InvalidConfigError:
-        model, fit = _bandwidth_only(observations), "bandwidth only"
+    model, fit = _fit_link(observations)
     return {"world": local, "model": model.as_dict(), "fit": fit, "timings": rows}
 
 

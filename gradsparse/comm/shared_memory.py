@@ -225,12 +225,7 @@ class NodeMemory:
                 continue
             seg = self._theirs.get((r, slot, gen))
             if seg is None:
-                try:
-                    seg = _Segment(self._path(r, slot, gen), self._cap[slot], False, self.rank, self.size)
-                except OSError as err:
-                    raise CommunicationError(f"gradsparse: rank {r} of this node has no shared segment "
-                                             f"{self._path(r, slot, gen)} ({err}): it may have exited") from err
-                self._theirs[(r, slot, gen)] = seg
+                seg = self._theirs[(r, slot, gen)] = self._map_peer(self._path(r, slot, gen), self._cap[slot], r)
             out.append(seg.data[:self._nbytes])
         return out
 
@@ -248,13 +243,19 @@ class NodeMemory:
             path = os.path.join(self.root, f"{self.prefix}-r{key[0]}-b{ident}-n{nbytes}")
             if mine:  # a dropped region of this name that some rank never mapped: this one replaces it
                 _remove(path)
-            try:
-                seg = _Segment(path, max(1, nbytes), mine, self.rank, self.size)
-            except OSError as err:
-                raise CommunicationError(f"gradsparse: rank {rank} of this node has no shared segment {path} "
-                                         f"({err}): it may have exited") from err
+                seg = _Segment(path, max(1, nbytes), True, self.rank, self.size)
+            else:
+                seg = self._map_peer(path, max(1, nbytes), rank)
             self._regions[key] = seg
         return seg.data[:nbytes]
+
+    def _map_peer(self, path: str, nbytes: int, rank: int) -> _Segment:
+        """Map peer ``rank``'s segment at ``path``; a missing one is a :class:`CommunicationError`."""
+        try:
+            return _Segment(path, nbytes, False, self.rank, self.size)
+        except OSError as err:
+            raise CommunicationError(f"gradsparse: rank {rank} of this node has no shared segment {path} ({err}): "
+                                     "it may have exited") from err
 
     def drop(self, ident: int) -> None:
         """Forget region ``ident`` of every rank (this rank's mapping of them; the memory goes with the last

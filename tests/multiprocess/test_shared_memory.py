@@ -13,6 +13,7 @@ from gradsparse import ddp as gddp
 from gradsparse import hierarchical as hier
 from gradsparse.comm import TorchDistCommunicator
 from gradsparse.comm import shared_memory as shm
+from gradsparse.reducer import Segment
 
 from ..distributed import run_world
 from ..models import loss_of, make_model
@@ -91,8 +92,6 @@ def test_ranks_that_do_not_share_the_directory_use_the_nodes_collectives(tmp_pat
 def half_buckets_worker(rank, world, shared_memory):
     """2 nodes x 2 ranks, fp16 and bf16 buckets of several parameters (one too small to split), nothing dropped:
     the node's ranks end with the same bits, and the result is the average of every rank's bucket."""
-    from gradsparse.reducer import Segment
-
     reducer = hier.HierarchicalReducer(TopK(1.0), hier.Groups.create(2), transport="hierarchical",
                                        shared_memory=shared_memory)
     out = {}
