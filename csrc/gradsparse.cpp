@@ -1,6 +1,6 @@
 // Operator schemas of the gradsparse extension, registered once.
-// Kernels: csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(gradsparse, CPU, m)), csrc/cuda/*.cu (CUDA); pack is
-// device-neutral (csrc/pack.cpp). Contracts and costs: docs/kernels.md.
+// Kernels: csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(gradsparse, CPU, m)), csrc/cuda/*.cu (CUDA); pack,
+// pack_gathered and index_zero_ are device-neutral (csrc/pack.cpp, csrc/index_zero.cpp). Contracts and costs: docs/kernels.md.
 // Reference semantics of every op: gradsparse/_reference.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -30,6 +30,14 @@ TORCH_LIBRARY(gradsparse, m) {
   m.def("segmented_topk_select(Tensor x, Tensor offsets, Tensor ks, float sample_ratio, int seed) -> Tensor");
   // One rank's payload: header | int32 indices | pad | values | dense | pad (gradsparse/payload.py).
   m.def("pack(Tensor indices, Tensor values, Tensor dense, int numel, ScalarType value_dtype, int flags) -> Tensor");
+  // pack(indices, source.reshape(-1).index_select(0, indices), dense, numel, value_dtype, flags), the same
+  // bytes, without the gathered values as a tensor between (the reducer's payload of a selection).
+  m.def("pack_gathered(Tensor indices, Tensor source, Tensor dense, int numel, ScalarType value_dtype, int flags) "
+        "-> Tensor");
+  // For every target (contiguous, floating-point, numel above every position):
+  // target.view(-1).index_fill_(0, positions, 0), in one pass over the int64 positions (the memory
+  // update of a selection sent exactly: DGC zeroes momentum and velocity at the same positions).
+  m.def("index_zero_(Tensor(a!)[] targets, Tensor positions) -> ()");
   // DGC momentum correction and accumulation in one pass, in place on fp32 u and v:
   // u = m*u + g; v = v + u   (nesterov: u = m*(u + g); v = v + u + g).
   m.def("dgc_compensate(Tensor(a!) u, Tensor(b!) v, Tensor g, float momentum, bool nesterov) -> ()");

@@ -1,10 +1,11 @@
-// pack: one device-neutral implementation (ATen copies run on the tensors' device and stream),
+// pack and pack_gathered: one device-neutral implementation (ATen copies run on the tensors' device and stream),
 // with a direct loop for CPU tensors.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -39,45 +40,48 @@ void cast_into(const at::Tensor& src, uint8_t* dst, at::ScalarType value_dtype) 
 }
 
 // CPU: the payload is allocated uninitialized and every byte written once (header, indices,
-// values, dense section, zeroed padding).
-at::Tensor pack_cpu(const at::Tensor& indices, const at::Tensor& values, const at::Tensor& dense, const Layout& lay,
-                    const int32_t* header, at::ScalarType value_dtype) {
-  at::Tensor out = at::empty({lay.nbytes}, values.options().dtype(at::kByte));
+// values, dense section, zeroed padding); `pairs(base)` writes the indices and values.
+template <typename Pairs>
+at::Tensor pack_cpu(const at::Tensor& like, const at::Tensor& dense, const Layout& lay, const int32_t* header,
+                    at::ScalarType value_dtype, Pairs&& pairs) {
+  at::Tensor out = at::empty({lay.nbytes}, like.options().dtype(at::kByte));
   uint8_t* base = out.data_ptr<uint8_t>();
   std::memcpy(base, header, kHeaderBytes);
   const int64_t indices_end = kHeaderBytes + 4 * lay.count;
   std::memset(base + indices_end, 0, lay.values_offset - indices_end);
   const int64_t dense_end = lay.dense_offset + lay.value_size * lay.n_dense;
   std::memset(base + dense_end, 0, lay.nbytes - dense_end);
-  if (lay.count) {
-    const at::Tensor idx = indices.reshape(-1).contiguous();
-    int32_t* o = reinterpret_cast<int32_t*>(base + kHeaderBytes);
-    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "pack_indices", [&] {
-      const index_t* p = idx.data_ptr<index_t>();
-      at::parallel_for(0, lay.count, kPackGrain, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) o[i] = static_cast<int32_t>(p[i]);
-      });
-    });
-    cast_into(values, base + lay.values_offset, value_dtype);
-  }
+  if (lay.count) pairs(base);
   cast_into(dense, base + lay.dense_offset, value_dtype);
   return out;
 }
 
-at::Tensor pack(const at::Tensor& indices, const at::Tensor& values, const at::Tensor& dense, int64_t numel,
-                at::ScalarType value_dtype, int64_t flags) {
-  TORCH_CHECK_VALUE(indices.numel() == values.numel(), "pack: ", indices.numel(), " indices but ", values.numel(),
-                    " values");
-  TORCH_CHECK_VALUE(numel >= 0 && numel <= INT32_MAX, "pack: numel ", numel, " does not fit int32 indices");
-  const Layout lay(indices.numel(), dense.numel(), value_dtype);
-  const std::vector<int32_t> header = {kMagic, static_cast<int32_t>(flags), static_cast<int32_t>(lay.count),
-                                       static_cast<int32_t>(lay.n_dense), static_cast<int32_t>(numel),
-                                       dtype_code(value_dtype), 0, 0};
-  if (indices.is_cpu() && values.is_cpu() && dense.is_cpu() &&
-      (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt) &&
-      is_value_type(values.scalar_type()) && is_value_type(dense.scalar_type())) {
-    return pack_cpu(indices, values, dense, lay, header.data(), value_dtype);
-  }
+// The indices (int64 or int32) as int32, into the payload's index section.
+void write_indices(const at::Tensor& indices, uint8_t* base, int64_t count) {
+  const at::Tensor idx = indices.reshape(-1).contiguous();
+  int32_t* o = reinterpret_cast<int32_t*>(base + kHeaderBytes);
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "pack_indices", [&] {
+    const index_t* p = idx.data_ptr<index_t>();
+    at::parallel_for(0, count, kPackGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) o[i] = static_cast<int32_t>(p[i]);
+    });
+  });
+}
+
+std::vector<int32_t> header_of(const Layout& lay, int64_t numel, at::ScalarType value_dtype, int64_t flags) {
+  return {kMagic, static_cast<int32_t>(flags), static_cast<int32_t>(lay.count), static_cast<int32_t>(lay.n_dense),
+          static_cast<int32_t>(numel), dtype_code(value_dtype), 0, 0};
+}
+
+bool cpu_pack_inputs(const at::Tensor& indices, const at::Tensor& values, const at::Tensor& dense) {
+  return indices.is_cpu() && values.is_cpu() && dense.is_cpu() &&
+         (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt) &&
+         is_value_type(values.scalar_type()) && is_value_type(dense.scalar_type());
+}
+
+// Any device: a zeroed payload, each section copied into its view (ATen copies on the tensors' device).
+at::Tensor pack_generic(const at::Tensor& indices, const at::Tensor& values, const at::Tensor& dense,
+                        const Layout& lay, const std::vector<int32_t>& header, at::ScalarType value_dtype) {
   at::Tensor out = at::zeros({lay.nbytes}, values.options().dtype(at::kByte));
   out.narrow(0, 0, kHeaderBytes).view(at::kInt).copy_(at::tensor(header, at::TensorOptions().dtype(at::kInt)));
   if (lay.count) {
@@ -90,10 +94,74 @@ at::Tensor pack(const at::Tensor& indices, const at::Tensor& values, const at::T
   return out;
 }
 
+at::Tensor pack(const at::Tensor& indices, const at::Tensor& values, const at::Tensor& dense, int64_t numel,
+                at::ScalarType value_dtype, int64_t flags) {
+  TORCH_CHECK_VALUE(indices.numel() == values.numel(), "pack: ", indices.numel(), " indices but ", values.numel(),
+                    " values");
+  TORCH_CHECK_VALUE(numel >= 0 && numel <= INT32_MAX, "pack: numel ", numel, " does not fit int32 indices");
+  const Layout lay(indices.numel(), dense.numel(), value_dtype);
+  const std::vector<int32_t> header = header_of(lay, numel, value_dtype, flags);
+  if (cpu_pack_inputs(indices, values, dense)) {
+    return pack_cpu(values, dense, lay, header.data(), value_dtype, [&](uint8_t* base) {
+      write_indices(indices, base, lay.count);
+      cast_into(values, base + lay.values_offset, value_dtype);
+    });
+  }
+  return pack_generic(indices, values, dense, lay, header, value_dtype);
+}
+
+// pack(indices, source.reshape(-1).index_select(0, indices), ...) without the gathered tensor: on the
+// CPU one loop reads each index once and writes it and source[index], cast, into the payload.
+at::Tensor pack_gathered(const at::Tensor& indices, const at::Tensor& source, const at::Tensor& dense, int64_t numel,
+                         at::ScalarType value_dtype, int64_t flags) {
+  TORCH_CHECK_VALUE(indices.dim() <= 1, "pack_gathered: indices must be 0-D or 1-D, got ", indices.dim(), "-D");
+  TORCH_CHECK_VALUE(numel >= 0 && numel <= INT32_MAX, "pack_gathered: numel ", numel, " does not fit int32 indices");
+  if (!cpu_pack_inputs(indices, source, dense)) {
+    const at::Tensor values = source.reshape(-1).index_select(0, indices.reshape(-1));
+    const Layout lay(indices.numel(), dense.numel(), value_dtype);
+    return pack_generic(indices, values, dense, lay, header_of(lay, numel, value_dtype, flags), value_dtype);
+  }
+  const Layout lay(indices.numel(), dense.numel(), value_dtype);
+  const at::Tensor src = source.reshape(-1).contiguous();
+  const int64_t size = src.numel();
+  const at::Tensor idx = indices.reshape(-1).contiguous();
+  return pack_cpu(source, dense, lay, header_of(lay, numel, value_dtype, flags).data(), value_dtype,
+                  [&](uint8_t* base) {
+    int32_t* oi = reinterpret_cast<int32_t*>(base + kHeaderBytes);
+    std::atomic<bool> failed{false};
+    std::atomic<int64_t> bad{0};  // an index outside the source: nothing out of range is read
+    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "pack_gathered_indices", [&] {
+      const index_t* p = idx.data_ptr<index_t>();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "pack_gathered_source", [&] {
+        using src_t = scalar_t;
+        const src_t* x = src.data_ptr<src_t>();
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "pack_gathered_values", [&] {
+          scalar_t* ov = reinterpret_cast<scalar_t*>(base + lay.values_offset);
+          at::parallel_for(0, lay.count, kPackGrain, [&](int64_t b, int64_t e) {
+            for (int64_t i = b; i < e; ++i) {
+              const int64_t j = static_cast<int64_t>(p[i]);
+              if (j < 0 || j >= size) {
+                bad.store(j);
+                failed.store(true);
+                return;
+              }
+              oi[i] = static_cast<int32_t>(j);
+              ov[i] = static_cast<scalar_t>(x[j]);
+            }
+          });
+        });
+      });
+    });
+    TORCH_CHECK_INDEX(!failed.load(), "pack_gathered: index ", bad.load(), " is out of bounds for a source of ", size,
+                      " elements");
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradsparse, CompositeExplicitAutograd, m) {
   m.impl("pack", &pack);
+  m.impl("pack_gathered", &pack_gathered);
 }
 
 }  // namespace gradsparse

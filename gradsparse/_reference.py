@@ -320,6 +320,18 @@ def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel
     return out
 
 
+def pack_gathered(indices: torch.Tensor, source: torch.Tensor, dense: torch.Tensor, numel: int,
+                  value_dtype: torch.dtype, flags: int = 0) -> torch.Tensor:
+    """Reference of :func:`gradsparse.ops.pack_gathered`: the gathered values, then :func:`pack`."""
+    return pack(indices, source.reshape(-1).index_select(0, indices.reshape(-1)), dense, numel, value_dtype, flags)
+
+
+def index_zero_(targets: list[torch.Tensor], positions: torch.Tensor) -> None:
+    """Reference of :func:`gradsparse.ops.index_zero_`: ``index_fill_`` of each target."""
+    for t in targets:
+        t.view(-1).index_fill_(0, positions, 0.0)
+
+
 def unpack_add(payloads: list[torch.Tensor], out: torch.Tensor, value_dtype: torch.dtype,
                dense_index: torch.Tensor | None = None, alpha: float = 1.0, overwrite: bool = False) -> int:
     """Reference of :func:`gradsparse.payload.unpack_add`: :func:`~gradsparse.payload.parse` every payload

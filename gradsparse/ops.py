@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -283,6 +284,35 @@ def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel
     return _reference.pack(indices, values, dense, numel, value_dtype, flags)
 
 
+def pack_gathered(indices: torch.Tensor, source: torch.Tensor, dense: torch.Tensor, numel: int,
+                  value_dtype: torch.dtype, flags: int = 0) -> torch.Tensor:
+    """:func:`pack` of ``source[indices]`` without the gathered values as a tensor between: the same bytes.
+
+    >>> x = torch.tensor([0.5, -2.0, 0.0, 3.0])
+    >>> torch.equal(pack_gathered(torch.tensor([1, 3]), x, x[:0], 4, torch.float32),
+    ...             pack(torch.tensor([1, 3]), x[[1, 3]], x[:0], 4, torch.float32))
+    True
+    """
+    if _compiled(source):
+        return torch.ops.gradsparse.pack_gathered(indices, source.detach(), dense, int(numel), value_dtype,
+                                                  int(flags))
+    return _reference.pack_gathered(indices, source, dense, numel, value_dtype, flags)
+
+
+def index_zero_(targets: Sequence[torch.Tensor], positions: torch.Tensor) -> None:
+    """``t.view(-1).index_fill_(0, positions, 0)`` for every target, reading the int64 positions once.
+
+    >>> u, v = torch.ones(4), torch.ones(4)
+    >>> index_zero_([u, v], torch.tensor([0, 2]))
+    >>> u.tolist(), v.tolist()
+    ([0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0])
+    """
+    if targets and _compiled(positions):
+        torch.ops.gradsparse.index_zero_(list(targets), positions)
+        return
+    _reference.index_zero_(list(targets), positions)
+
+
 def unpack_add(payloads: list[torch.Tensor], out: torch.Tensor, value_dtype: torch.dtype,
                dense_index: torch.Tensor | None = None, alpha: float = 1.0, overwrite: bool = False) -> int:
     """Validate all payloads, then scatter-add ``alpha * values`` into ``out`` in rank order; OR of flags."""
@@ -340,6 +370,14 @@ if BACKEND == "extension":
     def _pack_fake(indices, values, dense, numel, value_dtype, flags):
         return values.new_empty(PayloadLayout(indices.numel(), dense.numel(), value_dtype).nbytes, dtype=torch.uint8)
 
+    @torch.library.register_fake("gradsparse::pack_gathered")
+    def _pack_gathered_fake(indices, source, dense, numel, value_dtype, flags):
+        return source.new_empty(PayloadLayout(indices.numel(), dense.numel(), value_dtype).nbytes, dtype=torch.uint8)
+
+    @torch.library.register_fake("gradsparse::index_zero_")
+    def _index_zero_fake(targets, positions):
+        return None
+
     @torch.library.register_fake("gradsparse::dgc_compensate")
     def _dgc_compensate_fake(u, v, g, momentum, nesterov):
         return None
@@ -357,7 +395,9 @@ __all__ = [
     "dgc_compensate_",
     "dgc_compensate_candidates",
     "dgc_compensate_into",
+    "index_zero_",
     "pack",
+    "pack_gathered",
     "residual_compensate_candidates",
     "residual_compensate_into",
     "sampled_topk_indices",

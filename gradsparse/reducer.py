@@ -144,8 +144,13 @@ class _Selection:
     """A bucket's selection, in the bucket's coordinates."""
 
     positions: torch.Tensor      # int64, ascending
-    sent: torch.Tensor           # fp32 values as they go on the wire (allgather transport)
+    sent: torch.Tensor | None    # fp32 values as they go on the wire; None: ``source[positions]``, exactly
     masked: torch.Tensor | None  # positions of groups not sent completely (DGC masks momentum); None: none
+    source: torch.Tensor | None = None  # fp32, what ``sent`` is gathered from (unchanged until the commit)
+
+    def values(self) -> torch.Tensor:
+        """The fp32 values sent, gathered from ``source`` when not kept (the payload gathers them itself)."""
+        return self.sent if self.sent is not None else self.source.index_select(0, self.positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,6 +461,8 @@ class SparseReducer:
         if compressor.quantizes:
             sent = torch.cat([compressor.sent_values(v[a:a + n], positions[cuts[i]:cuts[i + 1]] - a)
                               for i, (a, n) in enumerate(plan.ranges)])
+        elif wire == torch.float32 and v.dtype == torch.float32:
+            sent = None  # sent as they are: the payload gathers them (ops.pack_gathered)
         else:
             sent = v.index_select(0, positions)
         if all(complete):
@@ -464,6 +471,8 @@ class SparseReducer:
             masked = positions
         else:
             masked = torch.cat([positions[cuts[i]:cuts[i + 1]] for i, c in enumerate(complete) if not c])
+        if sent is None:
+            return _Selection(positions, None, masked, source=v)
         return _Selection(positions, sent.to(wire).float(), masked)
 
     def _select_gathered(self, v: torch.Tensor, plan: _Plan, step: int, epoch: int, wire: torch.dtype) -> _Selection:
@@ -604,7 +613,10 @@ class SparseReducer:
         if not job.healthy:
             return ops.pack(torch.arange(job.count, device=flat.device), flat.new_zeros(job.count),
                             flat.new_zeros(plan.n_whole), flat.numel(), wire, flags=FLAG_NONFINITE)
-        return ops.pack(job.selection.positions, job.selection.sent, job.whole, flat.numel(), wire)
+        chosen = job.selection
+        if chosen.sent is None:
+            return ops.pack_gathered(chosen.positions, chosen.source, job.whole, flat.numel(), wire)
+        return ops.pack(chosen.positions, chosen.sent, job.whole, flat.numel(), wire)
 
     def _allgather(self, job: _Job) -> torch.futures.Future:
         """Sparse transport: pack this rank's pairs and whole tensors, allgather, unpack-add every rank's."""
@@ -644,10 +656,11 @@ class SparseReducer:
         if not job.healthy:
             flat.fill_(float("nan"))  # every rank must see it: the sum carries the NaN to all of them
         else:
+            values = job.selection.values()  # before the bucket (which it may be gathered from) is zeroed
             for a, b in job.plan.runs:
                 flat[a:b].zero_()
             positions = job.selection.positions
-            flat.index_copy_(0, positions, job.selection.sent.to(flat.dtype))
+            flat.index_copy_(0, positions, values.to(flat.dtype))
             carried = flat.index_select(0, positions).float()
         if self.options.op == "average":
             flat.mul_(1.0 / self.communicator.world_size)
@@ -696,10 +709,10 @@ class SparseReducer:
         """The reduction arrived: remove what was sent from the memory, post-process whole tensors."""
         chosen = job.selection
         if job.arena is not None:
-            sent = chosen.sent if landing.sent is None else landing.sent
             # the values went out as they were selected: fp32, unquantized, and (dense transport) an fp32 bucket
             exact = job.wire == torch.float32 and not self.compressor.quantizes and (
                 landing.sent is None or job.flat.dtype == torch.float32)
+            sent = landing.sent if landing.sent is not None else None if exact else chosen.values()
             job.arena.commit(chosen.positions, sent, chosen.masked, exact)
         if job.plan.whole and self.memory.whole_names:  # one gather, update and scatter for the bucket
             out = landing.out

@@ -535,6 +535,75 @@ def test_pack_equals_reference(value_dtype, count, n_dense, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("source_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("count,n_dense", [(0, 0), (1, 3), (257, 9), (300_001, 2)])
+def test_pack_gathered_equals_pack_of_the_gathered_values(count, n_dense, index_dtype, value_dtype, source_dtype,
+                                                          device):
+    """The same bytes as ``pack(indices, source[indices], ...)``: every value rounds to the wire as pack's
+    copy does (fp64 and fp32 sources into fp16/bf16 wires included), whatever the index dtype."""
+    numel, g = 1_000_003, torch.Generator().manual_seed(count + n_dense)
+    idx = torch.randperm(numel, generator=g)[:count].sort().values
+    source = (torch.randn(numel, generator=g, dtype=torch.float64) * 1e3).to(source_dtype)
+    dense = torch.randn(n_dense, generator=g)
+    want = ref.pack(idx, source.index_select(0, idx), dense, numel, value_dtype, 1)
+    got = torch.ops.gradsparse.pack_gathered(idx.to(index_dtype).to(device), source.to(device), dense.to(device),
+                                             numel, value_dtype, 1)
+    assert got.device.type == device
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(ops.pack_gathered(idx.to(device), source.to(device), dense.to(device), numel, value_dtype, 1)
+                       .cpu(), want)
+
+
+def test_pack_gathered_refuses_an_index_outside_the_source():
+    """CPU: an index outside the source raises IndexError (nothing outside it is read), as index_select does."""
+    source = torch.arange(10.0)
+    for bad in ([3, 10], [-1, 4], [2, 5, 2**40]):
+        with pytest.raises(IndexError, match="out of bounds"):
+            torch.ops.gradsparse.pack_gathered(torch.tensor(bad), source, source[:0], 10, torch.float32, 0)
+    with pytest.raises(IndexError):
+        ref.pack_gathered(torch.tensor([3, 10]), source, source[:0], 10, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("targets", [1, 2, 3, 5])
+@pytest.mark.parametrize("count", [0, 1, 2048, 2049, 700_001])
+def test_index_zero_equals_index_fill(count, targets, dtype, device):
+    """Every target zeroed at the positions and nowhere else (unsorted and repeated positions too), the
+    same as ``index_fill_`` of each: fp32 lists of up to 4 take the one-loop path, the rest index_fill_."""
+    numel, g = 1_000_003, torch.Generator().manual_seed(count * 7 + targets)
+    positions = torch.randint(numel, (count,), generator=g)  # unsorted, with repeats
+    start = [torch.randn(numel, generator=g).to(dtype) for _ in range(targets)]
+    got = [t.clone().to(device) for t in start]
+    torch.ops.gradsparse.index_zero_(got, positions.to(device))
+    want = [t.clone() for t in start]
+    ref.index_zero_(want, positions)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+    if count:
+        assert all(t.cpu()[positions].eq(0).all() for t in got)
+
+
+def test_index_zero_refuses_bad_arguments():
+    a, b = torch.ones(10), torch.ones(10)
+    with pytest.raises(IndexError, match="position 10 is out of bounds for 10"):
+        torch.ops.gradsparse.index_zero_([a, b], torch.tensor([1, 10]))
+    with pytest.raises(IndexError, match="out of bounds"):
+        torch.ops.gradsparse.index_zero_([a, torch.ones(12)], torch.tensor([11]))  # outside the shorter target
+    with pytest.raises(IndexError, match="position -1"):
+        torch.ops.gradsparse.index_zero_([a], torch.tensor([-1]))
+    with pytest.raises(ValueError, match="1-D int64"):
+        torch.ops.gradsparse.index_zero_([a], torch.tensor([1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="contiguous floating-point"):
+        torch.ops.gradsparse.index_zero_([torch.ones(10, 2)[:, 0]], torch.tensor([1]))
+    with pytest.raises(ValueError, match="contiguous floating-point"):
+        torch.ops.gradsparse.index_zero_([torch.ones(10, dtype=torch.int64)], torch.tensor([1]))
+    assert torch.equal(b, torch.ones(10))  # no block of these calls reached a write
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("value_dtype", DTYPES)
 @pytest.mark.parametrize("world,alpha,overwrite", [(1, 1.0, False), (3, 1 / 3, True), (4, 0.25, True)])
@@ -608,6 +677,8 @@ def test_opcheck_every_op(device):
                            torch.tensor([3, 0, 400], device=device), 0.01, 0))
     idx, vals, dense = torch.tensor([1, 7, 9], device=device), randn(3), randn(2)
     torch.library.opcheck(torch.ops.gradsparse.pack.default, (idx, vals, dense, 20, torch.float16, 0))
+    torch.library.opcheck(torch.ops.gradsparse.pack_gathered.default, (idx, randn(20), dense, 20, torch.float16, 0))
+    torch.library.opcheck(torch.ops.gradsparse.index_zero_.default, ([randn(20), randn(20)], idx))
     payload = ref.pack(idx.cpu(), vals.cpu(), dense.cpu(), 20, torch.float32).to(device)
     torch.library.opcheck(torch.ops.gradsparse.dgc_compensate.default,
                           (randn(100), randn(100), randn(100).half(), 0.9, True))
