@@ -31,9 +31,10 @@ TORCH_LIBRARY(gradsparse, m) {
   // One rank's payload: header | int32 indices | pad | values | dense | pad (gradsparse/payload.py).
   m.def("pack(Tensor indices, Tensor values, Tensor dense, int numel, ScalarType value_dtype, int flags) -> Tensor");
   // pack(indices, source.reshape(-1).index_select(0, indices), dense, numel, value_dtype, flags), the same
-  // bytes, without the gathered values as a tensor between (the reducer's payload of a selection).
-  m.def("pack_gathered(Tensor indices, Tensor source, Tensor dense, int numel, ScalarType value_dtype, int flags) "
-        "-> Tensor");
+  // bytes, written into out (uint8, exactly the payload's size), without the gathered values as a
+  // tensor between (the reducer's payload of a selection, in a buffer it reuses between steps).
+  m.def("pack_gathered(Tensor indices, Tensor source, Tensor dense, int numel, ScalarType value_dtype, int flags, "
+        "Tensor(a!) out) -> ()");
   // For every target (contiguous, floating-point, numel above every position):
   // target.view(-1).index_fill_(0, positions, 0), in one pass over the int64 positions (the memory
   // update of a selection sent exactly: DGC zeroes momentum and velocity at the same positions).

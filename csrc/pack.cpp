@@ -39,12 +39,11 @@ void cast_into(const at::Tensor& src, uint8_t* dst, at::ScalarType value_dtype) 
   });
 }
 
-// CPU: the payload is allocated uninitialized and every byte written once (header, indices,
-// values, dense section, zeroed padding); `pairs(base)` writes the indices and values.
+// CPU: every byte of the payload `out` (uninitialized) written once (header, indices, values,
+// dense section, zeroed padding); `pairs(base)` writes the indices and values.
 template <typename Pairs>
-at::Tensor pack_cpu(const at::Tensor& like, const at::Tensor& dense, const Layout& lay, const int32_t* header,
-                    at::ScalarType value_dtype, Pairs&& pairs) {
-  at::Tensor out = at::empty({lay.nbytes}, like.options().dtype(at::kByte));
+void pack_cpu(const at::Tensor& out, const at::Tensor& dense, const Layout& lay, const int32_t* header,
+              at::ScalarType value_dtype, Pairs&& pairs) {
   uint8_t* base = out.data_ptr<uint8_t>();
   std::memcpy(base, header, kHeaderBytes);
   const int64_t indices_end = kHeaderBytes + 4 * lay.count;
@@ -53,7 +52,6 @@ at::Tensor pack_cpu(const at::Tensor& like, const at::Tensor& dense, const Layou
   std::memset(base + dense_end, 0, lay.nbytes - dense_end);
   if (lay.count) pairs(base);
   cast_into(dense, base + lay.dense_offset, value_dtype);
-  return out;
 }
 
 // The indices (int64 or int32) as int32, into the payload's index section.
@@ -79,10 +77,10 @@ bool cpu_pack_inputs(const at::Tensor& indices, const at::Tensor& values, const 
          is_value_type(values.scalar_type()) && is_value_type(dense.scalar_type());
 }
 
-// Any device: a zeroed payload, each section copied into its view (ATen copies on the tensors' device).
-at::Tensor pack_generic(const at::Tensor& indices, const at::Tensor& values, const at::Tensor& dense,
-                        const Layout& lay, const std::vector<int32_t>& header, at::ScalarType value_dtype) {
-  at::Tensor out = at::zeros({lay.nbytes}, values.options().dtype(at::kByte));
+// Any device: the payload `out` zeroed, each section copied into its view (ATen copies on the tensors' device).
+void pack_generic(const at::Tensor& out, const at::Tensor& indices, const at::Tensor& values, const at::Tensor& dense,
+                  const Layout& lay, const std::vector<int32_t>& header, at::ScalarType value_dtype) {
+  out.zero_();
   out.narrow(0, 0, kHeaderBytes).view(at::kInt).copy_(at::tensor(header, at::TensorOptions().dtype(at::kInt)));
   if (lay.count) {
     out.narrow(0, kHeaderBytes, 4 * lay.count).view(at::kInt).copy_(indices.reshape(-1));
@@ -91,7 +89,6 @@ at::Tensor pack_generic(const at::Tensor& indices, const at::Tensor& values, con
   if (lay.n_dense) {
     out.narrow(0, lay.dense_offset, lay.value_size * lay.n_dense).view(value_dtype).copy_(dense.reshape(-1));
   }
-  return out;
 }
 
 at::Tensor pack(const at::Tensor& indices, const at::Tensor& values, const at::Tensor& dense, int64_t numel,
@@ -102,30 +99,39 @@ at::Tensor pack(const at::Tensor& indices, const at::Tensor& values, const at::T
   const Layout lay(indices.numel(), dense.numel(), value_dtype);
   const std::vector<int32_t> header = header_of(lay, numel, value_dtype, flags);
   if (cpu_pack_inputs(indices, values, dense)) {
-    return pack_cpu(values, dense, lay, header.data(), value_dtype, [&](uint8_t* base) {
+    at::Tensor out = at::empty({lay.nbytes}, values.options().dtype(at::kByte));
+    pack_cpu(out, dense, lay, header.data(), value_dtype, [&](uint8_t* base) {
       write_indices(indices, base, lay.count);
       cast_into(values, base + lay.values_offset, value_dtype);
     });
+    return out;
   }
-  return pack_generic(indices, values, dense, lay, header, value_dtype);
+  at::Tensor out = at::empty({lay.nbytes}, values.options().dtype(at::kByte));
+  pack_generic(out, indices, values, dense, lay, header, value_dtype);
+  return out;
 }
 
-// pack(indices, source.reshape(-1).index_select(0, indices), ...) without the gathered tensor: on the
-// CPU one loop reads each index once and writes it and source[index], cast, into the payload.
-at::Tensor pack_gathered(const at::Tensor& indices, const at::Tensor& source, const at::Tensor& dense, int64_t numel,
-                         at::ScalarType value_dtype, int64_t flags) {
+// pack(indices, source.reshape(-1).index_select(0, indices), ...) written into `out` (a caller's
+// buffer, reused between steps: no fresh pages to fault in) without the gathered tensor: on the CPU
+// one loop reads each index once and writes it and source[index], cast, into the payload.
+void pack_gathered(const at::Tensor& indices, const at::Tensor& source, const at::Tensor& dense, int64_t numel,
+                   at::ScalarType value_dtype, int64_t flags, const at::Tensor& out) {
   TORCH_CHECK_VALUE(indices.dim() <= 1, "pack_gathered: indices must be 0-D or 1-D, got ", indices.dim(), "-D");
   TORCH_CHECK_VALUE(numel >= 0 && numel <= INT32_MAX, "pack_gathered: numel ", numel, " does not fit int32 indices");
-  if (!cpu_pack_inputs(indices, source, dense)) {
-    const at::Tensor values = source.reshape(-1).index_select(0, indices.reshape(-1));
-    const Layout lay(indices.numel(), dense.numel(), value_dtype);
-    return pack_generic(indices, values, dense, lay, header_of(lay, numel, value_dtype, flags), value_dtype);
-  }
   const Layout lay(indices.numel(), dense.numel(), value_dtype);
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kByte && out.dim() == 1 && out.is_contiguous() &&
+                        out.numel() == lay.nbytes && out.device() == source.device(),
+                    "pack_gathered: out must be a contiguous 1-D uint8 tensor of the payload's ", lay.nbytes,
+                    " bytes on the source's device, got ", out.scalar_type(), " ", out.sizes(), " on ", out.device());
+  if (!(cpu_pack_inputs(indices, source, dense) && out.is_cpu())) {
+    const at::Tensor values = source.reshape(-1).index_select(0, indices.reshape(-1));
+    pack_generic(out, indices, values, dense, lay, header_of(lay, numel, value_dtype, flags), value_dtype);
+    return;
+  }
   const at::Tensor src = source.reshape(-1).contiguous();
   const int64_t size = src.numel();
   const at::Tensor idx = indices.reshape(-1).contiguous();
-  return pack_cpu(source, dense, lay, header_of(lay, numel, value_dtype, flags).data(), value_dtype,
+  pack_cpu(out, dense, lay, header_of(lay, numel, value_dtype, flags).data(), value_dtype,
                   [&](uint8_t* base) {
     int32_t* oi = reinterpret_cast<int32_t*>(base + kHeaderBytes);
     std::atomic<bool> failed{false};

@@ -321,9 +321,13 @@ def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel
 
 
 def pack_gathered(indices: torch.Tensor, source: torch.Tensor, dense: torch.Tensor, numel: int,
-                  value_dtype: torch.dtype, flags: int = 0) -> torch.Tensor:
-    """Reference of :func:`gradsparse.ops.pack_gathered`: the gathered values, then :func:`pack`."""
-    return pack(indices, source.reshape(-1).index_select(0, indices.reshape(-1)), dense, numel, value_dtype, flags)
+                  value_dtype: torch.dtype, flags: int, out: torch.Tensor) -> None:
+    """Reference of :func:`gradsparse.ops.pack_gathered`: the gathered values, then :func:`pack`, copied into
+    ``out`` (which must have the payload's size)."""
+    payload = pack(indices, source.reshape(-1).index_select(0, indices.reshape(-1)), dense, numel, value_dtype, flags)
+    if out.dtype != torch.uint8 or out.shape != payload.shape:
+        raise ValueError(f"pack_gathered: out must be a uint8 tensor of the payload's {payload.numel()} bytes")
+    out.copy_(payload)
 
 
 def index_zero_(targets: list[torch.Tensor], positions: torch.Tensor) -> None:

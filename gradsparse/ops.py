@@ -285,18 +285,23 @@ def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel
 
 
 def pack_gathered(indices: torch.Tensor, source: torch.Tensor, dense: torch.Tensor, numel: int,
-                  value_dtype: torch.dtype, flags: int = 0) -> torch.Tensor:
-    """:func:`pack` of ``source[indices]`` without the gathered values as a tensor between: the same bytes.
+                  value_dtype: torch.dtype, flags: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`pack` of ``source[indices]`` without the gathered values as a tensor between: the same bytes,
+    written into ``out`` (``uint8``, exactly the payload's size: a buffer reused between steps) or a new tensor.
 
     >>> x = torch.tensor([0.5, -2.0, 0.0, 3.0])
     >>> torch.equal(pack_gathered(torch.tensor([1, 3]), x, x[:0], 4, torch.float32),
     ...             pack(torch.tensor([1, 3]), x[[1, 3]], x[:0], 4, torch.float32))
     True
     """
+    if out is None:
+        out = torch.empty(PayloadLayout(indices.numel(), dense.numel(), value_dtype).nbytes, dtype=torch.uint8,
+                          device=source.device)
     if _compiled(source):
-        return torch.ops.gradsparse.pack_gathered(indices, source.detach(), dense, int(numel), value_dtype,
-                                                  int(flags))
-    return _reference.pack_gathered(indices, source, dense, numel, value_dtype, flags)
+        torch.ops.gradsparse.pack_gathered(indices, source.detach(), dense, int(numel), value_dtype, int(flags), out)
+    else:
+        _reference.pack_gathered(indices, source, dense, numel, value_dtype, flags, out)
+    return out
 
 
 def index_zero_(targets: Sequence[torch.Tensor], positions: torch.Tensor) -> None:
@@ -371,8 +376,8 @@ if BACKEND == "extension":
         return values.new_empty(PayloadLayout(indices.numel(), dense.numel(), value_dtype).nbytes, dtype=torch.uint8)
 
     @torch.library.register_fake("gradsparse::pack_gathered")
-    def _pack_gathered_fake(indices, source, dense, numel, value_dtype, flags):
-        return source.new_empty(PayloadLayout(indices.numel(), dense.numel(), value_dtype).nbytes, dtype=torch.uint8)
+    def _pack_gathered_fake(indices, source, dense, numel, value_dtype, flags, out):
+        return None
 
     @torch.library.register_fake("gradsparse::index_zero_")
     def _index_zero_fake(targets, positions):

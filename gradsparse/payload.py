@@ -90,6 +90,37 @@ class PayloadLayout:
         return _align8(self.dense_offset + self.value_size * self.n_dense)
 
 
+class PayloadBuffers:
+    """``uint8`` buffers for payloads, one kept per key (a bucket's plan) between steps.
+
+    A large allocation is fresh pages to fault in every step: at DGC's 25 % warm-up density,
+    packing ResNet-50's buckets into new tensors took 13.3 ms a step against 9.4 ms with reuse
+    (docs/benchmarks.md). A buffer is handed out by :meth:`take` and kept again by :meth:`give`
+    once its payload was unpacked, so one in flight is never written twice; one at least twice
+    the size asked for (a warm-up's payload after it) is replaced.
+
+    >>> buffers = PayloadBuffers()
+    >>> a = buffers.take("bucket0", 64, torch.device("cpu"))
+    >>> buffers.give("bucket0", a)
+    >>> buffers.take("bucket0", 48, torch.device("cpu")).data_ptr() == a.data_ptr()
+    True
+    """
+
+    def __init__(self):
+        self._kept: dict = {}
+
+    def take(self, key, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A contiguous ``uint8`` tensor of ``nbytes`` on ``device``: the kept one when it fits, else a new one."""
+        buffer = self._kept.pop(key, None)
+        if buffer is None or buffer.device != device or not nbytes <= buffer.numel() < 2 * nbytes + 4096:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return buffer[:nbytes]
+
+    def give(self, key, payload: torch.Tensor) -> None:
+        """Keep ``payload``'s memory for the key's next :meth:`take` (its contents are no longer needed)."""
+        self._kept[key] = payload
+
+
 def pack(
     indices: torch.Tensor,
     values: torch.Tensor,
@@ -168,6 +199,7 @@ __all__ = [
     "INT32_MAX",
     "MAGIC",
     "VALUE_DTYPES",
+    "PayloadBuffers",
     "PayloadLayout",
     "pack",
     "parse",

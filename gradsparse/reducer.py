@@ -98,7 +98,7 @@ from .errors import (
     UnsupportedGradientError,
 )
 from .options import ReducerOptions
-from .payload import DTYPE_OF_CODE, FLAG_NONFINITE, INT32_MAX, VALUE_DTYPES, PayloadLayout
+from .payload import DTYPE_OF_CODE, FLAG_NONFINITE, INT32_MAX, VALUE_DTYPES, PayloadBuffers, PayloadLayout
 from .stats import ALLGATHER, ALLREDUCE, BucketStats
 from .transport import FIELDS as TRANSPORT_FIELDS
 from .transport import TransportModel
@@ -301,6 +301,7 @@ class SparseReducer:
         self._caps: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._transport = TransportModel()
         self._last_done = 0.0  # when this rank's previous bucket collective completed (perf_counter)
+        self._payloads = PayloadBuffers()
 
     # ----------------------------------------------------------------- planning
     def _plan(self, segments: Sequence[Segment], numel: int) -> _Plan:
@@ -615,7 +616,9 @@ class SparseReducer:
                             flat.new_zeros(plan.n_whole), flat.numel(), wire, flags=FLAG_NONFINITE)
         chosen = job.selection
         if chosen.sent is None:
-            return ops.pack_gathered(chosen.positions, chosen.source, job.whole, flat.numel(), wire)
+            out = self._payloads.take(id(plan), PayloadLayout(chosen.positions.numel(), plan.n_whole, wire).nbytes,
+                                      flat.device)
+            return ops.pack_gathered(chosen.positions, chosen.source, job.whole, flat.numel(), wire, out=out)
         return ops.pack(chosen.positions, chosen.sent, job.whole, flat.numel(), wire)
 
     def _allgather(self, job: _Job) -> torch.futures.Future:
@@ -637,8 +640,13 @@ class SparseReducer:
                 if flags & FLAG_NONFINITE else None
             return _Landing(out, problem=problem)
 
+        def landed(payloads: list[torch.Tensor]) -> _Landing:
+            landing = land(payloads)
+            self._payloads.give(id(job.plan), payload)  # unpacked: the next step may write it again
+            return landing
+
         fut = self.collective(lambda: self.communicator.allgather(payload, job.sizes), flat, job.step)
-        return self._complete(job, fut, lambda done: done.value(), land, ALLGATHER, traffic,
+        return self._complete(job, fut, lambda done: done.value(), landed, ALLGATHER, traffic,
                               _Timing(issued, issued - packing, job.largest, traffic.received))
 
     def _allreduce(self, job: _Job) -> torch.futures.Future:

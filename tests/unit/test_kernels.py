@@ -22,6 +22,7 @@ import torch
 from gradsparse import _reference as ref
 from gradsparse import ops
 from gradsparse.errors import PayloadError
+from gradsparse.payload import PayloadLayout
 
 from ..oracles import threshold_oracle, topk_oracle
 
@@ -548,9 +549,9 @@ def test_pack_gathered_equals_pack_of_the_gathered_values(count, n_dense, index_
     source = (torch.randn(numel, generator=g, dtype=torch.float64) * 1e3).to(source_dtype)
     dense = torch.randn(n_dense, generator=g)
     want = ref.pack(idx, source.index_select(0, idx), dense, numel, value_dtype, 1)
-    got = torch.ops.gradsparse.pack_gathered(idx.to(index_dtype).to(device), source.to(device), dense.to(device),
-                                             numel, value_dtype, 1)
-    assert got.device.type == device
+    got = torch.full((want.numel(),), 0xA5, dtype=torch.uint8, device=device)  # a reused buffer: every byte written
+    torch.ops.gradsparse.pack_gathered(idx.to(index_dtype).to(device), source.to(device), dense.to(device), numel,
+                                       value_dtype, 1, got)
     assert torch.equal(got.cpu(), want)
     assert torch.equal(ops.pack_gathered(idx.to(device), source.to(device), dense.to(device), numel, value_dtype, 1)
                        .cpu(), want)
@@ -561,9 +562,21 @@ def test_pack_gathered_refuses_an_index_outside_the_source():
     source = torch.arange(10.0)
     for bad in ([3, 10], [-1, 4], [2, 5, 2**40]):
         with pytest.raises(IndexError, match="out of bounds"):
-            torch.ops.gradsparse.pack_gathered(torch.tensor(bad), source, source[:0], 10, torch.float32, 0)
+            ops.pack_gathered(torch.tensor(bad), source, source[:0], 10, torch.float32)
     with pytest.raises(IndexError):
-        ref.pack_gathered(torch.tensor([3, 10]), source, source[:0], 10, torch.float32)
+        ref.pack_gathered(torch.tensor([3, 10]), source, source[:0], 10, torch.float32, 0, torch.empty(0))
+
+
+@pytest.mark.parametrize("out", [torch.empty(63, dtype=torch.uint8), torch.empty(65, dtype=torch.uint8),
+                                 torch.empty(64), torch.empty(128, dtype=torch.uint8)[::2]],
+                         ids=["short", "long", "float32", "strided"])
+def test_pack_gathered_refuses_an_out_that_is_not_the_payload(out):
+    """``out`` is exactly the payload (here 64 bytes: header, 2 indices, 2 fp32 values), contiguous uint8."""
+    source = torch.arange(10.0)
+    with pytest.raises(ValueError, match="out must be"):
+        torch.ops.gradsparse.pack_gathered(torch.tensor([1, 2]), source, source[:0], 10, torch.float32, 0, out)
+    with pytest.raises(ValueError, match="out must be"):
+        ref.pack_gathered(torch.tensor([1, 2]), source, source[:0], 10, torch.float32, 0, out)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -677,7 +690,9 @@ def test_opcheck_every_op(device):
                            torch.tensor([3, 0, 400], device=device), 0.01, 0))
     idx, vals, dense = torch.tensor([1, 7, 9], device=device), randn(3), randn(2)
     torch.library.opcheck(torch.ops.gradsparse.pack.default, (idx, vals, dense, 20, torch.float16, 0))
-    torch.library.opcheck(torch.ops.gradsparse.pack_gathered.default, (idx, randn(20), dense, 20, torch.float16, 0))
+    torch.library.opcheck(torch.ops.gradsparse.pack_gathered.default,
+                          (idx, randn(20), dense, 20, torch.float16, 0,
+                           torch.empty(PayloadLayout(3, 2, torch.float16).nbytes, dtype=torch.uint8, device=device)))
     torch.library.opcheck(torch.ops.gradsparse.index_zero_.default, ([randn(20), randn(20)], idx))
     payload = ref.pack(idx.cpu(), vals.cpu(), dense.cpu(), 20, torch.float32).to(device)
     torch.library.opcheck(torch.ops.gradsparse.dgc_compensate.default,
