@@ -112,3 +112,22 @@ def test_payload_entry_points_pass_every_argument_to_the_kernels():
             flags = payload_format.unpack_add([got, got], a, value_dtype, dense_index, alpha=alpha, overwrite=overwrite)
             assert flags == _reference.unpack_add([got, got], b, value_dtype, dense_index, alpha, overwrite) == 1
             assert torch.equal(a, b), (value_dtype, alpha, overwrite)
+
+
+def test_payload_buffers_never_hand_out_one_in_flight_and_replace_the_oversized():
+    """A buffer taken and not given back is never handed out again; one given back is reused while it fits
+    and is less than twice the size asked for (a warm-up's payload is not kept through the steady state)."""
+    from gradsparse.payload import PayloadBuffers
+
+    buffers, cpu = PayloadBuffers(), torch.device("cpu")
+    a = buffers.take("b", 1 << 16, cpu)
+    b = buffers.take("b", 1 << 16, cpu)  # a is in flight
+    assert a.data_ptr() != b.data_ptr() and a.numel() == b.numel() == 1 << 16
+    buffers.give("b", a)
+    c = buffers.take("b", 40_000, cpu)
+    assert c.data_ptr() == a.data_ptr() and c.numel() == 40_000 and c.is_contiguous()
+    buffers.give("b", c)
+    assert buffers.take("b", 50_000, cpu).data_ptr() != a.data_ptr()  # larger than the kept 40,000 bytes
+    buffers.give("b", a)
+    assert buffers.take("b", 1_000, cpu).data_ptr() != a.data_ptr()  # 64 KiB kept for 1,000: replaced
+    assert buffers.take("other", 1 << 16, cpu).data_ptr() != a.data_ptr()  # kept per key
