@@ -11,10 +11,14 @@ within 2x of that)::
     python -m benchmarks.bucket_bench                 # table; JSON in benchmarks/results/bucket_bench.json
     python -m benchmarks.bucket_bench --steps 5 --methods dgc0.1 topk1
     python -m benchmarks.bucket_bench --methods dgc0.1 dgc0.1-nocandidates --rounds 3   # A/B, alternating
+    python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-unfused --rounds 3
 
 ``*-nocandidates`` is the same method with the selection candidates of the compensation
 pass turned off (``selects_from_candidates = False``: every selection reads the whole
-parameter; docs/design.md, decision 28). ``--rounds R`` runs the methods' list R times
+parameter; docs/design.md, decision 28). ``*-unfused`` runs the same method through the
+path before ``pack_gathered`` and ``index_zero_`` (docs/kernels.md): the sent values
+gathered by ``index_select``, packed into a new tensor, and the memory zeroed by one
+``index_fill_`` per state tensor (the results are the same bits). ``--rounds R`` runs the methods' list R times
 in turn, each a fresh reducer, so an A/B alternates within one process; the row is the
 median over every round's steps, with each round's median beside it.
 
@@ -28,6 +32,7 @@ load is printed beside the table: a number taken while other jobs run is not a r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -39,7 +44,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-from gradsparse import DGC, TopK  # noqa: E402
+from gradsparse import DGC, TopK, ops  # noqa: E402
 from gradsparse.comm import LocalCommunicator  # noqa: E402
 from gradsparse.model_shapes import resnet50  # noqa: E402
 from gradsparse.reducer import Segment, SparseReducer  # noqa: E402
@@ -62,6 +67,28 @@ METHODS = {
     "topk1-nocandidates": lambda: (_without_candidates(TopK(0.01)), False),
     "dgc0.1-nocandidates": lambda: (_without_candidates(DGC(0.001, warmup=None)), False),
 }
+UNFUSED = "-unfused"
+METHODS.update({name + UNFUSED: METHODS[name] for name in ("dgc0.1", "dgc-warmup25", "dgc-warmup6.25", "topk1")})
+
+
+@contextlib.contextmanager
+def _unfused():
+    """The pair handling before the fused ops: ``index_select`` + ``pack`` into a new tensor, and one
+    ``index_fill_`` per state tensor (``ops`` is what the reducer and the memory call)."""
+    fused = ops.pack_gathered, ops.index_zero_
+
+    def pack_gathered(indices, source, dense, numel, value_dtype, flags=0, out=None):
+        return ops.pack(indices, source.index_select(0, indices), dense, numel, value_dtype, flags)
+
+    def index_zero_(targets, positions):
+        for t in targets:
+            t.index_fill_(0, positions, 0.0)
+
+    ops.pack_gathered, ops.index_zero_ = pack_gathered, index_zero_
+    try:
+        yield
+    finally:
+        ops.pack_gathered, ops.index_zero_ = fused
 
 
 def buckets_of(shapes) -> list[tuple[int, list[Segment]]]:
@@ -120,7 +147,8 @@ def main(argv=None) -> dict:
     timed: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name in args.methods}
     runs = [(r, name) for r in range(args.rounds) for name in args.methods]
     for i, (_, name) in enumerate(runs, 1):
-        times, blocking = time_method(name, buckets, args.steps)
+        with _unfused() if name.endswith(UNFUSED) else contextlib.nullcontext():
+            times, blocking = time_method(name, buckets, args.steps)
         timed[name].append((times, blocking))
         med = statistics.median(times)
         logger.info("[%d/%d] %s: %.1f ms (%.1f passes)", i, len(runs), name, 1e3 * med, med / one_pass)

@@ -28,3 +28,32 @@ def test_rounds_alternate_an_a_b_of_the_selection_candidates(tmp_path):
     for r in result["rows"]:
         assert len(r["round_medians_ms"]) == 2  # one median per round, the row's median over both rounds' steps
         assert r["min_ms"] <= min(r["round_medians_ms"]) <= max(r["round_medians_ms"]) <= r["max_ms"]
+
+
+def test_the_unfused_path_gives_the_same_bits_and_is_restored():
+    """``*-unfused`` times the previous pair handling: the same reduced bucket and memory, bit for bit, and the
+    fused ops are back afterwards."""
+    import torch
+
+    from gradsparse import DGC, ops
+    from gradsparse.comm import LocalCommunicator
+    from gradsparse.reducer import Segment, SparseReducer
+
+    fused = ops.pack_gathered, ops.index_zero_
+    segments = [Segment("a", 0, 30_000), Segment("b", 30_000, 10), Segment("c", 30_010, 50_000)]
+    grads = [torch.randn(80_010, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    results = []
+    for unfused in (False, True):
+        reducer = SparseReducer(DGC(0.25, warmup=None), LocalCommunicator())
+        with bucket_bench._unfused() if unfused else bucket_bench.contextlib.nullcontext():
+            assert (ops.pack_gathered is fused[0]) != unfused
+            flats = [reducer.reduce(g.clone(), segments, step).wait().clone() for step, g in enumerate(grads)]
+        state = reducer.state_dict()["memory"]["state"]
+        results.append((flats, {(p, n): t.clone() for p, named in state.items() for n, t in named.items()}))
+    assert (ops.pack_gathered, ops.index_zero_) == fused
+    (a_flats, a_state), (b_flats, b_state) = results
+    assert all(torch.equal(a, b) for a, b in zip(a_flats, b_flats))
+    assert all(not torch.equal(f, g) for f, g in zip(a_flats, grads))  # something was held back
+    assert {("a", "velocity"), ("c", "velocity"), ("b", "momentum")} <= set(a_state) and a_state.keys() == b_state.keys()
+    assert all(torch.equal(a_state[k], b_state[k]) for k in a_state)
+    assert all(a_state[(p, "velocity")].count_nonzero() < a_state[(p, "velocity")].numel() for p in "ac")  # masked
