@@ -1,6 +1,7 @@
 // Operator schemas of the gradsparse extension, registered once.
 // Kernels: csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(gradsparse, CPU, m)), csrc/cuda/*.cu (CUDA); pack,
-// pack_gathered and index_zero_ are device-neutral (csrc/pack.cpp, csrc/index_zero.cpp). Contracts and costs: docs/kernels.md.
+// pack_gathered and index_zero_ are device-neutral (csrc/pack.cpp, csrc/index_zero.cpp).
+// Contracts and costs: docs/kernels.md.
 // Reference semantics of every op: gradsparse/_reference.py.
 #include <Python.h>
 #include <torch/library.h>
