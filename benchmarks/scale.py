@@ -92,7 +92,7 @@ PUBLISHED = [
 # the 2 x 2 point of DESIGN.md (dense 1,542, DGC 798) has no compute-only step from its run: it is compared
 # only through a run of our own (--emulated), whose compute-only step is measured beside it.
 BENCH_TO_MODEL = {"dense": "dense", "fp16": "fp16", "powersgd4": "powersgd4_1b", "topk1": "topk1",
-                  "dgc0.1": "dgc0.1"}
+                  "dgc0.1": "dgc0.1", "dgc0.1hier": "dgc0.1hier"}
 
 
 # ---------------------------------------------------------------------------------------------- measure
@@ -158,9 +158,10 @@ def measure(out_path: str, port: int = 29680) -> dict:
             inputs["links"][key] = {level: v["model"] for level, v in links.items()}
             inputs["links"][key]["tcp_bits_per_s"] = achieved
             inputs["links"][key]["timings"] = {level: v["timings"] for level, v in links.items()}
-            inputs["links"][key]["cpu"] = {level: v["cpu"] for level, v in links.items()}
+            # the round through shared memory (intra_shared) is the ranks' own copies: no collective CPU to fit
+            inputs["links"][key]["cpu"] = {level: v["cpu"] for level, v in links.items() if "cpu" in v}
             inputs["links"][key]["host_cpu"] = {level: host_cpu(v["timings"], v["world"], ACTIVE[level](nodes, local))
-                                                for level, v in links.items()}
+                                                for level, v in links.items() if "cpu" in v}
             bar.update(1)
         bar.set_postfix_str("kernels")
         inputs["kernels_cpu"] = _kernels(tmp, copies=1)[0]
@@ -209,18 +210,19 @@ def _kernels(tmp: str, copies: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- validation
-def _link(inputs: dict, rate: str, level: str) -> LinkModel:
+def _link(inputs: dict, rate: str, level: str) -> LinkModel | None:
     """The fitted link between nodes (its bandwidth at most the TCP stream measured on the same emulated link:
     the fit weighs every message size alike, and small messages leave within tbf's burst at veth speed, so
-    it can land above what bulk transfers get) or inside a node."""
+    it can land above what bulk transfers get) or inside a node: gloo's collectives (``intra``), or the
+    hierarchical reducer's round through shared memory (``intra_shared``; None where ``inputs`` predate it)."""
     links = inputs["links"]
     if level == "inter":
         key = f"2x1@{rate}" if links.get(f"2x1@{rate}", {}).get("flat") else f"2x2@{rate}"
         m = links[key]["flat"] if key.startswith("2x1") else links[key]["inter"]
         stream = links[key].get("tcp_bits_per_s")
         return LinkModel(m["latency_s"], min(m["bytes_per_s"], stream / 8) if stream else m["bytes_per_s"])
-    m = links["2x2@1gbit"]["intra"]
-    return LinkModel(m["latency_s"], m["bytes_per_s"])
+    m = links["2x2@1gbit"].get(level)
+    return None if m is None else LinkModel(m["latency_s"], m["bytes_per_s"])
 
 
 def collective_cpu(inputs: dict, nodes: int, local: int, rate: str, source: str = "cpu") -> CollectiveCpu | None:
@@ -255,8 +257,9 @@ def emulated_points(paths: list[str]) -> list[dict]:
                 m = {r["method"]: r for r in d["methods"]}
                 if "compute" not in m:
                     continue
-                compress = [r["compress_s"]["median"] for r in m.values() if r.get("compress_s")
-                            and r["method"].startswith("dgc")]
+                # flat DGC's (a hierarchical run compresses a shard: the model scales the flat cost to it)
+                compress = [r["compress_s"]["median"] for r in sorted(m.values(), key=lambda r: r["method"] != "dgc0.1")
+                            if r.get("compress_s") and r["method"].startswith("dgc")]
                 points.append({"nodes": nodes, "local": local, "rate": p["rate"],
                                "compute_ms": 1e3 * m["compute"]["step_s"]["median"],
                                "compress_ms": 1e3 * compress[0] if compress else None,
@@ -315,8 +318,13 @@ def validate(inputs: dict, points: list[dict]) -> list[dict]:
         topo = Topology(nodes, inter, local=local, intra=intra)
         gloo = collective_cpu(inputs, nodes, local, pt["rate"])
         k = kernel_inputs(inputs, ranks)
+        shared = _link(inputs, pt["rate"], "intra_shared") if local > 1 else None
         for method_name, measured in pt["steps"].items():
             method = METHODS[BENCH_TO_MODEL[method_name]]
+            # the hierarchical runs reduce inside a node through shared memory (CPU buckets)
+            through_shm = method.kind == "hierarchical" and local > 1 and nodes > 1
+            if through_shm and shared is None:
+                continue  # inputs measured before advise timed the round through shared memory
             compress_ms = pt.get("topk_compress_ms") if method_name == "topk1" else pt.get("compress_ms")
             if method_name == "topk1" and compress_ms is None:
                 compress_ms = pt.get("compress_ms")
@@ -325,12 +333,13 @@ def validate(inputs: dict, points: list[dict]) -> list[dict]:
             else:
                 sparse = KernelCost(contention * k["dgc_per_element_s"], contention * k["unpack_per_pair_s"])
             kernels = Kernels(sparse, contention * k["fp16_per_element_s"], contention * k["powersgd_per_element_s"],
-                              collective_cpu=gloo, ddp_per_element_s=contention * ddp)
+                              collective_cpu=gloo, ddp_per_element_s=contention * ddp, node_shared_memory=through_shm)
             compute_s = pt["compute_ms"] / 1e3
             cores = CORES / ranks if gloo is not None else None
-            t = step_time(method, buckets, topo, kernels, compute_s, cores_per_rank=cores)
+            where = Topology(nodes, inter, local=local, intra=shared) if through_shm else topo
+            t = step_time(method, buckets, where, kernels, compute_s, cores_per_rank=cores)
             predicted = 1e3 * t["step"]
-            serial = 1e3 * step_time(method, buckets, topo, kernels, compute_s, backward_share=0,
+            serial = 1e3 * step_time(method, buckets, where, kernels, compute_s, backward_share=0,
                                      cores_per_rank=cores)["step"]
             rows.append({"shape": f"{nodes}x{local}", "rate": pt["rate"], "method": method_name,
                          "measured_ms": measured, "predicted_ms": predicted,

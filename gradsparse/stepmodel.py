@@ -171,13 +171,18 @@ class Kernels:
     callbacks run after the backward pass like the hook call itself); ``collective_cpu``: the CPU work of
     the collectives (used only with ``cores_per_rank``, see :func:`step_time`); ``ddp_per_element_s``: DDP's
     own work per gradient element on the training thread (copying gradients into its buckets and back),
-    which a compute-only step does not do."""
+    which a compute-only step does not do. ``node_shared_memory``: the hierarchical reduction's steps inside
+    a node go through shared memory (CPU buckets, ``Hierarchy(shared_memory=True)``), so the intra link's
+    times (``Topology.intra``: the round through shared memory, fitted as ``gradsparse.advise`` does) are the
+    ranks' own copies, on the training thread before the exchange and in its callback after it, not the
+    CPU of gloo's collectives."""
 
     sparse: KernelCost = KernelCost()
     fp16_per_element_s: float = 0.0
     powersgd_per_element_s: float = 0.0
     collective_cpu: CollectiveCpu | None = None
     ddp_per_element_s: float = 0.0
+    node_shared_memory: bool = False
 
     def as_dict(self) -> dict:
         return {"sparse": self.sparse.as_dict(), "fp16_per_element_s": self.fp16_per_element_s,
@@ -259,8 +264,12 @@ def bucket_cost(method: Method, bucket: Bucket, topology: Topology, kernels: Ker
         # the descriptors are compared among the ranks that exchange payloads: one per node
         checked = collective_time("allgather", DESCRIPTOR_BYTES, n, topology.inter, algorithm=ag) \
             if method.control else 0.0
-        work = (cpu("reduce_scatter", 4 * bucket.numel, L) + cpu("allgather", nbytes, n, algorithm=ag)
-                + cpu("allgather", 4 * math.ceil(bucket.numel / L), L, algorithm=ag) + unpack
+        # inside the node: gloo's collectives (their CPU from the model), or shared memory, where the copy back
+        # is the callback's own work (the reduce-scatter, in ``sync``, is the training thread's already)
+        node = back if kernels.node_shared_memory else (
+            cpu("reduce_scatter", 4 * bucket.numel, L) + cpu("allgather", 4 * math.ceil(bucket.numel / L), L,
+                                                             algorithm=ag))
+        work = (node + cpu("allgather", nbytes, n, algorithm=ag) + unpack
                 + (cpu("allgather", DESCRIPTOR_BYTES, n, algorithm=ag) if method.control else 0.0))
         options["hierarchical"] = {"control": checked, "sync": rs + kernels.sparse.compress(shard),
                                    "comm": exchange + unpack + back, "cpu": work}

@@ -146,6 +146,24 @@ def test_collective_cpu_is_summed_per_bucket_and_binds_only_where_cores_are_shor
     assert slow["step"] == slow["schedule"] > slow["cpu_bound"]
 
 
+def test_hierarchical_through_shared_memory_counts_the_node_steps_as_the_ranks_own_copies():
+    """``node_shared_memory``: the node's reduce-scatter stays the hook's own work and the copy back becomes the
+    callback's CPU (its time on the intra link), replacing gloo's CPU for both; nothing else changes."""
+    b = Bucket(numel=4_000_000, compressed=3_990_000, matrices=())
+    shm = LinkModel(9e-4, 2.2e9)                                   # advise's round through /dev/shm, 2 ranks a node
+    topo = Topology(2, GBIT, local=2, intra=shm)
+    method = METHODS["dgc0.1hier"]
+    gloo = bucket_cost(method, b, topo, Kernels(KernelCost(per_element_s=3e-9), collective_cpu=GLOO_CPU))
+    own = bucket_cost(method, b, topo, Kernels(KernelCost(per_element_s=3e-9), collective_cpu=GLOO_CPU,
+                                               node_shared_memory=True))
+    back = collective_time("allgather", 4 * math.ceil(b.numel / 2), 2, shm)
+    node_gloo = (collective_time("reduce_scatter", 4 * b.numel, 2, GLOO_CPU.allreduce)
+                 + collective_time("allgather", 4 * math.ceil(b.numel / 2), 2, GLOO_CPU.allgather))
+    assert {k: own[k] for k in ("control", "sync", "comm")} == {k: gloo[k] for k in ("control", "sync", "comm")}
+    assert own["cpu"] == pytest.approx(gloo["cpu"] - node_gloo + back)
+    assert own["sync"] > collective_time("reduce_scatter", 4 * b.numel, 2, shm)  # the round's first half, and DGC
+
+
 def test_sparse_cpu_counts_descriptors_payloads_and_unpack():
     b = Bucket(numel=1_000_000, compressed=990_000, matrices=((1000, 990),))
     kernels = Kernels(KernelCost(per_element_s=3e-9, per_pair_s=4e-9), collective_cpu=GLOO_CPU)
