@@ -23,7 +23,8 @@ import sys
 
 from launch.linkrate import parse_rate
 
-ORDER = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime")
+ORDER = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "topk1hier", "topk1auto", "dgc0.1",
+         "dgc0.1hier", "dgc0.1hiercoll", "dgc0.1auto", "dgc0.1warm", "dgc0.1warmtime")
 
 
 def fmt_bytes(n: float) -> str:

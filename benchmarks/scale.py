@@ -137,7 +137,7 @@ def measure(out_path: str, port: int = 29680) -> dict:
     reason = unsupported_reason()
     if reason:
         raise SystemExit(f"emulated cluster unavailable: {reason}")
-    configs = [(2, 1, "1gbit"), (2, 1, "10gbit"), (2, 2, "1gbit")]
+    configs = [(2, 1, "1gbit"), (2, 1, "10gbit"), (2, 1, "100mbit"), (2, 2, "1gbit")]
     inputs = {"links": {}, "load_before": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
               "host": platform.node()}
     tmp = tempfile.mkdtemp(prefix="scale-advise-")
@@ -183,7 +183,7 @@ def _ddp_overhead(tmp: str, port: int) -> dict:
     path = os.path.join(tmp, "ddp-world1.json")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr",
                     "127.0.0.1", "--master-port", str(port + 1), "benchmarks/ddp_bench.py", "--model", "resnet50",
-                    "--methods", "compute,dense", "--steps", "7", "--warmup", "3", "--out", path], cwd=ROOT,
+                    "--methods", "compute,dense", "--steps", "25", "--warmup", "3", "--out", path], cwd=ROOT,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     with open(path) as f:
@@ -311,6 +311,10 @@ def validate(inputs: dict, points: list[dict]) -> list[dict]:
     rows = []
     for pt in points:
         nodes, local = pt["nodes"], pt["local"]
+        if nodes > 1 and not any(f"2x{n}@{pt['rate']}" in inputs["links"] for n in (1, 2)):
+            logger.warning("scale: no link measured at %s in these inputs: the %dx%d point is left out", pt["rate"],
+                           nodes, local)
+            continue
         ranks = nodes * local
         contention = max(1.0, ranks / CORES)
         inter = _link(inputs, pt["rate"], "inter") if nodes > 1 else None

@@ -88,3 +88,29 @@ def test_the_link_between_nodes_is_at_most_the_measured_stream():
     below = scale._link(inputs(0.925, 0.956), "1gbit", "inter")
     assert below.bytes_per_s == 0.925e9 / 8
     assert scale._link(inputs(1.027, 0.956), "1gbit", "intra").bytes_per_s == 1e9  # inside a node: no stream
+
+
+def test_hierarchical_points_take_the_round_through_shared_memory_or_are_left_out():
+    """A hierarchical run reduced inside each node through /dev/shm: its point is predicted with advise's round
+    through shared memory as the intra link, as the ranks' own copies (``node_shared_memory``); inputs measured
+    before that round was timed have nothing to predict it with, and the point is left out, not guessed."""
+    import copy
+
+    from gradsparse.cost import KernelCost
+
+    point = {"nodes": 2, "local": 2, "rate": "1gbit", "compute_ms": 500, "compress_ms": 200,
+             "steps": {"dgc0.1": 800, "dgc0.1hier": 780}}
+    assert [r["method"] for r in scale.validate(INPUTS, [point])] == ["dgc0.1"]
+    inputs = copy.deepcopy(INPUTS)
+    shm = {"latency_s": 9e-4, "bytes_per_s": 2.2e9}
+    inputs["links"]["2x2@1gbit"]["intra_shared"] = shm
+    rows = {r["method"]: r for r in scale.validate(inputs, [point])}
+    assert set(rows) == {"dgc0.1", "dgc0.1hier"}
+    buckets = ddp_buckets(BUILTIN["resnet50"]())
+    sparse = KernelCost(per_element_s=0.2 / sum(b.compressed for b in buckets))
+    hier = step_time(METHODS["dgc0.1hier"], buckets,
+                     scale.Topology(2, LinkModel(1e-4, 1.1e8), local=2, intra=LinkModel(9e-4, 2.2e9)),
+                     scale.Kernels(sparse, node_shared_memory=True), 0.5)
+    assert rows["dgc0.1hier"]["predicted_ms"] == pytest.approx(1e3 * hier["step"])
+    # the flat point is unchanged by the hierarchical input
+    assert rows["dgc0.1"]["predicted_ms"] == scale.validate(INPUTS, [point])[0]["predicted_ms"]
