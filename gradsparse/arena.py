@@ -212,7 +212,8 @@ class Arena:
         when a list was cut at its cap, falls when a list held fewer than k, and is nudged to keep the
         lists within ``LIST_LOW``-``LIST_HIGH`` x k; segments with no cap collect nothing."""
         # numpy on the CPU tensors' memory (candidates are collected on the CPU only): a few dozen float64 values
-        # per bucket, where each torch op's dispatch cost more than its arithmetic (1.2 ms a step for ResNet-50)
+        # per bucket, where each torch op's dispatch costs more than its arithmetic (54 parameters: 23 us a call,
+        # against 68 with torch ops, timed alone)
         kth_, ks_ = kth.numpy(), ks.numpy()
         fraction = self._fraction.numpy()
         caps = None

@@ -94,8 +94,8 @@ class PayloadBuffers:
     """``uint8`` buffers for payloads, one kept per key (a bucket's plan) between steps.
 
     A large allocation is fresh pages to fault in every step: at DGC's 25 % warm-up density,
-    packing ResNet-50's buckets into new tensors took 13.3 ms a step against 9.4 ms with reuse
-    (docs/benchmarks.md). A buffer is handed out by :meth:`take` and kept again by :meth:`give`
+    packing ResNet-50's buckets into new tensors took 13.3 ms a step against 7.1 ms with reuse
+    (``torch.profiler``, one process; docs/benchmarks.md). A buffer is handed out by :meth:`take` and kept again by :meth:`give`
     once its payload was unpacked, so one in flight is never written twice; one at least twice
     the size asked for (a warm-up's payload after it) is replaced.
 
