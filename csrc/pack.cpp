@@ -98,16 +98,15 @@ at::Tensor pack(const at::Tensor& indices, const at::Tensor& values, const at::T
   TORCH_CHECK_VALUE(numel >= 0 && numel <= INT32_MAX, "pack: numel ", numel, " does not fit int32 indices");
   const Layout lay(indices.numel(), dense.numel(), value_dtype);
   const std::vector<int32_t> header = header_of(lay, numel, value_dtype, flags);
+  at::Tensor out = at::empty({lay.nbytes}, values.options().dtype(at::kByte));
   if (cpu_pack_inputs(indices, values, dense)) {
-    at::Tensor out = at::empty({lay.nbytes}, values.options().dtype(at::kByte));
     pack_cpu(out, dense, lay, header.data(), value_dtype, [&](uint8_t* base) {
       write_indices(indices, base, lay.count);
       cast_into(values, base + lay.values_offset, value_dtype);
     });
-    return out;
+  } else {
+    pack_generic(out, indices, values, dense, lay, header, value_dtype);
   }
-  at::Tensor out = at::empty({lay.nbytes}, values.options().dtype(at::kByte));
-  pack_generic(out, indices, values, dense, lay, header, value_dtype);
   return out;
 }
 
