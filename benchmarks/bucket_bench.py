@@ -12,6 +12,7 @@ within 2x of that)::
     python -m benchmarks.bucket_bench --steps 5 --methods dgc0.1 topk1
     python -m benchmarks.bucket_bench --methods dgc0.1 dgc0.1-nocandidates --rounds 3   # A/B, alternating
     python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-unfused --rounds 3
+    python -m benchmarks.bucket_bench --methods dgc-warmup25 --steps 3 --profile   # and where a step goes
 
 ``*-nocandidates`` is the same method with the selection candidates of the compensation
 pass turned off (``selects_from_candidates = False``: every selection reads the whole
@@ -114,22 +115,48 @@ def read_pass_s(grads: list[torch.Tensor], repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def time_method(name: str, buckets, steps: int) -> tuple[list[float], list[float]]:
+def _stepper(name: str, buckets):
+    """A fresh reducer for ``name``, the gradients (seeded) and ``step(s, work, on_stats=None)`` reducing every
+    bucket of ``work`` (copies of the gradients: the hook reduces a bucket in place) once."""
     compressor, select_all = METHODS[name]()
     reducer = SparseReducer(compressor, LocalCommunicator())
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(n, generator=gen) for n, _ in buckets]
+
+    def step(s: int, work: list[torch.Tensor], on_stats=None) -> None:
+        for flat, (_, segments) in zip(work, buckets):
+            reducer.reduce(flat, segments, s, select_all=select_all, on_stats=on_stats).wait()
+
+    return grads, step
+
+
+def time_method(name: str, buckets, steps: int) -> tuple[list[float], list[float]]:
+    grads, reduce_step = _stepper(name, buckets)
     times, blocking = [], []
     for step in range(steps + 1):
         work = [g.clone() for g in grads]  # the hook reduces the bucket in place
         stats = []
         t0 = time.perf_counter()
-        for flat, (_, segments) in zip(work, buckets):
-            reducer.reduce(flat, segments, step, select_all=select_all, on_stats=stats.append).wait()
+        reduce_step(step, work, stats.append)
         if step:  # the first step allocates the memory
             times.append(time.perf_counter() - t0)
             blocking.append(sum(s.blocking_s for s in stats))
     return times, blocking
+
+
+def profile_method(name: str, buckets, steps: int = 3) -> str:
+    """``torch.profiler``'s operators over ``steps`` steps of ``name`` after one untimed step (the clones of
+    the gradients made before each step, outside the profile), self CPU time first: totals over the steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    grads, step = _stepper(name, buckets)
+    with _unfused() if name.endswith(UNFUSED) else contextlib.nullcontext():
+        step(0, [g.clone() for g in grads])
+        works = [[g.clone() for g in grads] for _ in range(steps)]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for s, work in enumerate(works, 1):
+                step(s, work)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
 def main(argv=None) -> dict:
@@ -138,6 +165,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--rounds", type=int, default=1, help="run the methods' list this many times in turn")
     parser.add_argument("--json", default="benchmarks/results/bucket_bench.json")
+    parser.add_argument("--profile", action="store_true",
+                        help="then print torch.profiler's operators over --steps steps of each method (totals)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
@@ -170,6 +199,10 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"| {r['method']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} - {r['max_ms']:.1f} | {r['passes']:.1f} | "
               f"{r['blocking_ms']:.1f} | {' / '.join(f'{m:.1f}' for m in r['round_medians_ms'])} |")
+    if args.profile:
+        for name in args.methods:
+            print(f"\n{name}: torch.profiler over {args.steps} steps (totals; divide by {args.steps} for a step)")
+            print(profile_method(name, buckets, args.steps))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

@@ -95,7 +95,8 @@ class PayloadBuffers:
 
     A large allocation is fresh pages to fault in every step: at DGC's 25 % warm-up density,
     packing ResNet-50's buckets into new tensors took 13.3 ms a step against 7.1 ms with reuse
-    (``torch.profiler``, one process; docs/benchmarks.md). A buffer is handed out by :meth:`take` and kept again by :meth:`give`
+    (``torch.profiler`` of ``benchmarks.bucket_bench``'s step while this was built; the version
+    without reuse is not kept). A buffer is handed out by :meth:`take` and kept again by :meth:`give`
     once its payload was unpacked, so one in flight is never written twice; one at least twice
     the size asked for (a warm-up's payload after it) is replaced.
 

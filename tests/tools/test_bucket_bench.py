@@ -58,3 +58,16 @@ def test_the_unfused_path_gives_the_same_bits_and_is_restored():
     assert a_state.keys() == b_state.keys()
     assert all(torch.equal(a_state[k], b_state[k]) for k in a_state)
     assert all(a_state[(p, "velocity")].count_nonzero() < a_state[(p, "velocity")].numel() for p in "ac")  # masked
+
+
+def test_profile_lists_the_operators_of_the_steps():
+    """``--profile``: the profiler's table holds the reducer's own ops (the fused ones, or on the
+    ``*-unfused`` path the ones they replace), not the clones made before each step."""
+    from gradsparse.model_shapes import resnet50
+
+    buckets = bucket_bench.buckets_of(resnet50())[:2]
+    fused = bucket_bench.profile_method("dgc-warmup25", buckets, steps=1)
+    assert "gradsparse::pack_gathered" in fused and "gradsparse::index_zero_" in fused
+    unfused = bucket_bench.profile_method("dgc-warmup25-unfused", buckets, steps=1)
+    assert "gradsparse::pack_gathered" not in unfused and "aten::index_fill_" in unfused
+    assert "aten::clone" not in fused
