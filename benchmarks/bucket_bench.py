@@ -28,6 +28,7 @@ is issued (``BucketStats.blocking_s``: compensate, select, pack), which stalls
 backward; the rest (unpack-add, memory update) runs when the collective completes.
 Median and spread (min-max) over ``--steps`` steps after one untimed step; ``uptime``'s
 load is printed beside the table: a number taken while other jobs run is not a result.
+The health check's read (``ops.absmax`` over the same gradients) is timed beside the unit.
 """
 
 from __future__ import annotations
@@ -104,13 +105,14 @@ def buckets_of(shapes) -> list[tuple[int, list[Segment]]]:
     return out
 
 
-def read_pass_s(grads: list[torch.Tensor], repeats: int = 7) -> float:
-    """Median seconds of one read of every gradient (torch.sum, fp32)."""
+def read_pass_s(grads: list[torch.Tensor], repeats: int = 7, read=torch.sum) -> float:
+    """Median seconds of one read of every gradient (``read``: torch.sum, fp32; or the health check's
+    ``ops.absmax``, which should cost the same)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for g in grads:
-            g.sum()
+            read(g)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -173,6 +175,7 @@ def main(argv=None) -> dict:
     buckets = buckets_of(resnet50())
     grads = [torch.randn(n) for n, _ in buckets]
     one_pass = read_pass_s(grads)
+    health_pass = read_pass_s(grads, read=ops.absmax)
     timed: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name in args.methods}
     runs = [(r, name) for r in range(args.rounds) for name in args.methods]
     for i, (_, name) in enumerate(runs, 1):
@@ -190,10 +193,11 @@ def main(argv=None) -> dict:
                      "blocking_ms": 1e3 * statistics.median([b for _, bs in rounds for b in bs]),
                      "round_medians_ms": [1e3 * statistics.median(ts) for ts, _ in rounds]})
     load = os.getloadavg()[0]
-    result = {"read_pass_ms": 1e3 * one_pass, "elements": sum(n for n, _ in buckets), "buckets": len(buckets),
+    result = {"read_pass_ms": 1e3 * one_pass, "health_pass_ms": 1e3 * health_pass, "elements": sum(n for n, _ in buckets), "buckets": len(buckets),
               "steps": args.steps, "rounds": args.rounds, "load": load, "torch": torch.__version__, "rows": rows}
     print(f"one read pass of {result['elements']:,} fp32 gradients: {1e3 * one_pass:.2f} ms; "
           f"load average {load:.2f}{'  (loaded machine: not a result)' if load >= 1 else ''}")
+    print(f"the health check's absmax over them: {1e3 * health_pass:.2f} ms ({health_pass / one_pass:.2f} read passes)")
     print("| method | step ms (median) | min - max | read passes | in the hook (stalls backward) ms | per round |")
     print("|---|---:|---:|---:|---:|---|")
     for r in rows:

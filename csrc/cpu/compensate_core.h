@@ -112,12 +112,23 @@ __attribute__((always_inline)) inline void residual_loop(const float* r, const s
 }
 
 // The largest key of x over [begin, end) into keys[0]: the reducer's health check (one read pass).
+// kAbsmaxLanes partial maxima, one per position modulo kAbsmaxLanes, which gcc keeps in four
+// vector registers: with a single maximum every load waits on the last max (a read of 25M fp32
+// took 3.4-3.8 ms against 2.6-3.0 this way, one thread, docs/benchmarks.md).
+constexpr int kAbsmaxLanes = 32;
 template <typename scalar_t>
 __attribute__((always_inline)) inline void absmax_loop(const scalar_t* x, int64_t begin, int64_t end,
                                                        uint64_t* keys) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  decltype(key_of(acc_t())) m = 0;
-  for (int64_t i = begin; i < end; ++i) m = std::max(m, key_of(static_cast<acc_t>(x[i])));
+  using key_t = decltype(key_of(acc_t()));
+  key_t lanes[kAbsmaxLanes] = {};
+  int64_t i = begin;
+  for (; i + kAbsmaxLanes <= end; i += kAbsmaxLanes) {
+    for (int j = 0; j < kAbsmaxLanes; ++j) lanes[j] = std::max(lanes[j], key_of(static_cast<acc_t>(x[i + j])));
+  }
+  key_t m = 0;
+  for (int j = 0; j < kAbsmaxLanes; ++j) m = std::max(m, lanes[j]);
+  for (; i < end; ++i) m = std::max(m, key_of(static_cast<acc_t>(x[i])));
   keys[0] = static_cast<uint64_t>(m);
 }
 

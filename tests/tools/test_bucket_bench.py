@@ -10,6 +10,7 @@ def test_bucket_bench_reports_passes_per_method(tmp_path):
     result = bucket_bench.main(["--steps", "1", "--methods", "dgc0.1", "dense-iteration", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["elements"] == 25_557_032 and result["buckets"] == 5
+    assert result["health_pass_ms"] > 0
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"dgc0.1", "dense-iteration"}
     for r in rows.values():

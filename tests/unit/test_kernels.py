@@ -404,6 +404,20 @@ def test_absmax_equals_reference_and_ops_uses_it(n, dtype, device):
             assert expected(float(torch.ops.gradsparse.absmax(y.to(device)))) and expected(float(ref.absmax(y)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_absmax_finds_the_largest_in_every_lane_and_the_tail(dtype, device):
+    """The CPU loop keeps 32 partial maxima (csrc/cpu/compensate_core.h) and finishes the last n % 32 alone: the
+    largest magnitude, or a NaN, at each position of a block and in the tail is found."""
+    n = 3 * 32 + 7
+    for at in list(range(32, 64)) + [n - 1]:
+        x = torch.full((n,), 0.5, dtype=dtype)
+        x[at] = -3.0
+        assert float(torch.ops.gradsparse.absmax(x.to(device))) == 3.0, at
+        x[at] = float("nan")
+        assert math.isnan(float(torch.ops.gradsparse.absmax(x.to(device)))), at
+
+
 def test_absmax_does_not_depend_on_threads_and_refuses_integers():
     x = _inputs(2_500_003, torch.float32, 3)
     before = torch.get_num_threads()
