@@ -22,7 +22,7 @@ import torch
 from gradsparse import _reference as ref
 from gradsparse import ops
 from gradsparse.errors import PayloadError
-from gradsparse.payload import PayloadLayout
+from gradsparse.payload import HEADER_BYTES, PayloadLayout
 
 from ..oracles import threshold_oracle, topk_oracle
 
@@ -649,6 +649,21 @@ def test_unpack_add_equals_reference(out_dtype, value_dtype, world, alpha, overw
                                          alpha, overwrite)
     fb = ref.unpack_add(payloads, b, value_dtype, dense_index, alpha, overwrite)
     assert int(fa) == fb and torch.equal(a.cpu(), b)
+
+
+@pytest.mark.parametrize("at", [1, 4096, 4097, 8192, 9_998])
+def test_unpack_add_names_the_first_unordered_index_in_a_long_payload(at):
+    """The CPU check runs block by block (4,096 indices) without a branch per index: an index not above the one
+    before it is still found, and named, wherever it is, block edges included; nothing is written."""
+    idx = torch.arange(0, 20_000, 2, dtype=torch.int32)
+    payload = ref.pack(idx.long(), torch.ones(idx.numel()), torch.empty(0), 20_000, torch.float32)
+    body = payload[HEADER_BYTES:].view(torch.int32)  # the header, then the indices (gradsparse.payload)
+    assert torch.equal(body[:idx.numel()], idx)
+    body[at] = body[at - 1]
+    out = torch.full((20_000,), 7.0)
+    with pytest.raises(ValueError, match=f"not strictly ascending .* at position {at}$"):
+        torch.ops.gradsparse.unpack_add([payload], out, torch.float32, None, 1.0, True)
+    assert torch.equal(out, torch.full((20_000,), 7.0))
 
 
 @pytest.mark.parametrize("device", DEVICES)
