@@ -37,8 +37,20 @@ double magnitude_of(typename core::Key<scalar_t>::bits_t key) {
 }
 
 // Every candidate of every segment inside its segment and ascending: nothing is read outside x.
+// Block by block without a branch per candidate (the loop vectorizes), each bad block then element by element.
 void check_candidate_positions(const Segments& seg, const CandidateLists& lists, const int64_t* cand) {
+  constexpr int64_t kCheckBlock = 4096;
   for (int64_t s = 0; s < seg.size(); ++s) {
+    const int64_t first = seg.offset[s], end = seg.offset[s + 1];
+    bool good = true;
+    for (int64_t b = lists.start[s]; b < lists.start[s + 1] && good; b += kCheckBlock) {
+      const int64_t e = std::min(lists.start[s + 1], b + kCheckBlock);
+      int bad = b == lists.start[s] ? cand[b] < first : cand[b] <= cand[b - 1];
+      for (int64_t j = b + 1; j < e; ++j) bad |= cand[j] <= cand[j - 1];
+      bad |= e > b && cand[e - 1] >= end;
+      good = !bad;
+    }
+    if (good) continue;
     int64_t previous = seg.offset[s] - 1;
     for (int64_t j = lists.start[s]; j < lists.start[s + 1]; ++j) {
       TORCH_CHECK_VALUE(cand[j] > previous && cand[j] < seg.offset[s + 1], kOp, ": candidate ", j, " (position ",

@@ -461,3 +461,19 @@ def test_opcheck_candidate_ops(device):
         torch.zeros(100, device=device), x, torch.empty(100, device=device), offsets, floors, caps)
     torch.library.opcheck(torch.ops.gradsparse.segmented_topk_select_candidates.default,
                           (x, offsets, torch.tensor([3, 0, 10], device=device), cand, counts, caps, 0.01, 0))
+
+
+@pytest.mark.parametrize("at", [0, 4095, 4096, 4097, 9_999])
+def test_a_bad_candidate_in_a_long_list_is_named(at):
+    """The CPU check runs block by block (4,096 candidates) without a branch per candidate: a bad one is still
+    found and named wherever it is, block edges and the list's ends included."""
+    x = torch.randn(30_000)
+    offsets, ks = torch.tensor([0, 25_000, 30_000]), torch.tensor([10, 1])
+    cand = torch.arange(0, 20_000, 2)  # 10,000 candidates for segment 0, none for segment 1
+    counts, caps = torch.tensor([10_000, 0]), torch.tensor([10_000, 0])
+    torch.ops.gradsparse.segmented_topk_select_candidates(x, offsets, ks, cand, counts, caps, 0.01, 0)  # valid
+    bad = cand.clone()
+    bad[at] = 25_000 if at == 9_999 else (-1 if at == 0 else bad[at - 1])  # past the segment, before it, repeated
+    what = "outside the segment" if at in (0, 9_999) else "not above the one before it"
+    with pytest.raises(ValueError, match=f"candidate {at} .* is {what}"):
+        torch.ops.gradsparse.segmented_topk_select_candidates(x, offsets, ks, bad, counts, caps, 0.01, 0)
