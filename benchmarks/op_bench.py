@@ -1,0 +1,112 @@
+"""Time single extension ops on ResNet-50's gradient buckets, caches flushed between calls.
+
+``bucket_bench`` times whole steps; this times one op at a time over the same 5 DDP buckets
+(25.6M fp32), so a change to one CPU loop can be seen apart from the rest of the step:
+
+- ``sum``: ``torch.sum`` of every bucket (one read pass, the unit);
+- ``absmax``: the health check's read (``torch.ops.gradsparse.absmax``);
+- ``unpack D xW``: ``unpack_add`` of W payloads at density D (random ascending positions) into the
+  buckets, overwriting them, as the reducer lands an allgather.
+
+Each call is preceded by a write over a 160 MB buffer, so the buckets come from memory, not the
+32 MB L3. One thread. The row is the median (and min-max) over ``--repeats`` calls::
+
+    python -m benchmarks.op_bench                       # table; JSON in benchmarks/results/op_bench.json
+    python -m benchmarks.op_bench --densities 0.25 --worlds 1,2 --repeats 21
+
+To compare two builds of the extension, run it with each (the ops are registered once per
+process), alternating, several times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+from benchmarks.bucket_bench import buckets_of  # noqa: E402
+from gradsparse import ops  # noqa: E402
+from gradsparse.model_shapes import resnet50  # noqa: E402
+
+logger = logging.getLogger("benchmarks.op_bench")
+FLUSH_ELEMENTS = 40_000_000  # 160 MB of fp32: five times the L3
+
+
+def _timed(fn, repeats: int, flush: torch.Tensor) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn``, each after a write over ``flush``."""
+    times = []
+    for _ in range(repeats):
+        flush.add_(1.0)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _payloads(grads: list[torch.Tensor], density: float, world: int, gen: torch.Generator) -> list[list[torch.Tensor]]:
+    """Per bucket, ``world`` payloads of ``density`` x its size pairs at random ascending positions."""
+    out = []
+    for g in grads:
+        n = g.numel()
+        k = max(1, int(n * density))
+        per_rank = []
+        for _ in range(world):
+            idx = torch.randperm(n, generator=gen)[:k].sort().values
+            per_rank.append(ops.pack(idx, g[idx], g.new_empty(0), n, torch.float32))
+        out.append(per_rank)
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--densities", default="0.001,0.01,0.25")
+    parser.add_argument("--worlds", default="1,2", help="payloads per unpack_add, comma-separated")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", default="benchmarks/results/op_bench.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) for n, _ in buckets_of(resnet50())]
+    outs = [g.clone() for g in grads]
+    flush = torch.zeros(FLUSH_ELEMENTS)
+    cases = {"sum": lambda: [g.sum() for g in grads],
+             "absmax": lambda: [torch.ops.gradsparse.absmax(g) for g in grads]}
+    for density in (float(d) for d in args.densities.split(",")):
+        for world in (int(w) for w in args.worlds.split(",")):
+            payloads = _payloads(grads, density, world, gen)
+            alpha = 1.0 / world
+            cases[f"unpack {density:g} x{world}"] = (
+                lambda p=payloads, a=alpha: [torch.ops.gradsparse.unpack_add(q, o, torch.float32, None, a, True)
+                                             for q, o in zip(p, outs)])
+    rows = []
+    for name, fn in cases.items():
+        times = _timed(fn, args.repeats, flush)
+        rows.append({"op": name, "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+                     "max_ms": 1e3 * max(times)})
+        logger.info("%s: %.2f ms", name, rows[-1]["median_ms"])
+    load = os.getloadavg()[0]
+    result = {"elements": sum(g.numel() for g in grads), "repeats": args.repeats, "load": load,
+              "torch": torch.__version__, "rows": rows}
+    print(f"{result['elements']:,} fp32 gradients in {len(grads)} buckets, one thread; load average {load:.2f}"
+          f"{'  (loaded machine: not a result)' if load >= 1 else ''}")
+    print("| op | median ms | min - max |")
+    print("|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['op']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} - {r['max_ms']:.2f} |")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
