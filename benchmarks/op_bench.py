@@ -6,7 +6,9 @@
 - ``sum``: ``torch.sum`` of every bucket (one read pass, the unit);
 - ``absmax``: the health check's read (``torch.ops.gradsparse.absmax``);
 - ``unpack D xW``: ``unpack_add`` of W payloads at density D (random ascending positions) into the
-  buckets, overwriting them, as the reducer lands an allgather.
+  buckets, overwriting them, as the reducer lands an allgather;
+- ``pack D``: ``pack_gathered`` of D x each bucket's positions into a payload kept between calls;
+- ``zero D``: ``index_zero_`` of two buffers at those positions (DGC's momentum and velocity).
 
 Each call is preceded by a write over a 160 MB buffer, so the buckets come from memory, not the
 32 MB L3. One thread. The row is the median (and min-max) over ``--repeats`` calls::
@@ -34,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks.bucket_bench import buckets_of  # noqa: E402
 from gradsparse import ops  # noqa: E402
 from gradsparse.model_shapes import resnet50  # noqa: E402
+from gradsparse.payload import PayloadLayout  # noqa: E402
 
 logger = logging.getLogger("benchmarks.op_bench")
 FLUSH_ELEMENTS = 40_000_000  # 160 MB of fp32: five times the L3
@@ -50,15 +53,19 @@ def _timed(fn, repeats: int, flush: torch.Tensor) -> list[float]:
     return times
 
 
+def _positions(n: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """``density`` x ``n`` (at least 1) random positions in [0, n), ascending, int64."""
+    return torch.randperm(n, generator=gen)[:max(1, int(n * density))].sort().values
+
+
 def _payloads(grads: list[torch.Tensor], density: float, world: int, gen: torch.Generator) -> list[list[torch.Tensor]]:
     """Per bucket, ``world`` payloads of ``density`` x its size pairs at random ascending positions."""
     out = []
     for g in grads:
         n = g.numel()
-        k = max(1, int(n * density))
         per_rank = []
         for _ in range(world):
-            idx = torch.randperm(n, generator=gen)[:k].sort().values
+            idx = _positions(n, density, gen)
             per_rank.append(ops.pack(idx, g[idx], g.new_empty(0), n, torch.float32))
         out.append(per_rank)
     return out
@@ -75,7 +82,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(n, generator=gen) for n, _ in buckets_of(resnet50())]
-    outs = [g.clone() for g in grads]
+    outs = [g.clone() for g in grads]  # unpack_add's destinations, and with momenta index_zero_'s
+    momenta = [g.clone() for g in grads]
     flush = torch.zeros(FLUSH_ELEMENTS)
     cases = {"sum": lambda: [g.sum() for g in grads],
              "absmax": lambda: [torch.ops.gradsparse.absmax(g) for g in grads]}
@@ -86,6 +94,14 @@ def main(argv=None) -> dict:
             cases[f"unpack {density:g} x{world}"] = (
                 lambda p=payloads, a=alpha: [torch.ops.gradsparse.unpack_add(q, o, torch.float32, None, a, True)
                                              for q, o in zip(p, outs)])
+        positions = [_positions(g.numel(), density, gen) for g in grads]
+        buffers = [torch.empty(PayloadLayout(p.numel(), 0, torch.float32).nbytes, dtype=torch.uint8)
+                   for p in positions]
+        cases[f"pack {density:g}"] = lambda ps=positions, bs=buffers: [
+            ops.pack_gathered(p, g, g.new_empty(0), g.numel(), torch.float32, out=b)
+            for p, g, b in zip(ps, grads, bs)]
+        cases[f"zero {density:g}"] = lambda ps=positions: [ops.index_zero_([o, m], p)
+                                                            for p, o, m in zip(ps, outs, momenta)]
     rows = []
     for name, fn in cases.items():
         times = _timed(fn, args.repeats, flush)
