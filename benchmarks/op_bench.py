@@ -7,6 +7,8 @@
 - ``absmax``: the health check's read (``torch.ops.gradsparse.absmax``);
 - ``unpack D xW``: ``unpack_add`` of W payloads at density D (random ascending positions) into the
   buckets, overwriting them, as the reducer lands an allgather;
+- ``select D``: ``segmented_topk_select`` of every bucket, each parameter of 4,096 elements or more
+  selecting D of itself (no candidates: TopK's and the warm-up's case);
 - ``pack D``: ``pack_gathered`` of D x each bucket's positions into a payload kept between calls;
 - ``zero D``: ``index_zero_`` of two buffers at those positions (DGC's momentum and velocity).
 
@@ -40,6 +42,7 @@ from gradsparse.payload import PayloadLayout  # noqa: E402
 
 logger = logging.getLogger("benchmarks.op_bench")
 FLUSH_ELEMENTS = 40_000_000  # 160 MB of fp32: five times the L3
+MIN_COMPRESS_NUMEL = 4096  # the reducer's default min_compress_numel: smaller parameters are sent whole
 
 
 def _timed(fn, repeats: int, flush: torch.Tensor) -> list[float]:
@@ -51,6 +54,17 @@ def _timed(fn, repeats: int, flush: torch.Tensor) -> list[float]:
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _segments(buckets, density: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per bucket, ``segmented_topk_select``'s offsets and ks: every parameter of at least MIN_COMPRESS_NUMEL
+    elements selects ``density`` of itself (at least 1), the others nothing, as the reducer's parameters do."""
+    out = []
+    for n, segments in buckets:
+        offsets = torch.tensor([s.offset for s in segments] + [n])
+        ks = torch.tensor([max(1, int(s.numel * density)) if s.numel >= MIN_COMPRESS_NUMEL else 0 for s in segments])
+        out.append((offsets, ks))
+    return out
 
 
 def _positions(n: int, density: float, gen: torch.Generator) -> torch.Tensor:
@@ -81,7 +95,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(n, generator=gen) for n, _ in buckets_of(resnet50())]
+    buckets = buckets_of(resnet50())
+    grads = [torch.randn(n, generator=gen) for n, _ in buckets]
     outs = [g.clone() for g in grads]  # unpack_add's destinations, and with momenta index_zero_'s
     momenta = [g.clone() for g in grads]
     flush = torch.zeros(FLUSH_ELEMENTS)
@@ -94,6 +109,8 @@ def main(argv=None) -> dict:
             cases[f"unpack {density:g} x{world}"] = (
                 lambda p=payloads, a=alpha: [torch.ops.gradsparse.unpack_add(q, o, torch.float32, None, a, True)
                                              for q, o in zip(p, outs)])
+        cases[f"select {density:g}"] = lambda sel=_segments(buckets, density): [
+            torch.ops.gradsparse.segmented_topk_select(g, offsets, ks, 0.01, 7) for g, (offsets, ks) in zip(grads, sel)]
         positions = [_positions(g.numel(), density, gen) for g in grads]
         buffers = [torch.empty(PayloadLayout(p.numel(), 0, torch.float32).nbytes, dtype=torch.uint8)
                    for p in positions]
