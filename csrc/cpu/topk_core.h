@@ -85,6 +85,78 @@ __attribute__((target("avx2"))) int64_t count_f32_avx2(const float* x, int64_t b
 }
 #endif
 
+#if defined(GRADSPARSE_AVX2_SCAN)
+// For every 8-lane mask, the lanes set, packed to the front: AVX2 has no compress store, so a
+// permutation from this table packs a group's kept lanes (count_keep_f32_avx2).
+struct LeftPack {
+  alignas(32) int32_t lanes[256][8];
+  constexpr LeftPack() : lanes() {
+    for (int m = 0; m < 256; ++m) {
+      int j = 0;
+      for (int l = 0; l < 8; ++l) {
+        if ((m >> l) & 1) lanes[m][j++] = l;
+      }
+    }
+  }
+};
+inline constexpr LeftPack kLeftPack{};
+
+// count_f32_avx2 that also keeps the bracket's keys: each 8-lane group's keys in (lo, hi) are packed
+// to the front by a permutation and stored at keys[kept] without a branch (room for 64 more is made
+// before each block), and `bracket` counts them. It stops before a block once `limit` keys are
+// kept, or when the room cannot be made (out_of_memory); keys.size() is then larger than kept.
+// Returns the end of the blocks done. At 25 % a sample leaves about 3 % of ResNet-50's gradients in
+// the brackets, and one call per kept key cost ~3.6 ns each (docs/benchmarks.md).
+__attribute__((target("avx2"))) inline int64_t count_keep_f32_avx2(const float* x, int64_t b, int64_t end,
+                                                                  uint32_t lo, uint32_t hi, int64_t& above,
+                                                                  int64_t& at_lo, int64_t& bracket, bool& nan,
+                                                                  std::vector<uint32_t>& keys, int64_t& kept,
+                                                                  int64_t limit, bool& out_of_memory) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i inf_v = _mm256_set1_epi32(0x7f800000);
+  const __m256i lo_v = _mm256_set1_epi32(static_cast<int32_t>(lo));
+  const __m256i hi_m1 = _mm256_set1_epi32(static_cast<int32_t>(hi - 1));  // key >= hi as key > hi - 1
+  __m256i nan_v = _mm256_setzero_si256(), above_v = _mm256_setzero_si256(), at_lo_v = _mm256_setzero_si256();
+  for (; b + 64 <= end; b += 64) {
+    if (kept + 64 > static_cast<int64_t>(keys.size())) {
+      if (kept >= limit) break;
+      try {
+        keys.resize(static_cast<size_t>(std::min(limit + 64, std::max(2 * kept, kept + 64))));
+      } catch (const std::bad_alloc&) {
+        out_of_memory = true;
+        break;
+      }
+    }
+    uint32_t* dst = keys.data() + kept;
+    for (int j = 0; j < 64; j += 8) {
+      const __m256i a =
+          _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b + j)), abs_mask);
+      nan_v = _mm256_or_si256(nan_v, _mm256_cmpgt_epi32(a, inf_v));
+      const __m256i ge_hi = _mm256_cmpgt_epi32(a, hi_m1);
+      above_v = _mm256_sub_epi32(above_v, ge_hi);  // lanes count at most 2^19 (chunks <= 2^22 elements)
+      at_lo_v = _mm256_sub_epi32(at_lo_v, _mm256_cmpeq_epi32(a, lo_v));
+      const __m256i inside = _mm256_andnot_si256(ge_hi, _mm256_cmpgt_epi32(a, lo_v));
+      const int m = _mm256_movemask_ps(_mm256_castsi256_ps(inside));
+      const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLeftPack.lanes[m]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permutevar8x32_epi32(a, order));
+      dst += __builtin_popcount(static_cast<unsigned>(m));
+    }
+    const int64_t got = dst - (keys.data() + kept);
+    kept += got;
+    bracket += got;
+  }
+  alignas(32) int32_t lanes[2][8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), above_v);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), at_lo_v);
+  for (int l = 0; l < 8; ++l) {
+    above += lanes[0][l];
+    at_lo += lanes[1][l];
+  }
+  nan |= _mm256_movemask_epi8(nan_v) != 0;
+  return b;
+}
+#endif
+
 // Over [begin, end): adds the count of keys >= hi to `above` and of keys == lo to `at_lo`, and
 // calls in(i, key) for every key in (lo, hi), in ascending order (lo < hi <= kInf + 1). Returns
 // true if a NaN was seen (then the counts are meaningless: the caller refuses the input).
@@ -371,7 +443,21 @@ struct TopK {
         } catch (const std::bad_alloc&) {
           cc.key_limit = 0;
         }
-        cc.nan = count_bracket(x, first, last, lo, hi, above, at_lo, [&](int64_t, bits_t key) {
+        int64_t from = first;
+        bool nan = false;
+#if defined(GRADSPARSE_AVX2_SCAN)
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (has_avx2() && cc.key_limit > 0) {  // most blocks, keys packed without a call each
+            int64_t kept = 0;
+            bool out_of_memory = false;
+            from = count_keep_f32_avx2(x, first, last, lo, hi, above, at_lo, bracket, nan, keys, kept,
+                                       cc.key_limit, out_of_memory);
+            keys.resize(static_cast<size_t>(std::min(kept, cc.key_limit)));
+            if (out_of_memory) cc.key_limit = 0;
+          }
+        }
+#endif
+        cc.nan = nan | count_bracket(x, from, last, lo, hi, above, at_lo, [&](int64_t, bits_t key) {
           ++bracket;
           if (static_cast<int64_t>(keys.size()) < cc.key_limit) {
             try {
