@@ -114,3 +114,13 @@ def test_hierarchical_points_take_the_round_through_shared_memory_or_are_left_ou
     assert rows["dgc0.1hier"]["predicted_ms"] == pytest.approx(1e3 * hier["step"])
     # the flat point is unchanged by the hierarchical input
     assert rows["dgc0.1"]["predicted_ms"] == scale.validate(INPUTS, [point])[0]["predicted_ms"]
+
+
+def test_kernel_costs_replace_the_runs_compression_time():
+    point = {"nodes": 2, "local": 2, "rate": "1gbit", "compute_ms": 500, "compress_ms": 200,
+             "steps": {"dense": 1500, "dgc0.1": 800}}
+    own, kernels = (scale.validate(INPUTS, [point], run_compress=flag) for flag in (True, False))
+    timed = scale.validate(INPUTS, [{k: v for k, v in point.items() if k != "compress_ms"}])
+    assert own[0]["predicted_ms"] == kernels[0]["predicted_ms"]          # dense: no compression either way
+    assert kernels[1]["predicted_ms"] == timed[1]["predicted_ms"]        # the kernels timed here, as without one
+    assert kernels[1]["predicted_ms"] != own[1]["predicted_ms"]
