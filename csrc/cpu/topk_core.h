@@ -625,25 +625,27 @@ struct TopK {
       int64_t* o = out + cc.offset;
       int64_t allow = cc.allow;
       if (cc.pos) {  // the chunk's kept positions, classified against lo and hi
+        // Without a branch per position (at 1 % about 40 % of them are in the bracket, and a branch on
+        // the class mispredicted): every position is written at o, which advances only for one kept;
+        // the write stays inside this chunk's output (end), which the last one kept fills. Every
+        // bracket key is larger than lo; if the k-th key is lo, they are kept without looking (they
+        // may not all have been kept), else they all were kept (kth_key), in position order.
         const bits_t* key = cc.keys.data();
+        const int64_t n_keys = static_cast<int64_t>(cc.keys.size());
+        const bool kth_is_lo = kth == lo;
+        int64_t* const end = out + cc.offset + cc.larger + cc.allow;
+        int64_t next_key = 0;
         for (int64_t j = 0; j < cc.pos_size; ++j) {
           const uint32_t p = cc.pos[j];
-          if (!(p & (Counts::kAtLo | Counts::kInBracket))) {
-            *o++ = first + p;
-            continue;
-          }
-          bool keep;
-          if (p & Counts::kInBracket) {
-            // every bracket key is larger than lo; if the k-th key is lo, they are kept without
-            // looking (they may not all have been kept), else they all were kept (kth_key)
-            const bits_t kk = kth == lo ? kth + 1 : *key++;
-            keep = kk > kth || (kk == kth && allow > 0);
-            allow -= kk == kth && keep;
-          } else {
-            keep = kth == lo && allow > 0;
-            allow -= keep;
-          }
-          if (keep) *o++ = first + (p & Counts::kPosition);
+          const bool in_bracket = (p & Counts::kInBracket) != 0, at_lo = (p & Counts::kAtLo) != 0;
+          const bits_t kk = kth_is_lo ? kth + 1 : (next_key < n_keys ? key[next_key] : bits_t(0));
+          next_key += in_bracket;
+          const bool tie = (in_bracket & (kk == kth)) | (at_lo & kth_is_lo);
+          const bool take = tie & (allow > 0);
+          allow -= take;
+          const bool keep = !(in_bracket | at_lo) | (in_bracket & (kk > kth)) | take;
+          if (o < end) *o = first + (p & Counts::kPosition);
+          o += keep;
         }
         cc.drop_positions();
         return;

@@ -175,6 +175,20 @@ def test_topk_select_every_path(case, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k_per_mille", [1, 10, 25])
+def test_small_k_with_ties_around_the_kth_over_many_chunks(k_per_mille, device):
+    """Small k keeps every position at or above the bracket's low end, tagged, and pass 2 picks from them
+    without a branch per position (csrc/cpu/topk_core.h): magnitudes in steps of 1/64, so thousands tie at
+    the k-th, across the chunks of 2M elements, give the exact top-k with ties to the lower positions."""
+    g = torch.Generator().manual_seed(k_per_mille)
+    x = torch.round(torch.randn(2_000_003, generator=g) * 64) / 64
+    k = x.numel() * k_per_mille // 1000
+    got = _topk(x, k, device, seed=3)
+    assert torch.equal(got, ref.topk_indices(x, k))
+    assert torch.equal(got, topk_oracle(x, k))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["all_equal", "few_distinct", "ties_at_kth", "with_inf", "zeros"])
 @pytest.mark.parametrize("n", [100, 50_000])
 def test_special_inputs(case, n, device):
