@@ -194,7 +194,8 @@ def main(argv=None) -> dict:
                      "round_medians_ms": [1e3 * statistics.median(ts) for ts, _ in rounds]})
     load = os.getloadavg()[0]
     result = {"read_pass_ms": 1e3 * one_pass, "health_pass_ms": 1e3 * health_pass,
-              "elements": sum(n for n, _ in buckets), "buckets": len(buckets), "steps": args.steps, "rounds": args.rounds, "load": load, "torch": torch.__version__, "rows": rows}
+              "elements": sum(n for n, _ in buckets), "buckets": len(buckets), "steps": args.steps,
+              "rounds": args.rounds, "load": load, "torch": torch.__version__, "rows": rows}
     print(f"one read pass of {result['elements']:,} fp32 gradients: {1e3 * one_pass:.2f} ms; "
           f"load average {load:.2f}{'  (loaded machine: not a result)' if load >= 1 else ''}")
     print(f"the health check's absmax over them: {1e3 * health_pass:.2f} ms ({health_pass / one_pass:.2f} read passes)")
