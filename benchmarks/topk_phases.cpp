@@ -7,8 +7,9 @@
 // parameters, and the phases are summed over them; e.g. ResNet-50's compressed parameters:
 //
 //   g++ -O3 -std=c++17 -pthread -Wno-psabi benchmarks/topk_phases.cpp -o /tmp/topk_phases && /tmp/topk_phases
-//   python -c "from gradsparse.model_shapes import resnet50; import math; \
+//   python -c "import math; from gradsparse.model_shapes import resnet50;
 //       print(*[math.prod(s) for _, s in resnet50() if math.prod(s) >= 4096])" > /tmp/sizes.txt
+//   (one command: the line break is inside the quotes)
 //   /tmp/topk_phases /tmp/sizes.txt
 //
 // Prints one line per density: mean ms over 5 calls of each phase and in all.

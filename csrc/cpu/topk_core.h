@@ -42,6 +42,43 @@ namespace gradsparse {
 namespace select_core {
 
 #if defined(GRADSPARSE_AVX2_SCAN)
+// The lane counters of count_bracket's AVX2 loops (count_f32_avx2, count_keep_f32_avx2): for each
+// 8-lane group of fp32, the keys >= hi and == lo are counted and NaN is noted; the keys and the lanes
+// in (lo, hi) are handed back.
+struct BracketLanes {
+  __m256i abs_mask, inf_v, lo_v, hi_m1;
+  __m256i nan_v = _mm256_setzero_si256(), above_v = _mm256_setzero_si256(), at_lo_v = _mm256_setzero_si256();
+
+  __attribute__((target("avx2"))) BracketLanes(uint32_t lo, uint32_t hi)
+      : abs_mask(_mm256_set1_epi32(0x7fffffff)),
+        inf_v(_mm256_set1_epi32(0x7f800000)),
+        lo_v(_mm256_set1_epi32(static_cast<int32_t>(lo))),
+        hi_m1(_mm256_set1_epi32(static_cast<int32_t>(hi - 1))) {}  // key >= hi as key > hi - 1
+
+  // The keys of x[0, 8) into `keys`; returns the lanes in (lo, hi) as a mask.
+  __attribute__((target("avx2"))) __m256i group(const float* x, __m256i& keys) {
+    const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), abs_mask);
+    nan_v = _mm256_or_si256(nan_v, _mm256_cmpgt_epi32(a, inf_v));
+    const __m256i ge_hi = _mm256_cmpgt_epi32(a, hi_m1);
+    above_v = _mm256_sub_epi32(above_v, ge_hi);  // lanes count at most 2^19 (chunks <= 2^22 elements)
+    at_lo_v = _mm256_sub_epi32(at_lo_v, _mm256_cmpeq_epi32(a, lo_v));
+    keys = a;
+    return _mm256_andnot_si256(ge_hi, _mm256_cmpgt_epi32(a, lo_v));
+  }
+
+  // Adds the lanes' counts to above and at_lo, and whether a NaN was seen to nan.
+  __attribute__((target("avx2"))) void add_to(int64_t& above, int64_t& at_lo, bool& nan) const {
+    alignas(32) int32_t lanes[2][8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), above_v);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), at_lo_v);
+    for (int l = 0; l < 8; ++l) {
+      above += lanes[0][l];
+      at_lo += lanes[1][l];
+    }
+    nan |= _mm256_movemask_epi8(nan_v) != 0;
+  }
+};
+
 // count_bracket's full 64-element blocks of fp32 with AVX2: lane counters for the two counts, and
 // the rare blocks with a key in (lo, hi) handed to `in` element by element. Returns the end of the
 // blocks done.
@@ -49,21 +86,12 @@ template <typename In>
 __attribute__((target("avx2"))) int64_t count_f32_avx2(const float* x, int64_t b, int64_t end, uint32_t lo,
                                                        uint32_t hi, int64_t& above, int64_t& at_lo, bool& nan,
                                                        In& in) {
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
-  const __m256i inf_v = _mm256_set1_epi32(0x7f800000);
-  const __m256i lo_v = _mm256_set1_epi32(static_cast<int32_t>(lo));
-  const __m256i hi_m1 = _mm256_set1_epi32(static_cast<int32_t>(hi - 1));  // key >= hi as key > hi - 1
-  __m256i nan_v = _mm256_setzero_si256(), above_v = _mm256_setzero_si256(), at_lo_v = _mm256_setzero_si256();
+  BracketLanes lanes(lo, hi);
   for (; b + 64 <= end; b += 64) {
     uint64_t in_mask = 0;
     for (int j = 0; j < 64; j += 8) {
-      const __m256i a =
-          _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b + j)), abs_mask);
-      nan_v = _mm256_or_si256(nan_v, _mm256_cmpgt_epi32(a, inf_v));
-      const __m256i ge_hi = _mm256_cmpgt_epi32(a, hi_m1);
-      above_v = _mm256_sub_epi32(above_v, ge_hi);  // lanes count at most 2^19 (chunks <= 2^22 elements)
-      at_lo_v = _mm256_sub_epi32(at_lo_v, _mm256_cmpeq_epi32(a, lo_v));
-      const __m256i inside = _mm256_andnot_si256(ge_hi, _mm256_cmpgt_epi32(a, lo_v));
+      __m256i a;
+      const __m256i inside = lanes.group(x + b + j, a);
       in_mask |= static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(inside)))) << j;
     }
     for (; in_mask; in_mask &= in_mask - 1) {
@@ -73,19 +101,10 @@ __attribute__((target("avx2"))) int64_t count_f32_avx2(const float* x, int64_t b
       in(i, key & 0x7fffffffu);
     }
   }
-  alignas(32) int32_t lanes[2][8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), above_v);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), at_lo_v);
-  for (int l = 0; l < 8; ++l) {
-    above += lanes[0][l];
-    at_lo += lanes[1][l];
-  }
-  nan |= _mm256_movemask_epi8(nan_v) != 0;
+  lanes.add_to(above, at_lo, nan);
   return b;
 }
-#endif
 
-#if defined(GRADSPARSE_AVX2_SCAN)
 // For every 8-lane mask, the lanes set, packed to the front: AVX2 has no compress store, so a
 // permutation from this table packs a group's kept lanes (count_keep_f32_avx2).
 struct LeftPack {
@@ -112,11 +131,7 @@ __attribute__((target("avx2"))) inline int64_t count_keep_f32_avx2(const float* 
                                                                   int64_t& at_lo, int64_t& bracket, bool& nan,
                                                                   std::vector<uint32_t>& keys, int64_t& kept,
                                                                   int64_t limit, bool& out_of_memory) {
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
-  const __m256i inf_v = _mm256_set1_epi32(0x7f800000);
-  const __m256i lo_v = _mm256_set1_epi32(static_cast<int32_t>(lo));
-  const __m256i hi_m1 = _mm256_set1_epi32(static_cast<int32_t>(hi - 1));  // key >= hi as key > hi - 1
-  __m256i nan_v = _mm256_setzero_si256(), above_v = _mm256_setzero_si256(), at_lo_v = _mm256_setzero_si256();
+  BracketLanes lanes(lo, hi);
   for (; b + 64 <= end; b += 64) {
     if (kept + 64 > static_cast<int64_t>(keys.size())) {
       if (kept >= limit) break;
@@ -129,14 +144,8 @@ __attribute__((target("avx2"))) inline int64_t count_keep_f32_avx2(const float* 
     }
     uint32_t* dst = keys.data() + kept;
     for (int j = 0; j < 64; j += 8) {
-      const __m256i a =
-          _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b + j)), abs_mask);
-      nan_v = _mm256_or_si256(nan_v, _mm256_cmpgt_epi32(a, inf_v));
-      const __m256i ge_hi = _mm256_cmpgt_epi32(a, hi_m1);
-      above_v = _mm256_sub_epi32(above_v, ge_hi);  // lanes count at most 2^19 (chunks <= 2^22 elements)
-      at_lo_v = _mm256_sub_epi32(at_lo_v, _mm256_cmpeq_epi32(a, lo_v));
-      const __m256i inside = _mm256_andnot_si256(ge_hi, _mm256_cmpgt_epi32(a, lo_v));
-      const int m = _mm256_movemask_ps(_mm256_castsi256_ps(inside));
+      __m256i a;
+      const int m = _mm256_movemask_ps(_mm256_castsi256_ps(lanes.group(x + b + j, a)));
       const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLeftPack.lanes[m]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permutevar8x32_epi32(a, order));
       dst += __builtin_popcount(static_cast<unsigned>(m));
@@ -145,14 +154,7 @@ __attribute__((target("avx2"))) inline int64_t count_keep_f32_avx2(const float* 
     kept += got;
     bracket += got;
   }
-  alignas(32) int32_t lanes[2][8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), above_v);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), at_lo_v);
-  for (int l = 0; l < 8; ++l) {
-    above += lanes[0][l];
-    at_lo += lanes[1][l];
-  }
-  nan |= _mm256_movemask_epi8(nan_v) != 0;
+  lanes.add_to(above, at_lo, nan);
   return b;
 }
 #endif
@@ -643,7 +645,8 @@ struct TopK {
           const bool tie = (in_bracket & (kk == kth)) | (at_lo & kth_is_lo);
           const bool take = tie & (allow > 0);
           allow -= take;
-          const bool keep = !(in_bracket | at_lo) | (in_bracket & (kk > kth)) | take;
+          const bool at_or_above_hi = !(in_bracket | at_lo);
+          const bool keep = at_or_above_hi | (in_bracket & (kk > kth)) | take;
           if (o < end) *o = first + (p & Counts::kPosition);
           o += keep;
         }
