@@ -209,10 +209,15 @@ def main(argv=None) -> dict:
             print(f"\n{name}: torch.profiler over {args.steps} steps (totals; divide by {args.steps} for a step)")
             print(profile_method(name, buckets, args.steps))
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return result
+
+
+def write_json(path: str, result: dict) -> None:
+    """Write a benchmark's result to ``path`` (its folder made if missing)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

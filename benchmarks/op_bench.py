@@ -25,7 +25,6 @@ process), alternating, several times.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -35,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-from benchmarks.bucket_bench import buckets_of  # noqa: E402
+from benchmarks.bucket_bench import buckets_of, write_json  # noqa: E402
 from gradsparse import ops  # noqa: E402
 from gradsparse.model_shapes import resnet50  # noqa: E402
 from gradsparse.payload import PayloadLayout  # noqa: E402
@@ -138,9 +137,7 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"| {r['op']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} - {r['max_ms']:.2f} |")
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return result
 
 
