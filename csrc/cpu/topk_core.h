@@ -472,7 +472,7 @@ struct TopK {
       } else {
         // Every key >= lo reaches the scan's callback, classified without a branch; the bracket's keys
         // go into room made ahead, each stored at the next free place, which advances only for a key
-        // kept (small k: 0.6 ms less over ResNet-50's buckets at 1 %, docs/benchmarks.md).
+        // kept (small k: 0.2-0.8 ms less over ResNet-50's buckets at 1 %, docs/benchmarks.md).
         int64_t kept = 0;
         const auto room = [&]() -> bool {  // at least one free place, or false (keeping stopped)
           if (kept < static_cast<int64_t>(keys.size())) return true;
