@@ -275,4 +275,14 @@ inline void check_residual_into_args(const at::Tensor& r, const at::Tensor& g, c
                     ": r_out must be r itself or not overlap r");
 }
 
+// dgc_zero_compensate's list of positions to zero: a contiguous 1-D int64 tensor on the state's
+// device (its values are checked by each device's kernel).
+inline void check_zeroed(const at::Tensor& zeroed, const at::Tensor& state, const char* op) {
+  TORCH_CHECK_VALUE(zeroed.scalar_type() == c10::kLong && zeroed.dim() == 1 && zeroed.is_contiguous(), op,
+                    ": zeroed must be a contiguous 1-D int64 tensor, got ", zeroed.scalar_type(), " ", zeroed.dim(),
+                    "-D");
+  TORCH_CHECK_VALUE(zeroed.device() == state.device(), op, ": zeroed is on ", zeroed.device(), ", the state on ",
+                    state.device());
+}
+
 }  // namespace gradsparse

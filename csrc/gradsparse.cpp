@@ -56,6 +56,16 @@ TORCH_LIBRARY(gradsparse, m) {
   // float64 [max|g|, max|r_out|], NaN where a tensor holds a NaN (inf for an inf). The residual
   // memories' twin of dgc_compensate_into, for the same health check before the state changes.
   m.def("residual_compensate_into(Tensor r, Tensor g, Tensor(a!) r_out) -> Tensor");
+  // DGC's memory update of the last step fused into this step's compensation, in place: zero u and
+  // v at zeroed[j] - offset for every j, then dgc_compensate_into(u, v, g, momentum, nesterov, u, v),
+  // returning the same maxima. zeroed: int64, 1-D, non-decreasing, every zeroed[j] - offset within
+  // [0, numel). On the CPU, u and v read as zero at those positions as each chunk is compensated:
+  // one pass over the state instead of two (docs/kernels.md). A list that is out of range or
+  // descending raises (IndexError, ValueError), on the CPU after the pass: every element
+  // compensated, the state not zeroed in the chunks whose positions were wrong, nothing outside the
+  // tensors written.
+  m.def("dgc_zero_compensate(Tensor(a!) u, Tensor(b!) v, Tensor g, float momentum, bool nesterov, Tensor zeroed, "
+        "int offset) -> Tensor");
   // Selection candidates collected in the compensation pass (docs/kernels.md): dgc_compensate_into
   // (same checks, rounding and maxima) that also returns, for the segments [offsets[s],
   // offsets[s+1]) of the piece (offsets int64 [S+1] from 0 to numel; floors float64 [S]; caps

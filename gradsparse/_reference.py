@@ -193,6 +193,27 @@ def residual_compensate_into(r: torch.Tensor, g: torch.Tensor, r_out: torch.Tens
     return torch.stack([_absmax_or_nan(g.reshape(-1)), _absmax_or_nan(r_out)])
 
 
+def _zeroed_local(zeroed: torch.Tensor, offset: int, numel: int, op: str) -> torch.Tensor:
+    """``zeroed - offset``, checked as the kernels check it (int64, 1-D, non-decreasing, within ``[0, numel)``)."""
+    if zeroed.dtype != torch.int64 or zeroed.dim() != 1:
+        raise ValueError(f"{op}: zeroed must be a contiguous 1-D int64 tensor, got {zeroed.dtype} {zeroed.dim()}-D")
+    local = zeroed - offset
+    if local.numel() > 1 and bool((local.diff() < 0).any()):
+        raise ValueError(f"{op}: zeroed must be non-decreasing")
+    if local.numel() and (int(local.min()) < 0 or int(local.max()) >= numel):
+        raise IndexError(f"{op}: zeroed has positions outside [offset, offset + numel) = [{offset}, {offset + numel})")
+    return local
+
+
+def dgc_zero_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
+                         zeroed: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Reference of :func:`gradsparse.ops.dgc_zero_compensate_`: ``index_fill_`` of both, then the compensation."""
+    local = _zeroed_local(zeroed, offset, u.numel(), "dgc_zero_compensate")
+    u.view(-1).index_fill_(0, local, 0)
+    v.view(-1).index_fill_(0, local, 0)
+    return dgc_compensate_into(u, v, g, momentum, nesterov, u, v)
+
+
 def _floor_as_float(floor: float) -> torch.Tensor:
     """The smallest float32 at or above ``floor`` (0 for ``floor <= 0``): ``|v| >= floor`` holds exactly for every
     float32 ``v`` at or above it, the kernels' rule (csrc/common.h::floor_key_of)."""

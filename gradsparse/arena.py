@@ -15,6 +15,14 @@ which is what the next step's overflow check reads (``Memory.headroom``), before
 compensates anything. The update (:meth:`Arena.commit`) only removes what was sent
 or zeroes momentum, so the bounds still hold after it.
 
+When the update only zeroes every state tensor at the sent positions, and that pays in
+the compensation pass (DGC's momentum and velocity, for a selection sent exactly, from
+1/32 of the elements; ``Memory.defers_update``), the arena keeps the positions
+(:attr:`Arena.pending`) and the next compensation reads the state as zero there
+(``Memory.zero_compensate``): the state is read and written once a step instead of
+twice (docs/kernels.md). Anything else that reads the state first applies the pending
+update (:meth:`Arena.settle`; ``Memory.state`` does so for every reader).
+
 The same pass can also collect the next selection's candidates
 (:meth:`Arena.compensate_collecting`): per parameter, every position whose compensated
 magnitude is at least a floor a little below the k-th largest magnitude the previous
@@ -68,6 +76,14 @@ LIST_LOW, LIST_HIGH, FLOOR_NUDGE_DOWN, FLOOR_NUDGE_UP = 1.5, 6.0, 0.93, 1.03
 
 
 @dataclasses.dataclass(frozen=True)
+class _Cuts:
+    """The pending positions of a compensation and, per piece ``i``, its slice ``[bounds[2i], bounds[2i+1])``."""
+
+    bounds: list[int]
+    pending: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
 class Candidates:
     """Selection candidates collected by a compensation pass (:meth:`Arena.compensate_collecting`).
 
@@ -107,7 +123,7 @@ class Arena:
         self.numel = at if compact else numel
         self.state = tuple(torch.zeros(self.numel, dtype=torch.float32, device=device) for _ in self.names)
         for s, a in zip(self.segments, starts):
-            slot = memory.state.get(s.key, {})
+            slot = memory._state.get(s.key, {})  # the arenas holding these keys were settled (Arena.of)
             for name, buf in zip(self.names, self.state):
                 old = slot.get(name)
                 if old is None:
@@ -124,11 +140,14 @@ class Arena:
         self._last_kth = self.floors.clone()  # the k-th magnitudes the last selection found (+inf: none yet)
         #: segments selected from their candidates alone, and segments that collected candidates (since built)
         self.candidate_hits = self.candidate_tries = 0
+        #: positions (int64, ascending, on the CPU) where every state tensor is still to be zeroed: the last
+        #: update, deferred into the next compensation pass (None: nothing pending)
+        self.pending: torch.Tensor | None = None
         self._offsets = [s.offset for s in self.segments]
         self._piece_segments: dict[tuple[int, int], tuple[int, int, torch.Tensor]] = {}
         self._views: list[torch.Tensor] = []
         for s, a in zip(self.segments, starts):
-            slot = memory.state.setdefault(s.key, {})
+            slot = memory._state.setdefault(s.key, {})
             for name, buf in zip(self.names, self.state):
                 view = buf[a:a + s.numel]
                 slot[name] = view
@@ -146,13 +165,14 @@ class Arena:
         keys = {s.key for s in layout[0]}
         for other, old in list(memory.arenas.items()):
             if keys.intersection(s.key for s in old.segments):
+                old.settle()  # its buffers are what the new arena copies
                 del memory.arenas[other]
         arena = cls(memory, segments, numel, device, names, compact)
         memory.arenas[layout] = arena
         return arena
 
     def _valid(self) -> bool:
-        state, views = self.memory.state, iter(self._views)
+        state, views = self.memory._state, iter(self._views)
         return all(state.get(s.key, {}).get(name) is next(views) for s in self.segments for name in self.names)
 
     def compensate(self, pieces: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
@@ -163,19 +183,45 @@ class Arena:
         :attr:`selectable`.
         """
         maxima = []
-        for start, grad in pieces:
+        cuts = self._pending_cuts(pieces)
+        for i, (start, grad) in enumerate(pieces):
             views = tuple(b[start:start + grad.numel()] for b in self.state)
-            maxima.append(self.memory.compensate_into(views, grad, views))
+            if cuts is not None and cuts.bounds[2 * i] < cuts.bounds[2 * i + 1]:
+                zeroed = cuts.pending[cuts.bounds[2 * i]:cuts.bounds[2 * i + 1]]
+                maxima.append(self.memory.zero_compensate(views, grad, zeroed, start))
+            else:
+                maxima.append(self.memory.compensate_into(views, grad, views))
         if not maxima:
             return torch.zeros(1 + len(self.state), dtype=torch.float64)
         total = maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax(0)
         self.bounds = total.tolist()[1:]  # the pieces cover every segment: exact
         return total
 
+    def _pending_cuts(self, pieces: Sequence[tuple[int, torch.Tensor]]) -> _Cuts | None:
+        """Take :attr:`pending` for this compensation: where each piece's positions start and end in it (None when
+        nothing is pending). Positions outside every piece (none when the pieces cover every segment, as the
+        reducer's do) are zeroed here, first, with the whole list."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        bounds = [b for start, grad in pieces for b in (start, start + grad.numel())]
+        cuts = torch.searchsorted(pending, torch.tensor(bounds, dtype=torch.int64)).tolist()
+        if sum(cuts[1::2]) - sum(cuts[0::2]) != pending.numel():
+            ops.index_zero_(self.state, pending)
+            return None
+        return _Cuts(cuts, pending)
+
+    def settle(self) -> None:
+        """Apply the pending update now (:attr:`pending`): before anything but the compensation reads the state."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            ops.index_zero_(self.state, pending)
+
     def compensate_collecting(self, pieces: Sequence[tuple[int, torch.Tensor]], caps: torch.Tensor) -> Candidates:
         """:meth:`compensate`, and in the same pass every segment's selection candidates at its :attr:`floors`,
         keeping at most ``caps[s]`` (int64, per segment) positions each. Needs ``memory.collects_candidates`` and
         pieces that each cover whole segments (runs of adjacent ones, as the reducer's are)."""
+        self.settle()  # the collecting kernels zero nothing: they run at small k, where the update costs little
         maxima, positions, counts = [], [], []
         for start, grad in pieces:
             first, end, offsets = self._segments_of(start, grad.numel())
@@ -251,5 +297,12 @@ class Arena:
     def commit(self, positions: torch.Tensor, sent: torch.Tensor, masked: torch.Tensor | None,
                exact: bool = False) -> None:
         """The reduction landed: remove what was sent (see ``Memory.apply_sent``). Sent coordinates keep at
-        most their rounding on the wire and masking zeroes: :attr:`bounds` still hold."""
+        most their rounding on the wire and masking zeroes: :attr:`bounds` still hold.
+
+        An update that only zeroes every state tensor at ``positions`` (``Memory.defers_update``) is kept as
+        :attr:`pending` on the CPU, for the next compensation pass."""
+        self.settle()
+        if positions.device.type == "cpu" and self.memory.defers_update(self.state, positions, masked, exact):
+            self.pending = positions
+            return
         self.memory.apply_sent(self.state, positions, sent, masked, exact)

@@ -192,6 +192,31 @@ def residual_compensate_into(r: torch.Tensor, g: torch.Tensor, r_out: torch.Tens
     return _reference.residual_compensate_into(r, g, r_out)
 
 
+def dgc_zero_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
+                         zeroed: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Zero ``u`` and ``v`` at ``zeroed - offset``, then :func:`dgc_compensate_into` in place; the same maxima.
+
+    DGC's memory update of the last step fused into this step's compensation: on the CPU, ``u`` and
+    ``v`` read as zero at those positions as each chunk is compensated, so the state is read and
+    written once instead of twice. ``zeroed`` (int64, 1-D, non-decreasing, on the
+    state's device) must lie in ``[offset, offset + numel)``; a list that does not raises
+    IndexError or ValueError (on the CPU after the pass: every element compensated, the state not
+    zeroed in the chunks whose positions were wrong, nothing written outside it).
+
+    Example::
+
+        >>> import torch
+        >>> from gradsparse import ops
+        >>> u, v, g = torch.ones(3), torch.ones(3), torch.tensor([1.0, -4.0, 2.0])
+        >>> ops.dgc_zero_compensate_(u, v, g, 0.5, False, torch.tensor([11]), offset=10).tolist(), v.tolist()
+        ([4.0, 4.0, 4.0], [2.5, -4.0, 3.5])
+    """
+    if _compiled(u) and g.device == u.device:
+        return torch.ops.gradsparse.dgc_zero_compensate(u, v, g.reshape(-1), float(momentum), bool(nesterov),
+                                                        zeroed, int(offset))
+    return _reference.dgc_zero_compensate_(u, v, g, momentum, nesterov, zeroed, offset)
+
+
 def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
                               u_out: torch.Tensor, v_out: torch.Tensor, offsets: torch.Tensor, floors: torch.Tensor,
                               caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -348,6 +373,10 @@ if BACKEND == "extension":
     def _dgc_compensate_into_fake(u, v, g, momentum, nesterov, u_out, v_out):
         return u.new_empty(3, dtype=torch.float64)
 
+    @torch.library.register_fake("gradsparse::dgc_zero_compensate")
+    def _dgc_zero_compensate_fake(u, v, g, momentum, nesterov, zeroed, offset):
+        return u.new_empty(3, dtype=torch.float64)
+
     @torch.library.register_fake("gradsparse::absmax")
     def _absmax_fake(x):
         return x.new_empty((), dtype=torch.float64)
@@ -400,6 +429,7 @@ __all__ = [
     "dgc_compensate_",
     "dgc_compensate_candidates",
     "dgc_compensate_into",
+    "dgc_zero_compensate_",
     "index_zero_",
     "pack",
     "pack_gathered",

@@ -44,6 +44,16 @@ double magnitude_of_key(uint64_t key) {  // NaN for a NaN key
   }
 }
 
+// x, or +0.0 where zero (a byte, 0 or 1) is 1: a select written as a bit mask, which gcc vectorizes
+// (a ternary on the float did not), and exact for every x, NaN and infinities included.
+__attribute__((always_inline)) inline float zeroed_if(float x, uint8_t zero) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  b &= static_cast<uint32_t>(zero) - 1u;
+  std::memcpy(&x, &b, sizeof(b));
+  return x;
+}
+
 // One element of the DGC pass: u_out and v_out of u_i, v_i, g_i (acc_t: the promoted type of float
 // and g's dtype). Shared by every loop below, so that they all round alike.
 template <typename acc_t, bool kNesterov>
@@ -60,21 +70,28 @@ __attribute__((always_inline)) inline void compensate_one(float u_i, float v_i, 
 
 // u_out = m*u + g; v_out = v + u_out (Nesterov: u_out = m*(u + g); v_out = v + u_out + g) over
 // [begin, end), reading u, v before writing u_out, v_out element by element (so each output may be
-// its input). With kMaxima, also the largest keys of g, u_out and v_out into maxima[0..2].
+// its input). With kMaxima, also the largest keys of g, u_out and v_out into maxima[0..2]. With
+// kZero, u and v read as zero where zero[i - begin] is 1 (dgc_zero_compensate: the last step's
+// update, applied as the state is read).
 // Inlined into a default and an AVX2 build (compensate_range); AVX2 does not enable FMA, so
 // products and sums round as in the default build. Nesterov is a template argument: a branch in the
 // loop kept gcc from vectorizing the kMaxima loop (2x slower, measured).
-template <typename scalar_t, bool kMaxima, bool kNesterov>
+template <typename scalar_t, bool kMaxima, bool kNesterov, bool kZero>
 __attribute__((always_inline)) inline void compensate_loop(const float* u, const float* v, const scalar_t* g,
                                                            float* u_out, float* v_out, float m, int64_t begin,
-                                                           int64_t end, uint64_t* maxima) {
+                                                           int64_t end, uint64_t* maxima, const uint8_t* zero) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   decltype(key_of(acc_t())) g_max = 0;
   int32_t u_max = 0, v_max = 0;
   for (int64_t i = begin; i < end; ++i) {
     const acc_t gi = static_cast<acc_t>(g[i]);
     float ui, vi;
-    compensate_one<acc_t, kNesterov>(u[i], v[i], gi, m, ui, vi);
+    if constexpr (kZero) {
+      compensate_one<acc_t, kNesterov>(zeroed_if(u[i], zero[i - begin]), zeroed_if(v[i], zero[i - begin]), gi, m, ui,
+                                       vi);
+    } else {
+      compensate_one<acc_t, kNesterov>(u[i], v[i], gi, m, ui, vi);
+    }
     u_out[i] = ui;
     v_out[i] = vi;
     if constexpr (kMaxima) {
@@ -139,11 +156,11 @@ inline bool cpu_has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2");
   return yes;
 }
-template <typename scalar_t, bool kMaxima, bool kNesterov>
+template <typename scalar_t, bool kMaxima, bool kNesterov, bool kZero>
 __attribute__((target("avx2"))) void compensate_range_avx2(const float* u, const float* v, const scalar_t* g,
                                                           float* u_out, float* v_out, float m, int64_t begin,
-                                                          int64_t end, uint64_t* maxima) {
-  compensate_loop<scalar_t, kMaxima, kNesterov>(u, v, g, u_out, v_out, m, begin, end, maxima);
+                                                          int64_t end, uint64_t* maxima, const uint8_t* zero) {
+  compensate_loop<scalar_t, kMaxima, kNesterov, kZero>(u, v, g, u_out, v_out, m, begin, end, maxima, zero);
 }
 template <typename scalar_t>
 __attribute__((target("avx2"))) void absmax_range_avx2(const scalar_t* x, int64_t begin, int64_t end, uint64_t* keys) {
@@ -156,24 +173,31 @@ __attribute__((target("avx2"))) void residual_range_avx2(const float* r, const s
 }
 #endif
 
-template <typename scalar_t, bool kMaxima, bool kNesterov>
+template <typename scalar_t, bool kMaxima, bool kNesterov, bool kZero>
 void compensate_build(const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out, float m,
-                      int64_t begin, int64_t end, uint64_t* maxima) {
+                      int64_t begin, int64_t end, uint64_t* maxima, const uint8_t* zero) {
 #if defined(GRADSPARSE_AVX2_COMPENSATE)
   if (cpu_has_avx2()) {
-    return compensate_range_avx2<scalar_t, kMaxima, kNesterov>(u, v, g, u_out, v_out, m, begin, end, maxima);
+    return compensate_range_avx2<scalar_t, kMaxima, kNesterov, kZero>(u, v, g, u_out, v_out, m, begin, end, maxima,
+                                                                       zero);
   }
 #endif
-  compensate_loop<scalar_t, kMaxima, kNesterov>(u, v, g, u_out, v_out, m, begin, end, maxima);
+  compensate_loop<scalar_t, kMaxima, kNesterov, kZero>(u, v, g, u_out, v_out, m, begin, end, maxima, zero);
 }
 
+// zero: nullptr, or one byte per element of [begin, end), 1 where u and v read as zero.
 template <typename scalar_t, bool kMaxima>
 void compensate_range(const float* u, const float* v, const scalar_t* g, float* u_out, float* v_out, float m,
-                      bool nesterov, int64_t begin, int64_t end, uint64_t* maxima) {
+                      bool nesterov, int64_t begin, int64_t end, uint64_t* maxima, const uint8_t* zero = nullptr) {
+  if (zero) {
+    if (nesterov) return compensate_build<scalar_t, kMaxima, true, true>(u, v, g, u_out, v_out, m, begin, end, maxima,
+                                                                         zero);
+    return compensate_build<scalar_t, kMaxima, false, true>(u, v, g, u_out, v_out, m, begin, end, maxima, zero);
+  }
   if (nesterov) {
-    compensate_build<scalar_t, kMaxima, true>(u, v, g, u_out, v_out, m, begin, end, maxima);
+    compensate_build<scalar_t, kMaxima, true, false>(u, v, g, u_out, v_out, m, begin, end, maxima, nullptr);
   } else {
-    compensate_build<scalar_t, kMaxima, false>(u, v, g, u_out, v_out, m, begin, end, maxima);
+    compensate_build<scalar_t, kMaxima, false, false>(u, v, g, u_out, v_out, m, begin, end, maxima, nullptr);
   }
 }
 

@@ -4,6 +4,8 @@
 // same pass), and error feedback's residual_compensate_into (r_out = r + g, maxima likewise).
 // dgc/residual_compensate_candidates run the same kernels, then collect the selection candidates
 // with ATen ops (candidates_of: a second pass here, fused into the compensation only on the CPU).
+// dgc_zero_compensate zeroes the state with index_fill_, then compensates in place (fused into one
+// pass only on the CPU; the reducer defers its memory update to it on the CPU only).
 // Rounds like csrc/cpu/dgc.cpp and the torch ops of gradsparse/_reference.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -163,6 +165,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_compensate_candidates_cu
   return {maxima, positions, counts};
 }
 
+// zeroed - offset, checked as the CPU kernel checks it (non-decreasing, within [0, numel)), before
+// anything is written: the same error types, raised before the pass rather than after it.
+at::Tensor zeroed_local(const at::Tensor& zeroed, int64_t offset, int64_t numel, const char* op) {
+  const at::Tensor local = zeroed - offset;
+  if (local.numel() == 0) return local;
+  TORCH_CHECK_VALUE(local.numel() < 2 || !(local.diff() < 0).any().item<bool>(), op,
+                    ": zeroed must be non-decreasing");
+  TORCH_CHECK_INDEX(local.min().item<int64_t>() >= 0 && local.max().item<int64_t>() < numel, op,
+                    ": zeroed has positions outside [offset, offset + numel) = [", offset, ", ", offset + numel, ")");
+  return local;
+}
+
+at::Tensor dgc_zero_compensate_cuda(at::Tensor& u, at::Tensor& v, const at::Tensor& g, double momentum,
+                                    bool nesterov, const at::Tensor& zeroed, int64_t offset) {
+  check_dgc_into_args(u, v, g, u, v);
+  check_zeroed(zeroed, u, "dgc_zero_compensate");
+  c10::cuda::CUDAGuard guard(u.device());
+  const at::Tensor local = zeroed_local(zeroed, offset, u.numel(), "dgc_zero_compensate");
+  u.view(-1).index_fill_(0, local, 0);
+  v.view(-1).index_fill_(0, local, 0);
+  return dgc_compensate_into_cuda(u, v, g, momentum, nesterov, u, v);
+}
+
 at::Tensor absmax_cuda(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.is_floating_point(), "absmax: expected a floating-point tensor, got ", x.scalar_type());
   c10::cuda::CUDAGuard guard(x.device());
@@ -178,6 +203,7 @@ TORCH_LIBRARY_IMPL(gradsparse, CUDA, m) {
   m.impl("residual_compensate_into", &residual_compensate_into_cuda);
   m.impl("dgc_compensate_candidates", &dgc_compensate_candidates_cuda);
   m.impl("residual_compensate_candidates", &residual_compensate_candidates_cuda);
+  m.impl("dgc_zero_compensate", &dgc_zero_compensate_cuda);
 }
 
 }  // namespace gradsparse

@@ -28,7 +28,8 @@ def test_there_are_cuda_sources_for_every_op():
             registered |= set(__import__("re").findall(r'm\.impl\("(\w+)"', f.read()))
     assert registered == {"threshold_select", "topk_select", "segmented_topk_select", "unpack_add", "dgc_compensate",
                           "dgc_compensate_into", "residual_compensate_into", "absmax", "dgc_compensate_candidates",
-                          "residual_compensate_candidates", "segmented_topk_select_candidates"}
+                          "residual_compensate_candidates", "segmented_topk_select_candidates",
+                          "dgc_zero_compensate"}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed on this machine")

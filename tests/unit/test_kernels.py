@@ -718,6 +718,83 @@ def test_dgc_compensate_refuses_mismatched_state(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.25, 1.0])
+@pytest.mark.parametrize("n", [17, 16_384, 100_003])
+def test_dgc_zero_compensate_equals_index_fill_then_compensate(n, density, dtype, nesterov, device):
+    """Zeroed positions (sorted, with repeats, at chunk edges when dense) read as zero, every other element is
+    compensated as dgc_compensate_into compensates it, and the maxima are those of the result: against
+    index_fill_ then the reference, bit for bit, with positions given in another coordinate (offset)."""
+    g = torch.Generator().manual_seed(n + int(density * 1000))
+    u, v = torch.randn(n, generator=g), torch.randn(n, generator=g) * 3
+    u[n // 2] = float("inf")  # zeroed below when dense: a zeroed inf reads as zero, not NaN
+    grad = torch.randn(n, generator=g).to(dtype)
+    count = int(n * density)
+    positions = torch.randint(n, (count,), generator=g).sort().values if density < 1 else torch.arange(n)
+    if density == 0.25:
+        positions = torch.cat([positions, torch.tensor([n // 2, n // 2, 0, n - 1])]).sort().values
+    offset = 1000
+    du, dv = u.clone().to(device), v.clone().to(device)
+    got = torch.ops.gradsparse.dgc_zero_compensate(du, dv, grad.to(device), 0.9, nesterov,
+                                                   (positions + offset).to(device), offset)
+    wu, wv = u.clone(), v.clone()
+    wu.index_fill_(0, positions, 0)
+    wv.index_fill_(0, positions, 0)
+    want = ref.dgc_compensate_into(wu, wv, grad, 0.9, nesterov, wu, wv)
+    assert torch.equal(du.cpu(), wu) and torch.equal(dv.cpu(), wv)
+    assert torch.equal(got.cpu(), want)
+    ru, rv = u.clone(), v.clone()
+    assert torch.equal(ref.dgc_zero_compensate_(ru, rv, grad, 0.9, nesterov, positions + offset, offset), want)
+    assert torch.equal(ru, wu) and torch.equal(rv, wv)
+
+
+def test_dgc_zero_compensate_does_not_depend_on_threads():
+    n, g = 2_000_003, torch.Generator().manual_seed(3)
+    u, v, grad = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g)
+    positions = torch.randint(n, (n // 5,), generator=g).sort().values
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            a, b = u.clone(), v.clone()
+            results.append((torch.ops.gradsparse.dgc_zero_compensate(a, b, grad, 0.9, False, positions, 0), a, b))
+    finally:
+        torch.set_num_threads(threads)
+    for stats, a, b in results[1:]:
+        assert torch.equal(stats, results[0][0]) and torch.equal(a, results[0][1]) and torch.equal(b, results[0][2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("zeroed,offset,error,match", [
+    ([5, 3], 0, ValueError, "non-decreasing"),
+    ([1, 40_000, 20_000], 0, ValueError, "non-decreasing"),  # wrong in a later chunk
+    ([1, 50_000], 0, IndexError, "outside"),
+    ([-1, 2], 0, IndexError, "outside"),
+    ([9, 12], 10, IndexError, "outside"),  # below the offset
+    ([12, 50_010], 10, IndexError, "outside"),  # at offset + numel
+], ids=["descending", "descending_later", "above", "negative", "below_offset", "at_the_end"])
+def test_dgc_zero_compensate_refuses_a_wrong_list_and_writes_nothing_outside(zeroed, offset, error, match, device):
+    """A wrong list raises the error that names it; whatever the kernel did before raising, nothing outside
+    the state (here: the rest of a larger buffer) is written."""
+    n = 50_000
+    buf_u, buf_v = torch.ones(n + 200, device=device), torch.ones(n + 200, device=device)
+    u, v = buf_u[100:100 + n], buf_v[100:100 + n]
+    with pytest.raises(error, match=match):
+        torch.ops.gradsparse.dgc_zero_compensate(u, v, torch.ones(n, device=device), 0.9, False,
+                                                 torch.tensor(zeroed, device=device), offset)
+    assert buf_u[:100].eq(1).all() and buf_u[100 + n:].eq(1).all()
+    assert buf_v[:100].eq(1).all() and buf_v[100 + n:].eq(1).all()
+    with pytest.raises(error, match=match):
+        ref.dgc_zero_compensate_(torch.ones(n), torch.ones(n), torch.ones(n), 0.9, False,
+                                 torch.tensor(zeroed), offset)
+    with pytest.raises(ValueError, match="1-D int64"):
+        torch.ops.gradsparse.dgc_zero_compensate(u, v, torch.ones(n, device=device), 0.9, False,
+                                                 torch.tensor([1], dtype=torch.int32, device=device), 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_every_op(device):
     g = torch.Generator().manual_seed(0)
 
@@ -742,6 +819,9 @@ def test_opcheck_every_op(device):
                           (randn(100), randn(100), randn(100).half(), 0.9, True))
     torch.library.opcheck(torch.ops.gradsparse.dgc_compensate_into.default,
                           (randn(100), randn(100), randn(100).half(), 0.9, True, randn(100), randn(100)))
+    torch.library.opcheck(torch.ops.gradsparse.dgc_zero_compensate.default,
+                          (randn(100), randn(100), randn(100).half(), 0.9, True,
+                           torch.tensor([3, 3, 50, 99], device=device) + 7, 7))
     torch.library.opcheck(torch.ops.gradsparse.residual_compensate_into.default,
                           (randn(100), randn(100).half(), randn(100)))
     torch.library.opcheck(torch.ops.gradsparse.unpack_add.default,
