@@ -12,6 +12,7 @@ within 2x of that)::
     python -m benchmarks.bucket_bench --steps 5 --methods dgc0.1 topk1
     python -m benchmarks.bucket_bench --methods dgc0.1 dgc0.1-nocandidates --rounds 3   # A/B, alternating
     python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-unfused --rounds 3
+    python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-eager --rounds 3
     python -m benchmarks.bucket_bench --methods dgc-warmup25 --steps 3 --profile   # and where a step goes
 
 ``*-nocandidates`` is the same method with the selection candidates of the compensation
@@ -19,7 +20,9 @@ pass turned off (``selects_from_candidates = False``: every selection reads the 
 parameter; docs/design.md, decision 28). ``*-unfused`` runs the same method through the
 path before ``pack_gathered`` and ``index_zero_`` (docs/kernels.md): the sent values
 gathered by ``index_select``, packed into a new tensor, and the memory zeroed by one
-``index_fill_`` per state tensor (the results are the same bits). ``--rounds R`` runs the methods' list R times
+``index_fill_`` per state tensor (the results are the same bits). ``*-eager`` runs it with DGC's
+memory update applied when the reduction lands (``index_zero_``) instead of deferred into the next
+compensation pass (``dgc_zero_compensate``; gradsparse/arena.py), the same bits again. ``--rounds R`` runs the methods' list R times
 in turn, each a fresh reducer, so an A/B alternates within one process; the row is the
 median over every round's steps, with each round's median beside it.
 
@@ -47,6 +50,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 from gradsparse import DGC, TopK, ops  # noqa: E402
+from gradsparse import memory as memory_module  # noqa: E402
 from gradsparse.comm import LocalCommunicator  # noqa: E402
 from gradsparse.model_shapes import resnet50  # noqa: E402
 from gradsparse.reducer import Segment, SparseReducer  # noqa: E402
@@ -69,8 +73,30 @@ METHODS = {
     "topk1-nocandidates": lambda: (_without_candidates(TopK(0.01)), False),
     "dgc0.1-nocandidates": lambda: (_without_candidates(DGC(0.001, warmup=None)), False),
 }
-UNFUSED = "-unfused"
+UNFUSED, EAGER = "-unfused", "-eager"
 METHODS.update({name + UNFUSED: METHODS[name] for name in ("dgc0.1", "dgc-warmup25", "dgc-warmup6.25", "topk1")})
+METHODS.update({name + EAGER: METHODS[name] for name in ("dgc-warmup25", "dgc-warmup6.25")})
+
+
+@contextlib.contextmanager
+def _eager():
+    """DGC's memory update applied when each reduction lands, never deferred into the next compensation."""
+    deferred = memory_module.ZERO_IN_PASS_FROM
+    memory_module.ZERO_IN_PASS_FROM = 0
+    try:
+        yield
+    finally:
+        memory_module.ZERO_IN_PASS_FROM = deferred
+
+
+def _variant(name: str):
+    """The context a method's name asks for (``-unfused`` includes ``-eager``: the path before both)."""
+    if name.endswith(UNFUSED):
+        stack = contextlib.ExitStack()
+        stack.enter_context(_eager())
+        stack.enter_context(_unfused())
+        return stack
+    return _eager() if name.endswith(EAGER) else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -152,7 +178,7 @@ def profile_method(name: str, buckets, steps: int = 3) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     grads, step = _stepper(name, buckets)
-    with _unfused() if name.endswith(UNFUSED) else contextlib.nullcontext():
+    with _variant(name):
         step(0, [g.clone() for g in grads])
         works = [[g.clone() for g in grads] for _ in range(steps)]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -179,7 +205,7 @@ def main(argv=None) -> dict:
     timed: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name in args.methods}
     runs = [(r, name) for r in range(args.rounds) for name in args.methods]
     for i, (_, name) in enumerate(runs, 1):
-        with _unfused() if name.endswith(UNFUSED) else contextlib.nullcontext():
+        with _variant(name):
             times, blocking = time_method(name, buckets, args.steps)
         timed[name].append((times, blocking))
         med = statistics.median(times)

@@ -31,12 +31,14 @@ def test_rounds_alternate_an_a_b_of_the_selection_candidates(tmp_path):
         assert r["min_ms"] <= min(r["round_medians_ms"]) <= max(r["round_medians_ms"]) <= r["max_ms"]
 
 
-def test_the_unfused_path_gives_the_same_bits_and_is_restored():
-    """``*-unfused`` times the previous pair handling: the same reduced bucket and memory, bit for bit, and the
-    fused ops are back afterwards."""
+def test_the_unfused_and_eager_paths_give_the_same_bits_and_are_restored():
+    """``*-unfused`` times the previous pair handling, ``*-eager`` the memory update applied when the reduction
+    lands: the same reduced bucket and memory, bit for bit, and the fused ops and the deferral are back
+    afterwards."""
     import torch
 
     from gradsparse import DGC, ops
+    from gradsparse import memory as memory_module
     from gradsparse.comm import LocalCommunicator
     from gradsparse.reducer import Segment, SparseReducer
 
@@ -44,31 +46,38 @@ def test_the_unfused_path_gives_the_same_bits_and_is_restored():
     segments = [Segment("a", 0, 30_000), Segment("b", 30_000, 10), Segment("c", 30_010, 50_000)]
     grads = [torch.randn(80_010, generator=torch.Generator().manual_seed(s)) for s in range(3)]
     results = []
-    for unfused in (False, True):
+    deferring = memory_module.ZERO_IN_PASS_FROM
+    for name in ("dgc-warmup25", "dgc-warmup25-unfused", "dgc-warmup25-eager"):
         reducer = SparseReducer(DGC(0.25, warmup=None), LocalCommunicator())
-        with bucket_bench._unfused() if unfused else bucket_bench.contextlib.nullcontext():
-            assert (ops.pack_gathered is fused[0]) != unfused
+        with bucket_bench._variant(name):
+            assert (ops.pack_gathered is fused[0]) != name.endswith("-unfused")
+            assert (memory_module.ZERO_IN_PASS_FROM == deferring) == (name == "dgc-warmup25")
             flats = [reducer.reduce(g.clone(), segments, step).wait().clone() for step, g in enumerate(grads)]
         state = reducer.state_dict()["memory"]["state"]
         results.append((flats, {(p, n): t.clone() for p, named in state.items() for n, t in named.items()}))
-    assert (ops.pack_gathered, ops.index_zero_) == fused
-    (a_flats, a_state), (b_flats, b_state) = results
-    assert all(torch.equal(a, b) for a, b in zip(a_flats, b_flats))
+    assert (ops.pack_gathered, ops.index_zero_) == fused and memory_module.ZERO_IN_PASS_FROM == deferring
+    a_flats, a_state = results[0]
     assert all(not torch.equal(f, g) for f, g in zip(a_flats, grads))  # something was held back
     assert {("a", "velocity"), ("c", "velocity"), ("b", "momentum")} <= set(a_state)
-    assert a_state.keys() == b_state.keys()
-    assert all(torch.equal(a_state[k], b_state[k]) for k in a_state)
     assert all(a_state[(p, "velocity")].count_nonzero() < a_state[(p, "velocity")].numel() for p in "ac")  # masked
+    for b_flats, b_state in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(a_flats, b_flats))
+        assert a_state.keys() == b_state.keys()
+        assert all(torch.equal(a_state[k], b_state[k]) for k in a_state)
 
 
 def test_profile_lists_the_operators_of_the_steps():
-    """``--profile``: the profiler's table holds the reducer's own ops (the fused ones, or on the
-    ``*-unfused`` path the ones they replace), not the clones made before each step."""
+    """``--profile``: the profiler's table holds the reducer's own ops (the fused ones, the memory update
+    deferred into the compensation; on the ``*-eager`` path the update on its own; on the ``*-unfused``
+    path the ops they replace), not the clones made before each step."""
     from gradsparse.model_shapes import resnet50
 
     buckets = bucket_bench.buckets_of(resnet50())[:2]
     fused = bucket_bench.profile_method("dgc-warmup25", buckets, steps=1)
-    assert "gradsparse::pack_gathered" in fused and "gradsparse::index_zero_" in fused
+    assert "gradsparse::pack_gathered" in fused and "gradsparse::dgc_zero_compensate" in fused
+    assert "gradsparse::index_zero_" not in fused
+    eager = bucket_bench.profile_method("dgc-warmup25-eager", buckets, steps=1)
+    assert "gradsparse::index_zero_" in eager and "gradsparse::dgc_zero_compensate" not in eager
     unfused = bucket_bench.profile_method("dgc-warmup25-unfused", buckets, steps=1)
     assert "gradsparse::pack_gathered" not in unfused and "aten::index_fill_" in unfused
     assert "aten::clone" not in fused
