@@ -10,7 +10,11 @@
 - ``select D``: ``segmented_topk_select`` of every bucket, each parameter of 4,096 elements or more
   selecting D of itself (no candidates: TopK's and the warm-up's case);
 - ``pack D``: ``pack_gathered`` of D x each bucket's positions into a payload kept between calls;
-- ``zero D``: ``index_zero_`` of two buffers at those positions (DGC's momentum and velocity).
+- ``zero D``: ``index_zero_`` of two buffers at those positions (DGC's momentum and velocity);
+- ``compensate``: DGC's in-place compensation of every bucket (``dgc_compensate_into``);
+- ``zero, compensate D``: ``zero D`` then ``compensate``, DGC's memory update applied when the
+  reduction lands and the next step's compensation; ``zero_compensate D`` the same in one pass
+  (``dgc_zero_compensate``: the update deferred into the compensation, gradsparse/arena.py).
 
 Each call is preceded by a write over a 160 MB buffer, so the buckets come from memory, not the
 32 MB L3. One thread. The row is the median (and min-max) over ``--repeats`` calls::
@@ -100,7 +104,9 @@ def main(argv=None) -> dict:
     momenta = [g.clone() for g in grads]
     flush = torch.zeros(FLUSH_ELEMENTS)
     cases = {"sum": lambda: [g.sum() for g in grads],
-             "absmax": lambda: [torch.ops.gradsparse.absmax(g) for g in grads]}
+             "absmax": lambda: [torch.ops.gradsparse.absmax(g) for g in grads],
+             "compensate": lambda: [ops.dgc_compensate_into(m, o, g, 0.9, False, m, o)
+                                    for g, o, m in zip(grads, outs, momenta)]}
     for density in (float(d) for d in args.densities.split(",")):
         for world in (int(w) for w in args.worlds.split(",")):
             payloads = _payloads(grads, density, world, gen)
@@ -121,6 +127,11 @@ def main(argv=None) -> dict:
             for p, g, b in zip(ps, grads, bs)]
         cases[f"zero {density:g}"] = lambda ps=positions: [ops.index_zero_([o, m], p)
                                                             for p, o, m in zip(ps, outs, momenta)]
+        cases[f"zero, compensate {density:g}"] = lambda ps=positions: [
+            (ops.index_zero_([m, o], p), ops.dgc_compensate_into(m, o, g, 0.9, False, m, o))
+            for p, g, o, m in zip(ps, grads, outs, momenta)]
+        cases[f"zero_compensate {density:g}"] = lambda ps=positions: [
+            ops.dgc_zero_compensate_(m, o, g, 0.9, False, p) for p, g, o, m in zip(ps, grads, outs, momenta)]
     rows = []
     for name, fn in cases.items():
         times = _timed(fn, args.repeats, flush)

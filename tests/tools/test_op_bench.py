@@ -9,8 +9,9 @@ def test_op_bench_times_every_op_it_lists(tmp_path):
     out = tmp_path / "ops.json"
     result = op_bench.main(["--densities", "0.001", "--worlds", "1,2", "--repeats", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert [r["op"] for r in result["rows"]] == ["sum", "absmax", "unpack 0.001 x1", "unpack 0.001 x2",
-                                                 "select 0.001", "pack 0.001", "zero 0.001"]
+    assert [r["op"] for r in result["rows"]] == ["sum", "absmax", "compensate", "unpack 0.001 x1", "unpack 0.001 x2",
+                                                 "select 0.001", "pack 0.001", "zero 0.001", "zero, compensate 0.001",
+                                                 "zero_compensate 0.001"]
     assert result["elements"] == 25_557_032
     for r in result["rows"]:
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
