@@ -98,22 +98,23 @@ at::Tensor residual_compensate_into_cpu(const at::Tensor& r, const at::Tensor& g
   return at::tensor({maxima[0], maxima[1]}, at::TensorOptions().dtype(at::kDouble));
 }
 
-// Marks list[j0], list[j0 + 1], ... below hi in mask (byte q - lo, taken modulo kGrain, so a
-// position below lo in a wrong list stays inside the mask, which is then dropped) and returns
-// where the slice ends; bad becomes nonzero if the slice is not non-decreasing from lo. One loop
-// reads, checks and marks. Out of line, with restrict pointers, into a mask that is not
-// thread_local: versions with a thread_local mask, inlined or not, took 19-22 ms at 25 % (25.6M
-// elements) against 15.5 this way; gcc looked the mask's address up with a call to __tls_get_addr
-// at every position, and inlined it kept the loop's counters on the stack.
+// Marks list[j0], list[j0 + 1], ... below hi in mask (byte q - lo set to 0; the index is taken
+// modulo kGrain, so a position below lo in a wrong list stays inside the mask, which is then
+// dropped) and returns where the slice ends; bad becomes nonzero if the slice is not
+// non-decreasing from lo. One loop reads, checks and marks. Out of line, with restrict pointers,
+// into a mask that is not thread_local: versions with a thread_local mask, inlined or not, took
+// 19-22 ms at 25 % (25.6M elements, one thread) against 15.5 this way; gcc looked the mask's
+// address up with a call to __tls_get_addr at every position, and inlined kept the loop's
+// counters on the stack.
 __attribute__((noinline)) int64_t mark_slice(const int64_t* __restrict list, int64_t n, int64_t j0, int64_t lo,
-                                             int64_t hi, uint8_t* __restrict mask, int64_t& bad) {
+                                             int64_t hi, int8_t* __restrict mask, int64_t& bad) {
   int64_t j = j0, prev = lo, wrong = 0;
   for (; j < n; ++j) {
     const int64_t q = list[j];
     if (q >= hi) break;
     wrong |= q < prev;
     prev = q;
-    mask[(q - lo) & (kGrain - 1)] = 1;
+    mask[(q - lo) & (kGrain - 1)] = 0;
   }
   bad = wrong;
   return j;
@@ -124,8 +125,8 @@ __attribute__((noinline)) int64_t mark_slice(const int64_t* __restrict list, int
 // non-decreasing list: a binary search places it at the thread's first chunk (a search per chunk
 // cost about 4 ms over 25.6M elements at 25 %, every probe of the 51 MB list a cache miss), then
 // each chunk [begin, end) reads its slice from the cursor, checking it (non-decreasing from begin,
-// below end) as it goes, and marks the slice's positions in a byte mask of the chunk (16 KB), which
-// the compensation loop reads as it reads the state: u and v read as zero where marked. (Writing
+// below end) as it goes, and marks the slice's positions in a byte mask of the chunk (16 KB: 0
+// where zeroed, -1 elsewhere), which the compensation loop reads as it reads the state. (Writing
 // the zeros into the state before compensating the chunk was slower than a separate index_zero_
 // pass: 20.4 against 18.6 ms at 25 %, each chunk's scattered stores waiting on lines the
 // compensation then read anyway.) A wrong list is seen as a slice that fails its check or as
@@ -138,7 +139,7 @@ struct ZeroedPositions {
   std::atomic<bool> wrong{false};
   // one chunk mask per thread of the pool (a thread_local one made gcc look its address up with
   // a call to __tls_get_addr for every position marked)
-  std::vector<uint8_t> masks;
+  std::vector<int8_t> masks;
 
   ZeroedPositions(const at::Tensor& zeroed, int64_t offset_)
       : p(zeroed.data_ptr<int64_t>()),
@@ -146,18 +147,19 @@ struct ZeroedPositions {
         offset(offset_),
         masks(count ? static_cast<size_t>(kGrain) * std::max(1, at::get_num_threads()) : 0) {}
 
-  // The chunk's mask (one byte per element of [begin, end), 1 where zeroed; the thread's), or
+  // The chunk's mask (one byte per element of [begin, end), 0 where zeroed, -1 elsewhere; the
+  // thread's), or
   // nullptr when none of its elements is zeroed or its slice is wrong. cursor: -1 at a thread's
   // first chunk, then where the last chunk's slice ended.
-  const uint8_t* mark(int64_t begin, int64_t end, int64_t& cursor) {
-    uint8_t* mask = masks.data() + kGrain * at::get_thread_num();
+  const int8_t* mark(int64_t begin, int64_t end, int64_t& cursor) {
+    int8_t* mask = masks.data() + kGrain * at::get_thread_num();
     const int64_t lo = begin + offset, hi = end + offset;
     const int64_t j0 = cursor >= 0 ? cursor : std::lower_bound(p, p + count, lo) - p;
     if (j0 == count || p[j0] >= hi) {
       cursor = j0;
       return nullptr;
     }
-    std::memset(mask, 0, static_cast<size_t>(end - begin));
+    std::memset(mask, 0xff, static_cast<size_t>(end - begin));
     int64_t bad = 0;
     const int64_t j = mark_slice(p, count, j0, lo, hi, mask, bad);
     cursor = j;
