@@ -28,7 +28,8 @@ median over every round's steps, with each round's median beside it.
 
 The last column is the part of the work done inside the hook before the collective
 is issued (``BucketStats.blocking_s``: compensate, select, pack), which stalls
-backward; the rest (unpack-add, memory update) runs when the collective completes.
+backward; the rest (unpack-add, memory update) runs when the collective completes, except DGC's
+update from 1/32 of the elements, which the next compensation applies (``*-eager`` keeps it there).
 Median and spread (min-max) over ``--steps`` steps after one untimed step; ``uptime``'s
 load is printed beside the table: a number taken while other jobs run is not a result.
 The health check's read (``ops.absmax`` over the same gradients) is timed beside the unit.

@@ -233,9 +233,9 @@ class DGCMemory(Memory):
         _remove_sent(state[1], positions, sent, exact)
 
     def defers_update(self, state, positions, masked, exact):
-        # from 1/32 of the state's elements: ResNet-50's 25.6M elements, one thread, index_zero_ then
-        # dgc_compensate_into against dgc_zero_compensate (docs/kernels.md): 10.9 vs 11.7 ms at 1 %,
-        # 11.2 vs 11.4 at 2 %, 13.9 vs 11.8 at 3 %, 17.6 vs 12.7 at 6.25 %, 20.0 vs 15.5 at 25 %
+        # from 1/32 of the state's elements: over ResNet-50's buckets, one thread, index_zero_ then
+        # dgc_compensate_into took 10.4-11.9 ms at 1 %, 13.8-14.2 at 3 %, 16.4-17.8 at 6.25 % and 19.4-20.1
+        # at 25 %; dgc_zero_compensate 11.9-12.3, 12.3-12.5, 13.0-13.5, 15.4-16.3 (op_bench, docs/benchmarks.md)
         return exact and masked is positions and positions.numel() * ZERO_IN_PASS_FROM >= state[0].numel()
 
     def zero_compensate(self, state, grad, zeroed, offset):
