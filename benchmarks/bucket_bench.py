@@ -71,6 +71,8 @@ METHODS = {
     "dgc0.1": lambda: (DGC(0.001, warmup=None), False),
     "dgc-warmup25": lambda: (DGC(0.25, warmup=None), False),
     "dgc-warmup6.25": lambda: (DGC(0.0625, warmup=None), False),
+    "dgc-warmup1.5625": lambda: (DGC(0.015625, warmup=None), False),
+    "dgc-warmup0.4": lambda: (DGC(0.004, warmup=None), False),
     "topk1-nocandidates": lambda: (_without_candidates(TopK(0.01)), False),
     "dgc0.1-nocandidates": lambda: (_without_candidates(DGC(0.001, warmup=None)), False),
 }

@@ -21,6 +21,7 @@ Each call is preceded by a write over a 160 MB buffer, so the buckets come from 
 
     python -m benchmarks.op_bench                       # table; JSON in benchmarks/results/op_bench.json
     python -m benchmarks.op_bench --densities 0.25 --worlds 1,2 --repeats 21
+    python -m benchmarks.op_bench --densities 0.001,0.01,0.25 --ops select   # only the rows starting so
 
 To compare two builds of the extension, run it with each (the ops are registered once per
 process), alternating, several times.
@@ -94,6 +95,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--worlds", default="1,2", help="payloads per unpack_add, comma-separated")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", default="benchmarks/results/op_bench.json")
+    parser.add_argument("--ops", nargs="+", default=None, metavar="PREFIX",
+                        help="only the rows whose name starts with one of these (default: every row)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
@@ -132,6 +135,8 @@ def main(argv=None) -> dict:
             for p, g, o, m in zip(ps, grads, outs, momenta)]
         cases[f"zero_compensate {density:g}"] = lambda ps=positions: [
             ops.dgc_zero_compensate_(m, o, g, 0.9, False, p) for p, g, o, m in zip(ps, grads, outs, momenta)]
+    if args.ops:
+        cases = {name: fn for name, fn in cases.items() if name.startswith(tuple(args.ops))}
     rows = []
     for name, fn in cases.items():
         times = _timed(fn, args.repeats, flush)

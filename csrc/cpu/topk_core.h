@@ -340,6 +340,73 @@ struct alignas(64) ChunkCounts {  // own cache line: neighbouring chunks are fil
   }
 };
 
+#if defined(GRADSPARSE_AVX2_SCAN)
+// count()'s small-k pass (keep_positions) over full 64-element blocks of fp32 with AVX2: a block's
+// keys >= lo (NaN included) as a 64-bit mask, in as few instructions as scan_f32_avx2's (most blocks
+// have none); in a block with some, each is classified without a branch as the scalar callback does
+// (counted >= hi, == lo or in between; its position, tagged with the class, and a bracket key
+// stored), with room for 64 positions and keys made once per block instead of once per hit. It
+// stops before a block where that room cannot be made (the caller's scalar scan then goes on with
+// its own limits). Returns the end of the blocks done. At 1 % about one element in 80 is a hit:
+// the room checked per hit cost ~3 ms of pass 1 over ResNet-50's buckets (docs/benchmarks.md).
+__attribute__((target("avx2"))) inline int64_t count_positions_f32_avx2(
+    const float* x, int64_t first, int64_t end, uint32_t lo, uint32_t hi, int64_t& above, int64_t& at_lo,
+    int64_t& bracket, bool& nan, std::vector<uint32_t>& keys, int64_t& kept, int64_t& key_limit,
+    ChunkCounts<uint32_t>& cc) {
+  using Counts = ChunkCounts<uint32_t>;
+  constexpr uint32_t kInf = 0x7f800000u;
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i lo_m1 = _mm256_set1_epi32(static_cast<int32_t>(lo - 1));  // lo == 0: -1, below every key
+  int64_t b = first, n_above = 0, n_at_lo = 0, n_inside = 0;
+  uint32_t any_nan = 0;
+  for (; b + 64 <= end; b += 64) {
+    uint64_t hits = 0;
+    for (int j = 0; j < 64; j += 8) {
+      const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b + j)), abs_mask);
+      hits |= static_cast<uint64_t>(static_cast<uint32_t>(
+                  _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, lo_m1)))))
+              << j;
+    }
+    if (!hits) continue;
+    if (kept + 64 > static_cast<int64_t>(keys.size())) {
+      if (kept >= key_limit) break;
+      try {
+        keys.resize(static_cast<size_t>(std::min(key_limit + 64, std::max(2 * kept, kept + 64))));
+      } catch (const std::bad_alloc&) {
+        key_limit = 0;
+        break;
+      }
+    }
+    if (!cc.pos || !cc.reserve(64)) break;  // b - first + 64 <= pos_limit: only out of memory fails
+    const uint32_t base = static_cast<uint32_t>(b - first);
+    uint32_t* pos = cc.pos + cc.pos_size;
+    uint32_t* key = keys.data() + kept;
+    for (uint64_t m = hits; m; m &= m - 1) {
+      const int j = __builtin_ctzll(m);
+      uint32_t k;
+      std::memcpy(&k, x + b + j, sizeof(k));
+      k &= 0x7fffffffu;
+      const uint32_t ge_hi = k >= hi, is_lo = k == lo, inside = !(ge_hi | is_lo);
+      any_nan |= k > kInf;
+      n_above += ge_hi;
+      n_at_lo += is_lo;
+      *key = k;
+      key += inside;
+      *pos++ = (base + j) | (is_lo * Counts::kAtLo) | (inside * Counts::kInBracket);
+    }
+    cc.pos_size = pos - cc.pos;
+    const int64_t got = key - (keys.data() + kept);
+    kept += got;
+    n_inside += got;
+  }
+  above += n_above;
+  at_lo += n_at_lo;
+  bracket += n_inside;
+  nan |= any_nan != 0;
+  return b;
+}
+#endif
+
 enum class Status { kOk, kNaN };
 
 template <typename scalar_t>
@@ -492,7 +559,17 @@ struct TopK {
         }
         cc.pos_limit = last - first;
         cc.reserve(static_cast<int64_t>(static_cast<double>(expect_hits) * share * 1.1) + 64);
-        cc.nan = scan(x, first, last, lo, K::kInf, [&](int64_t i, bits_t key) {  // key >= lo
+        int64_t from = first;
+        bool nan = false;
+#if defined(GRADSPARSE_AVX2_SCAN)
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (has_avx2() && cc.key_limit > 0) {  // most blocks, positions and keys packed without a call each
+            from = count_positions_f32_avx2(x, first, last, lo, hi, above, at_lo, bracket, nan, keys, kept,
+                                            cc.key_limit, cc);
+          }
+        }
+#endif
+        cc.nan = nan | scan(x, from, last, lo, K::kInf, [&](int64_t i, bits_t key) {  // key >= lo
           const uint32_t ge_hi = key >= hi, is_lo = key == lo, in_bracket = !(ge_hi | is_lo);
           above += ge_hi;
           at_lo += is_lo;

@@ -15,3 +15,9 @@ def test_op_bench_times_every_op_it_lists(tmp_path):
     assert result["elements"] == 25_557_032
     for r in result["rows"]:
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+
+
+def test_op_bench_times_only_the_rows_asked_for():
+    result = op_bench.main(["--densities", "0.001,0.01", "--worlds", "1", "--repeats", "1", "--json", "",
+                            "--ops", "select", "sum"])
+    assert [r["op"] for r in result["rows"]] == ["sum", "select 0.001", "select 0.01"]

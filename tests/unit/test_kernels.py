@@ -189,6 +189,23 @@ def test_small_k_with_ties_around_the_kth_over_many_chunks(k_per_mille, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_small_k_with_a_bracket_too_crowded_to_keep(device):
+    """Small k keeps positions, and the bracket's keys up to a limit (csrc/cpu/topk_core.h, pass 1): here one
+    element in 25, unsampled, sits inside the sample's bracket, about 80K keys against a limit of 64K (checked in
+    a C++ harness when written), so the keys stop being kept mid-pass and the k-th comes from radix digits."""
+    n, seed = 2_000_003, 5
+    r = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    sampled = torch.zeros(n, dtype=torch.bool)
+    sampled[_sample_positions(n, 0.01, seed)] = True
+    crowd = (torch.arange(n) % 25 == 0) & ~sampled
+    x = torch.where(sampled, r, torch.where(crowd, 0.999 + r * 1e-5, r * 0.5))
+    for k in (n // 1000, n // 200):
+        got = _topk(x, k, device, seed=seed)
+        assert torch.equal(got, ref.topk_indices(x, k)), k
+        assert torch.equal(got, topk_oracle(x, k)), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["all_equal", "few_distinct", "ties_at_kth", "with_inf", "zeros"])
 @pytest.mark.parametrize("n", [100, 50_000])
 def test_special_inputs(case, n, device):
