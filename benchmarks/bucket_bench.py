@@ -13,12 +13,16 @@ within 2x of that)::
     python -m benchmarks.bucket_bench --methods dgc0.1 dgc0.1-nocandidates --rounds 3   # A/B, alternating
     python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-unfused --rounds 3
     python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-eager --rounds 3
+    python -m benchmarks.bucket_bench --methods topk1 topk1-separate --rounds 3
     python -m benchmarks.bucket_bench --methods dgc-warmup25 --steps 3 --profile   # and where a step goes
 
+``*-separate`` is the same method with its payload packed after the selection
+(``packs_selection = False``: ``pack_gathered`` of the selected positions) instead of written by the
+selection's last pass (``segmented_topk_select_pack``; the same bytes).
 ``*-nocandidates`` is the same method with the selection candidates of the compensation
 pass turned off (``selects_from_candidates = False``: every selection reads the whole
 parameter; docs/design.md, decision 28). ``*-unfused`` runs the same method through the
-path before ``pack_gathered`` and ``index_zero_`` (docs/kernels.md): the sent values
+path before ``segmented_topk_select_pack``, ``pack_gathered`` and ``index_zero_`` (docs/kernels.md): the sent values
 gathered by ``index_select``, packed into a new tensor, and the memory zeroed by one
 ``index_fill_`` per state tensor (the results are the same bits). ``*-eager`` runs it with DGC's
 memory update applied when the reduction lands (``index_zero_``) instead of deferred into the next
@@ -64,6 +68,11 @@ def _without_candidates(compressor):
     return compressor
 
 
+def _packed_after(compressor):
+    compressor.packs_selection = False
+    return compressor
+
+
 METHODS = {
     "dense-iteration": lambda: (TopK(1.0), True),
     "topk1": lambda: (TopK(0.01), False),
@@ -76,8 +85,12 @@ METHODS = {
     "topk1-nocandidates": lambda: (_without_candidates(TopK(0.01)), False),
     "dgc0.1-nocandidates": lambda: (_without_candidates(DGC(0.001, warmup=None)), False),
 }
-UNFUSED, EAGER = "-unfused", "-eager"
-METHODS.update({name + UNFUSED: METHODS[name] for name in ("dgc0.1", "dgc-warmup25", "dgc-warmup6.25", "topk1")})
+UNFUSED, EAGER, SEPARATE = "-unfused", "-eager", "-separate"
+METHODS.update({name + UNFUSED: (lambda m=METHODS[name]: (_packed_after(m()[0]), m()[1]))
+                for name in ("dgc0.1", "dgc-warmup25", "dgc-warmup6.25", "topk1")})
+METHODS.update({name + SEPARATE: (lambda m=METHODS[name]: (_packed_after(m()[0]), m()[1]))
+                for name in ("topk1", "topk10", "dgc-warmup25", "dgc-warmup6.25", "dgc-warmup1.5625",
+                             "dgc-warmup0.4")})
 METHODS.update({name + EAGER: METHODS[name] for name in ("dgc-warmup25", "dgc-warmup6.25")})
 
 

@@ -29,6 +29,12 @@ TORCH_LIBRARY(gradsparse, m) {
   // a k of 0 skips a segment (a gap between selected tensors). NaN in a segment with
   // 0 < k < length is refused, naming the segment. offsets and ks may be on any device.
   m.def("segmented_topk_select(Tensor x, Tensor offsets, Tensor ks, float sample_ratio, int seed) -> Tensor");
+  // segmented_topk_select (same arguments, checks, errors and positions, returned), and the payload
+  // pack_gathered(positions, x, dense, numel, float32, flags, out) writes, written into out (uint8,
+  // exactly the payload's size): on the CPU by the selection's last pass, each pair beside its
+  // position (fp32 x), with no pass over the positions after it.
+  m.def("segmented_topk_select_pack(Tensor x, Tensor offsets, Tensor ks, float sample_ratio, int seed, Tensor dense, "
+        "int numel, int flags, Tensor(a!) out) -> Tensor");
   // One rank's payload: header | int32 indices | pad | values | dense | pad (gradsparse/payload.py).
   m.def("pack(Tensor indices, Tensor values, Tensor dense, int numel, ScalarType value_dtype, int flags) -> Tensor");
   // pack(indices, source.reshape(-1).index_select(0, indices), dense, numel, value_dtype, flags), the same

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "pack.h"
 
 namespace gradsparse {
 namespace {
@@ -110,18 +111,29 @@ at::Tensor pack(const at::Tensor& indices, const at::Tensor& values, const at::T
   return out;
 }
 
+}  // namespace
+
+void check_payload_out(const at::Tensor& out, const Layout& lay, const at::Device& device, const char* op) {
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kByte && out.dim() == 1 && out.is_contiguous() &&
+                        out.numel() == lay.nbytes && out.device() == device,
+                    op, ": out must be a contiguous 1-D uint8 tensor of the payload's ", lay.nbytes,
+                    " bytes on the source's device, got ", out.scalar_type(), " ", out.sizes(), " on ", out.device());
+}
+
+void write_payload_frame(const at::Tensor& out, const at::Tensor& dense, const Layout& lay, int64_t numel,
+                         at::ScalarType value_dtype, int64_t flags) {
+  pack_cpu(out, dense, lay, header_of(lay, numel, value_dtype, flags).data(), value_dtype, [](uint8_t*) {});
+}
+
 // pack(indices, source.reshape(-1).index_select(0, indices), ...) written into `out` (a caller's
 // buffer, reused between steps: no fresh pages to fault in) without the gathered tensor: on the CPU
 // one loop reads each index once and writes it and source[index], cast, into the payload.
-void pack_gathered(const at::Tensor& indices, const at::Tensor& source, const at::Tensor& dense, int64_t numel,
-                   at::ScalarType value_dtype, int64_t flags, const at::Tensor& out) {
+void pack_gathered_into(const at::Tensor& indices, const at::Tensor& source, const at::Tensor& dense, int64_t numel,
+                        at::ScalarType value_dtype, int64_t flags, const at::Tensor& out) {
   TORCH_CHECK_VALUE(indices.dim() <= 1, "pack_gathered: indices must be 0-D or 1-D, got ", indices.dim(), "-D");
   TORCH_CHECK_VALUE(numel >= 0 && numel <= INT32_MAX, "pack_gathered: numel ", numel, " does not fit int32 indices");
   const Layout lay(indices.numel(), dense.numel(), value_dtype);
-  TORCH_CHECK_VALUE(out.scalar_type() == at::kByte && out.dim() == 1 && out.is_contiguous() &&
-                        out.numel() == lay.nbytes && out.device() == source.device(),
-                    "pack_gathered: out must be a contiguous 1-D uint8 tensor of the payload's ", lay.nbytes,
-                    " bytes on the source's device, got ", out.scalar_type(), " ", out.sizes(), " on ", out.device());
+  check_payload_out(out, lay, source.device(), "pack_gathered");
   if (!(cpu_pack_inputs(indices, source, dense) && out.is_cpu())) {
     const at::Tensor values = source.reshape(-1).index_select(0, indices.reshape(-1));
     pack_generic(out, indices, values, dense, lay, header_of(lay, numel, value_dtype, flags), value_dtype);
@@ -162,11 +174,28 @@ void pack_gathered(const at::Tensor& indices, const at::Tensor& source, const at
   });
 }
 
+namespace {
+
+// segmented_topk_select_pack on any device (the CPU has its own kernel, csrc/cpu/segmented.cpp):
+// segmented_topk_select, then pack_gathered of its positions (the same positions and bytes).
+at::Tensor segmented_topk_select_pack(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& ks,
+                                      double sample_ratio, int64_t seed, const at::Tensor& dense, int64_t numel,
+                                      int64_t flags, const at::Tensor& out) {
+  static const auto select =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("gradsparse::segmented_topk_select", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t)>();
+  const at::Tensor positions = select.call(x, offsets, ks, sample_ratio, seed);
+  pack_gathered_into(positions, x, dense, numel, at::kFloat, flags, out);
+  return positions;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradsparse, CompositeExplicitAutograd, m) {
   m.impl("pack", &pack);
-  m.impl("pack_gathered", &pack_gathered);
+  m.impl("pack_gathered", &pack_gathered_into);
+  m.impl("segmented_topk_select_pack", &segmented_topk_select_pack);
 }
 
 }  // namespace gradsparse

@@ -351,6 +351,16 @@ def pack_gathered(indices: torch.Tensor, source: torch.Tensor, dense: torch.Tens
     out.copy_(payload)
 
 
+def segmented_topk_select_pack(x: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, sample_ratio: float,
+                               generator: torch.Generator | None, dense: torch.Tensor, numel: int, flags: int,
+                               out: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`gradsparse.ops.segmented_topk_select_pack`: :func:`segmented_topk_indices`, then
+    :func:`pack_gathered` of its positions with fp32 values into ``out``; returns the positions."""
+    positions = segmented_topk_indices(x, offsets, ks, sample_ratio, generator)
+    pack_gathered(positions, x, dense, numel, torch.float32, flags, out)
+    return positions
+
+
 def index_zero_(targets: list[torch.Tensor], positions: torch.Tensor) -> None:
     """Reference of :func:`gradsparse.ops.index_zero_`: ``index_fill_`` of each target."""
     for t in targets:

@@ -329,6 +329,29 @@ def pack_gathered(indices: torch.Tensor, source: torch.Tensor, dense: torch.Tens
     return out
 
 
+def segmented_topk_select_pack(x: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, dense: torch.Tensor,
+                               numel: int, out: torch.Tensor, sample_ratio: float = 0.01,
+                               generator: torch.Generator | None = None, flags: int = 0) -> torch.Tensor:
+    """:func:`segmented_topk_indices` (returned) and its payload, fp32 values, written into ``out`` (``uint8``,
+    exactly the payload's size): the bytes of :func:`pack_gathered` of the positions. On the CPU the
+    selection's last pass writes each pair beside its position (docs/kernels.md).
+
+    >>> from gradsparse.payload import PayloadLayout
+    >>> x = torch.tensor([0.1, -3.0, 2.0, 5.0, 0.2, -0.3])
+    >>> offsets, ks, dense = torch.tensor([0, 3, 6]), torch.tensor([1, 2]), torch.tensor([7.0])
+    >>> out = torch.empty(PayloadLayout(3, 1, torch.float32).nbytes, dtype=torch.uint8)
+    >>> segmented_topk_select_pack(x, offsets, ks, dense, 8, out).tolist()
+    [1, 3, 5]
+    >>> torch.equal(out, pack_gathered(torch.tensor([1, 3, 5]), x, dense, 8, torch.float32))
+    True
+    """
+    if _compiled(x):
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
+        return torch.ops.gradsparse.segmented_topk_select_pack(x.detach(), offsets, ks, float(sample_ratio), seed,
+                                                               dense, int(numel), int(flags), out)
+    return _reference.segmented_topk_select_pack(x, offsets, ks, sample_ratio, generator, dense, numel, flags, out)
+
+
 def index_zero_(targets: Sequence[torch.Tensor], positions: torch.Tensor) -> None:
     """``t.view(-1).index_fill_(0, positions, 0)`` for every target, reading the int64 positions once.
 
@@ -399,6 +422,10 @@ if BACKEND == "extension":
     def _segmented_topk_select_candidates_fake(x, offsets, ks, candidates, counts, caps, sample_ratio, seed):
         positions = x.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
         return positions, x.new_empty(ks.numel(), dtype=torch.float64)
+
+    @torch.library.register_fake("gradsparse::segmented_topk_select_pack")
+    def _segmented_topk_select_pack_fake(x, offsets, ks, sample_ratio, seed, dense, numel, flags, out):
+        return x.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
     @torch.library.register_fake("gradsparse::pack")
     def _pack_fake(indices, values, dense, numel, value_dtype, flags):

@@ -147,6 +147,7 @@ class _Selection:
     sent: torch.Tensor | None    # fp32 values as they go on the wire; None: ``source[positions]``, exactly
     masked: torch.Tensor | None  # positions of groups not sent completely (DGC masks momentum); None: none
     source: torch.Tensor | None = None  # fp32, what ``sent`` is gathered from (unchanged until the commit)
+    payload: torch.Tensor | None = None  # the healthy payload, when the selection wrote it (from the reducer's buffers)
 
     def values(self) -> torch.Tensor:
         """The fp32 values sent, gathered from ``source`` when not kept (the payload gathers them itself)."""
@@ -440,20 +441,30 @@ class SparseReducer:
 
     def _select(self, v: torch.Tensor, plan: _Plan, step: int, epoch: int, wire: torch.dtype,
                 arena: Arena | None = None, candidates: Candidates | None = None,
-                ks: torch.Tensor | None = None) -> _Selection:
+                ks: torch.Tensor | None = None, whole: torch.Tensor | None = None,
+                count: int | None = None) -> _Selection:
         """Every group's selection from ``v`` (laid out like the bucket), the values to send and what to mask.
 
         With ``candidates`` (one group per parameter, ``ks`` their k), the selection reads them instead of
-        ``v`` where it can, and the ``arena`` learns the next floors from it."""
+        ``v`` where it can, and the ``arena`` learns the next floors from it. Otherwise, when the pairs go
+        as selected (fp32, not quantized), ``count`` (the pairs, fixed) is known and the compressor can
+        (:attr:`~gradsparse.compressors.base.Compressor.packs_selection`), the selection also writes the
+        payload, with ``whole`` as its dense section: the same bytes as packing afterwards."""
         if not plan.compressed:
             return self._select_all(v, plan, wire)
         scale = self._loss_scale or 1.0
         compressor = self.compressor
         if plan.ranges is None:  # one group (granularity "bucket") with whole tensors between its parameters
             return self._select_gathered(v, plan, step, epoch, wire)
+        exact = wire == torch.float32 and v.dtype == torch.float32 and not compressor.quantizes
+        payload = None
         if candidates is not None:
             positions, kth = compressor.select_segments_from(v, plan.ranges, step, epoch, candidates, scale)
             arena.learn(kth, candidates, ks)
+        elif exact and count is not None and whole is not None and compressor.packs_selection:
+            payload = self._payloads.take(id(plan), PayloadLayout(count, plan.n_whole, wire).nbytes, v.device)
+            positions = compressor.select_segments_packed(v, plan.ranges, step, epoch, whole, v.numel(), payload,
+                                                          scale)
         else:
             positions = compressor.select_segments(v, plan.ranges, step, epoch, scale)
         bounds = [a for a, _ in plan.ranges] + [plan.ranges[-1][0] + plan.ranges[-1][1]]
@@ -462,8 +473,8 @@ class SparseReducer:
         if compressor.quantizes:
             sent = torch.cat([compressor.sent_values(v[a:a + n], positions[cuts[i]:cuts[i + 1]] - a)
                               for i, (a, n) in enumerate(plan.ranges)])
-        elif wire == torch.float32 and v.dtype == torch.float32:
-            sent = None  # sent as they are: the payload gathers them (ops.pack_gathered)
+        elif exact:
+            sent = None  # sent as they are: the payload gathers them (ops.pack_gathered), or holds them already
         else:
             sent = v.index_select(0, positions)
         if all(complete):
@@ -473,7 +484,7 @@ class SparseReducer:
         else:
             masked = torch.cat([positions[cuts[i]:cuts[i + 1]] for i, c in enumerate(complete) if not c])
         if sent is None:
-            return _Selection(positions, None, masked, source=v)
+            return _Selection(positions, None, masked, source=v, payload=payload)
         return _Selection(positions, sent.to(wire).float(), masked)
 
     def _select_gathered(self, v: torch.Tensor, plan: _Plan, step: int, epoch: int, wire: torch.dtype) -> _Selection:
@@ -543,7 +554,8 @@ class SparseReducer:
             caps = None if select_all else self._candidate_caps(plan, step, epoch, arena)
             v, candidates = self._compensate(flat, plan, arena, caps)
             chosen = self._select_all(v, plan, wire) if select_all else \
-                self._select(v, plan, step, epoch, wire, arena, candidates, None if caps is None else caps[1])
+                self._select(v, plan, step, epoch, wire, arena, candidates, None if caps is None else caps[1],
+                             whole, fixed)
             job = dataclasses.replace(job, selection=chosen, count=chosen.positions.numel())
         job = self._exchange_sizes(job, same_size)
         if self._choose_transport(job) == ALLREDUCE:
@@ -615,6 +627,8 @@ class SparseReducer:
             return ops.pack(torch.arange(job.count, device=flat.device), flat.new_zeros(job.count),
                             flat.new_zeros(plan.n_whole), flat.numel(), wire, flags=FLAG_NONFINITE)
         chosen = job.selection
+        if chosen.payload is not None:  # written by the selection
+            return chosen.payload
         if chosen.sent is None:
             out = self._payloads.take(id(plan), PayloadLayout(chosen.positions.numel(), plan.n_whole, wire).nbytes,
                                       flat.device)
@@ -664,6 +678,8 @@ class SparseReducer:
         if not job.healthy:
             flat.fill_(float("nan"))  # every rank must see it: the sum carries the NaN to all of them
         else:
+            if job.selection.payload is not None:  # the selection wrote one; this transport does not send it
+                self._payloads.give(id(job.plan), job.selection.payload)
             values = job.selection.values()  # before the bucket (which it may be gathered from) is zeroed
             for a, b in job.plan.runs:
                 flat[a:b].zero_()

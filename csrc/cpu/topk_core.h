@@ -197,9 +197,27 @@ bool count_bracket(const scalar_t* x, int64_t begin, int64_t end, typename Key<s
   return nan;
 }
 
-// Writes base + j for every set bit j of m, ascending; returns the advanced output pointer.
-inline int64_t* write_bits(int64_t* out, int64_t base, uint64_t m) {
-  for (; m; m &= m - 1) *out++ = base + __builtin_ctzll(m);
+// Where pass 2 also writes a payload's pairs (segmented_topk_select_pack): beside every position it
+// writes, the same position as an int32 index and its fp32 value, at the same place in two more
+// arrays (idx, val: null for positions alone). The pointers advance with the positions' output.
+struct Pairs {
+  int32_t* idx = nullptr;
+  float* val = nullptr;
+  explicit operator bool() const { return idx != nullptr; }
+};
+
+// Writes base + j for every set bit j of m, ascending; returns the advanced output pointer. With
+// kPairs, also base + j and xb[j] into pairs (xb: the block's values; base + j fits int32).
+template <bool kPairs = false>
+inline int64_t* write_bits(int64_t* out, int64_t base, uint64_t m, const float* xb = nullptr, Pairs* pairs = nullptr) {
+  for (; m; m &= m - 1) {
+    const int j = __builtin_ctzll(m);
+    *out++ = base + j;
+    if constexpr (kPairs) {
+      *pairs->idx++ = static_cast<int32_t>(base + j);
+      *pairs->val++ = xb[j];
+    }
+  }
   return out;
 }
 
@@ -236,7 +254,11 @@ inline constexpr BitPositions kBitPositions{};
 // write_bits for dense masks, 8 bits at a time through kBitPositions: stores 8 positions per byte
 // and advances by the byte's count, so it may write up to 7 entries past the last position:
 // only where out + 64 <= the caller's end.
-__attribute__((target("avx2"))) inline int64_t* write_bits_dense(int64_t* out, int64_t base, uint64_t m) {
+// With kPairs, the pairs the same way: the byte's indices (its bit positions + base + q) and its
+// values (the block's 8 values permuted by the same bit positions), 8 of each per store.
+template <bool kPairs = false>
+__attribute__((target("avx2"))) inline int64_t* write_bits_dense(int64_t* out, int64_t base, uint64_t m,
+                                                                 const float* xb = nullptr, Pairs* pairs = nullptr) {
   for (int q = 0; q < 64; q += 8) {
     const uint32_t byte = static_cast<uint32_t>(m >> q) & 0xffu;
     const __m256i at = _mm256_load_si256(reinterpret_cast<const __m256i*>(kBitPositions.of[byte]));
@@ -245,15 +267,24 @@ __attribute__((target("avx2"))) inline int64_t* write_bits_dense(int64_t* out, i
                         _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(at)), base_v));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 4),
                         _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(at, 1)), base_v));
-    out += __builtin_popcount(byte);
+    const int count = __builtin_popcount(byte);
+    out += count;
+    if constexpr (kPairs) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs->idx),
+                          _mm256_add_epi32(at, _mm256_set1_epi32(static_cast<int32_t>(base + q))));
+      _mm256_storeu_ps(pairs->val, _mm256_permutevar8x32_ps(_mm256_loadu_ps(xb + q), at));
+      pairs->idx += count;
+      pairs->val += count;
+    }
   }
   return out;
 }
 
 // write_top's full 64-element blocks of fp32 with AVX2. Returns the end of the blocks done.
+template <bool kPairs = false>
 __attribute__((target("avx2"))) inline int64_t write_f32_avx2(const float* x, int64_t b, int64_t end, uint32_t kth,
                                                               int64_t& allow, int64_t base, int64_t*& out,
-                                                              const int64_t* out_end) {
+                                                              const int64_t* out_end, Pairs* pairs = nullptr) {
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i kth_v = _mm256_set1_epi32(static_cast<int32_t>(kth));
   for (; b + 64 <= end; b += 64) {
@@ -276,8 +307,9 @@ __attribute__((target("avx2"))) inline int64_t write_f32_avx2(const float* x, in
       }
       gt |= lowest_bits(eq, allow);
     }
-    out = __builtin_popcountll(gt) >= kDenseBits && out + 64 <= out_end ? write_bits_dense(out, base + b, gt)
-                                                                         : write_bits(out, base + b, gt);
+    out = __builtin_popcountll(gt) >= kDenseBits && out + 64 <= out_end
+              ? write_bits_dense<kPairs>(out, base + b, gt, x + b, pairs)
+              : write_bits<kPairs>(out, base + b, gt, x + b, pairs);
   }
   return b;
 }
@@ -285,19 +317,26 @@ __attribute__((target("avx2"))) inline int64_t write_f32_avx2(const float* x, in
 
 // Pass 2 by scanning x: writes into [out, out_end), ascending, base + the position of every key > kth
 // and of the first `allow` keys == kth over [begin, end) (x holds no NaN). Returns the advanced
-// output pointer.
-template <typename scalar_t>
+// output pointer. With kPairs (fp32 only), also every such position's pair into `pairs`.
+template <typename scalar_t, bool kPairs = false>
 int64_t* write_top(const scalar_t* x, int64_t begin, int64_t end, typename Key<scalar_t>::bits_t kth, int64_t allow,
-                   int64_t base, int64_t* out, const int64_t* out_end) {
+                   int64_t base, int64_t* out, const int64_t* out_end, Pairs* pairs = nullptr) {
   using K = Key<scalar_t>;
+  static_assert(!kPairs || std::is_same_v<scalar_t, float>, "pairs are written from fp32 only");
   int64_t b = begin;
 #if defined(GRADSPARSE_AVX2_SCAN)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (has_avx2()) b = write_f32_avx2(x, b, end, kth, allow, base, out, out_end);
+    if (has_avx2()) b = write_f32_avx2<kPairs>(x, b, end, kth, allow, base, out, out_end, pairs);
   }
 #endif
   scan(x, b, end, kth, K::kInf, [&](int64_t i, typename K::bits_t key) {
-    if (key > kth || allow-- > 0) *out++ = base + i;
+    if (key > kth || allow-- > 0) {
+      *out++ = base + i;
+      if constexpr (kPairs) {
+        *pairs->idx++ = static_cast<int32_t>(base + i);
+        *pairs->val++ = x[i];
+      }
+    }
   });
   return out;
 }
@@ -434,6 +473,7 @@ struct TopK {
   int64_t expect_hits, expect_keys, key_limit;
   bool keep_positions = true;
   int64_t base = 0;  // added to every position written (a segment's offset in a larger tensor)
+  Pairs pairs;       // fp32 only: where pass 2 also writes each position's pair (none by default)
   bits_t selected_kth = 0;  // after run: the k-th largest key, the smallest selected
   std::vector<std::unique_ptr<Counts>> chunks;
 
@@ -699,39 +739,62 @@ struct TopK {
       offset += cc->larger + cc->allow;
     }
     for_chunks(ch.count, threads, [&](int64_t ci, int) {
-      Counts& cc = *chunks[ci];
-      const int64_t first = base + ch.lo(ci);
-      int64_t* o = out + cc.offset;
-      int64_t allow = cc.allow;
-      if (cc.pos) {  // the chunk's kept positions, classified against lo and hi
-        // Without a branch per position (at 1 % about 40 % of them are in the bracket, and a branch on
-        // the class mispredicted): every position is written at o, which advances only for one kept;
-        // the write stays inside this chunk's output (end), which the last one kept fills. Every
-        // bracket key is larger than lo; if the k-th key is lo, they are kept without looking (they
-        // may not all have been kept), else they all were kept (kth_key), in position order.
-        const bits_t* key = cc.keys.data();
-        const int64_t n_keys = static_cast<int64_t>(cc.keys.size());
-        const bool kth_is_lo = kth == lo;
-        int64_t* const end = out + cc.offset + cc.larger + cc.allow;
-        int64_t next_key = 0;
-        for (int64_t j = 0; j < cc.pos_size; ++j) {
-          const uint32_t p = cc.pos[j];
-          const bool in_bracket = (p & Counts::kInBracket) != 0, at_lo = (p & Counts::kAtLo) != 0;
-          const bits_t kk = kth_is_lo ? kth + 1 : (next_key < n_keys ? key[next_key] : bits_t(0));
-          next_key += in_bracket;
-          const bool tie = (in_bracket & (kk == kth)) | (at_lo & kth_is_lo);
-          const bool take = tie & (allow > 0);
-          allow -= take;
-          const bool at_or_above_hi = !(in_bracket | at_lo);
-          const bool keep = at_or_above_hi | (in_bracket & (kk > kth)) | take;
-          if (o < end) *o = first + (p & Counts::kPosition);
-          o += keep;
-        }
-        cc.drop_positions();
-        return;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (pairs) return write_chunk<true>(kth, out, ci);
       }
-      write_top(x, ch.lo(ci), ch.hi(ci), kth, allow, base, o, out + cc.offset + cc.larger + cc.allow);
+      write_chunk<false>(kth, out, ci);
     });
+  }
+
+  // Chunk ci's share of pass 2 (and, with kPairs, of `pairs`, at the same offsets as `out`).
+  template <bool kPairs>
+  void write_chunk(bits_t kth, int64_t* out, int64_t ci) {
+    Counts& cc = *chunks[ci];
+    const int64_t first = base + ch.lo(ci);
+    int64_t* o = out + cc.offset;
+    Pairs at;  // this chunk's place in the pairs
+    if constexpr (kPairs) at = Pairs{pairs.idx + cc.offset, pairs.val + cc.offset};
+    int64_t allow = cc.allow;
+    if (cc.pos) {  // the chunk's kept positions, classified against lo and hi
+      // Without a branch per position (at 1 % about 40 % of them are in the bracket, and a branch on
+      // the class mispredicted): every position is written at o, which advances only for one kept;
+      // the write stays inside this chunk's output (end), which the last one kept fills. Every
+      // bracket key is larger than lo; if the k-th key is lo, they are kept without looking (they
+      // may not all have been kept), else they all were kept (kth_key), in position order.
+      const bits_t* key = cc.keys.data();
+      const int64_t n_keys = static_cast<int64_t>(cc.keys.size());
+      const bool kth_is_lo = kth == lo;
+      int64_t* const end = out + cc.offset + cc.larger + cc.allow;
+      int64_t next_key = 0;
+      for (int64_t j = 0; j < cc.pos_size; ++j) {
+        const uint32_t p = cc.pos[j];
+        const bool in_bracket = (p & Counts::kInBracket) != 0, at_lo = (p & Counts::kAtLo) != 0;
+        const bits_t kk = kth_is_lo ? kth + 1 : (next_key < n_keys ? key[next_key] : bits_t(0));
+        next_key += in_bracket;
+        const bool tie = (in_bracket & (kk == kth)) | (at_lo & kth_is_lo);
+        const bool take = tie & (allow > 0);
+        allow -= take;
+        const bool at_or_above_hi = !(in_bracket | at_lo);
+        const bool keep = at_or_above_hi | (in_bracket & (kk > kth)) | take;
+        if (o < end) {
+          const int64_t position = p & Counts::kPosition;
+          *o = first + position;
+          if constexpr (kPairs) {
+            at.idx[o - (out + cc.offset)] = static_cast<int32_t>(first + position);
+            at.val[o - (out + cc.offset)] = x[ch.lo(ci) + position];
+          }
+        }
+        o += keep;
+      }
+      cc.drop_positions();
+      return;
+    }
+    if constexpr (kPairs) {
+      write_top<scalar_t, true>(x, ch.lo(ci), ch.hi(ci), kth, allow, base, o, out + cc.offset + cc.larger + cc.allow,
+                                &at);
+    } else {
+      write_top(x, ch.lo(ci), ch.hi(ci), kth, allow, base, o, out + cc.offset + cc.larger + cc.allow);
+    }
   }
 
   // ---- all of it

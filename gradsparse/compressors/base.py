@@ -87,6 +87,8 @@ class Compressor(abc.ABC):
     quantizes: bool = False
     #: whether :meth:`select_segments_from` uses the candidates a compensation pass collected
     selects_from_candidates: bool = False
+    #: whether :meth:`select_segments_packed` writes the payload while it selects
+    packs_selection: bool = False
 
     def __init__(self, error_feedback: bool = True):
         self.error_feedback = boolean(error_feedback, "error_feedback")
@@ -154,6 +156,15 @@ class Compressor(abc.ABC):
         :attr:`selects_from_candidates`."""
         raise NotImplementedError(f"{type(self).__name__} does not select from candidates")
 
+    def select_segments_packed(self, v: torch.Tensor, ranges: Sequence[tuple[int, int]], step: int, epoch: int,
+                               dense: torch.Tensor, numel: int, out: torch.Tensor,
+                               loss_scale: float = 1.0) -> torch.Tensor:
+        """:meth:`select_segments` (the same positions, returned) and the payload of those positions with their
+        values of ``v`` sent as they are, fp32, and the ``dense`` section, for a bucket of ``numel`` elements,
+        written into ``out`` (the bytes of :func:`gradsparse.ops.pack_gathered`). Only where
+        :attr:`packs_selection`."""
+        raise NotImplementedError(f"{type(self).__name__} does not write the payload while it selects")
+
     def sent_values(self, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The fp32 values sent for ``positions`` (the output of :meth:`select`) of ``v``.
 
@@ -209,6 +220,7 @@ class ExactTopK(Compressor):
 
     sample_ratio: float = 0.01
     selects_from_candidates = True
+    packs_selection = True
 
     def __init__(self, error_feedback: bool = True):
         super().__init__(error_feedback)
@@ -221,6 +233,10 @@ class ExactTopK(Compressor):
     def select_segments(self, v, ranges, step, epoch, loss_scale=1.0):
         offsets, ks, _ = self._tables(ranges, step, epoch, v.device)
         return ops.segmented_topk_indices(v, offsets, ks, self.sample_ratio, self._generator)
+
+    def select_segments_packed(self, v, ranges, step, epoch, dense, numel, out, loss_scale=1.0):
+        offsets, ks, _ = self._tables(ranges, step, epoch, v.device)
+        return ops.segmented_topk_select_pack(v, offsets, ks, dense, numel, out, self.sample_ratio, self._generator)
 
     def select_segments_from(self, v, ranges, step, epoch, candidates, loss_scale=1.0):
         offsets, ks, slots = self._tables(ranges, step, epoch, v.device)

@@ -33,8 +33,8 @@ def test_rounds_alternate_an_a_b_of_the_selection_candidates(tmp_path):
 
 def test_the_unfused_and_eager_paths_give_the_same_bits_and_are_restored():
     """``*-unfused`` times the previous pair handling, ``*-eager`` the memory update applied when the reduction
-    lands: the same reduced bucket and memory, bit for bit, and the fused ops and the deferral are back
-    afterwards."""
+    lands, ``*-separate`` the payload packed after the selection: the same reduced bucket and memory, bit for
+    bit, and the fused ops and the deferral are back afterwards."""
     import torch
 
     from gradsparse import DGC, ops
@@ -47,11 +47,14 @@ def test_the_unfused_and_eager_paths_give_the_same_bits_and_are_restored():
     grads = [torch.randn(80_010, generator=torch.Generator().manual_seed(s)) for s in range(3)]
     results = []
     deferring = memory_module.ZERO_IN_PASS_FROM
-    for name in ("dgc-warmup25", "dgc-warmup25-unfused", "dgc-warmup25-eager"):
-        reducer = SparseReducer(DGC(0.25, warmup=None), LocalCommunicator())
+    for name in ("dgc-warmup25", "dgc-warmup25-unfused", "dgc-warmup25-eager", "dgc-warmup25-separate"):
+        compressor = bucket_bench.METHODS[name]()[0]
+        assert isinstance(compressor, DGC) and compressor.packs_selection == (name in ("dgc-warmup25",
+                                                                                      "dgc-warmup25-eager"))
+        reducer = SparseReducer(compressor, LocalCommunicator())
         with bucket_bench._variant(name):
             assert (ops.pack_gathered is fused[0]) != name.endswith("-unfused")
-            assert (memory_module.ZERO_IN_PASS_FROM == deferring) == (name == "dgc-warmup25")
+            assert (memory_module.ZERO_IN_PASS_FROM == deferring) == (name in ("dgc-warmup25", "dgc-warmup25-separate"))
             flats = [reducer.reduce(g.clone(), segments, step).wait().clone() for step, g in enumerate(grads)]
         state = reducer.state_dict()["memory"]["state"]
         results.append((flats, {(p, n): t.clone() for p, named in state.items() for n, t in named.items()}))
@@ -67,15 +70,18 @@ def test_the_unfused_and_eager_paths_give_the_same_bits_and_are_restored():
 
 
 def test_profile_lists_the_operators_of_the_steps():
-    """``--profile``: the profiler's table holds the reducer's own ops (the fused ones, the memory update
-    deferred into the compensation; on the ``*-eager`` path the update on its own; on the ``*-unfused``
-    path the ops they replace), not the clones made before each step."""
+    """``--profile``: the profiler's table holds the reducer's own ops (the fused ones: the payload written by
+    the selection, the memory update deferred into the compensation; on the ``*-separate`` path the payload
+    packed after the selection; on the ``*-eager`` path the update on its own; on the ``*-unfused`` path the
+    ops they replace), not the clones made before each step."""
     from gradsparse.model_shapes import resnet50
 
     buckets = bucket_bench.buckets_of(resnet50())[:2]
     fused = bucket_bench.profile_method("dgc-warmup25", buckets, steps=1)
-    assert "gradsparse::pack_gathered" in fused and "gradsparse::dgc_zero_compensate" in fused
-    assert "gradsparse::index_zero_" not in fused
+    assert "gradsparse::segmented_topk_select_pack" in fused and "gradsparse::dgc_zero_compensate" in fused
+    assert "gradsparse::index_zero_" not in fused and "gradsparse::pack_gathered" not in fused
+    separate = bucket_bench.profile_method("dgc-warmup25-separate", buckets, steps=1)
+    assert "gradsparse::pack_gathered" in separate and "gradsparse::segmented_topk_select_pack" not in separate
     eager = bucket_bench.profile_method("dgc-warmup25-eager", buckets, steps=1)
     assert "gradsparse::index_zero_" in eager and "gradsparse::dgc_zero_compensate" not in eager
     unfused = bucket_bench.profile_method("dgc-warmup25-unfused", buckets, steps=1)

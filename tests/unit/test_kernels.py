@@ -352,6 +352,75 @@ def test_segmented_topk_select_refuses_bad_segments(offsets, ks, match, device):
             ref.segmented_topk_indices(x.cpu(), torch.tensor(offsets), torch.tensor(ks))
 
 
+# ------------------------------------------------------------------ segmented_topk_select_pack
+
+def _select_pack(x, offsets, ks, dense, numel, device, seed=7, flags=0):
+    """segmented_topk_select_pack's positions and payload (into a buffer of 0xAB bytes: every byte is written)."""
+    n = int(torch.ops.gradsparse.segmented_topk_select(x.to(device), offsets.to(device), ks.to(device), 0.01,
+                                                       seed).numel())
+    out = torch.full((PayloadLayout(n, dense.numel(), torch.float32).nbytes,), 0xAB, dtype=torch.uint8, device=device)
+    positions = torch.ops.gradsparse.segmented_topk_select_pack(x.to(device), offsets.to(device), ks.to(device), 0.01,
+                                                                seed, dense.to(device), numel, flags, out)
+    return positions.cpu(), out.cpu()
+
+
+def _packed_after(x, positions, dense, numel, flags=0):
+    """The contract: pack_gathered of segmented_topk_select's positions, fp32 values (the reference's bytes)."""
+    out = torch.empty(PayloadLayout(positions.numel(), dense.numel(), torch.float32).nbytes, dtype=torch.uint8)
+    ref.pack_gathered(positions, x.float(), dense, numel, torch.float32, flags, out)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_segmented_topk_select_pack_equals_select_then_pack(seed, dtype, device):
+    """Every path of pass 2 (kept positions at small k, the dense and sparse AVX2 blocks and the scalar tail at
+    large k, whole segments, k = 0): the positions of segmented_topk_select and the bytes of pack_gathered."""
+    offsets, ks = _segments(SEGMENT_LENGTHS, seed)
+    x = _inputs(int(offsets[-1]), dtype, seed)
+    dense = torch.randn(5, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    numel = int(offsets[-1]) + 11
+    positions, payload = _select_pack(x, offsets, ks, dense, numel, device, flags=seed)
+    assert torch.equal(positions, _segmented(x, offsets, ks, device))
+    assert torch.equal(payload, _packed_after(x, positions, dense, numel, flags=seed))
+    got = torch.empty_like(payload)
+    assert torch.equal(ref.segmented_topk_select_pack(x, offsets, ks, 0.01, None, dense, numel, seed, got), positions)
+    assert torch.equal(got, payload)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.0625, 0.25])
+def test_segmented_topk_select_pack_with_ties_across_chunks(density, device):
+    """Magnitudes in steps of 1/64 (thousands tie at each k-th) over a segment of several chunks, between two
+    others: the pairs written beside the positions follow the ties allowed to the lower positions."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.round(torch.randn(2_600_003, generator=g) * 64) / 64
+    offsets = torch.tensor([0, 77, 2_500_077, 2_600_003])
+    ks = torch.tensor([5, math.ceil(density * 2_500_000), math.ceil(density * 99_926)])
+    positions, payload = _select_pack(x, offsets, ks, torch.empty(0), 2_600_003, device)
+    assert torch.equal(positions, ref.segmented_topk_indices(x, offsets, ks))
+    assert torch.equal(payload, _packed_after(x, positions, torch.empty(0), 2_600_003))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_segmented_topk_select_pack_refuses_what_it_cannot_write(device):
+    x = torch.randn(60_000, generator=torch.Generator().manual_seed(0)).to(device)
+    offsets, ks = torch.tensor([0, 20_000, 60_000], device=device), torch.tensor([10, 10], device=device)
+    dense = torch.randn(3, device=device)
+    good = PayloadLayout(20, 3, torch.float32).nbytes
+    for out in (torch.empty(good - 8, dtype=torch.uint8, device=device),
+                torch.empty(good, dtype=torch.int8, device=device)):
+        with pytest.raises(ValueError, match="out must be a contiguous 1-D uint8 tensor"):
+            torch.ops.gradsparse.segmented_topk_select_pack(x, offsets, ks, 0.01, 0, dense, 60_000, 0, out)
+    out = torch.empty(good, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match="int32"):
+        torch.ops.gradsparse.segmented_topk_select_pack(x, offsets, ks, 0.01, 0, dense, 2**31, 0, out)
+    x[45_000] = float("nan")
+    with pytest.raises(ValueError, match="segment 1 contains NaN"):
+        torch.ops.gradsparse.segmented_topk_select_pack(x, offsets, ks, 0.01, 0, dense, 60_000, 0, out)
+
+
 # ------------------------------------------------------------------ dgc_compensate_into
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -830,6 +899,11 @@ def test_opcheck_every_op(device):
     torch.library.opcheck(torch.ops.gradsparse.pack_gathered.default,
                           (idx, randn(20), dense, 20, torch.float16, 0,
                            torch.empty(PayloadLayout(3, 2, torch.float16).nbytes, dtype=torch.uint8, device=device)))
+    torch.library.opcheck(torch.ops.gradsparse.segmented_topk_select_pack.default,
+                          (x, torch.tensor([0, 100, 30_000, 40_000], device=device),
+                           torch.tensor([3, 0, 400], device=device), 0.01, 0, dense, 40_000, 0,
+                           torch.empty(PayloadLayout(403, 2, torch.float32).nbytes, dtype=torch.uint8,
+                                       device=device)))
     torch.library.opcheck(torch.ops.gradsparse.index_zero_.default, ([randn(20), randn(20)], idx))
     payload = ref.pack(idx.cpu(), vals.cpu(), dense.cpu(), 20, torch.float32).to(device)
     torch.library.opcheck(torch.ops.gradsparse.dgc_compensate.default,
