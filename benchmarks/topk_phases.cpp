@@ -12,6 +12,11 @@
 //   (one command: the line break is inside the quotes)
 //   /tmp/topk_phases /tmp/sizes.txt
 //
+// With --pairs after the arguments above (or alone), pass 2 also writes each position's int32 index
+// and fp32 value beside it, as segmented_topk_select_pack writes a payload's pairs:
+//
+//   /tmp/topk_phases /tmp/sizes.txt --pairs
+//
 // Prints one line per density: mean ms over 5 calls of each phase and in all.
 #include <algorithm>
 #include <cmath>
@@ -19,6 +24,7 @@
 #include <ctime>
 #include <fstream>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "../csrc/cpu/topk_core.h"
@@ -33,6 +39,8 @@ static double cpu_ms() {
 
 int main(int argc, char** argv) {
   std::vector<int64_t> sizes;
+  const bool pairs = argc > 1 && std::string(argv[argc - 1]) == "--pairs";
+  if (pairs) --argc;
   if (argc > 1) {
     std::ifstream in(argv[1]);
     for (int64_t s; in >> s;) sizes.push_back(s);
@@ -50,7 +58,10 @@ int main(int argc, char** argv) {
   std::normal_distribution<float> normal;
   for (auto& v : x) v = normal(g);
   std::vector<int64_t> out(n);  // touched once here
-  std::printf("%zu tensor(s), %lld elements\n", sizes.size(), static_cast<long long>(n));
+  std::vector<int32_t> indices(pairs ? n : 0);
+  std::vector<float> values(pairs ? n : 0);
+  std::printf("%zu tensor(s), %lld elements%s\n", sizes.size(), static_cast<long long>(n),
+              pairs ? ", pass 2 writing pairs" : "");
   for (const double density : {0.001, 0.01, 0.0625, 0.1, 0.25}) {
     double t[4] = {0, 0, 0, 0};
     const int rounds = 5;
@@ -60,6 +71,7 @@ int main(int argc, char** argv) {
         const int64_t k = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(density * size)));
         const double t0 = cpu_ms();
         TopK<float> topk(x.data() + offset, size, k, 1);
+        if (pairs) topk.pairs = gradsparse::select_core::Pairs{indices.data() + offset, values.data() + offset};
         topk.plan(size >= gradsparse::kSampledMinNumel, 0.01, r);
         const double t1 = cpu_ms();
         topk.count();
