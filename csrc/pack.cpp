@@ -185,6 +185,8 @@ at::Tensor segmented_topk_select_pack(const at::Tensor& x, const at::Tensor& off
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("gradsparse::segmented_topk_select", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t)>();
+  TORCH_CHECK_VALUE(x.numel() <= numel && numel <= INT32_MAX, "segmented_topk_select_pack: numel ", numel,
+                    " must hold x's ", x.numel(), " elements and fit int32 indices");
   const at::Tensor positions = select.call(x, offsets, ks, sample_ratio, seed);
   pack_gathered_into(positions, x, dense, numel, at::kFloat, flags, out);
   return positions;

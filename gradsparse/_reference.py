@@ -23,7 +23,7 @@ import math
 import torch
 
 from .errors import PayloadError
-from .payload import HEADER_BYTES, MAGIC, VALUE_DTYPES, PayloadLayout, parse
+from .payload import HEADER_BYTES, INT32_MAX, MAGIC, VALUE_DTYPES, PayloadLayout, parse
 
 # Tuning of the sampled top-k: they choose the path, never the result. The kernels read the same
 # values from csrc/select_params.h; tests/tools/test_constants.py fails when the two drift apart.
@@ -356,6 +356,9 @@ def segmented_topk_select_pack(x: torch.Tensor, offsets: torch.Tensor, ks: torch
                                out: torch.Tensor) -> torch.Tensor:
     """Reference of :func:`gradsparse.ops.segmented_topk_select_pack`: :func:`segmented_topk_indices`, then
     :func:`pack_gathered` of its positions with fp32 values into ``out``; returns the positions."""
+    if not x.numel() <= numel <= INT32_MAX:
+        raise ValueError(f"segmented_topk_select_pack: numel {numel} must hold x's {x.numel()} elements and fit "
+                         "int32 indices")
     positions = segmented_topk_indices(x, offsets, ks, sample_ratio, generator)
     pack_gathered(positions, x, dense, numel, torch.float32, flags, out)
     return positions

@@ -414,8 +414,15 @@ def test_segmented_topk_select_pack_refuses_what_it_cannot_write(device):
         with pytest.raises(ValueError, match="out must be a contiguous 1-D uint8 tensor"):
             torch.ops.gradsparse.segmented_topk_select_pack(x, offsets, ks, 0.01, 0, dense, 60_000, 0, out)
     out = torch.empty(good, dtype=torch.uint8, device=device)
-    with pytest.raises(ValueError, match="int32"):
-        torch.ops.gradsparse.segmented_topk_select_pack(x, offsets, ks, 0.01, 0, dense, 2**31, 0, out)
+    for numel in (2**31, 59_999):
+        with pytest.raises(ValueError, match="must hold x's 60000 elements and fit int32"):
+            torch.ops.gradsparse.segmented_topk_select_pack(x, offsets, ks, 0.01, 0, dense, numel, 0, out)
+        with pytest.raises(ValueError, match="must hold x's 60000 elements and fit int32"):
+            ref.segmented_topk_select_pack(x.cpu(), offsets.cpu(), ks.cpu(), 0.01, None, dense.cpu(), numel, 0,
+                                           out.cpu())
+    x64 = x.double()  # not fp32 (the selection, then pack_gathered): checked the same
+    with pytest.raises(ValueError, match="must hold x's 60000 elements and fit int32"):
+        torch.ops.gradsparse.segmented_topk_select_pack(x64, offsets, ks, 0.01, 0, dense, 59_999, 0, out)
     x[45_000] = float("nan")
     with pytest.raises(ValueError, match="segment 1 contains NaN"):
         torch.ops.gradsparse.segmented_topk_select_pack(x, offsets, ks, 0.01, 0, dense, 60_000, 0, out)
