@@ -20,6 +20,7 @@
 
 #include "../common.h"
 #include "compensate_core.h"
+#include "select_core.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
@@ -98,16 +99,8 @@ inline void record_block(const float* out, int64_t b, int64_t e, int32_t lo, int
 __attribute__((target("avx2"))) inline void record_block_avx2(const float* out, int64_t b, int32_t lo, int64_t cap,
                                                               ChunkCandidates::Part& part,
                                                               Positions& positions) {
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i lo_m1 = _mm256_set1_epi32(lo - 1);  // key >= lo as key > lo - 1 (lo - 1 >= -1)
-  uint64_t mask = 0;
-  for (int j = 0; j < 64; j += 8) {
-    const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(out + b + j)), abs_mask);
-    mask |= static_cast<uint64_t>(static_cast<uint32_t>(
-                _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, lo_m1)))))
-            << j;
-  }
-  record_mask(mask, b, cap, part, positions);
+  record_mask(select_core::mask_at_least_f32_avx2(out + b, lo_m1), b, cap, part, positions);
 }
 #endif
 

@@ -171,6 +171,22 @@ __attribute__((target("avx2"))) int64_t scan_f32_avx2(const float* x, int64_t b,
   return b;
 }
 
+// The keys >= lo among x[0, 64) as a 64-bit mask (fp32, AVX2): bit j is set when the magnitude bits
+// of x[j] exceed lo_m1 = lo - 1 as int32 (-1 for lo == 0: every key); NaN keys lie above infinity's
+// and so are set too. Shared by the small-k pass 1 (topk_core.h) and the candidate collection
+// (compensate_candidates.cpp).
+__attribute__((target("avx2"))) inline uint64_t mask_at_least_f32_avx2(const float* x, __m256i lo_m1) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  uint64_t mask = 0;
+  for (int j = 0; j < 64; j += 8) {
+    const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)), abs_mask);
+    mask |= static_cast<uint64_t>(static_cast<uint32_t>(
+                _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, lo_m1)))))
+            << j;
+  }
+  return mask;
+}
+
 inline bool has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2");
   return yes;

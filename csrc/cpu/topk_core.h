@@ -394,18 +394,11 @@ __attribute__((target("avx2"))) inline int64_t count_positions_f32_avx2(
     ChunkCounts<uint32_t>& cc) {
   using Counts = ChunkCounts<uint32_t>;
   constexpr uint32_t kInf = 0x7f800000u;
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i lo_m1 = _mm256_set1_epi32(static_cast<int32_t>(lo - 1));  // lo == 0: -1, below every key
   int64_t b = first, n_above = 0, n_at_lo = 0, n_inside = 0;
   uint32_t any_nan = 0;
   for (; b + 64 <= end; b += 64) {
-    uint64_t hits = 0;
-    for (int j = 0; j < 64; j += 8) {
-      const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b + j)), abs_mask);
-      hits |= static_cast<uint64_t>(static_cast<uint32_t>(
-                  _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, lo_m1)))))
-              << j;
-    }
+    const uint64_t hits = mask_at_least_f32_avx2(x + b, lo_m1);
     if (!hits) continue;
     if (kept + 64 > static_cast<int64_t>(keys.size())) {
       if (kept >= key_limit) break;
