@@ -351,6 +351,10 @@ struct alignas(64) ChunkCounts {  // own cache line: neighbouring chunks are fil
   int64_t key_limit = 0;
   uint32_t* pos = nullptr;  // kept positions (when keep_positions), up to pos_limit; else null
   int64_t pos_size = 0, pos_capacity = 0, pos_limit = 0;
+  // with keep_values (fp32, pairs written): each kept position's value bits, at the same place as it,
+  // so pass 2 writes the pair's value without reading x again
+  uint32_t* val = nullptr;
+  bool keep_values = false;
   bool nan = false;
   // after the k-th key is known: keys larger than it, equal ties allowed, output offset
   int64_t larger = 0, equal = 0, allow = 0, offset = 0;
@@ -361,19 +365,23 @@ struct alignas(64) ChunkCounts {  // own cache line: neighbouring chunks are fil
   ~ChunkCounts() { drop_positions(); }
   void drop_positions() {
     std::free(pos);
-    pos = nullptr;
+    std::free(val);
+    pos = val = nullptr;
     pos_size = pos_capacity = pos_limit = 0;
   }
-  // Room for `more` positions, or false (positions dropped: pass 2 scans this chunk again).
+  // Room for `more` positions (and values), or false (positions dropped: pass 2 scans this chunk again).
   bool reserve(int64_t more) {
     if (pos_size + more <= pos_capacity) return true;
     const int64_t want = std::min(pos_limit, std::max(pos_size + more, 2 * pos_capacity));
-    void* p = want >= pos_size + more ? std::realloc(pos, static_cast<size_t>(want) * sizeof(uint32_t)) : nullptr;
-    if (!p) {
+    const size_t bytes = static_cast<size_t>(want) * sizeof(uint32_t);
+    void* p = want >= pos_size + more ? std::realloc(pos, bytes) : nullptr;
+    if (p) pos = static_cast<uint32_t*>(p);
+    void* v = p && keep_values ? std::realloc(val, bytes) : nullptr;
+    if (v) val = static_cast<uint32_t*>(v);
+    if (!p || (keep_values && !v)) {
       drop_positions();
       return false;
     }
-    pos = static_cast<uint32_t*>(p);
     pos_capacity = want;
     return true;
   }
@@ -397,6 +405,7 @@ __attribute__((target("avx2"))) inline int64_t count_positions_f32_avx2(
   const __m256i lo_m1 = _mm256_set1_epi32(static_cast<int32_t>(lo - 1));  // lo == 0: -1, below every key
   int64_t b = first, n_above = 0, n_at_lo = 0, n_inside = 0;
   uint32_t any_nan = 0;
+  const bool keep_values = cc.keep_values;
   for (; b + 64 <= end; b += 64) {
     const uint64_t hits = mask_at_least_f32_avx2(x + b, lo_m1);
     if (!hits) continue;
@@ -413,10 +422,12 @@ __attribute__((target("avx2"))) inline int64_t count_positions_f32_avx2(
     const uint32_t base = static_cast<uint32_t>(b - first);
     uint32_t* pos = cc.pos + cc.pos_size;
     uint32_t* key = keys.data() + kept;
+    uint32_t* value = keep_values ? cc.val + cc.pos_size : nullptr;  // the hits' value bits beside them
     for (uint64_t m = hits; m; m &= m - 1) {
       const int j = __builtin_ctzll(m);
       uint32_t k;
       std::memcpy(&k, x + b + j, sizeof(k));
+      if (keep_values) *value++ = k;
       k &= 0x7fffffffu;
       const uint32_t ge_hi = k >= hi, is_lo = k == lo, inside = !(ge_hi | is_lo);
       any_nan |= k > kInf;
@@ -591,6 +602,7 @@ struct TopK {
           cc.key_limit = 0;
         }
         cc.pos_limit = last - first;
+        if constexpr (std::is_same_v<scalar_t, float>) cc.keep_values = static_cast<bool>(pairs);
         cc.reserve(static_cast<int64_t>(static_cast<double>(expect_hits) * share * 1.1) + 64);
         int64_t from = first;
         bool nan = false;
@@ -612,7 +624,10 @@ struct TopK {
             kept += in_bracket;
           }
           const uint32_t tag = (is_lo * Counts::kAtLo) | (in_bracket * Counts::kInBracket);
-          if (cc.pos && cc.reserve(1)) cc.pos[cc.pos_size++] = static_cast<uint32_t>(i - first) | tag;
+          if (cc.pos && cc.reserve(1)) {
+            if (cc.keep_values) std::memcpy(cc.val + cc.pos_size, x + i, sizeof(uint32_t));  // fp32 only
+            cc.pos[cc.pos_size++] = static_cast<uint32_t>(i - first) | tag;
+          }
         });
         keys.resize(kept);
       }
@@ -772,9 +787,9 @@ struct TopK {
         if (o < end) {
           const int64_t position = p & Counts::kPosition;
           *o = first + position;
-          if constexpr (kPairs) {
+          if constexpr (kPairs) {  // the value pass 1 kept beside the position (keep_values)
             at.idx[o - (out + cc.offset)] = static_cast<int32_t>(first + position);
-            at.val[o - (out + cc.offset)] = x[ch.lo(ci) + position];
+            std::memcpy(at.val + (o - (out + cc.offset)), cc.val + j, sizeof(float));
           }
         }
         o += keep;
