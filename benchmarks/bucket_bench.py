@@ -68,9 +68,13 @@ def _without_candidates(compressor):
     return compressor
 
 
-def _packed_after(compressor):
-    compressor.packs_selection = False
-    return compressor
+def _packed_after(method):
+    """``method`` with its payload packed after the selection (``packs_selection = False``)."""
+    def make():
+        compressor, select_all = method()
+        compressor.packs_selection = False
+        return compressor, select_all
+    return make
 
 
 METHODS = {
@@ -86,9 +90,9 @@ METHODS = {
     "dgc0.1-nocandidates": lambda: (_without_candidates(DGC(0.001, warmup=None)), False),
 }
 UNFUSED, EAGER, SEPARATE = "-unfused", "-eager", "-separate"
-METHODS.update({name + UNFUSED: (lambda m=METHODS[name]: (_packed_after(m()[0]), m()[1]))
-                for name in ("dgc0.1", "dgc-warmup25", "dgc-warmup6.25", "topk1")})
-METHODS.update({name + SEPARATE: (lambda m=METHODS[name]: (_packed_after(m()[0]), m()[1]))
+METHODS.update({name + UNFUSED: _packed_after(METHODS[name]) for name in ("dgc0.1", "dgc-warmup25", "dgc-warmup6.25",
+                                                                             "topk1")})
+METHODS.update({name + SEPARATE: _packed_after(METHODS[name])
                 for name in ("topk1", "topk10", "dgc-warmup25", "dgc-warmup6.25", "dgc-warmup1.5625",
                              "dgc-warmup0.4")})
 METHODS.update({name + EAGER: METHODS[name] for name in ("dgc-warmup25", "dgc-warmup6.25")})

@@ -120,6 +120,20 @@ struct LeftPack {
 };
 inline constexpr LeftPack kLeftPack{};
 
+// Room for a block's 64 more keys at keys[kept]: true when there is (the vector grown, doubling,
+// up to limit + 64), false when kept has reached limit or growing failed (then out_of_memory is set).
+inline bool room_for_block(std::vector<uint32_t>& keys, int64_t kept, int64_t limit, bool& out_of_memory) {
+  if (kept + 64 <= static_cast<int64_t>(keys.size())) return true;
+  if (kept >= limit) return false;
+  try {
+    keys.resize(static_cast<size_t>(std::min(limit + 64, std::max(2 * kept, kept + 64))));
+  } catch (const std::bad_alloc&) {
+    out_of_memory = true;
+    return false;
+  }
+  return true;
+}
+
 // count_f32_avx2 that also keeps the bracket's keys: each 8-lane group's keys in (lo, hi) are packed
 // to the front by a permutation and stored at keys[kept] without a branch (room for 64 more is made
 // before each block), and `bracket` counts them. It stops before a block once `limit` keys are
@@ -133,15 +147,7 @@ __attribute__((target("avx2"))) inline int64_t count_keep_f32_avx2(const float* 
                                                                   int64_t limit, bool& out_of_memory) {
   BracketLanes lanes(lo, hi);
   for (; b + 64 <= end; b += 64) {
-    if (kept + 64 > static_cast<int64_t>(keys.size())) {
-      if (kept >= limit) break;
-      try {
-        keys.resize(static_cast<size_t>(std::min(limit + 64, std::max(2 * kept, kept + 64))));
-      } catch (const std::bad_alloc&) {
-        out_of_memory = true;
-        break;
-      }
-    }
+    if (!room_for_block(keys, kept, limit, out_of_memory)) break;
     uint32_t* dst = keys.data() + kept;
     for (int j = 0; j < 64; j += 8) {
       __m256i a;
@@ -409,14 +415,10 @@ __attribute__((target("avx2"))) inline int64_t count_positions_f32_avx2(
   for (; b + 64 <= end; b += 64) {
     const uint64_t hits = mask_at_least_f32_avx2(x + b, lo_m1);
     if (!hits) continue;
-    if (kept + 64 > static_cast<int64_t>(keys.size())) {
-      if (kept >= key_limit) break;
-      try {
-        keys.resize(static_cast<size_t>(std::min(key_limit + 64, std::max(2 * kept, kept + 64))));
-      } catch (const std::bad_alloc&) {
-        key_limit = 0;
-        break;
-      }
+    bool out_of_memory = false;
+    if (!room_for_block(keys, kept, key_limit, out_of_memory)) {
+      if (out_of_memory) key_limit = 0;
+      break;
     }
     if (!cc.pos || !cc.reserve(64)) break;  // b - first + 64 <= pos_limit: only out of memory fails
     const uint32_t base = static_cast<uint32_t>(b - first);
@@ -788,8 +790,9 @@ struct TopK {
           const int64_t position = p & Counts::kPosition;
           *o = first + position;
           if constexpr (kPairs) {  // the value pass 1 kept beside the position (keep_values)
-            at.idx[o - (out + cc.offset)] = static_cast<int32_t>(first + position);
-            std::memcpy(at.val + (o - (out + cc.offset)), cc.val + j, sizeof(float));
+            const int64_t slot = o - (out + cc.offset);
+            at.idx[slot] = static_cast<int32_t>(first + position);
+            std::memcpy(at.val + slot, cc.val + j, sizeof(float));
           }
         }
         o += keep;
@@ -797,12 +800,8 @@ struct TopK {
       cc.drop_positions();
       return;
     }
-    if constexpr (kPairs) {
-      write_top<scalar_t, true>(x, ch.lo(ci), ch.hi(ci), kth, allow, base, o, out + cc.offset + cc.larger + cc.allow,
+    write_top<scalar_t, kPairs>(x, ch.lo(ci), ch.hi(ci), kth, allow, base, o, out + cc.offset + cc.larger + cc.allow,
                                 &at);
-    } else {
-      write_top(x, ch.lo(ci), ch.hi(ci), kth, allow, base, o, out + cc.offset + cc.larger + cc.allow);
-    }
   }
 
   // ---- all of it
