@@ -31,7 +31,7 @@ from .payload import VALUE_DTYPES
 OPS = ("average", "sum")
 GRANULARITIES = ("parameter", "bucket")
 NONFINITE_POLICIES = ("raise", "skip")
-TRANSPORT_POLICIES = ("auto", "bytes", "allgather", "allreduce")
+TRANSPORT_POLICIES = ("auto", "bytes", "allgather", "allreduce", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +57,10 @@ class ReducerOptions:
             link is measured) — the same choice on every rank, but it may differ
             from run to run, and the two transports sum in different orders, so
             a rerun matches only to float rounding; ``"allgather"`` or
-            ``"allreduce"``: always that one. What is selected and what the memory
-            keeps never depend on it.
+            ``"allreduce"``: always that one; ``"split"``: each region's pairs summed by
+            its owner, the regions allgathered (:mod:`gradsparse.split`), which ``"auto"``
+            also weighs from 3 ranks on. What is selected and what the memory keeps never
+            depend on it.
     """
 
     granularity: str = "parameter"

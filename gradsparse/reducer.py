@@ -25,7 +25,9 @@ Steps for one bucket on one rank:
    sparse allgather, or, if the payload would cost more than a dense allreduce
    (``world_size * payload_bytes >= 2 * numel * element_size``), the allreduce of
    the same selection (zeros elsewhere, pre-multiplied by ``1 / world_size`` as
-   DDP does): a transport choice only. In *dense iterations* (``select_all``: the
+   DDP does): a transport choice only. ``transport="split"`` asks for a third one
+   (:mod:`gradsparse.split`: each region's pairs summed by its owner, the regions
+   allgathered; the allgather's bits). In *dense iterations* (``select_all``: the
    adapters' first iterations) every coordinate is selected.
 6. Pack (indices, values, whole tensors) and allgather: one collective per bucket.
    Every collective is issued from this thread, in call order.
@@ -83,7 +85,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import ops
+from . import ops, split
 from ._validate import instance
 from .arena import Arena, Candidates
 from .comm.base import Communicator, completed_future
@@ -99,13 +101,13 @@ from .errors import (
 )
 from .options import ReducerOptions
 from .payload import DTYPE_OF_CODE, FLAG_NONFINITE, INT32_MAX, VALUE_DTYPES, PayloadBuffers, PayloadLayout
-from .stats import ALLGATHER, ALLREDUCE, BucketStats
+from .stats import ALLGATHER, ALLREDUCE, SPLIT, BucketStats
 from .transport import FIELDS as TRANSPORT_FIELDS
 from .transport import TransportModel
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = 0x67730001  # descriptor format version; first field of every descriptor
+PROTOCOL = 0x67730002  # descriptor format version; first field of every descriptor (2: the alltoall observation)
 DESCRIPTOR_FIELDS = ("protocol version", "configuration (compressor and reducer options)", "bucket layout",
                      "bucket size", "step", "epoch", "wire dtype", "dense iteration", "payload size")
 # int64 each: the compared fields, then the health, then this rank's transport timings (gradsparse.transport)
@@ -291,6 +293,10 @@ class SparseReducer:
         self.compressor = instance(compressor, "compressor", Compressor, "TopK(0.01)")
         self.communicator = instance(communicator, "communicator", Communicator, "LocalCommunicator()")
         self.options = ReducerOptions.of(options, **knobs)
+        if self.options.transport == SPLIT and not self.communicator.carries_alltoall:
+            raise InvalidConfigError(f"transport='split' needs a communicator with an alltoall, and "
+                                     f"{type(communicator).__name__} has none (carries_alltoall is False); use "
+                                     "transport='bytes' or 'allgather'")
         self.memory = compressor.make_memory()
         #: receives NonFiniteGradientError instead of raising it (see :meth:`_on_nonfinite`)
         self.defer_error: Callable[[Exception], None] | None = None
@@ -558,8 +564,11 @@ class SparseReducer:
                              whole, fixed)
             job = dataclasses.replace(job, selection=chosen, count=chosen.positions.numel())
         job = self._exchange_sizes(job, same_size)
-        if self._choose_transport(job) == ALLREDUCE:
+        transport = self._choose_transport(job, dense_iteration=select_all)
+        if transport == ALLREDUCE:
             return self._allreduce(job)
+        if transport == SPLIT:
+            return self._split(job)
         return self._allgather(job)
 
     def _verify(self, job: _Job, epoch: int, select_all: bool, fixed: int | None, health: int) -> list | None:
@@ -596,29 +605,58 @@ class SparseReducer:
         world = self.communicator.world_size
         return job.largest * world if self.communicator.pads_to_largest or job.sizes is None else sum(job.sizes)
 
-    def _choose_transport(self, job: _Job) -> str:
-        """ALLGATHER or ALLREDUCE for this bucket, from values every rank has (the same choice everywhere).
+    def _choose_transport(self, job: _Job, dense_iteration: bool = False) -> str:
+        """ALLGATHER, ALLREDUCE or SPLIT for this bucket, from values every rank has (the same choice everywhere).
 
         Pairs that would cost more bytes than the allreduce always go by allreduce; otherwise, with
-        ``transport="auto"``, the link model's prediction decides once it has been measured.
+        ``transport="auto"``, the link model's prediction decides once it has been measured. With "auto" the
+        model also weighs SPLIT (:meth:`_offers_split`), against the allreduce alone where pairs cost more bytes;
+        ``transport="split"`` forces it, except for a bucket smaller than the world.
         """
         mode = self.options.transport
+        world, n = self.communicator.world_size, job.flat.numel()
+        if mode == SPLIT:
+            return SPLIT if n >= world else ALLGATHER  # every region holds an element
         if mode in (ALLGATHER, ALLREDUCE):
             return mode
-        world = self.communicator.world_size
         by_bytes = ALLGATHER if self._sparse_pays(job.largest, job.flat) else ALLREDUCE
-        if by_bytes == ALLREDUCE or mode == "bytes" or world == 1:
+        if mode == "bytes" or world == 1:
             return by_bytes
+        offer_split = self._offers_split(job, dense_iteration)
+        if by_bytes == ALLREDUCE and not offer_split:
+            return by_bytes
+        candidates = (ALLGATHER, ALLREDUCE) if by_bytes == ALLGATHER else (ALLREDUCE,)
         choice = self._transport.choose(numel=job.flat.numel(), element_size=job.flat.element_size(),
                                         payload_bytes=job.largest, received_bytes=self._received_bytes(job),
-                                        world=world)
+                                        world=world, candidates=candidates + ((SPLIT,) if offer_split else ()),
+                                        region_bytes=self._region_bytes(job) if offer_split else 0)
         if choice is None:
-            return ALLGATHER
+            return by_bytes
         transport, predicted = choice
         if transport != ALLGATHER:
             logger.debug("gradsparse: bucket of %d elements at step %d goes by %s (predicted %s)",
                          job.flat.numel(), job.step, transport, predicted)
         return transport
+
+    def _offers_split(self, job: _Job, dense_iteration: bool) -> bool:
+        """Whether "auto" weighs the split transport: an alltoall to run it, at least 3 ranks (at 2 its bytes never
+        beat the allgather's), every region non-empty, and something dropped (a dense iteration stays DDP's sum)."""
+        world = self.communicator.world_size
+        return (self.communicator.carries_alltoall and world >= 3 and job.flat.numel() >= world
+                and not dense_iteration)
+
+    def _region_bytes(self, job: _Job) -> int:
+        """The split's largest region message, estimated from values every rank has: the region's fp32 values,
+        or fewer bytes of pairs if every rank's pairs and whole elements (no two at one position), spread evenly,
+        would fit in fewer."""
+        plan, world, n = job.plan, self.communicator.world_size, job.flat.numel()
+        if job.sizes is None:
+            pairs = world * job.count
+        else:
+            empty = PayloadLayout(0, plan.n_whole, job.wire)
+            pairs = sum(max(0, (size - empty.nbytes) // (4 + empty.value_size)) for size in job.sizes)
+        per_region = -(-(pairs + plan.n_whole) // world)
+        return split.HEADER_BYTES + min(4 * -(-n // world), PayloadLayout(per_region, 0, torch.float32).nbytes)
 
     def _pack(self, job: _Job) -> torch.Tensor:
         """This rank's payload: its pairs and whole tensors, or a flagged one of the agreed size if unhealthy."""
@@ -699,6 +737,90 @@ class SparseReducer:
         return self._complete(job, fut, lambda done: done.wait(), land, ALLREDUCE, _Traffic(nbytes, nbytes),
                               _Timing(issued, issued - scattering, nbytes, flat.numel()))
 
+    def _split_regions(self, plan: _Plan, bounds: list[int],
+                       device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
+        """Per region of :mod:`gradsparse.split`: where its whole elements start and end in the plan's whole
+        index, and their positions in the region (int64); cached per plan and world size."""
+        key = (id(plan), "split", len(bounds), str(device))
+        regions = self._indices.get(key)
+        if regions is None:
+            index = self._index(plan, "whole", device)
+            cuts = torch.searchsorted(index, torch.tensor(bounds, device=device)).tolist()
+            regions = [(cuts[j], cuts[j + 1], index[cuts[j]:cuts[j + 1]] - bounds[j]) for j in range(len(bounds) - 1)]
+            self._indices[key] = regions
+        return regions
+
+    def _split_pieces(self, job: _Job, bounds: list[int]) -> list[torch.Tensor]:
+        """This rank's payload for each region: its pairs there and its whole elements there, in the region's
+        coordinates (flagged and empty if unhealthy)."""
+        flat, plan, wire, chosen = job.flat, job.plan, job.wire, job.selection
+        regions = self._split_regions(plan, bounds, flat.device)
+        if not job.healthy:
+            return [ops.pack(torch.zeros(0, dtype=torch.int64, device=flat.device), flat.new_zeros(0),
+                             flat.new_zeros(b - a), hi - lo, wire, flags=FLAG_NONFINITE)
+                    for (a, b, _), lo, hi in zip(regions, bounds, bounds[1:])]
+        positions = chosen.positions
+        cuts = torch.searchsorted(positions, torch.tensor(bounds, device=positions.device)).tolist()
+        pieces = []
+        for j, (a, b, _) in enumerate(regions):
+            lo, hi = bounds[j], bounds[j + 1]
+            local = positions[cuts[j]:cuts[j + 1]] - lo
+            whole = job.whole[a:b]
+            if chosen.sent is None:
+                pieces.append(ops.pack_gathered(local, chosen.source[lo:hi], whole, hi - lo, wire))
+            else:
+                pieces.append(ops.pack(local, chosen.sent[cuts[j]:cuts[j + 1]], whole, hi - lo, wire))
+        return pieces
+
+    def _split(self, job: _Job) -> torch.futures.Future:
+        """Split transport (:mod:`gradsparse.split`): each region's pairs to its owner (alltoall, in this thread),
+        the owner sums them, then the reduced regions are allgathered (the bucket's asynchronous collective)."""
+        flat, comm = job.flat, self.communicator
+        world, me, step = comm.world_size, comm.rank, job.step
+        bounds = split.region_bounds(flat.numel(), world)
+        packing = time.perf_counter()
+        pieces = self._split_pieces(job, bounds)
+        packed = time.perf_counter()
+        if job.selection is not None and job.selection.payload is not None:  # written by the selection, not sent
+            self._payloads.give(id(job.plan), job.selection.payload)
+        sizes = self.collective(lambda: comm.allgather_ints([p.numel() for p in pieces], flat.device), flat, step)
+        job = dataclasses.replace(job, control=job.control + 8 * world + 8)  # the two size exchanges
+        started = time.perf_counter()
+        received = self.collective(lambda: comm.alltoall(pieces, sizes), flat, step)
+        arrived = time.perf_counter()
+        # accumulate in fp32: in the bucket itself when it is fp32 (what it held was packed above), else a temporary
+        out = flat if flat.dtype == torch.float32 else flat.new_empty(flat.numel(), dtype=torch.float32)
+        lo, hi = bounds[me], bounds[me + 1]
+        alpha = 1.0 / world if self.options.op == "average" else 1.0
+        dense_index = self._split_regions(job.plan, bounds, flat.device)[me][2]
+        own_flags = ops.unpack_add(received, out[lo:hi], job.wire, dense_index if dense_index.numel() else None,
+                                   alpha=alpha, overwrite=True)
+        upper = sum(int(r[8:12].view(torch.int32)) for r in received) + dense_index.numel()
+        message = split.encode_region(out[lo:hi], own_flags, upper)
+        encoded = time.perf_counter()
+        msg_sizes = self.collective(lambda: comm.exchange_sizes(message.numel(), flat.device), flat, step)
+        issued = time.perf_counter()
+        phase2 = max(msg_sizes) if comm.pads_to_largest else message.numel()
+        traffic = _Traffic(sum(p.numel() for p in pieces) + phase2,
+                           sum(r.numel() for r in received) + (phase2 * world if comm.pads_to_largest else
+                                                                sum(msg_sizes)))
+        # the alltoall's time, and the local work around it (packing, summing the region, encoding it)
+        self._transport.record(SPLIT, sum(p.numel() for p in pieces), arrived - started,
+                               (packed - packing) + (encoded - arrived), traffic.received)
+
+        def land(messages: list[torch.Tensor]) -> _Landing:
+            flags = own_flags
+            for j, m in enumerate(messages):
+                if j != me:
+                    flags |= split.decode_region(m, out[bounds[j]:bounds[j + 1]])
+            problem = "a rank flagged NaN/Inf gradients or an overflow in its payload" \
+                if flags & FLAG_NONFINITE else None
+            return _Landing(out, problem=problem)
+
+        fut = self.collective(lambda: comm.allgather(message, msg_sizes), flat, step)
+        return self._complete(job, fut, lambda done: done.value(), land, SPLIT, traffic,
+                              _Timing(issued, issued - packing, max(msg_sizes), 0))
+
     def _complete(self, job: _Job, fut: torch.futures.Future, result: Callable, land: Callable[..., _Landing],
                   transport: str, traffic: _Traffic, timing: _Timing) -> torch.futures.Future:
         """The one completion path of both transports: wait, land, commit (or apply the nonfinite policy), report."""
@@ -727,6 +849,9 @@ class SparseReducer:
         the previous bucket's collective completed) and the transport's local work."""
         seconds = done - max(timing.issued, self._last_done)
         self._last_done = done
+        if transport == SPLIT:  # its last collective is an allgather: the link model learns from it, nothing else
+            self._transport.record(ALLGATHER, timing.nbytes, seconds, 0.0, 0)
+            return
         self._transport.record(transport, timing.nbytes, seconds, timing.local_s + landed - done, timing.units)
 
     def _commit(self, job: _Job, landing: _Landing) -> None:

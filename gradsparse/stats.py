@@ -9,8 +9,9 @@ compression ratio compares ``bytes_sent`` with the dense fp32 gradient.
 
 Words used once each: ``whole`` counts the elements of *whole tensors* (too
 small to compress, sent as they are); ``transport`` is how a bucket travelled,
-:data:`ALLGATHER` (index/value pairs) or :data:`ALLREDUCE` (the same selection
-moved densely, when pairs would cost more bytes); a *dense iteration* (every
+:data:`ALLGATHER` (index/value pairs), :data:`ALLREDUCE` (the same selection
+moved densely, when pairs would cost more bytes) or :data:`SPLIT` (pairs summed by
+the owner of their region, the regions allgathered: :mod:`gradsparse.split`); a *dense iteration* (every
 coordinate selected, the adapters' first iterations) is neither. A bucket reduced
 by :mod:`gradsparse.hierarchical` reports :data:`HIERARCHICAL` (or
 :data:`HIERARCHICAL_ALLREDUCE`); its ``numel``, ``selected``, ``whole`` and bytes
@@ -37,7 +38,8 @@ ALLREDUCE = "allreduce"  # the same selection scattered into the bucket and allr
 SPARSE_ALLREDUCE = "sparse_allreduce"  # a sparse gradient (nn.Embedding(sparse=True)) averaged as DDP does
 HIERARCHICAL = "hierarchical"  # dense inside the node, this rank's shard allgathered between nodes
 HIERARCHICAL_ALLREDUCE = "hierarchical_allreduce"  # the same, the shard's selection allreduced between nodes
-TRANSPORTS = (ALLGATHER, ALLREDUCE, SPARSE_ALLREDUCE, HIERARCHICAL, HIERARCHICAL_ALLREDUCE)
+SPLIT = "split"  # pairs reduce-scattered to the regions' owners, the reduced regions allgathered (gradsparse.split)
+TRANSPORTS = (ALLGATHER, ALLREDUCE, SPARSE_ALLREDUCE, HIERARCHICAL, HIERARCHICAL_ALLREDUCE, SPLIT)
 
 
 @dataclasses.dataclass
@@ -67,6 +69,7 @@ class StepStats:
     bytes_received: int = 0
     buckets: int = 0
     allreduce_buckets: int = 0  # buckets whose selection went by the dense transport
+    split_buckets: int = 0  # buckets that went by the split transport
     compress_s: float = 0.0
     blocking_s: float = 0.0
     intra_bytes: int = 0
@@ -79,6 +82,7 @@ class StepStats:
         self.bytes_received += b.bytes_received
         self.buckets += 1
         self.allreduce_buckets += int(b.transport in (ALLREDUCE, HIERARCHICAL_ALLREDUCE))
+        self.split_buckets += int(b.transport == SPLIT)
         self.compress_s += b.compress_s
         self.blocking_s += b.blocking_s
         self.intra_bytes += b.intra_bytes

@@ -253,6 +253,22 @@ def uneven(hvd, gh, rank, world, steps=12):
     return out
 
 
+def split_against_allgather(hvd, gh, rank, steps=6):
+    """DGC in its 25 % warm-up stage and TopK 25 %, transport "split" against "allgather" (the same bits)."""
+    out = {}
+    for name, factory in {"dgc": lambda: DGC(0.01), "topk": lambda: TopK(0.25)}.items():
+        for transport in ("allgather", "split"):
+            model = make_model("mlp")
+            compression = gh.SparseCompression(factory(), transport=transport, min_compress_numel=MIN_NUMEL)
+            opt = gh.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                          named_parameters=model.named_parameters(), compression=compression)
+            _train(model, opt, "mlp", rank, steps)
+            out[f"{name}.{transport}"] = {"hash": params_hash(model),
+                                          "split_buckets": sum(h.get("split_buckets", 0)
+                                                               for h in compression.history)}
+    return out
+
+
 def communicator(rank, world):
     """HorovodCommunicator's side of the Communicator contract: futures resolve only in complete(tag)."""
     from gradsparse.comm.horovod import HorovodCommunicator
@@ -368,6 +384,7 @@ def main(scenario: str, outdir: str) -> None:
         model, _ = dgc_run(gh, hvd, rank)
         result["dgc_horovod"] = [p.detach().clone() for p in model.parameters()]
         result["uneven"] = uneven(hvd, gh, rank, world)
+        result["split"] = split_against_allgather(hvd, gh, rank)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))

@@ -75,6 +75,12 @@ def main(outdir: str) -> None:
         # what the reducer reports against what MPI moved (Allgatherv: payloads of differing sizes, unpadded)
         result[f"bytes_{name}"] = {"reported": (sum(b.bytes_sent for b in stats), sum(b.bytes_received for b in stats)),
                                    "moved": (comm.bytes_sent - before[0], comm.bytes_received - before[1])}
+    for transport in ("allgather", "split"):  # the split transport gives the allgather's bits, step after step
+        model = make_model("mlp")
+        stats = []
+        train(SparseReducer(TopK(0.25), comm, transport=transport), model, rank, 4, on_stats=stats.append)
+        hashes[f"topk25.{transport}"] = params_hash(model)
+        result[f"transports.{transport}"] = sorted({b.transport for b in stats[len(list(model.parameters())):]})
     result["hashes"] = hashes
     result["bytes_sent"] = comm.bytes_sent
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))

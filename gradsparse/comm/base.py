@@ -124,6 +124,32 @@ class Communicator(abc.ABC):
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.futures.Future:
         """Start an in-place sum of ``tensor`` over all ranks; the future yields it."""
 
+    #: whether :meth:`alltoall` is implemented (the reducer's ``"split"`` transport needs it)
+    carries_alltoall: bool = False
+
+    def alltoall(self, pieces: Sequence[torch.Tensor], sizes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Blocking: send ``pieces[j]`` (flat ``uint8``) to rank ``j``; one collective.
+
+        ``sizes[r][j]`` is the bytes rank ``r`` sends rank ``j`` (every rank's list, as
+        :meth:`allgather_ints` returns them). Returns the ``uint8`` piece each rank sent this
+        one, in rank order.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no alltoall; use transport='allgather' or 'bytes'")
+
+    def _alltoall_sizes(self, pieces: Sequence[torch.Tensor], sizes: Sequence[Sequence[int]]) -> list[int]:
+        """What each rank sends this one, after checking ``pieces`` against this rank's row of ``sizes``."""
+        if len(pieces) != self.world_size or len(sizes) != self.world_size:
+            raise PayloadError(f"alltoall takes one piece per rank and every rank's sizes ({self.world_size}), got "
+                               f"{len(pieces)} pieces and {len(sizes)} rows")
+        for p in pieces:
+            if p.dtype != torch.uint8 or p.dim() != 1:
+                raise PayloadTypeError(f"alltoall pieces are flat uint8 tensors, got {p.dtype} of shape "
+                                       f"{tuple(p.shape)}")
+        if [p.numel() for p in pieces] != list(sizes[self.rank]):
+            raise PayloadError(f"this rank ({self.rank}) sends pieces of {[p.numel() for p in pieces]} bytes and "
+                               f"announced {list(sizes[self.rank])}")
+        return [int(row[self.rank]) for row in sizes]
+
     def _sizes(self, payload: torch.Tensor, sizes: list[int] | None, *, check_own: bool = True) -> list[int]:
         """``sizes``, or this payload's size for every rank, before anything is sent.
 
@@ -164,3 +190,9 @@ class LocalCommunicator(Communicator):
 
     def allreduce_sum(self, tensor):
         return completed_future(tensor)
+
+    carries_alltoall = True
+
+    def alltoall(self, pieces, sizes):
+        self._alltoall_sizes(pieces, sizes)
+        return list(pieces)

@@ -119,6 +119,20 @@ class HorovodCommunicator(Communicator):
 
         return self._start(handle, split)
 
+    carries_alltoall = True
+
+    def alltoall(self, pieces, sizes):
+        """Blocking ``hvd.alltoall``, named ``{tag}.alltoall``."""
+        received_sizes = self._alltoall_sizes(pieces, sizes)
+        send = torch.cat(list(pieces))
+        self.bytes_sent += send.numel()
+        out, got = self._hvd.alltoall(send, splits=torch.tensor([p.numel() for p in pieces], dtype=torch.int32),
+                                      name=f"{self._tag}.alltoall", process_set=self.process_set)
+        if got.tolist() != received_sizes:
+            raise CommunicationError(f"alltoall received {got.tolist()} bytes by rank, the ranks announced "
+                                     f"{received_sizes}")
+        return list(torch.split(out, received_sizes))
+
     def allreduce_sum(self, tensor):
         self._refuse_in_flight()
         self.bytes_sent += tensor.numel() * tensor.element_size()

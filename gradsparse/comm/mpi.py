@@ -80,6 +80,22 @@ class MPICommunicator(Communicator):
         received = received.to(payload.device)
         return completed_future([received[int(d):int(d) + s] for d, s in zip(displacements, sizes, strict=True)])
 
+    carries_alltoall = True
+
+    def alltoall(self, pieces, sizes):
+        received_sizes = self._alltoall_sizes(pieces, sizes)
+        device = pieces[0].device
+        host = torch.cat([p.detach().cpu() for p in pieces])
+        received = torch.empty(sum(received_sizes), dtype=torch.uint8)
+        sent_sizes = [p.numel() for p in pieces]
+        offsets = [int(x) for x in np.concatenate([[0], np.cumsum(sent_sizes)[:-1]])]
+        recv_offsets = [int(x) for x in np.concatenate([[0], np.cumsum(received_sizes)[:-1]])]
+        self.comm.Alltoallv([host.numpy(), (sent_sizes, offsets), self._mpi.BYTE],
+                            [received.numpy(), (received_sizes, recv_offsets), self._mpi.BYTE])
+        self.bytes_sent += host.numel()
+        self.bytes_received += received.numel()
+        return list(torch.split(received.to(device), received_sizes))
+
     def allreduce_sum(self, tensor):
         staged = tensor.detach().cpu().contiguous()
         if staged.dtype not in _NATIVE:

@@ -78,6 +78,15 @@ class TorchDistCommunicator(Communicator):
         work = dist.all_reduce(tensor, group=self.process_group, async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])
 
+    carries_alltoall = True
+
+    def alltoall(self, pieces, sizes):
+        received = self._alltoall_sizes(pieces, sizes)
+        send = torch.cat(list(pieces)) if len(pieces) > 1 else pieces[0]
+        out = send.new_empty(sum(received))
+        dist.all_to_all_single(out, send, received, [p.numel() for p in pieces], group=self.process_group)
+        return list(torch.split(out, received))
+
     def __getstate__(self):
         return {}
 

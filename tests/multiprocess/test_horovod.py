@@ -191,6 +191,13 @@ def test_grad_scaler_under_horovod_keeps_one_loss_scale_in_the_memory(world2):
             assert run["untold"] != run["plain"], name  # the test can see scales mixing in the memory
 
 
+def test_split_transport_gives_the_allgathers_bits_world_3(world3):
+    results = world3[1]
+    for name in ("dgc", "topk"):
+        assert len({r["split"][f"{name}.{t}"]["hash"] for r in results for t in ("allgather", "split")}) == 1, name
+        assert all(r["split"][f"{name}.split"]["split_buckets"] > 0 for r in results), name
+
+
 def test_uneven_counts_and_empty_payloads_world_3(world3):
     results = world3[1]
     for name in ("threshold", "topk", "dgc"):

@@ -48,6 +48,9 @@ def test_mpi_communicator_and_pipeline(world, tmp_path):
             assert r[f"bytes_{name}"]["reported"] == r[f"bytes_{name}"]["moved"], name
     for name in results[0]["hashes"]:  # every rank ends bit-identical, also with a silent rank
         assert len({r["hashes"][name] for r in results}) == 1, name
+    for r in results:  # the split transport (alltoall over Alltoallv) gives the allgather's bits
+        assert r["hashes"]["topk25.split"] == r["hashes"]["topk25.allgather"]
+        assert r["transports.split"] == ["split"]
 
 
 def test_doc_quick_start_runs_under_mpirun(tmp_path):
