@@ -11,10 +11,14 @@ For each gradient size n and density d, with the slowest rank's time per repetit
   (``ops.topk_indices`` + ``ops.pack``: int32 indices, fp32 values, 16-byte header).
 - ``reducer``: one whole :class:`~gradsparse.reducer.SparseReducer` step with ``TopK(d)``
   (compensate, select, pack, allgather, validate, unpack-add): what the DDP hook costs per bucket.
+- ``alltoall``: the same payload cut into W equal pieces, piece j to rank j (one alltoall:
+  what the split transport's first step moves); ``reducer_split``: the reducer step with
+  ``transport="split"`` (:mod:`gradsparse.split`).
 
 Bytes on the wire are this node's interface counter. The ideal times follow
 from the measured link rate R (``--link-bps``): a ring allreduce sends
-``2 (W-1)/W * 4n`` bytes per rank, an allgather ``(W-1) * payload`` bytes.
+``2 (W-1)/W * 4n`` bytes per rank, an allgather ``(W-1) * payload`` bytes, an alltoall
+``(W-1)/W * payload`` bytes.
 """
 
 from __future__ import annotations
@@ -78,21 +82,32 @@ def run(sizes: list[int], densities: list[float], repeats: int, link_bps: float 
             rows.append({"op": "allgather", "n": n, "density": d, "payload_bytes": payload.numel(),
                          "wire_bytes_per_rank": wire, "ideal_s": ideal,
                          "time_s": summarize(slowest(gather_floats(times)))})
-            reducer = SparseReducer(TopK(d), comm, min_compress_numel=1)
-            step = [0]
+            for op, transport in (("reducer", "bytes"), ("reducer_split", "split")):
+                reducer = SparseReducer(TopK(d), comm, min_compress_numel=1, transport=transport)
+                step = [0]
 
-            def reduce_once():
-                buf.copy_(grad)
-                reducer.reduce(buf, [Segment("g", 0, n)], step[0]).wait()
-                step[0] += 1
+                def reduce_once(reducer=reducer, step=step):
+                    buf.copy_(grad)
+                    reducer.reduce(buf, [Segment("g", 0, n)], step[0]).wait()
+                    step[0] += 1
 
-            times, wire = timed(reduce_once, repeats)
-            rows.append({"op": "reducer", "n": n, "density": d, "payload_bytes": payload.numel(),
-                         "wire_bytes_per_rank": wire, "ideal_s": ideal,
+                times, wire = timed(reduce_once, repeats)
+                rows.append({"op": op, "n": n, "density": d, "payload_bytes": payload.numel(),
+                             "wire_bytes_per_rank": wire, "ideal_s": ideal,
+                             "time_s": summarize(slowest(gather_floats(times)))})
+            bounds = [(j * payload.numel()) // world for j in range(world + 1)]
+            pieces = [payload[a:b] for a, b in zip(bounds, bounds[1:])]
+            sizes = [[b - a for a, b in zip(bounds, bounds[1:])]] * world
+            times, wire = timed(lambda: comm.alltoall(pieces, sizes), repeats)
+            a2a_ideal = (world - 1) / world * payload.numel() * 8 / link_bps if link_bps else None
+            rows.append({"op": "alltoall", "n": n, "density": d, "payload_bytes": payload.numel(),
+                         "wire_bytes_per_rank": wire, "ideal_s": a2a_ideal,
                          "time_s": summarize(slowest(gather_floats(times)))})
-            logger.info("n=%d d=%g allgather %.2f ms, reducer %.2f ms (ideal %s)", n, d,
-                        1e3 * rows[-2]["time_s"]["median"], 1e3 * rows[-1]["time_s"]["median"],
-                        f"{1e3 * ideal:.2f} ms" if ideal else "n/a")
+            logger.info("n=%d d=%g allgather %.2f ms, reducer %.2f ms, split reducer %.2f ms (ideal %s), "
+                        "alltoall %.2f ms (ideal %s)", n, d, 1e3 * rows[-4]["time_s"]["median"],
+                        1e3 * rows[-3]["time_s"]["median"], 1e3 * rows[-2]["time_s"]["median"],
+                        f"{1e3 * ideal:.2f} ms" if ideal else "n/a", 1e3 * rows[-1]["time_s"]["median"],
+                        f"{1e3 * a2a_ideal:.2f} ms" if a2a_ideal else "n/a")
     return rows
 
 

@@ -21,6 +21,8 @@ Methods (every one in the same run, same model seed, same data):
   ``Hierarchy(shared_memory=False)``: through the node's gloo allreduces instead.
 - ``dgc0.1warm``: gradsparse ``DGC(0.001)`` with its default warm-up, which lasts longer than any
   run here: every step is in its first stage, density 25 % (a job's optimizer steps 1-250).
+  ``dgc0.1warmar`` / ``dgc0.1warmsplit``: the same with the transport forced to the allreduce of the
+  selection / the split transport (``gradsparse.split``); ``dgc0.1warmtime``: chosen by predicted time.
 
 The first ``--warmup`` steps are not timed (gradsparse reduces iteration 0 densely, PowerSGD
 iterations 0-1). Per step: the slowest rank's step time, the time spent inside the hook call
@@ -60,16 +62,19 @@ from gradsparse.hierarchical import Hierarchy
 logger = logging.getLogger("ddp_bench")
 
 METHODS = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime",
+           "dgc0.1warmar", "dgc0.1warmsplit",
            "dgc0.1hier", "dgc0.1hiercoll", "dgc0.1auto", "topk1hier", "topk1auto")
 LABELS = {"compute": "compute only (no comm)", "dense": "dense fp32 (no hook)", "fp16": "fp16_compress_hook",
           "powersgd1": "PowerSGD rank 1", "powersgd4": "PowerSGD rank 4", "topk1": "gradsparse TopK 1 %",
           "dgc0.1": "gradsparse DGC 0.1 %", "dgc0.1warm": "gradsparse DGC, warm-up stage 1 (25 %)",
           "dgc0.1warmtime": "gradsparse DGC, warm-up stage 1, transport by time",
+          "dgc0.1warmar": "gradsparse DGC, warm-up stage 1, transport allreduce",
+          "dgc0.1warmsplit": "gradsparse DGC, warm-up stage 1, transport split",
           "dgc0.1hier": "gradsparse DGC 0.1 % (hierarchical)",
           "dgc0.1hiercoll": "gradsparse DGC 0.1 % (hierarchical, node allreduces)",
           "dgc0.1auto": "gradsparse DGC 0.1 % (by cost)",
           "topk1hier": "gradsparse TopK 1 % (hierarchical)", "topk1auto": "gradsparse TopK 1 % (by cost)"}
-GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime", "dgc0.1hier", "dgc0.1hiercoll", "dgc0.1auto",
+GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime", "dgc0.1warmar", "dgc0.1warmsplit", "dgc0.1hier", "dgc0.1hiercoll", "dgc0.1auto",
               "topk1hier", "topk1auto")
 HIERARCHY = {f"{m}{kind}": Hierarchy(transport={"hier": "hierarchical", "auto": "auto"}[kind])
              for m in ("dgc0.1", "topk1") for kind in ("hier", "auto")}
@@ -114,7 +119,9 @@ def build(method: str, model_kind: str, powersgd_bucket_mb: float = 4096):
         compressor = TopK(0.01) if method.startswith("topk1") else DGC(0.001) if method.startswith("dgc0.1warm") \
             else DGC(0.001, warmup=None)
         gddp.check_optimizer(opt, compressor)
-        transport = {"transport": "auto"} if method == "dgc0.1warmtime" else {}  # sparse or dense by predicted time
+        # sparse or dense by predicted time, or one transport forced
+        transport = {"dgc0.1warmtime": {"transport": "auto"}, "dgc0.1warmar": {"transport": "allreduce"},
+                     "dgc0.1warmsplit": {"transport": "split"}}.get(method, {})
         state = gddp.GradSparseState(compressor, model=model, log_every=0, hierarchy=HIERARCHY.get(method),
                                      **transport)
         timer = HookTimer(gddp.sparse_hook)
@@ -156,6 +163,7 @@ def run_method(method: str, args, rank: int) -> dict:
     gen = torch.Generator().manual_seed(1000 + rank)
     batches = [make_batch(args.model, args.batch, gen, args.image_size) for _ in range(4)]
     times, hook_s, compress_s, wire, lib_sent, sent_bytes, density, losses = [], [], [], [], [], [], [], []
+    transports = []
     total = args.warmup + args.steps
     for step in range(total):
         x, y = batches[step % len(batches)]
@@ -188,6 +196,7 @@ def run_method(method: str, args, rank: int) -> dict:
             compress_s.append(s.compress_s)
             lib_sent.append(s.bytes_sent)
             density.append(s.density)
+            transports.append((s.allreduce_buckets, s.split_buckets, s.buckets))
             if s.allreduce_buckets:
                 logger.info("%s: %d of %d buckets went dense (transport fallback)", method, s.allreduce_buckets, s.buckets)
     if method == "compute":
@@ -203,6 +212,8 @@ def run_method(method: str, args, rank: int) -> dict:
               "lib_bytes_sent_per_step": statistics.median(lib_sent) if lib_sent else None,
               "sent_bytes_per_step": statistics.median(sent_bytes),
               "density": statistics.median(density) if density else None,
+              # per timed step: (buckets by allreduce, by split, all buckets) on rank 0
+              "transports": transports or None,
               "loss_last": losses[-1], "bucket_cap_mb": args.powersgd_bucket_mb if method.startswith("powersgd") else 25}
     del model, opt, state, gradsparse_state
     logger.info("%-10s step %.1f ms (min %.1f, max %.1f), sent %.0f B/step/rank, wire %.0f B/step/rank", method,
