@@ -12,7 +12,6 @@ collective          latency rounds (ring)   bytes through the busiest hop
 allreduce of B      ``2 (p - 1)``           ``2 (p - 1) / p * B``
 reduce-scatter B    ``p - 1``               ``(p - 1) / p * B``
 allgather of m      ``p - 1``               ``(p - 1) * m`` (every rank gets ``p - 1`` payloads)
-alltoall of B       ``p - 1``               ``(p - 1) / p * B`` (B: one rank's pieces for all)
 ==================  ======================  =====================================
 
 With ``algorithm="tree"`` the rounds are ``2 ceil(log2 p)`` (allreduce) and ``ceil(log2 p)``
@@ -67,7 +66,7 @@ from .payload import PayloadLayout
 
 TRANSPORTS = ("dense", "sparse", "hierarchical")   # also the order that breaks ties
 ALGORITHMS = ("ring", "tree")
-COLLECTIVES = ("allreduce", "reduce_scatter", "allgather", "alltoall", "p2p")
+COLLECTIVES = ("allreduce", "reduce_scatter", "allgather", "p2p")
 
 
 # ------------------------------------------------------------------------------------------------ the link
@@ -286,8 +285,7 @@ def collective_terms(kind: str, nbytes: float, world: int, *, algorithm: str = "
     """(latency rounds, bytes through the busiest hop) of one collective over ``world`` ranks.
 
     ``nbytes``: the whole buffer for ``allreduce`` and ``reduce_scatter``; one rank's
-    contribution for ``allgather``; one rank's pieces for every rank for ``alltoall``; the
-    message for ``p2p``. ``share`` flows cross the
+    contribution for ``allgather``; the message for ``p2p``. ``share`` flows cross the
     busiest hop at once (they divide its bandwidth).
 
     Example::
@@ -309,7 +307,7 @@ def collective_terms(kind: str, nbytes: float, world: int, *, algorithm: str = "
     log_rounds = float(math.ceil(math.log2(p)))
     if kind == "allreduce":
         rounds, moved = (2.0 * (p - 1) if algorithm == "ring" else 2 * log_rounds), 2.0 * (p - 1) / p * nbytes
-    elif kind in ("reduce_scatter", "alltoall"):
+    elif kind == "reduce_scatter":
         rounds, moved = (float(p - 1) if algorithm == "ring" else log_rounds), (p - 1) / p * nbytes
     else:
         rounds, moved = (float(p - 1) if algorithm == "ring" else log_rounds), float((p - 1) * nbytes)

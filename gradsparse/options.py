@@ -58,9 +58,8 @@ class ReducerOptions:
             from run to run, and the two transports sum in different orders, so
             a rerun matches only to float rounding; ``"allgather"`` or
             ``"allreduce"``: always that one; ``"split"``: each region's pairs summed by
-            its owner, the regions allgathered (:mod:`gradsparse.split`), which ``"auto"``
-            also weighs from 3 ranks on. What is selected and what the memory keeps never
-            depend on it.
+            its owner, the regions allgathered (:mod:`gradsparse.split`; only when asked
+            for). What is selected and what the memory keeps never depend on it.
     """
 
     granularity: str = "parameter"

@@ -107,7 +107,7 @@ from .transport import TransportModel
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = 0x67730002  # descriptor format version; first field of every descriptor (2: the alltoall observation)
+PROTOCOL = 0x67730001  # descriptor format version; first field of every descriptor
 DESCRIPTOR_FIELDS = ("protocol version", "configuration (compressor and reducer options)", "bucket layout",
                      "bucket size", "step", "epoch", "wire dtype", "dense iteration", "payload size")
 # int64 each: the compared fields, then the health, then this rank's transport timings (gradsparse.transport)
@@ -564,7 +564,7 @@ class SparseReducer:
                              whole, fixed)
             job = dataclasses.replace(job, selection=chosen, count=chosen.positions.numel())
         job = self._exchange_sizes(job, same_size)
-        transport = self._choose_transport(job, dense_iteration=select_all)
+        transport = self._choose_transport(job)
         if transport == ALLREDUCE:
             return self._allreduce(job)
         if transport == SPLIT:
@@ -605,13 +605,12 @@ class SparseReducer:
         world = self.communicator.world_size
         return job.largest * world if self.communicator.pads_to_largest or job.sizes is None else sum(job.sizes)
 
-    def _choose_transport(self, job: _Job, dense_iteration: bool = False) -> str:
+    def _choose_transport(self, job: _Job) -> str:
         """ALLGATHER, ALLREDUCE or SPLIT for this bucket, from values every rank has (the same choice everywhere).
 
         Pairs that would cost more bytes than the allreduce always go by allreduce; otherwise, with
-        ``transport="auto"``, the link model's prediction decides once it has been measured. With "auto" the
-        model also weighs SPLIT (:meth:`_offers_split`), against the allreduce alone where pairs cost more bytes;
-        ``transport="split"`` forces it, except for a bucket smaller than the world.
+        ``transport="auto"``, the link model's prediction decides once it has been measured. SPLIT only when
+        asked for (``transport="split"``), and not for a bucket smaller than the world.
         """
         mode = self.options.transport
         world, n = self.communicator.world_size, job.flat.numel()
@@ -620,43 +619,18 @@ class SparseReducer:
         if mode in (ALLGATHER, ALLREDUCE):
             return mode
         by_bytes = ALLGATHER if self._sparse_pays(job.largest, job.flat) else ALLREDUCE
-        if mode == "bytes" or world == 1:
+        if by_bytes == ALLREDUCE or mode == "bytes" or world == 1:
             return by_bytes
-        offer_split = self._offers_split(job, dense_iteration)
-        if by_bytes == ALLREDUCE and not offer_split:
-            return by_bytes
-        candidates = (ALLGATHER, ALLREDUCE) if by_bytes == ALLGATHER else (ALLREDUCE,)
         choice = self._transport.choose(numel=job.flat.numel(), element_size=job.flat.element_size(),
                                         payload_bytes=job.largest, received_bytes=self._received_bytes(job),
-                                        world=world, candidates=candidates + ((SPLIT,) if offer_split else ()),
-                                        region_bytes=self._region_bytes(job) if offer_split else 0)
+                                        world=world)
         if choice is None:
-            return by_bytes
+            return ALLGATHER
         transport, predicted = choice
         if transport != ALLGATHER:
             logger.debug("gradsparse: bucket of %d elements at step %d goes by %s (predicted %s)",
                          job.flat.numel(), job.step, transport, predicted)
         return transport
-
-    def _offers_split(self, job: _Job, dense_iteration: bool) -> bool:
-        """Whether "auto" weighs the split transport: an alltoall to run it, at least 3 ranks (at 2 its bytes never
-        beat the allgather's), every region non-empty, and something dropped (a dense iteration stays DDP's sum)."""
-        world = self.communicator.world_size
-        return (self.communicator.carries_alltoall and world >= 3 and job.flat.numel() >= world
-                and not dense_iteration)
-
-    def _region_bytes(self, job: _Job) -> int:
-        """The split's largest region message, estimated from values every rank has: the region's fp32 values,
-        or fewer bytes of pairs if every rank's pairs and whole elements (no two at one position), spread evenly,
-        would fit in fewer."""
-        plan, world, n = job.plan, self.communicator.world_size, job.flat.numel()
-        if job.sizes is None:
-            pairs = world * job.count
-        else:
-            empty = PayloadLayout(0, plan.n_whole, job.wire)
-            pairs = sum(max(0, (size - empty.nbytes) // (4 + empty.value_size)) for size in job.sizes)
-        per_region = -(-(pairs + plan.n_whole) // world)
-        return split.HEADER_BYTES + min(4 * -(-n // world), PayloadLayout(per_region, 0, torch.float32).nbytes)
 
     def _pack(self, job: _Job) -> torch.Tensor:
         """This rank's payload: its pairs and whole tensors, or a flagged one of the agreed size if unhealthy."""
@@ -780,14 +754,11 @@ class SparseReducer:
         bounds = split.region_bounds(flat.numel(), world)
         packing = time.perf_counter()
         pieces = self._split_pieces(job, bounds)
-        packed = time.perf_counter()
         if job.selection is not None and job.selection.payload is not None:  # written by the selection, not sent
             self._payloads.give(id(job.plan), job.selection.payload)
         sizes = self.collective(lambda: comm.allgather_ints([p.numel() for p in pieces], flat.device), flat, step)
         job = dataclasses.replace(job, control=job.control + 8 * world + 8)  # the two size exchanges
-        started = time.perf_counter()
         received = self.collective(lambda: comm.alltoall(pieces, sizes), flat, step)
-        arrived = time.perf_counter()
         # accumulate in fp32: in the bucket itself when it is fp32 (what it held was packed above), else a temporary
         out = flat if flat.dtype == torch.float32 else flat.new_empty(flat.numel(), dtype=torch.float32)
         lo, hi = bounds[me], bounds[me + 1]
@@ -797,16 +768,12 @@ class SparseReducer:
                                    alpha=alpha, overwrite=True)
         upper = sum(int(r[8:12].view(torch.int32)) for r in received) + dense_index.numel()
         message = split.encode_region(out[lo:hi], own_flags, upper)
-        encoded = time.perf_counter()
         msg_sizes = self.collective(lambda: comm.exchange_sizes(message.numel(), flat.device), flat, step)
         issued = time.perf_counter()
         phase2 = max(msg_sizes) if comm.pads_to_largest else message.numel()
         traffic = _Traffic(sum(p.numel() for p in pieces) + phase2,
                            sum(r.numel() for r in received) + (phase2 * world if comm.pads_to_largest else
                                                                 sum(msg_sizes)))
-        # the alltoall's time, and the local work around it (packing, summing the region, encoding it)
-        self._transport.record(SPLIT, sum(p.numel() for p in pieces), arrived - started,
-                               (packed - packing) + (encoded - arrived), traffic.received)
 
         def land(messages: list[torch.Tensor]) -> _Landing:
             flags = own_flags

@@ -16,11 +16,11 @@ Bytes a rank receives: about one payload in step 1, then ``p - 1`` regions, each
 at 4 ranks: 115 against 154 MB a step). Steps 1-2 run in the calling thread (the hook
 waits for the alltoall), step 3 is the bucket's asynchronous collective.
 
-``transport="split"`` forces it and ``"auto"`` weighs it from 3 ranks on (its alltoall with a
-link model of its own: gloo's ran at 57 % of the link here, its allgather at 82 %, its allreduce at
-100 %); ``"bytes"`` never takes it. On 4 emulated nodes in DGC's 25 % stage it was 8-9 % faster
-than the allreduce at 100 Mbit/s and 2-4 % slower at 1 Gbit/s (docs/scale.md). What is selected
-and what the memory keeps do not depend on it.
+Only ``transport="split"`` takes it. On 4 emulated nodes in DGC's 25 % stage it was 8-9 %
+faster than the allreduce at 100 Mbit/s, 2-4 % slower at 1 Gbit/s and 6 % at 10 Gbit/s (gloo's
+alltoall ran at 57 % of the link here, its allgather at 82 %, its allreduce at 100 %), and
+``"auto"``'s per-bucket link model, tried with it, preferred it at every rate (docs/scale.md).
+What is selected and what the memory keeps do not depend on it.
 
 Example::
 

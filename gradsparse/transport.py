@@ -1,4 +1,4 @@
-"""Which transport a bucket's selection takes: allgather of pairs, allreduce or split, weighed in time.
+"""Which transport a bucket's selection takes: allgather of pairs or allreduce, weighed in time.
 
 The selection (what is sent, what the memory keeps) is made first; only how it
 travels is chosen here, per bucket, identically on every rank:
@@ -6,10 +6,7 @@ travels is chosen here, per bucket, identically on every rank:
 - ``allgather``: every rank's payload of (index, value) pairs and whole tensors,
   then a scatter-add of all of them;
 - ``allreduce``: the same selection scattered into the bucket (zeros elsewhere)
-  and summed densely;
-- ``split`` (:mod:`gradsparse.split`, where the communicator has an alltoall and the
-  reducer offers it): each region's pairs to its owner by one alltoall, the reduced
-  regions allgathered.
+  and summed densely.
 
 :class:`TransportModel` predicts both from an alpha-beta model of the link
 (:class:`gradsparse.cost.LinkEstimator`), fitted from the bucket collectives the
@@ -20,10 +17,7 @@ travel as integers in the bucket descriptor the ranks gather anyway
 (:meth:`TransportModel.descriptor`), and every rank feeds the same gathered numbers
 into its model in rank order (:meth:`TransportModel.absorb`), so every rank predicts
 the same and chooses the same. Until both local costs and a link model are known,
-:meth:`TransportModel.choose` returns None and the reducer decides by bytes. The split's
-alltoall has a link model of its own (gloo's alltoall moved its bytes at about half the rate
-of its allgather here), the link's until two alltoalls of different sizes were seen; its local
-work is priced as the allgather's, per received byte.
+:meth:`TransportModel.choose` returns None and the reducer decides by bytes.
 
 Example::
 
@@ -43,13 +37,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .cost import LinkEstimator, collective_time
-from .stats import ALLGATHER, ALLREDUCE, SPLIT
+from .stats import ALLGATHER, ALLREDUCE
 
-KINDS = {ALLGATHER: 1, ALLREDUCE: 2, SPLIT: 3}
-_KIND_NAMES = {1: "allgather", 2: "allreduce", 3: "alltoall"}
-FIELDS = ("observed collective (0 none, 1 allgather, 2 allreduce, 3 the split's alltoall)", "its bytes (allgather: "
-          "one rank's payload; allreduce: the bucket; alltoall: one rank's pieces)", "its microseconds",
-          "allgather local work, ps per received byte", "allreduce local work, ps per element")
+KINDS = {ALLGATHER: 1, ALLREDUCE: 2}
+_KIND_NAMES = {code: name for name, code in KINDS.items()}
+FIELDS = ("observed collective (0 none, 1 allgather, 2 allreduce)", "its bytes (allgather: one rank's payload; "
+          "allreduce: the bucket)", "its microseconds", "allgather local work, ps per received byte",
+          "allreduce local work, ps per element")
 SMOOTHING = 0.3  # weight of a new local-work measurement in its running average
 
 
@@ -62,10 +56,7 @@ class TransportModel:
 
     def __init__(self, window: int = 64):
         self.link = LinkEstimator(window=window)
-        #: the split transport's alltoall (the link's model until it has its own)
-        self.alltoall = LinkEstimator(window=window)
-        self._observed: dict[int, tuple[int, int, int]] = {}   # this rank's latest of each kind, not yet shared
-        self._last_sent = 0                                     # the kind the last descriptor carried
+        self._observed: tuple[int, int, int] | None = None   # this rank's latest, not yet shared
         self._local: dict[str, float] = {}                    # this rank's running averages (seconds per unit)
         self._shared: dict[str, float] = {}                   # the slowest rank's, as gathered
 
@@ -73,26 +64,19 @@ class TransportModel:
     def record(self, transport: str, nbytes: int, seconds: float, local_s: float, units: int) -> None:
         """One bucket collective completed on this rank: its time and the local work around it.
 
-        ``units``: received payload bytes (allgather) or bucket elements (allreduce). For SPLIT: its
-        alltoall (``nbytes``: this rank's pieces) and its local work per received byte, which counts as
-        the allgather's (packing and unpacking pairs either way).
+        ``units``: received payload bytes (allgather) or bucket elements (allreduce).
         """
         if seconds > 0:
-            self._observed[KINDS[transport]] = (KINDS[transport], int(nbytes), max(1, round(seconds * 1e6)))
+            self._observed = (KINDS[transport], int(nbytes), max(1, round(seconds * 1e6)))
         if units > 0:
-            key = ALLGATHER if transport == SPLIT else transport
             per_unit = local_s / units
-            old = self._local.get(key)
-            self._local[key] = per_unit if old is None else (1 - SMOOTHING) * old + SMOOTHING * per_unit
+            old = self._local.get(transport)
+            self._local[transport] = per_unit if old is None else (1 - SMOOTHING) * old + SMOOTHING * per_unit
 
     def descriptor(self) -> list[int]:
-        """This rank's numbers for the descriptor (see :data:`FIELDS`); one observation, sent once (another
-        kind than the last descriptor's first, so the split's alltoall and allgather both get through)."""
-        kind, nbytes, micros = 0, 0, 0
-        if self._observed:
-            pick = min(self._observed, key=lambda k: (k == self._last_sent, k))
-            kind, nbytes, micros = self._observed.pop(pick)
-            self._last_sent = kind
+        """This rank's numbers for the descriptor (see :data:`FIELDS`); the observation is sent once."""
+        kind, nbytes, micros = self._observed or (0, 0, 0)
+        self._observed = None
         return [kind, nbytes, micros, *(round(self._local.get(t, 0.0) * 1e12) for t in (ALLGATHER, ALLREDUCE))]
 
     # ----------------------------------------------------------- every rank alike
@@ -100,38 +84,26 @@ class TransportModel:
         """Every rank's :meth:`descriptor`, in rank order: the same call on every rank gives the same model."""
         for kind, nbytes, micros, *_ in fields:
             if kind in _KIND_NAMES and micros > 0:
-                estimator = self.alltoall if kind == KINDS[SPLIT] else self.link
-                estimator.observe(_KIND_NAMES[kind], nbytes, world, micros * 1e-6)
+                self.link.observe(_KIND_NAMES[kind], nbytes, world, micros * 1e-6)
         for i, transport in enumerate((ALLGATHER, ALLREDUCE)):
             slowest = max(f[3 + i] for f in fields)
             if slowest > 0:
                 self._shared[transport] = slowest * 1e-12
 
     def choose(self, *, numel: int, element_size: int, payload_bytes: int, received_bytes: int,
-               world: int, candidates: tuple[str, ...] = (ALLGATHER, ALLREDUCE),
-               region_bytes: int = 0) -> tuple[str, dict[str, float]] | None:
-        """``(transport, predicted seconds of each candidate)``, or None while the model is incomplete.
+               world: int) -> tuple[str, dict[str, float]] | None:
+        """``(transport, predicted seconds of each)``, or None while the model is incomplete.
 
         ``payload_bytes``: the largest rank's payload; ``received_bytes``: what the
-        allgather hands this rank (every rank's payload); ``region_bytes``: for SPLIT, the
-        largest reduced region's message (the split's allgather). Ties go to the earlier of
-        allgather, allreduce, split. The allgather and the allreduce are priced once their local
-        work is known; the split's local work is the allgather's, 0 until known (so it is tried).
+        allgather hands this rank (every rank's payload).
         """
         link = self.link.model
-        if link is None or any(t not in self._shared for t in candidates if t != SPLIT):
+        if link is None or len(self._shared) < 2:
             return None
-        predicted = {}
-        if ALLGATHER in candidates:
-            predicted[ALLGATHER] = collective_time("allgather", payload_bytes, world, link) \
-                + self._shared[ALLGATHER] * received_bytes
-        if ALLREDUCE in candidates:
-            predicted[ALLREDUCE] = collective_time("allreduce", numel * element_size, world, link) \
-                + self._shared[ALLREDUCE] * numel
-        if SPLIT in candidates:
-            alltoall = self.alltoall.model or link
-            predicted[SPLIT] = collective_time("alltoall", payload_bytes, world, alltoall) \
-                + collective_time("allgather", region_bytes, world, link) \
-                + self._shared.get(ALLGATHER, 0.0) * (payload_bytes + world * region_bytes)
-        order = (ALLGATHER, ALLREDUCE, SPLIT)
-        return min(predicted, key=lambda t: (predicted[t], order.index(t))), predicted
+        predicted = {
+            ALLGATHER: collective_time("allgather", payload_bytes, world, link)
+            + self._shared[ALLGATHER] * received_bytes,
+            ALLREDUCE: collective_time("allreduce", numel * element_size, world, link)
+            + self._shared[ALLREDUCE] * numel,
+        }
+        return min(predicted, key=lambda t: (predicted[t], t != ALLGATHER)), predicted

@@ -10,7 +10,7 @@ from gradsparse.comm import LocalCommunicator
 from gradsparse.comm.torch_dist import TorchDistCommunicator
 from gradsparse.errors import InvalidConfigError
 from gradsparse.reducer import DESCRIPTOR_BYTES, HEALTH, Segment, SparseReducer
-from gradsparse.stats import ALLGATHER, ALLREDUCE, SPLIT
+from gradsparse.stats import ALLGATHER, ALLREDUCE
 from gradsparse.transport import FIELDS, TransportModel
 
 from ..distributed import run_world
@@ -58,33 +58,6 @@ def test_a_rank_sends_each_observation_once():
     assert m.descriptor()[:3] == [0, 0, 0] and m.descriptor()[3] == 1_000_000
 
 
-def test_the_split_is_weighed_with_its_own_alltoall_link():
-    m = TransportModel()
-    # the link (about 1.5 GB/s, 31 us) from an allgather and an allreduce; local work 100 ps per byte / element
-    m.absorb([_fields(1, 8_000, 110, 100, 0), _fields(2, 4_000_000, 4_100, 0, 100)], world=4)
-    args = dict(numel=1_000_000, element_size=4, payload_bytes=2_000_000, received_bytes=8_000_000, world=4,
-                candidates=(ALLREDUCE, SPLIT), region_bytes=1_000_016)
-    # no alltoall seen yet: priced at the link's rate, 1.1 + 2.0 ms + 0.6 ms of local work against 4.2 ms
-    transport, predicted = m.choose(**args)
-    assert transport == SPLIT and set(predicted) == {ALLREDUCE, SPLIT}
-    assert m.choose(**{**args, "candidates": (ALLREDUCE,)})[0] == ALLREDUCE
-    # then two alltoalls at a quarter of the link's rate: 4.0 + 2.0 + 0.6 ms, the allreduce wins
-    m.absorb([_fields(3, 400_000, 873, 0, 0), _fields(3, 4_000_000, 7_893, 0, 0)], world=4)
-    assert m.choose(**args)[0] == ALLREDUCE
-    assert round(m.alltoall.model.bytes_per_s / m.link.model.bytes_per_s, 1) == 0.3
-
-
-def test_the_splits_alltoall_and_allgather_both_reach_the_descriptors():
-    m = TransportModel()
-    kinds = []
-    for _ in range(4):  # per bucket: the alltoall in the hook, then the allgather once it completed
-        m.record(SPLIT, 5_000, 0.003, 0.0, 0)
-        kinds.append(m.descriptor()[0])
-        m.record(ALLGATHER, 1_234, 0.002, 0.0, 0)
-    assert kinds == [3, 1, 3, 1]
-    assert m.descriptor()[3] == 0  # no local work recorded (units 0)
-
-
 def test_transport_option_is_validated():
     with pytest.raises(InvalidConfigError, match="transport"):
         SparseReducer(TopK(0.1), LocalCommunicator(), transport="fastest")
@@ -104,7 +77,7 @@ def _train(reducer, rank, steps, method):
 
 
 def _auto_worker(rank, world, method):
-    compressor = {"topk": TopK(0.05), "topk25": TopK(0.25), "threshold": Threshold(2.0)}[method]
+    compressor = TopK(0.05) if method == "topk" else Threshold(2.0)
     auto = SparseReducer(compressor, TorchDistCommunicator(None), min_compress_numel=1, transport="auto")
     transports, outs = _train(auto, rank, 12, method)
     link = auto._transport.link.model
@@ -121,7 +94,7 @@ def _auto_worker(rank, world, method):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("method", ["topk", "topk25", "threshold"])  # topk25: the split weighed too (3 ranks)
+@pytest.mark.parametrize("method", ["topk", "threshold"])
 def test_auto_transport_is_chosen_alike_on_every_rank_and_changes_nothing_kept(method):
     for r in run_world(_auto_worker, 3, method):
         # every rank made the same choices from the same link model (fitted from the buckets' own collectives,
