@@ -74,8 +74,8 @@ LABELS = {"compute": "compute only (no comm)", "dense": "dense fp32 (no hook)", 
           "dgc0.1hiercoll": "gradsparse DGC 0.1 % (hierarchical, node allreduces)",
           "dgc0.1auto": "gradsparse DGC 0.1 % (by cost)",
           "topk1hier": "gradsparse TopK 1 % (hierarchical)", "topk1auto": "gradsparse TopK 1 % (by cost)"}
-GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime", "dgc0.1warmar", "dgc0.1warmsplit", "dgc0.1hier", "dgc0.1hiercoll", "dgc0.1auto",
-              "topk1hier", "topk1auto")
+GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime", "dgc0.1warmar", "dgc0.1warmsplit", "dgc0.1hier",
+              "dgc0.1hiercoll", "dgc0.1auto", "topk1hier", "topk1auto")
 HIERARCHY = {f"{m}{kind}": Hierarchy(transport={"hier": "hierarchical", "auto": "auto"}[kind])
              for m in ("dgc0.1", "topk1") for kind in ("hier", "auto")}
 HIERARCHY["dgc0.1hiercoll"] = Hierarchy(transport="hierarchical", shared_memory=False)
