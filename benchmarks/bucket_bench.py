@@ -26,7 +26,9 @@ path before ``segmented_topk_select_pack``, ``pack_gathered`` and ``index_zero_`
 gathered by ``index_select``, packed into a new tensor, and the memory zeroed by one
 ``index_fill_`` per state tensor (the results are the same bits). ``*-eager`` runs it with DGC's
 memory update applied when the reduction lands (``index_zero_``) instead of deferred into the next
-compensation pass (``dgc_zero_compensate``; gradsparse/arena.py), the same bits again. ``--rounds R`` runs the methods' list R times
+compensation pass (``dgc_zero_compensate``; gradsparse/arena.py), the same bits again. ``*-allreduce``
+reduces with ``transport="allreduce"`` (the selection scattered into the bucket, which a dense allreduce would
+sum: the path ``"bytes"`` and ``"auto"`` take where pairs do not pay, as in DGC's warm-up). ``--rounds R`` runs the methods' list R times
 in turn, each a fresh reducer, so an A/B alternates within one process; the row is the
 median over every round's steps, with each round's median beside it.
 
@@ -58,6 +60,7 @@ from gradsparse import DGC, TopK, ops  # noqa: E402
 from gradsparse import memory as memory_module  # noqa: E402
 from gradsparse.comm import LocalCommunicator  # noqa: E402
 from gradsparse.model_shapes import resnet50  # noqa: E402
+from gradsparse.options import ReducerOptions  # noqa: E402
 from gradsparse.reducer import Segment, SparseReducer  # noqa: E402
 from gradsparse.stepmodel import ddp_bucket_shapes  # noqa: E402
 
@@ -96,6 +99,10 @@ METHODS.update({name + SEPARATE: _packed_after(METHODS[name])
                 for name in ("topk1", "topk10", "dgc-warmup25", "dgc-warmup6.25", "dgc-warmup1.5625",
                              "dgc-warmup0.4")})
 METHODS.update({name + EAGER: METHODS[name] for name in ("dgc-warmup25", "dgc-warmup6.25")})
+DENSE = "-allreduce"
+METHODS.update({name + DENSE: METHODS[name] for name in ("topk10", "dgc-warmup25", "dgc-warmup6.25")})
+METHODS.update({name + DENSE + SEPARATE: _packed_after(METHODS[name])
+                for name in ("topk10", "dgc-warmup25", "dgc-warmup6.25")})
 
 
 @contextlib.contextmanager
@@ -167,7 +174,8 @@ def _stepper(name: str, buckets):
     """A fresh reducer for ``name``, the gradients (seeded) and ``step(s, work, on_stats=None)`` reducing every
     bucket of ``work`` (copies of the gradients: the hook reduces a bucket in place) once."""
     compressor, select_all = METHODS[name]()
-    reducer = SparseReducer(compressor, LocalCommunicator())
+    dense = name.endswith(DENSE) or name.endswith(DENSE + SEPARATE)
+    reducer = SparseReducer(compressor, LocalCommunicator(), ReducerOptions(transport="allreduce") if dense else None)
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(n, generator=gen) for n, _ in buckets]
 

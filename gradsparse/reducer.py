@@ -684,22 +684,35 @@ class SparseReducer:
         ``1 / world_size`` before the sum, as DDP does, so with nothing dropped the
         result is DDP's bit for bit.
         """
-        flat = job.flat
+        flat, plan = job.flat, job.plan
         scattering = time.perf_counter()
         carried = None
+        factor = 1.0 / self.communicator.world_size if self.options.op == "average" else None
         if not job.healthy:
             flat.fill_(float("nan"))  # every rank must see it: the sum carries the NaN to all of them
+        elif flat.dtype == job.wire == torch.float32 and \
+                sum(s.numel for s in plan.compressed) + plan.n_whole == flat.numel():
+            # an fp32 bucket its segments cover: its own pairs unpacked over it (the payload the selection wrote,
+            # or packed now) write it whole in one pass, the average's factor included, where zeroing the runs,
+            # gathering, scattering and multiplying would take four; the same bits (the factor is applied in
+            # fp32 either way), and the values carried are the selection's own
+            payload = self._pack(job)
+            whole_index = self._index(plan, "whole", flat.device) if plan.whole else None
+            ops.unpack_add([payload], flat, job.wire, whole_index, alpha=1.0 if factor is None else factor,
+                           overwrite=True)
+            self._payloads.give(id(plan), payload)
+            factor = None
         else:
             if job.selection.payload is not None:  # the selection wrote one; this transport does not send it
-                self._payloads.give(id(job.plan), job.selection.payload)
+                self._payloads.give(id(plan), job.selection.payload)
             values = job.selection.values()  # before the bucket (which it may be gathered from) is zeroed
-            for a, b in job.plan.runs:
+            for a, b in plan.runs:
                 flat[a:b].zero_()
             positions = job.selection.positions
             flat.index_copy_(0, positions, values.to(flat.dtype))
             carried = flat.index_select(0, positions).float()
-        if self.options.op == "average":
-            flat.mul_(1.0 / self.communicator.world_size)
+        if factor is not None:
+            flat.mul_(factor)
         nbytes = flat.numel() * flat.element_size()
         issued = time.perf_counter()
 

@@ -5,10 +5,11 @@ import re
 import pytest
 import torch
 
-from gradsparse import DGC, Threshold, TopK
+from gradsparse import DGC, PerSignTopK, Threshold, TopK
 from gradsparse.comm import LocalCommunicator
+from gradsparse.comm.base import completed_future
 from gradsparse.errors import BucketError, InvalidConfigError, UnsupportedGradientError
-from gradsparse.payload import PayloadLayout
+from gradsparse.payload import PayloadLayout, parse
 from gradsparse.reducer import DESCRIPTOR_BYTES, Segment, SparseReducer
 from gradsparse.stats import ALLGATHER, ALLREDUCE
 
@@ -391,3 +392,55 @@ def test_a_transport_failure_names_the_bucket_the_step_and_the_backends_timeout(
         assert isinstance(info.value.__cause__, ConnectionResetError)
     hints = {c.timeout_hint for c in (TorchDistCommunicator, HorovodCommunicator, MPICommunicator)}
     assert len(hints) == 3 and any("init_process_group" in h for h in hints)
+
+
+class _Recording(LocalCommunicator):
+    """World size 3 as seen from rank 0, every rank alike: records what rank 0 hands each collective."""
+
+    world_size = 3
+
+    def __init__(self):
+        super().__init__()
+        self.handed = []
+
+    def allgather_ints(self, values, device):
+        return [list(values)] * 3
+
+    def allgather(self, payload, sizes=None):
+        self.handed.append(payload.clone())
+        return completed_future([payload] * 3)
+
+    def allreduce_sum(self, tensor):
+        self.handed.append(tensor.clone())
+        return completed_future(tensor)
+
+
+@pytest.mark.parametrize("op", ["average", "sum"])
+@pytest.mark.parametrize("make", [lambda: TopK(0.25), lambda: TopK(0.002), lambda: DGC(0.25, warmup=None),
+                                  lambda: DGC(0.002, warmup=None), lambda: PerSignTopK(0.01),
+                                  lambda: Threshold(1.5)],
+                         ids=["topk25", "topk0.2", "dgc25", "dgc0.2", "persign", "threshold"])
+def test_the_allreduce_hands_over_the_allgathers_pairs_scattered_and_scaled(make, op):
+    """The dense transport of an fp32 bucket is the allgather's payload scattered over zeros and times the
+    average's factor in fp32, whichever way the pairs were written (by the selection at large k, gathered after
+    it at small k, quantized, a variable count, a dense iteration), and both transports leave the compressed tensors
+    the same memory."""
+    segments = [Segment("w", 0, 60_000), Segment("b", 60_000, 50), Segment("v", 60_050, 40_000)]
+    whole = torch.arange(60_000, 60_050)
+    comms = {t: _Recording() for t in (ALLGATHER, ALLREDUCE)}
+    reducers = {t: SparseReducer(make(), comms[t], min_compress_numel=100, transport=t, op=op, verify_every=0)
+                for t in comms}
+    factor = torch.tensor(1 / 3 if op == "average" else 1.0, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(5):
+        g = torch.randn(100_050, generator=gen) * (1 + step)
+        for r in reducers.values():
+            r.reduce(g.clone(), segments, step, select_all=step == 0).wait()
+        _, indices, values, dense = parse(comms[ALLGATHER].handed[-1], 100_050, torch.float32, 50)
+        expected = torch.zeros(100_050)
+        expected[indices.long()] = values * factor
+        expected[whole] = dense * factor
+        assert torch.equal(comms[ALLREDUCE].handed[-1], expected), step
+        for key in ("w", "v"):  # what a tensor sent whole keeps follows the sum, which the two transports order
+            for name, kept in reducers[ALLGATHER].memory.state[key].items():
+                assert torch.equal(kept, reducers[ALLREDUCE].memory.state[key][name]), (step, key, name)
