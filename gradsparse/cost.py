@@ -12,10 +12,11 @@ collective          latency rounds (ring)   bytes through the busiest hop
 allreduce of B      ``2 (p - 1)``           ``2 (p - 1) / p * B``
 reduce-scatter B    ``p - 1``               ``(p - 1) / p * B``
 allgather of m      ``p - 1``               ``(p - 1) * m`` (every rank gets ``p - 1`` payloads)
+alltoall of B       ``p - 1``               ``(p - 1) / p * B`` (B: one rank's pieces for all)
 ==================  ======================  =====================================
 
 With ``algorithm="tree"`` the rounds are ``2 ceil(log2 p)`` (allreduce) and ``ceil(log2 p)``
-(the others); the bytes are the same (recursive halving-doubling moves the same volume).
+(reduce-scatter, allgather; an alltoall stays a pairwise exchange); the bytes are the same (recursive halving-doubling moves the same volume).
 A flat collective over ranks spread over several nodes runs at the pace of the slowest
 hop, the link between nodes; ``share`` flows that cross one link at the same time
 (the ranks of a node in the hierarchical exchange) divide its bandwidth.
@@ -66,7 +67,7 @@ from .payload import PayloadLayout
 
 TRANSPORTS = ("dense", "sparse", "hierarchical")   # also the order that breaks ties
 ALGORITHMS = ("ring", "tree")
-COLLECTIVES = ("allreduce", "reduce_scatter", "allgather", "p2p")
+COLLECTIVES = ("allreduce", "reduce_scatter", "allgather", "alltoall", "p2p")
 
 
 # ------------------------------------------------------------------------------------------------ the link
@@ -285,8 +286,8 @@ def collective_terms(kind: str, nbytes: float, world: int, *, algorithm: str = "
     """(latency rounds, bytes through the busiest hop) of one collective over ``world`` ranks.
 
     ``nbytes``: the whole buffer for ``allreduce`` and ``reduce_scatter``; one rank's
-    contribution for ``allgather``; the message for ``p2p``. ``share`` flows cross the
-    busiest hop at once (they divide its bandwidth).
+    contribution for ``allgather``; one rank's pieces for every rank for ``alltoall``; the
+    message for ``p2p``. ``share`` flows cross the busiest hop at once (they divide its bandwidth).
 
     Example::
 
@@ -294,6 +295,8 @@ def collective_terms(kind: str, nbytes: float, world: int, *, algorithm: str = "
         (6.0, 150.0)
         >>> collective_terms("allgather", 10, 8, algorithm="tree")
         (3.0, 70.0)
+        >>> collective_terms("alltoall", 100, 4)
+        (3.0, 75.0)
     """
     kind = choice(kind, "kind", COLLECTIVES)
     algorithm = choice(algorithm, "algorithm", ALGORITHMS)
@@ -309,6 +312,8 @@ def collective_terms(kind: str, nbytes: float, world: int, *, algorithm: str = "
         rounds, moved = (2.0 * (p - 1) if algorithm == "ring" else 2 * log_rounds), 2.0 * (p - 1) / p * nbytes
     elif kind == "reduce_scatter":
         rounds, moved = (float(p - 1) if algorithm == "ring" else log_rounds), (p - 1) / p * nbytes
+    elif kind == "alltoall":  # pairwise exchange, whichever algorithm: p - 1 messages of B / p each
+        rounds, moved = float(p - 1), (p - 1) / p * nbytes
     else:
         rounds, moved = (float(p - 1) if algorithm == "ring" else log_rounds), float((p - 1) * nbytes)
     return rounds, moved * share

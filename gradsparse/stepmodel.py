@@ -24,9 +24,12 @@ as DDP runs it:
 Methods (:class:`Method`): ``compute`` (no communication), ``dense`` (fp32 ring
 allreduce), ``fp16`` (PyTorch's fp16_compress_hook), ``powersgd`` (PyTorch's hook at a
 rank: an allreduce of the uncompressed tensors, of P and of Q), ``sparse`` (gradsparse's
-flat allgather), ``hierarchical`` (intra-node reduce-scatter, inter-node sparse
-exchange of shards, intra-node allgather) and ``auto`` (per bucket the cheapest of
-dense, sparse and hierarchical by :func:`gradsparse.cost.choose`'s rule).
+flat allgather), ``allreduce`` (gradsparse's selection scattered into the bucket and allreduced:
+``transport="allreduce"``), ``hierarchical`` (intra-node reduce-scatter, inter-node sparse
+exchange of shards, intra-node allgather), ``split`` (``transport="split"``: each region's
+pairs to its owner by an alltoall that blocks the hook, the reduced regions allgathered) and
+``auto`` (per bucket the cheapest of dense, sparse and hierarchical by
+:func:`gradsparse.cost.choose`'s rule).
 
 Example::
 
@@ -54,8 +57,9 @@ from ._validate import real
 from .cost import KernelCost, LinkModel, Topology, collective_time, payload_bytes
 from .model_shapes import Shapes
 from .reducer import DESCRIPTOR_BYTES  # one blocking allgather per bucket (verify_every=1)
+from .split import HEADER_BYTES
 
-KINDS = ("compute", "dense", "fp16", "powersgd", "sparse", "hierarchical", "auto")
+KINDS = ("compute", "dense", "fp16", "powersgd", "sparse", "allreduce", "hierarchical", "split", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +132,10 @@ METHODS = {m.name: m for m in (
     Method("dgc0.1", "sparse", "gradsparse DGC 0.1 % (flat)", density=0.001),
     Method("dgc0.1hier", "hierarchical", "gradsparse DGC 0.1 % (hierarchical)", density=0.001),
     Method("dgc0.1auto", "auto", "gradsparse DGC 0.1 % (transport by cost)", density=0.001),
+    Method("dgc0.1split", "split", "gradsparse DGC 0.1 % (split)", density=0.001),
+    # DGC's first warm-up stage, as the split transport's emulated runs measured it
+    Method("dgc25allreduce", "allreduce", "gradsparse DGC 25 % (allreduce of the selection)", density=0.25),
+    Method("dgc25split", "split", "gradsparse DGC 25 % (split)", density=0.25),
 )}
 
 
@@ -217,7 +225,13 @@ def bucket_cost(method: Method, bucket: Bucket, topology: Topology, kernels: Ker
     """Seconds of one bucket: ``control`` (blocking, waits for queued collectives), ``sync`` (the hook's own
     work), ``comm`` (collectives and the unpack after them); ``cpu``: the CPU seconds of the collectives (from
     ``kernels.collective_cpu``, 0 without it) and of the work after them (the unpack); for
-    ``auto`` also the transport chosen."""
+    ``auto`` also the transport chosen; for ``split`` also ``after`` (its alltoall and the exchange of the
+    regions' sizes: blocking, after ``sync``, waiting for queued collectives) and ``post`` (the hook's work
+    after them: summing its region's pieces).
+
+    ``split``'s reduced region holds the coordinates any rank selected: ``1 - (1 - density) ** p`` of the
+    region's compressed elements where the ranks' selections are independent (an upper bound: correlated
+    gradients overlap more), plus its whole elements, sent as pairs or as fp32 values, whichever is smaller."""
     p, link = topology.world, topology.flat_link
     ar, ag = algorithms.allreduce, algorithms.allgather
 
@@ -273,6 +287,26 @@ def bucket_cost(method: Method, bucket: Bucket, topology: Topology, kernels: Ker
                 + (cpu("allgather", DESCRIPTOR_BYTES, n, algorithm=ag) if method.control else 0.0))
         options["hierarchical"] = {"control": checked, "sync": rs + kernels.sparse.compress(shard),
                                    "comm": exchange + unpack + back, "cpu": work}
+    if method.kind == "allreduce":
+        return {"control": control, "sync": kernels.sparse.compress(bucket.compressed),
+                "comm": collective_time("allreduce", 4 * bucket.numel, p, link, algorithm=ar),
+                "cpu": control_cpu + cpu("allreduce", 4 * bucket.numel, p)}
+    if method.kind == "split":
+        count = math.ceil(method.density * bucket.compressed)
+        nbytes = payload_bytes(bucket.compressed, method.density, n_dense=bucket.whole)
+        # the alltoall's pieces leave every rank of a node at once: the node's ranks share its link (a ring's
+        # collectives cross it in one flow)
+        pieces = collective_time("alltoall", nbytes, p, link, share=topology.local) \
+            + collective_time("allgather", 8, p, link, algorithm=ag)
+        region = math.ceil(bucket.numel / p)
+        reduced = (1.0 - (1.0 - method.density) ** p) * bucket.compressed / p + bucket.whole / p
+        message = HEADER_BYTES + min(8 * reduced, 4 * region)
+        regions = collective_time("allgather", message, p, link, algorithm=ag)
+        own, decode = kernels.sparse.unpack(count + bucket.whole), kernels.sparse.unpack(p * reduced)
+        return {"control": control, "sync": kernels.sparse.compress(bucket.compressed), "after": pieces,
+                "post": own, "comm": regions + decode,
+                "cpu": (control_cpu + cpu("alltoall", nbytes, p) + cpu("allgather", 8, p, algorithm=ag)
+                        + cpu("allgather", message, p, algorithm=ag) + decode)}
     if method.kind == "hierarchical" and "hierarchical" not in options:  # one node, or one rank per node: flat
         return bucket_cost(dataclasses.replace(method, kind="sparse"), bucket, topology, kernels, algorithms)
     if method.kind == "auto":
@@ -346,6 +380,14 @@ def step_time(method: Method, buckets: Sequence[Bucket], topology: Topology, ker
         t += work
         hook += cost["sync"]
         sync += work
+        if cost.get("after"):  # a blocking exchange after the hook's own work (the split's alltoall)
+            waited = max(t, comm_free) + cost["after"]
+            hook += waited - t
+            comm_free = t = waited
+        post = cost.get("post", 0.0)
+        t += post
+        hook += post
+        sync += post
         comm_free = max(t, comm_free) + cost["comm"]
         comm += cost["comm"]
         cpu += cost["cpu"]

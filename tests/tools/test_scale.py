@@ -124,3 +124,22 @@ def test_kernel_costs_replace_the_runs_compression_time():
     assert own[0]["predicted_ms"] == kernels[0]["predicted_ms"]          # dense: no compression either way
     assert kernels[1]["predicted_ms"] == timed[1]["predicted_ms"]        # the kernels timed here, as without one
     assert kernels[1]["predicted_ms"] != own[1]["predicted_ms"]
+
+
+def test_warm_up_points_take_the_25_percent_runs_own_compression_or_are_left_out():
+    """DGC's 25 % stage (the split transport's runs) is predicted with the compression its allreduce run's hook
+    reported, by the split and allreduce kinds at 25 %; without it (or with the kernels timed at 0.1 %) the
+    points are left out, not guessed."""
+    from gradsparse.cost import KernelCost
+
+    point = {"nodes": 2, "local": 1, "rate": "1gbit", "compute_ms": 500, "compress_ms": None,
+             "warm_compress_ms": 300, "steps": {"dense": 1500, "dgc0.1warmar": 1600, "dgc0.1warmsplit": 1500}}
+    rows = {r["method"]: r for r in scale.validate(INPUTS, [point])}
+    assert set(rows) == {"dense", "dgc0.1warmar", "dgc0.1warmsplit"}
+    buckets = ddp_buckets(BUILTIN["resnet50"]())
+    kernels = scale.Kernels(KernelCost(per_element_s=0.3 / sum(b.compressed for b in buckets)))
+    for name, model in (("dgc0.1warmar", "dgc25allreduce"), ("dgc0.1warmsplit", "dgc25split")):
+        t = step_time(METHODS[model], buckets, scale.Topology(2, LinkModel(1e-4, 1.1e8)), kernels, 0.5)
+        assert rows[name]["predicted_ms"] == pytest.approx(1e3 * t["step"])
+    assert {r["method"] for r in scale.validate(INPUTS, [{**point, "warm_compress_ms": None}])} == {"dense"}
+    assert {r["method"] for r in scale.validate(INPUTS, [point], run_compress=False)} == {"dense"}

@@ -36,6 +36,8 @@ NVLINK = LinkModel(latency_s=5e-6, bytes_per_s=1.5e11)
     ("allgather", 10, 8, "ring", (7, 70)),            # every rank receives 7 payloads of 10 B
     ("allgather", 10, 8, "tree", (3, 70)),
     ("allgather", 10, 1, "ring", (0, 0)),             # nothing moves at world 1
+    ("alltoall", 80, 4, "ring", (3, 60)),             # p - 1 pieces of B / p leave each rank
+    ("alltoall", 80, 4, "tree", (3, 60)),             # a pairwise exchange whichever algorithm
     ("p2p", 10, 1, "ring", (1, 10)),
 ])
 def test_collective_terms_by_hand(kind, nbytes, world, algorithm, expected):

@@ -1,5 +1,6 @@
 """gradsparse.stepmodel and gradsparse.model_shapes: buckets as DDP makes them, step times that obey their model."""
 
+import dataclasses
 import math
 
 import pytest
@@ -55,6 +56,9 @@ def test_bucket_costs_by_hand():
     pairs = 990 + 10_000                                     # 0.1 % of the compressed part; the small tensors whole
     assert dgc["comm"] == pytest.approx(collective_time("allgather", payload_bytes(990_000, 0.001, n_dense=10_000),
                                                         4, GBIT) + 4e-9 * 4 * pairs)
+    selected = bucket_cost(METHODS["dgc25allreduce"], b, topo, KERNELS)   # the selection, summed densely
+    assert selected["control"] == dgc["control"] and selected["sync"] == pytest.approx(3e-9 * 990_000)
+    assert selected["comm"] == dense["comm"]
     psgd = bucket_cost(METHODS["powersgd4"], b, topo, KERNELS)
     pq = (1000 + 990) * 4
     assert psgd["sync"] == pytest.approx(5e-9 * 990_000)
@@ -184,3 +188,39 @@ def test_ddp_own_work_runs_on_the_training_thread_for_every_ddp_method():
         assert ddp["step"] == pytest.approx(plain["step"] + 1e-9 * n, rel=1e-6), name
         assert ddp["hook"] == pytest.approx(plain["hook"]), name           # not the hook's work
     assert step_time(METHODS["compute"], buckets, topo, Kernels(ddp_per_element_s=1e-9), 0.2)["step"] == 0.2
+
+
+def test_split_by_hand_its_alltoall_blocks_the_hook_and_its_regions_follow_the_union():
+    b = Bucket(numel=1_000_000, compressed=990_000, matrices=())
+    topo = Topology(4, GBIT)
+    for density in (0.001, 0.25):
+        method = dataclasses.replace(METHODS["dgc0.1split"], density=density)
+        cost = bucket_cost(method, b, topo, KERNELS)
+        nbytes = payload_bytes(990_000, density, n_dense=10_000)
+        assert cost["control"] == collective_time("allgather", DESCRIPTOR_BYTES, 4, GBIT)
+        assert cost["sync"] == pytest.approx(3e-9 * 990_000)
+        assert cost["after"] == pytest.approx(collective_time("alltoall", nbytes, 4, GBIT)
+                                              + collective_time("allgather", 8, 4, GBIT))
+        assert cost["post"] == pytest.approx(4e-9 * (math.ceil(density * 990_000) + 10_000))
+        reduced = (1 - (1 - density) ** 4) * 990_000 / 4 + 10_000 / 4   # any rank's pick, and the whole elements
+        message = 16 + min(8 * reduced, 4 * 250_000)                     # as pairs, or as values when smaller
+        assert cost["comm"] == pytest.approx(collective_time("allgather", message, 4, GBIT) + 4e-9 * 4 * reduced)
+    assert 8 * (1 - 0.75 ** 4) * 990_000 / 4 > 4 * 250_000              # at 25 % the regions go as values
+    # 2 nodes of 2 ranks: both ranks' pieces cross the node's link at once
+    shared = bucket_cost(METHODS["dgc0.1split"], b, Topology(2, GBIT, local=2, intra=NVLINK), KERNELS)
+    nbytes = payload_bytes(990_000, 0.001, n_dense=10_000)
+    assert shared["after"] == pytest.approx(collective_time("alltoall", nbytes, 4, GBIT, share=2)
+                                            + collective_time("allgather", 8, 4, GBIT))
+
+
+def test_the_splits_blocking_alltoall_waits_for_the_queue_and_delays_the_backward_pass():
+    buckets = ddp_buckets(BUILTIN["resnet50"]())
+    slow = Topology(4, LinkModel(50e-6, 1.25e7))
+    split = step_time(METHODS["dgc0.1split"], buckets, slow, KERNELS, 0.2)
+    costs = [bucket_cost(METHODS["dgc0.1split"], b, slow, KERNELS) for b in buckets]
+    # every bucket's alltoall and the hook's own work sit on the training thread
+    assert split["hook"] >= sum(c["control"] + c["sync"] + c["after"] + c["post"] for c in costs) - 1e-12
+    # at 25 % over a slow link the split moves fewer bytes than the allgather of pairs, and is faster
+    warm = {kind: step_time(dataclasses.replace(METHODS["dgc0.1split"], kind=kind, density=0.25), buckets, slow,
+                            KERNELS, 0.2)["step"] for kind in ("sparse", "split")}
+    assert warm["split"] < warm["sparse"]
