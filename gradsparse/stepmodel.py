@@ -201,13 +201,19 @@ class Kernels:
 
 @dataclasses.dataclass(frozen=True)
 class Algorithms:
-    """Which collective algorithm sets the latency rounds (:data:`gradsparse.cost.ALGORITHMS`).
+    """Which collective algorithm sets the latency rounds (:data:`gradsparse.cost.ALGORITHMS`), and the share of
+    the link's bandwidth an alltoall achieves (``alltoall_efficiency``; 1: the link's own).
 
-    gloo runs rings; NCCL allreduces with trees at scale but allgathers with rings.
+    gloo runs rings; NCCL allreduces with trees at scale but allgathers with rings. gloo's pairwise alltoall
+    moved its bytes at 57 % of the emulated 1 Gbit/s link (docs/scale.md, the split transport measured).
     """
 
     allreduce: str = "ring"
     allgather: str = "ring"
+    alltoall_efficiency: float = 1.0
+
+    def __post_init__(self):
+        real(self.alltoall_efficiency, "alltoall_efficiency", low=0, high=1, low_open=True)
 
 
 def _powersgd_split(bucket: Bucket, rank: int) -> tuple[int, int, int]:
@@ -296,7 +302,7 @@ def bucket_cost(method: Method, bucket: Bucket, topology: Topology, kernels: Ker
         nbytes = payload_bytes(bucket.compressed, method.density, n_dense=bucket.whole)
         # the alltoall's pieces leave every rank of a node at once: the node's ranks share its link (a ring's
         # collectives cross it in one flow)
-        pieces = collective_time("alltoall", nbytes, p, link, share=topology.local) \
+        pieces = collective_time("alltoall", nbytes / algorithms.alltoall_efficiency, p, link, share=topology.local) \
             + collective_time("allgather", 8, p, link, algorithm=ag)
         region = math.ceil(bucket.numel / p)
         reduced = (1.0 - (1.0 - method.density) ** p) * bucket.compressed / p + bucket.whole / p

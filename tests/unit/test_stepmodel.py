@@ -211,6 +211,12 @@ def test_split_by_hand_its_alltoall_blocks_the_hook_and_its_regions_follow_the_u
     nbytes = payload_bytes(990_000, 0.001, n_dense=10_000)
     assert shared["after"] == pytest.approx(collective_time("alltoall", nbytes, 4, GBIT, share=2)
                                             + collective_time("allgather", 8, 4, GBIT))
+    # an alltoall at half the link's rate (gloo's reached 57 % here) takes twice the bytes' time, the same latency
+    half = bucket_cost(METHODS["dgc0.1split"], b, topo, KERNELS, Algorithms(alltoall_efficiency=0.5))
+    assert half["after"] == pytest.approx(collective_time("alltoall", 2 * nbytes, 4, GBIT)
+                                          + collective_time("allgather", 8, 4, GBIT))
+    with pytest.raises(ValueError):
+        Algorithms(alltoall_efficiency=0.0)
 
 
 def test_the_splits_blocking_alltoall_waits_for_the_queue_and_delays_the_backward_pass():
