@@ -28,9 +28,9 @@ gathered by ``index_select``, packed into a new tensor, and the memory zeroed by
 memory update applied when the reduction lands (``index_zero_``) instead of deferred into the next
 compensation pass (``dgc_zero_compensate``; gradsparse/arena.py), the same bits again. ``*-allreduce``
 reduces with ``transport="allreduce"`` (the selection scattered into the bucket, which a dense allreduce would
-sum: the path ``"bytes"`` and ``"auto"`` take where pairs do not pay, as in DGC's warm-up). ``--rounds R`` runs the methods' list R times
-in turn, each a fresh reducer, so an A/B alternates within one process; the row is the
-median over every round's steps, with each round's median beside it.
+sum: the path ``"bytes"`` and ``"auto"`` take where pairs do not pay, as in DGC's warm-up).
+``--rounds R`` runs the methods' list R times in turn, each a fresh reducer, so an A/B alternates within one
+process; the row is the median over every round's steps, with each round's median beside it.
 
 The last column is the part of the work done inside the hook before the collective
 is issued (``BucketStats.blocking_s``: compensate, select, pack), which stalls

@@ -16,7 +16,8 @@ alltoall of B       ``p - 1``               ``(p - 1) / p * B`` (B: one rank's p
 ==================  ======================  =====================================
 
 With ``algorithm="tree"`` the rounds are ``2 ceil(log2 p)`` (allreduce) and ``ceil(log2 p)``
-(reduce-scatter, allgather; an alltoall stays a pairwise exchange); the bytes are the same (recursive halving-doubling moves the same volume).
+(reduce-scatter, allgather; an alltoall stays a pairwise exchange); the bytes are the same
+(recursive halving-doubling moves the same volume).
 A flat collective over ranks spread over several nodes runs at the pace of the slowest
 hop, the link between nodes; ``share`` flows that cross one link at the same time
 (the ranks of a node in the hierarchical exchange) divide its bandwidth.

@@ -694,8 +694,8 @@ class SparseReducer:
                 sum(s.numel for s in plan.compressed) + plan.n_whole == flat.numel():
             # an fp32 bucket its segments cover: its own pairs unpacked over it (the payload the selection wrote,
             # or packed now) write it whole in one pass, the average's factor included, where zeroing the runs,
-            # gathering, scattering and multiplying would take four; the same bits (the factor is applied in
-            # fp32 either way), and the values carried are the selection's own
+            # gathering, scattering and multiplying would take four; the same values (the factor is applied in
+            # fp32 either way; a selected -0.0 lands as +0.0), and the values carried are the selection's own
             payload = self._pack(job)
             whole_index = self._index(plan, "whole", flat.device) if plan.whole else None
             ops.unpack_add([payload], flat, job.wire, whole_index, alpha=1.0 if factor is None else factor,

@@ -144,7 +144,8 @@ def test_warm_up_points_take_the_25_percent_runs_own_compression_or_are_left_out
                       scale.Kernels(KernelCost(per_element, per_pair)), 0.5)
         assert rows[name]["predicted_ms"] == pytest.approx(1e3 * t["step"])
     # the alltoall's share of the link slows the split alone
-    slow = {r["method"]: r for r in scale.validate(INPUTS, [point], algorithms=scale.Algorithms(alltoall_efficiency=0.5))}
+    half = scale.Algorithms(alltoall_efficiency=0.5)
+    slow = {r["method"]: r for r in scale.validate(INPUTS, [point], algorithms=half)}
     assert slow["dgc0.1warmsplit"]["predicted_ms"] > rows["dgc0.1warmsplit"]["predicted_ms"]
     assert slow["dgc0.1warmar"]["predicted_ms"] == rows["dgc0.1warmar"]["predicted_ms"]
     assert {r["method"] for r in scale.validate(INPUTS, [{**point, "warm_compress_ms": None}])} == {"dense"}
