@@ -174,7 +174,7 @@ def _stepper(name: str, buckets):
     """A fresh reducer for ``name``, the gradients (seeded) and ``step(s, work, on_stats=None)`` reducing every
     bucket of ``work`` (copies of the gradients: the hook reduces a bucket in place) once."""
     compressor, select_all = METHODS[name]()
-    dense = name.endswith(DENSE) or name.endswith(DENSE + SEPARATE)
+    dense = name.endswith((DENSE, DENSE + SEPARATE))
     reducer = SparseReducer(compressor, LocalCommunicator(), ReducerOptions(transport="allreduce") if dense else None)
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(n, generator=gen) for n, _ in buckets]

@@ -138,6 +138,7 @@ class _Plan:
     ranges: tuple[tuple[int, int], ...] | None  # each group's (start, numel); None: a group has gaps
     runs: tuple[tuple[int, int], ...]  # (start, end) of adjacent compressed segments, ascending
     n_whole: int                     # elements in whole tensors
+    covered: int                     # elements in segments (the bucket's, unless its segments leave gaps)
     crc: int                         # of the layout, compared across ranks
 
 
@@ -337,7 +338,7 @@ class SparseReducer:
             ranges = None if self.options.granularity == "bucket" and len(runs) > 1 else tuple(
                 (g[0].offset, sum(s.numel for s in g)) for g in groups)
             plan = _Plan(compressed, whole, groups, ranges, tuple(map(tuple, runs)), sum(s.numel for s in whole),
-                         _crc(ordered))
+                         sum(s.numel for s in ordered), _crc(ordered))
             self._plans[signature] = plan
         return plan
 
@@ -357,6 +358,14 @@ class SparseReducer:
         if not self.compressor.fixed_count:
             return None
         return sum(self.compressor.count(sum(s.numel for s in g), step, epoch) for g in plan.groups)
+
+    def _alpha(self) -> float:
+        """The factor every rank's contribution is summed with: ``1 / world_size`` to average, 1 to sum."""
+        return 1.0 / self.communicator.world_size if self.options.op == "average" else 1.0
+
+    def _whole_index(self, plan: _Plan, device: torch.device) -> torch.Tensor | None:
+        """The plan's whole-tensor positions as ``ops.unpack_add`` takes them (None: no whole tensors)."""
+        return self._index(plan, "whole", device) if plan.whole else None
 
     def _sparse_pays(self, payload_bytes: int, flat: torch.Tensor) -> bool:
         """An allgather moves ``world * payload`` bytes per rank, a ring allreduce about ``2 * n`` elements."""
@@ -649,8 +658,8 @@ class SparseReducer:
 
     def _allgather(self, job: _Job) -> torch.futures.Future:
         """Sparse transport: pack this rank's pairs and whole tensors, allgather, unpack-add every rank's."""
-        flat, world = job.flat, self.communicator.world_size
-        whole_index = self._index(job.plan, "whole", flat.device) if job.plan.whole else None
+        flat = job.flat
+        whole_index = self._whole_index(job.plan, flat.device)
         packing = time.perf_counter()
         payload = self._pack(job)
         issued = time.perf_counter()
@@ -660,8 +669,7 @@ class SparseReducer:
         def land(payloads: list[torch.Tensor]) -> _Landing:
             # accumulate in fp32: in the bucket itself when it is fp32, else in a temporary
             out = flat if flat.dtype == torch.float32 else flat.new_empty(flat.numel(), dtype=torch.float32)
-            alpha = 1.0 / world if self.options.op == "average" else 1.0
-            flags = ops.unpack_add(payloads, out, job.wire, whole_index, alpha=alpha, overwrite=True)
+            flags = ops.unpack_add(payloads, out, job.wire, whole_index, alpha=self._alpha(), overwrite=True)
             problem = "a rank flagged NaN/Inf gradients or an overflow in its payload" \
                 if flags & FLAG_NONFINITE else None
             return _Landing(out, problem=problem)
@@ -686,22 +694,19 @@ class SparseReducer:
         """
         flat, plan = job.flat, job.plan
         scattering = time.perf_counter()
-        carried = None
-        factor = 1.0 / self.communicator.world_size if self.options.op == "average" else None
+        carried, scaled = None, False
         if not job.healthy:
             flat.fill_(float("nan"))  # every rank must see it: the sum carries the NaN to all of them
-        elif flat.dtype == job.wire == torch.float32 and \
-                sum(s.numel for s in plan.compressed) + plan.n_whole == flat.numel():
+        elif flat.dtype == job.wire == torch.float32 and plan.covered == flat.numel():
             # an fp32 bucket its segments cover: its own pairs unpacked over it (the payload the selection wrote,
             # or packed now) write it whole in one pass, the average's factor included, where zeroing the runs,
             # gathering, scattering and multiplying would take four; the same values (the factor is applied in
             # fp32 either way; a selected -0.0 lands as +0.0), and the values carried are the selection's own
             payload = self._pack(job)
-            whole_index = self._index(plan, "whole", flat.device) if plan.whole else None
-            ops.unpack_add([payload], flat, job.wire, whole_index, alpha=1.0 if factor is None else factor,
+            ops.unpack_add([payload], flat, job.wire, self._whole_index(plan, flat.device), alpha=self._alpha(),
                            overwrite=True)
             self._payloads.give(id(plan), payload)
-            factor = None
+            scaled = True
         else:
             if job.selection.payload is not None:  # the selection wrote one; this transport does not send it
                 self._payloads.give(id(plan), job.selection.payload)
@@ -711,8 +716,8 @@ class SparseReducer:
             positions = job.selection.positions
             flat.index_copy_(0, positions, values.to(flat.dtype))
             carried = flat.index_select(0, positions).float()
-        if factor is not None:
-            flat.mul_(factor)
+        if self.options.op == "average" and not scaled:
+            flat.mul_(self._alpha())
         nbytes = flat.numel() * flat.element_size()
         issued = time.perf_counter()
 
@@ -775,10 +780,9 @@ class SparseReducer:
         # accumulate in fp32: in the bucket itself when it is fp32 (what it held was packed above), else a temporary
         out = flat if flat.dtype == torch.float32 else flat.new_empty(flat.numel(), dtype=torch.float32)
         lo, hi = bounds[me], bounds[me + 1]
-        alpha = 1.0 / world if self.options.op == "average" else 1.0
         dense_index = self._split_regions(job.plan, bounds, flat.device)[me][2]
         own_flags = ops.unpack_add(received, out[lo:hi], job.wire, dense_index if dense_index.numel() else None,
-                                   alpha=alpha, overwrite=True)
+                                   alpha=self._alpha(), overwrite=True)
         upper = sum(int(r[8:12].view(torch.int32)) for r in received) + dense_index.numel()
         message = split.encode_region(out[lo:hi], own_flags, upper)
         msg_sizes = self.collective(lambda: comm.exchange_sizes(message.numel(), flat.device), flat, step)
