@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import time
+import warnings
 
 import torch
 
@@ -25,6 +26,30 @@ def run_group(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
 def launch(cmd, timeout, cwd, env=None) -> subprocess.CompletedProcess:
     """:func:`run_group`, asserting that the launcher succeeded (the tails of its output in the message)."""
     proc = run_group(cmd, timeout, cwd=cwd, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+#: what gloo prints when a peer never took part in a collective within its timeout
+GLOO_TIMEOUT = "Timed out waiting"
+
+
+def launch_once_more_on_a_gloo_timeout(cmd, timeout, cwd, env, fresh) -> subprocess.CompletedProcess:
+    """:func:`launch`, run a second time (after ``fresh()``, which empties the output folder) when the first run
+    failed on a gloo timeout only, with a warning that carries the first run's output.
+
+    The 4-rank ``horovodrun`` hierarchical worker failed this way twice in about 15 fresh-clone CI runs (a rank
+    absent from a collective for 120 s; 10 runs in a row passed alone on 2026-12-01): whether Horovod's dynamic
+    process sets or gradsparse is at fault is not known. ``PYTHONFAULTHANDLER=1`` in ``env`` makes the aborting
+    ranks print their Python stacks into that output. Any other failure, or a second timeout, fails as
+    :func:`launch` does.
+    """
+    proc = run_group(cmd, timeout, cwd=cwd, env=env)
+    if proc.returncode != 0 and GLOO_TIMEOUT in proc.stderr + proc.stdout:
+        warnings.warn("horovodrun failed on a gloo timeout; running it once more. First run's output:\n"
+                      + proc.stdout[-6000:] + proc.stderr[-6000:])
+        fresh()
+        proc = run_group(cmd, timeout, cwd=cwd, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 

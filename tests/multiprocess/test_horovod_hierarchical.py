@@ -7,6 +7,7 @@ collectives are Horovod's own on real process sets.
 
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 from ..docblocks import ROOT, block_with
 from ..tolerances import close
 from ..oracles import kept_in_pieces
-from ..subprocesses import launch, launch_with_a_dead_rank, rank_results
+from ..subprocesses import launch, launch_once_more_on_a_gloo_timeout, launch_with_a_dead_rank, rank_results
 from .test_horovod import horovod_cmd
 
 WORLD, LOCAL = 4, 2
@@ -28,7 +29,14 @@ def horovodrun(args, cwd, timeout):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("horovod_hier")
-    horovodrun(["-m", "tests.horovod_hierarchical_worker", str(folder)], ROOT, timeout=400)
+
+    def fresh():
+        shutil.rmtree(folder)
+        folder.mkdir()
+
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    launch_once_more_on_a_gloo_timeout(horovod_cmd(WORLD, "-m", "tests.horovod_hierarchical_worker", str(folder)),
+                                       400, ROOT, env, fresh)
     return rank_results(folder, WORLD)
 
 
