@@ -502,7 +502,21 @@ def recommend(predicted: dict) -> dict:
     else:
         config = {"compressor": None, "hook": predicted[best]["label"]}
     return {"method": best, "label": predicted[best]["label"], "speedup_vs_dense": dense / predicted[best]["step_s"],
-            "sparse_pays": pays, "config": config}
+            "sparse_pays": pays, "best_sparse": {"method": sparse_best, "label": predicted[sparse_best]["label"],
+                                                 "speedup_vs_dense": dense / predicted[sparse_best]["step_s"]},
+            "config": config}
+
+
+def verdict(recommendation: dict) -> str:
+    """One sentence on sparse for this cluster: it is the best, it beats dense but another method is faster,
+    or it does not beat dense."""
+    r, sparse = recommendation, recommendation["best_sparse"]
+    if r["method"] == sparse["method"]:
+        return "sparse pays here."
+    if r["sparse_pays"]:
+        return (f"sparse beats dense here ({sparse['label']}: {sparse['speedup_vs_dense']:.2f}x dense), "
+                f"but {r['label']} is faster.")
+    return f"sparse does NOT pay here (best: {sparse['label']}, {sparse['speedup_vs_dense']:.2f}x dense)."
 
 
 def table(predicted: dict, compute_s: float) -> str:
@@ -585,8 +599,7 @@ def _report(advice: dict, args) -> None:
     sys.stdout.write(f"\n{args.model}: {advice['parameters']:,} parameters; predicted for {target['nodes']} node(s) x "
                      f"{target['ranks_per_node']} rank(s), compute {args.compute_ms:g} ms per step\n"
                      f"{table(advice['predicted'], advice['compute_s'])}\n\nrecommended: {r['label']} "
-                     f"({r['speedup_vs_dense']:.2f}x dense); sparse "
-                     f"{'pays' if r['sparse_pays'] else 'does NOT pay'} here.\n")
+                     f"({r['speedup_vs_dense']:.2f}x dense); {verdict(r)}\n")
 
 
 def main(argv=None) -> dict:

@@ -125,6 +125,7 @@ class GradSparseState(SparseAdapter):
         **knobs,
     ):
         instance(compressor, "compressor", Compressor, "TopK(0.01)")
+        instance(grad_scaler, "grad_scaler", torch.amp.GradScaler, 'torch.amp.GradScaler("cuda")', allow_none=True)
         self.process_group = process_group = _group_of(model, process_group)
         super().__init__(compressor, TorchDistCommunicator(process_group), start_iter=start_iter,
                          steps_per_epoch=steps_per_epoch, log_every=log_every, history_size=history_size,
@@ -382,6 +383,7 @@ def _check_sparse_gradients(module: torch.nn.Module, compressor: Compressor) -> 
 
 def _group_of(model: torch.nn.Module | None, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     """The group to reduce over: the DDP model's own, unless another one is given (then they must agree)."""
+    instance(process_group, "process_group", dist.ProcessGroup, "torch.distributed.new_group([0, 1])", allow_none=True)
     if not isinstance(model, DistributedDataParallel):
         return process_group
     if process_group is None:

@@ -67,6 +67,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import numbers
 import os
 import statistics
 import struct
@@ -78,12 +79,12 @@ import torch
 import torch.distributed as dist
 
 from . import cost
-from ._validate import boolean, choice, instance, integer
+from ._validate import _got, boolean, choice, instance, integer
 from .comm.base import Communicator, completed_future
 from .comm.shared_memory import NodeMemory
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
-from .errors import CommunicationError, InvalidConfigError, StateMismatchError
+from .errors import CommunicationError, ConfigTypeError, InvalidConfigError, StateMismatchError
 from .options import ReducerOptions
 from .reducer import Segment, SparseReducer, check_bucket
 from .stats import ALLREDUCE, HIERARCHICAL, HIERARCHICAL_ALLREDUCE, BucketStats
@@ -132,9 +133,18 @@ class Hierarchy:
 
     @classmethod
     def of(cls, value) -> Hierarchy:
-        """A :class:`Hierarchy` from ``"auto"``, a number of ranks per node, or one."""
+        """A :class:`Hierarchy` from ``"auto"``, a number of ranks per node, or one.
+
+        >>> Hierarchy.of("yes")
+        Traceback (most recent call last):
+        ...
+        gradsparse.errors.ConfigTypeError: hierarchy must be Hierarchy(local_size=..., transport=...), 'auto' or a number of ranks per node, got str 'yes'
+        """
         if isinstance(value, Hierarchy):
             return value
+        if value != "auto" and (isinstance(value, (str, bool)) or not isinstance(value, numbers.Real)):
+            raise ConfigTypeError("hierarchy must be Hierarchy(local_size=..., transport=...), 'auto' or a number of "
+                                  f"ranks per node, got {_got(value)}")
         return cls(local_size=value)
 
 

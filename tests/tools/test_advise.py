@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from gradsparse import advise
 from gradsparse.advise import main
 from gradsparse.cost import LinkModel, Topology, collective_time
 from gradsparse.errors import InvalidConfigError
@@ -125,3 +126,14 @@ def test_powersgd_cost_times_pytorchs_hook_on_ddps_buckets(bucket_mb):
     numel = sum(b.numel for b in buckets)
     assert got["compression_rate"] == pytest.approx(numel / sum(plain + pq for plain, pq, _ in split))
     assert got["step_s"] > 0 and got["per_element_s"] == pytest.approx(got["step_s"] / got["compressed_elements"])
+
+
+@pytest.mark.parametrize("fp16_s, dgc_s, expected", [
+    (0.9, 0.5, "sparse pays here."),
+    (0.4, 0.5, "sparse beats dense here (DGC: 2.00x dense), but fp16 is faster."),
+    (0.4, 1.25, "sparse does NOT pay here (best: DGC, 0.80x dense)."),
+])
+def test_the_verdict_says_whether_sparse_is_best_beats_dense_or_neither(fp16_s, dgc_s, expected):
+    predicted = {"dense": {"label": "dense", "step_s": 1.0}, "fp16": {"label": "fp16", "step_s": fp16_s},
+                 "topk1": {"label": "TopK", "step_s": 2.0}, "dgc0.1": {"label": "DGC", "step_s": dgc_s}}
+    assert advise.verdict(advise.recommend(predicted)) == expected

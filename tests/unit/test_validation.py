@@ -68,6 +68,9 @@ BAD = [
     ("GradSparseState", "model", nn.Linear, T), ("GradSparseState", "model", "net", T),
     ("GradSparseState", "op", None, T), ("GradSparseState", "granularity", 1, T),
     ("GradSparseState", "value_dtype", "float16", T), ("GradSparseState", "verify_every", 0.5, T),
+    ("GradSparseState", "grad_scaler", "yes", T), ("GradSparseState", "grad_scaler", 1, T),
+    ("GradSparseState", "grad_scaler", torch.amp.GradScaler, T), ("GradSparseState", "process_group", "pg", T),
+    ("GradSparseState", "hierarchy", "yes", T), ("GradSparseState", "hierarchy", True, T),
     ("DGCSGD", "lr", "0.1", T), ("DGCSGD", "momentum", "0.9", T), ("DGCSGD", "weight_decay", None, T),
     ("DGCSGD", "nesterov", "no", T),
 ]
