@@ -38,9 +38,9 @@ def launch_once_more_on_a_gloo_timeout(cmd, timeout, cwd, env, fresh) -> subproc
     """:func:`launch`, run a second time (after ``fresh()``, which empties the output folder) when the first run
     failed on a gloo timeout only, with a warning that carries the first run's output.
 
-    The 4-rank ``horovodrun`` hierarchical worker failed this way twice in about 15 fresh-clone CI runs (a rank
-    absent from a collective for 120 s; 10 runs in a row passed alone on 2026-12-01): whether Horovod's dynamic
-    process sets or gradsparse is at fault is not known. ``PYTHONFAULTHANDLER=1`` in ``env`` makes the aborting
+    The 4-rank ``horovodrun`` hierarchical worker failed this way in two fresh-clone CI runs (2026-11-30 and
+    2026-12-01: a rank absent from a collective for 30 s, then 120 s; 10 runs in a row passed alone on
+    2026-12-01): whether Horovod's dynamic process sets or gradsparse is at fault is not known. ``PYTHONFAULTHANDLER=1`` in ``env`` makes the aborting
     ranks print their Python stacks into that output. Any other failure, or a second timeout, fails as
     :func:`launch` does.
     """

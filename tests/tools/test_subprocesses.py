@@ -21,11 +21,8 @@ if runs < failures:
 def run(tmp_path, failures, message):
     count, emptied = tmp_path / "runs", []
     cmd = [sys.executable, "-c", SCRIPT, str(count), str(failures), message]
-    try:
-        launch_once_more_on_a_gloo_timeout(cmd, 60, str(tmp_path), None, lambda: emptied.append(True))
-    finally:
-        runs = int(count.read_text())
-    return runs, len(emptied)
+    launch_once_more_on_a_gloo_timeout(cmd, 60, str(tmp_path), None, lambda: emptied.append(True))
+    return int(count.read_text()), len(emptied)
 
 
 def test_a_gloo_timeout_is_run_once_more_with_a_warning(tmp_path):
@@ -36,6 +33,7 @@ def test_a_gloo_timeout_is_run_once_more_with_a_warning(tmp_path):
 def test_a_second_gloo_timeout_fails(tmp_path):
     with pytest.warns(UserWarning), pytest.raises(AssertionError, match=GLOO_TIMEOUT):
         run(tmp_path, 2, f"{GLOO_TIMEOUT} 120000ms")
+    assert (tmp_path / "runs").read_text() == "2"
 
 
 def test_any_other_failure_fails_at_once(tmp_path):
