@@ -383,6 +383,10 @@ def _check_sparse_gradients(module: torch.nn.Module, compressor: Compressor) -> 
 
 def _group_of(model: torch.nn.Module | None, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     """The group to reduce over: the DDP model's own, unless another one is given (then they must agree)."""
+    if isinstance(process_group, int) and process_group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise InvalidConfigError("process_group is a group this rank is not in (torch.distributed.new_group returns "
+                                 "GroupMember.NON_GROUP_MEMBER outside it): pass this rank's own process group, the "
+                                 "one its DDP model reduces over, or leave process_group=None")
     instance(process_group, "process_group", dist.ProcessGroup, "torch.distributed.new_group([0, 1])", allow_none=True)
     if not isinstance(model, DistributedDataParallel):
         return process_group

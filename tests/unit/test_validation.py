@@ -70,6 +70,7 @@ BAD = [
     ("GradSparseState", "value_dtype", "float16", T), ("GradSparseState", "verify_every", 0.5, T),
     ("GradSparseState", "grad_scaler", "yes", T), ("GradSparseState", "grad_scaler", 1, T),
     ("GradSparseState", "grad_scaler", torch.amp.GradScaler, T), ("GradSparseState", "process_group", "pg", T),
+    ("GradSparseState", "process_group", torch.distributed.GroupMember.NON_GROUP_MEMBER, V),
     ("GradSparseState", "hierarchy", "yes", T), ("GradSparseState", "hierarchy", True, T),
     ("DGCSGD", "lr", "0.1", T), ("DGCSGD", "momentum", "0.9", T), ("DGCSGD", "weight_decay", None, T),
     ("DGCSGD", "nesterov", "no", T),
