@@ -25,7 +25,10 @@ def run_group(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
 
 def launch(cmd, timeout, cwd, env=None) -> subprocess.CompletedProcess:
     """:func:`run_group`, asserting that the launcher succeeded (the tails of its output in the message)."""
-    proc = run_group(cmd, timeout, cwd=cwd, env=env)
+    return _succeeded(run_group(cmd, timeout, cwd=cwd, env=env))
+
+
+def _succeeded(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -40,18 +43,17 @@ def launch_once_more_on_a_gloo_timeout(cmd, timeout, cwd, env, fresh) -> subproc
 
     The 4-rank ``horovodrun`` hierarchical worker failed this way in two fresh-clone CI runs (2026-11-30 and
     2026-12-01: a rank absent from a collective for 30 s, then 120 s; 10 runs in a row passed alone on
-    2026-12-01): whether Horovod's dynamic process sets or gradsparse is at fault is not known. ``PYTHONFAULTHANDLER=1`` in ``env`` makes the aborting
-    ranks print their Python stacks into that output. Any other failure, or a second timeout, fails as
-    :func:`launch` does.
+    2026-12-01): whether Horovod's dynamic process sets or gradsparse is at fault is not known.
+    ``PYTHONFAULTHANDLER=1`` in ``env`` makes the aborting ranks print their Python stacks into that output.
+    Any other failure, or a second timeout, fails as :func:`launch` does.
     """
     proc = run_group(cmd, timeout, cwd=cwd, env=env)
     if proc.returncode != 0 and GLOO_TIMEOUT in proc.stderr + proc.stdout:
         warnings.warn("horovodrun failed on a gloo timeout; running it once more. First run's output:\n"
                       + proc.stdout[-6000:] + proc.stderr[-6000:])
         fresh()
-        proc = run_group(cmd, timeout, cwd=cwd, env=env)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+        return launch(cmd, timeout, cwd, env)
+    return _succeeded(proc)
 
 
 def rank_results(folder, world: int) -> list:

@@ -22,8 +22,13 @@ WORLD, LOCAL = 4, 2
 NODES = WORLD // LOCAL
 
 
+def _env(**extra: str) -> dict:
+    """The ranks' environment: the repository importable, one thread each, and ``extra``."""
+    return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **extra)
+
+
 def horovodrun(args, cwd, timeout):
-    return launch(horovod_cmd(WORLD, *args), timeout, cwd, dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    return launch(horovod_cmd(WORLD, *args), timeout, cwd, _env())
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +39,8 @@ def ranks(tmp_path_factory):
         shutil.rmtree(folder)
         folder.mkdir()
 
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     launch_once_more_on_a_gloo_timeout(horovod_cmd(WORLD, "-m", "tests.horovod_hierarchical_worker", str(folder)),
-                                       400, ROOT, env, fresh)
+                                       400, ROOT, _env(PYTHONFAULTHANDLER="1"), fresh)
     return rank_results(folder, WORLD)
 
 
