@@ -84,14 +84,44 @@ def threshold_indices(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.nonzero(_at_least(x.reshape(-1).detach(), threshold)).squeeze(1)
 
 
+_U32 = 0xFFFFFFFF
+
+
+def _mul_u32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """``h * c`` modulo 2**32 for int64 ``h`` in ``[0, 2**32)``, without an int64 overflow."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _U32
+
+
+def sample_positions(n: int, stride: int, seed: int) -> torch.Tensor:
+    """The sampled top-k's sample: one position in each stratum of ``stride`` elements (the last one
+    shorter), drawn from a hash of ``(seed, stratum)``; the kernels draw the same positions
+    (``csrc/select_params.h``). A fixed stride from one start aliases with a gradient's periods: the
+    3x3 convolution of a 1x1 input has gradient only at every 9th element, which a stride of 99 never
+    samples.
+
+    >>> sample_positions(10, 3, 7).tolist()      # one in [0, 3), [3, 6), [6, 9), [9, 10)
+    [1, 5, 6, 9]
+    """
+    strata = torch.arange((n + stride - 1) // stride, dtype=torch.int64)
+    h = (strata + ((seed * 0x9E3779B9) & _U32)) & _U32
+    h = h ^ (h >> 16)
+    h = _mul_u32(h, 0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = _mul_u32(h, 0x846CA68B)
+    h = h ^ (h >> 16)
+    first = strata * stride
+    length = torch.clamp(n - first, max=stride)
+    return first + ((h * length) >> 32)
+
+
 def sampled_topk_indices(
     x: torch.Tensor, k: int, sample_ratio: float = 0.01, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Exact top-k found through a sampled threshold estimate (DGC's selection).
 
-    1. Sample ``|x|`` at a fixed stride from a random start and take the sample's
-       top ``ceil(1.25 * k * s / n) + 4`` minimum as the threshold estimate (a
-       little low on purpose, so one pass usually finds at least ``k``).
+    1. Sample ``|x|`` at one position drawn in each stride (:func:`sample_positions`, from
+       a random seed) and take the sample's top ``ceil(1.25 * k * s / n) + 4`` minimum as
+       the threshold estimate (a little low on purpose, so one pass usually finds at least ``k``).
     2. Select every ``|x| >= threshold`` in one pass.
     3. If fewer than ``k`` were selected, lower the estimate (up to 10 times, then
        fall back to an exact top-k); if more, take the exact top-k of the
@@ -105,8 +135,8 @@ def sampled_topk_indices(
     _refuse_nan(flat)
     sample_size = min(n, max(MIN_SAMPLE, math.ceil(n * sample_ratio)))
     stride = max(1, n // sample_size)
-    start = int(torch.randint(stride, (1,), generator=generator)) if stride > 1 else 0
-    sample = _magnitude(flat[start::stride])
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    sample = _magnitude(flat[sample_positions(n, stride, seed).to(flat.device)])
     # aim a little below the k-th magnitude so one pass usually yields at least k candidates
     sample_k = min(sample.numel(), math.ceil(SAMPLE_AIM * k * sample.numel() / n) + SAMPLE_AIM_EXTRA)
     for _ in range(10):

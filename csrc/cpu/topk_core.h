@@ -1,11 +1,11 @@
 // topk_select's machinery (csrc/cpu/select.cpp): the exact top-k by magnitude, ties to the lower
 // position, positions ascending, at a cost that hardly depends on k. Plain C++ like select_core.h.
 //
-// 1. Bracket. A strided sample gives two keys lo < hi around the k-th largest key: about
-//    k - margin elements lie at or above hi, about k + margin at or above lo, where the margin is
-//    3 standard deviations of a sampled count plus 4 sample positions. (Below kSampledMinNumel
-//    elements, or when the sample says nothing: lo = 0, hi = above infinity: everything is
-//    bracketed.)
+// 1. Bracket. A sample (one position per stride, csrc/select_params.h) gives two keys lo < hi
+//    around the k-th largest key: about k - margin elements lie at or above hi, about k + margin
+//    at or above lo, where the margin is 3 standard deviations of a sampled count plus 4 sample
+//    positions. (Below kSampledMinNumel elements, or when the sample says nothing: lo = 0, hi =
+//    above infinity: everything is bracketed.)
 // 2. Pass 1 over x, per chunk: counts the keys >= hi ("above", AVX2 lane counters for fp32) and
 //    == lo ("at lo"), and keeps the keys in (lo, hi) (few: the bracket). For small k it instead
 //    scans for every key >= lo and keeps its position, tagged with its class, so that pass 2 need
@@ -487,16 +487,16 @@ struct TopK {
       : x(x_), n(n_), k(k_), threads(usable_threads(threads_, n_)), ch(n_, threads), expect_hits(n_),
         expect_keys(n_), key_limit(n_) {}
 
-  // ---- 1. the bracket from a strided sample
+  // ---- 1. the bracket from a sample
 
-  // lo and hi from a strided sample of about sample_ratio * n positions starting at seed % stride.
-  // Returns the number of elements expected in [lo, hi).
+  // lo and hi from a sample of about sample_ratio * n positions, one drawn in each stride of x
+  // (sample_position, csrc/select_params.h). Returns the number of elements expected in [lo, hi).
   int64_t bracket_from_sample(double sample_ratio, int64_t seed) {
     const int64_t wanted = static_cast<int64_t>(std::ceil(static_cast<double>(n) * sample_ratio));
     const int64_t sample_size = std::min(n, std::max<int64_t>(kMinSample, wanted));
     const int64_t stride = std::max<int64_t>(1, n / sample_size);
-    const int64_t start = stride > 1 ? static_cast<int64_t>(static_cast<uint64_t>(seed) % stride) : 0;
-    const int64_t s = (n - start + stride - 1) / stride;
+    const uint32_t seed32 = static_cast<uint32_t>(static_cast<uint64_t>(seed));
+    const int64_t s = (n + stride - 1) / stride;
     const double r = static_cast<double>(k) * static_cast<double>(s) / static_cast<double>(n);
     const double margin = kMarginDeviations * std::sqrt(r * std::max(0.0, 1.0 - r / static_cast<double>(s))) + 4.0;
     const int64_t r_hi = static_cast<int64_t>(std::floor(r - margin));
@@ -506,10 +506,19 @@ struct TopK {
     const int64_t pieces = std::min<int64_t>(threads, std::max<int64_t>(1, s / 16384));
     for_chunks(pieces, static_cast<int>(pieces), [&](int64_t piece, int worker) {
       int64_t* h = hist.data() + static_cast<int64_t>(worker) * kSampleDigits;
-      for (int64_t j = s * piece / pieces, e = s * (piece + 1) / pieces; j < e; ++j) {
-        // one cache line per sampled element, too far apart for the hardware prefetcher
-        if (j + kPrefetch < e) __builtin_prefetch(x + start + (j + kPrefetch) * stride);
-        const bits_t key = std::min<bits_t>(K::of(x[start + j * stride]), K::kInf);  // NaN: pass 1 refuses it
+      // one cache line per sampled element, too far apart for the hardware prefetcher: each position
+      // is drawn kPrefetch strata ahead, prefetched, and kept in a ring until it is read
+      int64_t ahead[kPrefetch];
+      const int64_t j0 = s * piece / pieces, e = s * (piece + 1) / pieces;
+      for (int64_t j = j0; j < std::min(e, j0 + kPrefetch); ++j) ahead[j % kPrefetch] = sample_position(j, stride, n, seed32);
+      for (int64_t j = j0; j < e; ++j) {
+        const int64_t at = ahead[j % kPrefetch];
+        if (j + kPrefetch < e) {
+          const int64_t next = sample_position(j + kPrefetch, stride, n, seed32);
+          ahead[j % kPrefetch] = next;
+          __builtin_prefetch(x + next);
+        }
+        const bits_t key = std::min<bits_t>(K::of(x[at]), K::kInf);  // NaN: pass 1 refuses it
         keys[j] = key;
         ++h[key >> kSampleShift];
       }

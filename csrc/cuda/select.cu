@@ -64,6 +64,24 @@ at::Tensor threshold_select_cuda(const at::Tensor& x, double threshold) {
   return at_least(x.contiguous().view(-1), threshold);
 }
 
+__global__ void sample_positions_kernel(int64_t* __restrict__ out, int64_t strata, int64_t stride, int64_t n,
+                                        uint32_t seed) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < strata; j += step) {
+    out[j] = sample_position(j, stride, n, seed);
+  }
+}
+
+// One position in each stride of n elements (csrc/select_params.h), as the CPU kernel samples.
+at::Tensor sample_positions(int64_t n, int64_t stride, int64_t seed, const at::Device& device) {
+  const int64_t strata = (n + stride - 1) / stride;
+  at::Tensor out = at::empty({strata}, at::TensorOptions().dtype(at::kLong).device(device));
+  sample_positions_kernel<<<blocks_for(strata), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      out.data_ptr<int64_t>(), strata, stride, n, static_cast<uint32_t>(static_cast<uint64_t>(seed)));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 // The exact top-k positions of flat (1-D, contiguous, no NaN, 0 < k < n), ascending.
 at::Tensor topk_positions(const at::Tensor& flat, int64_t k, double sample_ratio, int64_t seed) {
   const int64_t n = flat.numel();
@@ -71,8 +89,7 @@ at::Tensor topk_positions(const at::Tensor& flat, int64_t k, double sample_ratio
   const int64_t sample_size =
       std::min(n, std::max<int64_t>(kMinSample, static_cast<int64_t>(std::ceil(n * sample_ratio))));
   const int64_t stride = std::max<int64_t>(1, n / sample_size);
-  const int64_t start = stride > 1 ? static_cast<int64_t>(static_cast<uint64_t>(seed) % stride) : 0;
-  const at::Tensor sample = magnitude(flat.slice(0, start, n, stride));
+  const at::Tensor sample = magnitude(flat.index_select(0, sample_positions(n, stride, seed, flat.device())));
   const int64_t s = sample.numel();
   int64_t sample_k =
       std::min(s, static_cast<int64_t>(std::ceil(kSampleAim * static_cast<double>(k) * s / n)) + kSampleAimExtra);

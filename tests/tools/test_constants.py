@@ -11,6 +11,8 @@ a check. Runs without the extension (it reads source text).
 import glob
 import os
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -69,3 +71,22 @@ def test_no_keep_in_sync_comments():
     files = SOURCES + sorted(glob.glob(os.path.join(ROOT, "gradsparse", "**", "*.py"), recursive=True))
     stale = [os.path.relpath(p, ROOT) for p in files if "keep in sync" in _read(p).lower()]
     assert not stale, f"replace the comment by a test here: {stale}"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (the extension's build needs one)")
+def test_sample_positions_match_the_kernels(tmp_path):
+    # csrc/select_params.h::sample_position (what the CPU and CUDA kernels sample) compiled and run,
+    # against the reference's torch version of the same hash, over strides, lengths and seeds
+    cases = [(10, 3, 7), (2_359_296, 99, 0), (2_359_296, 99, 2**31 - 2), (16_384, 16, 123_456_789), (1025, 1, 5),
+             (25_000_000, 2_500, 977)]
+    program = tmp_path / "sample.cpp"
+    program.write_text('#include <cstdio>\n#include <cstdlib>\n#include "select_params.h"\n'
+                       "int main(int argc, char** argv) {\n"
+                       "  const long n = atol(argv[1]), stride = atol(argv[2]); const unsigned seed = strtoul(argv[3], 0, 10);\n"
+                       "  for (long j = 0; j < (n + stride - 1) / stride; ++j)\n"
+                       '    printf("%ld\\n", (long)gradsparse::sample_position(j, stride, n, seed));\n}\n')
+    subprocess.run(["g++", "-std=c++17", f"-I{CSRC}", str(program), "-o", str(tmp_path / "sample")], check=True)
+    for n, stride, seed in cases:
+        out = subprocess.run([str(tmp_path / "sample"), str(n), str(stride), str(seed)], check=True,
+                             capture_output=True, text=True).stdout.split()
+        assert [int(v) for v in out] == _reference.sample_positions(n, stride, seed).tolist(), (n, stride, seed)
