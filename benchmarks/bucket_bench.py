@@ -15,6 +15,11 @@ within 2x of that)::
     python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-eager --rounds 3
     python -m benchmarks.bucket_bench --methods topk1 topk1-separate --rounds 3
     python -m benchmarks.bucket_bench --methods dgc-warmup25 --steps 3 --profile   # and where a step goes
+    python -m benchmarks.bucket_bench --methods topk1 dgc0.1 --grads real   # ResNet-50's real gradients
+
+``--grads normal`` (the default) reduces standard normal noise; ``--grads real`` reduces the gradients
+of one real backward pass (``real_gradients``), whose zeros and periods noise lacks. Noise hid
+that the selection's sample once aliased with them (docs/benchmarks.md, "The sample drawn per stride").
 
 ``*-separate`` is the same method with its payload packed after the selection
 (``packs_selection = False``: ``pack_gathered`` of the selected positions) instead of written by the
@@ -170,24 +175,59 @@ def read_pass_s(grads: list[torch.Tensor], repeats: int = 7, read=torch.sum) -> 
     return statistics.median(times)
 
 
-def _stepper(name: str, buckets):
-    """A fresh reducer for ``name``, the gradients (seeded) and ``step(s, work, on_stats=None)`` reducing every
-    bucket of ``work`` (copies of the gradients: the hook reduces a bucket in place) once."""
+def normal_gradients(buckets, seed: int = 0) -> list[torch.Tensor]:
+    """Every bucket filled with standard normal noise (seeded): no zeros, no structure."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=gen) for n, _ in buckets]
+
+
+def real_gradients(buckets, seed: int = 0, batch: int = 2) -> list[torch.Tensor]:
+    """ResNet-50's gradients from one forward and backward pass (``benchmarks/bench_models.py``'s model, a
+    batch of 2 images of 32x32, as ``ddp_bench`` trains it), laid out in DDP's buckets. Real gradients
+    have what noise lacks: exact zeros (ReLUs that stay off for the whole batch) and periods. For
+    example, a 3x3 convolution on a 1x1 input has gradient only at the kernel's centre.
+
+    >>> grads = real_gradients(buckets_of(resnet50()))
+    >>> [g.numel() for g in grads] == [n for n, _ in buckets_of(resnet50())]
+    True
+    >>> 0.2 < float((torch.cat(grads) == 0).double().mean()) < 0.9      # many exact zeros
+    True
+    """
+    from benchmarks.bench_models import loss_fn, make_batch, make_model
+
+    torch.manual_seed(seed)
+    model = make_model("resnet50")
+    x, y = make_batch("resnet50", batch, torch.Generator().manual_seed(seed))
+    loss_fn("resnet50", model(x), y).backward()
+    by_name = {name: p.grad.reshape(-1) for name, p in model.named_parameters()}
+    out = []
+    for numel, segments in buckets:
+        flat = torch.empty(numel)
+        for s in segments:
+            flat[s.offset:s.offset + s.numel] = by_name[s.key]
+        out.append(flat)
+    return out
+
+
+GRADIENTS = {"normal": normal_gradients, "real": real_gradients}
+
+
+def _stepper(name: str, buckets, grads: list[torch.Tensor]):
+    """A fresh reducer for ``name`` and ``step(s, work, on_stats=None)`` reducing every bucket of ``work``
+    (copies of ``grads``: the hook reduces a bucket in place) once."""
     compressor, select_all = METHODS[name]()
     dense = name.endswith((DENSE, DENSE + SEPARATE))
     reducer = SparseReducer(compressor, LocalCommunicator(), ReducerOptions(transport="allreduce") if dense else None)
-    gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(n, generator=gen) for n, _ in buckets]
 
     def step(s: int, work: list[torch.Tensor], on_stats=None) -> None:
         for flat, (_, segments) in zip(work, buckets):
             reducer.reduce(flat, segments, s, select_all=select_all, on_stats=on_stats).wait()
 
-    return grads, step
+    return step
 
 
-def time_method(name: str, buckets, steps: int) -> tuple[list[float], list[float]]:
-    grads, reduce_step = _stepper(name, buckets)
+def time_method(name: str, buckets, steps: int, grads: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+    reduce_step = _stepper(name, buckets, grads)
     times, blocking = [], []
     for step in range(steps + 1):
         work = [g.clone() for g in grads]  # the hook reduces the bucket in place
@@ -200,12 +240,12 @@ def time_method(name: str, buckets, steps: int) -> tuple[list[float], list[float
     return times, blocking
 
 
-def profile_method(name: str, buckets, steps: int = 3) -> str:
+def profile_method(name: str, buckets, grads: list[torch.Tensor], steps: int = 3) -> str:
     """``torch.profiler``'s operators over ``steps`` steps of ``name`` after one untimed step (the clones of
     the gradients made before each step, outside the profile), self CPU time first: totals over the steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    grads, step = _stepper(name, buckets)
+    step = _stepper(name, buckets, grads)
     with _variant(name):
         step(0, [g.clone() for g in grads])
         works = [[g.clone() for g in grads] for _ in range(steps)]
@@ -221,20 +261,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--rounds", type=int, default=1, help="run the methods' list this many times in turn")
     parser.add_argument("--json", default="benchmarks/results/bucket_bench.json")
+    parser.add_argument("--grads", default="normal", choices=list(GRADIENTS),
+                        help="the gradients reduced every step: normal noise, or ResNet-50's real ones (zeros, periods)")
     parser.add_argument("--profile", action="store_true",
                         help="then print torch.profiler's operators over --steps steps of each method (totals)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     buckets = buckets_of(resnet50())
-    grads = [torch.randn(n) for n, _ in buckets]
+    grads = GRADIENTS[args.grads](buckets)
     one_pass = read_pass_s(grads)
     health_pass = read_pass_s(grads, read=ops.absmax)
     timed: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name in args.methods}
     runs = [(r, name) for r in range(args.rounds) for name in args.methods]
     for i, (_, name) in enumerate(runs, 1):
         with _variant(name):
-            times, blocking = time_method(name, buckets, args.steps)
+            times, blocking = time_method(name, buckets, args.steps, grads)
         timed[name].append((times, blocking))
         med = statistics.median(times)
         logger.info("[%d/%d] %s: %.1f ms (%.1f passes)", i, len(runs), name, 1e3 * med, med / one_pass)
@@ -249,7 +291,7 @@ def main(argv=None) -> dict:
     load = os.getloadavg()[0]
     result = {"read_pass_ms": 1e3 * one_pass, "health_pass_ms": 1e3 * health_pass,
               "elements": sum(n for n, _ in buckets), "buckets": len(buckets), "steps": args.steps,
-              "rounds": args.rounds, "load": load, "torch": torch.__version__, "rows": rows}
+              "rounds": args.rounds, "grads": args.grads, "load": load, "torch": torch.__version__, "rows": rows}
     print(f"one read pass of {result['elements']:,} fp32 gradients: {1e3 * one_pass:.2f} ms; "
           f"load average {load:.2f}{'  (loaded machine: not a result)' if load >= 1 else ''}")
     print(f"the health check's absmax over them: {1e3 * health_pass:.2f} ms ({health_pass / one_pass:.2f} read passes)")
@@ -261,7 +303,7 @@ def main(argv=None) -> dict:
     if args.profile:
         for name in args.methods:
             print(f"\n{name}: torch.profiler over {args.steps} steps (totals; divide by {args.steps} for a step)")
-            print(profile_method(name, buckets, args.steps))
+            print(profile_method(name, buckets, grads, args.steps))
     if args.json:
         write_json(args.json, result)
     return result

@@ -77,13 +77,39 @@ def test_profile_lists_the_operators_of_the_steps():
     from gradsparse.model_shapes import resnet50
 
     buckets = bucket_bench.buckets_of(resnet50())[:2]
-    fused = bucket_bench.profile_method("dgc-warmup25", buckets, steps=1)
+    grads = bucket_bench.normal_gradients(buckets)
+    fused = bucket_bench.profile_method("dgc-warmup25", buckets, grads, steps=1)
     assert "gradsparse::segmented_topk_select_pack" in fused and "gradsparse::dgc_zero_compensate" in fused
     assert "gradsparse::index_zero_" not in fused and "gradsparse::pack_gathered" not in fused
-    separate = bucket_bench.profile_method("dgc-warmup25-separate", buckets, steps=1)
+    separate = bucket_bench.profile_method("dgc-warmup25-separate", buckets, grads, steps=1)
     assert "gradsparse::pack_gathered" in separate and "gradsparse::segmented_topk_select_pack" not in separate
-    eager = bucket_bench.profile_method("dgc-warmup25-eager", buckets, steps=1)
+    eager = bucket_bench.profile_method("dgc-warmup25-eager", buckets, grads, steps=1)
     assert "gradsparse::index_zero_" in eager and "gradsparse::dgc_zero_compensate" not in eager
-    unfused = bucket_bench.profile_method("dgc-warmup25-unfused", buckets, steps=1)
+    unfused = bucket_bench.profile_method("dgc-warmup25-unfused", buckets, grads, steps=1)
     assert "gradsparse::pack_gathered" not in unfused and "aten::index_fill_" in unfused
     assert "aten::clone" not in fused
+
+
+def test_real_gradients_are_resnet50s_own_laid_out_in_the_buckets(tmp_path):
+    """``--grads real``: each segment of each bucket holds that parameter's gradient from a real backward
+    pass (checked against the model's own, recomputed), zeros and all, and the run records which."""
+    import torch
+
+    from benchmarks.bench_models import loss_fn, make_batch, make_model
+    from gradsparse.model_shapes import resnet50
+
+    buckets = bucket_bench.buckets_of(resnet50())
+    grads = bucket_bench.real_gradients(buckets, seed=3)
+    torch.manual_seed(3)
+    model = make_model("resnet50")
+    x, y = make_batch("resnet50", 2, torch.Generator().manual_seed(3))
+    loss_fn("resnet50", model(x), y).backward()
+    params = dict(model.named_parameters())
+    for flat, (_, segments) in zip(grads, buckets):
+        for s in segments:
+            assert torch.equal(flat[s.offset:s.offset + s.numel], params[s.key].grad.reshape(-1)), s.key
+    # the 3x3 convolutions of the last stage see a 1x1 input: gradient only at the kernel's centre
+    centre_only = params["layer4.1.conv2.weight"].grad.reshape(512, 512, 9)
+    assert centre_only[..., 4].count_nonzero() > 0 and centre_only[..., :4].count_nonzero() == 0
+    result = bucket_bench.main(["--steps", "1", "--methods", "topk1", "--grads", "real", "--json", str(tmp_path / "r.json")])
+    assert result["grads"] == "real" and result["rows"][0]["method"] == "topk1"
