@@ -506,21 +506,24 @@ struct TopK {
     const int64_t pieces = std::min<int64_t>(threads, std::max<int64_t>(1, s / 16384));
     for_chunks(pieces, static_cast<int>(pieces), [&](int64_t piece, int worker) {
       int64_t* h = hist.data() + static_cast<int64_t>(worker) * kSampleDigits;
-      // one cache line per sampled element, too far apart for the hardware prefetcher: each position
-      // is drawn kPrefetch strata ahead, prefetched, and kept in a ring until it is read
-      int64_t ahead[kPrefetch];
+      // One cache line per sampled element, too far apart for the hardware prefetcher. In blocks of
+      // kPrefetch strata: the block's positions are drawn first (from locals, which the histogram's
+      // stores cannot alias), all prefetched, then read. A ring drawing one position kPrefetch ahead
+      // per element cost 0.5-1 ms more over ResNet-50's sample (3.4-5.8 against 3.1-4.4 ms, one thread).
+      const scalar_t* const xs = x;
+      const int64_t size = n, step = stride;
       const int64_t j0 = s * piece / pieces, e = s * (piece + 1) / pieces;
-      for (int64_t j = j0; j < std::min(e, j0 + kPrefetch); ++j) ahead[j % kPrefetch] = sample_position(j, stride, n, seed32);
-      for (int64_t j = j0; j < e; ++j) {
-        const int64_t at = ahead[j % kPrefetch];
-        if (j + kPrefetch < e) {
-          const int64_t next = sample_position(j + kPrefetch, stride, n, seed32);
-          ahead[j % kPrefetch] = next;
-          __builtin_prefetch(x + next);
+      int64_t at[kPrefetch];
+      for (int64_t b = j0; b < e; b += kPrefetch) {
+        const int64_t m = std::min<int64_t>(kPrefetch, e - b);
+        for (int64_t i = 0; i < m; ++i) at[i] = sample_position(b + i, step, size, seed32);
+        for (int64_t i = 0; i < m; ++i) __builtin_prefetch(xs + at[i]);
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t j = b + i;
+          const bits_t key = std::min<bits_t>(K::of(xs[at[i]]), K::kInf);  // NaN: pass 1 refuses it
+          keys[j] = key;
+          ++h[key >> kSampleShift];
         }
-        const bits_t key = std::min<bits_t>(K::of(x[at]), K::kInf);  // NaN: pass 1 refuses it
-        keys[j] = key;
-        ++h[key >> kSampleShift];
       }
     });
     fold_histograms(hist, threads, kSampleDigits);
