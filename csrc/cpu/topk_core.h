@@ -824,7 +824,10 @@ struct TopK {
     expect_keys = bracket_from_sample(sample_ratio, seed);
     expect_hits = k + expect_keys;
     key_limit = std::min(n, std::max<int64_t>(1 << 16, 16 * expect_keys));
-    keep_positions = expect_hits <= n / kKeepPositionsBelow;
+    // lo = 0: the sample's k-th magnitude is zero (a tensor mostly of exact zeros, e.g. an embedding's
+    // gradient, whose rows outside the batch are zero). Every position is >= lo, so keeping them
+    // would store all of x; pass 1 then only counts (the zeros are "at lo") and pass 2 scans x.
+    keep_positions = expect_hits <= n / kKeepPositionsBelow && lo > 0;
   }
 
   // Exact top-k positions into alloc(k) (see the top of this file).
