@@ -38,6 +38,9 @@ GRADSPARSE_HOST_DEVICE inline uint32_t sample_hash(uint32_t seed, uint32_t strat
   return h;
 }
 
+// How many strata (and sampled positions) a tensor of n elements has: the last one may be shorter.
+GRADSPARSE_HOST_DEVICE inline int64_t sample_strata(int64_t n, int64_t stride) { return (n + stride - 1) / stride; }
+
 // Stratum j's sampled position in a tensor of n elements.
 GRADSPARSE_HOST_DEVICE inline int64_t sample_position(int64_t j, int64_t stride, int64_t n, uint32_t seed) {
   const int64_t first = j * stride;

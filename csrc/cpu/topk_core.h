@@ -496,7 +496,7 @@ struct TopK {
     const int64_t sample_size = std::min(n, std::max<int64_t>(kMinSample, wanted));
     const int64_t stride = std::max<int64_t>(1, n / sample_size);
     const uint32_t seed32 = static_cast<uint32_t>(static_cast<uint64_t>(seed));
-    const int64_t s = (n + stride - 1) / stride;
+    const int64_t s = sample_strata(n, stride);
     const double r = static_cast<double>(k) * static_cast<double>(s) / static_cast<double>(n);
     const double margin = kMarginDeviations * std::sqrt(r * std::max(0.0, 1.0 - r / static_cast<double>(s))) + 4.0;
     const int64_t r_hi = static_cast<int64_t>(std::floor(r - margin));

@@ -74,7 +74,7 @@ __global__ void sample_positions_kernel(int64_t* __restrict__ out, int64_t strat
 
 // One position in each stride of n elements (csrc/select_params.h), as the CPU kernel samples.
 at::Tensor sample_positions(int64_t n, int64_t stride, int64_t seed, const at::Device& device) {
-  const int64_t strata = (n + stride - 1) / stride;
+  const int64_t strata = sample_strata(n, stride);
   at::Tensor out = at::empty({strata}, at::TensorOptions().dtype(at::kLong).device(device));
   sample_positions_kernel<<<blocks_for(strata), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       out.data_ptr<int64_t>(), strata, stride, n, static_cast<uint32_t>(static_cast<uint64_t>(seed)));

@@ -83,7 +83,7 @@ def test_sample_positions_match_the_kernels(tmp_path):
     program.write_text('#include <cstdio>\n#include <cstdlib>\n#include "select_params.h"\n'
                        "int main(int argc, char** argv) {\n"
                        "  const long n = atol(argv[1]), stride = atol(argv[2]); const unsigned seed = strtoul(argv[3], 0, 10);\n"
-                       "  for (long j = 0; j < (n + stride - 1) / stride; ++j)\n"
+                       "  for (long j = 0; j < gradsparse::sample_strata(n, stride); ++j)\n"
                        '    printf("%ld\\n", (long)gradsparse::sample_position(j, stride, n, seed));\n}\n')
     subprocess.run(["g++", "-std=c++17", f"-I{CSRC}", str(program), "-o", str(tmp_path / "sample")], check=True)
     for n, stride, seed in cases:
