@@ -126,14 +126,18 @@ class GradSparseState(SparseAdapter):
     ):
         instance(compressor, "compressor", Compressor, "TopK(0.01)")
         instance(grad_scaler, "grad_scaler", torch.amp.GradScaler, 'torch.amp.GradScaler("cuda")', allow_none=True)
+        given_group = process_group
         self.process_group = process_group = _group_of(model, process_group)
         super().__init__(compressor, TorchDistCommunicator(process_group), start_iter=start_iter,
                          steps_per_epoch=steps_per_epoch, log_every=log_every, history_size=history_size,
                          options=options, **knobs)
         if hierarchy is not None:  # the same surface, over node and cross-node groups
             if process_group not in (None, dist.group.WORLD):
-                raise InvalidConfigError("hierarchy= reduces over the default (world) group; leave process_group "
-                                         "unset or use hierarchy=None")
+                source = ("process_group=" if given_group is not None else
+                          "the DDP model's own group (DDP(..., process_group=...))")
+                raise InvalidConfigError(f"hierarchy= reduces over the default (world) group, but this state reduces "
+                                         f"over a subgroup, {source}: build DDP without process_group= and leave "
+                                         f"process_group unset, or use hierarchy=None")
             self.reducer = hierarchical.create(compressor, hierarchy, self.reducer.options)
         self.reducer.defer_error = self._defer
         self._usage: _UsageTracker | None = None

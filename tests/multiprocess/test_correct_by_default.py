@@ -271,6 +271,31 @@ def test_hook_reduces_over_the_ddp_models_subgroup():
     assert all("process group" in r["refused"] for r in results)
 
 
+
+def hierarchy_subgroup_worker(rank, world):
+    from gradsparse.hierarchical import Hierarchy
+
+    pg = dist.new_group([0, 1])
+    messages = {}
+    for how in ("ddp", "explicit"):
+        model = DDP(make_model("mlp"), process_group=pg)
+        try:
+            gddp.register(model, TopK(0.1), hierarchy=Hierarchy(local_size=1),
+                          process_group=pg if how == "explicit" else None)
+            messages[how] = "no error"
+        except InvalidConfigError as err:
+            messages[how] = str(err)
+    return messages
+
+
+def test_hierarchy_over_a_subgroup_names_where_the_subgroup_came_from():
+    """A DDP model built on a subgroup, with hierarchy= and no process_group= given to register: the refusal used
+    to say "leave process_group unset", which the user already had; it names DDP's process_group= now."""
+    for r in run_world(hierarchy_subgroup_worker, 2):
+        assert "DDP(..., process_group=...)" in r["ddp"], r
+        assert "hierarchy=None" in r["ddp"], r
+        assert "subgroup, process_group=" in r["explicit"], r
+
 class SparseNet(nn.Module):
     def __init__(self):
         super().__init__()
