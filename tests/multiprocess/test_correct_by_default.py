@@ -271,7 +271,6 @@ def test_hook_reduces_over_the_ddp_models_subgroup():
     assert all("process group" in r["refused"] for r in results)
 
 
-
 def hierarchy_subgroup_worker(rank, world):
     from gradsparse.hierarchical import Hierarchy
 
@@ -295,6 +294,7 @@ def test_hierarchy_over_a_subgroup_names_where_the_subgroup_came_from():
         assert "DDP(..., process_group=...)" in r["ddp"], r
         assert "hierarchy=None" in r["ddp"], r
         assert "subgroup, process_group=" in r["explicit"], r
+
 
 class SparseNet(nn.Module):
     def __init__(self):
