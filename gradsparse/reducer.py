@@ -310,6 +310,7 @@ class SparseReducer:
         self._transport = TransportModel()
         self._last_done = 0.0  # when this rank's previous bucket collective completed (perf_counter)
         self._payloads = PayloadBuffers()
+        self._warned_float64 = False
 
     # ----------------------------------------------------------------- planning
     def _plan(self, segments: Sequence[Segment], numel: int) -> _Plan:
@@ -549,6 +550,12 @@ class SparseReducer:
         check_bucket(flat)
         flat = flat.view(-1)
         plan = self._plan([Segment("bucket", 0, flat.numel())] if segments is None else segments, flat.numel())
+        if flat.dtype == torch.float64 and plan.compressed and not self._warned_float64:
+            self._warned_float64 = True
+            logger.warning("gradsparse: a float64 bucket: the memory (residuals, DGC's momentum) and the selection "
+                           "are float32, so the compressed parameters' gradients are rounded to float32 (with nothing "
+                           "dropped the result equals dense DDP to float32 rounding, not bit for bit); tensors sent "
+                           "whole stay float64")
         if loss_scale is not None:
             self.set_loss_scale(loss_scale)
         started = time.perf_counter()

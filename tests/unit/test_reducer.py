@@ -28,6 +28,24 @@ def test_integer_and_complex_gradients_are_refused(dtype):
         reducer().reduce(torch.zeros(10, dtype=dtype), None, 0)
 
 
+def test_a_float64_bucket_is_rounded_to_float32_and_says_so_once(caplog):
+    """The memory and the selection are float32: a float64 model's compressed gradients lose their low bits
+    (TopK(1.0) is then dense DDP to float32 rounding, not bit for bit), and the reducer warns once."""
+    r = reducer(TopK(1.0))
+    g = torch.randn(1000, dtype=torch.float64) / 3
+    with caplog.at_level("WARNING", logger="gradsparse.reducer"):
+        for step in range(2):
+            out = r.reduce(g.clone(), None, step).wait()
+    assert [m for m in caplog.messages if "float64" in m and "rounded to float32" in m] != []
+    assert len([m for m in caplog.messages if "float64" in m]) == 1
+    assert torch.equal(out, g.float().double()) and not torch.equal(out, g)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gradsparse.reducer"):
+        reducer(TopK(1.0)).reduce(torch.randn(1000), None, 0).wait()
+        reducer(TopK(1.0)).reduce(torch.randn(50, dtype=torch.float64), None, 0).wait()  # sent whole: exact
+    assert not [m for m in caplog.messages if "float64" in m]
+
+
 def test_empty_bucket_is_refused():
     with pytest.raises(BucketError, match="empty"):
         reducer().reduce(torch.zeros(0), None, 0)
