@@ -52,6 +52,10 @@ class Task:
     max_steps_per_epoch: int | None = None   # for the short CI runs
     weight_decay: float = 0.0     # dense: SGD's; DGC: gradsparse.DGCSGD's (through its momentum)
     schedule: str = "cosine"      # learning rate: "cosine" (per step) or "onecycle" (torch's OneCycleLR)
+    warmup_stage_steps: int | None = None   # DGC warm-up stage length in steps (None: from warmup_stages_per_epoch)
+    # where DGC (momentum correction) takes weight decay: "optimizer" (DGCSGD's own buffer) or "gradient"
+    # (an L2 term in the loss, so wd * p goes through DGC's momentum and memory and is compressed with the gradient)
+    dgc_weight_decay: str = "optimizer"
 
     def replace(self, **changes) -> "Task":
         return dataclasses.replace(self, **changes)
@@ -144,8 +148,18 @@ class _LMJob:
 JOBS = {"digits": _DigitsJob, "lm": _LMJob, "digits_wd": _DigitsJob}
 
 
+def _decay_in_loss(task: Task, m) -> bool:
+    """Weight decay as an L2 term of the loss (``dgc_weight_decay="gradient"``, DGC with momentum correction only)."""
+    if task.dgc_weight_decay not in ("optimizer", "gradient"):
+        raise ValueError(f"dgc_weight_decay must be 'optimizer' or 'gradient', got {task.dgc_weight_decay!r}")
+    return (task.dgc_weight_decay == "gradient" and m.compressor is not None
+            and getattr(m.compressor, "momentum_correction", False))
+
+
 def make_optimizer(params, task: Task, m) -> torch.optim.Optimizer:
     """SGD as the task asks; with weight decay under DGC's momentum correction, DGCSGD (decay through momentum)."""
+    if task.weight_decay and _decay_in_loss(task, m):
+        return torch.optim.SGD(params, lr=task.lr, momentum=0.0)
     if task.weight_decay and m.compressor is not None and getattr(m.compressor, "momentum_correction", False):
         return DGCSGD(params, lr=task.lr, momentum=m.compressor.momentum, weight_decay=task.weight_decay,
                       nesterov=m.compressor.nesterov)
@@ -156,13 +170,14 @@ def train(rank: int, world: int, task: Task, method: str, seed: int) -> dict:
     """Train ``task`` with ``method`` from ``seed``; returns the run's curve and communication totals."""
     job = JOBS[task.name](task, rank, world, seed)
     spe = job.steps_per_epoch
-    warmup = Warmup(length=max(1, spe // task.warmup_stages_per_epoch), unit="step")
+    warmup = Warmup(length=task.warmup_stage_steps or max(1, spe // task.warmup_stages_per_epoch), unit="step")
     m = make_method(method, ratio=task.ratio, momentum=task.momentum, warmup=warmup, clip=task.clip, seed=seed)
     torch.manual_seed(seed)
     net = job.model()
     torch.manual_seed(seed * 7919 + rank)  # dropout differs between ranks, not between runs
     model = DDP(net)
     opt = make_optimizer(model.parameters(), task, m)
+    decay_in_loss = bool(task.weight_decay) and _decay_in_loss(task, m)
     state = None
     if m.compressor is not None:
         state = gddp.register(model, m.compressor, optimizer=opt, min_compress_numel=task.min_compress_numel,
@@ -180,7 +195,10 @@ def train(rank: int, world: int, task: Task, method: str, seed: int) -> dict:
                     group["lr"] = _cosine(task.lr, step, total)
             opt.zero_grad(set_to_none=True)
             loss = job.loss(model, batch)
-            loss.backward()
+            if decay_in_loss:  # d/dp (wd/2 |p|^2) = wd * p, added before DDP's hook compresses the gradient
+                (loss + 0.5 * task.weight_decay * sum(p.pow(2).sum() for p in model.parameters())).backward()
+            else:
+                loss.backward()
             if task.clip is not None and not m.local_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), task.clip)
             opt.step()
@@ -189,7 +207,10 @@ def train(rank: int, world: int, task: Task, method: str, seed: int) -> dict:
             losses.append(loss.item())
             step += 1
         value = job.evaluate(net) if rank == 0 else float("nan")
-        curve.append({"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / len(losses), job.metric: value})
+        with torch.no_grad():
+            norms = {name: float(p.norm()) for name, p in net.named_parameters()}
+        curve.append({"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / len(losses), job.metric: value,
+                      "weight_norms": norms})
         if rank == 0:
             logger.info("%s %s seed %d world %d: epoch %d/%d  train loss %.4f  val %s %.4f  (%.0f s)", task.name,
                         method, seed, world, epoch + 1, task.epochs, curve[-1]["train_loss"], job.metric, value,
