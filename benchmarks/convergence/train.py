@@ -56,6 +56,10 @@ class Task:
     # where DGC (momentum correction) takes weight decay: "optimizer" (DGCSGD's own buffer) or "gradient"
     # (an L2 term in the loss, so wd * p goes through DGC's momentum and memory and is compressed with the gradient)
     dgc_weight_decay: str = "optimizer"
+    # ablation: DGC (momentum correction) accumulates lr_t / lr * gradient and the optimizer steps at the constant lr,
+    # so velocity kept back while the rate rises is not applied at a higher rate than it was computed at
+    # (needs dgc_weight_decay="gradient" when weight_decay is set)
+    dgc_lr_in_gradient: bool = False
 
     def replace(self, **changes) -> "Task":
         return dataclasses.replace(self, **changes)
@@ -178,12 +182,17 @@ def train(rank: int, world: int, task: Task, method: str, seed: int) -> dict:
     model = DDP(net)
     opt = make_optimizer(model.parameters(), task, m)
     decay_in_loss = bool(task.weight_decay) and _decay_in_loss(task, m)
+    lr_in_gradient = task.dgc_lr_in_gradient and getattr(m.compressor, "momentum_correction", False)
+    if lr_in_gradient and task.weight_decay and not decay_in_loss:
+        raise ValueError("dgc_lr_in_gradient with weight decay needs dgc_weight_decay='gradient'")
+    # the optimizer whose lr the schedule sets: with lr_in_gradient a stand-in, read as lr_t each step
+    scheduled = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=task.lr) if lr_in_gradient else opt
     state = None
     if m.compressor is not None:
         state = gddp.register(model, m.compressor, optimizer=opt, min_compress_numel=task.min_compress_numel,
                               log_every=0)
     total = task.epochs * spe
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=task.lr, total_steps=total, cycle_momentum=False) \
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(scheduled, max_lr=task.lr, total_steps=total, cycle_momentum=False) \
         if task.schedule == "onecycle" else None
     n = n_params(net)
     curve, step, started = [], 0, time.perf_counter()
@@ -191,14 +200,16 @@ def train(rank: int, world: int, task: Task, method: str, seed: int) -> dict:
         losses = []
         for batch in job.epoch(epoch):
             if scheduler is None:
-                for group in opt.param_groups:
+                for group in scheduled.param_groups:
                     group["lr"] = _cosine(task.lr, step, total)
             opt.zero_grad(set_to_none=True)
             loss = job.loss(model, batch)
+            objective = loss
             if decay_in_loss:  # d/dp (wd/2 |p|^2) = wd * p, added before DDP's hook compresses the gradient
-                (loss + 0.5 * task.weight_decay * sum(p.pow(2).sum() for p in model.parameters())).backward()
-            else:
-                loss.backward()
+                objective = objective + 0.5 * task.weight_decay * sum(p.pow(2).sum() for p in model.parameters())
+            if lr_in_gradient:
+                objective = objective * (scheduled.param_groups[0]["lr"] / task.lr)
+            objective.backward()
             if task.clip is not None and not m.local_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), task.clip)
             opt.step()
