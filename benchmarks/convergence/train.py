@@ -218,10 +218,7 @@ def train(rank: int, world: int, task: Task, method: str, seed: int) -> dict:
             losses.append(loss.item())
             step += 1
         value = job.evaluate(net) if rank == 0 else float("nan")
-        with torch.no_grad():
-            norms = {name: float(p.norm()) for name, p in net.named_parameters()}
-        curve.append({"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / len(losses), job.metric: value,
-                      "weight_norms": norms})
+        curve.append({"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / len(losses), job.metric: value})
         if rank == 0:
             logger.info("%s %s seed %d world %d: epoch %d/%d  train loss %.4f  val %s %.4f  (%.0f s)", task.name,
                         method, seed, world, epoch + 1, task.epochs, curve[-1]["train_loss"], job.metric, value,
