@@ -52,6 +52,14 @@ class Task:
     max_steps_per_epoch: int | None = None   # for the short CI runs
     weight_decay: float = 0.0     # dense: SGD's; DGC: gradsparse.DGCSGD's (through its momentum)
     schedule: str = "cosine"      # learning rate: "cosine" (per step) or "onecycle" (torch's OneCycleLR)
+    warmup_stage_steps: int | None = None   # DGC warm-up stage length in steps (None: from warmup_stages_per_epoch)
+    # where DGC (momentum correction) takes weight decay: "optimizer" (DGCSGD's own buffer) or "gradient"
+    # (an L2 term in the loss, so wd * p goes through DGC's momentum and memory and is compressed with the gradient)
+    dgc_weight_decay: str = "optimizer"
+    # ablation: DGC (momentum correction) accumulates lr_t / lr * gradient and the optimizer steps at the constant lr,
+    # so velocity kept back while the rate rises is not applied at a higher rate than it was computed at
+    # (needs dgc_weight_decay="gradient" when weight_decay is set)
+    dgc_lr_in_gradient: bool = False
 
     def replace(self, **changes) -> "Task":
         return dataclasses.replace(self, **changes)
@@ -144,8 +152,18 @@ class _LMJob:
 JOBS = {"digits": _DigitsJob, "lm": _LMJob, "digits_wd": _DigitsJob}
 
 
+def _decay_in_loss(task: Task, m) -> bool:
+    """Weight decay as an L2 term of the loss (``dgc_weight_decay="gradient"``, DGC with momentum correction only)."""
+    if task.dgc_weight_decay not in ("optimizer", "gradient"):
+        raise ValueError(f"dgc_weight_decay must be 'optimizer' or 'gradient', got {task.dgc_weight_decay!r}")
+    return (task.dgc_weight_decay == "gradient" and m.compressor is not None
+            and getattr(m.compressor, "momentum_correction", False))
+
+
 def make_optimizer(params, task: Task, m) -> torch.optim.Optimizer:
     """SGD as the task asks; with weight decay under DGC's momentum correction, DGCSGD (decay through momentum)."""
+    if task.weight_decay and _decay_in_loss(task, m):
+        return torch.optim.SGD(params, lr=task.lr, momentum=0.0)
     if task.weight_decay and m.compressor is not None and getattr(m.compressor, "momentum_correction", False):
         return DGCSGD(params, lr=task.lr, momentum=m.compressor.momentum, weight_decay=task.weight_decay,
                       nesterov=m.compressor.nesterov)
@@ -156,19 +174,25 @@ def train(rank: int, world: int, task: Task, method: str, seed: int) -> dict:
     """Train ``task`` with ``method`` from ``seed``; returns the run's curve and communication totals."""
     job = JOBS[task.name](task, rank, world, seed)
     spe = job.steps_per_epoch
-    warmup = Warmup(length=max(1, spe // task.warmup_stages_per_epoch), unit="step")
+    warmup = Warmup(length=task.warmup_stage_steps or max(1, spe // task.warmup_stages_per_epoch), unit="step")
     m = make_method(method, ratio=task.ratio, momentum=task.momentum, warmup=warmup, clip=task.clip, seed=seed)
     torch.manual_seed(seed)
     net = job.model()
     torch.manual_seed(seed * 7919 + rank)  # dropout differs between ranks, not between runs
     model = DDP(net)
     opt = make_optimizer(model.parameters(), task, m)
+    decay_in_loss = bool(task.weight_decay) and _decay_in_loss(task, m)
+    lr_in_gradient = task.dgc_lr_in_gradient and getattr(m.compressor, "momentum_correction", False)
+    if lr_in_gradient and task.weight_decay and not decay_in_loss:
+        raise ValueError("dgc_lr_in_gradient with weight decay needs dgc_weight_decay='gradient'")
+    # the optimizer whose lr the schedule sets: with lr_in_gradient a stand-in, read as lr_t each step
+    scheduled = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=task.lr) if lr_in_gradient else opt
     state = None
     if m.compressor is not None:
         state = gddp.register(model, m.compressor, optimizer=opt, min_compress_numel=task.min_compress_numel,
                               log_every=0)
     total = task.epochs * spe
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=task.lr, total_steps=total, cycle_momentum=False) \
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(scheduled, max_lr=task.lr, total_steps=total, cycle_momentum=False) \
         if task.schedule == "onecycle" else None
     n = n_params(net)
     curve, step, started = [], 0, time.perf_counter()
@@ -176,11 +200,16 @@ def train(rank: int, world: int, task: Task, method: str, seed: int) -> dict:
         losses = []
         for batch in job.epoch(epoch):
             if scheduler is None:
-                for group in opt.param_groups:
+                for group in scheduled.param_groups:
                     group["lr"] = _cosine(task.lr, step, total)
             opt.zero_grad(set_to_none=True)
             loss = job.loss(model, batch)
-            loss.backward()
+            objective = loss
+            if decay_in_loss:  # d/dp (wd/2 |p|^2) = wd * p, added before DDP's hook compresses the gradient
+                objective = objective + 0.5 * task.weight_decay * sum(p.pow(2).sum() for p in model.parameters())
+            if lr_in_gradient:
+                objective = objective * (scheduled.param_groups[0]["lr"] / task.lr)
+            objective.backward()
             if task.clip is not None and not m.local_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), task.clip)
             opt.step()

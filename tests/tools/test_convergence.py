@@ -65,3 +65,27 @@ def test_same_seed_same_curve(results):
     fresh = run_world(matrix_worker, 2, [(DIGITS, "dgc", 0)], timeout=300)[0][0]
     assert curve(fresh) == curve(first)
     assert fresh["bytes_sent_per_step"] == first["bytes_sent_per_step"]
+
+
+def test_ablation_fields_pick_warmup_and_weight_decay_route():
+    """``warmup_stage_steps`` and ``dgc_weight_decay`` (the digits_wd ablations in docs/convergence.md)."""
+    import torch
+
+    from benchmarks.convergence.methods import make_method
+    from benchmarks.convergence.train import make_optimizer
+    from gradsparse import DGCSGD
+
+    task = TASKS["digits_wd"]
+    assert task.warmup_stage_steps is None and task.dgc_weight_decay == "optimizer"
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    dgc = make_method("dgc", ratio=0.001, momentum=0.9, warmup=None, clip=None)
+    dense = make_method("dense", ratio=0.001, momentum=0.9, warmup=None, clip=None)
+    assert isinstance(make_optimizer(params, task, dgc), DGCSGD)
+    routed = make_optimizer(params, task.replace(dgc_weight_decay="gradient"), dgc)
+    assert type(routed) is torch.optim.SGD                    # the decay is in the loss: no momentum, no decay here
+    assert routed.param_groups[0]["momentum"] == 0 and routed.param_groups[0]["weight_decay"] == 0
+    dgc.compressor.check_optimizer(routed)
+    plain = make_optimizer(params, task.replace(dgc_weight_decay="gradient"), dense)  # dense keeps SGD's decay
+    assert plain.param_groups[0]["momentum"] == 0.9 and plain.param_groups[0]["weight_decay"] == task.weight_decay
+    with pytest.raises(ValueError, match="dgc_weight_decay"):
+        make_optimizer(params, task.replace(dgc_weight_decay="loss"), dgc)
