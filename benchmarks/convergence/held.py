@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import math
 import os
 import socket
@@ -40,8 +41,11 @@ from .methods import make_method
 from .run import parse_setting
 from .train import JOBS, TASKS, _cosine, make_optimizer
 
+logger = logging.getLogger("convergence.held")
+
 
 def _worker(rank: int, world: int, port: int, task_name: str, overrides: dict, seed: int, out: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
@@ -110,7 +114,7 @@ def _worker(rank: int, world: int, port: int, task_name: str, overrides: dict, s
             json.dump({"task": task_name, "seed": seed, "overrides": overrides, "epochs": epochs}, f)
         for row in epochs:
             cells = "  ".join(f"{n}: x{row[n]['amplification']:.2f} age {row[n]['age']:.0f}" for n in names)
-            print(f"epoch {row['epoch']:2d} lr {row['lr']:.3f} loss {row['train_loss']:.2f}  {cells}", flush=True)
+            logger.info("epoch %2d lr %.3f loss %.2f  %s", row["epoch"], row["lr"], row["train_loss"], cells)
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # torch 2.13 + gloo can abort in interpreter teardown (see run.py)
