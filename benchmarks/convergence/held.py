@@ -34,12 +34,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gradsparse import Warmup
 from gradsparse import ddp as gddp
 
 from .methods import make_method
 from .run import parse_setting
-from .train import JOBS, TASKS, _cosine, make_optimizer
+from .train import JOBS, TASKS, _cosine, dgc_warmup, make_optimizer, one_cycle
 
 logger = logging.getLogger("convergence.held")
 
@@ -52,8 +51,7 @@ def _worker(rank: int, world: int, port: int, task_name: str, overrides: dict, s
     task = TASKS[task_name].replace(**overrides)
     job = JOBS[task.name](task, rank, world, seed)
     spe = job.steps_per_epoch
-    warmup = Warmup(length=task.warmup_stage_steps or max(1, spe // task.warmup_stages_per_epoch), unit="step")
-    m = make_method("dgc", ratio=task.ratio, momentum=task.momentum, warmup=warmup, clip=task.clip, seed=seed)
+    m = make_method("dgc", ratio=task.ratio, momentum=task.momentum, warmup=dgc_warmup(task, spe), clip=task.clip, seed=seed)
     torch.manual_seed(seed)
     net = job.model()
     torch.manual_seed(seed * 7919 + rank)
@@ -61,8 +59,7 @@ def _worker(rank: int, world: int, port: int, task_name: str, overrides: dict, s
     opt = make_optimizer(model.parameters(), task, m)
     state = gddp.register(model, m.compressor, optimizer=opt, min_compress_numel=task.min_compress_numel, log_every=0)
     total = task.epochs * spe
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=task.lr, total_steps=total, cycle_momentum=False) \
-        if task.schedule == "onecycle" else None
+    scheduler = one_cycle(task, opt, total)
     names = [name for name, p in net.named_parameters() if p.numel() >= task.min_compress_numel]
     track: dict[str, dict] = {}
     epochs, step = [], 0

@@ -152,19 +152,35 @@ class _LMJob:
 JOBS = {"digits": _DigitsJob, "lm": _LMJob, "digits_wd": _DigitsJob}
 
 
+def _momentum_corrected(m) -> bool:
+    """Whether the method's compressor applies the momentum itself (DGC's momentum correction)."""
+    return m.compressor is not None and getattr(m.compressor, "momentum_correction", False)
+
+
 def _decay_in_loss(task: Task, m) -> bool:
     """Weight decay as an L2 term of the loss (``dgc_weight_decay="gradient"``, DGC with momentum correction only)."""
     if task.dgc_weight_decay not in ("optimizer", "gradient"):
         raise ValueError(f"dgc_weight_decay must be 'optimizer' or 'gradient', got {task.dgc_weight_decay!r}")
-    return (task.dgc_weight_decay == "gradient" and m.compressor is not None
-            and getattr(m.compressor, "momentum_correction", False))
+    return bool(task.weight_decay) and task.dgc_weight_decay == "gradient" and _momentum_corrected(m)
+
+
+def dgc_warmup(task: Task, steps_per_epoch: int) -> Warmup:
+    """The task's DGC warm-up: stages of ``warmup_stage_steps``, or a fraction of an epoch each."""
+    return Warmup(length=task.warmup_stage_steps or max(1, steps_per_epoch // task.warmup_stages_per_epoch),
+                  unit="step")
+
+
+def one_cycle(task: Task, opt: torch.optim.Optimizer, total: int):
+    """torch's OneCycleLR over ``total`` steps for a ``"onecycle"`` task, else None (cosine, set per step)."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=task.lr, total_steps=total, cycle_momentum=False) \
+        if task.schedule == "onecycle" else None
 
 
 def make_optimizer(params, task: Task, m) -> torch.optim.Optimizer:
     """SGD as the task asks; with weight decay under DGC's momentum correction, DGCSGD (decay through momentum)."""
-    if task.weight_decay and _decay_in_loss(task, m):
+    if _decay_in_loss(task, m):
         return torch.optim.SGD(params, lr=task.lr, momentum=0.0)
-    if task.weight_decay and m.compressor is not None and getattr(m.compressor, "momentum_correction", False):
+    if task.weight_decay and _momentum_corrected(m):
         return DGCSGD(params, lr=task.lr, momentum=m.compressor.momentum, weight_decay=task.weight_decay,
                       nesterov=m.compressor.nesterov)
     return torch.optim.SGD(params, lr=task.lr, momentum=m.optimizer_momentum, weight_decay=task.weight_decay)
@@ -174,15 +190,15 @@ def train(rank: int, world: int, task: Task, method: str, seed: int) -> dict:
     """Train ``task`` with ``method`` from ``seed``; returns the run's curve and communication totals."""
     job = JOBS[task.name](task, rank, world, seed)
     spe = job.steps_per_epoch
-    warmup = Warmup(length=task.warmup_stage_steps or max(1, spe // task.warmup_stages_per_epoch), unit="step")
+    warmup = dgc_warmup(task, spe)
     m = make_method(method, ratio=task.ratio, momentum=task.momentum, warmup=warmup, clip=task.clip, seed=seed)
     torch.manual_seed(seed)
     net = job.model()
     torch.manual_seed(seed * 7919 + rank)  # dropout differs between ranks, not between runs
     model = DDP(net)
     opt = make_optimizer(model.parameters(), task, m)
-    decay_in_loss = bool(task.weight_decay) and _decay_in_loss(task, m)
-    lr_in_gradient = task.dgc_lr_in_gradient and getattr(m.compressor, "momentum_correction", False)
+    decay_in_loss = _decay_in_loss(task, m)
+    lr_in_gradient = task.dgc_lr_in_gradient and _momentum_corrected(m)
     if lr_in_gradient and task.weight_decay and not decay_in_loss:
         raise ValueError("dgc_lr_in_gradient with weight decay needs dgc_weight_decay='gradient'")
     # the optimizer whose lr the schedule sets: with lr_in_gradient a stand-in, read as lr_t each step
@@ -192,8 +208,7 @@ def train(rank: int, world: int, task: Task, method: str, seed: int) -> dict:
         state = gddp.register(model, m.compressor, optimizer=opt, min_compress_numel=task.min_compress_numel,
                               log_every=0)
     total = task.epochs * spe
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(scheduled, max_lr=task.lr, total_steps=total, cycle_momentum=False) \
-        if task.schedule == "onecycle" else None
+    scheduler = one_cycle(task, scheduled, total)
     n = n_params(net)
     curve, step, started = [], 0, time.perf_counter()
     for epoch in range(task.epochs):
