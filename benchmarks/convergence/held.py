@@ -128,6 +128,11 @@ def main(argv=None) -> None:
     overrides: dict = {}
     for item in args.set:
         overrides.update(parse_setting(item))
+    task = TASKS[args.task].replace(**overrides)
+    if task.dgc_weight_decay != "optimizer" or task.dgc_lr_in_gradient:
+        # train.py changes the loss for these (an L2 term, the LR factor); this loop does not
+        parser.error("held measures the default route only: leave dgc_weight_decay='optimizer' and "
+                     "dgc_lr_in_gradient=false")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
