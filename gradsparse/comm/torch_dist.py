@@ -8,6 +8,12 @@ collectives is the order of calls, identical on every rank. Futures resolve
 when the collective finishes (``needs_complete`` is False): ``complete(tag)``
 has nothing to do.
 
+A communicator freed on a thread Python did not start (a gloo worker running a future's
+callback that held the last reference, after ``destroy_process_group`` removed torch's own)
+does not free its process group there: the group's destructor would join the very thread
+it runs on, and the process aborts ("Resource deadlock avoided"). The group is kept until
+the next communicator is built on a Python thread, or the interpreter exits.
+
 Example::
 
     import torch.distributed as dist
@@ -19,10 +25,27 @@ Example::
 
 from __future__ import annotations
 
+import atexit
+import threading
+
 import torch
 import torch.distributed as dist
 
 from .base import Communicator
+
+_orphans: list = []  # process groups whose communicator was freed on a worker thread (see the module docstring)
+
+
+def _on_worker_thread() -> bool:
+    """Whether this thread was started outside Python (a C++ worker that runs futures' callbacks)."""
+    return isinstance(threading.current_thread(), threading._DummyThread)
+
+
+@atexit.register
+def _release_orphans() -> None:
+    """Drop the kept process groups (on a Python thread, where their destructors may join their workers)."""
+    if _orphans and not _on_worker_thread():
+        _orphans.clear()
 
 
 class TorchDistCommunicator(Communicator):
@@ -35,7 +58,13 @@ class TorchDistCommunicator(Communicator):
     timeout_hint = "the timeout is set by init_process_group"
 
     def __init__(self, process_group: dist.ProcessGroup | None = None):
+        _release_orphans()
         self.process_group = process_group
+
+    def __del__(self):
+        group = getattr(self, "process_group", None)
+        if group is not None and _on_worker_thread():
+            _orphans.append(group)
 
     @property
     def rank(self) -> int:

@@ -154,3 +154,56 @@ def test_pickling_drops_the_group(world):
     size, results = world
     for rank, r in enumerate(results):
         assert r["unpickled"] == {"group": None, "world_size": size, "rank": rank}
+
+
+class _Holder:
+    """Stands for a reducer: what a future's callback keeps alive through its closure."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+
+def _freed_in_callback_worker(rank, world):
+    """A subgroup's communicator whose last reference is a callback's, dropped on the group's own gloo worker
+    thread after torch's reference went with destroy_process_group (as a reducer freed right after its last
+    bucket is): the group is kept, not destroyed there (which aborts the process), and released once the next
+    communicator is built on this thread. Rank 0 registers its callback before rank 1 joins the allreduce, so
+    its callbacks run on gloo's thread (rank 1's may run here, inline)."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from gradsparse.comm import torch_dist
+
+    threads, kept = [], []
+    for _ in range(3):
+        group = dist.new_group(list(range(world)))
+        kept.append(len(torch_dist._orphans))
+        holder = _Holder(TorchDistCommunicator(group))
+        out = torch.futures.Future()
+
+        def land(fut, holder=holder):
+            threads.append(threading.current_thread().name)
+            out.set_result(holder.comm.world_size)
+            time.sleep(0.05)  # this thread still holds the closure when the caller drops its references
+
+        if rank > 0:
+            time.sleep(0.2)
+        holder.comm.allreduce_sum(torch.ones(4)).add_done_callback(land)
+        size = out.wait()
+        dist.destroy_process_group(group)
+        del holder, group, land
+        deadline = time.monotonic() + 30
+        while rank == 0 and not torch_dist._orphans and time.monotonic() < deadline:
+            time.sleep(0.01)
+    kept.append(len(torch_dist._orphans))
+    TorchDistCommunicator()
+    return {"size": size, "kept": kept, "left": len(torch_dist._orphans), "threads": threads}
+
+
+def test_a_group_freed_on_its_own_worker_thread_is_kept_until_a_python_thread_releases_it():
+    reports = run_world(_freed_in_callback_worker, 2)  # a worker that aborted fails here
+    assert all(r["size"] == 2 and r["left"] == 0 for r in reports)
+    assert all(name.startswith("Dummy") for name in reports[0]["threads"])  # rank 0's callbacks ran on gloo's
+    assert reports[0]["kept"] == [0, 1, 1, 1]  # one kept per round, released by the next
