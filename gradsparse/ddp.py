@@ -169,6 +169,8 @@ class GradSparseState(SparseAdapter):
         :class:`InvalidConfigError` (residuals and momentum belong to one model).
         """
         instance(model, "model", torch.nn.Module, "the module DDP wraps")
+        if getattr(model, "_use_python_reducer", False):
+            raise InvalidConfigError(_PYTHON_REDUCER)
         module = model.module if isinstance(model, DistributedDataParallel) else model
         ids = frozenset(id(p) for p in module.parameters())
         if self._bound_ids is not None and ids != self._bound_ids:
@@ -323,6 +325,13 @@ class GradSparseState(SparseAdapter):
                f"world_size={world})"
 
 
+_PYTHON_REDUCER = (
+    "this DDP model was built while torch._dynamo.config.optimize_ddp was 'python_reducer': DDP then calls "
+    "communication hooks once per parameter with (grad, param) and discards what they return, so gradsparse's hook "
+    "cannot reduce anything there. Build DDP with the default optimize_ddp ('ddp_optimizer'); torch.compile("
+    "ddp_model) works with the hook then (docs/ddp.md, 'torch.compile')")
+
+
 def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: sparse allgather of each bucket (dense for the first iterations).
 
@@ -333,6 +342,8 @@ def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futu
 
         ddp_model.register_comm_hook(GradSparseState(TopK(0.01), model=net), sparse_hook)
     """
+    if not isinstance(bucket, dist.GradBucket):  # DDP's python reducer passes (grad, param) and drops the result
+        raise InvalidConfigError(_PYTHON_REDUCER)
     state.hook_calls += 1
     step = state.iter
     last = bucket.is_last()
