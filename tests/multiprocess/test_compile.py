@@ -1,5 +1,6 @@
 """torch.compile of a DDP model with the gradsparse hook (docs/ddp.md, "torch.compile").
 
+``register`` accepts the DDP model or ``torch.compile(ddp_model)`` (the hook goes on the DDP model inside).
 With torch's default ``optimize_ddp`` (DDPOptimizer: the compiled graph split at DDP's buckets)
 DDP's own reducer still calls the hook with its buckets: nothing dropped equals plain DDP
 compiled the same way, bit for bit. Under ``optimize_ddp="python_reducer"`` DDP calls comm
@@ -35,11 +36,15 @@ def compile_worker(rank, world):
     got = _train(model, opt, 4, torch.compile(model))
     out["topk_equal"] = all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
     out["topk_steps"] = state.step
+    # compiled first, registered on the compiled wrapper: the hook goes on the DDP model inside it
     model = DDP(make_model("mlp"))
+    compiled = torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = gradsparse.ddp.register(model, gradsparse.DGC(0.01, warmup=None), optimizer=opt, log_every=0)
-    _train(model, opt, 4, torch.compile(model))
+    state = gradsparse.ddp.register(compiled, gradsparse.DGC(0.01, warmup=None), optimizer=opt, log_every=0)
+    _train(model, opt, 4, compiled)
     out["dgc_density"] = state.last_stats.density
+    out["dgc_keys"] = sorted(state.state_dict()["memory"]["state"])
+    out["names"] = sorted(name for name, _ in model.module.named_parameters())
     out["dgc_params"] = [p.detach().clone() for p in model.parameters()]
 
     previous = torch._dynamo.config.optimize_ddp
@@ -67,6 +72,7 @@ def test_compiled_ddp_runs_the_hook_and_python_reducer_is_refused():
         assert r["topk_equal"], "compiled DDP with TopK(1.0) must equal compiled plain DDP bit for bit"
         assert r["topk_steps"] == 4
         assert 0 < r["dgc_density"] < 0.1
+        assert r["dgc_keys"] == r["names"]  # keyed as without torch.compile: no "_orig_mod." prefix
         for name in ("register", "raw_hook"):
             assert "python_reducer" in r[name] and "ddp_optimizer" in r[name], r.get(name)
     assert all(torch.equal(a, b) for a, b in zip(results[0]["dgc_params"], results[1]["dgc_params"], strict=True))
