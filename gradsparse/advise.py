@@ -634,7 +634,7 @@ def main(argv=None) -> dict:
     machine = {"load_average": os.getloadavg()[0], "cores": cores, "threads": torch.get_num_threads()}
     machine["warning"] = busy_warning(machine["load_average"], cores, machine["threads"])
     if machine["warning"]:
-        logger.warning("gradsparse.advise: %s", machine["warning"])
+        logger.warning("%s", machine["warning"])
     links, rank, local, nodes_run, distributed = _measure(args, [int(float(s)) for s in args.sizes.split(",")])
     kernels = measure_kernels(shapes, args.repeats, args.max_measure) if rank == 0 else None
     nodes = args.nodes or (nodes_run if distributed else 2)
