@@ -609,10 +609,13 @@ def busy_warning(load: float, cores: int, threads: int) -> str | None:
     """
     if load < cores:
         return None
-    return (f"this machine is busy (load {load:.1f} on {cores} cores, {threads} torch threads): the kernel timings "
-            f"include waits for descheduled threads and can be many times too long, so the prediction and the "
-            f"recommendation are not reliable. Run on a quiet machine, or with OMP_NUM_THREADS=1 (as torchrun "
-            f"sets it for several ranks per node)")
+    if threads > 1:
+        return (f"this machine is busy (load {load:.1f} on {cores} cores, {threads} torch threads): the kernel "
+                f"timings include waits for descheduled threads and can be many times too long, so the prediction "
+                f"and the recommendation are not reliable. Run on a quiet machine, or with OMP_NUM_THREADS=1 (as "
+                f"torchrun sets it for several ranks per node)")
+    return (f"this machine is busy (load {load:.1f} on {cores} cores): the timings share the cores with other work "
+            f"and can be too long, so the prediction and the recommendation are not reliable. Run on a quiet machine")
 
 
 def _report(advice: dict, args) -> None:
@@ -633,9 +636,9 @@ def main(argv=None) -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     machine = {"load_average": os.getloadavg()[0], "cores": cores, "threads": torch.get_num_threads()}
     machine["warning"] = busy_warning(machine["load_average"], cores, machine["threads"])
-    if machine["warning"]:
-        logger.warning("%s", machine["warning"])
     links, rank, local, nodes_run, distributed = _measure(args, [int(float(s)) for s in args.sizes.split(",")])
+    if machine["warning"] and rank == 0:
+        logger.warning("%s", machine["warning"])
     kernels = measure_kernels(shapes, args.repeats, args.max_measure) if rank == 0 else None
     nodes = args.nodes or (nodes_run if distributed else 2)
     inter, intra = _links_for(links, local, nodes, args)

@@ -148,6 +148,7 @@ def test_a_busy_machine_is_reported_with_the_advice():
     assert busy_warning(1.9, 2, 2) is None
     warning = busy_warning(4.7, 2, 2)
     assert "load 4.7 on 2 cores" in warning and "OMP_NUM_THREADS=1" in warning
+    assert "quiet machine" in busy_warning(3.0, 2, 1) and "OMP_NUM_THREADS" not in busy_warning(3.0, 2, 1)
     advice = main(["--model", "mlp", "--link-gbit", "1", "--quiet"])
     machine = advice["machine"]
     assert machine["cores"] >= 1 and machine["threads"] == torch.get_num_threads()
