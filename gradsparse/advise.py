@@ -594,12 +594,38 @@ def _links_for(links: dict, local: int, nodes: int, args) -> tuple[LinkModel | N
     return inter, intra
 
 
+def busy_warning(load: float, cores: int, threads: int) -> str | None:
+    """A warning when the machine is too busy for the kernel timings to mean anything, else None.
+
+    With more runnable work than cores (1-minute load average ``load`` >= ``cores``), each parallel
+    op waits for its descheduled worker threads: on a 2-core machine at load 4.7 every kernel took
+    about 24 ms whatever its size (DGC on 134k elements 23.9 ms, 1.1 ms at one thread; the fp16 cast
+    179 ns per element against 0.8), and the recommendation flipped to dense.
+
+    >>> busy_warning(0.5, 8, 8) is None
+    True
+    >>> "load 4.7 on 2 cores" in busy_warning(4.7, 2, 2)
+    True
+    """
+    if load < cores:
+        return None
+    if threads > 1:
+        return (f"this machine is busy (load {load:.1f} on {cores} cores, {threads} torch threads): the kernel "
+                f"timings include waits for descheduled threads and can be many times too long, so the prediction "
+                f"and the recommendation are not reliable. Run on a quiet machine, or with OMP_NUM_THREADS=1 (as "
+                f"torchrun sets it for several ranks per node)")
+    return (f"this machine is busy (load {load:.1f} on {cores} cores): the timings share the cores with other work "
+            f"and can be too long, so the prediction and the recommendation are not reliable. Run on a quiet machine")
+
+
 def _report(advice: dict, args) -> None:
     r, target = advice["recommendation"], advice["predicted_for"]
     sys.stdout.write(f"\n{args.model}: {advice['parameters']:,} parameters; predicted for {target['nodes']} node(s) x "
                      f"{target['ranks_per_node']} rank(s), compute {args.compute_ms:g} ms per step\n"
                      f"{table(advice['predicted'], advice['compute_s'])}\n\nrecommended: {r['label']} "
                      f"({r['speedup_vs_dense']:.2f}x dense); {verdict(r)}\n")
+    if advice["machine"]["warning"]:
+        sys.stdout.write(f"WARNING: {advice['machine']['warning']}\n")
 
 
 def main(argv=None) -> dict:
@@ -607,7 +633,12 @@ def main(argv=None) -> dict:
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     shapes = load_shapes(args.model)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    machine = {"load_average": os.getloadavg()[0], "cores": cores, "threads": torch.get_num_threads()}
+    machine["warning"] = busy_warning(machine["load_average"], cores, machine["threads"])
     links, rank, local, nodes_run, distributed = _measure(args, [int(float(s)) for s in args.sizes.split(",")])
+    if machine["warning"] and rank == 0:
+        logger.warning("%s", machine["warning"])
     kernels = measure_kernels(shapes, args.repeats, args.max_measure) if rank == 0 else None
     nodes = args.nodes or (nodes_run if distributed else 2)
     inter, intra = _links_for(links, local, nodes, args)
@@ -623,7 +654,7 @@ def main(argv=None) -> dict:
                                     "intra": intra.as_dict() if intra else None,
                                     "link_source": "measured" if links else "given (--link-gbit)"},
                   "compute_s": compute_s, "links": links, "kernels": kernels, "predicted": predicted,
-                  "recommendation": recommend(predicted), "load_average": list(os.getloadavg()),
+                  "recommendation": recommend(predicted), "load_average": list(os.getloadavg()), "machine": machine,
                   "torch": torch.__version__}
         if not args.quiet:
             _report(advice, args)

@@ -127,6 +127,7 @@ class GradSparseState(SparseAdapter):
         instance(compressor, "compressor", Compressor, "TopK(0.01)")
         instance(grad_scaler, "grad_scaler", torch.amp.GradScaler, 'torch.amp.GradScaler("cuda")', allow_none=True)
         given_group = process_group
+        model = None if model is None else _uncompiled(model)
         self.process_group = process_group = _group_of(model, process_group)
         super().__init__(compressor, TorchDistCommunicator(process_group), start_iter=start_iter,
                          steps_per_epoch=steps_per_epoch, log_every=log_every, history_size=history_size,
@@ -169,6 +170,9 @@ class GradSparseState(SparseAdapter):
         :class:`InvalidConfigError` (residuals and momentum belong to one model).
         """
         instance(model, "model", torch.nn.Module, "the module DDP wraps")
+        model = _uncompiled(model)
+        if getattr(model, "_use_python_reducer", False):
+            raise InvalidConfigError(_PYTHON_REDUCER)
         module = model.module if isinstance(model, DistributedDataParallel) else model
         ids = frozenset(id(p) for p in module.parameters())
         if self._bound_ids is not None and ids != self._bound_ids:
@@ -323,6 +327,13 @@ class GradSparseState(SparseAdapter):
                f"world_size={world})"
 
 
+_PYTHON_REDUCER = (
+    "this DDP model was built while torch._dynamo.config.optimize_ddp was 'python_reducer': DDP then calls "
+    "communication hooks once per parameter with (grad, param) and discards what they return, so gradsparse's hook "
+    "cannot reduce anything there. Build DDP with the default optimize_ddp ('ddp_optimizer'); torch.compile("
+    "ddp_model) works with the hook then (docs/ddp.md, 'torch.compile')")
+
+
 def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: sparse allgather of each bucket (dense for the first iterations).
 
@@ -333,6 +344,8 @@ def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futu
 
         ddp_model.register_comm_hook(GradSparseState(TopK(0.01), model=net), sparse_hook)
     """
+    if not isinstance(bucket, dist.GradBucket):  # DDP's python reducer passes (grad, param) and drops the result
+        raise InvalidConfigError(_PYTHON_REDUCER)
     state.hook_calls += 1
     step = state.iter
     last = bucket.is_last()
@@ -446,6 +459,16 @@ def _loss_scale(scaler) -> float | None:
     return scaler.get_scale()
 
 
+def _uncompiled(model):
+    """The module inside ``torch.compile(model)`` (an ``OptimizedModule`` keeps it in ``_orig_mod``), else ``model``.
+
+    Registering on, or binding to, the compiled wrapper then acts on the DDP model itself: the same
+    hook, and parameter names without the wrapper's ``_orig_mod.`` prefix (checkpoints load either way).
+    """
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(model, torch.nn.Module) and isinstance(inner, torch.nn.Module) else model
+
+
 def _has_comm_hook(model: DistributedDataParallel) -> bool:
     return bool(getattr(model, "_comm_hooks", None))
 
@@ -497,6 +520,7 @@ def register(
 
         state = gradsparse.ddp.register(ddp_model, DGC(0.001), optimizer=opt)
     """
+    model = _uncompiled(model)  # torch.compile(ddp_model): the hook belongs on the DDP model inside
     instance(model, "model", DistributedDataParallel, "DistributedDataParallel(net)")
     instance(compressor, "compressor", Compressor, "TopK(0.01)")
     optimizer = unwrap(optimizer)  # an AcceleratedOptimizer / LightningOptimizer: the optimizer inside

@@ -49,7 +49,7 @@ from ._validate import instance
 from .adapter import SparseAdapter, upgrade_checkpoint
 from .compressors.base import Compressor
 from .ddp import _loss_scale
-from .errors import InvalidConfigError, StateMismatchError
+from .errors import ConfigTypeError, InvalidConfigError, StateMismatchError
 from .optim import guard
 from .options import ReducerOptions
 from .reducer import Segment, SparseReducer
@@ -403,6 +403,14 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
     compression = hvd.Compression.none if compression is _UNSET else compression
     op = hvd.Average if op is _UNSET else op
     process_set = hvd.global_process_set if process_set is _UNSET else process_set
+    if isinstance(compression, Compressor) or (isinstance(compression, type) and
+                                               issubclass(compression, (Compressor, SparseCompression))):
+        # Horovod would call compress() on it at the first step: an AttributeError, or a missing argument
+        raise ConfigTypeError(f"compression must be a SparseCompression instance wrapping the compressor, such as "
+                              f"compression=gradsparse.horovod.SparseCompression(gradsparse.DGC(0.001)), got "
+                              f"{compression!r}" if not isinstance(compression, type) else
+                              f"compression must be an instance such as gradsparse.horovod.SparseCompression("
+                              f"gradsparse.DGC(0.001)), got the class {compression.__name__}")
     if isinstance(compression, SparseCompression):
         if op == hvd.Adasum:
             raise InvalidConfigError("op=hvd.Adasum cannot combine index/value pairs from different ranks; "

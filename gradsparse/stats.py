@@ -70,6 +70,7 @@ class StepStats:
     buckets: int = 0
     allreduce_buckets: int = 0  # buckets whose selection went by the dense transport
     split_buckets: int = 0  # buckets that went by the split transport
+    hierarchical_buckets: int = 0  # buckets reduced by gradsparse.hierarchical (allreduce_buckets counts some too)
     compress_s: float = 0.0
     blocking_s: float = 0.0
     intra_bytes: int = 0
@@ -83,6 +84,7 @@ class StepStats:
         self.buckets += 1
         self.allreduce_buckets += int(b.transport in (ALLREDUCE, HIERARCHICAL_ALLREDUCE))
         self.split_buckets += int(b.transport == SPLIT)
+        self.hierarchical_buckets += int(b.transport in (HIERARCHICAL, HIERARCHICAL_ALLREDUCE))
         self.compress_s += b.compress_s
         self.blocking_s += b.blocking_s
         self.intra_bytes += b.intra_bytes

@@ -127,6 +127,12 @@ def refusals(hvd, gh, rank, world):
     seen["momentum"] = _error(lambda: gh.DistributedOptimizer(
         sgd(momentum=0.9), named_parameters=model.named_parameters(), compression=gh.SparseCompression(DGC(0.01))))
 
+    # the compressor itself, or the class, where a SparseCompression instance belongs
+    seen["bare_compressor"] = _error(lambda: gh.DistributedOptimizer(
+        sgd(), named_parameters=model.named_parameters(), compression=DGC(0.01)))
+    seen["compression_class"] = _error(lambda: gh.DistributedOptimizer(
+        sgd(), named_parameters=model.named_parameters(), compression=gh.SparseCompression))
+
     shared = gh.SparseCompression(TopK(0.01))
     gh.DistributedOptimizer(sgd(), named_parameters=model.named_parameters(), compression=shared)
     other = make_model("mlp")

@@ -218,6 +218,8 @@ def test_dgc_at_one_percent_trains_with_ranks_bit_identical():
     for r in reports:
         last = r["last"]
         assert last["intra_bytes"] > 0 and last["selected"] < 0.02 * (last["numel"] - last["whole"]), last
+        # the statistics say which path the buckets took (docs/ddp.md): every one hierarchical here
+        assert last["hierarchical_buckets"] == last["buckets"] > 0, last
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -141,6 +141,8 @@ def test_every_refusal_is_clear_on_every_rank(world2):
         assert seen["sparse_as_dense"].startswith("InvalidConfigError") and "sparse_as_dense" in seen["sparse_as_dense"]
         assert seen["momentum"].startswith("IncompatibleOptimizerError")
         assert seen["dgcsgd"] == "no error"
+        for key in ("bare_compressor", "compression_class"):  # typed at construction, naming the fix
+            assert seen[key].startswith("ConfigTypeError") and "SparseCompression(gradsparse.DGC" in seen[key], seen[key]
         assert seen["momentum_later"].startswith("IncompatibleOptimizerError") and \
             "param group 1 was added after registration" in seen["momentum_later"], seen["momentum_later"]
         assert seen["momentum_later_unchanged"]

@@ -62,6 +62,7 @@ def test_dgc_at_one_percent_trains_with_every_rank_bit_identical(ranks):
     for r in reports:
         last = r["last"]
         assert last["intra_bytes"] > 0 and 0 < last["selected"] < 0.02 * (last["numel"] - last["whole"]), last
+        assert last["hierarchical_buckets"] == last["buckets"] > 0, last  # the statistics say the hierarchy was taken (docs/horovod.md)
         assert set(r["steps"].values()) == {8}
 
 
