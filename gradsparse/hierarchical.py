@@ -540,6 +540,7 @@ class HierarchicalReducer:
                loss_scale: float | None = None) -> torch.futures.Future:
         """Reduce ``flat`` in place across every rank (see the module docstring); a Future of ``flat``."""
         check_bucket(flat)
+        step, epoch = integer(step, "step", minimum=0), integer(epoch, "epoch", minimum=0)
         flat = flat.view(-1)
         segments = [Segment("bucket", 0, flat.numel())] if segments is None else list(segments)
         if loss_scale is not None:

@@ -86,7 +86,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import ops, split
-from ._validate import instance
+from ._validate import instance, integer
 from .arena import Arena, Candidates
 from .comm.base import Communicator, completed_future
 from .compressors.base import Compressor
@@ -548,6 +548,7 @@ class SparseReducer:
         then one completion path (:meth:`_complete`).
         """
         check_bucket(flat)
+        step, epoch = integer(step, "step", minimum=0), integer(epoch, "epoch", minimum=0)
         flat = flat.view(-1)
         plan = self._plan([Segment("bucket", 0, flat.numel())] if segments is None else segments, flat.numel())
         if flat.dtype == torch.float64 and plan.compressed and not self._warned_float64:

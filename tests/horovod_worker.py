@@ -154,6 +154,8 @@ def refusals(hvd, gh, rank, world):
         opt.step()
 
     m = make_model("mlp")
+    seen["plain_bare_compressor"] = _error(lambda: plain_step("mlp", m, compression=DGC(0.01)))
+    m = make_model("mlp")
     seen["plain_unbound"] = _error(lambda: plain_step("mlp", m, compression=gh.SparseCompression(TopK(0.01))))
     m = make_model("mlp")
     seen["plain_sum"] = _error(lambda: plain_step(

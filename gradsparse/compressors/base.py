@@ -23,6 +23,7 @@ import torch
 
 from .. import ops
 from .._validate import boolean, real
+from ..errors import ConfigTypeError
 from ..memory import Memory, ResidualMemory
 
 
@@ -206,6 +207,18 @@ class Compressor(abc.ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
         return f"{type(self).__name__}({args})"
+
+    def compress(self, *args, **kwargs):
+        """Refuse the call Horovod makes on ``compression=``: a compressor is not a Horovod compression.
+
+        ``hvd.DistributedOptimizer(opt, compression=DGC(0.001))`` gets here at the first backward
+        (Horovod calls ``compression.compress(grad)``); the fix is a ``SparseCompression`` around it.
+        """
+        name = type(self).__name__
+        raise ConfigTypeError(f"{name}(...) is a gradsparse compressor, not a Horovod compression: pass "
+                              f"compression=gradsparse.horovod.SparseCompression({name}(...), "
+                              "named_parameters=model.named_parameters()), preferably to "
+                              "gradsparse.horovod.DistributedOptimizer (docs/horovod.md)")
 
 
 class ExactTopK(Compressor):

@@ -149,6 +149,8 @@ def test_every_refusal_is_clear_on_every_rank(world2):
         assert seen["shared"].startswith("InvalidConfigError") and "one SparseCompression per optimizer" in seen["shared"]
         assert seen["mismatch"].startswith("StateMismatchError") and "[6, 8]" in seen["mismatch"]
         # the same mistakes with an unmodified hvd.DistributedOptimizer
+        assert seen["plain_bare_compressor"].startswith("ConfigTypeError") and \
+            "SparseCompression(DGC(" in seen["plain_bare_compressor"], seen["plain_bare_compressor"]
         assert seen["plain_unbound"].startswith("InvalidConfigError") and "named_parameters" in seen["plain_unbound"]
         assert seen["plain_sum"].startswith("InvalidConfigError") and "sum" in seen["plain_sum"]
         assert seen["plain_sparse_as_dense"].startswith("InvalidConfigError") and "sparse_as_dense" in \

@@ -8,7 +8,7 @@ import torch
 from gradsparse import DGC, PerSignTopK, Threshold, TopK
 from gradsparse.comm import LocalCommunicator
 from gradsparse.comm.base import completed_future
-from gradsparse.errors import BucketError, InvalidConfigError, UnsupportedGradientError
+from gradsparse.errors import BucketError, ConfigTypeError, InvalidConfigError, UnsupportedGradientError
 from gradsparse.payload import PayloadLayout, parse
 from gradsparse.reducer import DESCRIPTOR_BYTES, Segment, SparseReducer
 from gradsparse.stats import ALLGATHER, ALLREDUCE
@@ -65,6 +65,14 @@ def test_bucket_over_int32_is_refused_without_allocating():
 def test_bad_reducer_options_are_refused(kwargs, match):
     with pytest.raises(InvalidConfigError, match=match):
         reducer(**kwargs)
+
+
+@pytest.mark.parametrize("step,epoch,error", [("3", 0, ConfigTypeError), (2.5, 0, ConfigTypeError),
+                                              (-1, 0, InvalidConfigError), (3, None, ConfigTypeError)])
+def test_a_step_or_epoch_that_is_not_a_count_is_refused(step, epoch, error):
+    """DGC's warm-up compares the step with integers: a string step failed there with a bare TypeError."""
+    with pytest.raises(error, match="step" if epoch == 0 else "epoch"):
+        reducer(DGC(0.01)).reduce(torch.randn(5000), None, step, epoch)
 
 
 def test_segments_outside_the_bucket_are_refused():
