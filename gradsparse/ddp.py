@@ -32,6 +32,7 @@ DGC's momentum correction replaces optimizer momentum: use
 # with dist.GradBucket and Future[Tensor] as objects, not strings.
 
 import logging
+import sys
 import threading
 
 import torch
@@ -43,7 +44,8 @@ from ._validate import instance
 from .adapter import SparseAdapter, all_slots, upgrade_checkpoint
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
-from .errors import HookAlreadyRegisteredError, InvalidConfigError, StateMismatchError, UnsupportedGradientError
+from .errors import (ConfigTypeError, HookAlreadyRegisteredError, InvalidConfigError, StateMismatchError,
+                     UnsupportedGradientError)
 from .optim import guard, unwrap
 from .options import ReducerOptions
 from .reducer import Segment
@@ -171,6 +173,7 @@ class GradSparseState(SparseAdapter):
         """
         instance(model, "model", torch.nn.Module, "the module DDP wraps")
         model = _uncompiled(model)
+        _refuse_fsdp(model)
         if getattr(model, "_use_python_reducer", False):
             raise InvalidConfigError(_PYTHON_REDUCER)
         module = model.module if isinstance(model, DistributedDataParallel) else model
@@ -459,6 +462,26 @@ def _loss_scale(scaler) -> float | None:
     return scaler.get_scale()
 
 
+_FSDP = ("gradsparse's hook is a DistributedDataParallel communication hook; this model is sharded by FSDP "
+         "({}), which reduce-scatters each rank's shard of the gradients and has no DDP bucket to compress: use "
+         "DistributedDataParallel(net) with gradsparse.ddp.register(ddp_model, compressor, optimizer=opt), or FSDP "
+         "without gradsparse (docs/ddp.md, 'Errors')")
+
+
+def _refuse_fsdp(model) -> None:
+    """Raise ConfigTypeError naming the fix for an FSDP model (``FullyShardedDataParallel`` or ``fully_shard``)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:  # never imported: no module can be an FSDP one
+        return
+    kinds = {getattr(fsdp, name, None): api for name, api in (("FullyShardedDataParallel", "FullyShardedDataParallel"),
+                                                              ("FSDPModule", "fully_shard"))}
+    kinds.pop(None, None)
+    for module in model.modules() if isinstance(model, torch.nn.Module) else ():
+        for kind, api in kinds.items():
+            if isinstance(module, kind):
+                raise ConfigTypeError(_FSDP.format(api))
+
+
 def _uncompiled(model):
     """The module inside ``torch.compile(model)`` (an ``OptimizedModule`` keeps it in ``_orig_mod``), else ``model``.
 
@@ -521,6 +544,7 @@ def register(
         state = gradsparse.ddp.register(ddp_model, DGC(0.001), optimizer=opt)
     """
     model = _uncompiled(model)  # torch.compile(ddp_model): the hook belongs on the DDP model inside
+    _refuse_fsdp(model)
     instance(model, "model", DistributedDataParallel, "DistributedDataParallel(net)")
     instance(compressor, "compressor", Compressor, "TopK(0.01)")
     optimizer = unwrap(optimizer)  # an AcceleratedOptimizer / LightningOptimizer: the optimizer inside

@@ -430,3 +430,30 @@ def test_state_refuses_bad_start_iter_and_register_needs_ddp():
         gddp.GradSparseState(TopK(0.1), start_iter=0)
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         gddp.register(nn.Linear(2, 2), TopK(0.1))
+
+
+def fsdp_worker(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    refusals = {}
+    for way in ("register", "state"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+        fully_shard(model)  # FSDP2; FullyShardedDataParallel (FSDP1) needs an accelerator in torch 2.13
+        try:
+            if way == "register":
+                gddp.register(model, TopK(0.01))
+            else:
+                gddp.GradSparseState(TopK(0.01), model=model)
+        except TypeError as err:
+            refusals[way] = (type(err).__name__, str(err))
+    return refusals
+
+
+def test_an_fsdp_model_is_refused_naming_ddp():
+    """register() said only 'model must be a DistributedDataParallel instance'; GradSparseState(model=) accepted it."""
+    for refusals in run_world(fsdp_worker, 2):
+        for way in ("register", "state"):
+            assert way in refusals, refusals
+            kind, message = refusals[way]
+            assert kind == "ConfigTypeError" and "sharded by FSDP (fully_shard)" in message, refusals
+            assert "DistributedDataParallel(net)" in message, refusals
