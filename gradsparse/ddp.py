@@ -34,6 +34,7 @@ DGC's momentum correction replaces optimizer momentum: use
 import logging
 import sys
 import threading
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -101,6 +102,7 @@ class GradSparseState(SparseAdapter):
         "_current",
         "_bound",
         "_usage",
+        "_watch",
         "_error",
         "_callback_step",
         "_bound_ids",
@@ -144,6 +146,7 @@ class GradSparseState(SparseAdapter):
             self.reducer = hierarchical.create(compressor, hierarchy, self.reducer.options)
         self.reducer.defer_error = self._defer
         self._usage: _UsageTracker | None = None
+        self._watch: _AccumulationWatch | None = None
         self._error: Exception | None = None
         self._callback_step: int | None = None  # the step whose end-of-backward callback is queued
         self.grad_scaler = grad_scaler
@@ -188,6 +191,8 @@ class GradSparseState(SparseAdapter):
         tracks = isinstance(model, DistributedDataParallel) and (model.find_unused_parameters or model.static_graph)
         if tracks and self._usage is None:  # binding the same model again keeps its tracker (and hooks)
             self._usage = _UsageTracker(module)
+        if isinstance(model, DistributedDataParallel) and self._watch is None:
+            self._watch = _AccumulationWatch(module)
 
     @property
     def step(self) -> int:
@@ -305,7 +310,7 @@ class GradSparseState(SparseAdapter):
     def __getstate__(self):
         # parameter identities (_bound_ids, _sealed) mean nothing in another process
         return {slot: getattr(self, slot) for slot in all_slots(type(self))
-                if slot not in ("process_group", "_lock", "grad_scaler", "_usage", "_error", "_bound_ids",
+                if slot not in ("process_group", "_lock", "grad_scaler", "_usage", "_watch", "_error", "_bound_ids",
                                 "_sealed", "__weakref__")}
 
     def __setstate__(self, state):
@@ -314,6 +319,7 @@ class GradSparseState(SparseAdapter):
         self.process_group = None
         self.grad_scaler = None
         self._usage = None  # tensor hooks belong to the original model's parameters: bind() again
+        self._watch = None
         self._error = None
         self._lock = threading.Lock()
         self.reducer.defer_error = self._defer
@@ -352,6 +358,8 @@ def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futu
     state.hook_calls += 1
     step = state.iter
     last = bucket.is_last()
+    if state._watch is not None:  # before any bookkeeping: a refusal leaves the state as it was
+        state._watch.check(bucket, state.compressor, last)
     state._begin_bucket(step, last)
     try:
         if bucket.buffer().is_sparse:
@@ -454,6 +462,66 @@ class _UsageTracker:
             if p.requires_grad and id(p) not in self._hooked:
                 p.register_hook(self._mark(id(p)))
                 self._hooked.add(id(p))
+
+
+_ACCUMULATED = (
+    "this synchronised backward pass adds its gradients to the averaged gradients the hook delivered in the previous "
+    "one (no zero_grad() between, and no no_sync()): the hook would compress the already averaged gradient again{}. "
+    "Run every backward of an optimizer step but the last under `with model.no_sync():` (or backpropagate the sum "
+    "of the losses once); in a GAN, backpropagate the generator's loss through the discriminator under "
+    "`with discriminator.no_sync():` (its gradients are discarded anyway) (docs/ddp.md, 'Several backward passes "
+    "per step')")
+
+
+class _AccumulationWatch:
+    """Tells a synchronised backward pass that accumulates onto the gradients the hook delivered last time.
+
+    DDP then hands the hook ``delivered average + this rank's new gradient``: DGC would put the average
+    through its momentum a second time. A tensor hook on each parameter looks at ``p.grad`` before the new
+    gradient is added: if it is still the tensor DDP wrote the hook's result into, unmodified since (its
+    version counter; zero_grad, GradScaler.unscale_ and clipping all change it, set_to_none drops it), the
+    parameter is marked. ``p.grad`` then holds the average, the same on every rank, so every rank decides alike.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        self._delivered: dict[int, tuple] = {}
+        self.marked: set[int] = set()
+        self._warned = False
+        for p in self._params:
+            p.register_hook(self._look(weakref.ref(p)))
+
+    def _look(self, ref):
+        def look(grad):
+            p = ref()
+            if p is None:
+                return
+            old, seen = p.grad, self._delivered.get(id(p))
+            if old is not None and seen is not None and seen[0]() is old and seen[1] == old._version:
+                self.marked.add(id(p))
+            else:
+                self.marked.discard(id(p))
+        return look
+
+    def _record(self) -> None:
+        """After DDP wrote this backward's results into the gradients: remember each gradient tensor and version."""
+        self.marked = set()
+        self._delivered = {id(p): (weakref.ref(p.grad), p.grad._version) for p in self._params if p.grad is not None}
+
+    def check(self, bucket: dist.GradBucket, compressor: Compressor, last: bool) -> None:
+        """Refuse (DGC with momentum correction) or warn once (the rest) if this bucket's gradients accumulate."""
+        if self.marked and any(id(p) in self.marked for p in bucket.parameters()):
+            self.marked = set()
+            if getattr(compressor, "momentum_correction", False):
+                raise InvalidConfigError(_ACCUMULATED.format(
+                    f" and {compressor!r} would put it through its momentum a second time"))
+            if not self._warned:
+                self._warned = True
+                logger.warning("gradsparse: %s", _ACCUMULATED.format(
+                    " (nothing is lost: its residual keeps what is not sent, but a gradient you discard later, "
+                    "such as the generator's loss through a discriminator, still reaches the parameters through it)"))
+        if last:
+            _queue_after_backward(self._record)
 
 
 def _loss_scale(scaler) -> float | None:
