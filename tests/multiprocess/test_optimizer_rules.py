@@ -384,6 +384,7 @@ def zero_worker(rank, world):
             opt.step()
         # as a scheduler with cycle_momentum=True would, on ZeRO's own param groups
         opt.param_groups[0]["momentum"] = 0.5
+        opt.zero_grad()
         model(torch.ones(2, 16)).sum().backward()
         try:
             opt.step()
