@@ -182,7 +182,8 @@ class GradSparseState(SparseAdapter):
         module = model.module if isinstance(model, DistributedDataParallel) else model
         ids = frozenset(id(p) for p in module.parameters())
         if self._bound_ids is not None and ids != self._bound_ids:
-            raise InvalidConfigError("this GradSparseState already serves another model; create one per DDP model")
+            raise InvalidConfigError("this GradSparseState already serves another model; create one per DDP model "
+                                     + _REWRAPPED)
         _check_sparse_gradients(module, self.compressor)
         self._names = {id(p): name for name, p in module.named_parameters()}
         self._numels = {name: p.numel() for name, p in module.named_parameters()}
@@ -204,7 +205,8 @@ class GradSparseState(SparseAdapter):
         if name is None:
             if self._bound:
                 raise StateMismatchError("the DDP bucket holds a parameter that is not in the bound model: is this "
-                                         "GradSparseState shared by two DDP models? Create one per DDP model")
+                                         "GradSparseState shared by two DDP models? Create one per DDP model "
+                                         + _REWRAPPED)
             if self._sealed:
                 raise StateMismatchError(
                     "the DDP bucket holds a parameter this GradSparseState did not see in its first step: it is "
@@ -335,6 +337,9 @@ class GradSparseState(SparseAdapter):
         return f"GradSparseState(compressor={self.compressor!r}, step={self.iter}, {self._stats_repr()}, " \
                f"world_size={world})"
 
+
+_REWRAPPED = ("(a model wrapped again after layers were added: register a new state on the new DDP model and "
+               "new_state.load_state_dict(old_state.state_dict()); the new layers start from zero state)")
 
 _PYTHON_REDUCER = (
     "this DDP model was built while torch._dynamo.config.optimize_ddp was 'python_reducer': DDP then calls "
