@@ -32,7 +32,9 @@ DGC's momentum correction replaces optimizer momentum: use
 # with dist.GradBucket and Future[Tensor] as objects, not strings.
 
 import logging
+import sys
 import threading
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -43,7 +45,8 @@ from ._validate import instance
 from .adapter import SparseAdapter, all_slots, upgrade_checkpoint
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
-from .errors import HookAlreadyRegisteredError, InvalidConfigError, StateMismatchError, UnsupportedGradientError
+from .errors import (ConfigTypeError, HookAlreadyRegisteredError, InvalidConfigError, StateMismatchError,
+                     UnsupportedGradientError)
 from .optim import guard, unwrap
 from .options import ReducerOptions
 from .reducer import Segment
@@ -99,6 +102,7 @@ class GradSparseState(SparseAdapter):
         "_current",
         "_bound",
         "_usage",
+        "_watch",
         "_error",
         "_callback_step",
         "_bound_ids",
@@ -142,6 +146,7 @@ class GradSparseState(SparseAdapter):
             self.reducer = hierarchical.create(compressor, hierarchy, self.reducer.options)
         self.reducer.defer_error = self._defer
         self._usage: _UsageTracker | None = None
+        self._watch: _AccumulationWatch | None = None
         self._error: Exception | None = None
         self._callback_step: int | None = None  # the step whose end-of-backward callback is queued
         self.grad_scaler = grad_scaler
@@ -171,12 +176,14 @@ class GradSparseState(SparseAdapter):
         """
         instance(model, "model", torch.nn.Module, "the module DDP wraps")
         model = _uncompiled(model)
+        _refuse_fsdp(model)
         if getattr(model, "_use_python_reducer", False):
             raise InvalidConfigError(_PYTHON_REDUCER)
         module = model.module if isinstance(model, DistributedDataParallel) else model
         ids = frozenset(id(p) for p in module.parameters())
         if self._bound_ids is not None and ids != self._bound_ids:
-            raise InvalidConfigError("this GradSparseState already serves another model; create one per DDP model")
+            raise InvalidConfigError("this GradSparseState already serves another model; create one per DDP model "
+                                     + _REWRAPPED)
         _check_sparse_gradients(module, self.compressor)
         self._names = {id(p): name for name, p in module.named_parameters()}
         self._numels = {name: p.numel() for name, p in module.named_parameters()}
@@ -185,6 +192,8 @@ class GradSparseState(SparseAdapter):
         tracks = isinstance(model, DistributedDataParallel) and (model.find_unused_parameters or model.static_graph)
         if tracks and self._usage is None:  # binding the same model again keeps its tracker (and hooks)
             self._usage = _UsageTracker(module)
+        if isinstance(model, DistributedDataParallel) and self._watch is None:
+            self._watch = _AccumulationWatch(module)
 
     @property
     def step(self) -> int:
@@ -196,7 +205,8 @@ class GradSparseState(SparseAdapter):
         if name is None:
             if self._bound:
                 raise StateMismatchError("the DDP bucket holds a parameter that is not in the bound model: is this "
-                                         "GradSparseState shared by two DDP models? Create one per DDP model")
+                                         "GradSparseState shared by two DDP models? Create one per DDP model "
+                                         + _REWRAPPED)
             if self._sealed:
                 raise StateMismatchError(
                     "the DDP bucket holds a parameter this GradSparseState did not see in its first step: it is "
@@ -302,7 +312,7 @@ class GradSparseState(SparseAdapter):
     def __getstate__(self):
         # parameter identities (_bound_ids, _sealed) mean nothing in another process
         return {slot: getattr(self, slot) for slot in all_slots(type(self))
-                if slot not in ("process_group", "_lock", "grad_scaler", "_usage", "_error", "_bound_ids",
+                if slot not in ("process_group", "_lock", "grad_scaler", "_usage", "_watch", "_error", "_bound_ids",
                                 "_sealed", "__weakref__")}
 
     def __setstate__(self, state):
@@ -311,6 +321,7 @@ class GradSparseState(SparseAdapter):
         self.process_group = None
         self.grad_scaler = None
         self._usage = None  # tensor hooks belong to the original model's parameters: bind() again
+        self._watch = None
         self._error = None
         self._lock = threading.Lock()
         self.reducer.defer_error = self._defer
@@ -326,6 +337,9 @@ class GradSparseState(SparseAdapter):
         return f"GradSparseState(compressor={self.compressor!r}, step={self.iter}, {self._stats_repr()}, " \
                f"world_size={world})"
 
+
+_REWRAPPED = ("(a model wrapped again after layers were added: register a new state on the new DDP model and "
+               "new_state.load_state_dict(old_state.state_dict()); the new layers start from zero state)")
 
 _PYTHON_REDUCER = (
     "this DDP model was built while torch._dynamo.config.optimize_ddp was 'python_reducer': DDP then calls "
@@ -349,6 +363,8 @@ def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futu
     state.hook_calls += 1
     step = state.iter
     last = bucket.is_last()
+    if state._watch is not None:  # before any bookkeeping: a refusal leaves the state as it was
+        state._watch.check(bucket, state.compressor, last)
     state._begin_bucket(step, last)
     try:
         if bucket.buffer().is_sparse:
@@ -453,10 +469,90 @@ class _UsageTracker:
                 self._hooked.add(id(p))
 
 
+_ACCUMULATED = (
+    "this synchronised backward pass adds its gradients to the averaged gradients the hook delivered in the previous "
+    "one (no zero_grad() between, and no no_sync()): the hook would compress the already averaged gradient again{}. "
+    "Run every backward of an optimizer step but the last under `with model.no_sync():` (or backpropagate the sum "
+    "of the losses once); in a GAN, backpropagate the generator's loss through the discriminator under "
+    "`with discriminator.no_sync():` (its gradients are discarded anyway) (docs/ddp.md, 'Several backward passes "
+    "per step')")
+
+
+class _AccumulationWatch:
+    """Tells a synchronised backward pass that accumulates onto the gradients the hook delivered last time.
+
+    DDP then hands the hook ``delivered average + this rank's new gradient``: DGC would put the average
+    through its momentum a second time. A tensor hook on each parameter looks at ``p.grad`` before the new
+    gradient is added: if it is still the tensor DDP wrote the hook's result into, unmodified since (its
+    version counter; zero_grad, GradScaler.unscale_ and clipping all change it, set_to_none drops it), the
+    parameter is marked. ``p.grad`` then holds the average, the same on every rank, so every rank decides alike.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        self._delivered: dict[int, tuple] = {}
+        self.marked: set[int] = set()
+        self._warned = False
+        for p in self._params:
+            p.register_hook(self._look(weakref.ref(p)))
+
+    def _look(self, ref):
+        def look(grad):
+            p = ref()
+            if p is None:
+                return
+            old, seen = p.grad, self._delivered.get(id(p))
+            if old is not None and seen is not None and seen[0]() is old and seen[1] == old._version:
+                self.marked.add(id(p))
+            else:
+                self.marked.discard(id(p))
+        return look
+
+    def _record(self) -> None:
+        """After DDP wrote this backward's results into the gradients: remember each gradient tensor and version."""
+        self.marked = set()
+        self._delivered = {id(p): (weakref.ref(p.grad), p.grad._version) for p in self._params if p.grad is not None}
+
+    def check(self, bucket: dist.GradBucket, compressor: Compressor, last: bool) -> None:
+        """Refuse (DGC with momentum correction) or warn once (the rest) if this bucket's gradients accumulate."""
+        if self.marked and any(id(p) in self.marked for p in bucket.parameters()):
+            self.marked = set()
+            if getattr(compressor, "momentum_correction", False):
+                raise InvalidConfigError(_ACCUMULATED.format(
+                    f" and {compressor!r} would put it through its momentum a second time"))
+            if not self._warned:
+                self._warned = True
+                logger.warning("gradsparse: %s", _ACCUMULATED.format(
+                    " (nothing is lost: its residual keeps what is not sent, but a gradient you discard later, "
+                    "such as the generator's loss through a discriminator, still reaches the parameters through it)"))
+        if last:
+            _queue_after_backward(self._record)
+
+
 def _loss_scale(scaler) -> float | None:
     if scaler is None or not scaler.is_enabled():
         return None
     return scaler.get_scale()
+
+
+_FSDP = ("gradsparse's hook is a DistributedDataParallel communication hook; this model is sharded by FSDP "
+         "({}), which reduce-scatters each rank's shard of the gradients and has no DDP bucket to compress: use "
+         "DistributedDataParallel(net) with gradsparse.ddp.register(ddp_model, compressor, optimizer=opt), or FSDP "
+         "without gradsparse (docs/ddp.md, 'Errors')")
+
+
+def _refuse_fsdp(model) -> None:
+    """Raise ConfigTypeError naming the fix for an FSDP model (``FullyShardedDataParallel`` or ``fully_shard``)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:  # never imported: no module can be an FSDP one
+        return
+    kinds = {getattr(fsdp, name, None): api for name, api in (("FullyShardedDataParallel", "FullyShardedDataParallel"),
+                                                              ("FSDPModule", "fully_shard"))}
+    kinds.pop(None, None)
+    for module in model.modules() if isinstance(model, torch.nn.Module) else ():
+        for kind, api in kinds.items():
+            if isinstance(module, kind):
+                raise ConfigTypeError(_FSDP.format(api))
 
 
 def _uncompiled(model):
@@ -521,6 +617,7 @@ def register(
         state = gradsparse.ddp.register(ddp_model, DGC(0.001), optimizer=opt)
     """
     model = _uncompiled(model)  # torch.compile(ddp_model): the hook belongs on the DDP model inside
+    _refuse_fsdp(model)
     instance(model, "model", DistributedDataParallel, "DistributedDataParallel(net)")
     instance(compressor, "compressor", Compressor, "TopK(0.01)")
     optimizer = unwrap(optimizer)  # an AcceleratedOptimizer / LightningOptimizer: the optimizer inside

@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -165,11 +166,31 @@ def _scheduler_hint(group: dict) -> str:
     return ""
 
 
+def _zero_inner(optimizer):
+    """The local optimizer a ``torch.distributed.optim.ZeroRedundancyOptimizer`` steps (``.optim``), else None.
+
+    ZeRO's own class says nothing about the update: it builds ``optimizer_class(shard, **kwargs)`` on
+    each rank and copies its param groups' settings (only the keywords it was given) into it.
+    """
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero is None or not isinstance(optimizer, zero.ZeroRedundancyOptimizer):
+        return None
+    return getattr(optimizer, "optim", None)
+
+
 def _optimizer_problem(optimizer, group: dict, m: float, nesterov: bool) -> str | None:
     """Why ``group`` of ``optimizer`` cannot apply gradients DGC corrected with momentum ``m``."""
-    name = type(optimizer).__name__
+    inner = _zero_inner(optimizer)
+    if isinstance(inner, torch.optim.Optimizer):  # judge the optimizer ZeRO steps, with the settings ZeRO gives it
+        group = {**inner.defaults, **group}
+        name = f"ZeroRedundancyOptimizer(optimizer_class={type(inner).__name__})"
+        make = "ZeroRedundancyOptimizer(params, optimizer_class=gradsparse.DGCSGD, lr=lr, "
+        optimizer = inner
+    else:
+        name = type(optimizer).__name__
+        make = "gradsparse.DGCSGD(params, lr, "
     wd = group.get("weight_decay") or 0
-    fix = f"gradsparse.DGCSGD(params, lr, momentum={m}, {'nesterov=True, ' if nesterov else ''}weight_decay={wd})"
+    fix = f"{make}momentum={m}, {'nesterov=True, ' if nesterov else ''}weight_decay={wd})"
     if isinstance(optimizer, DGCSGD):
         if group["momentum"] == m and group["nesterov"] == nesterov:
             return None

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradsparse import DGC, Threshold, TopK, Warmup
 from gradsparse import ddp as gddp
-from gradsparse.errors import HookAlreadyRegisteredError, IncompatibleOptimizerError
+from gradsparse.errors import HookAlreadyRegisteredError, IncompatibleOptimizerError, InvalidConfigError
 
 from .. import dgc_reference
 from ..distributed import run_world
@@ -430,3 +430,103 @@ def test_state_refuses_bad_start_iter_and_register_needs_ddp():
         gddp.GradSparseState(TopK(0.1), start_iter=0)
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         gddp.register(nn.Linear(2, 2), TopK(0.1))
+
+
+def fsdp_worker(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    refusals = {}
+    for way in ("register", "state"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+        fully_shard(model)  # FSDP2; FullyShardedDataParallel (FSDP1) needs an accelerator in torch 2.13
+        try:
+            if way == "register":
+                gddp.register(model, TopK(0.01))
+            else:
+                gddp.GradSparseState(TopK(0.01), model=model)
+        except TypeError as err:
+            refusals[way] = (type(err).__name__, str(err))
+    return refusals
+
+
+def test_an_fsdp_model_is_refused_naming_ddp():
+    """register() said only 'model must be a DistributedDataParallel instance'; GradSparseState(model=) accepted it."""
+    for refusals in run_world(fsdp_worker, 2):
+        for way in ("register", "state"):
+            assert way in refusals, refusals
+            kind, message = refusals[way]
+            assert kind == "ConfigTypeError" and "sharded by FSDP (fully_shard)" in message, refusals
+            assert "DistributedDataParallel(net)" in message, refusals
+
+
+# ----------------------------------------------------------------------------------------------
+# Several synchronised backward passes per optimizer step (no no_sync): DDP hands the hook the
+# averaged gradient it delivered last time plus the new one.
+
+def _gan():
+    torch.manual_seed(0)
+    gen = DDP(nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 128)))
+    disc = DDP(nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1)))
+    return gen, disc
+
+
+def accumulation_worker(rank, world, scenario):
+    from ..logs import LogLines
+
+    lines = LogLines(logging.WARNING)
+    logging.getLogger("gradsparse.ddp").addHandler(lines)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    gen, disc = _gan()
+    compressor = TopK(0.05) if scenario.startswith("topk") else DGC(0.01, warmup=None)
+    opt_g = torch.optim.SGD(gen.parameters(), lr=0.05)
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.05)
+    state = gddp.register(disc, compressor, optimizer=opt_d, log_every=0)
+    gddp.register(gen, TopK(0.05), optimizer=opt_g, log_every=0)
+    outcome = "ran"
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 * rank + step)
+        real, z = torch.randn(16, 128, generator=g), torch.randn(16, 8, generator=g)
+        try:
+            # the discriminator's step, as PyTorch's DCGAN example writes it: two backward passes
+            phase = "discriminator"
+            opt_d.zero_grad(set_to_none=scenario != "dgc_zeroed_in_place")
+            fake = gen(z)
+            if scenario in ("dgc_no_sync", "dgc_zeroed_in_place", "dgc_generator_through_disc"):
+                with disc.no_sync():
+                    bce(disc(real), torch.ones(16, 1)).backward()
+            else:
+                bce(disc(real), torch.ones(16, 1)).backward()
+            before = {k: {n: t.clone() for n, t in s.items()} for k, s in state.reducer.memory.state.items()}
+            bce(disc(fake.detach()), torch.zeros(16, 1)).backward()
+            opt_d.step()
+            before = {k: {n: t.clone() for n, t in s.items()} for k, s in state.reducer.memory.state.items()}
+            # the generator's step through the discriminator, whose gradients are discarded
+            phase = "generator"
+            opt_g.zero_grad()
+            if scenario in ("dgc_no_sync", "dgc_zeroed_in_place"):
+                with disc.no_sync():
+                    bce(disc(fake), torch.ones(16, 1)).backward()
+            else:
+                bce(disc(fake), torch.ones(16, 1)).backward()
+            opt_g.step()
+        except InvalidConfigError as err:
+            unchanged = _memory_equal(state, before)
+            outcome = f"refused at step {step}, {phase} (memory unchanged: " \
+                      f"{unchanged}): {err}"
+            break
+    return {"outcome": outcome, "warnings": [m for m in lines.messages if "already averaged" in m]}
+
+
+@pytest.mark.parametrize("scenario", ["dgc_two_backwards", "dgc_generator_through_disc", "dgc_no_sync",
+                                      "dgc_zeroed_in_place", "topk_two_backwards"])
+def test_a_backward_onto_the_delivered_average_is_refused_for_dgc(scenario):
+    """DGC put the average of the first backward through its momentum again (conservation off by 95 %,
+    DGC(1.0) 0.25 from momentum SGD): refused on every rank, memory unchanged. TopK conserves it (warned once)."""
+    for r in run_world(accumulation_worker, 2, scenario):
+        if scenario in ("dgc_two_backwards", "dgc_generator_through_disc"):
+            where = "discriminator" if scenario == "dgc_two_backwards" else "generator"
+            assert r["outcome"].startswith(f"refused at step 0, {where} (memory unchanged: True)"), r
+            assert "with model.no_sync():" in r["outcome"] and "discriminator.no_sync()" in r["outcome"], r
+        else:
+            assert r["outcome"] == "ran", r
+            assert len(r["warnings"]) == (1 if scenario == "topk_two_backwards" else 0), r

@@ -361,3 +361,54 @@ def test_register_guards_the_optimizer_world_2():
         assert r["unchanged"]
         assert r["warnings_before"] == 0
         assert len(r["warnings"]) == 1 and "optimizer=" in r["warnings"][0], r["warnings"]
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.distributed.optim.ZeroRedundancyOptimizer: judged by the optimizer class it steps.
+
+def zero_worker(rank, world):
+    from torch.distributed.optim import ZeroRedundancyOptimizer as ZeRO
+
+    def attempt(compressor, optimizer_class, **kwargs):
+        torch.manual_seed(0)
+        model = DDP(nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 4)))
+        opt = ZeRO(model.parameters(), optimizer_class=optimizer_class, lr=0.1, **kwargs)
+        try:
+            gddp.register(model, compressor, optimizer=opt, log_every=0)
+        except IncompatibleOptimizerError as err:
+            return str(err)
+        for step in range(3):
+            g = torch.Generator().manual_seed(10 * rank + step)
+            opt.zero_grad()
+            model(torch.randn(8, 16, generator=g)).pow(2).mean().backward()
+            opt.step()
+        # as a scheduler with cycle_momentum=True would, on ZeRO's own param groups
+        opt.param_groups[0]["momentum"] = 0.5
+        opt.zero_grad()
+        model(torch.ones(2, 16)).sum().backward()
+        try:
+            opt.step()
+        except IncompatibleOptimizerError as err:
+            return "accepted; then at the step: " + str(err)
+        return "accepted"
+
+    return {
+        "dgcsgd_wd": attempt(DGC(0.05, momentum=0.9), DGCSGD, momentum=0.9, weight_decay=1e-4),
+        "sgd_wd": attempt(DGC(0.05, momentum=0.9), torch.optim.SGD, weight_decay=1e-4),
+        "sgd_momentum": attempt(DGC(0.05, momentum=0.9), torch.optim.SGD, momentum=0.9),
+        "adam": attempt(DGC(0.05, momentum=0.9), torch.optim.Adam),
+        "topk_sgd_momentum": attempt(TopK(0.05), torch.optim.SGD, momentum=0.9),
+    }
+
+
+def test_zero_redundancy_optimizer_is_judged_by_the_optimizer_it_steps():
+    """ZeRO(optimizer_class=DGCSGD, momentum=m, weight_decay=wd) is what DGC needs: accepted (it was refused
+    as "ZeroRedundancyOptimizer has momentum=0.9", naming DGCSGD as the fix); ZeRO around SGD with weight
+    decay gives weight decay no momentum: refused (it was accepted silently). The step guard sees ZeRO's groups."""
+    for r in run_world(zero_worker, 2):
+        assert r["dgcsgd_wd"].startswith("accepted; then at the step: param group 0 now has momentum=0.5"), r
+        assert "gives weight decay no momentum" in r["sgd_wd"], r
+        assert "optimizer_class=gradsparse.DGCSGD" in r["sgd_wd"], r
+        assert "ZeroRedundancyOptimizer(optimizer_class=SGD) has momentum=0.9" in r["sgd_momentum"], r
+        assert "ZeroRedundancyOptimizer(optimizer_class=Adam) keeps its own moment estimates" in r["adam"], r
+        assert r["topk_sgd_momentum"] == "accepted", r

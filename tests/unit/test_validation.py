@@ -149,6 +149,15 @@ def test_a_bound_state_refuses_a_second_model():
         s.bind(nn.Linear(4, 4))
 
 
+def test_a_model_grown_after_binding_is_refused_naming_the_reload():
+    """A head appended and the model wrapped again: the message says how to carry the memory over."""
+    net = nn.Sequential(nn.Linear(4, 4))
+    s = state(model=net)
+    net.append(nn.Linear(4, 2))
+    with pytest.raises(InvalidConfigError, match=r"new_state\.load_state_dict\(old_state\.state_dict\(\)\)"):
+        s.bind(net)
+
+
 # ----------------------------------------------------------------------------------------------
 # With a process group: register()'s checks, sharing an unbound state, the repr after a step.
 
