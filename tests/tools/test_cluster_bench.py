@@ -50,8 +50,11 @@ def test_cluster_bench_small_run_writes_results_tables_and_plots(tmp_path):
     assert 3.9e6 < rows["dense", 1.0]["wire_bytes_per_rank"] < 4.6e6
     ag = rows["allgather", 0.01]
     assert ag["payload_bytes"] <= ag["wire_bytes_per_rank"] < 1.2 * ag["payload_bytes"] + 4000
-    # a 4 MB allreduce at ~1 Gbit/s cannot beat the link
-    assert rows["dense", 1.0]["time_s"]["median"] > 0.9 * rows["dense", 1.0]["ideal_s"]
+    # a 4 MB allreduce cannot beat the link's tbf: past the bucket's burst, bytes leave at the configured 1 Gbit/s.
+    # (Not the measured rate in ideal_s: one Python TCP stream on a loaded machine measures the link low.)
+    dense_row = rows["dense", 1.0]
+    floor_s = (dense_row["wire_bytes_per_rank"] - point["burst_bytes"]) * 8 / 1e9
+    assert dense_row["time_s"]["median"] > 0.9 * floor_s, (dense_row, point["burst_bytes"])
     methods = {m["method"]: m for m in point["ddp"]["lstm"]["methods"]}
     dense, dgc = methods["dense"], methods["dgc0.1"]
     assert dense["wire_bytes_per_step"] > 4 * 14_452_496 * 0.95           # the whole fp32 gradient went out
