@@ -44,7 +44,8 @@ def _bench(tmp_path, args: list[str], port: int) -> dict:
 def test_cluster_bench_small_run_writes_results_tables_and_plots(tmp_path):
     point = _bench(tmp_path, ["--worlds", "2", "--models", "lstm", "--methods", "dense,dgc0.1", "--comm-sizes",
                               "1000000", "--densities", "0.01", "--comm-repeats", "2"], 29621)
-    assert 0.7e9 < point["link"]["bits_per_s"] < 1.05e9, point["link"]
+    # shaped to 1 Gbit/s: one Python TCP stream measures it at 0.83-0.97 Gbit/s (CI: 0.83, on 2 busy cores)
+    assert 0.6e9 < point["link"]["bits_per_s"] < 1.05e9, point["link"]
     rows = {(r["op"], r["density"]): r for r in point["comm"]["rows"]}
     # bytes on the wire, per node: a ring allreduce of 4 MB sends about 4 MB, an allgather one payload (W - 1 = 1)
     assert 3.9e6 < rows["dense", 1.0]["wire_bytes_per_rank"] < 4.6e6
