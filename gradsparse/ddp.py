@@ -96,6 +96,8 @@ class GradSparseState(SparseAdapter):
         "_names",
         "_numels",
         "_segments",
+        "_layouts",
+        "_predicted",
         "_lock",
         "_pending",
         "_closing",
@@ -153,6 +155,10 @@ class GradSparseState(SparseAdapter):
         self.iter = 0
         self._names: dict[int, str] = {}
         self._numels: dict[str, int] = {}
+        # the memory layout of each key's state where it is not row-major (a channels_last conv's gradient sits in
+        # DDP's bucket in memory order): name -> (shape, strides); _predicted: what DDP will use, from the model
+        self._layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._predicted: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._bound = False
         self._bound_ids: frozenset[int] | None = None
         self._sealed = False
@@ -187,6 +193,7 @@ class GradSparseState(SparseAdapter):
         _check_sparse_gradients(module, self.compressor)
         self._names = {id(p): name for name, p in module.named_parameters()}
         self._numels = {name: p.numel() for name, p in module.named_parameters()}
+        self._predicted = {name: (tuple(p.shape), _bucket_strides(p)) for name, p in module.named_parameters()}
         self._bound = True
         self._bound_ids = ids
         tracks = isinstance(model, DistributedDataParallel) and (model.find_unused_parameters or model.static_graph)
@@ -227,8 +234,26 @@ class GradSparseState(SparseAdapter):
             size = buffer.element_size()
             cached = [Segment(self._key(p), (g.data_ptr() - base) // size, g.numel())
                       for p, g in zip(params, bucket.gradients(), strict=True)]
+            for segment, p in zip(cached, params, strict=True):  # bucket.gradients() are row-major views
+                self._note_layout(segment.key, tuple(p.shape), _bucket_strides(p))
             self._segments[signature] = cached
         return cached
+
+    def _note_layout(self, key: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
+        """Record the layout of ``key``'s gradient in the bucket (so its memory's); refuse a change under its state."""
+        had = self._layouts.get(key, (shape, _row_major(shape)))
+        if not _same_layout(shape, had[1], strides):
+            if any(key == k or k.startswith(key + "@") for k in _memory_keys(self.reducer)):
+                raise StateMismatchError(
+                    f"the gradient of {key} lies in DDP's bucket with strides {strides}, its gradsparse memory was "
+                    f"laid out with strides {had[1]} (the parameter's memory format changed after the state was "
+                    f"loaded or created, e.g. model.to(memory_format=torch.channels_last) after DDP(...)): convert "
+                    "the model to its memory format before wrapping it in DDP, then register the state and load "
+                    "the checkpoint")
+        if _same_layout(shape, strides, _row_major(shape)):
+            self._layouts.pop(key, None)
+        else:
+            self._layouts[key] = (shape, strides)
 
     def _used_segments(self, bucket: dist.GradBucket, segments: list[Segment], step: int) -> list[Segment]:
         """The segments of parameters some rank used this step (DDP with find_unused_parameters/static_graph).
@@ -293,6 +318,18 @@ class GradSparseState(SparseAdapter):
         self._publish(done)
 
     # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        """Per-rank state: plain tensors and numbers (``torch.load(weights_only=True)`` loads it).
+
+        Each parameter's memory is flat, in the order of the parameter's gradient in DDP's bucket:
+        its memory order (a ``channels_last`` convolution's is not its logical order). ``"layouts"``
+        names the strides of every key whose order is not row-major, so :meth:`load_state_dict` can
+        lay the memory out for a model of another memory format.
+        """
+        return {**super().state_dict(),
+                "layouts": {k: {"shape": list(shape), "strides": list(strides)}
+                            for k, (shape, strides) in sorted(self._layouts.items())}}
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict` output of the same rank of a job of the same world size.
 
@@ -304,10 +341,54 @@ class GradSparseState(SparseAdapter):
         """
         state_dict = upgrade_checkpoint(state_dict)
         self._check_checkpoint(state_dict, self._numels if self._bound else None)
+        state_dict, layouts = self._relayout(state_dict)
         self._restore(state_dict)
+        self._layouts = layouts
         self.iter = int(state_dict["step"])
         self._current = StepStats(step=self.iter)
         self._pending, self._closing = 0, False
+
+    def _relayout(self, state_dict: dict) -> tuple[dict, dict]:
+        """The checkpoint's memory laid out as this model's gradients lie in DDP's buckets, and those layouts.
+
+        A checkpoint without ``"layouts"`` (written before they were recorded) is taken as laid out like
+        this model. Where the layouts differ (a ``channels_last`` run's checkpoint loaded into a contiguous
+        model, or the reverse) each buffer is permuted through its logical order; a hierarchical
+        checkpoint (memory split into pieces of the memory order across the node's ranks) is refused.
+        """
+        saved = state_dict.get("layouts")
+        memory = state_dict["memory"]["state"]
+        if saved is None:
+            return state_dict, {k: v for k, v in self._layouts.items() if k in memory}
+        saved = {k: (tuple(v["shape"]), tuple(v["strides"])) for k, v in saved.items()}
+        if not self._bound:  # DDP's layout is known at the first bucket: taken as the checkpoint's, checked there
+            return state_dict, saved
+        target = {**{k: v for k, v in self._predicted.items() if not _same_layout(v[0], v[1], _row_major(v[0]))},
+                  **self._layouts}
+        hier = state_dict.get("hierarchical")
+        names = set(memory) | {k.split("@")[0] for k in ((hier or {}).get("memory") or {}).get("state", {})}
+        moved = {}
+        for name in sorted(names):
+            shape = (saved.get(name) or target.get(name) or self._predicted[name])[0]
+            src = saved[name][1] if name in saved else _row_major(shape)
+            dst = target[name][1] if name in target else _row_major(shape)
+            if not _same_layout(shape, src, dst):
+                moved[name] = (shape, src, dst)
+        if not moved:
+            return state_dict, {k: v for k, v in target.items() if k in names}
+        if hier is not None:
+            name, (shape, src, dst) = next(iter(sorted(moved.items())))
+            raise StateMismatchError(
+                f"checkpoint memory of {name} is laid out with strides {src}, this model's gradient with strides "
+                f"{dst} (another memory format, e.g. channels_last): a hierarchical checkpoint's pieces cannot be "
+                "re-laid out; convert the model to the checkpoint's memory format "
+                "(model.to(memory_format=...)) before wrapping it in DDP")
+        state = {k: ({b: _permute(t, *moved[k]) for b, t in slot.items()} if k in moved else slot)
+                 for k, slot in memory.items()}
+        out = {**state_dict, "memory": {**state_dict["memory"], "state": state}}
+        logger.info("gradsparse: checkpoint memory of %d parameters re-laid out for this model's memory format "
+                    "(%s)", len(moved), ", ".join(sorted(moved)[:5]))
+        return out, {k: v for k, v in target.items() if k in names}
 
     def __getstate__(self):
         # parameter identities (_bound_ids, _sealed) mean nothing in another process
@@ -336,6 +417,45 @@ class GradSparseState(SparseAdapter):
         world = self.communicator.world_size if dist.is_available() and dist.is_initialized() else None
         return f"GradSparseState(compressor={self.compressor!r}, step={self.iter}, {self._stats_repr()}, " \
                f"world_size={world})"
+
+
+def _memory_keys(reducer) -> list[str]:
+    """The keys the reducer holds memory for (without settling deferred updates); pieces are ``name@start:end``."""
+    memories = [reducer.flat.memory, reducer.inner.memory] if hasattr(reducer, "inner") else [reducer.memory]
+    return [k for m in memories for k in m._state]
+
+
+def _row_major(shape) -> tuple[int, ...]:
+    """The strides of a contiguous (row-major) tensor of ``shape``."""
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _same_layout(shape, a, b) -> bool:
+    """Whether strides ``a`` and ``b`` place every element of ``shape`` at the same offset (size-1 dims aside)."""
+    return all(x == y for n, x, y in zip(shape, a, b) if n > 1)
+
+
+def _bucket_strides(p: torch.Tensor) -> tuple[int, ...]:
+    """The strides of ``p``'s gradient view in DDP's bucket: ``p``'s own when it is dense and non-overlapping (as
+    torch's Reducer does, anticipating AccumulateGrad), else row-major."""
+    dims = sorted((d for d in range(p.dim()) if p.shape[d] > 1), key=lambda d: p.stride(d))
+    expected = 1
+    for d in dims:
+        if p.stride(d) != expected:
+            return _row_major(tuple(p.shape))
+        expected *= p.shape[d]
+    return tuple(p.stride())
+
+
+def _permute(flat: torch.Tensor, shape, src, dst) -> torch.Tensor:
+    """``flat`` (the elements of a ``shape`` tensor in the memory order of strides ``src``) in that of ``dst``."""
+    out = torch.empty_strided(shape, dst, dtype=flat.dtype, device=flat.device)
+    out.copy_(flat.contiguous().as_strided(shape, src))
+    return out.as_strided((flat.numel(),), (1,))
 
 
 _REWRAPPED = ("(a model wrapped again after layers were added: register a new state on the new DDP model and "

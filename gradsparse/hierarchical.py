@@ -86,7 +86,7 @@ from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
 from .errors import CommunicationError, ConfigTypeError, InvalidConfigError, StateMismatchError
 from .options import ReducerOptions
-from .reducer import Segment, SparseReducer, check_bucket
+from .reducer import Segment, SparseReducer, check_bucket, copied_back, through_copy
 from .stats import ALLREDUCE, HIERARCHICAL, HIERARCHICAL_ALLREDUCE, BucketStats
 
 logger = logging.getLogger(__name__)
@@ -538,7 +538,13 @@ class HierarchicalReducer:
     def reduce(self, flat: torch.Tensor, segments: Sequence[Segment] | None, step: int, epoch: int = 0, *,
                select_all: bool = False, on_stats: Callable[[BucketStats], None] | None = None,
                loss_scale: float | None = None) -> torch.futures.Future:
-        """Reduce ``flat`` in place across every rank (see the module docstring); a Future of ``flat``."""
+        """Reduce ``flat`` in place across every rank (see the module docstring); a Future of ``flat``.
+
+        A dense tensor that is not contiguous (a ``channels_last`` gradient) goes through a contiguous copy,
+        as in :meth:`SparseReducer.reduce <gradsparse.reducer.SparseReducer.reduce>`."""
+        if through_copy(flat):
+            return copied_back(flat, self.reduce(flat.contiguous(), segments, step, epoch, select_all=select_all,
+                                                 on_stats=on_stats, loss_scale=loss_scale))
         check_bucket(flat)
         step, epoch = integer(step, "step", minimum=0), integer(epoch, "epoch", minimum=0)
         flat = flat.view(-1)

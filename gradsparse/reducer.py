@@ -264,6 +264,17 @@ def check_bucket(flat: torch.Tensor) -> None:
         raise BucketError("the bucket must be a contiguous tensor")
 
 
+def through_copy(t: torch.Tensor) -> bool:
+    """Whether :meth:`SparseReducer.reduce` reduces ``t`` through a contiguous copy (a dense, strided tensor
+    that is not contiguous, e.g. a ``channels_last`` gradient)."""
+    return t.layout == torch.strided and not t.is_contiguous() and t.numel() > 0
+
+
+def copied_back(t: torch.Tensor, fut: torch.futures.Future) -> torch.futures.Future:
+    """A Future of ``t`` once ``fut``'s (contiguous) result is copied into it, in logical order."""
+    return fut.then(lambda done: t.copy_(done.value().view(t.shape)))
+
+
 def is_transport_failure(err: BaseException) -> bool:
     """Whether an exception from a collective is the transport's (network, peer, timeout), not a bug or a check.
 
@@ -543,10 +554,18 @@ class SparseReducer:
         Every rank must call this with the same segments, step and epoch, in the
         same order.
 
+        ``flat`` may be any dense tensor, e.g. ``p.grad`` itself; one that is not contiguous (the
+        gradient of a ``channels_last`` parameter, on which ``view(-1)`` fails and ``reshape(-1)``
+        would hand over a copy whose result never reaches ``p.grad``) is reduced through a
+        contiguous copy, so the memory is kept in logical order, and the result is copied back.
+
         Phases: check and plan, health, verify (descriptors), compensate and
         select, exchange sizes, transport (:meth:`_allgather` or :meth:`_allreduce`),
         then one completion path (:meth:`_complete`).
         """
+        if through_copy(flat):
+            return copied_back(flat, self.reduce(flat.contiguous(), segments, step, epoch, select_all=select_all,
+                                                 on_stats=on_stats, loss_scale=loss_scale))
         check_bucket(flat)
         step, epoch = integer(step, "step", minimum=0), integer(epoch, "epoch", minimum=0)
         flat = flat.view(-1)

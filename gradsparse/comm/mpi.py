@@ -11,7 +11,7 @@ Example (under ``mpirun -np 2``)::
     from gradsparse.comm.mpi import MPICommunicator
     reducer = SparseReducer(TopK(0.01), MPICommunicator())
     for name, p in model.named_parameters():
-        reducer.reduce(p.grad.view(-1), [Segment(name, 0, p.numel())], step).wait()
+        reducer.reduce(p.grad, [Segment(name, 0, p.numel())], step).wait()  # in place, any memory format
 """
 
 from __future__ import annotations
