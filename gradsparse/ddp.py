@@ -227,7 +227,8 @@ class GradSparseState(SparseAdapter):
         """The (name, offset, numel) of each parameter in a DDP bucket."""
         buffer = bucket.buffer()
         params = bucket.parameters()
-        signature = (bucket.index(), buffer.numel(), tuple(id(p) for p in params))
+        # a parameter's strides are part of it: a memory format changed after DDP(...) is looked at again
+        signature = (bucket.index(), buffer.numel(), tuple((id(p), p.stride()) for p in params))
         cached = self._segments.get(signature)
         if cached is None:
             base = buffer.data_ptr()
@@ -235,21 +236,38 @@ class GradSparseState(SparseAdapter):
             cached = [Segment(self._key(p), (g.data_ptr() - base) // size, g.numel())
                       for p, g in zip(params, bucket.gradients(), strict=True)]
             for segment, p in zip(cached, params, strict=True):  # bucket.gradients() are row-major views
-                self._note_layout(segment.key, tuple(p.shape), _bucket_strides(p))
+                shape, strides = tuple(p.shape), _bucket_strides(p)
+                seen = _observed_strides(p, buffer[segment.offset:segment.offset + segment.numel])
+                if seen is not None and not _same_layout(shape, seen, strides):
+                    raise InvalidConfigError(
+                        f"the memory format of {segment.key} changed after DDP(...) was built: DDP's bucket holds its "
+                        f"gradient with strides {seen}, the parameter has strides {tuple(p.stride())} (DDP warns "
+                        "'Grad strides do not match bucket view strides'; its own first step then averaged wrongly "
+                        "in our tests, and gradsparse's memory would change order when DDP rebuilds its buckets): "
+                        "call model.to(memory_format=...) before DDP(model, ...)")
+                self._note_layout(segment.key, shape, strides)
             self._segments[signature] = cached
         return cached
 
     def _note_layout(self, key: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
-        """Record the layout of ``key``'s gradient in the bucket (so its memory's); refuse a change under its state."""
+        """Record the layout of ``key``'s gradient in the bucket (so its memory's). Memory held in another layout
+        (a checkpoint of the other memory format loaded into a state made without ``model=``, which cannot know
+        the layout before the first bucket) is re-laid out in place; a hierarchical reducer's pieces are refused."""
         had = self._layouts.get(key, (shape, _row_major(shape)))
         if not _same_layout(shape, had[1], strides):
-            if any(key == k or k.startswith(key + "@") for k in _memory_keys(self.reducer)):
+            held = [k for k in _memory_keys(self.reducer) if k == key or k.startswith(key + "@")]
+            if held and (hasattr(self.reducer, "inner") or held != [key]):
                 raise StateMismatchError(
                     f"the gradient of {key} lies in DDP's bucket with strides {strides}, its gradsparse memory was "
-                    f"laid out with strides {had[1]} (the parameter's memory format changed after the state was "
-                    f"loaded or created, e.g. model.to(memory_format=torch.channels_last) after DDP(...)): convert "
-                    "the model to its memory format before wrapping it in DDP, then register the state and load "
-                    "the checkpoint")
+                    f"laid out with strides {had[1]} (a checkpoint of a model of another memory format, e.g. "
+                    "channels_last), and a hierarchical reducer's memory is split across the node's ranks: convert "
+                    "the model to the checkpoint's memory format before wrapping it in DDP, then register the state "
+                    "and load the checkpoint")
+            if held:
+                for t in self.reducer.memory.state[key].values():  # settles deferred updates first
+                    t.copy_(_permute(t.clone(), shape, had[1], strides))
+                logger.info("gradsparse: the memory of %s re-laid out for DDP's bucket (strides %s, were %s)", key,
+                            strides, had[1])
         if _same_layout(shape, strides, _row_major(shape)):
             self._layouts.pop(key, None)
         else:
@@ -449,6 +467,32 @@ def _bucket_strides(p: torch.Tensor) -> tuple[int, ...]:
             return _row_major(tuple(p.shape))
         expected *= p.shape[d]
     return tuple(p.stride())
+
+
+def _observed_strides(p: torch.Tensor, seen: torch.Tensor) -> tuple[int, ...] | None:
+    """The strides of ``p``'s gradient in DDP's bucket, whose flat elements ``seen`` are, read from the values;
+    None when they cannot tell.
+
+    DDP lays a bucket out with the strides its parameters had when the bucket was built (at construction,
+    and at its one rebuild after the first step), which Python cannot read: they differ from ``p``'s now
+    when the memory format changed after ``DDP(...)``. Where ``p`` could be laid out two ways (4-D and 5-D
+    tensors: row-major or channels_last), up to 256 elements of the local gradient in ``p.grad`` are looked
+    up in ``seen`` at their offset under each. ``gradient_as_bucket_view``: ``p.grad``'s own strides.
+    """
+    grad = p.grad
+    if p.dim() not in (4, 5) or grad is None or grad.shape != p.shape or grad.layout != torch.strided:
+        return None
+    if grad.untyped_storage().data_ptr() == seen.untyped_storage().data_ptr():  # gradient_as_bucket_view
+        return tuple(grad.stride())
+    fmt = torch.channels_last if p.dim() == 4 else torch.channels_last_3d
+    orders = {_row_major(tuple(p.shape)), tuple(torch.empty(p.shape, memory_format=fmt, device="meta").stride())}
+    n = grad.numel()
+    m = min(n, 256)
+    lin = torch.arange(m, device=grad.device) * (n - 1) // max(m - 1, 1)  # spread over the tensor
+    at = torch.stack(torch.unravel_index(lin, p.shape), dim=1)  # logical multi-indices
+    values = grad.detach()[tuple(at.t())]
+    matching = [o for o in orders if torch.equal(seen[(at * torch.tensor(o, device=at.device)).sum(1)], values)]
+    return matching[0] if len(matching) == 1 else None
 
 
 def _permute(flat: torch.Tensor, shape, src, dst) -> torch.Tensor:
