@@ -256,7 +256,7 @@ class GradSparseState(SparseAdapter):
         had = self._layouts.get(key, (shape, _row_major(shape)))
         if not _same_layout(shape, had[1], strides):
             held = [k for k in _memory_keys(self.reducer) if k == key or k.startswith(key + "@")]
-            if held and (hasattr(self.reducer, "inner") or held != [key]):
+            if held and (isinstance(self.reducer, hierarchical.HierarchicalReducer) or held != [key]):
                 raise StateMismatchError(
                     f"the gradient of {key} lies in DDP's bucket with strides {strides}, its gradsparse memory was "
                     f"laid out with strides {had[1]} (a checkpoint of a model of another memory format, e.g. "
@@ -439,7 +439,8 @@ class GradSparseState(SparseAdapter):
 
 def _memory_keys(reducer) -> list[str]:
     """The keys the reducer holds memory for (without settling deferred updates); pieces are ``name@start:end``."""
-    memories = [reducer.flat.memory, reducer.inner.memory] if hasattr(reducer, "inner") else [reducer.memory]
+    memories = [reducer.flat.memory, reducer.inner.memory] if isinstance(reducer, hierarchical.HierarchicalReducer) \
+        else [reducer.memory]
     return [k for m in memories for k in m._state]
 
 
