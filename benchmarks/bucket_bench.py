@@ -13,6 +13,7 @@ within 2x of that)::
     python -m benchmarks.bucket_bench --methods dgc0.1 dgc0.1-nocandidates --rounds 3   # A/B, alternating
     python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-unfused --rounds 3
     python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-eager --rounds 3
+    python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-listed --rounds 3 --grads real
     python -m benchmarks.bucket_bench --methods topk1 topk1-separate --rounds 3
     python -m benchmarks.bucket_bench --methods dgc-warmup25 --steps 3 --profile   # and where a step goes
     python -m benchmarks.bucket_bench --methods topk1 dgc0.1 --grads real   # ResNet-50's real gradients
@@ -31,7 +32,9 @@ path before ``segmented_topk_select_pack``, ``pack_gathered`` and ``index_zero_`
 gathered by ``index_select``, packed into a new tensor, and the memory zeroed by one
 ``index_fill_`` per state tensor (the results are the same bits). ``*-eager`` runs it with DGC's
 memory update applied when the reduction lands (``index_zero_``) instead of deferred into the next
-compensation pass (``dgc_zero_compensate``; gradsparse/arena.py), the same bits again. ``*-allreduce``
+compensation pass, the same bits again. That pass reads the sent positions as the bitmap the selection
+writes beside them (``dgc_mask_compensate``); ``*-listed`` has it read them from their list instead
+(``dgc_zero_compensate``, the path before the bitmap; gradsparse/arena.py). ``*-allreduce``
 reduces with ``transport="allreduce"`` (the selection scattered into the bucket, which a dense allreduce would
 sum: the path ``"bytes"`` and ``"auto"`` take where pairs do not pay, as in DGC's warm-up).
 ``--rounds R`` runs the methods' list R times in turn, each a fresh reducer, so an A/B alternates within one
@@ -97,13 +100,14 @@ METHODS = {
     "topk1-nocandidates": lambda: (_without_candidates(TopK(0.01)), False),
     "dgc0.1-nocandidates": lambda: (_without_candidates(DGC(0.001, warmup=None)), False),
 }
-UNFUSED, EAGER, SEPARATE = "-unfused", "-eager", "-separate"
+UNFUSED, EAGER, SEPARATE, LISTED = "-unfused", "-eager", "-separate", "-listed"
 METHODS.update({name + UNFUSED: _packed_after(METHODS[name]) for name in ("dgc0.1", "dgc-warmup25", "dgc-warmup6.25",
                                                                              "topk1")})
 METHODS.update({name + SEPARATE: _packed_after(METHODS[name])
                 for name in ("topk1", "topk10", "dgc-warmup25", "dgc-warmup6.25", "dgc-warmup1.5625",
                              "dgc-warmup0.4")})
 METHODS.update({name + EAGER: METHODS[name] for name in ("dgc-warmup25", "dgc-warmup6.25")})
+METHODS.update({name + LISTED: METHODS[name] for name in ("dgc-warmup25", "dgc-warmup6.25")})
 DENSE = "-allreduce"
 METHODS.update({name + DENSE: METHODS[name] for name in ("topk10", "dgc-warmup25", "dgc-warmup6.25")})
 METHODS.update({name + DENSE + SEPARATE: _packed_after(METHODS[name])
@@ -121,6 +125,18 @@ def _eager():
         memory_module.ZERO_IN_PASS_FROM = deferred
 
 
+@contextlib.contextmanager
+def _listed():
+    """DGC's deferred update read through its list of positions (``dgc_zero_compensate``), as before the
+    selection wrote a bitmap of them (``dgc_mask_compensate``): the reducer asks for no bitmap."""
+    defers_at = memory_module.DGCMemory.defers_at
+    memory_module.DGCMemory.defers_at = lambda self, count, numel: False
+    try:
+        yield
+    finally:
+        memory_module.DGCMemory.defers_at = defers_at
+
+
 def _variant(name: str):
     """The context a method's name asks for (``-unfused`` includes ``-eager``: the path before both)."""
     if name.endswith(UNFUSED):
@@ -128,6 +144,8 @@ def _variant(name: str):
         stack.enter_context(_eager())
         stack.enter_context(_unfused())
         return stack
+    if name.endswith(LISTED):
+        return _listed()
     return _eager() if name.endswith(EAGER) else contextlib.nullcontext()
 
 

@@ -14,7 +14,9 @@
 - ``compensate``: DGC's in-place compensation of every bucket (``dgc_compensate_into``);
 - ``zero, compensate D``: ``zero D`` then ``compensate``, DGC's memory update applied when the
   reduction lands and the next step's compensation; ``zero_compensate D`` the same in one pass
-  (``dgc_zero_compensate``: the update deferred into the compensation, gradsparse/arena.py).
+  (``dgc_zero_compensate``: the update deferred into the compensation, from the list of positions);
+  ``mask_compensate D`` the same from the positions' bitmap (``dgc_mask_compensate``, what the reducer's
+  deferred update reads on the CPU, gradsparse/arena.py).
 
 Each call is preceded by a write over a 160 MB buffer, so the buckets come from memory, not the
 32 MB L3. One thread. The row is the median (and min-max) over ``--repeats`` calls::
@@ -40,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 from benchmarks.bucket_bench import buckets_of, write_json  # noqa: E402
-from gradsparse import ops  # noqa: E402
+from gradsparse import _reference, ops  # noqa: E402
 from gradsparse.model_shapes import resnet50  # noqa: E402
 from gradsparse.payload import PayloadLayout  # noqa: E402
 
@@ -135,6 +137,11 @@ def main(argv=None) -> dict:
             for p, g, o, m in zip(ps, grads, outs, momenta)]
         cases[f"zero_compensate {density:g}"] = lambda ps=positions: [
             ops.dgc_zero_compensate_(m, o, g, 0.9, False, p) for p, g, o, m in zip(ps, grads, outs, momenta)]
+        bitmaps = [torch.empty(ops.bitmap_words(g.numel()), dtype=torch.int64) for g in grads]
+        for p, b in zip(positions, bitmaps):
+            _reference.mark_bitmap(b, p)
+        cases[f"mask_compensate {density:g}"] = lambda bs=bitmaps: [
+            ops.dgc_mask_compensate_(m, o, g, 0.9, False, b) for b, g, o, m in zip(bs, grads, outs, momenta)]
     if args.ops:
         cases = {name: fn for name, fn in cases.items() if name.startswith(tuple(args.ops))}
     rows = []

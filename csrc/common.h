@@ -285,4 +285,18 @@ inline void check_zeroed(const at::Tensor& zeroed, const at::Tensor& state, cons
                     state.device());
 }
 
+// A selection bitmap (segmented_topk_select_pack's bits, dgc_mask_compensate's): bit p % 64 of word
+// p / 64 (as the int64's two's-complement bits) marks position p; a contiguous 1-D int64 tensor of at
+// least ceil(numel / 64) words (`exact`: exactly that many) on `device`.
+inline int64_t bitmap_words(int64_t numel) { return (numel + 63) / 64; }
+inline void check_selection_bits(const at::Tensor& bits, int64_t numel, const c10::Device& device, const char* op,
+                                 bool exact = true) {
+  TORCH_CHECK_VALUE(bits.scalar_type() == c10::kLong && bits.dim() == 1 && bits.is_contiguous(), op,
+                    ": bits must be a contiguous 1-D int64 tensor, got ", bits.scalar_type(), " ", bits.dim(), "-D");
+  TORCH_CHECK_VALUE(exact ? bits.numel() == bitmap_words(numel) : bits.numel() >= bitmap_words(numel), op,
+                    ": bits has ", bits.numel(), " words, ", exact ? "" : "at least ", bitmap_words(numel),
+                    " are needed for ", numel, " positions (one bit each)");
+  TORCH_CHECK_VALUE(bits.device() == device, op, ": bits is on ", bits.device(), ", the data on ", device);
+}
+
 }  // namespace gradsparse

@@ -32,9 +32,12 @@ TORCH_LIBRARY(gradsparse, m) {
   // segmented_topk_select (same arguments, checks, errors and positions, returned), and the payload
   // pack_gathered(positions, x, dense, numel, float32, flags, out) writes, written into out (uint8,
   // exactly the payload's size): on the CPU by the selection's last pass, each pair beside its
-  // position (fp32 x), with no pass over the positions after it.
+  // position (fp32 x), with no pass over the positions after it. With bits (int64, exactly
+  // ceil(x.numel() / 64) words, on x's device), the positions also as a bitmap: zeroed, then bit
+  // p % 64 of word p / 64 set for every position p (on the CPU by the same pass, one OR per
+  // 64-element block), what dgc_mask_compensate reads.
   m.def("segmented_topk_select_pack(Tensor x, Tensor offsets, Tensor ks, float sample_ratio, int seed, Tensor dense, "
-        "int numel, int flags, Tensor(a!) out) -> Tensor");
+        "int numel, int flags, Tensor(a!) out, Tensor(b!)? bits=None) -> Tensor");
   // One rank's payload: header | int32 indices | pad | values | dense | pad (gradsparse/payload.py).
   m.def("pack(Tensor indices, Tensor values, Tensor dense, int numel, ScalarType value_dtype, int flags) -> Tensor");
   // pack(indices, source.reshape(-1).index_select(0, indices), dense, numel, value_dtype, flags), the same
@@ -71,6 +74,13 @@ TORCH_LIBRARY(gradsparse, m) {
   // compensated, the state not zeroed in the chunks whose positions were wrong, nothing outside the
   // tensors written.
   m.def("dgc_zero_compensate(Tensor(a!) u, Tensor(b!) v, Tensor g, float momentum, bool nesterov, Tensor zeroed, "
+        "int offset) -> Tensor");
+  // dgc_zero_compensate with the positions as a bitmap (segmented_topk_select_pack's bits): u and v
+  // read as zero at every i whose bit offset + i is set (bits: int64, at least ceil((offset +
+  // numel) / 64) words, on the state's device; offset >= 0), then compensated in place; the same
+  // maxima. On the CPU each chunk's bits are expanded into the mask the pass reads: no list to read
+  // or scatter. Any bit pattern is valid.
+  m.def("dgc_mask_compensate(Tensor(a!) u, Tensor(b!) v, Tensor g, float momentum, bool nesterov, Tensor bits, "
         "int offset) -> Tensor");
   // Selection candidates collected in the compensation pass (docs/kernels.md): dgc_compensate_into
   // (same checks, rounding and maxima) that also returns, for the segments [offsets[s],

@@ -180,7 +180,7 @@ namespace {
 // segmented_topk_select, then pack_gathered of its positions (the same positions and bytes).
 at::Tensor segmented_topk_select_pack(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& ks,
                                       double sample_ratio, int64_t seed, const at::Tensor& dense, int64_t numel,
-                                      int64_t flags, const at::Tensor& out) {
+                                      int64_t flags, const at::Tensor& out, const std::optional<at::Tensor>& bits) {
   static const auto select =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("gradsparse::segmented_topk_select", "")
@@ -189,6 +189,10 @@ at::Tensor segmented_topk_select_pack(const at::Tensor& x, const at::Tensor& off
                     " must hold x's ", x.numel(), " elements and fit int32 indices");
   const at::Tensor positions = select.call(x, offsets, ks, sample_ratio, seed);
   pack_gathered_into(positions, x, dense, numel, at::kFloat, flags, out);
+  if (bits.has_value()) {
+    check_selection_bits(*bits, x.numel(), x.device(), "segmented_topk_select_pack");
+    mark_bitmap(*bits, positions);
+  }
   return positions;
 }
 

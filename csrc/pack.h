@@ -1,4 +1,5 @@
-// The payload writers of csrc/pack.cpp that the selection kernels share (segmented_topk_select_pack).
+// The payload writers of csrc/pack.cpp that the selection kernels share (segmented_topk_select_pack),
+// and the bitmap of csrc/bitmap.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,5 +20,10 @@ void write_payload_frame(const at::Tensor& out, const at::Tensor& dense, const L
 // value_dtype, flags)'s bytes written into out.
 void pack_gathered_into(const at::Tensor& indices, const at::Tensor& source, const at::Tensor& dense, int64_t numel,
                         at::ScalarType value_dtype, int64_t flags, const at::Tensor& out);
+
+// The selection bitmap of `positions` (int64, distinct, each below 64 * bits.numel()) into bits
+// (check_selection_bits): zeroed, then one bit set per position, with ATen ops on any device
+// (csrc/bitmap.cpp). The CPU selection marks its bits itself (csrc/cpu/topk_core.h, BitSink).
+void mark_bitmap(const at::Tensor& bits, const at::Tensor& positions);
 
 }  // namespace gradsparse

@@ -244,6 +244,16 @@ def dgc_zero_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, mome
     return dgc_compensate_into(u, v, g, momentum, nesterov, u, v)
 
 
+def dgc_mask_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
+                         bits: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Reference of :func:`gradsparse.ops.dgc_mask_compensate_`: the bitmap's positions, then
+    :func:`dgc_zero_compensate_` of them."""
+    if offset < 0:
+        raise ValueError(f"dgc_mask_compensate: offset must be >= 0, got {offset}")
+    _check_bits(bits, offset + u.numel(), u.device, "dgc_mask_compensate", exact=False)
+    return dgc_zero_compensate_(u, v, g, momentum, nesterov, bitmap_positions(bits, offset, u.numel()), 0)
+
+
 def _floor_as_float(floor: float) -> torch.Tensor:
     """The smallest float32 at or above ``floor`` (0 for ``floor <= 0``): ``|v| >= floor`` holds exactly for every
     float32 ``v`` at or above it, the kernels' rule (csrc/common.h::floor_key_of)."""
@@ -383,15 +393,54 @@ def pack_gathered(indices: torch.Tensor, source: torch.Tensor, dense: torch.Tens
 
 def segmented_topk_select_pack(x: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, sample_ratio: float,
                                generator: torch.Generator | None, dense: torch.Tensor, numel: int, flags: int,
-                               out: torch.Tensor) -> torch.Tensor:
+                               out: torch.Tensor, bits: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of :func:`gradsparse.ops.segmented_topk_select_pack`: :func:`segmented_topk_indices`, then
-    :func:`pack_gathered` of its positions with fp32 values into ``out``; returns the positions."""
+    :func:`pack_gathered` of its positions with fp32 values into ``out`` (and with ``bits``,
+    :func:`mark_bitmap` of them); returns the positions."""
     if not x.numel() <= numel <= INT32_MAX:
         raise ValueError(f"segmented_topk_select_pack: numel {numel} must hold x's {x.numel()} elements and fit "
                          "int32 indices")
+    if bits is not None:
+        _check_bits(bits, x.numel(), x.device, "segmented_topk_select_pack", exact=True)
     positions = segmented_topk_indices(x, offsets, ks, sample_ratio, generator)
     pack_gathered(positions, x, dense, numel, torch.float32, flags, out)
+    if bits is not None:
+        mark_bitmap(bits, positions)
     return positions
+
+
+def bitmap_words(numel: int) -> int:
+    """Int64 words of a selection bitmap over ``numel`` positions (one bit each)."""
+    return (numel + 63) // 64
+
+
+def _check_bits(bits: torch.Tensor, numel: int, device: torch.device, op: str, exact: bool) -> None:
+    words = bitmap_words(numel)
+    if bits.dtype != torch.int64 or bits.dim() != 1 or not bits.is_contiguous():
+        raise ValueError(f"{op}: bits must be a contiguous 1-D int64 tensor, got {bits.dtype} {bits.dim()}-D")
+    if (bits.numel() != words) if exact else (bits.numel() < words):
+        raise ValueError(f"{op}: bits has {bits.numel()} words, {'' if exact else 'at least '}{words} are needed "
+                         f"for {numel} positions (one bit each)")
+    if bits.device != device:
+        raise ValueError(f"{op}: bits is on {bits.device}, the data on {device}")
+
+
+def mark_bitmap(bits: torch.Tensor, positions: torch.Tensor) -> None:
+    """The selection bitmap of ``positions`` (int64, distinct): ``bits`` zeroed, then bit ``p % 64`` of word
+    ``p // 64`` (the int64's two's-complement bits) set for every position ``p``."""
+    bits.zero_()
+    p = positions.to(bits.device, torch.int64)
+    bit = p & 63
+    value = torch.where(bit == 63, torch.iinfo(torch.int64).min, torch.ones_like(p) << bit)
+    bits.index_add_(0, p >> 6, value)  # distinct bits of a word add without a carry or an overflow
+
+
+def bitmap_positions(bits: torch.Tensor, offset: int, numel: int) -> torch.Tensor:
+    """The positions ``i`` in ``[0, numel)`` whose bit ``offset + i`` is set (int64, ascending)."""
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.int64, device=bits.device)
+    every = ((bits.unsqueeze(1) >> torch.arange(64, device=bits.device)) & 1).reshape(-1)
+    return torch.nonzero(every[offset:offset + numel]).reshape(-1)
 
 
 def index_zero_(targets: list[torch.Tensor], positions: torch.Tensor) -> None:

@@ -143,6 +143,9 @@ class Arena:
         #: positions (int64, ascending, on the CPU) where every state tensor is still to be zeroed: the last
         #: update, deferred into the next compensation pass (None: nothing pending)
         self.pending: torch.Tensor | None = None
+        #: the same positions as a bitmap of the bucket (ops.segmented_topk_select_pack's bits), when the selection
+        #: wrote one: the compensation then reads it (Memory.mask_compensate) instead of the list
+        self.pending_bits: torch.Tensor | None = None
         self._offsets = [s.offset for s in self.segments]
         self._piece_segments: dict[tuple[int, int], tuple[int, int, torch.Tensor]] = {}
         self._views: list[torch.Tensor] = []
@@ -183,10 +186,14 @@ class Arena:
         :attr:`selectable`.
         """
         maxima = []
+        bits = self.pending_bits
         cuts = self._pending_cuts(pieces)
         for i, (start, grad) in enumerate(pieces):
             views = tuple(b[start:start + grad.numel()] for b in self.state)
             if cuts is not None and cuts.bounds[2 * i] < cuts.bounds[2 * i + 1]:
+                if bits is not None:
+                    maxima.append(self.memory.mask_compensate(views, grad, bits, start))
+                    continue
                 zeroed = cuts.pending[cuts.bounds[2 * i]:cuts.bounds[2 * i + 1]]
                 maxima.append(self.memory.zero_compensate(views, grad, zeroed, start))
             else:
@@ -201,7 +208,7 @@ class Arena:
         """Take :attr:`pending` for this compensation: where each piece's positions start and end in it (None when
         nothing is pending). Positions outside every piece (none when the pieces cover every segment, as the
         reducer's do) are zeroed here, first, with the whole list."""
-        pending, self.pending = self.pending, None
+        pending, self.pending, self.pending_bits = self.pending, None, None
         if pending is None:
             return None
         bounds = [b for start, grad in pieces for b in (start, start + grad.numel())]
@@ -214,7 +221,7 @@ class Arena:
     def settle(self) -> None:
         """Apply the pending update now (:attr:`pending`): before anything but the compensation reads the state."""
         if self.pending is not None:
-            pending, self.pending = self.pending, None
+            pending, self.pending, self.pending_bits = self.pending, None, None
             ops.index_zero_(self.state, pending)
 
     def compensate_collecting(self, pieces: Sequence[tuple[int, torch.Tensor]], caps: torch.Tensor) -> Candidates:
@@ -295,14 +302,15 @@ class Arena:
         return self.state[-1]
 
     def commit(self, positions: torch.Tensor, sent: torch.Tensor, masked: torch.Tensor | None,
-               exact: bool = False) -> None:
+               exact: bool = False, bits: torch.Tensor | None = None) -> None:
         """The reduction landed: remove what was sent (see ``Memory.apply_sent``). Sent coordinates keep at
         most their rounding on the wire and masking zeroes: :attr:`bounds` still hold.
 
         An update that only zeroes every state tensor at ``positions`` (``Memory.defers_update``) is kept as
-        :attr:`pending` on the CPU, for the next compensation pass."""
+        :attr:`pending` on the CPU, for the next compensation pass, with ``bits`` (the same positions as the
+        selection's bitmap of the bucket, when it wrote one) as :attr:`pending_bits`."""
         self.settle()
         if positions.device.type == "cpu" and self.memory.defers_update(self.state, positions, masked, exact):
-            self.pending = positions
+            self.pending, self.pending_bits = positions, bits
             return
         self.memory.apply_sent(self.state, positions, sent, masked, exact)

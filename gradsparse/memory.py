@@ -105,6 +105,18 @@ class Memory:
         (:meth:`zero_compensate`): it only zeroes every state tensor at ``positions``, and that pays there."""
         return False
 
+    def mask_compensate(self, state: Sequence[torch.Tensor], grad: torch.Tensor, bits: torch.Tensor,
+                        offset: int) -> torch.Tensor:
+        """:meth:`zero_compensate` with the positions as the selection's bitmap (bit ``offset + i`` set: element
+        ``i`` zeroed; :func:`gradsparse.ops.segmented_topk_select_pack`'s ``bits``). Only where
+        :meth:`defers_at` can hold."""
+        raise NotImplementedError(f"{type(self).__name__} defers no update")
+
+    def defers_at(self, count: int, numel: int) -> bool:
+        """Whether a selection of ``count`` of ``numel`` elements, sent exactly with nothing masked apart, would be
+        deferred (:meth:`defers_update`): the reducer then asks the selection for its bitmap as well."""
+        return False
+
     def headroom(self, bounds: Sequence[float], grad_bound: float) -> float:
         """Upper bound of the compensated state's largest magnitude for a gradient with ``max|g| <= grad_bound``,
         given ``bounds`` of the state tensors (:attr:`names` order).
@@ -240,6 +252,12 @@ class DGCMemory(Memory):
 
     def zero_compensate(self, state, grad, zeroed, offset):
         return ops.dgc_zero_compensate_(state[0], state[1], grad, self.momentum, self.nesterov, zeroed, offset)
+
+    def mask_compensate(self, state, grad, bits, offset):
+        return ops.dgc_mask_compensate_(state[0], state[1], grad, self.momentum, self.nesterov, bits, offset)
+
+    def defers_at(self, count, numel):
+        return count * ZERO_IN_PASS_FROM >= numel
 
     def finish_whole(self, state, averaged):
         """Plain (or Nesterov) momentum on the averaged gradients of the tensors sent whole.

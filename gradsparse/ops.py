@@ -217,6 +217,37 @@ def dgc_zero_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, mome
     return _reference.dgc_zero_compensate_(u, v, g, momentum, nesterov, zeroed, offset)
 
 
+def dgc_mask_compensate_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
+                         bits: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """:func:`dgc_zero_compensate_` with the positions as a bitmap: ``u[i]`` and ``v[i]`` read as zero where bit
+    ``offset + i`` of ``bits`` is set (bit ``p % 64`` of int64 word ``p // 64``; at least
+    ``bitmap_words(offset + numel)`` words, on the state's device), as :func:`segmented_topk_select_pack` writes
+    it. On the CPU each chunk's bits become the mask the pass reads: no list of positions is read or scattered.
+
+    Example::
+
+        >>> import torch
+        >>> from gradsparse import ops
+        >>> u, v, g = torch.ones(3), torch.ones(3), torch.tensor([1.0, -4.0, 2.0])
+        >>> bits = torch.tensor([1 << 11])  # position 11: element 1 with offset 10
+        >>> ops.dgc_mask_compensate_(u, v, g, 0.5, False, bits, offset=10).tolist(), v.tolist()
+        ([4.0, 4.0, 4.0], [2.5, -4.0, 3.5])
+    """
+    if _compiled(u) and g.device == u.device:
+        return torch.ops.gradsparse.dgc_mask_compensate(u, v, g.reshape(-1), float(momentum), bool(nesterov), bits,
+                                                        int(offset))
+    return _reference.dgc_mask_compensate_(u, v, g, momentum, nesterov, bits, offset)
+
+
+def bitmap_words(numel: int) -> int:
+    """Int64 words of a selection bitmap over ``numel`` positions (:func:`segmented_topk_select_pack`'s ``bits``).
+
+    >>> bitmap_words(64), bitmap_words(65)
+    (1, 2)
+    """
+    return _reference.bitmap_words(numel)
+
+
 def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
                               u_out: torch.Tensor, v_out: torch.Tensor, offsets: torch.Tensor, floors: torch.Tensor,
                               caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -331,10 +362,13 @@ def pack_gathered(indices: torch.Tensor, source: torch.Tensor, dense: torch.Tens
 
 def segmented_topk_select_pack(x: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, dense: torch.Tensor,
                                numel: int, out: torch.Tensor, sample_ratio: float = 0.01,
-                               generator: torch.Generator | None = None, flags: int = 0) -> torch.Tensor:
+                               generator: torch.Generator | None = None, flags: int = 0,
+                               bits: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`segmented_topk_indices` (returned) and its payload, fp32 values, written into ``out`` (``uint8``,
     exactly the payload's size): the bytes of :func:`pack_gathered` of the positions. On the CPU the
-    selection's last pass writes each pair beside its position (docs/kernels.md).
+    selection's last pass writes each pair beside its position (docs/kernels.md). With ``bits`` (int64,
+    ``bitmap_words(x.numel())`` words, on ``x``'s device) the positions also as a bitmap, what
+    :func:`dgc_mask_compensate_` reads: on the CPU marked by the same pass, one OR per 64-element block.
 
     >>> from gradsparse.payload import PayloadLayout
     >>> x = torch.tensor([0.1, -3.0, 2.0, 5.0, 0.2, -0.3])
@@ -348,8 +382,9 @@ def segmented_topk_select_pack(x: torch.Tensor, offsets: torch.Tensor, ks: torch
     if _compiled(x):
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
         return torch.ops.gradsparse.segmented_topk_select_pack(x.detach(), offsets, ks, float(sample_ratio), seed,
-                                                               dense, int(numel), int(flags), out)
-    return _reference.segmented_topk_select_pack(x, offsets, ks, sample_ratio, generator, dense, numel, flags, out)
+                                                               dense, int(numel), int(flags), out, bits)
+    return _reference.segmented_topk_select_pack(x, offsets, ks, sample_ratio, generator, dense, numel, flags, out,
+                                                 bits)
 
 
 def index_zero_(targets: Sequence[torch.Tensor], positions: torch.Tensor) -> None:
@@ -400,6 +435,10 @@ if BACKEND == "extension":
     def _dgc_zero_compensate_fake(u, v, g, momentum, nesterov, zeroed, offset):
         return u.new_empty(3, dtype=torch.float64)
 
+    @torch.library.register_fake("gradsparse::dgc_mask_compensate")
+    def _dgc_mask_compensate_fake(u, v, g, momentum, nesterov, bits, offset):
+        return u.new_empty(3, dtype=torch.float64)
+
     @torch.library.register_fake("gradsparse::absmax")
     def _absmax_fake(x):
         return x.new_empty((), dtype=torch.float64)
@@ -424,7 +463,7 @@ if BACKEND == "extension":
         return positions, x.new_empty(ks.numel(), dtype=torch.float64)
 
     @torch.library.register_fake("gradsparse::segmented_topk_select_pack")
-    def _segmented_topk_select_pack_fake(x, offsets, ks, sample_ratio, seed, dense, numel, flags, out):
+    def _segmented_topk_select_pack_fake(x, offsets, ks, sample_ratio, seed, dense, numel, flags, out, bits=None):
         return x.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
     @torch.library.register_fake("gradsparse::pack")
@@ -455,7 +494,9 @@ __all__ = [
     "all_finite",
     "dgc_compensate_",
     "dgc_compensate_candidates",
+    "bitmap_words",
     "dgc_compensate_into",
+    "dgc_mask_compensate_",
     "dgc_zero_compensate_",
     "index_zero_",
     "pack",

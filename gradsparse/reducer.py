@@ -151,6 +151,7 @@ class _Selection:
     masked: torch.Tensor | None  # positions of groups not sent completely (DGC masks momentum); None: none
     source: torch.Tensor | None = None  # fp32, what ``sent`` is gathered from (unchanged until the commit)
     payload: torch.Tensor | None = None  # the healthy payload, when the selection wrote it (from the reducer's buffers)
+    bits: torch.Tensor | None = None  # the positions as a bitmap, when the selection wrote one (a deferred update reads it)
 
     def values(self) -> torch.Tensor:
         """The fp32 values sent, gathered from ``source`` when not kept (the payload gathers them itself)."""
@@ -484,14 +485,18 @@ class SparseReducer:
         if plan.ranges is None:  # one group (granularity "bucket") with whole tensors between its parameters
             return self._select_gathered(v, plan, step, epoch, wire)
         exact = wire == torch.float32 and v.dtype == torch.float32 and not compressor.quantizes
-        payload = None
+        payload = bits = None
         if candidates is not None:
             positions, kth = compressor.select_segments_from(v, plan.ranges, step, epoch, candidates, scale)
             arena.learn(kth, candidates, ks)
         elif exact and count is not None and whole is not None and compressor.packs_selection:
             payload = self._payloads.take(id(plan), PayloadLayout(count, plan.n_whole, wire).nbytes, v.device)
+            # a bitmap of the positions for the next compensation pass, where the memory update will be deferred
+            # to it (the CPU's mask pass then reads 1 bit per element instead of scattering 8-byte positions)
+            if arena is not None and v.device.type == "cpu" and self.memory.defers_at(count, v.numel()):
+                bits = torch.empty(ops.bitmap_words(v.numel()), dtype=torch.int64)
             positions = compressor.select_segments_packed(v, plan.ranges, step, epoch, whole, v.numel(), payload,
-                                                          scale)
+                                                          scale, bits=bits)
         else:
             positions = compressor.select_segments(v, plan.ranges, step, epoch, scale)
         bounds = [a for a, _ in plan.ranges] + [plan.ranges[-1][0] + plan.ranges[-1][1]]
@@ -511,7 +516,7 @@ class SparseReducer:
         else:
             masked = torch.cat([positions[cuts[i]:cuts[i + 1]] for i, c in enumerate(complete) if not c])
         if sent is None:
-            return _Selection(positions, None, masked, source=v, payload=payload)
+            return _Selection(positions, None, masked, source=v, payload=payload, bits=bits)
         return _Selection(positions, sent.to(wire).float(), masked)
 
     def _select_gathered(self, v: torch.Tensor, plan: _Plan, step: int, epoch: int, wire: torch.dtype) -> _Selection:
@@ -873,7 +878,7 @@ class SparseReducer:
             exact = job.wire == torch.float32 and not self.compressor.quantizes and (
                 landing.sent is None or job.flat.dtype == torch.float32)
             sent = landing.sent if landing.sent is not None else None if exact else chosen.values()
-            job.arena.commit(chosen.positions, sent, chosen.masked, exact)
+            job.arena.commit(chosen.positions, sent, chosen.masked, exact, chosen.bits)
         if job.plan.whole and self.memory.whole_names:  # one gather, update and scatter for the bucket
             out = landing.out
             arena = Arena.of(self.memory, job.plan.whole, job.plan.n_whole, out.device, self.memory.whole_names,

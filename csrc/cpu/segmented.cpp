@@ -24,8 +24,9 @@ constexpr const char* kOp = "segmented_topk_select";
 
 // Every segment's top-k into `out` (int64, seg.total() positions); with pairs (x fp32), each
 // position's index and value at the same place in pairs.idx and pairs.val.
+// With bits (zeroed words, one bit per position of x), every position written is also marked there.
 void select_segments(const at::Tensor& flat, const Segments& seg, double sample_ratio, int64_t seed, int64_t* o,
-                     core::Pairs pairs, const char* op) {
+                     core::Pairs pairs, const char* op, uint64_t* bits = nullptr) {
   const int threads = workers();
   std::vector<char> nan(seg.size(), 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "segmented_topk_select", [&] {
@@ -38,6 +39,7 @@ void select_segments(const at::Tensor& flat, const Segments& seg, double sample_
         if (pairs) at = core::Pairs{pairs.idx + seg.out[i], pairs.val + seg.out[i]};
       }
       if (k == n) {
+        if (bits) core::BitSink{bits, first, first + n}.range(first, first + n);
         for (int64_t j = 0; j < n; ++j) dst[j] = first + j;
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (at) {
@@ -52,6 +54,7 @@ void select_segments(const at::Tensor& flat, const Segments& seg, double sample_
       core::TopK<scalar_t> topk(xp + first, n, k, segment_threads);
       topk.base = first;
       topk.pairs = at;
+      topk.bits = bits;
       const auto status = topk.run(n >= kSampledMinNumel, sample_ratio, seed, [&](int64_t) { return dst; });
       nan[i] = status == core::Status::kNaN;
     };
@@ -86,7 +89,7 @@ constexpr const char* kPackOp = "segmented_topk_select_pack";
 // into `out` by the selection's last pass: each position's index and value beside it.
 at::Tensor segmented_topk_select_pack_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& ks,
                                           double sample_ratio, int64_t seed, const at::Tensor& dense, int64_t numel,
-                                          int64_t flags, const at::Tensor& out) {
+                                          int64_t flags, const at::Tensor& out, const std::optional<at::Tensor>& bits) {
   check_selection_input(x, kPackOp);
   check_sample_ratio(sample_ratio, kPackOp);
   const Segments seg = check_segments(x, offsets, ks);
@@ -94,9 +97,16 @@ at::Tensor segmented_topk_select_pack_cpu(const at::Tensor& x, const at::Tensor&
                     " must hold x's ", x.numel(), " elements and fit int32 indices");
   const Layout lay(seg.total(), dense.numel(), at::kFloat);
   check_payload_out(out, lay, x.device(), kPackOp);
+  uint64_t* words = nullptr;
+  if (bits.has_value()) {
+    check_selection_bits(*bits, x.numel(), x.device(), kPackOp);
+    bits->zero_();
+    words = reinterpret_cast<uint64_t*>(bits->data_ptr<int64_t>());
+  }
   if (x.scalar_type() != at::kFloat || !dense.is_cpu()) {  // the values cast as pack_gathered casts them
     const at::Tensor positions = segmented_topk_select_cpu(x, offsets, ks, sample_ratio, seed);
     pack_gathered_into(positions, x, dense, numel, at::kFloat, flags, out);
+    if (words) mark_bitmap(*bits, positions);
     return positions;
   }
   const at::Tensor flat = x.contiguous().view(-1);
@@ -106,7 +116,7 @@ at::Tensor segmented_topk_select_pack_cpu(const at::Tensor& x, const at::Tensor&
   select_segments(flat, seg, sample_ratio, seed, positions.data_ptr<int64_t>(),
                   core::Pairs{reinterpret_cast<int32_t*>(base + kHeaderBytes),
                               reinterpret_cast<float*>(base + lay.values_offset)},
-                  kPackOp);
+                  kPackOp, words);
   return positions;
 }
 

@@ -212,6 +212,39 @@ struct Pairs {
   explicit operator bool() const { return idx != nullptr; }
 };
 
+// Where pass 2 also marks every position it writes in a bitmap (segmented_topk_select_pack's
+// `bits`: bit p % 64 of word p / 64 for bucket position p; the words zeroed beforehand): one OR per
+// 64-element block from the block's mask, not one store per position. [lo, hi) is the range of
+// positions this writer's chunk owns: a word wholly inside it is written by no other chunk (a plain
+// OR); a word it shares with a neighbouring chunk or segment, which another worker may be writing,
+// takes an atomic OR.
+struct BitSink {
+  uint64_t* words = nullptr;
+  int64_t lo = 0, hi = 0;
+  explicit operator bool() const { return words != nullptr; }
+  void or_word(int64_t w, uint64_t m) const {
+    if (!m) return;
+    if (64 * w >= lo && 64 * w + 64 <= hi) {
+      words[w] |= m;
+    } else {
+      __atomic_fetch_or(words + w, m, __ATOMIC_RELAXED);
+    }
+  }
+  // The 64 positions from p: bit j of m marks p + j (every marked position inside [lo, hi)).
+  void block(int64_t p, uint64_t m) const {
+    const int sh = static_cast<int>(p & 63);
+    or_word(p >> 6, m << sh);
+    if (sh) or_word((p >> 6) + 1, m >> (64 - sh));
+  }
+  void bit(int64_t p) const { or_word(p >> 6, uint64_t(1) << (p & 63)); }
+  // Every position of [a, b).
+  void range(int64_t a, int64_t b) const {
+    for (; a < b && (a & 63); ++a) bit(a);
+    for (; a + 64 <= b; a += 64) or_word(a >> 6, ~uint64_t(0));
+    for (; a < b; ++a) bit(a);
+  }
+};
+
 // Writes base + j for every set bit j of m, ascending; returns the advanced output pointer. With
 // kPairs, also base + j and xb[j] into pairs (xb: the block's values; base + j fits int32).
 template <bool kPairs = false>
@@ -290,7 +323,8 @@ __attribute__((target("avx2"))) inline int64_t* write_bits_dense(int64_t* out, i
 template <bool kPairs = false>
 __attribute__((target("avx2"))) inline int64_t write_f32_avx2(const float* x, int64_t b, int64_t end, uint32_t kth,
                                                               int64_t& allow, int64_t base, int64_t*& out,
-                                                              const int64_t* out_end, Pairs* pairs = nullptr) {
+                                                              const int64_t* out_end, Pairs* pairs = nullptr,
+                                                              const BitSink* sink = nullptr) {
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i kth_v = _mm256_set1_epi32(static_cast<int32_t>(kth));
   for (; b + 64 <= end; b += 64) {
@@ -313,6 +347,7 @@ __attribute__((target("avx2"))) inline int64_t write_f32_avx2(const float* x, in
       }
       gt |= lowest_bits(eq, allow);
     }
+    if (sink) sink->block(base + b, gt);
     out = __builtin_popcountll(gt) >= kDenseBits && out + 64 <= out_end
               ? write_bits_dense<kPairs>(out, base + b, gt, x + b, pairs)
               : write_bits<kPairs>(out, base + b, gt, x + b, pairs);
@@ -326,17 +361,19 @@ __attribute__((target("avx2"))) inline int64_t write_f32_avx2(const float* x, in
 // output pointer. With kPairs (fp32 only), also every such position's pair into `pairs`.
 template <typename scalar_t, bool kPairs = false>
 int64_t* write_top(const scalar_t* x, int64_t begin, int64_t end, typename Key<scalar_t>::bits_t kth, int64_t allow,
-                   int64_t base, int64_t* out, const int64_t* out_end, Pairs* pairs = nullptr) {
+                   int64_t base, int64_t* out, const int64_t* out_end, Pairs* pairs = nullptr,
+                   const BitSink* sink = nullptr) {
   using K = Key<scalar_t>;
   static_assert(!kPairs || std::is_same_v<scalar_t, float>, "pairs are written from fp32 only");
   int64_t b = begin;
 #if defined(GRADSPARSE_AVX2_SCAN)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (has_avx2()) b = write_f32_avx2<kPairs>(x, b, end, kth, allow, base, out, out_end, pairs);
+    if (has_avx2()) b = write_f32_avx2<kPairs>(x, b, end, kth, allow, base, out, out_end, pairs, sink);
   }
 #endif
   scan(x, b, end, kth, K::kInf, [&](int64_t i, typename K::bits_t key) {
     if (key > kth || allow-- > 0) {
+      if (sink) sink->bit(base + i);
       *out++ = base + i;
       if constexpr (kPairs) {
         *pairs->idx++ = static_cast<int32_t>(base + i);
@@ -480,6 +517,7 @@ struct TopK {
   bool keep_positions = true;
   int64_t base = 0;  // added to every position written (a segment's offset in a larger tensor)
   Pairs pairs;       // fp32 only: where pass 2 also writes each position's pair (none by default)
+  uint64_t* bits = nullptr;  // where pass 2 also marks each position it writes (BitSink; none by default)
   bits_t selected_kth = 0;  // after run: the k-th largest key, the smallest selected
   std::vector<std::unique_ptr<Counts>> chunks;
 
@@ -777,6 +815,7 @@ struct TopK {
     Pairs at;  // this chunk's place in the pairs
     if constexpr (kPairs) at = Pairs{pairs.idx + cc.offset, pairs.val + cc.offset};
     int64_t allow = cc.allow;
+    const BitSink sink{bits, first, first + (ch.hi(ci) - ch.lo(ci))};
     if (cc.pos) {  // the chunk's kept positions, classified against lo and hi
       // Without a branch per position (at 1 % about 40 % of them are in the bracket, and a branch on
       // the class mispredicted): every position is written at o, which advances only for one kept;
@@ -807,13 +846,14 @@ struct TopK {
             std::memcpy(at.val + slot, cc.val + j, sizeof(float));
           }
         }
+        if (bits && keep) sink.bit(first + (p & Counts::kPosition));
         o += keep;
       }
       cc.drop_positions();
       return;
     }
     write_top<scalar_t, kPairs>(x, ch.lo(ci), ch.hi(ci), kth, allow, base, o, out + cc.offset + cc.larger + cc.allow,
-                                &at);
+                                &at, bits ? &sink : nullptr);
   }
 
   // ---- all of it

@@ -159,10 +159,11 @@ class Compressor(abc.ABC):
 
     def select_segments_packed(self, v: torch.Tensor, ranges: Sequence[tuple[int, int]], step: int, epoch: int,
                                dense: torch.Tensor, numel: int, out: torch.Tensor,
-                               loss_scale: float = 1.0) -> torch.Tensor:
+                               loss_scale: float = 1.0, bits: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`select_segments` (the same positions, returned) and the payload of those positions with their
         values of ``v`` sent as they are, fp32, and the ``dense`` section, for a bucket of ``numel`` elements,
-        written into ``out`` (the bytes of :func:`gradsparse.ops.pack_gathered`). Only where
+        written into ``out`` (the bytes of :func:`gradsparse.ops.pack_gathered`); with ``bits``, the positions
+        also as a bitmap of ``v`` (:func:`gradsparse.ops.segmented_topk_select_pack`). Only where
         :attr:`packs_selection`."""
         raise NotImplementedError(f"{type(self).__name__} does not write the payload while it selects")
 
@@ -247,9 +248,10 @@ class ExactTopK(Compressor):
         offsets, ks, _ = self._tables(ranges, step, epoch, v.device)
         return ops.segmented_topk_indices(v, offsets, ks, self.sample_ratio, self._generator)
 
-    def select_segments_packed(self, v, ranges, step, epoch, dense, numel, out, loss_scale=1.0):
+    def select_segments_packed(self, v, ranges, step, epoch, dense, numel, out, loss_scale=1.0, bits=None):
         offsets, ks, _ = self._tables(ranges, step, epoch, v.device)
-        return ops.segmented_topk_select_pack(v, offsets, ks, dense, numel, out, self.sample_ratio, self._generator)
+        return ops.segmented_topk_select_pack(v, offsets, ks, dense, numel, out, self.sample_ratio, self._generator,
+                                              bits=bits)
 
     def select_segments_from(self, v, ranges, step, epoch, candidates, loss_scale=1.0):
         offsets, ks, slots = self._tables(ranges, step, epoch, v.device)

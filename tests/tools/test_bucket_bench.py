@@ -70,21 +70,26 @@ def test_the_unfused_and_eager_paths_give_the_same_bits_and_are_restored():
 
 
 def test_profile_lists_the_operators_of_the_steps():
-    """``--profile``: the profiler's table holds the reducer's own ops (the fused ones: the payload written by
-    the selection, the memory update deferred into the compensation; on the ``*-separate`` path the payload
-    packed after the selection; on the ``*-eager`` path the update on its own; on the ``*-unfused`` path the
-    ops they replace), not the clones made before each step."""
+    """``--profile``: the profiler's table holds the reducer's own ops (the fused ones: the payload and the
+    positions' bitmap written by the selection, the memory update deferred into the compensation, read through
+    the bitmap; on the ``*-listed`` path read through the list of positions; on the ``*-separate`` path the
+    payload packed after the selection; on the ``*-eager`` path the update on its own; on the ``*-unfused`` path
+    the ops they replace), not the clones made before each step."""
     from gradsparse.model_shapes import resnet50
 
     buckets = bucket_bench.buckets_of(resnet50())[:2]
     grads = bucket_bench.normal_gradients(buckets)
     fused = bucket_bench.profile_method("dgc-warmup25", buckets, grads, steps=1)
-    assert "gradsparse::segmented_topk_select_pack" in fused and "gradsparse::dgc_zero_compensate" in fused
+    assert "gradsparse::segmented_topk_select_pack" in fused and "gradsparse::dgc_mask_compensate" in fused
     assert "gradsparse::index_zero_" not in fused and "gradsparse::pack_gathered" not in fused
+    assert "gradsparse::dgc_zero_compensate" not in fused
+    listed = bucket_bench.profile_method("dgc-warmup25-listed", buckets, grads, steps=1)
+    assert "gradsparse::dgc_zero_compensate" in listed and "gradsparse::dgc_mask_compensate" not in listed
     separate = bucket_bench.profile_method("dgc-warmup25-separate", buckets, grads, steps=1)
     assert "gradsparse::pack_gathered" in separate and "gradsparse::segmented_topk_select_pack" not in separate
     eager = bucket_bench.profile_method("dgc-warmup25-eager", buckets, grads, steps=1)
     assert "gradsparse::index_zero_" in eager and "gradsparse::dgc_zero_compensate" not in eager
+    assert "gradsparse::dgc_mask_compensate" not in eager
     unfused = bucket_bench.profile_method("dgc-warmup25-unfused", buckets, grads, steps=1)
     assert "gradsparse::pack_gathered" not in unfused and "aten::index_fill_" in unfused
     assert "aten::clone" not in fused

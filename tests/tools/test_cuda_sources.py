@@ -21,8 +21,8 @@ SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 
 
 def test_there_are_cuda_sources_for_every_op():
-    # pack, pack_gathered, index_zero_ and segmented_topk_select_pack are device-neutral (csrc/pack.cpp,
-    # csrc/index_zero.cpp; the last has its own CPU kernel)
+    # pack, pack_gathered, index_zero_, segmented_topk_select_pack and dgc_mask_compensate are device-neutral
+    # (csrc/pack.cpp, csrc/index_zero.cpp, csrc/bitmap.cpp; the last two have their own CPU kernels)
     registered = set()
     for path in SOURCES:
         with open(path) as f:

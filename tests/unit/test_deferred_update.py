@@ -1,6 +1,7 @@
-"""DGC's memory update deferred into the next compensation pass (gradsparse.arena: Arena.pending,
-ops.dgc_zero_compensate_): it changes how fast a step runs, never what is sent, what the memory keeps,
-or what anyone reading the memory sees."""
+"""DGC's memory update deferred into the next compensation pass (gradsparse.arena: Arena.pending, read
+through the selection's bitmap, Arena.pending_bits and ops.dgc_mask_compensate_, or through the list of
+positions, ops.dgc_zero_compensate_): it changes how fast a step runs, never what is sent, what the memory
+keeps, or what anyone reading the memory sees."""
 
 import pytest
 import torch
@@ -30,38 +31,44 @@ METHODS = {
 def _run(compressor, steps, wire=None, read_between=False, checkpoint_at=None):
     r = SparseReducer(compressor, LocalCommunicator(), value_dtype=wire)
     gen = torch.Generator().manual_seed(1)
-    outs, pending = [], 0
+    outs, pending, bits = [], 0, 0
     for step in range(steps):
         g = torch.randn(NUMEL, generator=gen) * (1 + 0.2 * (step % 3))
         scale = 2.0 ** (step // 5)  # the loss scale changes: the memory is rescaled
         outs.append(r.reduce(g * scale, SEGMENTS, step, epoch=step // 4, loss_scale=scale).wait().clone())
         pending += sum(a.pending is not None for a in r.memory.arenas.values())
+        bits += sum(a.pending_bits is not None for a in r.memory.arenas.values())
         if read_between:
             _ = r.memory.state
         if step == checkpoint_at:  # resume in a new reducer from what the memory shows
             saved = r.state_dict()
             r = SparseReducer(compressor, LocalCommunicator(), value_dtype=wire)
             r.load_state_dict(saved)
-    return r, outs, pending
+    return r, outs, (pending, bits)
 
 
 @pytest.mark.parametrize("wire", [None, torch.float16])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_deferring_the_update_changes_nothing_but_speed(method, wire, monkeypatch):
     steps = 14
-    deferred, outs, pending = _run(METHODS[method](), steps, wire)
+    deferred, outs, (pending, bits) = _run(METHODS[method](), steps, wire)
     read, outs_read, _ = _run(METHODS[method](), steps, wire, read_between=True)
     resumed, outs_resumed, _ = _run(METHODS[method](), steps, wire, checkpoint_at=7)
+    with monkeypatch.context() as m:  # no bitmap asked for: the deferred update read through its list
+        m.setattr(memory_module.DGCMemory, "defers_at", lambda self, count, numel: False)
+        listed, outs_listed, (pending_listed, no_bits) = _run(METHODS[method](), steps, wire)
     monkeypatch.setattr(memory_module, "ZERO_IN_PASS_FROM", 0)  # never deferred
-    eager, expected, none = _run(METHODS[method](), steps, wire)
-    assert none == 0
-    # the path under test was taken where it applies: DGC with the values sent exactly (fp32 on the wire)
-    assert (pending > 0) == (wire is None and method.startswith("dgc")), pending
+    eager, expected, (none, _) = _run(METHODS[method](), steps, wire)
+    assert none == 0 and no_bits == 0
+    # the paths under test were taken where they apply: DGC with the values sent exactly (fp32 on the wire)
+    deferring = wire is None and method.startswith("dgc")
+    assert (pending > 0) == deferring and bits == pending and pending_listed == pending, (pending, bits)
     for step, want in enumerate(expected):
         assert torch.equal(outs[step], want), f"step {step}"
+        assert torch.equal(outs_listed[step], want), f"step {step}, through the list of positions"
         assert torch.equal(outs_read[step], want), f"step {step}, the memory read between steps"
         assert torch.equal(outs_resumed[step], want), f"step {step}, resumed from a checkpoint at step 7"
-    for reducer in (deferred, read, resumed):
+    for reducer in (deferred, listed, read, resumed):
         shown = reducer.memory.state  # settles what is pending
         assert all(a.pending is None for a in reducer.memory.arenas.values())
         for key, slot in eager.memory.state.items():

@@ -13,6 +13,7 @@ With GRADSPARSE_BACKEND=reference (the mutation run's reference mode) the extens
 not loaded and these tests are skipped.
 """
 
+import itertools
 import math
 import os
 
@@ -355,13 +356,30 @@ def test_segmented_topk_select_refuses_bad_segments(offsets, ks, match, device):
 # ------------------------------------------------------------------ segmented_topk_select_pack
 
 def _select_pack(x, offsets, ks, dense, numel, device, seed=7, flags=0):
-    """segmented_topk_select_pack's positions and payload (into a buffer of 0xAB bytes: every byte is written)."""
+    """segmented_topk_select_pack's positions and payload (into a buffer of 0xAB bytes: every byte is written);
+    a second call with a bitmap (of -1 words: every word is zeroed first) must return the same positions and
+    bytes, and a bitmap of exactly those positions."""
     n = int(torch.ops.gradsparse.segmented_topk_select(x.to(device), offsets.to(device), ks.to(device), 0.01,
                                                        seed).numel())
     out = torch.full((PayloadLayout(n, dense.numel(), torch.float32).nbytes,), 0xAB, dtype=torch.uint8, device=device)
     positions = torch.ops.gradsparse.segmented_topk_select_pack(x.to(device), offsets.to(device), ks.to(device), 0.01,
                                                                 seed, dense.to(device), numel, flags, out)
+    again = torch.full_like(out, 0xCD)
+    bits = torch.full((ops.bitmap_words(x.numel()),), -1, dtype=torch.int64, device=device)
+    assert torch.equal(torch.ops.gradsparse.segmented_topk_select_pack(
+        x.to(device), offsets.to(device), ks.to(device), 0.01, seed, dense.to(device), numel, flags, again, bits),
+        positions)
+    assert torch.equal(again, out)
+    assert torch.equal(bits.cpu(), _bitmap_of(positions.cpu(), x.numel()))
     return positions.cpu(), out.cpu()
+
+
+def _bitmap_of(positions, numel):
+    """The bitmap of distinct positions, one Python int per word (bit p % 64 of word p // 64)."""
+    words = [0] * ops.bitmap_words(numel)
+    for p in positions.tolist():
+        words[p // 64] |= 1 << (p % 64)
+    return torch.tensor([w - (1 << 64) if w >= 1 << 63 else w for w in words], dtype=torch.int64)
 
 
 def _packed_after(x, positions, dense, numel, flags=0):
@@ -385,8 +403,30 @@ def test_segmented_topk_select_pack_equals_select_then_pack(seed, dtype, device)
     assert torch.equal(positions, _segmented(x, offsets, ks, device))
     assert torch.equal(payload, _packed_after(x, positions, dense, numel, flags=seed))
     got = torch.empty_like(payload)
-    assert torch.equal(ref.segmented_topk_select_pack(x, offsets, ks, 0.01, None, dense, numel, seed, got), positions)
+    bits = torch.empty(ops.bitmap_words(x.numel()), dtype=torch.int64)
+    assert torch.equal(ref.segmented_topk_select_pack(x, offsets, ks, 0.01, None, dense, numel, seed, got, bits),
+                       positions)
     assert torch.equal(got, payload)
+    assert torch.equal(bits, _bitmap_of(positions, x.numel()))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_selection_bitmap_does_not_depend_on_threads(threads):
+    """Segments at offsets that are not multiples of 64 (words shared by neighbours), small ones side by side on
+    several workers and a large one split over all of them, at the densities of every path of pass 2: the
+    bitmap is exactly the positions' whatever the thread count (shared words take atomic ORs)."""
+    g = torch.Generator().manual_seed(threads)
+    lengths = [37, 4_100, 70, 1_500_001, 9_000, 130, 250_000, 5]
+    offsets = torch.tensor([0, *itertools.accumulate(lengths)])
+    x = torch.randn(int(offsets[-1]), generator=g)
+    ks = torch.tensor([37, 1_000, 3, 375_001, 9, 130, 20_000, 2])  # whole, large, small k
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        positions, _ = _select_pack(x, offsets, ks, torch.empty(0), x.numel(), "cpu")
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(positions, ref.segmented_topk_indices(x, offsets, ks))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -423,6 +463,15 @@ def test_segmented_topk_select_pack_refuses_what_it_cannot_write(device):
     x64 = x.double()  # not fp32 (the selection, then pack_gathered): checked the same
     with pytest.raises(ValueError, match="must hold x's 60000 elements and fit int32"):
         torch.ops.gradsparse.segmented_topk_select_pack(x64, offsets, ks, 0.01, 0, dense, 59_999, 0, out)
+    for bits, match in ((torch.zeros(937, dtype=torch.int64, device=device), "938 are needed for 60000"),
+                        (torch.zeros(939, dtype=torch.int64, device=device), "938 are needed for 60000"),
+                        (torch.zeros(938, dtype=torch.int32, device=device), "contiguous 1-D int64"),
+                        (torch.zeros(938 * 2, dtype=torch.int64, device=device)[::2], "contiguous 1-D int64")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.gradsparse.segmented_topk_select_pack(x, offsets, ks, 0.01, 0, dense, 60_000, 0, out, bits)
+        with pytest.raises(ValueError, match=match):
+            ref.segmented_topk_select_pack(x.cpu(), offsets.cpu(), ks.cpu(), 0.01, None, dense.cpu(), 60_000, 0,
+                                           out.cpu(), bits.cpu())
     x[45_000] = float("nan")
     with pytest.raises(ValueError, match="segment 1 contains NaN"):
         torch.ops.gradsparse.segmented_topk_select_pack(x, offsets, ks, 0.01, 0, dense, 60_000, 0, out)
@@ -860,6 +909,73 @@ def test_dgc_zero_compensate_does_not_depend_on_threads():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.25, 1.0])
+@pytest.mark.parametrize("n", [17, 16_384, 100_003])
+@pytest.mark.parametrize("offset", [0, 1000, 16_427])
+def test_dgc_mask_compensate_equals_zero_compensate_of_the_bitmaps_positions(offset, n, density, dtype, nesterov,
+                                                                            device):
+    """The bitmap read at an offset (a multiple of 64 or not, chunks starting mid-word) with bits set before
+    and after the piece, which must be ignored: bit for bit what dgc_zero_compensate does with the positions."""
+    g = torch.Generator().manual_seed(n + offset + int(density * 1000))
+    u, v = torch.randn(n, generator=g), torch.randn(n, generator=g) * 3
+    u[n // 2] = float("inf")  # zeroed when dense: a zeroed inf reads as zero, not NaN
+    grad = torch.randn(n, generator=g).to(dtype)
+    mask = torch.rand(offset + n + 300, generator=g) < density
+    mask[:offset] = mask[offset + n:] = True  # others' positions
+    if density == 0.25:
+        mask[offset + n // 2] = mask[offset] = mask[offset + n - 1] = True
+    positions = torch.nonzero(mask[offset:offset + n]).reshape(-1)
+    bits = _bitmap_of(torch.nonzero(mask).reshape(-1), mask.numel())
+    du, dv = u.clone().to(device), v.clone().to(device)
+    got = torch.ops.gradsparse.dgc_mask_compensate(du, dv, grad.to(device), 0.9, nesterov, bits.to(device), offset)
+    wu, wv = u.clone(), v.clone()
+    want = ref.dgc_zero_compensate_(wu, wv, grad, 0.9, nesterov, positions, 0)
+    assert torch.equal(du.cpu(), wu) and torch.equal(dv.cpu(), wv)
+    assert torch.equal(got.cpu(), want)
+    ru, rv = u.clone(), v.clone()
+    assert torch.equal(ref.dgc_mask_compensate_(ru, rv, grad, 0.9, nesterov, bits, offset), want)
+    assert torch.equal(ru, wu) and torch.equal(rv, wv)
+
+
+def test_dgc_mask_compensate_does_not_depend_on_threads():
+    n, g = 2_000_003, torch.Generator().manual_seed(3)
+    u, v, grad = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g)
+    bits = _bitmap_of(torch.nonzero(torch.rand(n + 77, generator=g) < 0.2).reshape(-1), n + 77)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            a, b = u.clone(), v.clone()
+            results.append((torch.ops.gradsparse.dgc_mask_compensate(a, b, grad, 0.9, False, bits, 77), a, b))
+    finally:
+        torch.set_num_threads(threads)
+    for stats, a, b in results[1:]:
+        assert torch.equal(stats, results[0][0]) and torch.equal(a, results[0][1]) and torch.equal(b, results[0][2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dgc_mask_compensate_refuses_a_bitmap_it_cannot_read(device):
+    n = 1000
+    u, v, grad = (torch.ones(n, device=device) for _ in range(3))
+    for bits, offset, match in ((torch.zeros(15, dtype=torch.int64), 0, "at least 16 are needed for 1000"),
+                                (torch.zeros(16, dtype=torch.int64), 25, "at least 17 are needed for 1025"),
+                                (torch.zeros(16, dtype=torch.int32), 0, "contiguous 1-D int64"),
+                                (torch.zeros(16, dtype=torch.int64), -1, "offset must be >= 0")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.gradsparse.dgc_mask_compensate(u, v, grad, 0.9, False, bits.to(device), offset)
+        with pytest.raises(ValueError, match=match):
+            ref.dgc_mask_compensate_(u.cpu(), v.cpu(), grad.cpu(), 0.9, False, bits, offset)
+    assert u.eq(1).all() and v.eq(1).all()
+    if device == "cpu" and torch.cuda.is_available():
+        with pytest.raises(ValueError, match="bits is on"):
+            torch.ops.gradsparse.dgc_mask_compensate(u, v, grad, 0.9, False, torch.zeros(16, dtype=torch.int64,
+                                                                                          device="cuda"), 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("zeroed,offset,error,match", [
     ([5, 3], 0, ValueError, "non-decreasing"),
     ([1, 40_000, 20_000], 0, ValueError, "non-decreasing"),  # wrong in a later chunk
@@ -917,6 +1033,15 @@ def test_opcheck_every_op(device):
                           (randn(100), randn(100), randn(100).half(), 0.9, True))
     torch.library.opcheck(torch.ops.gradsparse.dgc_compensate_into.default,
                           (randn(100), randn(100), randn(100).half(), 0.9, True, randn(100), randn(100)))
+    torch.library.opcheck(torch.ops.gradsparse.segmented_topk_select_pack.default,
+                          (x, torch.tensor([0, 100, 30_000, 40_000], device=device),
+                           torch.tensor([3, 0, 400], device=device), 0.01, 0, dense, 40_000, 0,
+                           torch.empty(PayloadLayout(403, 2, torch.float32).nbytes, dtype=torch.uint8,
+                                       device=device),
+                           torch.empty(ops.bitmap_words(40_000), dtype=torch.int64, device=device)))
+    torch.library.opcheck(torch.ops.gradsparse.dgc_mask_compensate.default,
+                          (randn(100), randn(100), randn(100).half(), 0.9, True,
+                           torch.tensor([3, -1, 7], dtype=torch.int64, device=device), 70))
     torch.library.opcheck(torch.ops.gradsparse.dgc_zero_compensate.default,
                           (randn(100), randn(100), randn(100).half(), 0.9, True,
                            torch.tensor([3, 3, 50, 99], device=device) + 7, 7))
