@@ -939,6 +939,25 @@ def test_dgc_mask_compensate_equals_zero_compensate_of_the_bitmaps_positions(off
     assert torch.equal(ru, wu) and torch.equal(rv, wv)
 
 
+def test_dgc_mask_compensate_off_the_cpu_kernel_is_the_same():
+    """The device-neutral kernel (csrc/bitmap.cpp: unpacked bitmap, masked_fill_, dgc_compensate_into), which
+    every device without its own runs, reached on the CPU by dispatching to it: the CPU kernel's bits."""
+    op = torch.ops.gradsparse.dgc_mask_compensate.default
+    composite = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    g = torch.Generator().manual_seed(5)
+    n, offset = 70_001, 93
+    u, v, grad = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g).half()
+    bits = _bitmap_of(torch.nonzero(torch.rand(offset + n, generator=g) < 0.3).reshape(-1), offset + n)
+    for nesterov in (False, True):
+        a, b = u.clone(), v.clone()
+        got = op.redispatch(composite, a, b, grad, 0.9, nesterov, bits, offset)
+        c, d = u.clone(), v.clone()
+        want = op(c, d, grad, 0.9, nesterov, bits, offset)
+        assert torch.equal(got, want) and torch.equal(a, c) and torch.equal(b, d)
+    with pytest.raises(ValueError, match="at least 1096 are needed for 70094"):
+        op.redispatch(composite, u.clone(), v.clone(), grad, 0.9, False, bits[:-1], offset)
+
+
 def test_dgc_mask_compensate_does_not_depend_on_threads():
     n, g = 2_000_003, torch.Generator().manual_seed(3)
     u, v, grad = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g)
