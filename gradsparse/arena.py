@@ -18,9 +18,10 @@ or zeroes momentum, so the bounds still hold after it.
 When the update only zeroes every state tensor at the sent positions, and that pays in
 the compensation pass (DGC's momentum and velocity, for a selection sent exactly, from
 1/32 of the elements; ``Memory.defers_update``), the arena keeps the positions
-(:attr:`Arena.pending`) and the next compensation reads the state as zero there
-(``Memory.zero_compensate``): the state is read and written once a step instead of
-twice (docs/kernels.md). Anything else that reads the state first applies the pending
+(:attr:`Arena.pending`) and the next compensation reads the state as zero there: the state
+is read and written once a step instead of twice (docs/kernels.md). It reads them from the
+bitmap the selection wrote beside them where there is one (:attr:`Arena.pending_bits`,
+``Memory.mask_compensate``), else from the list (``Memory.zero_compensate``). Anything else that reads the state first applies the pending
 update (:meth:`Arena.settle`; ``Memory.state`` does so for every reader).
 
 The same pass can also collect the next selection's candidates
