@@ -241,21 +241,20 @@ struct MaskedBits {
   }
 };
 
-at::Tensor dgc_mask_compensate_cpu(at::Tensor& u, at::Tensor& v, const at::Tensor& g, double momentum, bool nesterov,
-                                   const at::Tensor& bits, int64_t offset) {
-  check_dgc_into_args(u, v, g, u, v);
-  TORCH_CHECK_VALUE(offset >= 0, "dgc_mask_compensate: offset must be >= 0, got ", offset);
-  check_selection_bits(bits, offset + u.numel(), u.device(), "dgc_mask_compensate", /*exact=*/false);
+// DGC's pass in place over [0, numel) with each chunk's keep mask from mark(begin, end, cursor) (nullptr:
+// nothing zeroed there; cursor as chunked_max_keys keeps it); the maxima of dgc_compensate_into.
+template <typename Mark>
+at::Tensor masked_compensate(at::Tensor& u, at::Tensor& v, const at::Tensor& g, double momentum, bool nesterov,
+                             const Mark& mark) {
   const at::Tensor gc = g.contiguous();
-  MaskedBits z(bits, offset);
   double maxima[3] = {0, 0, 0};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "dgc_mask_compensate", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "dgc_masked_compensate", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     float *up = u.data_ptr<float>(), *vp = v.data_ptr<float>();
-    const auto range = [&](int64_t begin, int64_t end, uint64_t* keys, int64_t&) {
+    const auto range = [&](int64_t begin, int64_t end, uint64_t* keys, int64_t& cursor) {
       compensate_range<scalar_t, true>(up, vp, gp, up, vp, static_cast<float>(momentum), nesterov, begin, end, keys,
-                                       z.mark(begin, end));
+                                       mark(begin, end, cursor));
     };
     const auto total = chunked_max_keys<3>(gc.numel(), range);
     maxima[0] = magnitude_of_key<acc_t>(total[0]);
@@ -265,28 +264,25 @@ at::Tensor dgc_mask_compensate_cpu(at::Tensor& u, at::Tensor& v, const at::Tenso
   return at::tensor({maxima[0], maxima[1], maxima[2]}, at::TensorOptions().dtype(at::kDouble));
 }
 
+at::Tensor dgc_mask_compensate_cpu(at::Tensor& u, at::Tensor& v, const at::Tensor& g, double momentum, bool nesterov,
+                                   const at::Tensor& bits, int64_t offset) {
+  check_dgc_into_args(u, v, g, u, v);
+  TORCH_CHECK_VALUE(offset >= 0, "dgc_mask_compensate: offset must be >= 0, got ", offset);
+  check_selection_bits(bits, offset + u.numel(), u.device(), "dgc_mask_compensate", /*exact=*/false);
+  MaskedBits z(bits, offset);
+  return masked_compensate(u, v, g, momentum, nesterov,
+                           [&](int64_t begin, int64_t end, int64_t&) { return z.mark(begin, end); });
+}
+
 at::Tensor dgc_zero_compensate_cpu(at::Tensor& u, at::Tensor& v, const at::Tensor& g, double momentum, bool nesterov,
                                    const at::Tensor& zeroed, int64_t offset) {
   check_dgc_into_args(u, v, g, u, v);
   check_zeroed(zeroed, u, "dgc_zero_compensate");
-  const at::Tensor gc = g.contiguous();
   ZeroedPositions z(zeroed, offset);
-  double maxima[3] = {0, 0, 0};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "dgc_zero_compensate", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* gp = gc.data_ptr<scalar_t>();
-    float *up = u.data_ptr<float>(), *vp = v.data_ptr<float>();
-    const auto range = [&](int64_t begin, int64_t end, uint64_t* keys, int64_t& cursor) {
-      compensate_range<scalar_t, true>(up, vp, gp, up, vp, static_cast<float>(momentum), nesterov, begin, end, keys,
-                                       z.mark(begin, end, cursor));
-    };
-    const auto total = chunked_max_keys<3>(gc.numel(), range);
-    maxima[0] = magnitude_of_key<acc_t>(total[0]);
-    maxima[1] = magnitude_of_key<float>(total[1]);
-    maxima[2] = magnitude_of_key<float>(total[2]);
-  });
-  z.check(gc.numel(), "dgc_zero_compensate");
-  return at::tensor({maxima[0], maxima[1], maxima[2]}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor maxima = masked_compensate(
+      u, v, g, momentum, nesterov, [&](int64_t begin, int64_t end, int64_t& cursor) { return z.mark(begin, end, cursor); });
+  z.check(g.numel(), "dgc_zero_compensate");
+  return maxima;
 }
 
 at::Tensor absmax_cpu(const at::Tensor& x) {

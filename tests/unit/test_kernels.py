@@ -891,17 +891,27 @@ def test_dgc_zero_compensate_equals_index_fill_then_compensate(n, density, dtype
     assert torch.equal(ru, wu) and torch.equal(rv, wv)
 
 
-def test_dgc_zero_compensate_does_not_depend_on_threads():
+@pytest.mark.parametrize("through", ["list", "bitmap"])
+def test_dgc_zero_and_mask_compensate_do_not_depend_on_threads(through):
     n, g = 2_000_003, torch.Generator().manual_seed(3)
     u, v, grad = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g)
-    positions = torch.randint(n, (n // 5,), generator=g).sort().values
+    if through == "list":
+        positions = torch.randint(n, (n // 5,), generator=g).sort().values
+
+        def call(a, b):
+            return torch.ops.gradsparse.dgc_zero_compensate(a, b, grad, 0.9, False, positions, 0)
+    else:
+        bits = _bitmap_of(torch.nonzero(torch.rand(n + 77, generator=g) < 0.2).reshape(-1), n + 77)
+
+        def call(a, b):
+            return torch.ops.gradsparse.dgc_mask_compensate(a, b, grad, 0.9, False, bits, 77)
     results = []
     threads = torch.get_num_threads()
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
             a, b = u.clone(), v.clone()
-            results.append((torch.ops.gradsparse.dgc_zero_compensate(a, b, grad, 0.9, False, positions, 0), a, b))
+            results.append((call(a, b), a, b))
     finally:
         torch.set_num_threads(threads)
     for stats, a, b in results[1:]:
@@ -956,23 +966,6 @@ def test_dgc_mask_compensate_off_the_cpu_kernel_is_the_same():
         assert torch.equal(got, want) and torch.equal(a, c) and torch.equal(b, d)
     with pytest.raises(ValueError, match="at least 1096 are needed for 70094"):
         op.redispatch(composite, u.clone(), v.clone(), grad, 0.9, False, bits[:-1], offset)
-
-
-def test_dgc_mask_compensate_does_not_depend_on_threads():
-    n, g = 2_000_003, torch.Generator().manual_seed(3)
-    u, v, grad = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g)
-    bits = _bitmap_of(torch.nonzero(torch.rand(n + 77, generator=g) < 0.2).reshape(-1), n + 77)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            a, b = u.clone(), v.clone()
-            results.append((torch.ops.gradsparse.dgc_mask_compensate(a, b, grad, 0.9, False, bits, 77), a, b))
-    finally:
-        torch.set_num_threads(threads)
-    for stats, a, b in results[1:]:
-        assert torch.equal(stats, results[0][0]) and torch.equal(a, results[0][1]) and torch.equal(b, results[0][2])
 
 
 @pytest.mark.parametrize("device", DEVICES)
