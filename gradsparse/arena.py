@@ -21,8 +21,9 @@ the compensation pass (DGC's momentum and velocity, for a selection sent exactly
 (:attr:`Arena.pending`) and the next compensation reads the state as zero there: the state
 is read and written once a step instead of twice (docs/kernels.md). It reads them from the
 bitmap the selection wrote beside them where there is one (:attr:`Arena.pending_bits`,
-``Memory.mask_compensate``), else from the list (``Memory.zero_compensate``). Anything else that reads the state first applies the pending
-update (:meth:`Arena.settle`; ``Memory.state`` does so for every reader).
+``Memory.mask_compensate``), else from the list (``Memory.zero_compensate``). Anything
+else that reads the state first applies the pending update (:meth:`Arena.settle`;
+``Memory.state`` does so for every reader).
 
 The same pass can also collect the next selection's candidates
 (:meth:`Arena.compensate_collecting`): per parameter, every position whose compensated

@@ -151,7 +151,7 @@ class _Selection:
     masked: torch.Tensor | None  # positions of groups not sent completely (DGC masks momentum); None: none
     source: torch.Tensor | None = None  # fp32, what ``sent`` is gathered from (unchanged until the commit)
     payload: torch.Tensor | None = None  # the healthy payload, when the selection wrote it (from the reducer's buffers)
-    bits: torch.Tensor | None = None  # the positions as a bitmap, when the selection wrote one (a deferred update reads it)
+    bits: torch.Tensor | None = None  # the positions as a bitmap, when the selection wrote one (for a deferred update)
 
     def values(self) -> torch.Tensor:
         """The fp32 values sent, gathered from ``source`` when not kept (the payload gathers them itself)."""
