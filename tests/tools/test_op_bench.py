@@ -11,7 +11,7 @@ def test_op_bench_times_every_op_it_lists(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert [r["op"] for r in result["rows"]] == ["sum", "absmax", "compensate", "unpack 0.001 x1", "unpack 0.001 x2",
                                                  "select 0.001", "pack 0.001", "zero 0.001", "zero, compensate 0.001",
-                                                 "zero_compensate 0.001"]
+                                                 "zero_compensate 0.001", "mask_compensate 0.001"]
     assert result["elements"] == 25_557_032
     for r in result["rows"]:
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
