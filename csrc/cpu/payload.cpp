@@ -68,15 +68,19 @@ at::Tensor unpack_add_cpu(at::TensorList payloads, at::Tensor& out, at::ScalarTy
   for (const Parsed& p : parsed) flags |= p.flags;
 
   // Dense positions in ascending order (stable: equal positions keep their order, as index_add_ does).
+  // The reducer's are ascending already (its whole tensors in bucket order): then they are used as
+  // they are, without a sort per call (12K positions: about 0.2 ms).
   std::vector<int64_t> dense_order(n_dense);
-  std::vector<int64_t> dense_sorted(n_dense);
-  if (n_dense) {
-    const int64_t* d = didx.data_ptr<int64_t>();
-    for (int64_t j = 0; j < n_dense; ++j) dense_order[j] = j;
+  std::vector<int64_t> dense_sorted;
+  const int64_t* ds = n_dense ? didx.data_ptr<int64_t>() : nullptr;
+  for (int64_t j = 0; j < n_dense; ++j) dense_order[j] = j;
+  if (n_dense && !std::is_sorted(ds, ds + n_dense)) {
+    const int64_t* d = ds;
     std::stable_sort(dense_order.begin(), dense_order.end(), [&](int64_t a, int64_t b) { return d[a] < d[b]; });
+    dense_sorted.resize(n_dense);
     for (int64_t j = 0; j < n_dense; ++j) dense_sorted[j] = d[dense_order[j]];
+    ds = dense_sorted.data();
   }
-  const int64_t* ds = dense_sorted.data();
 
   // The output is processed chunk by chunk: zero it (if asked), then add every rank's pairs that
   // fall in it, rank by rank, while the chunk is in cache. Chunks are disjoint, so they run in

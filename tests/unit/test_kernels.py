@@ -790,15 +790,18 @@ def test_index_zero_refuses_bad_arguments():
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("value_dtype", DTYPES)
 @pytest.mark.parametrize("world,alpha,overwrite", [(1, 1.0, False), (3, 1 / 3, True), (4, 0.25, True)])
-def test_unpack_add_equals_reference(out_dtype, value_dtype, world, alpha, overwrite, device):
+# spread over several output chunks: unsorted (sorted per call), ascending as the reducer's (used as they are), and
+# ascending with a position twice (its values added in their order)
+@pytest.mark.parametrize("dense", [(39_999, 17, 20_000), (17, 20_000, 39_999), (17, 20_000, 20_000, 39_999)])
+def test_unpack_add_equals_reference(out_dtype, value_dtype, world, alpha, overwrite, device, dense):
     numel, g = 40_000, torch.Generator().manual_seed(world)
-    dense_index = torch.tensor([39_999, 17, 20_000])  # unsorted, spread over several output chunks
+    dense_index = torch.tensor(dense)
     payloads = []
     for r in range(world):
         # sparse indices may coincide with dense positions: the order of additions must still match
         idx = torch.cat([torch.tensor([17, 20_000]), torch.randperm(numel, generator=g)[: 400 * (r + 1)]]).unique()
-        payloads.append(ref.pack(idx, torch.randn(idx.numel(), generator=g), torch.randn(3, generator=g), numel,
-                                 value_dtype, flags=r % 2))
+        payloads.append(ref.pack(idx, torch.randn(idx.numel(), generator=g), torch.randn(len(dense), generator=g),
+                                 numel, value_dtype, flags=r % 2))
     start = torch.randn(numel, generator=g).to(out_dtype)
     a, b = start.clone().to(device), start.clone()
     fa = torch.ops.gradsparse.unpack_add([p.to(device) for p in payloads], a, value_dtype, dense_index.to(device),
