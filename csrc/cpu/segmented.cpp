@@ -100,15 +100,15 @@ at::Tensor segmented_topk_select_pack_cpu(const at::Tensor& x, const at::Tensor&
   uint64_t* words = nullptr;
   if (bits.has_value()) {
     check_selection_bits(*bits, x.numel(), x.device(), kPackOp);
-    bits->zero_();
     words = reinterpret_cast<uint64_t*>(bits->data_ptr<int64_t>());
   }
   if (x.scalar_type() != at::kFloat || !dense.is_cpu()) {  // the values cast as pack_gathered casts them
     const at::Tensor positions = segmented_topk_select_cpu(x, offsets, ks, sample_ratio, seed);
     pack_gathered_into(positions, x, dense, numel, at::kFloat, flags, out);
-    if (words) mark_bitmap(*bits, positions);
+    if (words) mark_bitmap(*bits, positions);  // zeroes it first
     return positions;
   }
+  if (words) bits->zero_();  // the selection ORs its blocks in
   const at::Tensor flat = x.contiguous().view(-1);
   at::Tensor positions = positions_output(seg.total());
   uint8_t* base = out.data_ptr<uint8_t>();
