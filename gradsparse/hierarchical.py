@@ -14,9 +14,10 @@ bucket, :class:`HierarchicalReducer`:
 Inside the node, CPU buckets move through shared memory where the node's ranks share
 ``/dev/shm`` (:class:`~gradsparse.comm.shared_memory.NodeMemory`; docs/design.md, decision 30):
 each rank writes the pieces the others own, each owner sums its pieces into its shared region,
-which is the shard the inner reducer reduces in place, and each rank then copies the others'
-pieces from their regions. Otherwise (CUDA, Horovod, no shared ``/dev/shm``,
-``shared_memory=False``) both steps are the node's allreduces (the second of the zero-padded
+which is the shard the inner reducer reduces in place, and each rank then takes every rank's
+pieces from their regions: where the column's exchange went as pairs, only the positions its
+payloads name (published beside the region; the rest is zero), else the whole pieces. Otherwise
+(CUDA, Horovod, no shared ``/dev/shm``, ``shared_memory=False``) both steps are the node's allreduces (the second of the zero-padded
 shards, an exact sum): gloo's reduce-scatter and allgather were about 10x slower than its
 allreduce here (decision 27), at twice the ideal bytes.
 
@@ -412,6 +413,10 @@ class HierarchicalReducer:
         self._landed: dict[int, torch.futures.Future] = {}  # layout -> its last gather through shared memory
         self._used: dict[int, int] = {}  # layout -> the last step it was reduced through shared memory
         self._round_bucket = torch.empty(0)  # node_round's bucket
+        #: through shared memory, take the column's result back only where its payloads landed (False: every
+        #: element of every piece, as when the exchange was dense)
+        self.sparse_gather = True
+        self._places: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layout, owner): shard -> bucket
         self.shared: tuple[NodeMemory, NodeMemory] | None = None  # (reduce, gather) segments of the node
         if (boolean(shared_memory, "shared_memory") and groups.local > 1 and groups.ordered
                 and groups.node.carries_cpu_tensors and groups.node_gather.carries_cpu_tensors):
@@ -605,8 +610,12 @@ class HierarchicalReducer:
                                              transport=HIERARCHICAL_ALLREDUCE if s.transport == ALLREDUCE
                                              else HIERARCHICAL))
 
+        landed = self._publisher(layout, flat) if shared and self.sparse_gather else None
+        if shared:
+            self._publish(layout, flat, None)  # until the exchange lands as pairs: take the whole pieces
         try:  # blocking communicators (MPI) raise here, the others through the future
-            inner = self.inner.reduce(shard, layout.segments, step, epoch, select_all=select_all, on_stats=report)
+            inner = self.inner.reduce(shard, layout.segments, step, epoch, select_all=select_all, on_stats=report,
+                                      on_landed=landed)
         except CommunicationError as err:
             raise self.failed_at("between", err, flat, step) from err
         issued: torch.futures.Future = torch.futures.Future()
@@ -689,6 +698,7 @@ class HierarchicalReducer:
         for ident, last in list(self._used.items()):  # layouts no bucket used last step (DDP's first iteration)
             if ident != layout.ident and step >= last + 2:
                 regions.drop(ident)
+                regions.drop(_list_ident(ident))
                 del self._used[ident]
         self._used[layout.ident] = step
         copy = memory.start(flat.numel() * size).view(dtype)
@@ -714,10 +724,47 @@ class HierarchicalReducer:
             piece.add_(flat[src:src + n], alpha=scale)
         return shard
 
+    def _list_region(self, layout: _Layout, rank: int | None = None) -> torch.Tensor:
+        """The int32 list a rank publishes beside its shard: ``[count low, count high, position...]``; count -1:
+        take the whole pieces. Room for a sixteenth of the shard's elements (denser results are copied whole)."""
+        shard = layout.shards[self.groups.local_rank if rank is None else rank]
+        return self.shared[1].region(_list_ident(layout.ident), 4 * (2 + max(1, shard) // 16), rank=rank) \
+            .view(torch.int32)
+
+    def _publish(self, layout: _Layout, flat: torch.Tensor, positions: Sequence[torch.Tensor] | None) -> None:
+        """Say which positions of this rank's shard the others take after the exchange: ``positions`` (shard
+        coordinates; the shard is zero elsewhere), or None: all of them. Written before the gather's barrier,
+        after the reduction's (by then every rank has read the last list of this layout)."""
+        listed = self._list_region(layout)
+        count = sum(p.numel() for p in positions) if positions is not None else -1
+        if count > listed.numel() - 2:
+            count = -1
+        if count >= 0:
+            at = 2
+            for p in positions:
+                listed[at:at + p.numel()].copy_(p)
+                at += p.numel()
+        listed[:2].view(torch.int64).fill_(count)
+
+    def _publisher(self, layout: _Layout, flat: torch.Tensor) -> Callable[[list[torch.Tensor]], None]:
+        """The inner reducer's ``on_landed`` for this bucket: publish the positions its exchange landed at."""
+        return lambda positions: self._publish(layout, flat, positions)
+
+    def _place(self, layout: _Layout, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where ``owner``'s shard runs start in its shard, and what moves each to the bucket (int64 each)."""
+        key = (layout.ident, owner)
+        place = self._places.get(key)
+        if place is None:
+            runs = [(at, src - at) for o, src, at, _ in layout.owners if o == owner]
+            place = (torch.tensor([a for a, _ in runs], dtype=torch.int64),
+                     torch.tensor([d for _, d in runs], dtype=torch.int64))
+            self._places[key] = place
+        return place
+
     def _shared_land(self, barrier: torch.futures.Future, flat: torch.Tensor, shard: torch.Tensor, layout: _Layout,
                      step: int, out: torch.futures.Future, issued: torch.futures.Future | None) -> None:
         """After the gather's barrier: every rank's reduced pieces from its region into ``flat`` (the rest of
-        ``flat`` zero), then ``out``."""
+        ``flat`` zero), then ``out``. A rank that published positions (:meth:`_publish`) gives only those."""
         try:
             try:
                 self.collective(barrier.wait, flat, step)
@@ -725,15 +772,26 @@ class HierarchicalReducer:
                 sources = [shard if r == self.groups.local_rank else
                            regions.region(layout.ident, max(1, n) * size, rank=r).view(flat.dtype)
                            for r, n in enumerate(layout.shards)]
+                lists = [self._list_region(layout, rank=r) for r in range(self.groups.local)]
             except CommunicationError as err:
                 raise self.failed_at("inside", err, flat, step) from err
+            counts = [int(listed[:2].view(torch.int64)) for listed in lists]
             end = 0
             for owner, src, at, n in layout.owners:
                 if src > end:
                     flat[end:src].zero_()
-                flat[src:src + n].copy_(sources[owner][at:at + n])
+                if counts[owner] < 0:
+                    flat[src:src + n].copy_(sources[owner][at:at + n])
+                else:
+                    flat[src:src + n].zero_()
                 end = src + n
             flat[end:].zero_()
+            for owner, count in enumerate(counts):
+                if count > 0:
+                    positions = lists[owner][2:2 + count].long()
+                    starts, shifts = self._place(layout, owner)
+                    moved = positions + shifts[torch.searchsorted(starts, positions, right=True) - 1]
+                    flat[moved] = sources[owner].index_select(0, positions)  # a position twice: the same value
             out.set_result(flat)
         except BaseException as err:  # noqa: BLE001 - handed to the caller's future
             out.set_exception(err)
@@ -750,6 +808,7 @@ class HierarchicalReducer:
         flat = self._round_bucket
         layout = self._layout([Segment("gradsparse.measure", 0, n)], flat.device)
         shard = self._shared_reduce(flat, layout, 0)
+        self._publish(layout, flat, None)
         out: torch.futures.Future = torch.futures.Future()
         self._shared_land(self.shared[1].barrier(), flat, shard, layout, 0, out, None)
         out.wait()
@@ -844,6 +903,11 @@ class HierarchicalReducer:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._chain = completed_future(None)
+
+
+def _list_ident(ident: int) -> int:
+    """The shared-memory region of a layout's published positions (beside region ``ident``, its shard)."""
+    return -1 - ident
 
 
 def _put(memory, key: str, name: str, tensor: torch.Tensor) -> None:

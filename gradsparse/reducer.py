@@ -100,7 +100,15 @@ from .errors import (
     UnsupportedGradientError,
 )
 from .options import ReducerOptions
-from .payload import DTYPE_OF_CODE, FLAG_NONFINITE, INT32_MAX, VALUE_DTYPES, PayloadBuffers, PayloadLayout
+from .payload import (
+    DTYPE_OF_CODE,
+    FLAG_NONFINITE,
+    HEADER_BYTES,
+    INT32_MAX,
+    VALUE_DTYPES,
+    PayloadBuffers,
+    PayloadLayout,
+)
 from .stats import ALLGATHER, ALLREDUCE, SPLIT, BucketStats
 from .transport import FIELDS as TRANSPORT_FIELDS
 from .transport import TransportModel
@@ -176,6 +184,7 @@ class _Job:
     arena: Arena | None          # the bucket's memory (None: the memory keeps nothing)
     sizes: list[int] | None = None  # every rank's payload bytes (variable-count methods)
     largest: int = 0             # the largest rank's payload bytes
+    on_landed: Callable[[list[torch.Tensor]], None] | None = None  # see SparseReducer.reduce
 
 
 @dataclasses.dataclass(frozen=True)
@@ -550,6 +559,7 @@ class SparseReducer:
         select_all: bool = False,
         on_stats: Callable[[BucketStats], None] | None = None,
         loss_scale: float | None = None,
+        on_landed: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> torch.futures.Future:
         """Reduce ``flat`` in place across ranks; returns a Future of ``flat``.
 
@@ -558,6 +568,13 @@ class SparseReducer:
         the adapters' first iterations). ``loss_scale``: see :meth:`set_loss_scale`.
         Every rank must call this with the same segments, step and epoch, in the
         same order.
+
+        ``on_landed``: called when the sparse transport landed every rank's pairs with no rank
+        flagging a problem, before the future completes, with the positions the result may be
+        non-zero at (int32 indices of each payload, then the int64 positions of the tensors sent
+        whole; views, valid during the call only). Elsewhere ``flat`` is zero. Not called on the
+        other transports or when the bucket is skipped (the hierarchical reducer then copies the
+        whole result).
 
         ``flat`` may be any dense tensor, e.g. ``p.grad`` itself; one that is not contiguous (the
         gradient of a ``channels_last`` parameter, on which ``view(-1)`` fails and ``reshape(-1)``
@@ -570,7 +587,8 @@ class SparseReducer:
         """
         if through_copy(flat):
             return copied_back(flat, self.reduce(flat.contiguous(), segments, step, epoch, select_all=select_all,
-                                                 on_stats=on_stats, loss_scale=loss_scale))
+                                                 on_stats=on_stats, loss_scale=loss_scale))  # no on_landed: the
+            # result reaches flat by a dense copy
         check_bucket(flat)
         step, epoch = integer(step, "step", minimum=0), integer(epoch, "epoch", minimum=0)
         flat = flat.view(-1)
@@ -591,7 +609,8 @@ class SparseReducer:
         health = self._health(flat, arena, wire)
         fixed = sum(s.numel for s in plan.compressed) if select_all else self.fixed_count(plan, step, epoch)
         same_size = select_all or self.compressor.fixed_count
-        job = _Job(flat, plan, wire, step, None, fixed or 0, health == HEALTHY, started, 0, on_stats, whole, arena)
+        job = _Job(flat, plan, wire, step, None, fixed or 0, health == HEALTHY, started, 0, on_stats, whole, arena,
+                   on_landed=on_landed)
         descriptors = self._verify(job, epoch, select_all, fixed if same_size else None, health)
         if descriptors is not None:
             job = dataclasses.replace(job, control=DESCRIPTOR_BYTES)
@@ -704,6 +723,9 @@ class SparseReducer:
             flags = ops.unpack_add(payloads, out, job.wire, whole_index, alpha=self._alpha(), overwrite=True)
             problem = "a rank flagged NaN/Inf gradients or an overflow in its payload" \
                 if flags & FLAG_NONFINITE else None
+            if job.on_landed is not None and problem is None:  # the payloads were validated by unpack_add
+                job.on_landed([p[HEADER_BYTES:HEADER_BYTES + 4 * int(p[8:12].view(torch.int32))].view(torch.int32)
+                               for p in payloads] + ([] if whole_index is None else [whole_index]))
             return _Landing(out, problem=problem)
 
         def landed(payloads: list[torch.Tensor]) -> _Landing:

@@ -198,6 +198,49 @@ def test_what_leaves_each_shard_memory_reaches_every_rank():
     assert not any(k.startswith("tiny") for rep in reports for k in rep["memory"])
 
 
+# --------------------------------------------------- the node's gather: only the positions that landed
+def sparse_gather_worker(rank, world, steps=5, numel=40_000):
+    """Through shared memory, a rank takes the others' shards only where their exchange landed pairs; the same
+    bits as taking the whole pieces, for sparse results, dense ones (above a sixteenth), and a skipped shard."""
+    groups = hier.Groups.create(2)
+    segments = [Segment("w", 0, 24_000), Segment("tiny", 24_000, 7), Segment("b", 24_007, numel - 24_007)]
+    report = {}
+    for name, make in (("topk", lambda: TopK(0.01)), ("dgc", lambda: DGC(0.01, warmup=None)),
+                       ("dense", lambda: TopK(0.2))):
+        reducers = [hier.HierarchicalReducer(make(), groups, transport="hierarchical", min_compress_numel=1000)
+                    for _ in range(2)]
+        reducers[1].sparse_gather = False
+        same, published, nan = True, [], None
+        for step in range(steps):
+            g = torch.randn(numel, generator=torch.Generator().manual_seed(100 * step + rank))
+            if step == 3 and rank == 1:
+                g[5] = float("nan")  # in w's first piece: local rank 0's column skips it (NaN), the other goes on
+            outs = [r.reduce(g.clone(), segments, step).wait() for r in reducers]
+            same = same and torch.equal(outs[0].nan_to_num(7.0), outs[1].nan_to_num(7.0))
+            nan = bool(outs[0].isnan().any()) if step == 3 else nan
+            layout = next(iter(reducers[0]._layouts.values()))
+            published.append(int(reducers[0]._list_region(layout)[:2].view(torch.int64)))
+        memories = [{k: {n: t.clone() for n, t in v.items()} for k, v in r.memory.state.items()} for r in reducers]
+        same_memory = memories[0].keys() == memories[1].keys() and all(
+            torch.equal(memories[0][k][n], memories[1][k][n]) for k in memories[0] for n in memories[0][k])
+        report[name] = {"same": same, "same_memory": same_memory, "published": published, "nan": nan}
+    return groups.local_rank, report
+
+
+def test_the_node_gather_takes_only_the_landed_positions_with_the_same_bits():
+    for local_rank, report in run_world(sparse_gather_worker, 4):
+        for name, r in report.items():
+            assert r["same"] and r["same_memory"] and r["nan"], (name, r)
+        # 1 % of a shard from each of the 2 nodes (plus the tiny tensor where this rank owns it) is listed, except
+        # where the column skipped step 3 (the whole NaN shard is taken); 20 % is more than the list holds: all
+        for name in ("topk", "dgc"):
+            counts = report[name]["published"]
+            skipped = [3] if local_rank == 0 else []
+            assert all((c == -1) if i in skipped else (0 < c <= 2 * 200 + 7) for i, c in enumerate(counts)), \
+                (name, local_rank, counts)
+        assert report["dense"]["published"] == [-1] * 5, report["dense"]
+
+
 # ------------------------------------------------------------------------------ DGC 1 %
 def dgc_worker(rank, world, steps=8):
     model = DDP(make_model("mlp"), bucket_cap_mb=0.05)
