@@ -24,8 +24,8 @@ import sys
 from launch.linkrate import parse_rate
 
 ORDER = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "topk1hier", "topk1auto", "dgc0.1",
-         "dgc0.1hier", "dgc0.1hiercoll", "dgc0.1auto", "dgc0.1warm", "dgc0.1warmtime", "dgc0.1warmar",
-         "dgc0.1warmsplit")
+         "dgc0.1hier", "dgc0.1hiercoll", "dgc0.1hierwhole", "dgc0.1auto", "dgc0.1warm", "dgc0.1warmtime",
+         "dgc0.1warmar", "dgc0.1warmsplit")
 
 
 def fmt_bytes(n: float) -> str:

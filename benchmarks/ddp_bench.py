@@ -18,7 +18,8 @@ Methods (every one in the same run, same model seed, same data):
 - ``dgc0.1hier`` / ``dgc0.1auto`` (and ``topk1hier`` / ``topk1auto``): ``dgc0.1`` (``topk1``) reduced hierarchically (dense inside the node, sparse
   between nodes; ranks per node from torchrun's ``LOCAL_WORLD_SIZE``), always / chosen per bucket by cost.
   Inside a node the buckets move through shared memory; ``dgc0.1hiercoll`` is ``dgc0.1hier`` with
-  ``Hierarchy(shared_memory=False)``: through the node's gloo allreduces instead.
+  ``Hierarchy(shared_memory=False)``: through the node's gloo allreduces instead; ``dgc0.1hierwhole`` takes the
+  other ranks' results back as whole pieces, not only where their pairs landed (``sparse_gather = False``).
 - ``dgc0.1warm``: gradsparse ``DGC(0.001)`` with its default warm-up, which lasts longer than any
   run here: every step is in its first stage, density 25 % (a job's optimizer steps 1-250).
   ``dgc0.1warmar`` / ``dgc0.1warmsplit``: the same with the transport forced to the allreduce of the
@@ -63,7 +64,7 @@ logger = logging.getLogger("ddp_bench")
 
 METHODS = ("compute", "dense", "fp16", "powersgd1", "powersgd4", "topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime",
            "dgc0.1warmar", "dgc0.1warmsplit",
-           "dgc0.1hier", "dgc0.1hiercoll", "dgc0.1auto", "topk1hier", "topk1auto")
+           "dgc0.1hier", "dgc0.1hiercoll", "dgc0.1hierwhole", "dgc0.1auto", "topk1hier", "topk1auto")
 LABELS = {"compute": "compute only (no comm)", "dense": "dense fp32 (no hook)", "fp16": "fp16_compress_hook",
           "powersgd1": "PowerSGD rank 1", "powersgd4": "PowerSGD rank 4", "topk1": "gradsparse TopK 1 %",
           "dgc0.1": "gradsparse DGC 0.1 %", "dgc0.1warm": "gradsparse DGC, warm-up stage 1 (25 %)",
@@ -72,13 +73,15 @@ LABELS = {"compute": "compute only (no comm)", "dense": "dense fp32 (no hook)", 
           "dgc0.1warmsplit": "gradsparse DGC, warm-up stage 1, transport split",
           "dgc0.1hier": "gradsparse DGC 0.1 % (hierarchical)",
           "dgc0.1hiercoll": "gradsparse DGC 0.1 % (hierarchical, node allreduces)",
+          "dgc0.1hierwhole": "gradsparse DGC 0.1 % (hierarchical, whole pieces back)",
           "dgc0.1auto": "gradsparse DGC 0.1 % (by cost)",
           "topk1hier": "gradsparse TopK 1 % (hierarchical)", "topk1auto": "gradsparse TopK 1 % (by cost)"}
 GRADSPARSE = ("topk1", "dgc0.1", "dgc0.1warm", "dgc0.1warmtime", "dgc0.1warmar", "dgc0.1warmsplit", "dgc0.1hier",
-              "dgc0.1hiercoll", "dgc0.1auto", "topk1hier", "topk1auto")
+              "dgc0.1hiercoll", "dgc0.1hierwhole", "dgc0.1auto", "topk1hier", "topk1auto")
 HIERARCHY = {f"{m}{kind}": Hierarchy(transport={"hier": "hierarchical", "auto": "auto"}[kind])
              for m in ("dgc0.1", "topk1") for kind in ("hier", "auto")}
 HIERARCHY["dgc0.1hiercoll"] = Hierarchy(transport="hierarchical", shared_memory=False)
+HIERARCHY["dgc0.1hierwhole"] = HIERARCHY["dgc0.1hier"]
 
 
 class HookTimer:
@@ -124,6 +127,8 @@ def build(method: str, model_kind: str, powersgd_bucket_mb: float = 4096):
                      "dgc0.1warmsplit": {"transport": "split"}}.get(method, {})
         state = gddp.GradSparseState(compressor, model=model, log_every=0, hierarchy=HIERARCHY.get(method),
                                      **transport)
+        if method == "dgc0.1hierwhole":
+            state.reducer.sparse_gather = False
         timer = HookTimer(gddp.sparse_hook)
         model.register_comm_hook(state, timer.hook)
     elif method != "dense":
