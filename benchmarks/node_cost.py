@@ -84,12 +84,14 @@ def main(argv=None) -> dict:
     for name, r in results.items():
         logger.info("rank %d %-48s wall %s ms, cpu %s ms", dist.get_rank(), name,
                     " / ".join(f"{v:.2f}" for v in r["wall_ms"]), " / ".join(f"{v:.2f}" for v in r["cpu_ms"]))
+    phase_ms = {}
     for name, seconds in phases.items():  # every step of every round but each round's first 3
         kept = [t for i, t in enumerate(seconds) if i % args.steps >= 3]
-        logger.info("rank %d %-55s cpu %.2f ms (median of %d)", dist.get_rank(), name, 1e3 * statistics.median(kept),
-                    len(kept))
+        phase_ms[name] = 1e3 * statistics.median(kept)
+        logger.info("rank %d %-55s cpu %.2f ms (median of %d)", dist.get_rank(), name, phase_ms[name], len(kept))
     if dist.get_rank() == 0:
-        logger.info("json %s", json.dumps({"numel": 10 * size, "local": local, "results": results}))
+        logger.info("json %s", json.dumps({"numel": 10 * size, "local": local, "results": results,
+                                           "phases_cpu_ms": phase_ms}))
     dist.destroy_process_group()
     return results
 
