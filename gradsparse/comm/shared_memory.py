@@ -20,7 +20,7 @@ creating a segment and before every peer mapped it leaves that file).
 
 Besides the slots, :meth:`NodeMemory.region` gives each rank named regions that live as long
 as the object (the hierarchical reducer keeps each bucket layout's shard in one, which its peers
-read after the exchange).
+read after the exchange, and in another the positions of the shard they read).
 
 Example (every rank of the node, in the same order)::
 
@@ -107,7 +107,8 @@ def _allocate(fd: int, path: str, nbytes: int) -> None:
         raise InvalidConfigError(
             f"gradsparse: no room for {nbytes:,} bytes of shared memory in {root} ({free:,} free; {err.strerror}): "
             f"the hierarchical reduction keeps two of the largest buckets plus 1/local_size of the model's "
-            f"gradients per bucket layout there, per rank (docs/ddp.md). Give {root} more room (docker run "
+            f"gradients (and a list of positions a sixteenth of that) per bucket layout there, per rank "
+            f"(docs/ddp.md). Give {root} more room (docker run "
             "--shm-size=2g, or a larger tmpfs), or pass Hierarchy(shared_memory=False) to send them through the "
             "node's collectives") from err
 
