@@ -293,6 +293,48 @@ def checkpoint_worker(rank, world, save_at=5, after=6):
             "pieces": len(ckpt["gradsparse"]["hierarchical"]["memory"]["state"])}
 
 
+def flat_to_hierarchical_worker(rank, world, before=3, after=3):
+    """DGC(1.0, momentum 0.9) is dense momentum SGD only if the momentum survives a flat run's checkpoint
+    resumed with hierarchy= (every parameter's memory then moves to its pieces at the first step)."""
+    plain = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+
+    def hooked_run(model, hierarchy):
+        state = gddp.GradSparseState(DGC(1.0, momentum=0.9, warmup=None), model=model, log_every=0,
+                                     hierarchy=hierarchy)
+        model.register_comm_hook(state, gddp.sparse_hook)
+        return state
+
+    hooked = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+    opt_hooked = torch.optim.SGD(hooked.parameters(), lr=0.1)
+    state = hooked_run(hooked, None)
+    saved = None
+    for step in range(before + after):
+        if step == before:  # a new job: the same weights, the flat run's checkpoint, now hierarchical
+            saved = io.BytesIO()
+            torch.save({"model": hooked.state_dict(), "gradsparse": state.state_dict()}, saved)
+            saved.seek(0)
+            ckpt = torch.load(saved, weights_only=True)
+            hooked = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+            hooked.load_state_dict(ckpt["model"])
+            opt_hooked = torch.optim.SGD(hooked.parameters(), lr=0.1)
+            state = hooked_run(hooked, FORCED)
+            state.load_state_dict(ckpt["gradsparse"])
+        for model, opt in ((plain, opt_plain), (hooked, opt_hooked)):
+            opt.zero_grad()
+            loss_of(model, "mlp", rank, step).backward()
+            opt.step()
+        for (name, a), b in zip(plain.named_parameters(), hooked.parameters()):
+            close(b.grad, opt_plain.state[a]["momentum_buffer"], torch.float32, ulps=16, what=f"{name} at {step}")
+    return {"flat_keys": sorted(state.reducer.flat.memory.state), "pieces": len(state.reducer.memory.state),
+            "hierarchical": list(state.history)[-1]["hierarchical_buckets"]}
+
+
+def test_a_flat_checkpoint_resumes_hierarchically_with_its_momentum():
+    for r in run_world(flat_to_hierarchical_worker, 4):
+        assert r["flat_keys"] == [] and r["pieces"] > 0 and r["hierarchical"] > 0, r
+
+
 def test_checkpoint_resumes_bit_exactly():
     for r in run_world(checkpoint_worker, 4):
         assert r["pieces"] > 0 and r["resumed"] == r["uninterrupted"]
