@@ -17,9 +17,9 @@ each rank writes the pieces the others own, each owner sums its pieces into its 
 which is the shard the inner reducer reduces in place, and each rank then takes every rank's
 pieces from their regions: where the column's exchange went as pairs, only the positions its
 payloads name (published beside the region; the rest is zero), else the whole pieces. Otherwise
-(CUDA, Horovod, no shared ``/dev/shm``, ``shared_memory=False``) both steps are the node's allreduces (the second of the zero-padded
-shards, an exact sum): gloo's reduce-scatter and allgather were about 10x slower than its
-allreduce here (decision 27), at twice the ideal bytes.
+(CUDA, Horovod, no shared ``/dev/shm``, ``shared_memory=False``) both steps are the node's
+allreduces (the second of the zero-padded shards, an exact sum): gloo's reduce-scatter and
+allgather were about 10x slower than its allreduce here (decision 27), at twice the ideal bytes.
 
 Shards are cut per *parameter*, not per bucket: a parameter of ``m`` elements is
 split into ``L`` contiguous pieces of ``ceil(m / L)`` (piece ``l`` to local rank
@@ -610,9 +610,9 @@ class HierarchicalReducer:
                                              transport=HIERARCHICAL_ALLREDUCE if s.transport == ALLREDUCE
                                              else HIERARCHICAL))
 
-        landed = self._publisher(layout, flat) if shared and self.sparse_gather else None
+        landed = self._publisher(layout) if shared and self.sparse_gather else None
         if shared:
-            self._publish(layout, flat, None)  # until the exchange lands as pairs: take the whole pieces
+            self._publish(layout, None)  # until the exchange lands as pairs: take the whole pieces
         try:  # blocking communicators (MPI) raise here, the others through the future
             inner = self.inner.reduce(shard, layout.segments, step, epoch, select_all=select_all, on_stats=report,
                                       on_landed=landed)
@@ -731,7 +731,7 @@ class HierarchicalReducer:
         return self.shared[1].region(_list_ident(layout.ident), 4 * (2 + max(1, shard) // 16), rank=rank) \
             .view(torch.int32)
 
-    def _publish(self, layout: _Layout, flat: torch.Tensor, positions: Sequence[torch.Tensor] | None) -> None:
+    def _publish(self, layout: _Layout, positions: Sequence[torch.Tensor] | None) -> None:
         """Say which positions of this rank's shard the others take after the exchange: ``positions`` (shard
         coordinates; the shard is zero elsewhere), or None: all of them. Written before the gather's barrier,
         after the reduction's (by then every rank has read the last list of this layout)."""
@@ -746,9 +746,9 @@ class HierarchicalReducer:
                 at += p.numel()
         listed[:2].view(torch.int64).fill_(count)
 
-    def _publisher(self, layout: _Layout, flat: torch.Tensor) -> Callable[[list[torch.Tensor]], None]:
+    def _publisher(self, layout: _Layout) -> Callable[[list[torch.Tensor]], None]:
         """The inner reducer's ``on_landed`` for this bucket: publish the positions its exchange landed at."""
-        return lambda positions: self._publish(layout, flat, positions)
+        return lambda positions: self._publish(layout, positions)
 
     def _place(self, layout: _Layout, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Where ``owner``'s shard runs start in its shard, and what moves each to the bucket (int64 each)."""
@@ -808,7 +808,7 @@ class HierarchicalReducer:
         flat = self._round_bucket
         layout = self._layout([Segment("gradsparse.measure", 0, n)], flat.device)
         shard = self._shared_reduce(flat, layout, 0)
-        self._publish(layout, flat, None)
+        self._publish(layout, None)
         out: torch.futures.Future = torch.futures.Future()
         self._shared_land(self.shared[1].barrier(), flat, shard, layout, 0, out, None)
         out.wait()

@@ -573,8 +573,8 @@ class SparseReducer:
         flagging a problem, before the future completes, with the positions the result may be
         non-zero at (int32 indices of each payload, then the int64 positions of the tensors sent
         whole; views, valid during the call only). Elsewhere ``flat`` is zero. Not called on the
-        other transports or when the bucket is skipped (the hierarchical reducer then copies the
-        whole result).
+        other transports, when the bucket is skipped, or for a bucket reduced through a contiguous
+        copy (below; the hierarchical reducer, which passes it, then copies the whole result).
 
         ``flat`` may be any dense tensor, e.g. ``p.grad`` itself; one that is not contiguous (the
         gradient of a ``channels_last`` parameter, on which ``view(-1)`` fails and ``reshape(-1)``
@@ -587,8 +587,7 @@ class SparseReducer:
         """
         if through_copy(flat):
             return copied_back(flat, self.reduce(flat.contiguous(), segments, step, epoch, select_all=select_all,
-                                                 on_stats=on_stats, loss_scale=loss_scale))  # no on_landed: the
-            # result reaches flat by a dense copy
+                                                 on_stats=on_stats, loss_scale=loss_scale))
         check_bucket(flat)
         step, epoch = integer(step, "step", minimum=0), integer(epoch, "epoch", minimum=0)
         flat = flat.view(-1)
