@@ -385,6 +385,8 @@ class GradSparseState(SparseAdapter):
                   **self._layouts}
         hier = state_dict.get("hierarchical")
         names = set(memory) | {k.split("@")[0] for k in ((hier or {}).get("memory") or {}).get("state", {})}
+        if hier is not None:  # refused below on every rank alike, whichever pieces of a parameter this one holds
+            names |= set(saved) | set(target)
         moved = {}
         for name in sorted(names):
             shape = (saved.get(name) or target.get(name) or self._predicted[name])[0]

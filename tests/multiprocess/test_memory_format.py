@@ -177,3 +177,36 @@ def equal_worker(rank, world, steps=4):
 
 def test_nothing_dropped_equals_plain_ddp_for_a_channels_last_model():
     assert all(run_world(equal_worker, 2))
+
+
+def hierarchical_layout_worker(rank, world):
+    from gradsparse.errors import StateMismatchError
+    from gradsparse.hierarchical import Hierarchy
+
+    hierarchy = Hierarchy(local_size=2, transport="hierarchical")
+    net = _net(True)
+    model = DDP(net)
+    state = gddp.register(model, TopK(0.01), log_every=0, hierarchy=hierarchy)
+    for step in range(3):
+        model.zero_grad()
+        _loss(model, rank, step, True).backward()
+    saved = state.state_dict()
+    net2 = _net(False)
+    net2.load_state_dict(net.state_dict())
+    state2 = gddp.register(DDP(net2), TopK(0.01), log_every=0, hierarchy=hierarchy)
+    try:
+        state2.load_state_dict(saved)
+    except StateMismatchError as err:
+        return {"pieces": sorted(saved["hierarchical"]["memory"]["state"]), "error": str(err)}
+    return {"pieces": sorted(saved["hierarchical"]["memory"]["state"]), "error": None}
+
+
+def test_a_hierarchical_checkpoint_of_the_other_memory_format_is_refused_naming_the_fix():
+    """A hierarchical run's memory is split into pieces of the memory order across the node's ranks; loaded into a
+    model of the other memory format it cannot be re-laid out, and is refused (not permuted) on every rank."""
+    reports = run_world(hierarchical_layout_worker, 2)
+    # c2.weight is too small to split: its one piece lives on one rank, and the other must refuse too
+    assert sum(any(k.startswith("c2.weight@") for k in r["pieces"]) for r in reports) == 1, reports
+    for report in reports:
+        assert report["error"] is not None and "cannot be re-laid out" in report["error"], report
+        assert "model.to(memory_format=...)" in report["error"], report
