@@ -245,18 +245,25 @@ class GradSparseState(SparseAdapter):
                         "'Grad strides do not match bucket view strides'; its own first step then averaged wrongly "
                         "in our tests, and gradsparse's memory would change order when DDP rebuilds its buckets): "
                         "call model.to(memory_format=...) before DDP(model, ...)")
-                self._note_layout(segment.key, shape, strides)
+                self._note_layout(segment.key, shape, strides, buffer)
             self._segments[signature] = cached
         return cached
 
-    def _note_layout(self, key: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
+    def _note_layout(self, key: str, shape: tuple[int, ...], strides: tuple[int, ...], buffer: torch.Tensor) -> None:
         """Record the layout of ``key``'s gradient in the bucket (so its memory's). Memory held in another layout
         (a checkpoint of the other memory format loaded into a state made without ``model=``, which cannot know
-        the layout before the first bucket) is re-laid out in place; a hierarchical reducer's pieces are refused."""
+        the layout before the first bucket) is re-laid out in place; a hierarchical reducer's pieces are refused,
+        on every rank alike: the ranks first sum how many pieces of ``key`` each holds (one small allreduce, on
+        the bucket's device; every rank meets the same new layout at the same bucket)."""
         had = self._layouts.get(key, (shape, _row_major(shape)))
         if not _same_layout(shape, had[1], strides):
             held = [k for k in _memory_keys(self.reducer) if k == key or k.startswith(key + "@")]
-            if held and (isinstance(self.reducer, hierarchical.HierarchicalReducer) or held != [key]):
+            pieces = len(held)
+            if isinstance(self.reducer, hierarchical.HierarchicalReducer):
+                count = torch.tensor([pieces], dtype=torch.int64, device=buffer.device)
+                pieces = int(self.reducer.collective(lambda: self.communicator.allreduce_sum(count).wait(), buffer,
+                                                     self.iter)[0])
+            if pieces and (isinstance(self.reducer, hierarchical.HierarchicalReducer) or held != [key]):
                 raise StateMismatchError(
                     f"the gradient of {key} lies in DDP's bucket with strides {strides}, its gradsparse memory was "
                     f"laid out with strides {had[1]} (a checkpoint of a model of another memory format, e.g. "

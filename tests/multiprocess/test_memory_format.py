@@ -210,3 +210,37 @@ def test_a_hierarchical_checkpoint_of_the_other_memory_format_is_refused_naming_
     for report in reports:
         assert report["error"] is not None and "cannot be re-laid out" in report["error"], report
         assert "model.to(memory_format=...)" in report["error"], report
+
+
+def unbound_hierarchical_worker(rank, world):
+    from gradsparse.hierarchical import Hierarchy
+
+    hierarchy = Hierarchy(local_size=2, transport="hierarchical")
+    net = _net(True)
+    model = DDP(net)
+    state = gddp.GradSparseState(TopK(0.01), hierarchy=hierarchy)  # no model=: the layout is known at the bucket
+    model.register_comm_hook(state, gddp.sparse_hook)
+    for step in range(3):
+        model.zero_grad()
+        _loss(model, rank, step, True).backward()
+    saved = state.state_dict()
+    net2 = _net(False)
+    net2.load_state_dict(net.state_dict())
+    model2 = DDP(net2)
+    state2 = gddp.GradSparseState(TopK(0.01), hierarchy=hierarchy)
+    model2.register_comm_hook(state2, gddp.sparse_hook)
+    state2.load_state_dict(saved)
+    try:
+        _loss(model2, rank, 0, False).backward()  # the first bucket shows the layout: refused there
+    except Exception as err:  # noqa: BLE001 - DDP's backward hands the hook's error on
+        return {"pieces": sorted(saved["hierarchical"]["memory"]["state"]), "error": f"{type(err).__name__}: {err}"}
+    return {"pieces": sorted(saved["hierarchical"]["memory"]["state"]), "error": None}
+
+
+def test_an_unbound_hierarchical_state_refuses_a_checkpoint_of_the_other_memory_format_on_every_rank():
+    """Without model= the layout is known only at the first bucket; a rank holding no piece of the parameter
+    refuses there too (the ranks sum what they hold), instead of going on into the next collective alone."""
+    reports = run_world(unbound_hierarchical_worker, 2)
+    assert sum(any(k.startswith("param") and "@" in k for k in r["pieces"]) for r in reports) >= 1, reports
+    for report in reports:
+        assert report["error"] is not None and "split across the node's ranks" in report["error"], report
