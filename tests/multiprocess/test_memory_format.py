@@ -179,21 +179,39 @@ def test_nothing_dropped_equals_plain_ddp_for_a_channels_last_model():
     assert all(run_world(equal_worker, 2))
 
 
-def hierarchical_layout_worker(rank, world):
-    from gradsparse.errors import StateMismatchError
+HIERARCHY = {"local_size": 2, "transport": "hierarchical"}
+
+
+def _hierarchical_state(model, bound: bool):
+    """A hierarchical GradSparseState hooked into ``model``: registered with ``model=`` (bound), or made without
+    it and hooked by hand (the layout then known only at the first bucket)."""
     from gradsparse.hierarchical import Hierarchy
 
-    hierarchy = Hierarchy(local_size=2, transport="hierarchical")
+    if bound:
+        return gddp.register(model, TopK(0.01), log_every=0, hierarchy=Hierarchy(**HIERARCHY))
+    state = gddp.GradSparseState(TopK(0.01), hierarchy=Hierarchy(**HIERARCHY))
+    model.register_comm_hook(state, gddp.sparse_hook)
+    return state
+
+
+def _channels_last_checkpoint(rank, bound: bool):
+    """A channels_last hierarchical run's weights and gradsparse state after 3 steps."""
     net = _net(True)
     model = DDP(net)
-    state = gddp.register(model, TopK(0.01), log_every=0, hierarchy=hierarchy)
+    state = _hierarchical_state(model, bound)
     for step in range(3):
         model.zero_grad()
         _loss(model, rank, step, True).backward()
-    saved = state.state_dict()
+    return net.state_dict(), state.state_dict()
+
+
+def hierarchical_layout_worker(rank, world):
+    from gradsparse.errors import StateMismatchError
+
+    weights, saved = _channels_last_checkpoint(rank, bound=True)
     net2 = _net(False)
-    net2.load_state_dict(net.state_dict())
-    state2 = gddp.register(DDP(net2), TopK(0.01), log_every=0, hierarchy=hierarchy)
+    net2.load_state_dict(weights)
+    state2 = _hierarchical_state(DDP(net2), bound=True)
     try:
         state2.load_state_dict(saved)
     except StateMismatchError as err:
@@ -213,22 +231,11 @@ def test_a_hierarchical_checkpoint_of_the_other_memory_format_is_refused_naming_
 
 
 def unbound_hierarchical_worker(rank, world):
-    from gradsparse.hierarchical import Hierarchy
-
-    hierarchy = Hierarchy(local_size=2, transport="hierarchical")
-    net = _net(True)
-    model = DDP(net)
-    state = gddp.GradSparseState(TopK(0.01), hierarchy=hierarchy)  # no model=: the layout is known at the bucket
-    model.register_comm_hook(state, gddp.sparse_hook)
-    for step in range(3):
-        model.zero_grad()
-        _loss(model, rank, step, True).backward()
-    saved = state.state_dict()
+    weights, saved = _channels_last_checkpoint(rank, bound=False)
     net2 = _net(False)
-    net2.load_state_dict(net.state_dict())
+    net2.load_state_dict(weights)
     model2 = DDP(net2)
-    state2 = gddp.GradSparseState(TopK(0.01), hierarchy=hierarchy)
-    model2.register_comm_hook(state2, gddp.sparse_hook)
+    state2 = _hierarchical_state(model2, bound=False)
     state2.load_state_dict(saved)
     try:
         _loss(model2, rank, 0, False).backward()  # the first bucket shows the layout: refused there
