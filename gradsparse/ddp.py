@@ -258,12 +258,13 @@ class GradSparseState(SparseAdapter):
         had = self._layouts.get(key, (shape, _row_major(shape)))
         if not _same_layout(shape, had[1], strides):
             held = [k for k in _memory_keys(self.reducer) if k == key or k.startswith(key + "@")]
+            split = isinstance(self.reducer, hierarchical.HierarchicalReducer)
             pieces = len(held)
-            if isinstance(self.reducer, hierarchical.HierarchicalReducer):
+            if split:
                 count = torch.tensor([pieces], dtype=torch.int64, device=buffer.device)
                 pieces = int(self.reducer.collective(lambda: self.communicator.allreduce_sum(count).wait(), buffer,
                                                      self.iter)[0])
-            if pieces and (isinstance(self.reducer, hierarchical.HierarchicalReducer) or held != [key]):
+            if pieces and (split or held != [key]):
                 raise StateMismatchError(
                     f"the gradient of {key} lies in DDP's bucket with strides {strides}, its gradsparse memory was "
                     f"laid out with strides {had[1]} (a checkpoint of a model of another memory format, e.g. "

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import numbers
@@ -610,7 +611,7 @@ class HierarchicalReducer:
                                              transport=HIERARCHICAL_ALLREDUCE if s.transport == ALLREDUCE
                                              else HIERARCHICAL))
 
-        landed = self._publisher(layout) if shared and self.sparse_gather else None
+        landed = functools.partial(self._publish, layout) if shared and self.sparse_gather else None
         if shared:
             self._publish(layout, None)  # until the exchange lands as pairs: take the whole pieces
         try:  # blocking communicators (MPI) raise here, the others through the future
@@ -745,10 +746,6 @@ class HierarchicalReducer:
                 listed[at:at + p.numel()].copy_(p)
                 at += p.numel()
         listed[:2].view(torch.int64).fill_(count)
-
-    def _publisher(self, layout: _Layout) -> Callable[[list[torch.Tensor]], None]:
-        """The inner reducer's ``on_landed`` for this bucket: publish the positions its exchange landed at."""
-        return lambda positions: self._publish(layout, positions)
 
     def _place(self, layout: _Layout, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Where ``owner``'s shard runs start in its shard, and what moves each to the bucket (int64 each)."""

@@ -172,6 +172,17 @@ def parse(payload: torch.Tensor, numel: int, value_dtype: torch.dtype, n_dense: 
     return flags, indices, values, dense
 
 
+def indices_of(payload: torch.Tensor) -> torch.Tensor:
+    """The int32 indices of a payload already validated (by ``ops.unpack_add`` or :func:`parse`), as a view;
+    its count is the header's third int.
+
+    >>> indices_of(pack(torch.tensor([2, 5]), torch.ones(2), torch.empty(0), 8, torch.float32)).tolist()
+    [2, 5]
+    """
+    count = int(payload[8:12].view(torch.int32))
+    return payload[HEADER_BYTES:HEADER_BYTES + 4 * count].view(torch.int32)
+
+
 def unpack_add(
     payloads: list[torch.Tensor],
     out: torch.Tensor,
@@ -202,6 +213,7 @@ __all__ = [
     "VALUE_DTYPES",
     "PayloadBuffers",
     "PayloadLayout",
+    "indices_of",
     "pack",
     "parse",
     "unpack_add",

@@ -103,11 +103,11 @@ from .options import ReducerOptions
 from .payload import (
     DTYPE_OF_CODE,
     FLAG_NONFINITE,
-    HEADER_BYTES,
     INT32_MAX,
     VALUE_DTYPES,
     PayloadBuffers,
     PayloadLayout,
+    indices_of,
 )
 from .stats import ALLGATHER, ALLREDUCE, SPLIT, BucketStats
 from .transport import FIELDS as TRANSPORT_FIELDS
@@ -723,8 +723,7 @@ class SparseReducer:
             problem = "a rank flagged NaN/Inf gradients or an overflow in its payload" \
                 if flags & FLAG_NONFINITE else None
             if job.on_landed is not None and problem is None:  # the payloads were validated by unpack_add
-                job.on_landed([p[HEADER_BYTES:HEADER_BYTES + 4 * int(p[8:12].view(torch.int32))].view(torch.int32)
-                               for p in payloads] + ([] if whole_index is None else [whole_index]))
+                job.on_landed([indices_of(p) for p in payloads] + ([] if whole_index is None else [whole_index]))
             return _Landing(out, problem=problem)
 
         def landed(payloads: list[torch.Tensor]) -> _Landing:
@@ -836,7 +835,7 @@ class SparseReducer:
         dense_index = self._split_regions(job.plan, bounds, flat.device)[me][2]
         own_flags = ops.unpack_add(received, out[lo:hi], job.wire, dense_index if dense_index.numel() else None,
                                    alpha=self._alpha(), overwrite=True)
-        upper = sum(int(r[8:12].view(torch.int32)) for r in received) + dense_index.numel()
+        upper = sum(indices_of(r).numel() for r in received) + dense_index.numel()
         message = split.encode_region(out[lo:hi], own_flags, upper)
         msg_sizes = self.collective(lambda: comm.exchange_sizes(message.numel(), flat.device), flat, step)
         issued = time.perf_counter()
