@@ -127,6 +127,9 @@ __attribute__((always_inline)) inline void compensate_candidates_loop(
   gkey_t g_max = static_cast<gkey_t>(maxima[0]);
   int32_t u_max = static_cast<int32_t>(maxima[1]), v_max = static_cast<int32_t>(maxima[2]);
   for (int64_t b = begin; b < end; b += 64) {
+    prefetch_ahead(u + b, 64 * sizeof(float));
+    prefetch_ahead(v + b, 64 * sizeof(float));
+    prefetch_ahead(g + b, 64 * sizeof(scalar_t));
     const int64_t e = std::min(end, b + 64);
     int32_t any = 0;
     for (int64_t i = b; i < e; ++i) {  // vectorized
@@ -160,6 +163,8 @@ __attribute__((always_inline)) inline void residual_candidates_loop(const float*
   gkey_t g_max = static_cast<gkey_t>(maxima[0]);
   int32_t r_max = static_cast<int32_t>(maxima[1]);
   for (int64_t b = begin; b < end; b += 64) {
+    prefetch_ahead(r + b, 64 * sizeof(float));
+    prefetch_ahead(g + b, 64 * sizeof(scalar_t));
     const int64_t e = std::min(end, b + 64);
     int32_t any = 0;
     for (int64_t i = b; i < e; ++i) {  // vectorized
@@ -227,6 +232,9 @@ __attribute__((target("avx2"))) void compensate_candidates_f32_avx2(const float*
   __m256i v_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[2]));
   int64_t b = begin;
   for (; b + 64 <= end; b += 64) {
+    prefetch_ahead(u + b, 64 * sizeof(float));
+    prefetch_ahead(v + b, 64 * sizeof(float));
+    prefetch_ahead(g + b, 64 * sizeof(scalar_t));
     uint64_t mask = 0;  // the block's hits
     for (int j = 0; j < 64; j += 8) {
       const __m256 gi = load8(g + b + j), u0 = _mm256_loadu_ps(u + b + j), v0 = _mm256_loadu_ps(v + b + j);
@@ -268,6 +276,8 @@ __attribute__((target("avx2"))) void residual_candidates_f32_avx2(const float* r
   __m256i r_max = _mm256_set1_epi32(static_cast<int32_t>(maxima[1]));
   int64_t b = begin;
   for (; b + 64 <= end; b += 64) {
+    prefetch_ahead(r + b, 64 * sizeof(float));
+    prefetch_ahead(g + b, 64 * sizeof(scalar_t));
     uint64_t mask = 0;  // the block's hits
     for (int j = 0; j < 64; j += 8) {
       const __m256 gi = load8(g + b + j);

@@ -31,6 +31,8 @@
 #include <utility>
 #include <vector>
 
+#include "prefetch.h"
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -151,6 +153,7 @@ __attribute__((target("avx2"))) int64_t scan_f32_avx2(const float* x, int64_t b,
   const __m256i inf_v = _mm256_set1_epi32(0x7f800000);
   __m256i nan_v = _mm256_setzero_si256();
   for (; b + 64 <= end; b += 64) {
+    prefetch_ahead(x + b, 64 * sizeof(float));
     uint64_t m = 0;
     for (int j = 0; j < 64; j += 8) {
       const __m256i a =

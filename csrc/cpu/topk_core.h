@@ -88,6 +88,7 @@ __attribute__((target("avx2"))) int64_t count_f32_avx2(const float* x, int64_t b
                                                        In& in) {
   BracketLanes lanes(lo, hi);
   for (; b + 64 <= end; b += 64) {
+    prefetch_ahead(x + b, 64 * sizeof(float));
     uint64_t in_mask = 0;
     for (int j = 0; j < 64; j += 8) {
       __m256i a;
@@ -147,6 +148,7 @@ __attribute__((target("avx2"))) inline int64_t count_keep_f32_avx2(const float* 
                                                                   int64_t limit, bool& out_of_memory) {
   BracketLanes lanes(lo, hi);
   for (; b + 64 <= end; b += 64) {
+    prefetch_ahead(x + b, 64 * sizeof(float));
     if (!room_for_block(keys, kept, limit, out_of_memory)) break;
     uint32_t* dst = keys.data() + kept;
     for (int j = 0; j < 64; j += 8) {
@@ -328,6 +330,7 @@ __attribute__((target("avx2"))) inline int64_t write_f32_avx2(const float* x, in
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   const __m256i kth_v = _mm256_set1_epi32(static_cast<int32_t>(kth));
   for (; b + 64 <= end; b += 64) {
+    prefetch_ahead(x + b, 64 * sizeof(float));
     uint64_t gt = 0;
     __m256i any_eq = _mm256_setzero_si256();
     for (int j = 0; j < 64; j += 8) {
@@ -450,6 +453,7 @@ __attribute__((target("avx2"))) inline int64_t count_positions_f32_avx2(
   uint32_t any_nan = 0;
   const bool keep_values = cc.keep_values;
   for (; b + 64 <= end; b += 64) {
+    prefetch_ahead(x + b, 64 * sizeof(float));
     const uint64_t hits = mask_at_least_f32_avx2(x + b, lo_m1);
     if (!hits) continue;
     bool out_of_memory = false;
