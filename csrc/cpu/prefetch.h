@@ -1,4 +1,5 @@
-// Software prefetch for the CPU selection's scans and the candidate-collecting compensation passes.
+// Software prefetch for the CPU selection's scans, the candidate-collecting compensation passes and
+// unpack_add's output chunks.
 // Plain C++, no ATen, like the headers that include it.
 //
 // These loops read their input front to back, 64 elements (a block) at a time, and store what they
@@ -23,6 +24,13 @@ constexpr std::uintptr_t kAheadBytes = 4096;
 __attribute__((always_inline)) inline void prefetch_ahead(const void* p, std::int64_t bytes) {
   const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(p) + kAheadBytes;
   for (std::int64_t l = 0; l < bytes; l += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + l));
+}
+
+// Asks for the `bytes` (rounded up to whole lines) from p on, to be written: unpack_add's next output
+// chunk, while the current one takes its pairs.
+__attribute__((always_inline)) inline void prefetch_for_write(const void* p, std::int64_t bytes) {
+  const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(p);
+  for (std::int64_t l = 0; l < bytes; l += 64) __builtin_prefetch(reinterpret_cast<const void*>(at + l), 1);
 }
 
 }  // namespace gradsparse
