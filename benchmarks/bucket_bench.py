@@ -4,9 +4,10 @@ The pipeline alone: one process, one thread, no network (a ``LocalCommunicator``
 ``SparseReducer`` over DDP's buckets of ResNet-50 (25 MB buckets, a 1 MB first one,
 the parameters' real shapes, 25.6M elements). A step reduces every bucket once. The
 unit is one read pass: the time of ``torch.sum`` over all the gradients, measured in
-the same run, so the ratio says how many passes over memory a step costs whatever the
-machine's speed (issue 13's targets: DGC 0.1 % <= 8, TopK 1 % <= 6, warm-up densities
-within 2x of that)::
+the same run before every method's round and taken as the median of those (one
+measurement moved from 5.6 to 9.2 ms between runs on 2026-12-02), so the ratio says how many
+passes over memory a step costs whatever the machine's speed (issue 13's targets: DGC
+0.1 % <= 8, TopK 1 % <= 6, warm-up densities within 2x of that)::
 
     python -m benchmarks.bucket_bench                 # table; JSON in benchmarks/results/bucket_bench.json
     python -m benchmarks.bucket_bench --steps 5 --methods dgc0.1 topk1
@@ -288,16 +289,20 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     buckets = buckets_of(resnet50())
     grads = GRADIENTS[args.grads](buckets)
-    one_pass = read_pass_s(grads)
+    units = [read_pass_s(grads)]  # the unit, measured again before every run: the machine's speed drifts
     health_pass = read_pass_s(grads, read=ops.absmax)
     timed: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name in args.methods}
     runs = [(r, name) for r in range(args.rounds) for name in args.methods]
     for i, (_, name) in enumerate(runs, 1):
+        if i > 1:
+            units.append(read_pass_s(grads, repeats=3))
         with _variant(name):
             times, blocking = time_method(name, buckets, args.steps, grads)
         timed[name].append((times, blocking))
         med = statistics.median(times)
-        logger.info("[%d/%d] %s: %.1f ms (%.1f passes)", i, len(runs), name, 1e3 * med, med / one_pass)
+        logger.info("[%d/%d] %s: %.1f ms (%.1f passes of %.2f ms)", i, len(runs), name, 1e3 * med, med / units[-1],
+                    1e3 * units[-1])
+    one_pass = statistics.median(units)
     rows = []
     for name, rounds in timed.items():
         times = [t for ts, _ in rounds for t in ts]
@@ -307,10 +312,12 @@ def main(argv=None) -> dict:
                      "blocking_ms": 1e3 * statistics.median([b for _, bs in rounds for b in bs]),
                      "round_medians_ms": [1e3 * statistics.median(ts) for ts, _ in rounds]})
     load = os.getloadavg()[0]
-    result = {"read_pass_ms": 1e3 * one_pass, "health_pass_ms": 1e3 * health_pass,
+    result = {"read_pass_ms": 1e3 * one_pass, "read_pass_range_ms": [1e3 * min(units), 1e3 * max(units)],
+              "read_passes_measured": len(units), "health_pass_ms": 1e3 * health_pass,
               "elements": sum(n for n, _ in buckets), "buckets": len(buckets), "steps": args.steps,
               "rounds": args.rounds, "grads": args.grads, "load": load, "torch": torch.__version__, "rows": rows}
-    print(f"one read pass of {result['elements']:,} fp32 gradients: {1e3 * one_pass:.2f} ms; "
+    print(f"one read pass of {result['elements']:,} fp32 gradients: {1e3 * one_pass:.2f} ms (median of {len(units)}, "
+          f"one before each run: {1e3 * min(units):.2f} - {1e3 * max(units):.2f}); "
           f"load average {load:.2f}{'  (loaded machine: not a result)' if load >= 1 else ''}")
     print(f"the health check's absmax over them: {1e3 * health_pass:.2f} ms ({health_pass / one_pass:.2f} read passes)")
     print("| method | step ms (median) | min - max | read passes | in the hook (stalls backward) ms | per round |")

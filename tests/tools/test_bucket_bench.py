@@ -11,6 +11,9 @@ def test_bucket_bench_reports_passes_per_method(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["elements"] == 25_557_032 and result["buckets"] == 5
     assert result["health_pass_ms"] > 0
+    # the unit measured before each method's run, its median used
+    assert result["read_passes_measured"] == 2
+    assert result["read_pass_range_ms"][0] <= result["read_pass_ms"] <= result["read_pass_range_ms"][1]
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"dgc0.1", "dense-iteration"}
     for r in rows.values():
