@@ -12,6 +12,8 @@ passes over memory a step costs whatever the machine's speed (issue 13's targets
     python -m benchmarks.bucket_bench                 # table; JSON in benchmarks/results/bucket_bench.json
     python -m benchmarks.bucket_bench --steps 5 --methods dgc0.1 topk1
     python -m benchmarks.bucket_bench --methods dgc0.1 dgc0.1-nocandidates --rounds 3   # A/B, alternating
+    python -m benchmarks.bucket_bench --methods topk1 topk1-nocandidates dgc-warmup0.4 dgc-warmup0.4-nocandidates \
+        dgc-warmup1.5625 dgc-warmup1.5625-nocandidates --rounds 3 --grads real   # where the candidates start to pay
     python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-unfused --rounds 3
     python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-eager --rounds 3
     python -m benchmarks.bucket_bench --methods dgc-warmup25 dgc-warmup25-listed --rounds 3 --grads real
@@ -102,6 +104,8 @@ METHODS = {
     "dgc-warmup0.4": lambda: (DGC(0.004, warmup=None), False),
     "topk1-nocandidates": lambda: (_without_candidates(TopK(0.01)), False),
     "dgc0.1-nocandidates": lambda: (_without_candidates(DGC(0.001, warmup=None)), False),
+    "dgc-warmup1.5625-nocandidates": lambda: (_without_candidates(DGC(0.015625, warmup=None)), False),
+    "dgc-warmup0.4-nocandidates": lambda: (_without_candidates(DGC(0.004, warmup=None)), False),
 }
 UNFUSED, EAGER, SEPARATE, LISTED = "-unfused", "-eager", "-separate", "-listed"
 METHODS.update({name + UNFUSED: _packed_after(METHODS[name]) for name in ("dgc0.1", "dgc-warmup25", "dgc-warmup6.25",

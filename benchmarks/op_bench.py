@@ -8,7 +8,8 @@
 - ``unpack D xW``: ``unpack_add`` of W payloads at density D (random ascending positions) into the
   buckets, overwriting them, as the reducer lands an allgather;
 - ``select D``: ``segmented_topk_select`` of every bucket, each parameter of 4,096 elements or more
-  selecting D of itself (no candidates: TopK's and the warm-up's case);
+  selecting D of itself (no candidates: TopK 10 %'s and DGC's large warm-up stages' case, and any
+  step whose candidate lists missed);
 - ``pack D``: ``pack_gathered`` of D x each bucket's positions into a payload kept between calls;
 - ``zero D``: ``index_zero_`` of two buffers at those positions (DGC's momentum and velocity);
 - ``compensate``: DGC's in-place compensation of every bucket (``dgc_compensate_into``);
