@@ -125,9 +125,10 @@ HEALTH = len(DESCRIPTOR_FIELDS)  # the health's position in a descriptor
 HEALTHY, NONFINITE, OVERFLOW = 1, 0, 2
 # Selection candidates (gradsparse.arena): a parameter keeps at most CANDIDATES_PER_K * k + CANDIDATES_SLACK of
 # them, and collects them only while k <= its size / CANDIDATES_BELOW. 64 since the candidate pass prefetches
-# (2026-12-02, a Xeon): over ResNet-50's buckets TopK 1 % 51.5-52.8 -> 49.3-49.4 ms a step, DGC's 0.4 % stage
-# 60.5-61.3 -> 52.1-52.2, its 1.5625 % stage 68.1-69.2 -> 66.0-68.2. At 256 before that (an AMD EPYC, no prefetch)
-# TopK 1 % had lost (31.7 against 28.2 ms). docs/benchmarks.md; `bucket_bench --methods topk1 topk1-nocandidates`.
+# (2026-12-02, a Xeon): over ResNet-50's buckets, with / without candidates, TopK 1 % 45.7-49.0 / 49.3-52.0 ms a
+# step, DGC's 0.4 % stage 49.3-51.8 / 56.3-57.7, its 1.5625 % stage 61.4 / 63.7-64.7. At 256 before that (an AMD
+# EPYC, no prefetch) TopK 1 % had lost (31.7 against 28.2 ms). docs/benchmarks.md; `bucket_bench` with the
+# `-nocandidates` twins.
 CANDIDATES_PER_K, CANDIDATES_SLACK, CANDIDATES_BELOW = 8, 256, 64
 
 

@@ -17,7 +17,8 @@
 
 namespace gradsparse {
 
-// How far ahead of the block it reads a loop prefetches (2, 4 and 8 KiB timed alike).
+// How far ahead of the block it reads a loop prefetches (2, 4, 8 and 16 KiB all helped, within about
+// 1 ms of each other at 1 %, one run each).
 constexpr std::uintptr_t kAheadBytes = 4096;
 
 // Prefetches the `bytes` (rounded up to whole 64-byte lines) that lie kAheadBytes past p.
