@@ -160,7 +160,7 @@ def parse(payload: torch.Tensor, numel: int, value_dtype: torch.dtype, n_dense: 
     layout = PayloadLayout(count, n_dense, value_dtype)
     if payload.numel() < layout.nbytes:
         raise PayloadError(f"payload truncated: {payload.numel()} bytes, its header needs {layout.nbytes}")
-    indices = payload[HEADER_BYTES : HEADER_BYTES + 4 * count].view(torch.int32)
+    indices = indices_of(payload)  # header and size checked above
     if count:
         if int(indices[0]) < 0 or int(indices[-1]) >= numel:
             raise PayloadError(f"index out of range [0, {numel}): first {int(indices[0])}, last {int(indices[-1])}")
