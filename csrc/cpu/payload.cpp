@@ -96,8 +96,8 @@ at::Tensor unpack_add_cpu(at::TensorList payloads, at::Tensor& out, at::ScalarTy
         for (int64_t c = begin; c < end; ++c) {
           const int64_t lo = c * kOutChunk, hi = std::min(numel, lo + kOutChunk);
           if (overwrite) std::fill(o + lo, o + hi, out_t(0));
-          // the next chunk's lines asked for (to be written) while this one takes its pairs: 10.4-11.7 ->
-          // 9.0-10.3 ms over ResNet-50's buckets at 0.1 % and 1 %, caches flushed (op_bench, docs/benchmarks.md)
+          // the next chunk's lines asked for (to be written) while this one takes its pairs: 11.2-12.7 ->
+          // 9.9-11.5 ms over ResNet-50's buckets at 0.1 % and 1 %, caches flushed (op_bench, docs/benchmarks.md)
           if (c + 1 < end) prefetch_for_write(o + hi, (std::min(numel, hi + kOutChunk) - hi) * sizeof(out_t));
           const int64_t* dfirst = std::lower_bound(ds, ds + n_dense, lo);
           const int64_t* dlast = std::lower_bound(dfirst, ds + n_dense, hi);

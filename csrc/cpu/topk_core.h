@@ -501,7 +501,7 @@ struct TopK {
   using bits_t = typename K::bits_t;
   using Counts = ChunkCounts<bits_t>;
   // The sample's positions drawn and prefetched per block (below): 256 rather than 64 took the
-  // sample over ResNet-50's 54 tensors from 2.8-3.9 to 2.3-2.8 ms (512: 2.1-2.7; topk_phases.cpp,
+  // sample over ResNet-50's 54 tensors from 4.3-4.7 to 3.3-3.6 ms (512: 3.2-3.9; topk_phases.cpp,
   // three runs each, 2026-12-02).
   static constexpr int64_t kPrefetch = 256;
   // The sample's ranks are found through a histogram of its keys' top 12 bits (sign bit always 0,
