@@ -113,10 +113,12 @@ inline Segments check_segments(const at::Tensor& x, const at::Tensor& offsets, c
 
 // The segments of a compensation pass with candidates (dgc_compensate_candidates,
 // residual_compensate_candidates), read on the host: segment s is [offset[s], offset[s+1]) of the
-// piece (offset[0] == 0, offset[S] == numel), its candidates are the positions with a magnitude key
-// >= floor_key[s] (the smallest float at or above floors[s]; collect[s] false for a floor of +inf:
-// nothing), of which the first cap[s] are kept.
+// piece (offset[0] == 0, offset[S] == numel: the offsets given, less the first of them, `base`), its
+// candidates are the positions with a magnitude key >= floor_key[s] (the smallest float at or above
+// floors[s]; collect[s] false for a floor of +inf: nothing), of which the first cap[s] are kept and
+// reported as base + their position in the piece (a piece of a bucket: bucket coordinates).
 struct CandidateSegments {
+  int64_t base = 0;
   std::vector<int64_t> offset, cap;
   std::vector<uint32_t> floor_key;
   std::vector<char> collect;
@@ -154,9 +156,11 @@ inline CandidateSegments check_candidate_segments(int64_t numel, const at::Tenso
   seg.cap.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + segments);
   seg.floor_key.resize(segments);
   seg.collect.resize(segments);
-  TORCH_CHECK_VALUE(seg.offset.front() == 0 && seg.offset.back() == numel, op,
-                    ": offsets must run from 0 to the gradient's ", numel, " elements, got ", seg.offset.front(),
-                    " .. ", seg.offset.back());
+  TORCH_CHECK_VALUE(seg.offset.front() >= 0 && seg.offset.back() - seg.offset.front() == numel, op,
+                    ": offsets must span the gradient's ", numel, " elements from a first offset >= 0, got ",
+                    seg.offset.front(), " .. ", seg.offset.back());
+  seg.base = seg.offset.front();
+  for (int64_t& o : seg.offset) o -= seg.base;
   const double* fp = f.data_ptr<double>();
   for (int64_t s = 0; s < segments; ++s) {
     TORCH_CHECK_VALUE(seg.offset[s] <= seg.offset[s + 1], op, ": offsets must not decrease, got ", seg.offset[s],

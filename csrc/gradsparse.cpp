@@ -84,10 +84,12 @@ TORCH_LIBRARY(gradsparse, m) {
         "int offset) -> Tensor");
   // Selection candidates collected in the compensation pass (docs/kernels.md): dgc_compensate_into
   // (same checks, rounding and maxima) that also returns, for the segments [offsets[s],
-  // offsets[s+1]) of the piece (offsets int64 [S+1] from 0 to numel; floors float64 [S]; caps
-  // int64 [S] >= 0), counts (int64 [S]: how many positions of segment s have |v_out| >= floors[s],
-  // NaN counted as a candidate; a floor of +inf collects nothing) and positions (int64, relative
-  // to the piece, ascending, segment after segment: the first min(counts[s], caps[s]) of each).
+  // offsets[s+1]) (offsets int64 [S+1], non-decreasing, from a base offsets[0] >= 0 to base +
+  // numel: element i of the piece is at base + i, e.g. its place in the bucket; floors float64 [S];
+  // caps int64 [S] >= 0), counts (int64 [S]: how many positions of segment s have |v_out| >=
+  // floors[s], NaN counted as a candidate; a floor of +inf collects nothing) and positions (int64,
+  // in the offsets' coordinates, ascending, segment after segment: the first min(counts[s],
+  // caps[s]) of each).
   // The floor is compared exactly: rounded up to the smallest float at or above it.
   m.def("dgc_compensate_candidates(Tensor u, Tensor v, Tensor g, float momentum, bool nesterov, Tensor(a!) u_out, "
         "Tensor(b!) v_out, Tensor offsets, Tensor floors, Tensor caps) -> (Tensor, Tensor, Tensor)");

@@ -272,8 +272,8 @@ def _candidate_segments(numel: int, offsets: torch.Tensor, floors: torch.Tensor,
     offsets, floors, caps = offsets.tolist(), floors.tolist(), caps.tolist()
     if len(offsets) != len(floors) + 1 or len(caps) != len(floors):
         raise ValueError(f"{op}: expected 1-D offsets with one more element than floors and caps (one per segment)")
-    if offsets[0] != 0 or offsets[-1] != numel:
-        raise ValueError(f"{op}: offsets must run from 0 to the gradient's {numel} elements, got "
+    if offsets[0] < 0 or offsets[-1] - offsets[0] != numel:
+        raise ValueError(f"{op}: offsets must span the gradient's {numel} elements from a first offset >= 0, got "
                          f"{offsets[0]} .. {offsets[-1]}")
     for s, (a, b) in enumerate(zip(offsets, offsets[1:])):
         if a > b:
@@ -287,10 +287,11 @@ def _candidate_segments(numel: int, offsets: torch.Tensor, floors: torch.Tensor,
 
 def _candidates(out: torch.Tensor, offsets, floors, caps) -> tuple[torch.Tensor, torch.Tensor]:
     """Each segment's positions with ``|out| >=`` its floor (NaN counted; a floor of +inf: none): the first
-    ``caps[s]`` of them, segment after segment, and every segment's count."""
-    parts, counts = [torch.empty(0, dtype=torch.int64, device=out.device)], []
+    ``caps[s]`` of them, segment after segment, in the offsets' coordinates (``out[i]`` is at ``offsets[0] + i``),
+    and every segment's count."""
+    parts, counts, base = [torch.empty(0, dtype=torch.int64, device=out.device)], [], offsets[0]
     for s, floor in enumerate(floors):
-        piece = out[offsets[s]:offsets[s + 1]]
+        piece = out[offsets[s] - base:offsets[s + 1] - base]
         if floor == math.inf:
             counts.append(0)
             continue
@@ -306,7 +307,9 @@ def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     """:func:`dgc_compensate_into`, then the selection candidates of ``v_out``: returns ``(maxima, positions,
     counts)``. Segment ``s`` is ``[offsets[s], offsets[s+1])``; ``counts[s]`` is how many of its positions have
     ``|v_out| >= floors[s]`` (the floor rounded up to float32; NaN counted; a floor of +inf collects nothing) and
-    ``positions`` (ascending, segment after segment) holds the first ``min(counts[s], caps[s])`` of them."""
+    ``positions`` (ascending, segment after segment) holds the first ``min(counts[s], caps[s])`` of them. The
+    offsets may start anywhere (``offsets[0] >= 0``, element ``i`` of ``g`` at ``offsets[0] + i``): the positions
+    are in their coordinates."""
     segs = _candidate_segments(g.numel(), offsets, floors, caps, "dgc_compensate_candidates")
     maxima = dgc_compensate_into(u, v, g, momentum, nesterov, u_out, v_out)
     return (maxima, *_candidates(v_out, *segs))

@@ -236,23 +236,24 @@ class Arena:
             first, end, offsets = self._segments_of(start, grad.numel())
             views = tuple(b[start:start + grad.numel()] for b in self.state)
             m, p, c = self.memory.compensate_candidates(views, grad, views, offsets, self.floors[first:end],
-                                                        caps[first:end])
+                                                        caps[first:end])  # p: in the bucket's coordinates
             maxima.append(m)
-            positions.append(p + start if start else p)
+            positions.append(p)
             counts.append(c)
         self.bounds = (maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax(0)).tolist()[1:]
         return Candidates(torch.cat(positions), torch.cat(counts), caps)
 
     def _segments_of(self, start: int, numel: int) -> tuple[int, int, torch.Tensor]:
-        """The segments ``[first, end)`` a piece ``[start, start + numel)`` covers, and their offsets in it."""
+        """The segments ``[first, end)`` a piece ``[start, start + numel)`` covers, and their offsets in the bucket
+        (the compensation kernels then report the candidates' positions in the bucket)."""
         key = (start, numel)
         hit = self._piece_segments.get(key)
         if hit is None:
             first = bisect.bisect_left(self._offsets, start)
             end = bisect.bisect_left(self._offsets, start + numel)
-            bounds = [o - start for o in self._offsets[first:end]] + [numel]
+            bounds = self._offsets[first:end] + [start + numel]
             last = self.segments[end - 1] if end > first else None
-            if bounds[0] != 0 or last is None or last.offset + last.numel != start + numel:
+            if bounds[0] != start or last is None or last.offset + last.numel != start + numel:
                 raise ValueError(f"piece [{start}, {start + numel}) does not cover whole segments of this arena")
             hit = (first, end, torch.tensor(bounds, dtype=torch.int64, device=self.floors.device))
             self._piece_segments[key] = hit

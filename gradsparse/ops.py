@@ -253,12 +253,14 @@ def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                               caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`dgc_compensate_into` that also collects the selection's candidates in the same pass.
 
-    Segment ``s`` of the piece is ``[offsets[s], offsets[s+1])`` (``offsets`` int64, from 0 to ``g``'s numel).
-    Returns ``(maxima, positions, counts)``: the maxima of :func:`dgc_compensate_into`; ``counts[s]`` (int64) how
-    many positions of segment ``s`` have ``|v_out| >= floors[s]`` (``floors`` float64, rounded up to float32 so
-    the comparison is exact; NaN counted; a floor of +inf collects nothing); ``positions`` (int64, relative to the
-    piece, ascending, segment after segment) the first ``min(counts[s], caps[s])`` of them. A segment whose
-    count is at most its cap is complete: :func:`segmented_topk_candidates` selects it from these alone.
+    Segment ``s`` is ``[offsets[s], offsets[s+1])`` (``offsets`` int64, non-decreasing, from ``offsets[0] >= 0`` to
+    ``offsets[0]`` + ``g``'s numel: element ``i`` of the piece is at ``offsets[0] + i``, e.g. its place in the
+    bucket). Returns ``(maxima, positions, counts)``: the maxima of :func:`dgc_compensate_into`; ``counts[s]``
+    (int64) how many positions of segment ``s`` have ``|v_out| >= floors[s]`` (``floors`` float64, rounded up to
+    float32 so the comparison is exact; NaN counted; a floor of +inf collects nothing); ``positions`` (int64, in
+    the offsets' coordinates, ascending, segment after segment) the first ``min(counts[s], caps[s])`` of them. A
+    segment whose count is at most its cap is complete: :func:`segmented_topk_candidates` selects it from these
+    alone.
 
     Example::
 

@@ -413,7 +413,11 @@ std::array<uint64_t, K> chunked_candidates(int64_t n, const CandidateSegments& s
     const int64_t* from = cc.positions.data;
     for (const auto& p : cc.parts) {
       const int64_t take = std::min(p.stored, seg.cap[p.segment] - taken[p.segment]);
-      std::copy(from, from + take, out);
+      if (seg.base == 0) {
+        std::copy(from, from + take, out);
+      } else {
+        std::transform(from, from + take, out, [base = seg.base](int64_t i) { return i + base; });
+      }
       out += take;
       taken[p.segment] += take;
       from += p.stored;

@@ -139,7 +139,8 @@ std::tuple<at::Tensor, at::Tensor> candidates_of(const at::Tensor& out, const Ca
   const at::Tensor first = counts.cumsum(0) - counts;  // index in hits of each segment's first hit
   const at::Tensor rank = at::arange(hits.numel(), long_opts) - first.index_select(0, hit_segment);
   const at::Tensor caps_d = at::tensor(seg.cap, host_long).to(out.device());
-  return {hits.masked_select(rank < caps_d.index_select(0, hit_segment)), counts};
+  const at::Tensor kept = hits.masked_select(rank < caps_d.index_select(0, hit_segment));
+  return {seg.base == 0 ? kept : kept + seg.base, counts};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dgc_compensate_candidates_cuda(

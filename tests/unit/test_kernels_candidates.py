@@ -179,6 +179,36 @@ def test_compensate_candidates_large_does_not_depend_on_threads():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 65, 100_003])
+def test_compensate_candidates_report_positions_from_the_first_offset(n, device):
+    """Offsets that start at ``base`` (a piece at ``base`` in its bucket): the same pass, counts and maxima as
+    with offsets from 0, every position ``base`` higher; the reference agrees."""
+    g = torch.Generator().manual_seed(n + 2)
+    u, v, grad = _dgc_case(n, torch.float32, n + 3)
+    want_u, want_v = torch.empty(n), torch.empty(n)
+    ref.dgc_compensate_into(u, v, grad, 0.9, False, want_u, want_v)
+    for base in (1, 4_000_000_000):
+        offsets = _cuts(n, g)
+        floors = _floors(want_v, offsets, g)
+        caps = _caps(_oracle(want_v, offsets, floors, torch.zeros(floors.numel(), dtype=torch.int64))[1], g)
+        at_zero = _run_dgc(u, v, grad, False, offsets, floors, caps, device, False)
+        shifted = _run_dgc(u, v, grad, False, offsets + base, floors, caps, device, False)
+        assert torch.equal(shifted[3], at_zero[3] + base), base
+        for a, b in zip(shifted[:3] + shifted[4:], at_zero[:3] + at_zero[4:]):
+            assert torch.equal(a, b), base
+        want = ref.dgc_compensate_candidates(u, v, grad, 0.9, False, torch.empty(n), torch.empty(n), offsets + base,
+                                             floors, caps)
+        assert torch.equal(want[1], shifted[3]) and torch.equal(want[2], shifted[4]), base
+        r_want = ref.residual_compensate_candidates(u, grad, torch.empty(n), offsets + base, floors, caps)
+        r_got = torch.ops.gradsparse.residual_compensate_candidates(
+            u.to(device), grad.to(device), torch.empty(n, device=device), (offsets + base).to(device),
+            floors.to(device), caps.to(device))
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(r_got, r_want)), base
+        assert torch.equal(r_want[1] - base, ref.residual_compensate_candidates(
+            u, grad, torch.empty(n), offsets, floors, caps)[1]), base
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_compensate_candidates_with_nan_and_inf(device):
     """NaN: reported in the maxima as today, and counted as a candidate (so the selection refuses it);
     inf: a candidate at every finite floor."""
@@ -208,8 +238,9 @@ def test_compensate_candidates_refuse_bad_arguments(device):
 
     f64 = torch.float64
     cases = [
-        ((t([0, 5]), t([1.0], f64), t([1]), 6), "from 0 to the gradient's 6 elements"),
-        ((t([1, 6]), t([1.0], f64), t([1]), 6), "from 0 to the gradient's 6 elements"),
+        ((t([0, 5]), t([1.0], f64), t([1]), 6), "span the gradient's 6 elements"),
+        ((t([1, 6]), t([1.0], f64), t([1]), 6), "span the gradient's 6 elements"),
+        ((t([-1, 5]), t([1.0], f64), t([1]), 6), "first offset >= 0"),
         ((t([0, 4, 2, 6]), t([1.0, 1.0, 1.0], f64), t([1, 1, 1]), 6), "must not decrease"),
         ((t([0, 6]), t([1.0, 1.0], f64), t([1]), 6), "one more element"),
         ((t([0, 6]), t([1.0], f64), t([1, 2]), 6), "one more element"),
