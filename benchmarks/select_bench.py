@@ -163,10 +163,11 @@ def run_candidates(densities, rounds: int, min_numel: int, check: bool,
         kth = [float(v_out[int(a):int(b)].abs().topk(int(k)).values[-1]) for a, b, k in zip(offsets, offsets[1:], ks)]
         floors = torch.tensor([0.9 * t for t in kth], dtype=torch.float64)
         caps = ks * 4 + 64
-        _, cand, counts = ops.dgc_compensate_candidates(u, v, grad, 0.9, False, u_out, v_out, offsets, floors, caps)
-        plans[d] = (ks, floors, caps, cand, counts)
+        _, cand, counts, values = ops.dgc_compensate_candidates(u, v, grad, 0.9, False, u_out, v_out, offsets, floors,
+                                                               caps)
+        plans[d] = (ks, floors, caps, cand, counts, values)
         if check:
-            pos, _ = ops.segmented_topk_candidates(v_out, offsets, ks, cand, counts, caps)
+            pos, _ = ops.segmented_topk_candidates(v_out, offsets, ks, cand, counts, caps, values=values)
             assert torch.equal(pos, ops.segmented_topk_indices(v_out, offsets, ks)), d
             assert bool((counts <= caps).all()) and bool((counts >= ks).all()), d  # every segment from candidates
 
@@ -179,13 +180,13 @@ def run_candidates(densities, rounds: int, min_numel: int, check: bool,
         if name == "into+cand@inf":
             return lambda: ops.dgc_compensate_candidates(u, v, grad, 0.9, False, u_out, v_out, offsets, no_floors,
                                                          no_caps)
-        ks, floors, caps, cand, counts = plans[float(density)]
+        ks, floors, caps, cand, counts, values = plans[float(density)]
         if kind == "into+cand":
             return lambda: ops.dgc_compensate_candidates(u, v, grad, 0.9, False, u_out, v_out, offsets, floors, caps)
         if kind == "select":
             return lambda: torch.ops.gradsparse.segmented_topk_select(v_out, offsets, ks, 0.01, 0)
         return lambda: torch.ops.gradsparse.segmented_topk_select_candidates(v_out, offsets, ks, cand, counts, caps,
-                                                                             0.01, 0)
+                                                                             0.01, 0, values)
 
     names = ["read", "into", "into+cand@inf",
              *(f"{k}@{d:g}" for d in densities for k in ("into+cand", "select", "select+cand"))]

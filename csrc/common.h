@@ -182,6 +182,19 @@ struct CandidateLists {
   std::vector<char> complete;
 };
 
+// segmented_topk_select_candidates' optional values: x at each candidate (x's dtype and device, 1-D, one per
+// candidate); returns whether they were given.
+inline bool check_candidate_values(const at::Tensor& x, const at::Tensor& candidates,
+                                   const std::optional<at::Tensor>& values, const char* op) {
+  if (!values.has_value() || !values->defined()) return false;
+  TORCH_CHECK_VALUE(values->scalar_type() == x.scalar_type() && values->device() == x.device() &&
+                        values->dim() == 1 && values->numel() == candidates.numel(),
+                    op, ": values must be 1-D, one per candidate (", candidates.numel(), "), with x's dtype (",
+                    x.scalar_type(), ") and device (", x.device(), "), got ", values->sizes(), " ",
+                    values->scalar_type(), " on ", values->device());
+  return true;
+}
+
 inline CandidateLists check_candidate_lists(const Segments& seg, const at::Tensor& x, const at::Tensor& candidates,
                                             const at::Tensor& counts, const at::Tensor& caps, const char* op) {
   const int64_t segments = seg.size();

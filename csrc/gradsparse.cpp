@@ -87,23 +87,28 @@ TORCH_LIBRARY(gradsparse, m) {
   // offsets[s+1]) (offsets int64 [S+1], non-decreasing, from a base offsets[0] >= 0 to base +
   // numel: element i of the piece is at base + i, e.g. its place in the bucket; floors float64 [S];
   // caps int64 [S] >= 0), counts (int64 [S]: how many positions of segment s have |v_out| >=
-  // floors[s], NaN counted as a candidate; a floor of +inf collects nothing) and positions (int64,
+  // floors[s], NaN counted as a candidate; a floor of +inf collects nothing), positions (int64,
   // in the offsets' coordinates, ascending, segment after segment: the first min(counts[s],
-  // caps[s]) of each).
+  // caps[s]) of each) and values (float32: v_out at each of those positions, for the selection).
+  // Returns (maxima, positions, counts, values).
   // The floor is compared exactly: rounded up to the smallest float at or above it.
   m.def("dgc_compensate_candidates(Tensor u, Tensor v, Tensor g, float momentum, bool nesterov, Tensor(a!) u_out, "
-        "Tensor(b!) v_out, Tensor offsets, Tensor floors, Tensor caps) -> (Tensor, Tensor, Tensor)");
-  // The same for residual_compensate_into (candidates of r_out): returns (maxima [2], positions, counts).
+        "Tensor(b!) v_out, Tensor offsets, Tensor floors, Tensor caps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same for residual_compensate_into (candidates of r_out): returns (maxima [2], positions, counts,
+  // values).
   m.def("residual_compensate_candidates(Tensor r, Tensor g, Tensor(a!) r_out, Tensor offsets, Tensor floors, "
-        "Tensor caps) -> (Tensor, Tensor, Tensor)");
+        "Tensor caps) -> (Tensor, Tensor, Tensor, Tensor)");
   // segmented_topk_select (same arguments, checks, errors and positions) helped by the candidates
   // of the compensation pass: candidates (int64 positions in x, ascending, segment after segment,
   // min(counts[s], caps[s]) of segment s). A segment with counts[s] <= caps[s] (complete) and
   // counts[s] >= its k > 0 is selected from its candidates alone; the others as
-  // segmented_topk_select does. Returns (positions, kth): kth float64 [S] is each segment's
-  // smallest selected magnitude (+inf where it keeps nothing, 0 where it keeps everything).
+  // segmented_topk_select does. values (optional; x's dtype and device, one per candidate) are
+  // x at the candidates, as the compensation pass returned them: the selection from candidates
+  // then reads them instead of gathering x (the caller guarantees they are x's; the positions are
+  // still checked). Returns (positions, kth): kth float64 [S] is each segment's smallest selected
+  // magnitude (+inf where it keeps nothing, 0 where it keeps everything).
   m.def("segmented_topk_select_candidates(Tensor x, Tensor offsets, Tensor ks, Tensor candidates, Tensor counts, "
-        "Tensor caps, float sample_ratio, int seed) -> (Tensor, Tensor)");
+        "Tensor caps, float sample_ratio, int seed, Tensor? values=None) -> (Tensor, Tensor)");
   // The largest |x| of a floating-point tensor as a 0-dim float64 tensor on x's device: NaN if x
   // holds a NaN, inf for an inf, 0 when empty. One read pass (the reducer's health check).
   m.def("absmax(Tensor x) -> Tensor");

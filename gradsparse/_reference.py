@@ -285,10 +285,10 @@ def _candidate_segments(numel: int, offsets: torch.Tensor, floors: torch.Tensor,
     return offsets, floors, caps
 
 
-def _candidates(out: torch.Tensor, offsets, floors, caps) -> tuple[torch.Tensor, torch.Tensor]:
+def _candidates(out: torch.Tensor, offsets, floors, caps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each segment's positions with ``|out| >=`` its floor (NaN counted; a floor of +inf: none): the first
     ``caps[s]`` of them, segment after segment, in the offsets' coordinates (``out[i]`` is at ``offsets[0] + i``),
-    and every segment's count."""
+    every segment's count, and ``out`` at each position kept."""
     parts, counts, base = [torch.empty(0, dtype=torch.int64, device=out.device)], [], offsets[0]
     for s, floor in enumerate(floors):
         piece = out[offsets[s] - base:offsets[s + 1] - base]
@@ -298,18 +298,20 @@ def _candidates(out: torch.Tensor, offsets, floors, caps) -> tuple[torch.Tensor,
         hits = torch.nonzero((piece.abs() >= _floor_as_float(floor).to(out.device)) | piece.isnan()).squeeze(1)
         counts.append(hits.numel())
         parts.append(hits[: caps[s]] + offsets[s])
-    return torch.cat(parts), torch.tensor(counts, dtype=torch.int64, device=out.device)
+    positions = torch.cat(parts)
+    values = out.reshape(-1).index_select(0, positions - base)
+    return positions, torch.tensor(counts, dtype=torch.int64, device=out.device), values
 
 
 def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
                               u_out: torch.Tensor, v_out: torch.Tensor, offsets: torch.Tensor, floors: torch.Tensor,
-                              caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`dgc_compensate_into`, then the selection candidates of ``v_out``: returns ``(maxima, positions,
-    counts)``. Segment ``s`` is ``[offsets[s], offsets[s+1])``; ``counts[s]`` is how many of its positions have
+    counts, values)``. Segment ``s`` is ``[offsets[s], offsets[s+1])``; ``counts[s]`` is how many of its positions have
     ``|v_out| >= floors[s]`` (the floor rounded up to float32; NaN counted; a floor of +inf collects nothing) and
     ``positions`` (ascending, segment after segment) holds the first ``min(counts[s], caps[s])`` of them. The
     offsets may start anywhere (``offsets[0] >= 0``, element ``i`` of ``g`` at ``offsets[0] + i``): the positions
-    are in their coordinates."""
+    are in their coordinates. ``values`` is ``v_out`` at each position."""
     segs = _candidate_segments(g.numel(), offsets, floors, caps, "dgc_compensate_candidates")
     maxima = dgc_compensate_into(u, v, g, momentum, nesterov, u_out, v_out)
     return (maxima, *_candidates(v_out, *segs))
@@ -317,7 +319,7 @@ def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
 
 def residual_compensate_candidates(r: torch.Tensor, g: torch.Tensor, r_out: torch.Tensor, offsets: torch.Tensor,
                                    floors: torch.Tensor, caps: torch.Tensor
-                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`residual_compensate_into`, then the candidates of ``r_out`` as in :func:`dgc_compensate_candidates`."""
     segs = _candidate_segments(g.numel(), offsets, floors, caps, "residual_compensate_candidates")
     maxima = residual_compensate_into(r, g, r_out)
@@ -327,9 +329,10 @@ def residual_compensate_candidates(r: torch.Tensor, g: torch.Tensor, r_out: torc
 def segmented_topk_candidates(
     x: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor,
     caps: torch.Tensor, sample_ratio: float = 0.01, generator: torch.Generator | None = None,
+    values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of ``segmented_topk_select_candidates``: the candidates are checked (sizes, inside their
-    segments, ascending) and then not needed: :func:`segmented_topk_indices` gives the same positions. Returns
+    """Reference of ``segmented_topk_select_candidates``: the candidates (and ``values``, if given) are checked
+    (sizes, inside their segments, ascending; the values' size, dtype and device) and then not needed: :func:`segmented_topk_indices` gives the same positions. Returns
     ``(positions, kth)``, ``kth[s]`` the smallest selected magnitude of segment ``s`` as float64 (+inf where it
     keeps nothing, 0 where it keeps all of it)."""
     op = "segmented_topk_select_candidates"
@@ -345,6 +348,11 @@ def segmented_topk_candidates(
     if candidates.numel() != sum(stored):
         raise ValueError(f"{op}: expected min(counts[s], caps[s]) summed = {sum(stored)} candidates, got "
                          f"{candidates.numel()}")
+    if values is not None and (values.dtype != x.dtype or values.device != x.device or values.dim() != 1
+                               or values.numel() != candidates.numel()):
+        raise ValueError(f"{op}: values must be 1-D, one per candidate ({candidates.numel()}), with x's dtype "
+                         f"({x.dtype}) and device ({x.device}), got {tuple(values.shape)} {values.dtype} on "
+                         f"{values.device}")
     cand = candidates.cpu()
     segment = torch.repeat_interleave(torch.arange(len(ks_)), torch.tensor(stored, dtype=torch.int64))
     lo, hi = torch.tensor(bounds[:-1])[segment], torch.tensor(bounds[1:])[segment]

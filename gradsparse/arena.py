@@ -91,13 +91,14 @@ class Candidates:
 
     Per compressed segment of the arena: ``counts[s]`` positions had a magnitude at or above the
     segment's floor; ``positions`` (int64, bucket coordinates, ascending) holds the first
-    ``min(counts[s], caps[s])`` of each, segment after segment. A segment's list is complete when
-    ``counts[s] <= caps[s]``.
+    ``min(counts[s], caps[s])`` of each, segment after segment, and ``values`` (float32) the compensated
+    gradient at each of them. A segment's list is complete when ``counts[s] <= caps[s]``.
     """
 
     positions: torch.Tensor
     counts: torch.Tensor
     caps: torch.Tensor
+    values: torch.Tensor | None = None
 
 
 class Arena:
@@ -231,17 +232,18 @@ class Arena:
         keeping at most ``caps[s]`` (int64, per segment) positions each. Needs ``memory.collects_candidates`` and
         pieces that each cover whole segments (runs of adjacent ones, as the reducer's are)."""
         self.settle()  # the collecting kernels zero nothing: they run at small k, where the update costs little
-        maxima, positions, counts = [], [], []
+        maxima, positions, counts, values = [], [], [], []
         for start, grad in pieces:
             first, end, offsets = self._segments_of(start, grad.numel())
             views = tuple(b[start:start + grad.numel()] for b in self.state)
-            m, p, c = self.memory.compensate_candidates(views, grad, views, offsets, self.floors[first:end],
-                                                        caps[first:end])  # p: in the bucket's coordinates
+            m, p, c, x = self.memory.compensate_candidates(views, grad, views, offsets, self.floors[first:end],
+                                                           caps[first:end])  # p: in the bucket's coordinates
             maxima.append(m)
             positions.append(p)
             counts.append(c)
+            values.append(x)
         self.bounds = (maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax(0)).tolist()[1:]
-        return Candidates(torch.cat(positions), torch.cat(counts), caps)
+        return Candidates(torch.cat(positions), torch.cat(counts), caps, torch.cat(values))
 
     def _segments_of(self, start: int, numel: int) -> tuple[int, int, torch.Tensor]:
         """The segments ``[first, end)`` a piece ``[start, start + numel)`` covers, and their offsets in the bucket

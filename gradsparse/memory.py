@@ -84,12 +84,13 @@ class Memory:
 
     def compensate_candidates(self, state: Sequence[torch.Tensor], grad: torch.Tensor, out: Sequence[torch.Tensor],
                               offsets: torch.Tensor, floors: torch.Tensor,
-                              caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`compensate_into`, and in the same pass the selection candidates of the compensated gradient
         (``out[-1]``): per segment ``[offsets[s], offsets[s+1])``, every position whose magnitude is at least
-        ``floors[s]``. Returns ``(maxima, positions, counts)``: ``counts[s]`` how many there were, ``positions``
-        (int64, ascending) the first ``caps[s]`` of each (:func:`gradsparse.ops.dgc_compensate_candidates`).
-        Only where :attr:`collects_candidates`."""
+        ``floors[s]``. Returns ``(maxima, positions, counts, values)``: ``counts[s]`` how many there were,
+        ``positions`` (int64, ascending, in the offsets' coordinates) the first ``caps[s]`` of each, ``values``
+        ``out[-1]`` there (:func:`gradsparse.ops.dgc_compensate_candidates`). Only where
+        :attr:`collects_candidates`."""
         raise NotImplementedError(f"{type(self).__name__} collects no selection candidates")
 
     def zero_compensate(self, state: Sequence[torch.Tensor], grad: torch.Tensor, zeroed: torch.Tensor,

@@ -250,28 +250,28 @@ def bitmap_words(numel: int) -> int:
 
 def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool,
                               u_out: torch.Tensor, v_out: torch.Tensor, offsets: torch.Tensor, floors: torch.Tensor,
-                              caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              caps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`dgc_compensate_into` that also collects the selection's candidates in the same pass.
 
     Segment ``s`` is ``[offsets[s], offsets[s+1])`` (``offsets`` int64, non-decreasing, from ``offsets[0] >= 0`` to
     ``offsets[0]`` + ``g``'s numel: element ``i`` of the piece is at ``offsets[0] + i``, e.g. its place in the
-    bucket). Returns ``(maxima, positions, counts)``: the maxima of :func:`dgc_compensate_into`; ``counts[s]``
-    (int64) how many positions of segment ``s`` have ``|v_out| >= floors[s]`` (``floors`` float64, rounded up to
-    float32 so the comparison is exact; NaN counted; a floor of +inf collects nothing); ``positions`` (int64, in
-    the offsets' coordinates, ascending, segment after segment) the first ``min(counts[s], caps[s])`` of them. A
-    segment whose count is at most its cap is complete: :func:`segmented_topk_candidates` selects it from these
-    alone.
+    bucket). Returns ``(maxima, positions, counts, values)``: the maxima of :func:`dgc_compensate_into`;
+    ``counts[s]`` (int64) how many positions of segment ``s`` have ``|v_out| >= floors[s]`` (``floors`` float64,
+    rounded up to float32 so the comparison is exact; NaN counted; a floor of +inf collects nothing);
+    ``positions`` (int64, in the offsets' coordinates, ascending, segment after segment) the first
+    ``min(counts[s], caps[s])`` of them; ``values`` (float32) ``v_out`` at each of those. A segment whose count is
+    at most its cap is complete: :func:`segmented_topk_candidates` selects it from these alone.
 
     Example::
 
         >>> import torch
         >>> from gradsparse import ops
         >>> u, v, g = torch.zeros(4), torch.zeros(4), torch.tensor([1.0, -4.0, 2.0, 0.5])
-        >>> maxima, pos, counts = ops.dgc_compensate_candidates(
+        >>> maxima, pos, counts, values = ops.dgc_compensate_candidates(
         ...     u, v, g, 0.9, False, torch.empty(4), torch.empty(4), torch.tensor([0, 2, 4]),
         ...     torch.tensor([2.0, 0.1], dtype=torch.float64), torch.tensor([4, 1]))
-        >>> pos.tolist(), counts.tolist()
-        ([1, 2], [1, 2])
+        >>> pos.tolist(), counts.tolist(), values.tolist()
+        ([1, 2], [1, 2], [-4.0, 2.0])
     """
     if _compiled(u) and g.device == u.device:
         return torch.ops.gradsparse.dgc_compensate_candidates(u, v, g.reshape(-1), float(momentum), bool(nesterov),
@@ -281,20 +281,20 @@ def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
 
 def residual_compensate_candidates(r: torch.Tensor, g: torch.Tensor, r_out: torch.Tensor, offsets: torch.Tensor,
                                    floors: torch.Tensor, caps: torch.Tensor
-                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`residual_compensate_into` that also collects the candidates of ``r_out``, as
-    :func:`dgc_compensate_candidates` does for ``v_out``; returns ``(maxima, positions, counts)``.
+    :func:`dgc_compensate_candidates` does for ``v_out``; returns ``(maxima, positions, counts, values)``.
 
     Example::
 
         >>> import torch
         >>> from gradsparse import ops
         >>> r, g = torch.tensor([0.5, 1.0, -1.0]), torch.tensor([1.0, -4.0, 2.0])
-        >>> maxima, pos, counts = ops.residual_compensate_candidates(
+        >>> maxima, pos, counts, values = ops.residual_compensate_candidates(
         ...     r, g, torch.empty(3), torch.tensor([0, 3]), torch.tensor([1.5], dtype=torch.float64),
         ...     torch.tensor([8]))
-        >>> maxima.tolist(), pos.tolist(), counts.tolist()
-        ([4.0, 3.0], [0, 1], [2])
+        >>> maxima.tolist(), pos.tolist(), counts.tolist(), values.tolist()
+        ([4.0, 3.0], [0, 1], [2], [1.5, -3.0])
     """
     if _compiled(r) and g.device == r.device:
         return torch.ops.gradsparse.residual_compensate_candidates(r, g.reshape(-1), r_out, offsets, floors, caps)
@@ -303,13 +303,16 @@ def residual_compensate_candidates(r: torch.Tensor, g: torch.Tensor, r_out: torc
 
 def segmented_topk_candidates(x: torch.Tensor, offsets: torch.Tensor, ks: torch.Tensor, candidates: torch.Tensor,
                               counts: torch.Tensor, caps: torch.Tensor, sample_ratio: float = 0.01,
-                              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              generator: torch.Generator | None = None,
+                              values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`segmented_topk_indices`, helped by the candidates of the compensation pass.
 
     ``candidates`` (int64 positions in ``x``, ascending, segment after segment) holds ``min(counts[s], caps[s])``
     positions of segment ``s``: what :func:`dgc_compensate_candidates` or :func:`residual_compensate_candidates`
-    returned for the same ``x``, shifted by the piece's offset. The caller guarantees they are that; the kernel
-    checks only that each lies inside its segment, ascending. A segment with ``counts[s] <= caps[s]`` and at
+    returned for the same ``x`` (offsets in ``x``'s coordinates), and ``values`` (optional, ``x``'s dtype) the
+    values they returned beside them, ``x`` at each candidate, which the selection from candidates then reads
+    instead of ``x``. The caller guarantees they are that; the kernel checks only that each position lies inside
+    its segment, ascending, and the values' size and dtype. A segment with ``counts[s] <= caps[s]`` and at
     least its ``k`` candidates is selected from them alone (its k-th largest magnitude is at or above the floor,
     so every element tied with it is a candidate); the others as :func:`segmented_topk_indices` does. Returns
     ``(positions, kth)``: the positions are exactly :func:`segmented_topk_indices`'s; ``kth`` (float64, one per
@@ -330,8 +333,9 @@ def segmented_topk_candidates(x: torch.Tensor, offsets: torch.Tensor, ks: torch.
     if _compiled(x):
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
         return torch.ops.gradsparse.segmented_topk_select_candidates(x.detach(), offsets, ks, candidates, counts,
-                                                                     caps, float(sample_ratio), seed)
-    return _reference.segmented_topk_candidates(x, offsets, ks, candidates, counts, caps, sample_ratio, generator)
+                                                                     caps, float(sample_ratio), seed, values)
+    return _reference.segmented_topk_candidates(x, offsets, ks, candidates, counts, caps, sample_ratio, generator,
+                                                values)
 
 
 def pack(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, numel: int,
@@ -451,16 +455,19 @@ if BACKEND == "extension":
 
     @torch.library.register_fake("gradsparse::dgc_compensate_candidates")
     def _dgc_compensate_candidates_fake(u, v, g, momentum, nesterov, u_out, v_out, offsets, floors, caps):
-        positions = u.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
-        return u.new_empty(3, dtype=torch.float64), positions, u.new_empty(floors.numel(), dtype=torch.int64)
+        kept = torch.library.get_ctx().new_dynamic_size()
+        return (u.new_empty(3, dtype=torch.float64), u.new_empty(kept, dtype=torch.int64),
+                u.new_empty(floors.numel(), dtype=torch.int64), u.new_empty(kept, dtype=torch.float32))
 
     @torch.library.register_fake("gradsparse::residual_compensate_candidates")
     def _residual_compensate_candidates_fake(r, g, r_out, offsets, floors, caps):
-        positions = r.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
-        return r.new_empty(2, dtype=torch.float64), positions, r.new_empty(floors.numel(), dtype=torch.int64)
+        kept = torch.library.get_ctx().new_dynamic_size()
+        return (r.new_empty(2, dtype=torch.float64), r.new_empty(kept, dtype=torch.int64),
+                r.new_empty(floors.numel(), dtype=torch.int64), r.new_empty(kept, dtype=torch.float32))
 
     @torch.library.register_fake("gradsparse::segmented_topk_select_candidates")
-    def _segmented_topk_select_candidates_fake(x, offsets, ks, candidates, counts, caps, sample_ratio, seed):
+    def _segmented_topk_select_candidates_fake(x, offsets, ks, candidates, counts, caps, sample_ratio, seed,
+                                               values=None):
         positions = x.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
         return positions, x.new_empty(ks.numel(), dtype=torch.float64)
 

@@ -39,25 +39,33 @@ using namespace compensate;
 // count as candidates (the selection then sees them and refuses the segment, as
 // segmented_topk_select would).
 
-// A growing int64 buffer whose append is a capacity test and a pointer bump (a std::vector's
-// resize per block cost about 10 ns a block with a hit: a call, a fill and a size update).
+// Growing int64 position and float value buffers whose append is a capacity test and a pointer bump
+// (a std::vector's resize per block cost about 10 ns a block with a hit: a call, a fill and a size
+// update). values[i] is the compensated value at data[i] (the selection then need not read it again).
 struct Positions {
   int64_t* data = nullptr;
+  float* values = nullptr;
   int64_t size = 0, capacity = 0;
   Positions() = default;
   Positions(const Positions&) = delete;
   Positions& operator=(const Positions&) = delete;
-  ~Positions() { std::free(data); }
-  // Room for `more` entries at data + size (size grows by more).
-  int64_t* extend(int64_t more) {
+  ~Positions() {
+    std::free(data);
+    std::free(values);
+  }
+  // Room for `more` entries at data + size and values + size (size grows by more); returns their index.
+  int64_t extend(int64_t more) {
     if (size + more > capacity) {
       const int64_t want = std::max<int64_t>({256, 2 * capacity, size + more});
       void* p = std::realloc(data, static_cast<size_t>(want) * sizeof(int64_t));
       if (!p) throw std::bad_alloc();
       data = static_cast<int64_t*>(p);
+      void* q = std::realloc(values, static_cast<size_t>(want) * sizeof(float));
+      if (!q) throw std::bad_alloc();
+      values = static_cast<float*>(q);
       capacity = want;
     }
-    int64_t* at = data + size;
+    const int64_t at = size;
     size += more;
     return at;
   }
@@ -73,16 +81,23 @@ struct ChunkCandidates {
   Positions positions;
 };
 
-// Appends b + j for every set bit j of mask (a block's hits) to part and positions: counts all,
-// keeps at most cap in all: one extend per block, the bits written through a local pointer.
-inline void record_mask(uint64_t mask, int64_t b, int64_t cap, ChunkCandidates::Part& part,
+// Appends b + j and out[b + j] for every set bit j of mask (a block's hits, out the results just
+// written) to part and positions: counts all, keeps at most cap in all: one extend per block, the
+// bits written through local pointers.
+inline void record_mask(uint64_t mask, const float* out, int64_t b, int64_t cap, ChunkCandidates::Part& part,
                         Positions& positions) {
   const int64_t hits = __builtin_popcountll(mask);
   part.count += hits;
   const int64_t take = std::min(hits, cap - part.stored);
   if (take <= 0) return;
-  int64_t* o = positions.extend(take);
-  for (int64_t t = 0; t < take; ++t, mask &= mask - 1) o[t] = b + __builtin_ctzll(mask);
+  const int64_t at = positions.extend(take);
+  int64_t* o = positions.data + at;
+  float* ov = positions.values + at;
+  for (int64_t t = 0; t < take; ++t, mask &= mask - 1) {
+    const int64_t i = b + __builtin_ctzll(mask);
+    o[t] = i;
+    ov[t] = out[i];
+  }
   part.stored += take;
 }
 
@@ -91,7 +106,7 @@ inline void record_block(const float* out, int64_t b, int64_t e, int32_t lo, int
                          ChunkCandidates::Part& part, Positions& positions) {
   uint64_t mask = 0;
   for (int64_t i = b; i < e; ++i) mask |= static_cast<uint64_t>(key_of(out[i]) >= lo) << (i - b);
-  record_mask(mask, b, cap, part, positions);
+  record_mask(mask, out, b, cap, part, positions);
 }
 
 #if defined(GRADSPARSE_AVX2_COMPENSATE)
@@ -100,7 +115,7 @@ __attribute__((target("avx2"))) inline void record_block_avx2(const float* out, 
                                                               ChunkCandidates::Part& part,
                                                               Positions& positions) {
   const __m256i lo_m1 = _mm256_set1_epi32(lo - 1);  // key >= lo as key > lo - 1 (lo - 1 >= -1)
-  record_mask(select_core::mask_at_least_f32_avx2(out + b, lo_m1), b, cap, part, positions);
+  record_mask(select_core::mask_at_least_f32_avx2(out + b, lo_m1), out, b, cap, part, positions);
 }
 #endif
 
@@ -256,7 +271,7 @@ __attribute__((target("avx2"))) void compensate_candidates_f32_avx2(const float*
                   _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(vk, lo_m1)))))
               << j;
     }
-    if (mask) record_mask(mask, b, cap, part, positions);
+    if (mask) record_mask(mask, v_out, b, cap, part, positions);
   }
   maxima[0] = static_cast<uint32_t>(horizontal_max(g_max));
   maxima[1] = static_cast<uint32_t>(horizontal_max(u_max));
@@ -290,7 +305,7 @@ __attribute__((target("avx2"))) void residual_candidates_f32_avx2(const float* r
                   _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(rk, lo_m1)))))
               << j;
     }
-    if (mask) record_mask(mask, b, cap, part, positions);
+    if (mask) record_mask(mask, r_out, b, cap, part, positions);
   }
   maxima[0] = static_cast<uint32_t>(horizontal_max(g_max));
   maxima[1] = static_cast<uint32_t>(horizontal_max(r_max));
@@ -378,7 +393,7 @@ inline int64_t candidate_chunk(int64_t n) {
 
 template <int K, typename Range>
 std::array<uint64_t, K> chunked_candidates(int64_t n, const CandidateSegments& seg, const Range& range,
-                                           at::Tensor& positions, at::Tensor& counts) {
+                                           at::Tensor& positions, at::Tensor& counts, at::Tensor& values) {
   const int64_t grain = candidate_chunk(n);
   const int64_t chunks = (n + grain - 1) / grain, segments = seg.size();
   std::vector<uint64_t> partial(static_cast<size_t>(chunks) * K, 0);
@@ -408,9 +423,12 @@ std::array<uint64_t, K> chunked_candidates(int64_t n, const CandidateSegments& s
   int64_t kept = 0;
   for (int64_t s = 0; s < segments; ++s) kept += std::min(count[s], seg.cap[s]);
   positions = at::empty({kept}, at::TensorOptions().dtype(at::kLong));
+  values = at::empty({kept}, at::TensorOptions().dtype(at::kFloat));
   int64_t* out = positions.data_ptr<int64_t>();
+  float* out_values = values.data_ptr<float>();
   for (const auto& cc : found) {  // chunk after chunk, each its segments in order: segment after segment
     const int64_t* from = cc.positions.data;
+    const float* from_values = cc.positions.values;
     for (const auto& p : cc.parts) {
       const int64_t take = std::min(p.stored, seg.cap[p.segment] - taken[p.segment]);
       if (seg.base == 0) {
@@ -418,22 +436,25 @@ std::array<uint64_t, K> chunked_candidates(int64_t n, const CandidateSegments& s
       } else {
         std::transform(from, from + take, out, [base = seg.base](int64_t i) { return i + base; });
       }
+      std::copy(from_values, from_values + take, out_values);
       out += take;
+      out_values += take;
       taken[p.segment] += take;
       from += p.stored;
+      from_values += p.stored;
     }
   }
   return total;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dgc_compensate_candidates_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dgc_compensate_candidates_cpu(
     const at::Tensor& u, const at::Tensor& v, const at::Tensor& g, double momentum, bool nesterov, at::Tensor& u_out,
     at::Tensor& v_out, const at::Tensor& offsets, const at::Tensor& floors, const at::Tensor& caps) {
   check_dgc_into_args(u, v, g, u_out, v_out);
   const CandidateSegments seg = check_candidate_segments(g.numel(), offsets, floors, caps, "dgc_compensate_candidates");
   const at::Tensor gc = g.contiguous();
   double maxima[3] = {0, 0, 0};
-  at::Tensor positions, counts;
+  at::Tensor positions, counts, values;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "dgc_compensate_candidates", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* gp = gc.data_ptr<scalar_t>();
@@ -447,15 +468,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dgc_compensate_candidates_cpu(
           compensate_candidates_range<scalar_t>(up, vp, gp, uo, vo, m, nesterov, begin, end, keys, seg.collect[s],
                                                 static_cast<int32_t>(seg.floor_key[s]), seg.cap[s], part, found);
         },
-        positions, counts);
+        positions, counts, values);
     maxima[0] = magnitude_of_key<acc_t>(total[0]);
     maxima[1] = magnitude_of_key<float>(total[1]);
     maxima[2] = magnitude_of_key<float>(total[2]);
   });
-  return {at::tensor({maxima[0], maxima[1], maxima[2]}, at::TensorOptions().dtype(at::kDouble)), positions, counts};
+  return {at::tensor({maxima[0], maxima[1], maxima[2]}, at::TensorOptions().dtype(at::kDouble)), positions, counts,
+          values};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_compensate_candidates_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_compensate_candidates_cpu(
     const at::Tensor& r, const at::Tensor& g, at::Tensor& r_out, const at::Tensor& offsets, const at::Tensor& floors,
     const at::Tensor& caps) {
   check_residual_into_args(r, g, r_out);
@@ -463,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_compensate_candidates_cp
       check_candidate_segments(g.numel(), offsets, floors, caps, "residual_compensate_candidates");
   const at::Tensor gc = g.contiguous();
   double maxima[2] = {0, 0};
-  at::Tensor positions, counts;
+  at::Tensor positions, counts, values;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "residual_compensate_candidates", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* gp = gc.data_ptr<scalar_t>();
@@ -476,11 +498,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_compensate_candidates_cp
           residual_candidates_range<scalar_t>(rp, gp, ro, begin, end, keys, seg.collect[s],
                                               static_cast<int32_t>(seg.floor_key[s]), seg.cap[s], part, found);
         },
-        positions, counts);
+        positions, counts, values);
     maxima[0] = magnitude_of_key<acc_t>(total[0]);
     maxima[1] = magnitude_of_key<float>(total[1]);
   });
-  return {at::tensor({maxima[0], maxima[1]}, at::TensorOptions().dtype(at::kDouble)), positions, counts};
+  return {at::tensor({maxima[0], maxima[1]}, at::TensorOptions().dtype(at::kDouble)), positions, counts, values};
 }
 
 }  // namespace

@@ -4,7 +4,8 @@
 // its k entries has every element at or above its k-th largest magnitude among them (that k-th is
 // >= the floor the candidates were collected at), so its exact top-k (ties to the lower position)
 // is the top-k of the candidates: found from their keys alone (a histogram, then one pass in
-// position order), on the calling thread, without reading the rest of the segment. The other
+// position order), on the calling thread, without reading the rest of the segment (nor, given the
+// values the compensation pass kept of them, the candidates' own elements). The other
 // segments run exactly as segmented_topk_select runs them (topk_core.h's TopK).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -66,12 +67,13 @@ void check_candidate_positions(const Segments& seg, const CandidateLists& lists,
 
 // The exact top-k of the c candidates at cand (positions in x, ascending, every position of the
 // segment whose key is >= the k-th largest among them; 0 < k <= c) into out, ascending, ties to the
-// lower position. Returns the k-th largest key, or kInf + 1 if a candidate is NaN (nothing written).
+// lower position; their values are x[cand[j]], or vals[j] where given (then x is not read). Returns
+// the k-th largest key, or kInf + 1 if a candidate is NaN (nothing written).
 // The k-th key: a histogram of (key - smallest) cut to at most 2^11 buckets, then nth_element
 // inside the one bucket that holds it (the candidates lie close above the floor: few per bucket).
 template <typename scalar_t>
-typename core::Key<scalar_t>::bits_t top_of_candidates(const scalar_t* x, const int64_t* cand, int64_t c, int64_t k,
-                                                       int64_t* out,
+typename core::Key<scalar_t>::bits_t top_of_candidates(const scalar_t* x, const int64_t* cand, const scalar_t* vals,
+                                                       int64_t c, int64_t k, int64_t* out,
                                                        std::vector<typename core::Key<scalar_t>::bits_t>& keys,
                                                        std::vector<typename core::Key<scalar_t>::bits_t>& scratch,
                                                        std::vector<int64_t>& hist) {
@@ -79,13 +81,22 @@ typename core::Key<scalar_t>::bits_t top_of_candidates(const scalar_t* x, const 
   using bits_t = typename K::bits_t;
   keys.resize(c);
   bits_t top = 0, bottom = ~bits_t(0);
-  constexpr int64_t kAhead = 32;  // candidates lie a cache line or more apart: prefetch the gather
-  for (int64_t j = 0; j < c; ++j) {
-    if (j + kAhead < c) __builtin_prefetch(x + cand[j + kAhead]);
-    const bits_t key = K::of(x[cand[j]]);
-    keys[j] = key;
-    top = std::max(top, key);
-    bottom = std::min(bottom, key);
+  if (vals != nullptr) {
+    for (int64_t j = 0; j < c; ++j) {
+      const bits_t key = K::of(vals[j]);
+      keys[j] = key;
+      top = std::max(top, key);
+      bottom = std::min(bottom, key);
+    }
+  } else {
+    constexpr int64_t kAhead = 32;  // candidates lie a cache line or more apart: prefetch the gather
+    for (int64_t j = 0; j < c; ++j) {
+      if (j + kAhead < c) __builtin_prefetch(x + cand[j + kAhead]);
+      const bits_t key = K::of(x[cand[j]]);
+      keys[j] = key;
+      top = std::max(top, key);
+      bottom = std::min(bottom, key);
+    }
   }
   if (top > K::kInf) return K::kInf + 1;
   const bits_t span = top - bottom;
@@ -119,11 +130,14 @@ typename core::Key<scalar_t>::bits_t top_of_candidates(const scalar_t* x, const 
 
 std::tuple<at::Tensor, at::Tensor> segmented_topk_select_candidates_cpu(
     const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& ks, const at::Tensor& candidates,
-    const at::Tensor& counts, const at::Tensor& caps, double sample_ratio, int64_t seed) {
+    const at::Tensor& counts, const at::Tensor& caps, double sample_ratio, int64_t seed,
+    const std::optional<at::Tensor>& values) {
   check_selection_input(x, kOp);
   check_sample_ratio(sample_ratio, kOp);
   const Segments seg = check_segments(x, offsets, ks);
   const CandidateLists lists = check_candidate_lists(seg, x, candidates, counts, caps, kOp);
+  const bool given = check_candidate_values(x, candidates, values, kOp);
+  const at::Tensor values_c = given ? values->contiguous() : at::Tensor();
   const at::Tensor cand_c = candidates.contiguous();
   const int64_t* cand = cand_c.data_ptr<int64_t>();
   check_candidate_positions(seg, lists, cand);
@@ -137,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor> segmented_topk_select_candidates_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), kOp, [&] {
     using K = core::Key<scalar_t>;
     const scalar_t* xp = flat.data_ptr<scalar_t>();
+    const scalar_t* vp = given ? values_c.data_ptr<scalar_t>() : nullptr;
     const auto select = [&](int64_t i, int segment_threads) {  // segmented_topk_select's way
       const int64_t n = seg.length(i), k = seg.count[i], first = seg.offset[i];
       core::TopK<scalar_t> topk(xp + first, n, k, segment_threads);
@@ -156,8 +171,9 @@ std::tuple<at::Tensor, at::Tensor> segmented_topk_select_candidates_cpu(
         for (int64_t j = 0; j < n; ++j) o[seg.out[i] + j] = first + j;
         kp[i] = 0.0;
       } else if (lists.complete[i] && lists.count[i] >= k) {
-        const auto key = top_of_candidates(xp, cand + lists.start[i], lists.stored[i], k, o + seg.out[i], keys, scratch,
-                                                hist);
+        const int64_t from = lists.start[i];
+        const auto key = top_of_candidates(xp, cand + from, vp == nullptr ? nullptr : vp + from, lists.stored[i], k,
+                                           o + seg.out[i], keys, scratch, hist);
         nan[i] = key > K::kInf;
         kp[i] = magnitude_of<scalar_t>(key);
       } else if (n >= core::kMinParallelNumel && threads > 1) {

@@ -107,11 +107,11 @@ at::Tensor residual_compensate_into_cuda(const at::Tensor& r, const at::Tensor& 
 // ATen ops after the compensation kernel (one more pass, not fused as on the CPU): a per-element
 // floor (repeat_interleave of each segment's floor rounded up to float), a mask (NaN counted, none
 // where the floor is +inf), its per-segment counts (a cumsum read at the offsets), nonzero, and
-// each position's rank in its segment against the segment's cap.
-std::tuple<at::Tensor, at::Tensor> candidates_of(const at::Tensor& out, const CandidateSegments& seg) {
+// each position's rank in its segment against the segment's cap; then the kept positions' values.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> candidates_of(const at::Tensor& out, const CandidateSegments& seg) {
   const int64_t segments = seg.size();
   const auto long_opts = out.options().dtype(at::kLong);
-  if (segments == 0) return {at::empty({0}, long_opts), at::zeros({0}, long_opts)};
+  if (segments == 0) return {at::empty({0}, long_opts), at::zeros({0}, long_opts), at::empty({0}, out.options())};
   std::vector<float> floor(segments);
   std::vector<int64_t> lengths(segments);
   std::vector<uint8_t> collect(segments);
@@ -140,10 +140,10 @@ std::tuple<at::Tensor, at::Tensor> candidates_of(const at::Tensor& out, const Ca
   const at::Tensor rank = at::arange(hits.numel(), long_opts) - first.index_select(0, hit_segment);
   const at::Tensor caps_d = at::tensor(seg.cap, host_long).to(out.device());
   const at::Tensor kept = hits.masked_select(rank < caps_d.index_select(0, hit_segment));
-  return {seg.base == 0 ? kept : kept + seg.base, counts};
+  return {seg.base == 0 ? kept : kept + seg.base, counts, out.view(-1).index_select(0, kept)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dgc_compensate_candidates_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dgc_compensate_candidates_cuda(
     const at::Tensor& u, const at::Tensor& v, const at::Tensor& g, double momentum, bool nesterov, at::Tensor& u_out,
     at::Tensor& v_out, const at::Tensor& offsets, const at::Tensor& floors, const at::Tensor& caps) {
   check_dgc_into_args(u, v, g, u_out, v_out);
@@ -151,19 +151,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dgc_compensate_candidates_cuda(
   c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor gc = g.contiguous();
   launch(u, v, gc, momentum, nesterov, u_out, v_out);
-  auto [positions, counts] = candidates_of(v_out, seg);
-  return {at::cat({absmax(gc), absmax(u_out), absmax(v_out)}), positions, counts};
+  auto [positions, counts, values] = candidates_of(v_out, seg);
+  return {at::cat({absmax(gc), absmax(u_out), absmax(v_out)}), positions, counts, values};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_compensate_candidates_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_compensate_candidates_cuda(
     const at::Tensor& r, const at::Tensor& g, at::Tensor& r_out, const at::Tensor& offsets, const at::Tensor& floors,
     const at::Tensor& caps) {
   const CandidateSegments seg =
       check_candidate_segments(g.numel(), offsets, floors, caps, "residual_compensate_candidates");
   at::Tensor maxima = residual_compensate_into_cuda(r, g, r_out);  // checks its arguments
   c10::cuda::CUDAGuard guard(r.device());
-  auto [positions, counts] = candidates_of(r_out, seg);
-  return {maxima, positions, counts};
+  auto [positions, counts, values] = candidates_of(r_out, seg);
+  return {maxima, positions, counts, values};
 }
 
 // zeroed - offset, checked as the CPU kernel checks it (non-decreasing, within [0, numel)), before

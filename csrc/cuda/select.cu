@@ -148,12 +148,14 @@ at::Tensor segmented_topk_select_cuda(const at::Tensor& x, const at::Tensor& off
 // smallest selected magnitude by a scatter_reduce (amin) over the selected positions.
 std::tuple<at::Tensor, at::Tensor> segmented_topk_select_candidates_cuda(
     const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& ks, const at::Tensor& candidates,
-    const at::Tensor& counts, const at::Tensor& caps, double sample_ratio, int64_t seed) {
+    const at::Tensor& counts, const at::Tensor& caps, double sample_ratio, int64_t seed,
+    const std::optional<at::Tensor>& values) {
   const char* op = "segmented_topk_select_candidates";
   check_selection_input(x, op);
   check_sample_ratio(sample_ratio, op);
   const Segments seg = check_segments(x, offsets, ks);
   const CandidateLists lists = check_candidate_lists(seg, x, candidates, counts, caps, op);
+  check_candidate_values(x, candidates, values, op);  // checked, not needed: the selection reads x
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t segments = seg.size();
   const auto long_opts = x.options().dtype(at::kLong);

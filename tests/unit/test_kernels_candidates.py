@@ -89,14 +89,14 @@ def _dgc_case(n, dtype, seed):
 
 
 def _run_dgc(u, v, grad, nesterov, offsets, floors, caps, device, in_place):
-    """The compiled op on ``device``; returns (u_out, v_out, maxima, positions, counts) on the CPU."""
+    """The compiled op on ``device``; returns (u_out, v_out, maxima, positions, counts, values) on the CPU."""
     du, dv = u.clone().to(device), v.clone().to(device)
     u_out, v_out = (du, dv) if in_place else (torch.full_like(du, 7.0), torch.full_like(dv, 7.0))
-    maxima, pos, counts = torch.ops.gradsparse.dgc_compensate_candidates(
+    maxima, pos, counts, values = torch.ops.gradsparse.dgc_compensate_candidates(
         du, dv, grad.to(device), 0.9, nesterov, u_out, v_out, offsets.to(device), floors.to(device), caps.to(device))
     if not in_place:
         assert torch.equal(du.cpu(), u) and torch.equal(dv.cpu(), v), "inputs changed"
-    return u_out.cpu(), v_out.cpu(), maxima.cpu(), pos.cpu(), counts.cpu()
+    return u_out.cpu(), v_out.cpu(), maxima.cpu(), pos.cpu(), counts.cpu(), values.cpu()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -124,6 +124,8 @@ def test_dgc_compensate_candidates_equals_reference_and_oracle(n, dtype, nestero
         assert got[3].dtype == torch.int64 and torch.equal(got[3], want[1]), (trial, offsets, floors, caps)
         assert torch.equal(got[4], want[2]) and torch.equal(got[4], counts), (trial, offsets, floors)
         assert torch.equal(got[3], _oracle(want_v, offsets, floors, caps)[0]), trial
+        assert got[5].dtype == torch.float32 and torch.equal(got[5], want[3]), trial
+        assert torch.equal(got[5], want_v[got[3]]), trial  # the values at the positions, bit for bit
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -144,11 +146,12 @@ def test_residual_compensate_candidates_equals_reference_and_oracle(n, dtype, de
         for in_place in (False, True):
             dr = r.clone().to(device)
             r_out = dr if in_place else torch.full_like(dr, 7.0)
-            maxima, pos, counts = torch.ops.gradsparse.residual_compensate_candidates(
+            maxima, pos, counts, values = torch.ops.gradsparse.residual_compensate_candidates(
                 dr, grad.to(device), r_out, offsets.to(device), floors.to(device), caps.to(device))
             assert torch.equal(r_out.cpu(), want_r) and torch.equal(maxima.cpu(), want_maxima), (trial, in_place)
             assert torch.equal(want[0], want_maxima)
             assert torch.equal(pos.cpu(), want[1]) and torch.equal(counts.cpu(), want[2]), (trial, in_place)
+            assert torch.equal(values.cpu(), want[3]) and torch.equal(values.cpu(), want_r[pos.cpu()]), trial
             oracle_pos, oracle_counts = _oracle(want_r, offsets, floors, caps)
             assert torch.equal(pos.cpu(), oracle_pos) and torch.equal(counts.cpu(), oracle_counts), (trial, in_place)
 
@@ -300,13 +303,13 @@ def _select_case(g, lengths):
 
 
 def _candidates_for(u, v, grad, offsets, floors, caps, device):
-    """Op 1 on ``device``: x (= v_out) and the candidates (positions in x) with their counts."""
+    """Op 1 on ``device``: x (= v_out) and the candidates (positions in x) with their counts and values."""
     n = v.numel()
     v_out = torch.empty(n, device=device)
-    _, pos, counts = torch.ops.gradsparse.dgc_compensate_candidates(
+    _, pos, counts, values = torch.ops.gradsparse.dgc_compensate_candidates(
         u.to(device), v.to(device), grad.to(device), 0.9, False, torch.empty(n, device=device), v_out,
         offsets.to(device), floors.to(device), caps.to(device))
-    return v_out, pos, counts
+    return v_out, pos, counts, values
 
 
 def _kth_by_definition(x, offsets, ks):
@@ -329,13 +332,16 @@ def test_segmented_topk_select_candidates_equals_segmented_topk_select(seed, dev
     big = torch.full((ks.numel(),), 10**9)
     paths = {"candidates": 0, "full": 0}
     for cap_rule in range(3):
-        _, _, full_counts = _candidates_for(u, v, grad, offsets, floors, big, "cpu")
+        full_counts = _candidates_for(u, v, grad, offsets, floors, big, "cpu")[2]
         caps = [big, _caps(full_counts, g), torch.zeros_like(big)][cap_rule]
-        x, cand, counts = _candidates_for(u, v, grad, offsets, floors, caps, device)
+        x, cand, counts, values = _candidates_for(u, v, grad, offsets, floors, caps, device)
         pos, kth = torch.ops.gradsparse.segmented_topk_select_candidates(
             x, offsets.to(device), ks.to(device), cand, counts, caps.to(device), 0.01, seed)
         want = torch.ops.gradsparse.segmented_topk_select(x, offsets.to(device), ks.to(device), 0.01, seed).cpu()
         assert torch.equal(pos.cpu(), want), (seed, cap_rule)
+        with_values = torch.ops.gradsparse.segmented_topk_select_candidates(
+            x, offsets.to(device), ks.to(device), cand, counts, caps.to(device), 0.01, seed, values)
+        assert torch.equal(with_values[0], pos) and torch.equal(with_values[1], kth), (seed, cap_rule)
         x = x.cpu()
         ref_pos, ref_kth = ref.segmented_topk_candidates(x, offsets, ks, cand.cpu(), counts.cpu(), caps)
         assert torch.equal(pos.cpu(), ref_pos) and torch.equal(ref_pos, ref.segmented_topk_indices(x, offsets, ks))
@@ -354,8 +360,8 @@ def test_segmented_topk_select_candidates_equals_segmented_topk_select(seed, dev
 
 def test_segmented_topk_select_candidates_reads_only_the_candidates():
     """A complete list with at least k entries is all the kernel reads of its segment: leave an element out
-    (breaking the caller's contract on purpose) and it is not selected; give the list one entry too few for k,
-    or mark it incomplete, and the segment is selected in full again."""
+    (breaking the caller's contract on purpose) and it is not selected, and given values, those are what it ranks;
+    give the list one entry too few for k, or mark it incomplete, and the segment is selected in full again."""
     x = torch.tensor([1.0, 9.0, 3.0, 2.0, 5.0, 4.0, 0.5, 7.0])
     offsets, ks = torch.tensor([0, 8]), torch.tensor([3])
     full = torch.ops.gradsparse.segmented_topk_select(x, offsets, ks, 0.01, 0)
@@ -364,6 +370,10 @@ def test_segmented_topk_select_candidates_reads_only_the_candidates():
     pos, kth = torch.ops.gradsparse.segmented_topk_select_candidates(x, offsets, ks, cand, torch.tensor([4]),
                                                                      torch.tensor([4]), 0.01, 0)
     assert pos.tolist() == [4, 5, 7] and kth.tolist() == [4.0]
+    values = torch.tensor([3.0, 5.0, 4.0, 0.25])  # given values are what it ranks: x at 7 is not read
+    pos, kth = torch.ops.gradsparse.segmented_topk_select_candidates(x, offsets, ks, cand, torch.tensor([4]),
+                                                                     torch.tensor([4]), 0.01, 0, values)
+    assert pos.tolist() == [2, 4, 5] and kth.tolist() == [3.0]
     for counts, caps, stored in (([2], [8], [4, 7]), ([5], [4], [2, 4, 5, 7])):
         pos, kth = torch.ops.gradsparse.segmented_topk_select_candidates(
             x, offsets, ks, torch.tensor(stored), torch.tensor(counts), torch.tensor(caps), 0.01, 0)
@@ -379,9 +389,9 @@ def test_segmented_topk_select_candidates_does_not_depend_on_threads():
         got = []
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            x, cand, counts = _candidates_for(u, v, grad, offsets, floors, caps, "cpu")
+            x, cand, counts, values = _candidates_for(u, v, grad, offsets, floors, caps, "cpu")
             got.append(torch.ops.gradsparse.segmented_topk_select_candidates(x, offsets, ks, cand, counts, caps,
-                                                                             0.01, 1))
+                                                                             0.01, 1, values))
     finally:
         torch.set_num_threads(threads)
     for a in got[1:]:
@@ -400,11 +410,12 @@ def test_segmented_topk_select_candidates_refuses_nan(device):
     u, grad = torch.zeros(n), torch.zeros(n)
     for floors, caps in (([2.0] * 3, [10**6] * 3), ([INF] * 3, [10**6] * 3), ([2.0] * 3, [0] * 3)):
         floors, caps = torch.tensor(floors, dtype=torch.float64), torch.tensor(caps)
-        x, cand, counts = _candidates_for(u, v, grad, offsets, floors, caps, device)
-        with pytest.raises(ValueError, match="segment 2 contains NaN"):
-            torch.ops.gradsparse.segmented_topk_select_candidates(x, offsets.to(device), torch.tensor([10] * 3,
-                                                                  device=device), cand, counts, caps.to(device),
-                                                                  0.01, 0)
+        x, cand, counts, values = _candidates_for(u, v, grad, offsets, floors, caps, device)
+        for given in (None, values):
+            with pytest.raises(ValueError, match="segment 2 contains NaN"):
+                torch.ops.gradsparse.segmented_topk_select_candidates(
+                    x, offsets.to(device), torch.tensor([10] * 3, device=device), cand, counts, caps.to(device), 0.01,
+                    0, given)
         for ks in (torch.tensor([10, 10, 0]), torch.tensor([10, 10, 20_000])):
             pos, _ = torch.ops.gradsparse.segmented_topk_select_candidates(x, offsets.to(device), ks.to(device), cand,
                                                                            counts, caps.to(device), 0.01, 0)
@@ -431,15 +442,23 @@ def test_segmented_topk_select_candidates_refuses_bad_candidates(cand, counts, c
     x = torch.randn(20).to(device)
     offsets, ks = torch.tensor([0, 10, 20], device=device), torch.tensor([1, 1], device=device)
 
-    def call(c=cand, n=counts, p=caps, dtype=torch.int64):
+    def call(c=cand, n=counts, p=caps, dtype=torch.int64, values=None):
         return torch.ops.gradsparse.segmented_topk_select_candidates(
             x, offsets, ks, torch.tensor(c, dtype=dtype, device=device), torch.tensor(n, device=device),
-            torch.tensor(p, device=device), 0.01, 0)
+            torch.tensor(p, device=device), 0.01, 0, values)
 
     if match is None:
         # segment 0 complete: its one candidate is taken on trust; segment 1 truncated: selected in full
         want = [3, int(ref.segmented_topk_indices(x.cpu(), offsets.cpu(), ks.cpu())[1])]
         assert call()[0].cpu().tolist() == want
+        assert call(values=x[torch.tensor(cand, device=device)])[0].cpu().tolist() == want
+        for values in (torch.zeros(len(cand) + 1), torch.zeros(len(cand), dtype=torch.float64),
+                       torch.zeros(1, len(cand))):
+            with pytest.raises(ValueError, match="values must be 1-D, one per candidate"):
+                call(values=values.to(device))
+            with pytest.raises(ValueError, match="values must be 1-D, one per candidate"):
+                ref.segmented_topk_candidates(x.cpu(), offsets.cpu(), ks.cpu(), torch.tensor(cand),
+                                              torch.tensor(counts), torch.tensor(caps), values=values)
         return
     with pytest.raises(ValueError, match=match):
         call()
@@ -488,10 +507,12 @@ def test_opcheck_candidate_ops(device):
     torch.library.opcheck(torch.ops.gradsparse.residual_compensate_candidates.default,
                           (randn(100), randn(100).half(), randn(100), offsets, floors, caps))
     x = randn(100)
-    _, cand, counts = torch.ops.gradsparse.residual_compensate_candidates(
+    _, cand, counts, values = torch.ops.gradsparse.residual_compensate_candidates(
         torch.zeros(100, device=device), x, torch.empty(100, device=device), offsets, floors, caps)
     torch.library.opcheck(torch.ops.gradsparse.segmented_topk_select_candidates.default,
                           (x, offsets, torch.tensor([3, 0, 10], device=device), cand, counts, caps, 0.01, 0))
+    torch.library.opcheck(torch.ops.gradsparse.segmented_topk_select_candidates.default,
+                          (x, offsets, torch.tensor([3, 0, 10], device=device), cand, counts, caps, 0.01, 0, values))
 
 
 @pytest.mark.parametrize("at", [0, 4095, 4096, 4097, 9_999])
