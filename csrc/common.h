@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace gradsparse {
@@ -116,13 +117,28 @@ inline Segments check_segments(const at::Tensor& x, const at::Tensor& offsets, c
 // piece (offset[0] == 0, offset[S] == numel: the offsets given, less the first of them, `base`), its
 // candidates are the positions with a magnitude key >= floor_key[s] (the smallest float at or above
 // floors[s]; collect[s] false for a floor of +inf: nothing), of which the first cap[s] are kept and
-// reported as base + their position in the piece (a piece of a bucket: bucket coordinates).
+// reported as base + their position in the piece (a piece of a bucket: bucket coordinates). A
+// segment given a cap of -1 is skipped (skip[s]; cap[s] is then 0): neither read nor written, and
+// nothing collected, so one call can cover a whole bucket with the tensors sent whole left out.
 struct CandidateSegments {
   int64_t base = 0;
   std::vector<int64_t> offset, cap;
   std::vector<uint32_t> floor_key;
-  std::vector<char> collect;
+  std::vector<char> collect, skip;
   int64_t size() const { return static_cast<int64_t>(cap.size()); }
+  // The maximal runs [first, end) of the piece (its coordinates) that no skipped segment interrupts.
+  std::vector<std::pair<int64_t, int64_t>> runs() const {
+    std::vector<std::pair<int64_t, int64_t>> out;
+    for (int64_t s = 0; s < size(); ++s) {
+      if (skip[s] || offset[s] == offset[s + 1]) continue;
+      if (!out.empty() && out.back().second == offset[s]) {
+        out.back().second = offset[s + 1];
+      } else {
+        out.emplace_back(offset[s], offset[s + 1]);
+      }
+    }
+    return out;
+  }
 };
 
 // The float key (bit pattern of the magnitude) at and above which |v| >= floor holds exactly for
@@ -156,6 +172,7 @@ inline CandidateSegments check_candidate_segments(int64_t numel, const at::Tenso
   seg.cap.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + segments);
   seg.floor_key.resize(segments);
   seg.collect.resize(segments);
+  seg.skip.resize(segments);
   TORCH_CHECK_VALUE(seg.offset.front() >= 0 && seg.offset.back() - seg.offset.front() == numel, op,
                     ": offsets must span the gradient's ", numel, " elements from a first offset >= 0, got ",
                     seg.offset.front(), " .. ", seg.offset.back());
@@ -165,9 +182,12 @@ inline CandidateSegments check_candidate_segments(int64_t numel, const at::Tenso
   for (int64_t s = 0; s < segments; ++s) {
     TORCH_CHECK_VALUE(seg.offset[s] <= seg.offset[s + 1], op, ": offsets must not decrease, got ", seg.offset[s],
                       " then ", seg.offset[s + 1], " at segment ", s);
-    TORCH_CHECK_VALUE(seg.cap[s] >= 0, op, ": caps must be >= 0, got ", seg.cap[s], " at segment ", s);
+    TORCH_CHECK_VALUE(seg.cap[s] >= -1, op, ": caps must be >= 0 (or -1: skip the segment), got ", seg.cap[s],
+                      " at segment ", s);
+    seg.skip[s] = seg.cap[s] == -1;
+    if (seg.skip[s]) seg.cap[s] = 0;
     TORCH_CHECK_VALUE(!std::isnan(fp[s]), op, ": floor of segment ", s, " is NaN (use +inf to collect nothing)");
-    seg.collect[s] = fp[s] != std::numeric_limits<double>::infinity();
+    seg.collect[s] = !seg.skip[s] && fp[s] != std::numeric_limits<double>::infinity();
     seg.floor_key[s] = seg.collect[s] ? floor_key_of(fp[s]) : 0;
   }
   return seg;

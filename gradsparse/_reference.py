@@ -278,11 +278,29 @@ def _candidate_segments(numel: int, offsets: torch.Tensor, floors: torch.Tensor,
     for s, (a, b) in enumerate(zip(offsets, offsets[1:])):
         if a > b:
             raise ValueError(f"{op}: offsets must not decrease, got {a} then {b} at segment {s}")
-        if caps[s] < 0:
-            raise ValueError(f"{op}: caps must be >= 0, got {caps[s]} at segment {s}")
+        if caps[s] < -1:
+            raise ValueError(f"{op}: caps must be >= 0 (or -1: skip the segment), got {caps[s]} at segment {s}")
         if math.isnan(floors[s]):
             raise ValueError(f"{op}: floor of segment {s} is NaN (use +inf to collect nothing)")
     return offsets, floors, caps
+
+
+def _skips(segs) -> list[tuple[int, int]] | None:
+    """None when no segment is skipped (a cap of -1); else the runs ``[a, b)`` of the piece (its own
+    coordinates) that no skipped segment interrupts: what is compensated."""
+    offsets, _, caps = segs
+    if -1 not in caps:
+        return None
+    base, runs = offsets[0], []
+    for s, cap in enumerate(caps):
+        a, b = offsets[s] - base, offsets[s + 1] - base
+        if cap == -1 or a == b:
+            continue
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((a, b))
+    return runs
 
 
 def _candidates(out: torch.Tensor, offsets, floors, caps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -292,7 +310,7 @@ def _candidates(out: torch.Tensor, offsets, floors, caps) -> tuple[torch.Tensor,
     parts, counts, base = [torch.empty(0, dtype=torch.int64, device=out.device)], [], offsets[0]
     for s, floor in enumerate(floors):
         piece = out[offsets[s] - base:offsets[s + 1] - base]
-        if floor == math.inf:
+        if floor == math.inf or caps[s] == -1:  # collects nothing, or skipped
             counts.append(0)
             continue
         hits = torch.nonzero((piece.abs() >= _floor_as_float(floor).to(out.device)) | piece.isnan()).squeeze(1)
@@ -313,7 +331,14 @@ def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     offsets may start anywhere (``offsets[0] >= 0``, element ``i`` of ``g`` at ``offsets[0] + i``): the positions
     are in their coordinates. ``values`` is ``v_out`` at each position."""
     segs = _candidate_segments(g.numel(), offsets, floors, caps, "dgc_compensate_candidates")
-    maxima = dgc_compensate_into(u, v, g, momentum, nesterov, u_out, v_out)
+    if _skips(segs) is None:
+        maxima = dgc_compensate_into(u, v, g, momentum, nesterov, u_out, v_out)
+    else:
+        g, flat = g.reshape(-1), [t.view(-1) for t in (u, v, u_out, v_out)]
+        maxima = torch.zeros(3, dtype=torch.float64, device=u.device)
+        for a, b in _skips(segs):
+            maxima = torch.maximum(maxima, dgc_compensate_into(*(t[a:b] for t in flat[:2]), g[a:b], momentum,
+                                                               nesterov, *(t[a:b] for t in flat[2:])))
     return (maxima, *_candidates(v_out, *segs))
 
 
@@ -322,7 +347,13 @@ def residual_compensate_candidates(r: torch.Tensor, g: torch.Tensor, r_out: torc
                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`residual_compensate_into`, then the candidates of ``r_out`` as in :func:`dgc_compensate_candidates`."""
     segs = _candidate_segments(g.numel(), offsets, floors, caps, "residual_compensate_candidates")
-    maxima = residual_compensate_into(r, g, r_out)
+    if _skips(segs) is None:
+        maxima = residual_compensate_into(r, g, r_out)
+    else:
+        g, r, r_out_ = g.reshape(-1), r.view(-1), r_out.view(-1)
+        maxima = torch.zeros(2, dtype=torch.float64, device=r.device)
+        for a, b in _skips(segs):
+            maxima = torch.maximum(maxima, residual_compensate_into(r[a:b], g[a:b], r_out_[a:b]))
     return (maxima, *_candidates(r_out, *segs))
 
 

@@ -124,6 +124,7 @@ class Arena:
             starts.append(at if compact else s.offset)
             at += s.numel
         self.numel = at if compact else numel
+        self.compact = compact
         self.state = tuple(torch.zeros(self.numel, dtype=torch.float32, device=device) for _ in self.names)
         for s, a in zip(self.segments, starts):
             slot = memory._state.get(s.key, {})  # the arenas holding these keys were settled (Arena.of)
@@ -151,6 +152,7 @@ class Arena:
         self.pending_bits: torch.Tensor | None = None
         self._offsets = [s.offset for s in self.segments]
         self._piece_segments: dict[tuple[int, int], tuple[int, int, torch.Tensor]] = {}
+        self._table: tuple[torch.Tensor, torch.Tensor, int] | None = None  # see _bucket_table
         self._views: list[torch.Tensor] = []
         for s, a in zip(self.segments, starts):
             slot = memory._state.setdefault(s.key, {})
@@ -227,11 +229,18 @@ class Arena:
             pending, self.pending, self.pending_bits = self.pending, None, None
             ops.index_zero_(self.state, pending)
 
-    def compensate_collecting(self, pieces: Sequence[tuple[int, torch.Tensor]], caps: torch.Tensor) -> Candidates:
+    def compensate_collecting(self, pieces: Sequence[tuple[int, torch.Tensor]], caps: torch.Tensor,
+                              bucket: torch.Tensor | None = None) -> Candidates:
         """:meth:`compensate`, and in the same pass every segment's selection candidates at its :attr:`floors`,
         keeping at most ``caps[s]`` (int64, per segment) positions each. Needs ``memory.collects_candidates`` and
-        pieces that each cover whole segments (runs of adjacent ones, as the reducer's are)."""
+        pieces that each cover whole segments (runs of adjacent ones, as the reducer's are).
+
+        ``bucket``: the gradient laid out like the arena, when every piece is a view of it (nothing replaced a
+        parameter's gradient): then one kernel call covers the whole bucket, the tensors between the segments
+        (sent whole) skipped, instead of one call per piece. The same values, bounds and candidates."""
         self.settle()  # the collecting kernels zero nothing: they run at small k, where the update costs little
+        if bucket is not None and not self.compact and bucket.numel() == self.numel:
+            return self._compensate_bucket(bucket, caps)
         maxima, positions, counts, values = [], [], [], []
         for start, grad in pieces:
             first, end, offsets = self._segments_of(start, grad.numel())
@@ -244,6 +253,32 @@ class Arena:
             values.append(x)
         self.bounds = (maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax(0)).tolist()[1:]
         return Candidates(torch.cat(positions), torch.cat(counts), caps, torch.cat(values))
+
+    def _compensate_bucket(self, bucket: torch.Tensor, caps: torch.Tensor) -> Candidates:
+        """:meth:`compensate_collecting` of the whole bucket in one call: every segment and every gap between
+        them (a cap of -1: the kernel skips it) in one table."""
+        offsets, slots, n = self._bucket_table()
+        floors = torch.full((n,), math.inf, dtype=torch.float64).index_copy_(0, slots, self.floors)
+        every_cap = torch.full((n,), -1, dtype=torch.int64).index_copy_(0, slots, caps)
+        m, p, c, x = self.memory.compensate_candidates(self.state, bucket, self.state, offsets, floors, every_cap)
+        self.bounds = m.tolist()[1:]
+        return Candidates(p, c.index_select(0, slots), caps, x)
+
+    def _bucket_table(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The offsets of every segment and of every gap between them over the whole arena, where the
+        segments lie in that list (int64), and its length; built once."""
+        if self._table is None:
+            bounds, slots = [0], []
+            for s in self.segments:
+                if s.offset > bounds[-1]:
+                    bounds.append(s.offset)  # a gap: tensors sent whole
+                slots.append(len(bounds) - 1)
+                bounds.append(s.offset + s.numel)
+            if bounds[-1] < self.numel:
+                bounds.append(self.numel)
+            self._table = (torch.tensor(bounds, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64),
+                           len(bounds) - 1)
+        return self._table
 
     def _segments_of(self, start: int, numel: int) -> tuple[int, int, torch.Tensor]:
         """The segments ``[first, end)`` a piece ``[start, start + numel)`` covers, and their offsets in the bucket

@@ -425,8 +425,8 @@ class SparseReducer:
         the bucket, and the selection candidates the pass collected (with ``caps``: see :meth:`_candidate_caps`)."""
         pieces, replaced = self._pieces(flat, plan)
         if arena is not None:
-            if caps is not None:
-                return arena.selectable, arena.compensate_collecting(pieces, caps[0])
+            if caps is not None:  # every piece a view of the bucket: one call for the bucket
+                return arena.selectable, arena.compensate_collecting(pieces, caps[0], None if replaced else flat)
             arena.compensate(pieces)
             return arena.selectable, None
         v = flat.float()  # the memory keeps nothing: select from the gradient itself

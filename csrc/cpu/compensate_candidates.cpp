@@ -406,7 +406,7 @@ std::array<uint64_t, K> chunked_candidates(int64_t n, const CandidateSegments& s
       ChunkCandidates& cc = found[c];
       for (; s < segments && seg.offset[s] < ce; ++s) {
         const int64_t b = std::max(cb, seg.offset[s]), e = std::min(ce, seg.offset[s + 1]);
-        if (b >= e) continue;
+        if (b >= e || seg.skip[s]) continue;
         cc.parts.push_back({s, 0, 0});
         range(b, e, partial.data() + K * c, s, cc.parts.back(), cc.positions);
       }

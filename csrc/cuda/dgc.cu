@@ -149,10 +149,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dgc_compensate_candid
   check_dgc_into_args(u, v, g, u_out, v_out);
   const CandidateSegments seg = check_candidate_segments(g.numel(), offsets, floors, caps, "dgc_compensate_candidates");
   c10::cuda::CUDAGuard guard(u.device());
-  const at::Tensor gc = g.contiguous();
-  launch(u, v, gc, momentum, nesterov, u_out, v_out);
+  const at::Tensor gc = g.contiguous().view(-1);
+  // the runs no skipped segment interrupts (one run, the whole piece, when nothing is skipped); the
+  // maxima over them (0 where there is nothing)
+  at::Tensor maxima = at::zeros({3}, u.options().dtype(at::kDouble));
+  at::Tensor uo = u_out.view(-1), vo = v_out.view(-1);
+  for (const auto& [a, b] : seg.runs()) {
+    const at::Tensor gr = gc.narrow(0, a, b - a);
+    at::Tensor ur = uo.narrow(0, a, b - a), vr = vo.narrow(0, a, b - a);
+    launch(u.view(-1).narrow(0, a, b - a), v.view(-1).narrow(0, a, b - a), gr, momentum, nesterov, ur, vr);
+    maxima = at::maximum(maxima, at::cat({absmax(gr), absmax(ur), absmax(vr)}));
+  }
   auto [positions, counts, values] = candidates_of(v_out, seg);
-  return {at::cat({absmax(gc), absmax(u_out), absmax(v_out)}), positions, counts, values};
+  return {maxima, positions, counts, values};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_compensate_candidates_cuda(
@@ -160,8 +169,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_compensate_c
     const at::Tensor& caps) {
   const CandidateSegments seg =
       check_candidate_segments(g.numel(), offsets, floors, caps, "residual_compensate_candidates");
-  at::Tensor maxima = residual_compensate_into_cuda(r, g, r_out);  // checks its arguments
+  check_residual_into_args(r, g, r_out);
   c10::cuda::CUDAGuard guard(r.device());
+  const at::Tensor gc = g.contiguous().view(-1);
+  at::Tensor maxima = at::zeros({2}, r.options().dtype(at::kDouble));
+  at::Tensor ro = r_out.view(-1);
+  for (const auto& [a, b] : seg.runs()) {  // as dgc_compensate_candidates_cuda
+    at::Tensor rr = ro.narrow(0, a, b - a);
+    maxima = at::maximum(maxima, residual_compensate_into_cuda(r.view(-1).narrow(0, a, b - a), gc.narrow(0, a, b - a),
+                                                               rr));
+  }
   auto [positions, counts, values] = candidates_of(r_out, seg);
   return {maxima, positions, counts, values};
 }

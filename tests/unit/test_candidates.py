@@ -90,3 +90,35 @@ def test_a_piece_must_cover_whole_segments():
     arena = Arena(ResidualMemory(), [Segment("a", 0, 10), Segment("b", 10, 10)], 20, torch.device("cpu"))
     with pytest.raises(ValueError, match="whole segments"):
         arena.compensate_collecting([(0, torch.ones(15))], torch.tensor([4, 4]))
+
+
+@pytest.mark.parametrize("memory_of", ["residual", "dgc"])
+def test_one_call_for_the_bucket_equals_one_call_per_piece(memory_of):
+    """Arena.compensate_collecting with the bucket (one kernel call, the whole tensors between the parameters
+    skipped) gives the per-piece calls' state, bounds and candidates bit for bit, and leaves the whole tensors'
+    slots zero; a NaN in a whole tensor is not read."""
+    from gradsparse.memory import DGCMemory
+
+    def memory():
+        return ResidualMemory() if memory_of == "residual" else DGCMemory(0.9)
+
+    compressed = [s for s in SEGMENTS if s.key != "bias"]
+    gen = torch.Generator().manual_seed(3)
+    arenas = [Arena.of(memory(), compressed, NUMEL, torch.device("cpu")) for _ in range(2)]
+    for arena in arenas:
+        arena.floors = torch.tensor([2.0, 3.0, math.inf], dtype=torch.float64)
+    caps = torch.tensor([500, 5000, 0], dtype=torch.int64)
+    for step in range(3):
+        bucket = torch.randn(NUMEL, generator=gen)
+        bucket[60050] = float("nan")  # in the bias, sent whole
+        pieces = [(0, bucket[:60000]), (60100, bucket[60100:170100])]  # "c" and "d" adjacent: one piece
+        by_piece = arenas[0].compensate_collecting(pieces, caps)
+        by_bucket = arenas[1].compensate_collecting(pieces, caps, bucket)
+        for a, b in zip(arenas[0].state, arenas[1].state):
+            assert torch.equal(a, b), step
+            assert not a[60000:60100].any(), "a whole tensor's slots were written"
+        assert arenas[0].bounds == arenas[1].bounds and all(math.isfinite(b) for b in arenas[1].bounds)
+        for name in ("positions", "counts", "values"):
+            assert torch.equal(getattr(by_piece, name), getattr(by_bucket, name)), (step, name)
+        assert int(by_bucket.counts[0]) > int(caps[0]) and int(by_bucket.counts[2]) == 0  # a list cut, one empty
+        assert step > 0 or 0 < int(by_bucket.counts[1]) <= int(caps[1])  # and a complete one

@@ -212,6 +212,61 @@ def test_compensate_candidates_report_positions_from_the_first_offset(n, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("n", [1, 65, 100_003])
+def test_compensate_candidates_skip_segments_with_a_cap_of_minus_one(n, in_place, device):
+    """A segment given a cap of -1 is neither read nor written and collects nothing: the result equals
+    compensating the other segments' runs alone (their maxima, positions, counts and values), the skipped
+    elements of the outputs keep what they held, and a NaN in a skipped gradient is not seen."""
+    g = torch.Generator().manual_seed(n + 7)
+    u, v, grad = _dgc_case(n, torch.float32, n + 5)
+    grad[n // 2] = float("nan")
+    for trial in range(4):
+        offsets = _cuts(n, g)
+        segments = offsets.numel() - 1
+        skipped = torch.rand(segments, generator=g) < 0.5
+        if trial == 0:
+            skipped[:] = False
+        if trial == 1:
+            skipped[:] = True
+        half = [s for s in range(segments) if int(offsets[s]) <= n // 2 < int(offsets[s + 1])]
+        skipped[half] = True  # the NaN is always in a skipped segment
+        want_u, want_v = torch.empty(n), torch.empty(n)
+        ref.dgc_compensate_into(u, v, grad.nan_to_num(), 0.9, False, want_u, want_v)
+        floors = _floors(want_v, offsets, g)
+        caps = _caps(_oracle(want_v, offsets, floors, torch.zeros(segments, dtype=torch.int64))[1], g)
+        caps[skipped] = -1
+        keep = torch.zeros(n, dtype=torch.bool)  # the elements of segments not skipped
+        for s in range(segments):
+            keep[int(offsets[s]):int(offsets[s + 1])] = not bool(skipped[s])
+        du, dv = u.clone().to(device), v.clone().to(device)
+        u_out, v_out = (du, dv) if in_place else (torch.full_like(du, 7.0), torch.full_like(dv, 7.0))
+        maxima, pos, counts, values = torch.ops.gradsparse.dgc_compensate_candidates(
+            du, dv, grad.to(device), 0.9, False, u_out, v_out, offsets.to(device), floors.to(device), caps.to(device))
+        before = (u, v) if in_place else (torch.full((n,), 7.0), torch.full((n,), 7.0))
+        assert torch.equal(u_out.cpu()[keep], want_u[keep]) and torch.equal(v_out.cpu()[keep], want_v[keep]), trial
+        assert torch.equal(u_out.cpu()[~keep], before[0][~keep]) and torch.equal(v_out.cpu()[~keep], before[1][~keep])
+        kept_g = torch.where(keep, grad, torch.zeros(()))
+        want_max = [float(kept_g.abs().max()) if keep.any() else 0.0, float(want_u[keep].abs().max()) if keep.any()
+                    else 0.0, float(want_v[keep].abs().max()) if keep.any() else 0.0]
+        assert maxima.cpu().tolist() == want_max, (trial, maxima, want_max)
+        oracle_caps = caps.clamp(min=0)
+        oracle_floors = torch.where(skipped, torch.full_like(floors, INF), floors)
+        want_pos, want_counts = _oracle(want_v, offsets, oracle_floors, oracle_caps)
+        assert torch.equal(pos.cpu(), want_pos) and torch.equal(counts.cpu(), want_counts), trial
+        assert torch.equal(values.cpu(), want_v[want_pos]), trial
+        got_ref = ref.dgc_compensate_candidates(u.clone(), v.clone(), grad, 0.9, False, torch.full((n,), 7.0),
+                                                torch.full((n,), 7.0), offsets, floors, caps)
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(got_ref, (maxima, pos, counts, values))), trial
+        dr = u.clone().to(device)
+        r_got = torch.ops.gradsparse.residual_compensate_candidates(dr, grad.to(device), dr, offsets.to(device),
+                                                                    floors.to(device), caps.to(device))
+        r_ref = ref.residual_compensate_candidates(u.clone(), grad, u.clone(), offsets, floors, caps)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(r_got, r_ref)), trial
+        assert torch.equal(dr.cpu()[~keep], u[~keep]), trial
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_compensate_candidates_with_nan_and_inf(device):
     """NaN: reported in the maxima as today, and counted as a candidate (so the selection refuses it);
     inf: a candidate at every finite floor."""
@@ -250,7 +305,7 @@ def test_compensate_candidates_refuse_bad_arguments(device):
         ((t([0, 6]), t([1.0]), t([1]), 6), "float64"),
         ((t([0, 6], torch.int32), t([1.0], f64), t([1]), 6), "int64"),
         ((t([0, 6]), t([float("nan")], f64), t([1]), 6), "NaN"),
-        ((t([0, 6]), t([1.0], f64), t([-1]), 6), "caps must be >= 0"),
+        ((t([0, 6]), t([1.0], f64), t([-2]), 6), r"caps must be >= 0 \(or -1"),
     ]
     for (offsets, floors, caps, n), match in cases:
         with pytest.raises(ValueError, match=match):
