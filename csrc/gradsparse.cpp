@@ -86,7 +86,8 @@ TORCH_LIBRARY(gradsparse, m) {
   // (same checks, rounding and maxima) that also returns, for the segments [offsets[s],
   // offsets[s+1]) (offsets int64 [S+1], non-decreasing, from a base offsets[0] >= 0 to base +
   // numel: element i of the piece is at base + i, e.g. its place in the bucket; floors float64 [S];
-  // caps int64 [S] >= 0), counts (int64 [S]: how many positions of segment s have |v_out| >=
+  // caps int64 [S] >= 0, or -1 to skip the segment: not read, not written, nothing collected, not in
+  // the maxima), counts (int64 [S]: how many positions of segment s have |v_out| >=
   // floors[s], NaN counted as a candidate; a floor of +inf collects nothing), positions (int64,
   // in the offsets' coordinates, ascending, segment after segment: the first min(counts[s],
   // caps[s]) of each) and values (float32: v_out at each of those positions, for the selection).

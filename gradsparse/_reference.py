@@ -329,7 +329,8 @@ def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     ``|v_out| >= floors[s]`` (the floor rounded up to float32; NaN counted; a floor of +inf collects nothing) and
     ``positions`` (ascending, segment after segment) holds the first ``min(counts[s], caps[s])`` of them. The
     offsets may start anywhere (``offsets[0] >= 0``, element ``i`` of ``g`` at ``offsets[0] + i``): the positions
-    are in their coordinates. ``values`` is ``v_out`` at each position."""
+    are in their coordinates. ``values`` is ``v_out`` at each position. A cap of -1 skips its segment (not read,
+    not written, nothing collected, not in the maxima)."""
     segs = _candidate_segments(g.numel(), offsets, floors, caps, "dgc_compensate_candidates")
     if _skips(segs) is None:
         maxima = dgc_compensate_into(u, v, g, momentum, nesterov, u_out, v_out)

@@ -255,7 +255,9 @@ def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
 
     Segment ``s`` is ``[offsets[s], offsets[s+1])`` (``offsets`` int64, non-decreasing, from ``offsets[0] >= 0`` to
     ``offsets[0]`` + ``g``'s numel: element ``i`` of the piece is at ``offsets[0] + i``, e.g. its place in the
-    bucket). Returns ``(maxima, positions, counts, values)``: the maxima of :func:`dgc_compensate_into`;
+    bucket). A cap of -1 skips a segment: it is neither read nor written and collects nothing, so one call can
+    cover a whole bucket, the tensors between its parameters left alone. Returns ``(maxima, positions, counts,
+    values)``: the maxima of :func:`dgc_compensate_into` (over the segments not skipped);
     ``counts[s]`` (int64) how many positions of segment ``s`` have ``|v_out| >= floors[s]`` (``floors`` float64,
     rounded up to float32 so the comparison is exact; NaN counted; a floor of +inf collects nothing);
     ``positions`` (int64, in the offsets' coordinates, ascending, segment after segment) the first
