@@ -88,7 +88,10 @@ def _auto_worker(rank, world, method):
     _, reference = _train(by_bytes, rank, 12, method)
     return {"same_everywhere": all(g == gathered[0] for g in gathered), "transports": transports,
             "observed": len(auto._transport.link) > 0,
-            "close": all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(outs, reference)),
+            # the allreduce sums in another order than the allgather's unpack: where the ranks' values (up to 40x
+            # randn here) cancel, the two differ by a few ulps of the largest summand, not of the result
+            "close": all(torch.allclose(a, b, rtol=1e-6, atol=1e-6 * max(1.0, float(b.abs().max())))
+                         for a, b in zip(outs, reference)),
             "memory_equal": all(torch.equal(auto.memory.state[k]["residual"], by_bytes.memory.state[k]["residual"])
                                 for k in ("a", "b"))}
 
