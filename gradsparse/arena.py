@@ -32,7 +32,10 @@ selection found (:attr:`Arena.floors`, learnt by :meth:`Arena.learn`). When a
 parameter's list is complete and holds at least k positions, its exact top-k is the
 top-k of the list (the k-th largest is above the floor, and so is every tie of it), and
 the selection need not read the parameter again; otherwise the selection reads it as
-before. The floors only decide how fast the selection is, never what it selects.
+before. The floors only decide how fast the selection is, never what it selects. The
+pass keeps each candidate's value beside its position (the selection ranks those), and
+where every piece is a view of the bucket it is one kernel call for the whole bucket, the
+tensors sent whole between the parameters skipped (a cap of -1), not one call per piece.
 
 The arena of a layout is rebuilt (the state copied over, the bounds measured) when the
 layout is new, after DDP's bucket rebuild, or when something replaced a parameter's
