@@ -332,12 +332,13 @@ def dgc_compensate_candidates(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     are in their coordinates. ``values`` is ``v_out`` at each position. A cap of -1 skips its segment (not read,
     not written, nothing collected, not in the maxima)."""
     segs = _candidate_segments(g.numel(), offsets, floors, caps, "dgc_compensate_candidates")
-    if _skips(segs) is None:
+    runs = _skips(segs)
+    if runs is None:
         maxima = dgc_compensate_into(u, v, g, momentum, nesterov, u_out, v_out)
     else:
         g, flat = g.reshape(-1), [t.view(-1) for t in (u, v, u_out, v_out)]
         maxima = torch.zeros(3, dtype=torch.float64, device=u.device)
-        for a, b in _skips(segs):
+        for a, b in runs:
             maxima = torch.maximum(maxima, dgc_compensate_into(*(t[a:b] for t in flat[:2]), g[a:b], momentum,
                                                                nesterov, *(t[a:b] for t in flat[2:])))
     return (maxima, *_candidates(v_out, *segs))
@@ -348,12 +349,13 @@ def residual_compensate_candidates(r: torch.Tensor, g: torch.Tensor, r_out: torc
                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`residual_compensate_into`, then the candidates of ``r_out`` as in :func:`dgc_compensate_candidates`."""
     segs = _candidate_segments(g.numel(), offsets, floors, caps, "residual_compensate_candidates")
-    if _skips(segs) is None:
+    runs = _skips(segs)
+    if runs is None:
         maxima = residual_compensate_into(r, g, r_out)
     else:
         g, r, r_out_ = g.reshape(-1), r.view(-1), r_out.view(-1)
         maxima = torch.zeros(2, dtype=torch.float64, device=r.device)
-        for a, b in _skips(segs):
+        for a, b in runs:
             maxima = torch.maximum(maxima, residual_compensate_into(r[a:b], g[a:b], r_out_[a:b]))
     return (maxima, *_candidates(r_out, *segs))
 

@@ -101,7 +101,7 @@ class Candidates:
     positions: torch.Tensor
     counts: torch.Tensor
     caps: torch.Tensor
-    values: torch.Tensor | None = None
+    values: torch.Tensor
 
 
 class Arena:

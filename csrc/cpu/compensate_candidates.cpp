@@ -431,11 +431,7 @@ std::array<uint64_t, K> chunked_candidates(int64_t n, const CandidateSegments& s
     const float* from_values = cc.positions.values;
     for (const auto& p : cc.parts) {
       const int64_t take = std::min(p.stored, seg.cap[p.segment] - taken[p.segment]);
-      if (seg.base == 0) {
-        std::copy(from, from + take, out);
-      } else {
-        std::transform(from, from + take, out, [base = seg.base](int64_t i) { return i + base; });
-      }
+      std::transform(from, from + take, out, [base = seg.base](int64_t i) { return i + base; });
       std::copy(from_values, from_values + take, out_values);
       out += take;
       out_values += take;

@@ -81,22 +81,22 @@ typename core::Key<scalar_t>::bits_t top_of_candidates(const scalar_t* x, const 
   using bits_t = typename K::bits_t;
   keys.resize(c);
   bits_t top = 0, bottom = ~bits_t(0);
-  if (vals != nullptr) {
+  const auto take_keys = [&](const auto& value_of) {  // keys[j] of every candidate, and their range
     for (int64_t j = 0; j < c; ++j) {
-      const bits_t key = K::of(vals[j]);
+      const bits_t key = K::of(value_of(j));
       keys[j] = key;
       top = std::max(top, key);
       bottom = std::min(bottom, key);
     }
+  };
+  if (vals != nullptr) {
+    take_keys([&](int64_t j) { return vals[j]; });
   } else {
     constexpr int64_t kAhead = 32;  // candidates lie a cache line or more apart: prefetch the gather
-    for (int64_t j = 0; j < c; ++j) {
+    take_keys([&](int64_t j) {
       if (j + kAhead < c) __builtin_prefetch(x + cand[j + kAhead]);
-      const bits_t key = K::of(x[cand[j]]);
-      keys[j] = key;
-      top = std::max(top, key);
-      bottom = std::min(bottom, key);
-    }
+      return x[cand[j]];
+    });
   }
   if (top > K::kInf) return K::kInf + 1;
   const bits_t span = top - bottom;

@@ -260,11 +260,8 @@ class ExactTopK(Compressor):
         else:
             counts = torch.zeros_like(ks).index_copy_(0, slots, candidates.counts)
             caps = torch.zeros_like(ks).index_copy_(0, slots, candidates.caps)
-        values = candidates.values  # v at each candidate, as the compensation pass wrote it
-        if values is not None and values.dtype != v.dtype:
-            values = None
         positions, kth = ops.segmented_topk_candidates(v, offsets, ks, candidates.positions, counts, caps,
-                                                       self.sample_ratio, self._generator, values)
+                                                       self.sample_ratio, self._generator, candidates.values)
         return positions, kth if slots is None else kth.index_select(0, slots)
 
     def _tables(self, ranges, step, epoch, device):

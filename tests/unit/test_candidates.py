@@ -77,7 +77,8 @@ def test_floors_adapt_to_cut_and_short_lists():
     start = arena.floors.clone()
     assert torch.all(start < kth)
     # a: cut at its cap (floor too low) -> nearer kth; b: fewer than k (floor too high) -> lower; c: no cap
-    arena.learn(kth, Candidates(torch.zeros(6, dtype=torch.int64), torch.tensor([9, 1, 0]), caps), ks)
+    arena.learn(kth, Candidates(torch.zeros(6, dtype=torch.int64), torch.tensor([9, 1, 0]), caps, torch.zeros(6)),
+                ks)
     assert start[0] < arena.floors[0] <= kth[0] * FLOOR_HIGH
     assert kth[1] * FLOOR_LOW <= arena.floors[1] < start[1]
     assert math.isinf(arena.floors[2])
