@@ -224,9 +224,10 @@ class GradSparseState(SparseAdapter):
         return name
 
     def segments(self, bucket: dist.GradBucket) -> list[Segment]:
-        """The (name, offset, numel) of each parameter in a DDP bucket."""
+        """The (name, offset, numel) of each parameter in a DDP bucket that has elements (one of zero elements has
+        nothing to reduce, and its gradient view has no place in the bucket)."""
         buffer = bucket.buffer()
-        params = bucket.parameters()
+        params, grads = _with_elements(bucket)
         # a parameter's strides are part of it: a memory format changed after DDP(...) is looked at again
         signature = (bucket.index(), buffer.numel(), tuple((id(p), p.stride()) for p in params))
         cached = self._segments.get(signature)
@@ -290,7 +291,7 @@ class GradSparseState(SparseAdapter):
         allreduce of the usage per bucket tells every rank the same.
         """
         used = self._usage.used
-        mask = torch.tensor([int(id(p) in used) for p in bucket.parameters()], dtype=torch.int32,
+        mask = torch.tensor([int(id(p) in used) for p in _with_elements(bucket)[0]], dtype=torch.int32,
                             device=bucket.buffer().device)
         counts = self.reducer.collective(lambda: self.communicator.allreduce_sum(mask).wait(), bucket.buffer(),
                                          step).tolist()
@@ -556,6 +557,12 @@ def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futu
     finally:
         if last:
             state._end_step()
+
+
+def _with_elements(bucket: dist.GradBucket) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The bucket's parameters that have elements and their gradient views, in the bucket's order."""
+    pairs = [(p, g) for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True) if g.numel()]
+    return [p for p, _ in pairs], [g for _, g in pairs]
 
 
 def _sparse_allreduce(state: "GradSparseState", grad: torch.Tensor, step: int) -> torch.futures.Future:

@@ -553,6 +553,8 @@ class HierarchicalReducer:
                                                  on_stats=on_stats, loss_scale=loss_scale))
         check_bucket(flat)
         step, epoch = integer(step, "step", minimum=0), integer(epoch, "epoch", minimum=0)
+        if flat.numel() == 0:  # nothing to reduce, as in SparseReducer.reduce
+            return completed_future(flat)
         flat = flat.view(-1)
         segments = [Segment("bucket", 0, flat.numel())] if segments is None else list(segments)
         if loss_scale is not None:

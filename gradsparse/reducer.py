@@ -263,13 +263,11 @@ def check_descriptors(descriptors: Sequence[Sequence[int]], same_size: bool) -> 
 
 
 def check_bucket(flat: torch.Tensor) -> None:
-    """Raise a typed error unless ``flat`` is a usable gradient bucket."""
+    """Raise a typed error unless ``flat`` is a usable gradient bucket (an empty one is: nothing to reduce)."""
     if flat.is_complex() or not flat.is_floating_point():
         raise UnsupportedGradientError(f"gradsparse compresses real floating-point gradients, got {flat.dtype}")
     if flat.dtype not in VALUE_DTYPES:
         raise UnsupportedGradientError(f"unsupported gradient dtype {flat.dtype}; use one of {list(VALUE_DTYPES)}")
-    if flat.numel() == 0:
-        raise BucketError("empty bucket: nothing to reduce")
     if flat.numel() > INT32_MAX:
         raise BucketError(f"bucket of {flat.numel()} elements exceeds the int32 index limit of {INT32_MAX}; "
                           "use smaller buckets (DDP bucket_cap_mb)")
@@ -593,6 +591,8 @@ class SparseReducer:
                                                  on_stats=on_stats, loss_scale=loss_scale))
         check_bucket(flat)
         step, epoch = integer(step, "step", minimum=0), integer(epoch, "epoch", minimum=0)
+        if flat.numel() == 0:  # a parameter of zero elements (every rank's: DDP and Horovod check the shapes)
+            return completed_future(flat)
         flat = flat.view(-1)
         plan = self._plan([Segment("bucket", 0, flat.numel())] if segments is None else segments, flat.numel())
         if flat.dtype == torch.float64 and plan.compressed and not self._warned_float64:

@@ -242,6 +242,55 @@ def test_what_leaves_the_memory_reaches_the_parameter(scenario):
 
 
 # ----------------------------------------------------------------------------------------------
+# A parameter of zero elements (an optional prompt or bias of length 0): DDP trains with it.
+
+
+class WithEmpty(nn.Module):
+    """``empty`` registered first: DDP's buckets take the parameters in reverse order, so with buckets of
+    0.5 MB it lies alone in the last one; ``inside`` lies between two layers, in a bucket with others."""
+
+    def __init__(self):
+        super().__init__()
+        self.empty = nn.Parameter(torch.zeros(0))
+        self.fc = nn.Linear(256, 2048)
+        self.inside = nn.Parameter(torch.zeros(0, 3))
+        self.fc2 = nn.Linear(2048, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc(x))) + self.empty.sum() + self.inside.sum()
+
+
+def empty_parameter_worker(rank, world, steps=4):
+    out = {}
+    for name, factory in (("topk", lambda: TopK(1.0)), ("dgc", lambda: DGC(0.01, warmup=None))):
+        for kw in ({"bucket_cap_mb": 0.5}, {"bucket_cap_mb": 0.5, "find_unused_parameters": True}):
+            models = []
+            for hooked in (False, True):
+                torch.manual_seed(0)
+                model = DDP(WithEmpty(), **kw)
+                opt = torch.optim.SGD(model.parameters(), lr=0.1)
+                if hooked:
+                    gddp.register(model, factory(), optimizer=opt, log_every=0)
+                for step in range(steps):
+                    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(10 * rank + step))
+                    opt.zero_grad()
+                    model(x).pow(2).mean().backward()
+                    opt.step()
+                models.append(model)
+            out[f"{name} {sorted(kw)}"] = params_hash(models[1]) == params_hash(models[0]) if name == "topk" \
+                else params_hash(models[1])
+    return out
+
+
+def test_a_parameter_of_zero_elements_is_left_out_and_the_rest_equals_ddp():
+    """Before: BucketError at the first backward (the empty gradient view's data_ptr() is 0, so its
+    offset in the bucket was a huge negative number; a bucket holding only it was refused as empty)."""
+    results = run_world(empty_parameter_worker, 2)
+    assert all(v is True for k, v in results[0].items() if k.startswith("topk")), results[0]
+    assert all(results[0][k] == results[1][k] for k in results[0] if k.startswith("dgc"))  # ranks stay identical
+
+
+# ----------------------------------------------------------------------------------------------
 # Subgroups, sparse embeddings, training after NonFiniteGradientError, the epoch warning.
 
 def subgroup_worker(rank, world):

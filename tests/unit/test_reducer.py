@@ -46,9 +46,15 @@ def test_a_float64_bucket_is_rounded_to_float32_and_says_so_once(caplog):
     assert not [m for m in caplog.messages if "float64" in m]
 
 
-def test_empty_bucket_is_refused():
-    with pytest.raises(BucketError, match="empty"):
-        reducer().reduce(torch.zeros(0), None, 0)
+def test_an_empty_bucket_comes_back_as_it_is_with_no_collective_and_no_memory():
+    """A parameter of zero elements (Horovod and MPI reduce each gradient on its own): nothing to reduce. Every
+    rank's is empty alike (DDP and Horovod check the shapes), so no rank waits in a collective for another."""
+    comm = CountingCommunicator()
+    r = SparseReducer(DGC(0.01), comm)
+    empty = torch.zeros(0)
+    assert r.reduce(empty, None, 0).wait() is empty
+    assert r.reduce(torch.zeros(0, 3), [Segment("w", 0, 0)], 1).wait().shape == (0, 3)
+    assert comm.exchanges == 0 and not r.memory.state
 
 
 def test_bucket_over_int32_is_refused_without_allocating():
