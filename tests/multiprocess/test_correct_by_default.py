@@ -246,8 +246,9 @@ def test_what_leaves_the_memory_reaches_the_parameter(scenario):
 
 
 class WithEmpty(nn.Module):
-    """``empty`` registered first: DDP's buckets take the parameters in reverse order, so with buckets of
-    0.5 MB it lies alone in the last one; ``inside`` lies between two layers, in a bucket with others."""
+    """Two parameters of zero elements, one registered first and one between two layers. DDP puts them in a
+    bucket with others (after its first step, in the bucket of the gradients ready first): a bucket of
+    nothing but them does not occur in DDP (the reducer's empty bucket is tested in tests/unit/test_reducer.py)."""
 
     def __init__(self):
         super().__init__()
