@@ -210,6 +210,10 @@ class GradSparseState(SparseAdapter):
     def _key(self, param: torch.Tensor) -> str:
         name = self._names.get(id(param))
         if name is None:
+            if self._bound and self._bound_ids is None:
+                raise StateMismatchError("this GradSparseState was unpickled: its memory is keyed by the parameter "
+                                         "names of the model it was bound to, which the pickle does not carry. Call "
+                                         "state.bind(model) with the DDP model before its first backward")
             if self._bound:
                 raise StateMismatchError("the DDP bucket holds a parameter that is not in the bound model: is this "
                                          "GradSparseState shared by two DDP models? Create one per DDP model "
@@ -235,7 +239,7 @@ class GradSparseState(SparseAdapter):
             base = buffer.data_ptr()
             size = buffer.element_size()
             cached = [Segment(self._key(p), (g.data_ptr() - base) // size, g.numel())
-                      for p, g in zip(params, bucket.gradients(), strict=True)]
+                      for p, g in zip(params, grads, strict=True)]
             for segment, p in zip(cached, params, strict=True):  # bucket.gradients() are row-major views
                 shape, strides = tuple(p.shape), _bucket_strides(p)
                 seen = _observed_strides(p, buffer[segment.offset:segment.offset + segment.numel])
@@ -438,8 +442,10 @@ class GradSparseState(SparseAdapter):
         self._bound_ids = None
         self._sealed = False
         self._segments = {}  # keyed by parameter identities of the old process
-        if not self._bound:  # names come again in the order the hook meets the parameters: param0, param1, ...
-            self._names = {}
+        # the names were keyed by the old parameters' identities, which a new parameter may happen to reuse: a
+        # bound state is bound again (bind(); until then the hook refuses, saying so); an unbound one names the
+        # parameters again in the order the hook meets them: param0, param1, ...
+        self._names = {}
         watchdog.watch(self)
 
     def __repr__(self) -> str:

@@ -156,6 +156,14 @@ class Memory:
         for arena in self.arenas.values():
             arena.rescale(factor)
 
+    def __getstate__(self):
+        # the per-key tensors are views of the arenas' buffers, and pickle does not keep shared storage: a loaded
+        # arena would go on updating its own buffer while the state showed stale copies. So the pickle holds the
+        # settled state as plain copies (each view alone, not its whole buffer), and the arenas are built again
+        # from it at the next bucket, as after load_state_dict
+        return {**self.__dict__, "_state": {k: {n: t.clone() for n, t in v.items()} for k, v in self.state.items()},
+                "arenas": {}}
+
     def state_dict(self) -> dict:
         """The state per key, as copies (the reducer keeps working in the buffers)."""
         return {"kind": self.kind, "state": {k: {n: t.clone() for n, t in v.items()} for k, v in self.state.items()}}

@@ -968,7 +968,10 @@ class SparseReducer:
         flat.fill_(float("nan"))
 
     def __getstate__(self):
-        return {**self.__dict__, "defer_error": None}  # the adapter that set it sets it again
+        # the adapter that set defer_error sets it again; the caches are keyed by the plans' identities (which a
+        # loaded plan does not keep, and another object may reuse) and hold buffers: they are built again
+        return {**self.__dict__, "defer_error": None, "_plans": {}, "_indices": {}, "_caps": {},
+                "_payloads": PayloadBuffers()}
 
     # ------------------------------------------------------------ checkpoints
     def reset_memory(self) -> None:

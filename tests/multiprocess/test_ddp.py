@@ -11,7 +11,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradsparse import DGC, Threshold, TopK, Warmup
 from gradsparse import ddp as gddp
-from gradsparse.errors import HookAlreadyRegisteredError, IncompatibleOptimizerError, InvalidConfigError
+from gradsparse.errors import (HookAlreadyRegisteredError, IncompatibleOptimizerError, InvalidConfigError,
+                               StateMismatchError)
 
 from .. import dgc_reference
 from ..distributed import run_world
@@ -327,7 +328,10 @@ def checkpoint_worker(rank, world, compressor_name):
         train_steps(model, opt, rank, steps)
 
     model, opt, state = build()
-    train(model, opt, range(4))
+    train(model, opt, range(1))
+    # pickled at step 1, before DDP rebuilds its buckets (the memory's arena is then built again at step 1)
+    early = pickle.dumps({"model": model.state_dict(), "opt": opt.state_dict(), "state": state})
+    train(model, opt, range(1, 4))
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gradsparse": state.state_dict()}, buf)
     pickled = pickle.loads(pickle.dumps(state))
@@ -342,8 +346,29 @@ def checkpoint_worker(rank, world, compressor_name):
     state2.load_state_dict(ckpt["gradsparse"])
     train(model2, opt2, range(4, 12))
     resumed = [p.detach().clone() for p in model2.parameters()]
+
+    def from_pickle(bind: bool):  # PyTorch's own hook API, as docs/ddp.md shows for pickle
+        saved = pickle.loads(early)
+        model3 = DDP(make_model("mlp"), bucket_cap_mb=0.05)
+        model3.load_state_dict(saved["model"])
+        opt3 = torch.optim.SGD(model3.parameters(), lr=0.05)
+        opt3.load_state_dict(saved["opt"])
+        if bind:
+            saved["state"].bind(model3)
+        model3.register_comm_hook(saved["state"], gddp.sparse_hook)
+        train(model3, opt3, range(1, 12))
+        return [p.detach().clone() for p in model3.parameters()]
+
+    try:
+        from_pickle(bind=False)
+        unbound = "no error"
+    except StateMismatchError as err:
+        unbound = str(err)
+    repickled = from_pickle(bind=True)
     return {"equal": all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed)),
-            "pickled_iter": pickled.iter, "pickled_pg": pickled.process_group}
+            "pickled_iter": pickled.iter, "pickled_pg": pickled.process_group,
+            "pickle_equal": all(torch.equal(a, b) for a, b in zip(uninterrupted, repickled)), "unbound": unbound,
+            "pickle_bytes": len(pickle.dumps(state)), "state_dict_bytes": len(pickle.dumps(state.state_dict()))}
 
 
 @pytest.mark.parametrize("compressor_name", ["dgc", "threshold"])
@@ -351,6 +376,11 @@ def test_checkpoint_resume_matches_uninterrupted_run(compressor_name):
     for r in run_world(checkpoint_worker, 2, compressor_name):
         assert r["equal"]
         assert r["pickled_iter"] == 4 and r["pickled_pg"] is None
+        # pickled, then bound to the new model: the same run bit for bit (before: the loaded memory's views no longer
+        # shared the arena's buffer, and the resumed run drifted); unbound: refused, naming bind()
+        assert r["pickle_equal"], r
+        assert "unpickled" in r["unbound"] and "state.bind(model)" in r["unbound"], r["unbound"]
+        assert r["pickle_bytes"] < 1.5 * r["state_dict_bytes"], r  # the memory, not its buffers and caches
 
 
 # ----------------------------------------------------------------------------------------------
