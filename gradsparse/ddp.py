@@ -231,13 +231,14 @@ class GradSparseState(SparseAdapter):
         """The (name, offset, numel) of each parameter in a DDP bucket that has elements (one of zero elements has
         nothing to reduce, and its gradient view has no place in the bucket)."""
         buffer = bucket.buffer()
-        params, grads = _with_elements(bucket)
+        params = _with_elements(bucket)
         # a parameter's strides are part of it: a memory format changed after DDP(...) is looked at again
         signature = (bucket.index(), buffer.numel(), tuple((id(p), p.stride()) for p in params))
         cached = self._segments.get(signature)
         if cached is None:
             base = buffer.data_ptr()
             size = buffer.element_size()
+            grads = [g for g in bucket.gradients() if g.numel()]  # the same order as the parameters
             cached = [Segment(self._key(p), (g.data_ptr() - base) // size, g.numel())
                       for p, g in zip(params, grads, strict=True)]
             for segment, p in zip(cached, params, strict=True):  # bucket.gradients() are row-major views
@@ -295,7 +296,7 @@ class GradSparseState(SparseAdapter):
         allreduce of the usage per bucket tells every rank the same.
         """
         used = self._usage.used
-        mask = torch.tensor([int(id(p) in used) for p in _with_elements(bucket)[0]], dtype=torch.int32,
+        mask = torch.tensor([int(id(p) in used) for p in _with_elements(bucket)], dtype=torch.int32,
                             device=bucket.buffer().device)
         counts = self.reducer.collective(lambda: self.communicator.allreduce_sum(mask).wait(), bucket.buffer(),
                                          step).tolist()
@@ -565,10 +566,10 @@ def sparse_hook(state: "GradSparseState", bucket: dist.GradBucket) -> torch.futu
             state._end_step()
 
 
-def _with_elements(bucket: dist.GradBucket) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The bucket's parameters that have elements and their gradient views, in the bucket's order."""
-    pairs = [(p, g) for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True) if g.numel()]
-    return [p for p, _ in pairs], [g for _, g in pairs]
+def _with_elements(bucket: dist.GradBucket) -> list[torch.Tensor]:
+    """The bucket's parameters that have elements, in the bucket's order (a gradient view has its parameter's
+    numel)."""
+    return [p for p in bucket.parameters() if p.numel()]
 
 
 def _sparse_allreduce(state: "GradSparseState", grad: torch.Tensor, step: int) -> torch.futures.Future:
