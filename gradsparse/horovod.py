@@ -259,7 +259,12 @@ class SparseCompression(SparseAdapter):
         return torch.ones(1, dtype=torch.float32, device=tensor.device), (name, tag, fut, grad)
 
     def decompress(self, tensor: torch.Tensor, ctx) -> torch.Tensor:
-        """Finish the reduction started by :meth:`compress`; returns the averaged gradient."""
+        """Finish the reduction started by :meth:`compress`; returns the averaged gradient.
+
+        A sparse gradient (``nn.Embedding(sparse=True)``) never reached :meth:`compress`: Horovod reduced it with its
+        own sparse allgather and hands it here with no context (``None``); it is returned as Horovod reduced it."""
+        if ctx is None:
+            return tensor
         name, tag, fut, grad = ctx
         try:
             if isinstance(self.reducer, hierarchical.HierarchicalReducer):

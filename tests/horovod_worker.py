@@ -50,6 +50,9 @@ def equivalence(hvd, gh, rank, steps=6):
         "fp16_sparse": ("embed", lambda: TopK(0.05), torch.float16),
         # with a parameter of zero elements: Horovod hands its empty gradient to compress() like any other
         "topk_ratio_1_with_empty": ("mlp", lambda: TopK(1.0)),
+        # nn.Embedding(sparse=True): Horovod reduces its gradient itself (a sparse allgather) and calls
+        # decompress() with no context; the other parameters go through gradsparse
+        "topk_sparse_embedding": ("embed", lambda: TopK(0.05)),
     }
     out = {}
     for name, (kind, factory, *dtype) in cases.items():
@@ -60,6 +63,8 @@ def equivalence(hvd, gh, rank, steps=6):
             model = make_model(kind).to(dtype)
             if name.endswith("_with_empty"):
                 model.empty = torch.nn.Parameter(torch.zeros(0, dtype=dtype))
+            if name == "topk_sparse_embedding":
+                model.embed.sparse = True
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             if variant == "plain":
                 opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
@@ -71,7 +76,8 @@ def equivalence(hvd, gh, rank, steps=6):
                 opt.zero_grad()
                 loss_of(model, kind, rank, step).backward()
                 opt.step()  # the averaged gradient stays in p.grad
-                grads[variant].append([p.grad.detach().clone() for p in model.parameters()])
+                grads[variant].append([(p.grad.to_dense() if p.grad.is_sparse else p.grad).detach().clone()
+                                       for p in model.parameters()])
             params[variant] = [p.detach().clone() for p in model.parameters()]
         worst = max(float((a.float() - b.float()).abs().max()) for a, b in zip(params["plain"], params["sparse"])
                     if a.numel())
