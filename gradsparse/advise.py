@@ -78,7 +78,13 @@ def load_shapes(spec: str) -> list[tuple[str, tuple[int, ...]]]:
         raise InvalidConfigError(f"--model must be one of {sorted(model_shapes.BUILTIN)} or module:factory "
                                  f"(a function returning an nn.Module), got {spec!r}")
     module, _, factory = spec.partition(":")
-    model = getattr(importlib.import_module(module), factory)()
+    build = getattr(importlib.import_module(module), factory, None)
+    if not callable(build):
+        raise InvalidConfigError(f"--model {spec}: module {module!r} has no function {factory!r} (module:factory, "
+                                 "a function returning an nn.Module)")
+    model = build()
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidConfigError(f"--model {spec}: {factory}() returned {type(model).__name__}, not an nn.Module")
     shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
     if not shapes:
         raise InvalidConfigError(f"{spec}() has no trainable parameters")

@@ -88,7 +88,7 @@ from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
 from .errors import CommunicationError, ConfigTypeError, InvalidConfigError, StateMismatchError
 from .options import ReducerOptions
-from .reducer import Segment, SparseReducer, check_bucket, copied_back, through_copy
+from .reducer import Segment, SparseReducer, check_bucket, check_gradient, copied_back, through_copy
 from .stats import ALLREDUCE, HIERARCHICAL, HIERARCHICAL_ALLREDUCE, BucketStats
 
 logger = logging.getLogger(__name__)
@@ -548,6 +548,7 @@ class HierarchicalReducer:
 
         A dense tensor that is not contiguous (a ``channels_last`` gradient) goes through a contiguous copy,
         as in :meth:`SparseReducer.reduce <gradsparse.reducer.SparseReducer.reduce>`."""
+        check_gradient(flat)
         if through_copy(flat):
             return copied_back(flat, self.reduce(flat.contiguous(), segments, step, epoch, select_all=select_all,
                                                  on_stats=on_stats, loss_scale=loss_scale))

@@ -93,6 +93,7 @@ from .compressors.base import Compressor
 from .errors import (
     BucketError,
     CommunicationError,
+    ConfigTypeError,
     GradSparseError,
     InvalidConfigError,
     NonFiniteGradientError,
@@ -260,6 +261,21 @@ def check_descriptors(descriptors: Sequence[Sequence[int]], same_size: bool) -> 
                 column = [str(DTYPE_OF_CODE.get(code, code)) for code in column]
             raise StateMismatchError(f"ranks disagree on the {name}: {column} (by rank); every rank must run the "
                                      "same compressor, options and model at the same step and epoch")
+
+
+def check_gradient(flat) -> None:
+    """Raise a typed error naming the fix unless ``flat`` is a dense tensor (what :meth:`SparseReducer.reduce` takes)."""
+    if flat is None:
+        raise ConfigTypeError("reduce() got None instead of a gradient: a parameter with no gradient (frozen, or "
+                              "unused in this step). Skip a frozen parameter on every rank alike (e.g. `if "
+                              "p.requires_grad`); pass torch.zeros_like(p) for one unused on some ranks only, so that "
+                              "every rank joins the same collectives")
+    if not isinstance(flat, torch.Tensor):
+        raise ConfigTypeError(f"reduce() takes a gradient tensor, got {type(flat).__name__}")
+    if flat.layout != torch.strided:
+        raise UnsupportedGradientError(f"reduce() got a {flat.layout} gradient (nn.Embedding(sparse=True)?): "
+                                       "SparseReducer reduces dense tensors. Average a sparse gradient with "
+                                       "torch.distributed.all_reduce as the DDP hook does, or use sparse=False")
 
 
 def check_bucket(flat: torch.Tensor) -> None:
@@ -586,6 +602,7 @@ class SparseReducer:
         select, exchange sizes, transport (:meth:`_allgather` or :meth:`_allreduce`),
         then one completion path (:meth:`_complete`).
         """
+        check_gradient(flat)
         if through_copy(flat):
             return copied_back(flat, self.reduce(flat.contiguous(), segments, step, epoch, select_all=select_all,
                                                  on_stats=on_stats, loss_scale=loss_scale))

@@ -63,6 +63,10 @@ def test_advise_in_one_process_needs_a_link_and_takes_a_factory():
         main(["--model", "mlp", "--quiet"])
     with pytest.raises(InvalidConfigError, match="module:factory"):
         main(["--model", "nosuchmodel", "--link-gbit", "1", "--quiet"])
+    with pytest.raises(InvalidConfigError, match="has no function 'nosuch'"):  # was AttributeError
+        main(["--model", "benchmarks.bench_models:nosuch", "--link-gbit", "1", "--quiet"])
+    with pytest.raises(InvalidConfigError, match="returned int, not an nn.Module"):  # was AttributeError
+        main(["--model", "os:getpid", "--link-gbit", "1", "--quiet"])
     advice = main(["--model", "benchmarks.bench_models:mlp", "--link-gbit", "1", "--latency-us", "50", "--quiet",
                    "--nodes", "4", "--ranks-per-node", "2", "--compute-ms", "3"])
     assert advice["parameters"] == 133_898

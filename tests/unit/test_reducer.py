@@ -57,6 +57,17 @@ def test_an_empty_bucket_comes_back_as_it_is_with_no_collective_and_no_memory():
     assert comm.exchanges == 0 and not r.memory.state
 
 
+def test_none_or_a_sparse_gradient_is_refused_naming_the_fix():
+    """The docs' MPI loop hands reduce() each p.grad: None for a frozen parameter, sparse for
+    nn.Embedding(sparse=True). Before: AttributeError ('NoneType' object has no attribute 'layout') and
+    'the bucket must be a contiguous tensor'."""
+    with pytest.raises(ConfigTypeError, match="requires_grad.*zeros_like"):
+        reducer().reduce(None, None, 0)
+    sparse = torch.sparse_coo_tensor(torch.tensor([[1, 5]]), torch.tensor([1.0, 2.0]), (10,))
+    with pytest.raises(UnsupportedGradientError, match="sparse.*all_reduce"):
+        reducer().reduce(sparse, None, 0)
+
+
 def test_bucket_over_int32_is_refused_without_allocating():
     huge = torch.zeros(1).expand(2**31)  # numel 2**31, one element of memory
     with pytest.raises(BucketError, match="int32"):
