@@ -807,7 +807,8 @@ def register(
     """
     model = _uncompiled(model)  # torch.compile(ddp_model): the hook belongs on the DDP model inside
     _refuse_fsdp(model)
-    instance(model, "model", DistributedDataParallel, "DistributedDataParallel(net)")
+    instance(model, "model", DistributedDataParallel, "DistributedDataParallel(net) (Accelerate's prepare() and "
+             "Lightning wrap the model in DDP only when more than one process runs)")
     instance(compressor, "compressor", Compressor, "TopK(0.01)")
     optimizer = unwrap(optimizer)  # an AcceleratedOptimizer / LightningOptimizer: the optimizer inside
     instance(optimizer, "optimizer", torch.optim.Optimizer, "torch.optim.SGD(params, lr=0.1)", allow_none=True)
