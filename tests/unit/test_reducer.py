@@ -63,7 +63,7 @@ def test_none_or_a_sparse_gradient_is_refused_naming_the_fix():
     'the bucket must be a contiguous tensor'."""
     with pytest.raises(ConfigTypeError, match="requires_grad.*zeros_like"):
         reducer().reduce(None, None, 0)
-    sparse = torch.sparse_coo_tensor(torch.tensor([[1, 5]]), torch.tensor([1.0, 2.0]), (10,))
+    sparse = torch.sparse_coo_tensor(torch.tensor([[1, 5]]), torch.tensor([1.0, 2.0]), (10,), check_invariants=True)
     with pytest.raises(UnsupportedGradientError, match="sparse.*all_reduce"):
         reducer().reduce(sparse, None, 0)
 
