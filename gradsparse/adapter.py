@@ -36,13 +36,33 @@ import logging
 from ._validate import instance, integer
 from .comm.base import Communicator
 from .compressors.base import Compressor
-from .errors import StateMismatchError
+from .errors import ConfigTypeError, StateMismatchError
 from .options import ReducerOptions
 from .reducer import SparseReducer
 from .schedule import untold_epoch_message
 from .stats import StepStats
 
 logger = logging.getLogger(__name__)
+
+
+def check_state_dict(state_dict) -> None:
+    """Refuse, with a typed error saying what to pass, anything but a state's ``state_dict()`` (a whole training
+    checkpoint, ``None``) before :func:`upgrade_checkpoint` and the checks of what it holds.
+
+    >>> check_state_dict({"model": {}, "gradsparse": {"memory": {}, "world_size": 2, "rank": 0, "step": 3}})
+    Traceback (most recent call last):
+    ...
+    gradsparse.errors.StateMismatchError: load_state_dict() takes what the state's state_dict() returned, got a dict with keys ['gradsparse', 'model']: this looks like a whole checkpoint; pass its ['gradsparse'] entry
+    """
+    if not isinstance(state_dict, dict):
+        raise ConfigTypeError(f"load_state_dict() takes what state_dict() returned (a dict), got "
+                              f"{type(state_dict).__name__}")
+    if "memory" not in state_dict or not {"step", "iter", "steps"} & state_dict.keys():
+        inside = [k for k, v in state_dict.items() if isinstance(v, dict) and "memory" in v]
+        hint = f": this looks like a whole checkpoint; pass its [{inside[0]!r}] entry" if inside else \
+            " (its keys: step, epoch, world_size, rank, compressor, memory, ...)"
+        raise StateMismatchError(f"load_state_dict() takes what the state's state_dict() returned, got a dict with "
+                                 f"keys {sorted(map(str, state_dict))[:6]}{hint}")
 
 
 def upgrade_checkpoint(state_dict: dict) -> dict:
@@ -123,8 +143,9 @@ class SparseAdapter:
         return {}
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell the adapter the current epoch (for epoch-based warm-up)."""
-        self.epoch = int(epoch)
+        """Tell the adapter the current epoch (for epoch-based warm-up): an integer >= 0, checked here (the hook
+        would meet a wrong one inside DDP's backward)."""
+        self.epoch = integer(epoch, "epoch", minimum=0)
         self._epoch_told = True
 
     def current_epoch(self, step: int | None = None) -> int:

@@ -193,6 +193,10 @@ def own_state_dict(saved: dict, group: dist.ProcessGroup | None = None, device=N
         state.load_state_dict(own_state_dict(ckpt["gradsparse"], device=torch.device("cuda", 0)))
     """
     world = dist.get_world_size(group)
+    if isinstance(saved, dict) and "ranks" in saved and saved["ranks"] is None:
+        raise StateMismatchError("this holds no rank's state: gather_state_dicts (and AllRanksState.state_dict) "
+                                 "return every rank's state on rank 0 only, and {'ranks': None} elsewhere. Load the "
+                                 "checkpoint rank 0 wrote, on every rank")
     if saved.get("world_size") != world or len(saved.get("ranks", ())) != world:
         raise StateMismatchError(f"the checkpoint holds gradsparse state of {saved.get('world_size')} ranks, this job "
                                  f"has {world}; per-rank residuals cannot be redistributed")

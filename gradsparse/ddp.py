@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import hierarchical, watchdog
 from ._validate import instance
-from .adapter import SparseAdapter, all_slots, upgrade_checkpoint
+from .adapter import SparseAdapter, all_slots, check_state_dict, upgrade_checkpoint
 from .comm.torch_dist import TorchDistCommunicator
 from .compressors.base import Compressor
 from .errors import (ConfigTypeError, HookAlreadyRegisteredError, InvalidConfigError, StateMismatchError,
@@ -371,6 +371,7 @@ class GradSparseState(SparseAdapter):
         model that the checkpoint has no state for start from zero state (e.g. a
         tensor sent whole, or a newly added layer).
         """
+        check_state_dict(state_dict)
         state_dict = upgrade_checkpoint(state_dict)
         self._check_checkpoint(state_dict, self._numels if self._bound else None)
         state_dict, layouts = self._relayout(state_dict)

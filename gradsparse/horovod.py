@@ -46,7 +46,7 @@ import torch
 
 from . import hierarchical
 from ._validate import instance
-from .adapter import SparseAdapter, upgrade_checkpoint
+from .adapter import SparseAdapter, check_state_dict, upgrade_checkpoint
 from .compressors.base import Compressor
 from .ddp import _loss_scale
 from .errors import ConfigTypeError, InvalidConfigError, StateMismatchError
@@ -311,6 +311,7 @@ class SparseCompression(SparseAdapter):
         With bound parameters, state for a parameter the model lacks or of another
         size is refused; nothing changes on any error.
         """
+        check_state_dict(state_dict)
         state_dict = upgrade_checkpoint(state_dict)
         numels = None if self._params is None else {n: p.numel() for n, p in self._params.items()}
         self._check_checkpoint(state_dict, numels, check_world=check_world)

@@ -462,6 +462,38 @@ def test_state_refuses_bad_start_iter_and_register_needs_ddp():
         gddp.register(nn.Linear(2, 2), TopK(0.1))
 
 
+def wrong_arguments_worker(rank, world):
+    state = gddp.GradSparseState(TopK(0.1))
+    out = {}
+    for bad in (-1, 1.5, None, "2"):
+        try:
+            state.set_epoch(bad)
+            out[repr(bad)] = "no error"
+        except InvalidConfigError as err:
+            out[repr(bad)] = str(err)
+    state.set_epoch(3)
+    for name, given in (("whole", {"model": {}, "opt": {}, "gradsparse": state.state_dict()}), ("empty", {}),
+                        ("none", None)):
+        try:
+            state.load_state_dict(given)
+            out[name] = "no error"
+        except (StateMismatchError, InvalidConfigError) as err:
+            out[name] = f"{type(err).__name__}: {err}"
+    out["epoch"] = state.epoch
+    return out
+
+
+def test_a_wrong_epoch_or_checkpoint_is_refused_when_given_naming_what_to_pass():
+    """Before: set_epoch(-1) was taken, and the hook then raised inside DDP's backward, which left DDP unable to
+    train at all ('unmarked_param_indices' assert); set_epoch(1.5) became 1; load_state_dict of a whole training
+    checkpoint raised KeyError: 'world_size', and of None a TypeError."""
+    for out in run_world(wrong_arguments_worker, 2):
+        assert all("epoch" in out[repr(bad)] for bad in (-1, 1.5, None, "2")), out
+        assert "whole checkpoint; pass its ['gradsparse'] entry" in out["whole"], out["whole"]
+        assert out["empty"].startswith("StateMismatchError") and out["none"].startswith("ConfigTypeError"), out
+        assert out["epoch"] == 3
+
+
 def fsdp_worker(rank, world):
     from torch.distributed.fsdp import fully_shard
 

@@ -60,6 +60,10 @@ def gather_worker(rank, world, folder):
         checkpoint.own_state_dict({"world_size": world + 1, "ranks": [None] * (world + 1)})
     except StateMismatchError as err:
         out["mismatch"] = str(err)
+    try:  # what a non-root rank's AllRanksState.state_dict() returned, loaded back without the file rank 0 wrote
+        checkpoint.AllRanksState(fresh).load_state_dict(full if rank else {"world_size": world, "ranks": None})
+    except StateMismatchError as err:  # before: TypeError: object of type 'NoneType' has no len()
+        out["no_ranks"] = str(err)
     return out
 
 
@@ -73,6 +77,7 @@ def test_every_rank_state_reaches_rank_0_and_comes_back(tmp_path):
     for out in results:
         assert out["roundtrip"] and out["nonempty"] >= 2
         assert "holds gradsparse state of 3 ranks, this job has 2" in out["mismatch"]
+        assert "Load the checkpoint rank 0 wrote" in out["no_ranks"]
 
 
 def test_malformed_payload_is_refused():
