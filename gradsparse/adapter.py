@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 
 from ._validate import instance, integer
 from .comm.base import Communicator
@@ -145,6 +146,10 @@ class SparseAdapter:
     def set_epoch(self, epoch: int) -> None:
         """Tell the adapter the current epoch (for epoch-based warm-up): an integer >= 0, checked here (the hook
         would meet a wrong one inside DDP's backward)."""
+        try:
+            epoch = operator.index(epoch)  # numpy integers, a 0-d integer tensor
+        except TypeError:
+            pass  # integer() names what it got
         self.epoch = integer(epoch, "epoch", minimum=0)
         self._epoch_told = True
 
