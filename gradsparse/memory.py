@@ -161,8 +161,7 @@ class Memory:
         # arena would go on updating its own buffer while the state showed stale copies. So the pickle holds the
         # settled state as plain copies (each view alone, not its whole buffer), and the arenas are built again
         # from it at the next bucket, as after load_state_dict
-        return {**self.__dict__, "_state": {k: {n: t.clone() for n, t in v.items()} for k, v in self.state.items()},
-                "arenas": {}}
+        return {**self.__dict__, "_state": self.state_dict()["state"], "arenas": {}}
 
     def state_dict(self) -> dict:
         """The state per key, as copies (the reducer keeps working in the buffers)."""

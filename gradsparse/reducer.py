@@ -270,8 +270,7 @@ def check_gradient(flat) -> None:
                               "unused in this step). Skip a frozen parameter on every rank alike (e.g. `if "
                               "p.requires_grad`); pass torch.zeros_like(p) for one unused on some ranks only, so that "
                               "every rank joins the same collectives")
-    if not isinstance(flat, torch.Tensor):
-        raise ConfigTypeError(f"reduce() takes a gradient tensor, got {type(flat).__name__}")
+    instance(flat, "the gradient reduce() takes", torch.Tensor, "p.grad")
     if flat.layout != torch.strided:
         raise UnsupportedGradientError(f"reduce() got a {flat.layout} gradient (nn.Embedding(sparse=True)?): "
                                        "SparseReducer reduces dense tensors. Average a sparse gradient with "
